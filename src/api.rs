@@ -1,0 +1,21 @@
+//! The HTTP API: handlers, extractors and the mapping of errors to responses, and nothing else.
+//!
+//! One file per resource: [`tokens`] for callers, [`health`] for probes; [`error`] maps every
+//! failure to the JSON error body of API.md §2. Routes and middleware are assembled in
+//! [`crate::startup`].
+
+pub mod error;
+pub mod health;
+pub mod tokens;
+
+pub use error::ApiError;
+
+/// Fallback for unknown paths: a JSON 404.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+/// Fallback for known paths with another method: a JSON 405.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,157 @@
+//! Every error the HTTP API returns, and its one mapping to a response.
+//!
+//! Handlers and extractors return [`ApiError`]; [`IntoResponse`] turns it into the JSON body of
+//! API.md §2 (`error`, `error_description`, `request_id`) with the right status and headers, and
+//! logs it once with its cause chain. Descriptions say what to do next and never carry a secret,
+//! a caller key, a token or an upstream body.
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::auth::AuthError;
+use crate::broker::BrokerError;
+
+tokio::task_local! {
+    /// The id of the request being served, for error bodies.
+    pub static REQUEST_ID: Arc<str>;
+}
+
+/// An error answer of the `/v1` API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A malformed request; the message says which part.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No caller key, or a wrong one.
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
+    /// The caller may not use this tenant / environment / audience.
+    #[error("caller '{caller}' may not use {tenant}/{environment}")]
+    Forbidden {
+        /// The authenticated caller.
+        caller: Arc<str>,
+        /// The tenant asked for.
+        tenant: String,
+        /// The environment asked for.
+        environment: String,
+    },
+    /// An unknown path, or an allowed tenant / environment that is not configured.
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not with this method.
+    #[error("this route does not accept that method")]
+    MethodNotAllowed,
+    /// The body is over `server.max_body_bytes`.
+    #[error("the request body is over the size limit")]
+    PayloadTooLarge,
+    /// The broker could not hand out a token.
+    #[error(transparent)]
+    Broker(Arc<BrokerError>),
+}
+
+impl From<Arc<BrokerError>> for ApiError {
+    fn from(error: Arc<BrokerError>) -> Self {
+        Self::Broker(error)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'static str,
+    error_description: String,
+    request_id: &'a str,
+}
+
+impl ApiError {
+    /// Status and the stable `error` code of API.md §2.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::Broker(error) => match error.as_ref() {
+                BrokerError::MinTtlTooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+                BrokerError::Rejected { .. } | BrokerError::LifetimeBelowMinimum { .. } => {
+                    (StatusCode::BAD_GATEWAY, "upstream_rejected")
+                }
+                BrokerError::Unavailable { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+                }
+            },
+        }
+    }
+
+    /// How long the caller should wait before retrying, for 503s.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Broker(error) => match error.as_ref() {
+                BrokerError::Unavailable { retry_after, .. } => Some(*retry_after),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn log(&self, status: StatusCode) {
+        let mut chain = String::new();
+        let mut source = self.source();
+        while let Some(cause) = source {
+            chain.push_str(": ");
+            chain.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, cause = %chain, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        self.log(status);
+        let request_id = REQUEST_ID
+            .try_with(Arc::clone)
+            .unwrap_or_else(|_| Arc::from(""));
+        let body = ErrorBody {
+            error: code,
+            error_description: self.to_string(),
+            request_id: &request_id,
+        };
+        let mut response = (
+            status,
+            [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+            axum::Json(body),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(wait) = self.retry_after() {
+            // Round up so a caller never retries before the broker would try again.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        ApiError::from(self).into_response()
+    }
+}
+
+/// The `x-request-id` header name.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -1,0 +1,297 @@
+//! Callers: their keys, their allow rules, and the extractor that authenticates a request.
+//!
+//! A caller presents `Authorization: Bearer <key>`; configuration holds only the SHA-256 of each
+//! key. The presented key is hashed once and compared with every configured hash in constant time
+//! (no early exit), so timing reveals neither which caller nor how much of a hash matched.
+//! Authentication (401) comes first, then authorisation against `tenant/environment[/audience]`
+//! rules (403), and only then does a request reach the broker.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, FromRequestParts};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore as _;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Settings;
+
+/// Prefix of generated caller keys, so a leaked key is recognisable in a secret scanner.
+const KEY_PREFIX: &str = "tbk_";
+
+/// The SHA-256 of a caller or admin key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash([u8; 32]);
+
+impl KeyHash {
+    /// Hashes a presented key.
+    pub fn of(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Parses 64 hex digits, as written in configuration.
+    pub fn from_hex(hex: &str) -> Result<Self, &'static str> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex.trim(), &mut bytes).map_err(
+            |_| "not a SHA-256 in hex (64 digits); make one with `token-broker hash-key`",
+        )?;
+        Ok(Self(bytes))
+    }
+
+    /// The hash as 64 lower-case hex digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Equality in constant time.
+    fn matches(&self, other: &Self) -> subtle::Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyHash(..)")
+    }
+}
+
+/// A new random caller key and the hash to configure for it.
+pub fn generate_key() -> (String, KeyHash) {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let key = format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = KeyHash::of(&key);
+    (key, hash)
+}
+
+/// One part of an allow rule: a name, or `*` for any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Any,
+    Exact(String),
+}
+
+impl Pattern {
+    fn parse(part: &str) -> Self {
+        if part == "*" {
+            Self::Any
+        } else {
+            Self::Exact(part.to_owned())
+        }
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(expected) => expected == value,
+        }
+    }
+}
+
+/// `tenant/environment` or `tenant/environment/audience`, where `*` matches a whole part and the
+/// audience is everything after the second `/` (audiences are often URLs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    tenant: Pattern,
+    environment: Pattern,
+    audience: Option<Pattern>,
+}
+
+impl FromStr for AllowRule {
+    type Err = &'static str;
+
+    fn from_str(rule: &str) -> Result<Self, Self::Err> {
+        let mut parts = rule.splitn(3, '/');
+        let tenant = parts.next().unwrap_or_default();
+        let Some(environment) = parts.next() else {
+            return Err("expected tenant/environment or tenant/environment/audience");
+        };
+        let audience = parts.next();
+        if tenant.is_empty() || environment.is_empty() || audience == Some("") {
+            return Err("a part is empty; use * to match anything");
+        }
+        for part in [tenant, environment] {
+            if part != "*" && !crate::config::is_valid_name(part) {
+                return Err("tenant and environment are lower-case [a-z0-9_-] names or *");
+            }
+        }
+        Ok(Self {
+            tenant: Pattern::parse(tenant),
+            environment: Pattern::parse(environment),
+            audience: audience.map(Pattern::parse),
+        })
+    }
+}
+
+impl AllowRule {
+    /// Whether the rule allows this tenant, environment and audience (`None`: not yet known).
+    pub fn allows(&self, tenant: &str, environment: &str, audience: Option<&str>) -> bool {
+        self.tenant.matches(tenant)
+            && self.environment.matches(environment)
+            && match (&self.audience, audience) {
+                (None, _) | (Some(Pattern::Any), _) => true,
+                (Some(pattern), Some(audience)) => pattern.matches(audience),
+                (Some(_), None) => false,
+            }
+    }
+}
+
+/// An authenticated calling service.
+#[derive(Debug)]
+pub struct Caller {
+    /// The caller's configured name (`anonymous` when anonymous access is on).
+    pub name: Arc<str>,
+    allow: Vec<AllowRule>,
+}
+
+impl Caller {
+    /// Whether the caller may receive tokens of this tenant, environment and audience.
+    pub fn may_use(&self, tenant: &str, environment: &str, audience: Option<&str>) -> bool {
+        self.allow
+            .iter()
+            .any(|rule| rule.allows(tenant, environment, audience))
+    }
+}
+
+/// Why a request could not be authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("no caller key: send Authorization: Bearer <key>")]
+    MissingKey,
+    /// A key that matches no caller.
+    #[error("the caller key is not valid")]
+    InvalidKey,
+}
+
+/// The configured callers, ready to authenticate requests.
+pub struct CallerRegistry {
+    callers: Vec<(KeyHash, Arc<Caller>)>,
+    anonymous: Option<Arc<Caller>>,
+    admin: Option<KeyHash>,
+}
+
+impl CallerRegistry {
+    /// Builds the registry from validated settings.
+    pub fn from_settings(settings: &Settings) -> Self {
+        let callers = settings
+            .callers
+            .iter()
+            .map(|(name, settings)| {
+                let caller = Caller {
+                    name: Arc::from(name.as_str()),
+                    allow: settings.allow.clone(),
+                };
+                (settings.key_sha256, Arc::new(caller))
+            })
+            .collect();
+        let anonymous = settings.auth.allow_anonymous.then(|| {
+            Arc::new(Caller {
+                name: Arc::from("anonymous"),
+                allow: vec!["*/*".parse().expect("a valid rule")],
+            })
+        });
+        Self {
+            callers,
+            anonymous,
+            admin: settings.auth.admin_key_sha256,
+        }
+    }
+
+    /// Authenticates the value of an `Authorization` header.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Arc<Caller>, AuthError> {
+        let Some(key) = authorization.and_then(bearer_key) else {
+            return match (&self.anonymous, authorization) {
+                (Some(anonymous), None) => Ok(Arc::clone(anonymous)),
+                _ => Err(AuthError::MissingKey),
+            };
+        };
+        let presented = KeyHash::of(key);
+        let mut found = None;
+        for (hash, caller) in &self.callers {
+            if bool::from(hash.matches(&presented)) {
+                found = Some(caller);
+            }
+        }
+        found.map(Arc::clone).ok_or(AuthError::InvalidKey)
+    }
+
+    /// Authenticates an admin request; without a configured admin key every admin request fails.
+    pub fn authenticate_admin(&self, authorization: Option<&[u8]>) -> Result<(), AuthError> {
+        let key = authorization
+            .and_then(bearer_key)
+            .ok_or(AuthError::MissingKey)?;
+        match &self.admin {
+            Some(admin) if bool::from(admin.matches(&KeyHash::of(key))) => Ok(()),
+            _ => Err(AuthError::InvalidKey),
+        }
+    }
+}
+
+/// The key of `Bearer <key>` (scheme case-insensitive), when well formed.
+fn bearer_key(header: &[u8]) -> Option<&str> {
+    let header = std::str::from_utf8(header).ok()?;
+    let (scheme, key) = header.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+/// Extracts the authenticated [`Caller`] of a request, or rejects it with 401.
+pub struct Authenticated(pub Arc<Caller>);
+
+impl<S> FromRequestParts<S> for Authenticated
+where
+    S: Send + Sync,
+    Arc<CallerRegistry>: FromRef<S>,
+{
+    type Rejection = AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let registry = Arc::<CallerRegistry>::from_ref(state);
+        let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
+        registry.authenticate(header).map(Authenticated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_match_whole_parts_and_url_audiences() {
+        let rule: AllowRule = "acme/production/https://api.example/v1".parse().unwrap();
+        assert!(rule.allows("acme", "production", Some("https://api.example/v1")));
+        assert!(!rule.allows("acme", "production", Some("https://api.example")));
+        assert!(!rule.allows("acme", "production", None));
+        let wildcard: AllowRule = "globex/*".parse().unwrap();
+        assert!(wildcard.allows("globex", "staging", Some("anything")));
+        assert!(!wildcard.allows("globexx", "staging", None));
+        assert!("acme".parse::<AllowRule>().is_err());
+        assert!("acme//x".parse::<AllowRule>().is_err());
+        assert!("Acme/prod".parse::<AllowRule>().is_err());
+    }
+
+    #[test]
+    fn generated_keys_hash_to_what_configuration_holds() {
+        let (key, hash) = generate_key();
+        assert!(key.starts_with(KEY_PREFIX));
+        assert_eq!(
+            KeyHash::from_hex(&hash.to_hex()).unwrap(),
+            KeyHash::of(&key)
+        );
+        assert_eq!(format!("{hash:?}"), "KeyHash(..)");
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer_key(b"Bearer abc"), Some("abc"));
+        assert_eq!(bearer_key(b"bearer  abc "), Some("abc"));
+        assert_eq!(bearer_key(b"Basic abc"), None);
+        assert_eq!(bearer_key(b"Bearer "), None);
+    }
+}

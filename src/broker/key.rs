@@ -1,0 +1,95 @@
+//! The cache key: which token a request is for.
+//!
+//! Two requests share a token exactly when tenant, environment, audience and the *set* of scopes
+//! are equal; scopes are normalised (split on whitespace, sorted, deduplicated) before they become
+//! part of the key, so `b a a` and `a b` are one entry and one IdP request.
+
+use std::fmt;
+
+/// A normalised set of OAuth2 scopes, stored as its canonical space-separated form.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct ScopeSet(Box<str>);
+
+impl ScopeSet {
+    /// Parses a space-separated scope string; order and duplicates do not matter.
+    pub fn parse(raw: &str) -> Self {
+        let mut scopes: Vec<&str> = raw.split_ascii_whitespace().collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        Self(scopes.join(" ").into_boxed_str())
+    }
+
+    /// The canonical form: sorted, deduplicated, single spaces; empty when no scope.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether no scope was asked for.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for ScopeSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// Identifies one cached token: tenant, environment, audience and scope set.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    /// Configured tenant name.
+    pub tenant: Box<str>,
+    /// Configured environment name.
+    pub environment: Box<str>,
+    /// The API the token is for.
+    pub audience: Box<str>,
+    /// The scopes asked for.
+    pub scope: ScopeSet,
+}
+
+impl TokenKey {
+    /// Builds a key; `scope` is normalised here.
+    pub fn new(tenant: &str, environment: &str, audience: &str, scope: &str) -> Self {
+        Self {
+            tenant: tenant.into(),
+            environment: environment.into(),
+            audience: audience.into(),
+            scope: ScopeSet::parse(scope),
+        }
+    }
+}
+
+impl fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} audience={:?} scope={:?}",
+            self.tenant,
+            self.environment,
+            self.audience,
+            self.scope.as_str()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_order_and_duplicates_do_not_matter() {
+        assert_eq!(ScopeSet::parse("b a a"), ScopeSet::parse("a  b"));
+        assert_eq!(ScopeSet::parse("b a a").as_str(), "a b");
+        assert!(ScopeSet::parse("  ").is_empty());
+        assert_eq!(
+            TokenKey::new("t", "e", "aud", "x y"),
+            TokenKey::new("t", "e", "aud", "y x x")
+        );
+        assert_ne!(
+            TokenKey::new("t", "e", "aud", "x"),
+            TokenKey::new("t", "e", "aud", "x y")
+        );
+    }
+}

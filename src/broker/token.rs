@@ -1,0 +1,187 @@
+//! A cached token and its pre-serialised response body.
+//!
+//! The hot path hands out the same token many times a second, so everything about the caller's
+//! JSON body is serialised once, when the token arrives: only `expires_in` changes from one second
+//! to the next, so a hit costs one small allocation and a copy of two byte strings.
+
+use std::fmt;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use subtle::ConstantTimeEq as _;
+
+use crate::idp::{AccessToken, IssuedToken};
+
+/// A token in the cache, with its timing and the pieces of its response body.
+pub struct CachedToken {
+    access_token: AccessToken,
+    token_type: Box<str>,
+    scope: Option<Box<str>>,
+    /// When the broker received the token.
+    pub fetched_at: SystemTime,
+    /// When the token stops being valid.
+    pub expires_at: SystemTime,
+    /// When a background refresh should start (with jitter).
+    pub refresh_at: SystemTime,
+    body_head: Bytes,
+    body_tail: Bytes,
+    hits: AtomicU64,
+    refreshing: AtomicBool,
+}
+
+impl CachedToken {
+    /// Wraps a freshly issued token; `refresh_ahead` is the fraction of its life, at the end,
+    /// in which a background refresh may start, and `jitter` (0..1) spreads refreshes of tokens
+    /// fetched together over the first tenth of that window.
+    pub fn new(
+        issued: IssuedToken,
+        fetched_at: SystemTime,
+        refresh_ahead: f64,
+        jitter: f64,
+    ) -> Self {
+        let expires_at = fetched_at + issued.lifetime;
+        let ahead = issued.lifetime.mul_f64(refresh_ahead);
+        let refresh_at = expires_at - ahead + ahead.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
+        let (body_head, body_tail) = render_body(&issued, expires_at);
+        Self {
+            access_token: issued.access_token,
+            token_type: issued.token_type.into_boxed_str(),
+            scope: issued.scope.map(String::into_boxed_str),
+            fetched_at,
+            expires_at,
+            refresh_at,
+            body_head,
+            body_tail,
+            hits: AtomicU64::new(0),
+            refreshing: AtomicBool::new(false),
+        }
+    }
+
+    /// Validity left at `now` (zero once expired).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.expires_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// The whole validity the IdP granted.
+    pub fn lifetime(&self) -> Duration {
+        self.expires_at
+            .duration_since(self.fetched_at)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// The token value.
+    pub fn access_token(&self) -> &AccessToken {
+        &self.access_token
+    }
+
+    /// The token type the IdP gave, usually `Bearer`.
+    pub fn token_type(&self) -> &str {
+        &self.token_type
+    }
+
+    /// The scopes the IdP granted, when it said.
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
+    }
+
+    /// Whether `candidate` is this token (constant time, for compare-and-delete).
+    pub fn is(&self, candidate: &str) -> bool {
+        self.access_token
+            .expose()
+            .as_bytes()
+            .ct_eq(candidate.as_bytes())
+            .into()
+    }
+
+    /// Counts one caller served from this entry.
+    pub fn record_hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many callers were served from this entry.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Claims the one background refresh of this entry; true for the first caller only.
+    pub fn claim_refresh(&self) -> bool {
+        !self.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Releases the refresh claim after a failed refresh, so a later request may try again.
+    pub fn release_refresh(&self) {
+        self.refreshing.store(false, Ordering::Release);
+    }
+
+    /// The caller-facing JSON body (API.md §1) with `expires_in` computed for `now`.
+    pub fn body(&self, now: SystemTime) -> Bytes {
+        let mut body = BytesMut::with_capacity(self.body_head.len() + 20 + self.body_tail.len());
+        body.put_slice(&self.body_head);
+        write!(body, "{}", self.remaining(now).as_secs()).expect("writing to memory");
+        body.put_slice(&self.body_tail);
+        body.freeze()
+    }
+}
+
+impl fmt::Debug for CachedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("access_token", &self.access_token)
+            .field(
+                "expires_at",
+                &humantime::format_rfc3339_seconds(self.expires_at),
+            )
+            .field("hits", &self.hits())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body before and after the `expires_in` number.
+fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, Bytes) {
+    let json = |s: &str| serde_json::to_string(s).expect("strings serialise");
+    let head = format!(
+        r#"{{"access_token":{},"token_type":{},"expires_in":"#,
+        json(issued.access_token.expose()),
+        json(&issued.token_type)
+    );
+    let mut tail = format!(
+        r#","expires_at":"{}""#,
+        humantime::format_rfc3339_seconds(expires_at)
+    );
+    if let Some(scope) = &issued.scope {
+        write!(tail, r#","scope":{}"#, json(scope)).expect("writing to memory");
+    }
+    tail.push('}');
+    (Bytes::from(head), Bytes::from(tail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_documented_json_with_live_expires_in() {
+        let issued = IssuedToken {
+            access_token: AccessToken::new("abc\"def"),
+            token_type: "Bearer".to_owned(),
+            lifetime: Duration::from_secs(3600),
+            scope: Some("a b".to_owned()),
+        };
+        let fetched = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let token = CachedToken::new(issued, fetched, 0.25, 0.0);
+        let body = token.body(fetched + Duration::from_millis(58_500));
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["access_token"], "abc\"def");
+        assert_eq!(value["token_type"], "Bearer");
+        assert_eq!(value["expires_in"], 3541);
+        assert_eq!(value["expires_at"], "2027-01-15T09:00:00Z");
+        assert_eq!(value["scope"], "a b");
+        assert_eq!(token.refresh_at, fetched + Duration::from_secs(2700));
+        assert!(token.is("abc\"def") && !token.is("abc"));
+        assert!(!format!("{token:?}").contains("abc"));
+    }
+}

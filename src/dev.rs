@@ -1,0 +1,130 @@
+//! `token-broker dev`: the broker, a built-in development IdP and a demo tenant in one process.
+//!
+//! The demo tenant `demo` has two environments that talk to the development IdP in its two
+//! request styles: `production` as Auth0 does (JSON body, credentials in the body) and `staging`
+//! as RFC 6749 does (form body, HTTP Basic). A fresh caller key is made at every start and printed
+//! on stdout with a `curl` line that works as printed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+
+use crate::auth;
+use crate::config::{ConfigError, Settings};
+use crate::dev_idp::{DevClient, DevIdp, DevIdpError, DevIdpSettings};
+use crate::startup::{Application, StartupError, shutdown_signal};
+
+/// The demo tenant's default audience.
+pub const DEMO_AUDIENCE: &str = "https://api.demo.example";
+
+/// Why dev mode could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// The development IdP could not start.
+    #[error("development IdP: {0}")]
+    Idp(#[from] DevIdpError),
+    /// A listener could not be bound.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+    /// The generated configuration is invalid (a bug) or the listen address is.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The broker could not start.
+    #[error("{0}")]
+    Startup(#[from] StartupError),
+}
+
+fn random_secret() -> String {
+    auth::generate_key().0
+}
+
+/// Runs dev mode until Ctrl-C or SIGTERM.
+pub async fn run(listen: &str, token_lifetime: Duration) -> Result<(), DevError> {
+    let clients = [
+        ("demo-production", "DEMO_PRODUCTION_CLIENT_SECRET"),
+        ("demo-staging", "DEMO_STAGING_CLIENT_SECRET"),
+    ];
+    let secrets: HashMap<&str, String> = clients
+        .iter()
+        .map(|(_, env)| (*env, random_secret()))
+        .collect();
+    let idp = DevIdp::new(DevIdpSettings {
+        issuer: String::new(),
+        token_lifetime,
+        clients: clients
+            .iter()
+            .map(|(id, env)| DevClient {
+                client_id: (*id).to_owned(),
+                client_secret: SecretString::from(secrets[env].clone()),
+            })
+            .collect(),
+    })?;
+    let idp = idp.serve(TcpListener::bind("127.0.0.1:0").await?).await?;
+
+    let (caller_key, caller_hash) = auth::generate_key();
+    let toml = format!(
+        r#"
+        [server]
+        listen = "{listen}"
+        shutdown_grace = "5s"
+
+        [callers.demo]
+        key_sha256 = "{hash}"
+        allow = ["demo/*"]
+
+        [tenants.demo.environments.production]
+        token_url = "{token_url}"
+        client_id = "demo-production"
+        client_secret_env = "DEMO_PRODUCTION_CLIENT_SECRET"
+        audience = "{DEMO_AUDIENCE}"
+
+        [tenants.demo.environments.staging]
+        token_url = "{token_url}"
+        client_id = "demo-staging"
+        client_secret_env = "DEMO_STAGING_CLIENT_SECRET"
+        audience = "{DEMO_AUDIENCE}"
+        request_format = "form"
+        client_auth = "basic"
+        "#,
+        hash = caller_hash.to_hex(),
+        token_url = idp.token_url(),
+    );
+    let settings = Settings::from_toml(&toml, &|name| secrets.get(name).cloned())?;
+    let app = Application::build(settings).await?;
+    let url = format!("http://{}", reachable(app.local_addr()));
+
+    println!("token-broker dev mode");
+    println!("  broker:          {url}");
+    println!(
+        "  development IdP: {} (tokens live {}; keys at {})",
+        idp.base_url(),
+        humantime::format_duration(token_lifetime),
+        idp.jwks_url()
+    );
+    println!("  caller key:      {caller_key} (caller 'demo', allowed demo/*)");
+    println!();
+    println!("Get a token:");
+    println!("  curl -s -H 'Authorization: Bearer {caller_key}' '{url}/v1/tokens/demo/production'");
+    println!();
+    println!("Press Ctrl-C to stop.");
+
+    app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The address a local `curl` can reach: loopback in place of an unspecified address.
+fn reachable(address: SocketAddr) -> SocketAddr {
+    if address.ip().is_unspecified() {
+        let loopback = if address.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        SocketAddr::new(loopback, address.port())
+    } else {
+        address
+    }
+}

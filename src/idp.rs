@@ -1,0 +1,233 @@
+//! The client of the identity provider's token endpoint.
+//!
+//! [`IdpClient::fetch`] turns one environment's credentials, an audience and a scope into exactly
+//! one HTTP request (Auth0 JSON or RFC 6749 form body, credentials in the body or in HTTP Basic,
+//! `audience` or `resource`) and one parsed [`IssuedToken`] or one classified [`IdpError`]. It
+//! does not retry and keeps no state: retries, single flight and caching belong to the broker.
+//! One `reqwest::Client` (rustls, connection pool) is shared by every environment.
+
+mod response;
+
+use std::fmt;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use secrecy::ExposeSecret;
+
+use crate::config::{AudienceParam, ClientAuth, EnvironmentSettings, RequestFormat};
+
+pub use response::{IssuedToken, RateLimitHeaders};
+
+/// Bound on establishing a TCP + TLS connection to an IdP, below any request timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An access token; its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(Box<str>);
+
+impl AccessToken {
+    /// Wraps a token value.
+    pub fn new(value: impl Into<Box<str>>) -> Self {
+        Self(value.into())
+    }
+
+    /// The token value, for the response body that hands it to a caller.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessToken([redacted])")
+    }
+}
+
+/// A failed token request, classified by what the broker should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum IdpError {
+    /// The IdP refused the request (4xx other than 429); retrying will not help.
+    #[error("the IdP rejected the token request with HTTP {status} and error code '{code}'")]
+    Rejected {
+        /// HTTP status of the answer.
+        status: u16,
+        /// The IdP's OAuth2 `error` code, sanitised (never its description).
+        code: String,
+    },
+    /// The IdP is rate limiting this client (429); wait `retry_after` before asking again.
+    #[error("the IdP is rate limiting this client (HTTP 429)")]
+    RateLimited {
+        /// How long the IdP asked us to wait, when it said.
+        retry_after: Option<Duration>,
+    },
+    /// The IdP did not answer within the environment's timeout.
+    #[error("the IdP did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The IdP could not be reached or the connection broke.
+    #[error("cannot reach the IdP")]
+    Connect(#[source] reqwest::Error),
+    /// The IdP answered with a server error.
+    #[error("the IdP answered HTTP {0}")]
+    ServerError(u16),
+    /// The IdP answered 2xx with a body that is not a usable token.
+    #[error("the IdP's answer is not a token: {0}")]
+    InvalidResponse(&'static str),
+}
+
+impl IdpError {
+    /// Whether the same request may succeed when tried again soon.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout(_) | Self::Connect(_) | Self::ServerError(_) | Self::InvalidResponse(_)
+        )
+    }
+}
+
+/// The answer to a successful token request: the token and the IdP's rate-limit headers.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The parsed token.
+    pub token: IssuedToken,
+    /// Auth0-style `x-ratelimit-*` headers, when the IdP sent them.
+    pub rate_limit: RateLimitHeaders,
+}
+
+/// Sends client-credentials token requests to any OAuth2 token endpoint.
+#[derive(Clone)]
+pub struct IdpClient {
+    http: reqwest::Client,
+}
+
+impl IdpClient {
+    /// Builds the shared HTTP client (rustls, no redirects: a redirect would resend credentials).
+    pub fn new() -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self { http })
+    }
+
+    /// Requests one token for `audience` and `scope` (space-separated, may be empty).
+    pub async fn fetch(
+        &self,
+        environment: &EnvironmentSettings,
+        audience: &str,
+        scope: &str,
+    ) -> Result<Fetched, IdpError> {
+        let request = self.build_request(environment, audience, scope);
+        let timeout = environment.timeout;
+        let response = request.send().await.map_err(|e| classify(e, timeout))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let rate_limit = RateLimitHeaders::from_headers(&headers);
+        let body = response.bytes().await.map_err(|e| classify(e, timeout))?;
+
+        if status.is_success() {
+            let token = response::parse_token(&body, environment.default_lifetime)?;
+            return Ok(Fetched { token, rate_limit });
+        }
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(IdpError::RateLimited {
+                retry_after: response::retry_after(&headers, std::time::SystemTime::now()),
+            });
+        }
+        if status.is_client_error() {
+            return Err(IdpError::Rejected {
+                status: status.as_u16(),
+                code: response::error_code(&body)
+                    .unwrap_or_else(|| format!("http_{}", status.as_u16())),
+            });
+        }
+        Err(IdpError::ServerError(status.as_u16()))
+    }
+
+    fn build_request(
+        &self,
+        environment: &EnvironmentSettings,
+        audience: &str,
+        scope: &str,
+    ) -> reqwest::RequestBuilder {
+        let secret = environment.client_secret.expose_secret();
+        let mut params: Vec<(&str, &str)> = Vec::with_capacity(6 + environment.extra_params.len());
+        params.push(("grant_type", "client_credentials"));
+        if environment.client_auth == ClientAuth::Post {
+            params.push(("client_id", &environment.client_id));
+            params.push(("client_secret", secret));
+        }
+        let audience_name = match environment.audience_param {
+            AudienceParam::Audience => "audience",
+            AudienceParam::Resource => "resource",
+        };
+        params.push((audience_name, audience));
+        if !scope.is_empty() {
+            params.push(("scope", scope));
+        }
+        params.extend(
+            environment
+                .extra_params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let body = match environment.request_format {
+            RequestFormat::Json => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                let object: serde_json::Map<String, serde_json::Value> = params
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(*v)))
+                    .collect();
+                serde_json::to_vec(&object).expect("a map of strings serialises")
+            }
+            RequestFormat::Form => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/x-www-form-urlencoded"),
+                );
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(&params)
+                    .finish()
+                    .into_bytes()
+            }
+        };
+        if environment.client_auth == ClientAuth::Basic {
+            headers.insert(
+                header::AUTHORIZATION,
+                basic_authorization(&environment.client_id, secret),
+            );
+        }
+        self.http
+            .post(environment.token_url.clone())
+            .headers(headers)
+            .timeout(environment.timeout)
+            .body(body)
+    }
+}
+
+/// `Basic base64(urlencode(id):urlencode(secret))`, as RFC 6749 §2.3.1 specifies.
+fn basic_authorization(client_id: &str, secret: &str) -> HeaderValue {
+    let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let credentials = format!("{}:{}", encode(client_id), encode(secret));
+    let mut value = HeaderValue::try_from(format!("Basic {}", STANDARD.encode(credentials)))
+        .expect("base64 is a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+fn classify(error: reqwest::Error, timeout: Duration) -> IdpError {
+    if error.is_timeout() {
+        IdpError::Timeout(timeout)
+    } else {
+        IdpError::Connect(error.without_url())
+    }
+}

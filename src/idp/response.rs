@@ -1,0 +1,237 @@
+//! Parsing of token endpoint answers: the token, its lifetime, error codes and rate-limit headers.
+//!
+//! IdPs disagree on details: `expires_in` may be a number or a numeric string, or missing (then
+//! the JWT `exp` claim or the configured default decides). Error bodies are reduced to their
+//! OAuth2 `error` code, sanitised, because descriptions may echo request fields.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use reqwest::header::HeaderMap;
+use serde::Deserialize;
+
+use super::{AccessToken, IdpError};
+
+/// Longest error code passed on to callers; longer ones are cut.
+const MAX_ERROR_CODE: usize = 64;
+
+/// A token as the IdP issued it, with its lifetime resolved.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// The bearer token.
+    pub access_token: AccessToken,
+    /// Usually `Bearer`.
+    pub token_type: String,
+    /// Validity from the moment of issue.
+    pub lifetime: Duration,
+    /// The scopes granted, when the IdP said.
+    pub scope: Option<String>,
+}
+
+/// Auth0-style rate-limit headers of a token answer (`x-ratelimit-limit`, `-remaining`, `-reset`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    /// Requests allowed in the current window.
+    pub limit: Option<u64>,
+    /// Requests left in the current window.
+    pub remaining: Option<u64>,
+    /// Unix time (seconds) at which the window resets.
+    pub reset: Option<u64>,
+}
+
+impl RateLimitHeaders {
+    /// Reads the headers that are present and numeric.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+        Self {
+            limit: number("x-ratelimit-limit"),
+            remaining: number("x-ratelimit-remaining"),
+            reset: number("x-ratelimit-reset"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    scope: Option<String>,
+}
+
+/// Parses a 2xx body into a token, resolving its lifetime.
+pub(super) fn parse_token(
+    body: &[u8],
+    default_lifetime: Duration,
+) -> Result<IssuedToken, IdpError> {
+    let parsed: TokenBody =
+        serde_json::from_slice(body).map_err(|_| IdpError::InvalidResponse("not a JSON object"))?;
+    let access_token = parsed
+        .access_token
+        .filter(|t| !t.is_empty())
+        .ok_or(IdpError::InvalidResponse("no access_token"))?;
+    if access_token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(IdpError::InvalidResponse(
+            "access_token has characters a bearer token cannot have",
+        ));
+    }
+    let lifetime = match parsed.expires_in {
+        Some(value) => seconds(&value).ok_or(IdpError::InvalidResponse(
+            "expires_in is neither a number nor a numeric string",
+        ))?,
+        None => jwt_lifetime(&access_token, SystemTime::now()).unwrap_or(default_lifetime),
+    };
+    Ok(IssuedToken {
+        access_token: AccessToken::new(access_token),
+        token_type: parsed
+            .token_type
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| "Bearer".to_owned()),
+        lifetime,
+        scope: parsed.scope.filter(|s| !s.is_empty()),
+    })
+}
+
+/// `3599`, `3599.0` or `"3599"` as a duration; negative or non-numeric is `None`.
+fn seconds(value: &serde_json::Value) -> Option<Duration> {
+    match value {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .map(Duration::from_secs)
+            .or_else(|| n.as_f64().and_then(|f| Duration::try_from_secs_f64(f).ok())),
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok().map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// Time left until the JWT's `exp` claim, when the token is a JWT with one (unverified: the
+/// broker only needs to know when to stop handing it out).
+fn jwt_lifetime(token: &str, now: SystemTime) -> Option<Duration> {
+    let mut parts = token.split('.');
+    let (_header, payload) = (parts.next()?, parts.next()?);
+    parts.next()?;
+    let payload = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    #[derive(Deserialize)]
+    struct Claims {
+        exp: Option<u64>,
+    }
+    let exp = serde_json::from_slice::<Claims>(&payload).ok()?.exp?;
+    let exp = UNIX_EPOCH + Duration::from_secs(exp);
+    Some(exp.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The OAuth2 `error` code of an error body, restricted to a safe alphabet and length.
+pub(super) fn error_code(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: Option<String>,
+    }
+    let code = serde_json::from_slice::<ErrorBody>(body).ok()?.error?;
+    let code: String = code
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .take(MAX_ERROR_CODE)
+        .collect();
+    (!code.is_empty()).then_some(code)
+}
+
+/// How long a 429 asks us to wait: `Retry-After` (seconds or HTTP date), else `x-ratelimit-reset`
+/// (Unix seconds).
+pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    if let Some(value) = text("retry-after") {
+        if let Ok(secs) = value.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        if let Ok(at) = httpdate::parse_http_date(value) {
+            return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+    }
+    let reset = text("x-ratelimit-reset")?.parse::<u64>().ok()?;
+    let at = UNIX_EPOCH + Duration::from_secs(reset);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    const DEFAULT: Duration = Duration::from_secs(300);
+
+    fn jwt_with_exp(exp: u64) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp}}}"#));
+        format!("{header}.{claims}.sig")
+    }
+
+    #[test]
+    fn expires_in_as_number_or_string() {
+        let number = parse_token(br#"{"access_token":"t","expires_in":3600}"#, DEFAULT).unwrap();
+        assert_eq!(number.lifetime, Duration::from_secs(3600));
+        let string = parse_token(br#"{"access_token":"t","expires_in":"3599"}"#, DEFAULT).unwrap();
+        assert_eq!(string.lifetime, Duration::from_secs(3599));
+        assert_eq!(string.token_type, "Bearer");
+    }
+
+    #[test]
+    fn lifetime_from_jwt_exp_then_default() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let body = format!(r#"{{"access_token":"{}"}}"#, jwt_with_exp(now + 1000));
+        let token = parse_token(body.as_bytes(), DEFAULT).unwrap();
+        assert!((998..=1000).contains(&token.lifetime.as_secs()));
+        let opaque = parse_token(br#"{"access_token":"opaque"}"#, DEFAULT).unwrap();
+        assert_eq!(opaque.lifetime, DEFAULT);
+    }
+
+    #[test]
+    fn garbage_is_invalid() {
+        for body in [
+            &b"<html>"[..],
+            br#"{"expires_in":5}"#,
+            br#"{"access_token":"a b"}"#,
+        ] {
+            assert!(matches!(
+                parse_token(body, DEFAULT),
+                Err(IdpError::InvalidResponse(_))
+            ));
+        }
+        assert!(parse_token(br#"{"access_token":"t","expires_in":"soon"}"#, DEFAULT).is_err());
+    }
+
+    #[test]
+    fn error_codes_are_sanitised() {
+        assert_eq!(
+            error_code(br#"{"error":"access_denied","error_description":"secret=x"}"#).as_deref(),
+            Some("access_denied")
+        );
+        assert_eq!(
+            error_code(br#"{"error":"<b>x y</b>"}"#).as_deref(),
+            Some("bxyb")
+        );
+        assert_eq!(error_code(b"not json"), None);
+    }
+
+    #[test]
+    fn retry_after_in_seconds_date_or_reset() {
+        let now = SystemTime::now();
+        let mut headers = HeaderMap::new();
+        headers.insert("retry-after", HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(7)));
+
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        headers.insert("retry-after", HeaderValue::try_from(later).unwrap());
+        let wait = retry_after(&headers, now).unwrap();
+        assert!((29..=30).contains(&wait.as_secs()), "{wait:?}");
+
+        let mut headers = HeaderMap::new();
+        let reset = now.duration_since(UNIX_EPOCH).unwrap().as_secs() + 12;
+        headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+        let wait = retry_after(&headers, now).unwrap();
+        assert!((11..=12).contains(&wait.as_secs()), "{wait:?}");
+    }
+}

@@ -1,0 +1,27 @@
+//! token-broker: one service that fetches OAuth2 machine-to-machine tokens for many tenants,
+//! caches them until shortly before they expire, and hands them to internal callers, so that the
+//! IdP sees one request per token lifetime instead of one per pod and client secrets live in one
+//! place.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed, validated settings (file, environment, secrets).
+//! - [`idp`]: the IdP token endpoint client; one request, one classified answer.
+//! - [`broker`]: cache, single flight, refresh ahead; knows nothing about HTTP.
+//! - [`auth`]: caller keys, allow rules, the authenticating extractor.
+//! - [`api`]: handlers and the one mapping of errors to HTTP.
+//! - [`startup`]: state, router, middleware, listener, graceful shutdown.
+//! - [`telemetry`]: logging setup.
+//! - [`dev_idp`] and [`dev`]: the built-in development IdP and the `dev` command.
+//!
+//! Dependencies point one way: `api → auth, broker → idp`.
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod dev;
+pub mod dev_idp;
+pub mod idp;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,277 @@
+//! Application assembly: state, router, middleware stack, listener and graceful shutdown.
+//!
+//! [`Application::build`] binds the listener before anything is served, so tests and `dev` mode
+//! learn the real port (bind to port 0) without sleeping. [`Application::run_until_stopped`]
+//! serves until the given shutdown future completes, then turns readiness to 503 and gives
+//! in-flight requests `server.shutdown_grace` to finish.
+
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rand::Rng as _;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use tracing::Instrument as _;
+
+use crate::api::error::{REQUEST_ID, X_REQUEST_ID};
+use crate::api::{self, health, tokens};
+use crate::auth::CallerRegistry;
+use crate::broker::Broker;
+use crate::config::Settings;
+use crate::idp::IdpClient;
+
+/// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Why the application could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The configured address.
+        address: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The HTTP client for IdPs could not be built (TLS roots, for instance).
+    #[error("cannot build the IdP HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+}
+
+/// Everything the handlers share.
+pub struct App {
+    /// Tokens from cache or IdP.
+    pub broker: Broker,
+    /// Caller keys and allow rules.
+    pub callers: Arc<CallerRegistry>,
+    /// The validated settings.
+    pub settings: Arc<Settings>,
+    ready: AtomicBool,
+}
+
+/// The router state: a cheap handle on [`App`].
+#[derive(Clone)]
+pub struct AppState(Arc<App>);
+
+impl Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+impl FromRef<AppState> for Arc<CallerRegistry> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.callers)
+    }
+}
+
+impl AppState {
+    /// Builds the shared state from validated settings.
+    pub fn new(settings: Settings) -> Result<Self, StartupError> {
+        let idp = IdpClient::new()?;
+        let broker = Broker::new(settings.cache.clone(), idp);
+        let callers = Arc::new(CallerRegistry::from_settings(&settings));
+        Ok(Self(Arc::new(App {
+            broker,
+            callers,
+            settings: Arc::new(settings),
+            ready: AtomicBool::new(true),
+        })))
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn start_draining(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The whole HTTP surface with its middleware stack.
+pub fn router(state: AppState) -> Router {
+    let server = &state.settings.server;
+    let timeout = server.request_timeout;
+    let body_limit = server.max_body_bytes;
+    Router::new()
+        .route(
+            "/v1/tokens/{tenant}/{environment}",
+            get(tokens::get_token).delete(tokens::delete_token),
+        )
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .route_layer(middleware::from_fn(record_route))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
+        .layer(CatchPanicLayer::custom(internal_error))
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+/// Gives each request an id (the caller's own when it is sane), a span, and the id on the answer.
+async fn request_context(request: Request, next: Next) -> Response {
+    let id: Arc<str> = request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID_LEN
+                && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(Arc::from)
+        .unwrap_or_else(|| Arc::from(format!("{:032x}", rand::rng().random::<u128>())));
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        route = tracing::field::Empty,
+        request_id = %id,
+        caller = tracing::field::Empty,
+    );
+    let header = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
+    let mut response = REQUEST_ID
+        .scope(id, next.run(request))
+        .instrument(span)
+        .await;
+    response.headers_mut().insert(X_REQUEST_ID.clone(), header);
+    response
+}
+
+/// Records the matched route (not the raw path, to keep spans low-cardinality).
+async fn record_route(request: Request, next: Next) -> Response {
+    if let Some(route) = request.extensions().get::<MatchedPath>() {
+        tracing::Span::current().record("route", route.as_str());
+    }
+    next.run(request).await
+}
+
+fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(serde_json::json!({
+            "error": "internal_error",
+            "error_description": "internal error",
+        })),
+    )
+        .into_response()
+}
+
+/// A built application: state plus a bound listener, ready to serve.
+pub struct Application {
+    state: AppState,
+    listener: TcpListener,
+}
+
+impl Application {
+    /// Builds the state and binds `server.listen`.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let address = settings.server.listen.clone();
+        let listener = TcpListener::bind(&address)
+            .await
+            .map_err(|source| StartupError::Bind { address, source })?;
+        Self::with_listener(settings, listener)
+    }
+
+    /// Builds the state around a listener the caller already bound.
+    pub fn with_listener(settings: Settings, listener: TcpListener) -> Result<Self, StartupError> {
+        Ok(Self {
+            state: AppState::new(settings)?,
+            listener,
+        })
+    }
+
+    /// The address actually bound (the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    /// The shared state, for callers that need the broker directly.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then drains for at most `server.shutdown_grace`.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let grace = state.settings.server.shutdown_grace;
+        let draining = Arc::new(tokio::sync::Notify::new());
+        let signal = {
+            let state = state.clone();
+            let draining = Arc::clone(&draining);
+            async move {
+                shutdown.await;
+                state.start_draining();
+                tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+                draining.notify_one();
+            }
+        };
+        let app = router(state);
+        let serve = axum::serve(self.listener, app).with_graceful_shutdown(signal);
+        let serve = serve.into_future();
+        tokio::pin!(serve);
+        tokio::select! {
+            result = &mut serve => result,
+            () = draining.notified() => {
+                match tokio::time::timeout(grace, serve).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!("shutdown grace elapsed; closing the remaining connections");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

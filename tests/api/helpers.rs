@@ -1,0 +1,259 @@
+//! Shared test fixtures: `spawn_app`, a token-issuing fake IdP and small request helpers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Once};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use token_broker::auth::KeyHash;
+use token_broker::config::Settings;
+use token_broker::startup::Application;
+use tokio::net::TcpListener;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+/// The key of the `billing` caller (allowed `acme/*` and `globex/production`).
+pub const BILLING_KEY: &str = "tbk_test-billing-key";
+/// The key of the `reports` caller (allowed only acme/production with one audience).
+pub const REPORTS_KEY: &str = "tbk_test-reports-key";
+/// Client secrets configured for the fake IdP.
+pub const ACME_PRODUCTION_SECRET: &str = "acme-production-client-secret";
+pub const ACME_STAGING_SECRET: &str = "acme-staging-client-secret";
+pub const GLOBEX_SECRET: &str = "globex-client-secret";
+/// Default audience of acme's environments.
+pub const ACME_AUDIENCE: &str = "https://api.acme.example";
+
+static TRACING: Once = Once::new();
+
+fn init_tracing() {
+    TRACING.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter("token_broker=debug")
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// The standard test configuration; `{idp}` is the fake IdP's base URL.
+pub fn base_config(idp: &str) -> String {
+    format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        shutdown_grace = "2s"
+
+        [callers.billing]
+        key_sha256 = "{billing}"
+        allow = ["acme/*", "globex/production", "initech/*"]
+
+        [callers.reports]
+        key_sha256 = "{reports}"
+        allow = ["acme/production/{ACME_AUDIENCE}"]
+
+        [tenants.acme.environments.production]
+        token_url = "{idp}/acme/oauth/token"
+        client_id = "acme-production-id"
+        client_secret = "{ACME_PRODUCTION_SECRET}"
+        audience = "{ACME_AUDIENCE}"
+
+        [tenants.acme.environments.staging]
+        token_url = "{idp}/acme-staging/oauth/token"
+        client_id = "acme-staging-id"
+        client_secret = "{ACME_STAGING_SECRET}"
+        audience = "{ACME_AUDIENCE}"
+        request_format = "form"
+        client_auth = "basic"
+
+        [tenants.globex.environments.production]
+        token_url = "{idp}/globex/oauth/token"
+        client_id = "globex-id"
+        client_secret = "{GLOBEX_SECRET}"
+        "#,
+        billing = KeyHash::of(BILLING_KEY).to_hex(),
+        reports = KeyHash::of(REPORTS_KEY).to_hex(),
+    )
+}
+
+/// A broker running on a free port.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// A client for talking to it.
+    pub http: reqwest::Client,
+    /// The fake IdP behind it.
+    pub idp: MockServer,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Starts the broker with the standard configuration (plus `extra` TOML) against a new wiremock IdP.
+pub async fn spawn_app_with(extra: &str) -> TestApp {
+    init_tracing();
+    let idp = MockServer::start().await;
+    let base = base_config(&idp.uri());
+    spawn_with_layers(idp, &[&base, extra]).await
+}
+
+/// Starts the broker with the standard configuration.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with("").await
+}
+
+/// Starts the broker with exactly `toml` (over the defaults).
+pub async fn spawn_with_toml(idp: MockServer, toml: &str) -> TestApp {
+    spawn_with_layers(idp, &[toml]).await
+}
+
+/// Starts the broker with TOML `layers`, each over the one before.
+pub async fn spawn_with_layers(idp: MockServer, layers: &[&str]) -> TestApp {
+    init_tracing();
+    let settings =
+        Settings::from_toml_layers(layers, &|_| None).expect("test configuration is valid");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = Application::with_listener(settings, listener).expect("build");
+    let url = format!("http://{}", app.local_addr());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        url,
+        http: reqwest::Client::new(),
+        idp,
+        _shutdown: tx,
+    }
+}
+
+/// Answers token requests with a new token each time: `token-1`, `token-2`, ...
+#[derive(Clone)]
+pub struct TokenIssuer {
+    issued: Arc<AtomicU64>,
+    expires_in: Value,
+    delay: Duration,
+}
+
+impl TokenIssuer {
+    /// Tokens that live `expires_in` seconds.
+    pub fn new(expires_in: u64) -> Self {
+        Self {
+            issued: Arc::new(AtomicU64::new(0)),
+            expires_in: json!(expires_in),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// Answers only after `delay`.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// How many tokens were issued.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::SeqCst)
+    }
+}
+
+impl Respond for TokenIssuer {
+    fn respond(&self, _request: &Request) -> ResponseTemplate {
+        let n = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        ResponseTemplate::new(200)
+            .set_body_json(json!({
+                "access_token": format!("token-{n}"),
+                "token_type": "Bearer",
+                "expires_in": self.expires_in,
+            }))
+            .set_delay(self.delay)
+    }
+}
+
+/// Mounts a [`TokenIssuer`] on `POST /{tenant_path}/oauth/token` and returns it.
+pub async fn issue_tokens(idp: &MockServer, tenant_path: &str, issuer: TokenIssuer) -> TokenIssuer {
+    Mock::given(method("POST"))
+        .and(path(format!("/{tenant_path}/oauth/token")))
+        .respond_with(issuer.clone())
+        .mount(idp)
+        .await;
+    issuer
+}
+
+/// A parsed broker answer.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    /// The `access_token` of a 200.
+    pub fn token(&self) -> &str {
+        self.body["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no access_token in {} {}", self.status, self.body))
+    }
+
+    /// A response header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl TestApp {
+    /// `GET /v1/tokens/{path_and_query}` with `key` (or no key).
+    pub async fn get_token(&self, path_and_query: &str, key: Option<&str>) -> Answer {
+        let mut request = self
+            .http
+            .get(format!("{}/v1/tokens/{path_and_query}", self.url));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        answer(request.send().await.expect("request")).await
+    }
+
+    /// `GET` as the billing caller.
+    pub async fn billing(&self, path_and_query: &str) -> Answer {
+        self.get_token(path_and_query, Some(BILLING_KEY)).await
+    }
+
+    /// `DELETE /v1/tokens/{path}` as billing, with an optional JSON body.
+    pub async fn forget(&self, path_and_query: &str, body: Option<Value>) -> Answer {
+        let mut request = self
+            .http
+            .delete(format!("{}/v1/tokens/{path_and_query}", self.url))
+            .bearer_auth(BILLING_KEY);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        answer(request.send().await.expect("request")).await
+    }
+}
+
+/// Reads a response into an [`Answer`].
+pub async fn answer(response: reqwest::Response) -> Answer {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.expect("body");
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A URL of a port nothing listens on.
+pub static CLOSED_PORT_URL: LazyLock<String> = LazyLock::new(|| {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+});

@@ -1,0 +1,15 @@
+//! Integration tests: the real server on port 0, over real HTTP, against a fake IdP (wiremock) or
+//! the built-in development IdP. Set `TEST_LOG=1` to see the server's logs.
+
+mod helpers;
+
+mod auth;
+mod cache_keys;
+mod delete;
+mod expiry;
+mod health;
+mod lifetimes;
+mod process;
+mod request_styles;
+mod single_flight;
+mod upstream_errors;

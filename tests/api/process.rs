@@ -1,0 +1,263 @@
+//! The real binary: `serve` with logs at debug, graceful shutdown, `dev`, `check-config`,
+//! `hash-key` and `healthcheck`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use token_broker::auth::KeyHash;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+/// A child process whose stderr (or stdout) lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn wait_for(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no line containing {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let status = self.child.wait().expect("wait");
+        (status, self.lines.iter().collect())
+    }
+}
+
+fn spawn(command: &mut Command, read_stdout: bool) -> Running {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start token-broker");
+    let (tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let forward = |reader: Box<dyn std::io::Read + Send>, tx: mpsc::Sender<String>| {
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        })
+    };
+    if read_stdout {
+        forward(Box::new(stdout), tx.clone());
+        std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    } else {
+        forward(Box::new(stderr), tx.clone());
+        std::thread::spawn(move || std::io::copy(&mut { stdout }, &mut std::io::sink()));
+    }
+    drop(tx);
+    Running { child, lines }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_logs_never_show_a_secret_a_key_or_a_token_and_sigterm_exits_0() {
+    let idp = MockServer::start().await;
+    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    Mock::given(method("POST"))
+        .and(path("/acme-staging/oauth/token"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
+            "error": "access_denied",
+            "error_description": format!("bad secret {ACME_STAGING_SECRET}"),
+        })))
+        .mount(&idp)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    let toml = base_config(&idp.uri()).replace(
+        &format!(r#"client_secret = "{ACME_PRODUCTION_SECRET}""#),
+        r#"client_secret_env = "ACME_PRODUCTION_SECRET""#,
+    );
+    std::fs::write(&config, toml).unwrap();
+
+    let server = spawn(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "debug")
+            .env("ACME_PRODUCTION_SECRET", ACME_PRODUCTION_SECRET),
+        false,
+    );
+    let line = server.wait_for("listening address=");
+    let address = line
+        .split("address=")
+        .nth(1)
+        .expect("the listening line names the address")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let url = format!("http://{address}");
+    let http = reqwest::Client::new();
+    let get = |path: &str, key: &str| {
+        http.get(format!("{url}/v1/tokens/{path}"))
+            .bearer_auth(key)
+            .send()
+    };
+
+    let ok = answer(get("acme/production", BILLING_KEY).await.unwrap()).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let token = ok.token().to_owned();
+    assert_eq!(
+        get("acme/production", BILLING_KEY).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        get("acme/staging", BILLING_KEY).await.unwrap().status(),
+        502
+    );
+    assert_eq!(
+        get("acme/production", "tbk_a-wrong-key")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        get("acme/production", REPORTS_KEY).await.unwrap().status(),
+        200
+    );
+    assert_eq!(issuer.issued(), 1);
+
+    let (status, lines) = server.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let log = lines.join("\n");
+    assert!(log.contains("DEBUG"), "logs were at debug level");
+    for secret in [
+        ACME_PRODUCTION_SECRET,
+        ACME_STAGING_SECRET,
+        BILLING_KEY,
+        REPORTS_KEY,
+        "tbk_a-wrong-key",
+        token.as_str(),
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret:?} appears in the log:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_prints_a_curl_line_that_works_as_printed() {
+    let dev = spawn(
+        Command::new(BIN)
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn"),
+        true,
+    );
+    let curl_line = dev.wait_for("curl ").trim().to_owned();
+    let url = curl_line
+        .rsplit('\'')
+        .nth(1)
+        .expect("the curl line ends with a quoted URL")
+        .to_owned();
+
+    let printed = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .args(["-c", &curl_line])
+            .output()
+            .expect("run the printed curl line")
+    })
+    .await
+    .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let body: serde_json::Value = serde_json::from_slice(&printed.stdout).expect("JSON");
+    let token = body["access_token"].as_str().expect("a token");
+    assert_eq!(token.split('.').count(), 3, "a JWT");
+    assert_eq!(body["token_type"], "Bearer");
+
+    let livez = url.split("/v1/").next().unwrap().to_owned() + "/livez";
+    let health = Command::new(BIN)
+        .args(["healthcheck", "--url", &livez])
+        .status()
+        .unwrap();
+    assert!(health.success());
+
+    let (status, _) = dev.terminate();
+    assert!(status.success(), "{status:?}");
+    let health = Command::new(BIN)
+        .args(["healthcheck", "--url", &livez])
+        .output()
+        .unwrap();
+    assert!(!health.status.success());
+}
+
+#[test]
+fn check_config_lists_every_problem_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+        [callers.billing]
+        key_sha256 = "nothex"
+        allow = ["acme/production"]
+        [tenants.acme.environments.production]
+        client_id = "x"
+        client_secret_env = "TOKEN_BROKER_TEST_UNSET_VARIABLE"
+        "#,
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for problem in [
+        "key_sha256",
+        "token_url: missing",
+        "TOKEN_BROKER_TEST_UNSET_VARIABLE",
+    ] {
+        assert!(stderr.contains(problem), "{problem} not in {stderr}");
+    }
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, base_config("http://127.0.0.1:9")).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn hash_key_prints_a_key_and_its_hash() {
+    let out = Command::new(BIN).arg("hash-key").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    let key = field("key:");
+    let hash = field("key_sha256:");
+    assert_eq!(KeyHash::of(&key), KeyHash::from_hex(&hash).unwrap());
+}

@@ -1,0 +1,107 @@
+//! IdP failures become 502 (rejected) or 503 (unavailable, with Retry-After).
+
+use std::time::Duration;
+
+use serde_json::json;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+
+async fn answer_with(template: ResponseTemplate) -> Answer {
+    let app = spawn_app().await;
+    Mock::given(method("POST"))
+        .respond_with(template)
+        .mount(&app.idp)
+        .await;
+    app.billing("acme/production").await
+}
+
+#[tokio::test]
+async fn an_idp_401_is_a_502_carrying_the_idp_error_code() {
+    let answer = answer_with(ResponseTemplate::new(401).set_body_json(json!({
+        "error": "access_denied",
+        "error_description": "Unauthorized client acme-production-id secret=leak",
+    })))
+    .await;
+    assert_eq!(answer.status, 502, "{}", answer.body);
+    assert_eq!(answer.body["error"], "upstream_rejected");
+    let description = answer.body["error_description"].as_str().unwrap();
+    assert!(description.contains("access_denied"), "{description}");
+    assert!(!description.contains("leak"));
+}
+
+#[tokio::test]
+async fn an_idp_500_is_a_503_with_retry_after() {
+    let answer = answer_with(ResponseTemplate::new(500)).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert_eq!(answer.body["error"], "upstream_unavailable");
+    assert!(
+        answer
+            .header("retry-after")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn a_garbage_body_is_a_503() {
+    let answer = answer_with(ResponseTemplate::new(200).set_body_string("<html>oops</html>")).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert!(answer.header("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn a_429_is_a_503_with_the_idp_retry_after() {
+    let answer = answer_with(ResponseTemplate::new(429).insert_header("retry-after", "42")).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert_eq!(answer.header("retry-after"), Some("42"));
+}
+
+#[tokio::test]
+async fn an_unreachable_idp_is_a_503() {
+    let idp = MockServer::start().await;
+    let toml = base_config(&CLOSED_PORT_URL);
+    let app = spawn_with_toml(idp, &toml).await;
+    let answer = app.billing("acme/production").await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert_eq!(answer.body["error"], "upstream_unavailable");
+    assert!(answer.header("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn an_idp_slower_than_the_timeout_is_a_503() {
+    let app = spawn_app_with(
+        r#"
+        [tenants.acme.environments.production]
+        timeout = "300ms"
+        "#,
+    )
+    .await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"access_token": "late", "expires_in": 3600}))
+                .set_delay(Duration::from_secs(3)),
+        )
+        .mount(&app.idp)
+        .await;
+    let answer = app.billing("acme/production").await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+}
+
+#[tokio::test]
+async fn errors_are_not_cached() {
+    let app = spawn_app().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&app.idp)
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    assert_eq!(app.billing("acme/production").await.status, 503);
+    let retry = app.billing("acme/production").await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+}
