@@ -1,9 +1,10 @@
 //! The HTTP API: handlers, extractors and the mapping of errors to responses, and nothing else.
 //!
-//! One file per resource: [`tokens`] for callers, [`health`] for probes; [`error`] maps every
+//! One file per resource: [`tokens`] for callers, [`admin`] for operators, [`health`] for probes; [`error`] maps every
 //! failure to the JSON error body of API.md §2. Routes and middleware are assembled in
 //! [`crate::startup`].
 
+pub mod admin;
 pub mod error;
 pub mod health;
 pub mod tokens;

@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use axum::extract::{FromRef, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use base64::Engine as _;
@@ -165,8 +165,11 @@ pub enum AuthError {
     #[error("no caller key: send Authorization: Bearer <key>")]
     MissingKey,
     /// A key that matches no caller.
-    #[error("the caller key is not valid")]
+    #[error("the key is not valid")]
     InvalidKey,
+    /// No admin key is configured, so the admin API is closed.
+    #[error("the admin API is disabled: set auth.admin_key_sha256 (from `token-broker hash-key`)")]
+    AdminDisabled,
 }
 
 /// The configured callers, ready to authenticate requests.
@@ -223,12 +226,16 @@ impl CallerRegistry {
 
     /// Authenticates an admin request; without a configured admin key every admin request fails.
     pub fn authenticate_admin(&self, authorization: Option<&[u8]>) -> Result<(), AuthError> {
+        let Some(admin) = &self.admin else {
+            return Err(AuthError::AdminDisabled);
+        };
         let key = authorization
             .and_then(bearer_key)
             .ok_or(AuthError::MissingKey)?;
-        match &self.admin {
-            Some(admin) if bool::from(admin.matches(&KeyHash::of(key))) => Ok(()),
-            _ => Err(AuthError::InvalidKey),
+        if bool::from(admin.matches(&KeyHash::of(key))) {
+            Ok(())
+        } else {
+            Err(AuthError::InvalidKey)
         }
     }
 }
@@ -241,20 +248,45 @@ fn bearer_key(header: &[u8]) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
+/// Where extractors find the current caller registry (it changes on reload).
+pub trait CallerSource {
+    /// The registry in force now.
+    fn caller_registry(&self) -> Arc<CallerRegistry>;
+}
+
 /// Extracts the authenticated [`Caller`] of a request, or rejects it with 401.
 pub struct Authenticated(pub Arc<Caller>);
 
 impl<S> FromRequestParts<S> for Authenticated
 where
-    S: Send + Sync,
-    Arc<CallerRegistry>: FromRef<S>,
+    S: CallerSource + Send + Sync,
 {
     type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let registry = Arc::<CallerRegistry>::from_ref(state);
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-        registry.authenticate(header).map(Authenticated)
+        state
+            .caller_registry()
+            .authenticate(header)
+            .map(Authenticated)
+    }
+}
+
+/// Admits a request that carries the admin key, or rejects it with 401.
+pub struct Admin;
+
+impl<S> FromRequestParts<S> for Admin
+where
+    S: CallerSource + Send + Sync,
+{
+    type Rejection = AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
+        state
+            .caller_registry()
+            .authenticate_admin(header)
+            .map(|()| Admin)
     }
 }
 

@@ -7,17 +7,24 @@
 //! validity than that is never handed out. In the last `refresh_ahead` part of a token's life the
 //! first request starts one background refresh and is served the current token at once.
 //!
+//! Failure policy: transient IdP failures are retried with exponential backoff and full jitter
+//! within the environment's `timeout`; a 429 blocks that IdP client until its `Retry-After`; a
+//! rejection is remembered per key for `negative_ttl`; the quota guard caps requests per hour.
+//! While the IdP fails, callers keep the cached token as long as it has the validity they need.
+//!
 //! This module knows nothing about HTTP routes; `api` maps [`BrokerError`] to responses.
 
 mod key;
 mod token;
+mod upstream;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
 use moka::future::Cache;
-use moka::ops::compute::Op;
+use moka::ops::compute::{CompResult, Op};
 use rand::Rng as _;
 
 use crate::config::{CacheSettings, EnvironmentSettings};
@@ -25,11 +32,18 @@ use crate::idp::{IdpClient, IdpError};
 
 pub use key::{ScopeSet, TokenKey};
 pub use token::CachedToken;
+pub use upstream::{MAX_CONCURRENT_FETCHES, Upstream};
 
 /// How long callers are asked to wait after a transient IdP failure.
 const RETRY_AFTER_TRANSIENT: Duration = Duration::from_secs(1);
-/// How long callers are asked to wait after a 429 that did not say.
+/// How long an IdP client is left alone after a 429 that did not say.
 const RETRY_AFTER_RATE_LIMITED: Duration = Duration::from_secs(10);
+/// Most attempts of one fetch (the first and its retries).
+const MAX_ATTEMPTS: u32 = 4;
+/// Backoff before the first retry; doubled for each later one, before jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest backoff between two attempts.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
 
 /// Why no token could be handed out.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +81,24 @@ pub enum BrokerError {
         #[source]
         source: IdpError,
     },
+    /// The IdP answered 429 recently; no request goes to it before `retry_after`.
+    #[error(
+        "the IdP is rate limiting this client and no cached token is valid long enough; retry later"
+    )]
+    RateLimited {
+        /// When the IdP allows requests again.
+        retry_after: Duration,
+    },
+    /// The quota guard (`max_fetches_per_hour`) stopped the request.
+    #[error(
+        "the IdP request quota of this environment ({limit} per hour) is spent and no cached token is valid long enough; retry later"
+    )]
+    QuotaExhausted {
+        /// The configured limit.
+        limit: u32,
+        /// When a request is allowed again.
+        retry_after: Duration,
+    },
     /// The IdP could not give a token now and no cached token has enough validity left.
     #[error("the IdP is unavailable and no cached token is valid long enough; retry later")]
     Unavailable {
@@ -76,6 +108,18 @@ pub enum BrokerError {
         #[source]
         source: IdpError,
     },
+}
+
+impl BrokerError {
+    /// When a caller should try again, for failures that pass.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after }
+            | Self::QuotaExhausted { retry_after, .. }
+            | Self::Unavailable { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
 }
 
 impl From<IdpError> for BrokerError {
@@ -133,8 +177,34 @@ pub struct Broker {
 
 struct Inner {
     tokens: Cache<TokenKey, Arc<CachedToken>>,
+    /// Recent IdP rejections per key: (HTTP status, error code).
+    rejections: Cache<TokenKey, (u16, String)>,
+    /// Per (token URL, client id) state; a plain map because it only grows with configuration.
+    upstreams: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     idp: IdpClient,
     settings: CacheSettings,
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(cap, base * 2^(attempt-1))]`.
+fn full_jitter(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(BACKOFF_CAP);
+    ceiling.mul_f64(rand::rng().random::<f64>())
+}
+
+/// The cause chain of an error as one line, for logs.
+fn error_cause(error: &dyn std::error::Error) -> String {
+    let mut chain = String::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if !chain.is_empty() {
+            chain.push_str(": ");
+        }
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    chain
 }
 
 /// Per-entry expiry: an entry leaves the cache `min_remaining` before its token expires.
@@ -182,10 +252,17 @@ impl Broker {
             .expire_after(TokenExpiry {
                 min_remaining: settings.min_remaining,
             })
+            .support_invalidation_closures()
+            .build();
+        let rejections = Cache::builder()
+            .max_capacity(settings.max_entries)
+            .time_to_live(settings.negative_ttl.max(Duration::from_millis(1)))
             .build();
         Self {
             inner: Arc::new(Inner {
                 tokens,
+                rejections,
+                upstreams: Mutex::new(HashMap::new()),
                 idp,
                 settings,
             }),
@@ -214,42 +291,84 @@ impl Broker {
                     status: CacheStatus::Hit,
                 });
             }
-            self.forget_entry(key, &token).await;
+            // Too short for this caller, but maybe not for others: keep it while fetching.
+            return self.replace_short(environment, key, required).await;
         }
 
-        // A token that another request cached between our lookup and here may still fall short
-        // of `required`; forget it and fetch again, a bounded number of times. A token fetched
-        // after this request began is as fresh as any can be, so its whole lifetime counts.
+        // Cold: concurrent misses share one fetch and its outcome.
         let started = SystemTime::now();
-        let mut lifetime = Duration::ZERO;
-        for _ in 0..3 {
-            let token = self
-                .inner
-                .tokens
-                .try_get_with_by_ref(key, self.fetch(environment, key))
-                .await?;
-            lifetime = token.lifetime();
-            let fresh = token.fetched_at >= started;
-            if token.remaining(SystemTime::now()) >= required || (fresh && lifetime >= required) {
-                token.record_hit();
-                return Ok(Lease {
-                    token,
-                    status: CacheStatus::Miss,
-                });
+        let token = self
+            .inner
+            .tokens
+            .try_get_with_by_ref(key, self.fetch(environment, key))
+            .await?;
+        self.lease_fresh(key, token, required, started).await
+    }
+
+    /// Fetches a token with more validity than the cached one, which keeps serving others
+    /// meanwhile (and stays if the fetch fails). Such requests on one key queue behind each other,
+    /// and those that find a good enough token after waiting do not fetch again.
+    async fn replace_short(
+        &self,
+        environment: &Arc<EnvironmentSettings>,
+        key: &TokenKey,
+        required: Duration,
+    ) -> Result<Lease, Arc<BrokerError>> {
+        let started = SystemTime::now();
+        let computed = self
+            .inner
+            .tokens
+            .entry_by_ref(key)
+            .and_try_compute_with(|entry| async move {
+                let enough = |token: &CachedToken| token.remaining(SystemTime::now()) >= required;
+                match entry {
+                    Some(entry) if enough(entry.value()) => Ok(Op::Nop),
+                    _ => self.fetch(environment, key).await.map(Op::Put),
+                }
+            })
+            .await
+            .map_err(Arc::new)?;
+        match computed {
+            CompResult::Inserted(entry)
+            | CompResult::ReplacedWith(entry)
+            | CompResult::Unchanged(entry) => {
+                self.lease_fresh(key, entry.into_value(), required, started)
+                    .await
             }
-            self.forget_entry(key, &token).await;
-            if fresh {
-                break;
+            CompResult::StillNone(_) | CompResult::Removed(_) => {
+                unreachable!("the compute closure never removes and always puts when empty")
             }
         }
-        Err(Arc::new(if lifetime < min_remaining {
-            BrokerError::LifetimeBelowMinimum {
+    }
+
+    /// Leases a token that waited on a fetch, or explains why it cannot serve this request.
+    async fn lease_fresh(
+        &self,
+        key: &TokenKey,
+        token: Arc<CachedToken>,
+        required: Duration,
+        started: SystemTime,
+    ) -> Result<Lease, Arc<BrokerError>> {
+        // A token fetched after this request began is as fresh as any can be, so its whole
+        // lifetime counts; `expires_in` then shows the fraction of a second already gone.
+        let lifetime = token.lifetime();
+        let fresh = token.fetched_at >= started;
+        if token.remaining(SystemTime::now()) >= required || (fresh && lifetime >= required) {
+            token.record_hit();
+            return Ok(Lease {
+                token,
+                status: CacheStatus::Miss,
+            });
+        }
+        let min_remaining = self.inner.settings.min_remaining;
+        if fresh && lifetime < min_remaining {
+            self.forget_entry(key, &token).await;
+            return Err(Arc::new(BrokerError::LifetimeBelowMinimum {
                 lifetime,
                 min_remaining,
-            }
-        } else {
-            BrokerError::MinTtlTooLong { required, lifetime }
-        }))
+            }));
+        }
+        Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }))
     }
 
     /// Forgets the cached token of `key`, whatever it is.
@@ -269,6 +388,22 @@ impl Broker {
                 }
             })
             .await;
+    }
+
+    /// Forgets every cached token of the given (tenant, environment) pairs, as after a reload
+    /// that changed how those environments talk to their IdP.
+    pub fn forget_environments(&self, environments: Vec<(String, String)>) {
+        if environments.is_empty() {
+            return;
+        }
+        let predicate = move |key: &TokenKey, _: &Arc<CachedToken>| {
+            environments
+                .iter()
+                .any(|(t, e)| *key.tenant == **t && *key.environment == **e)
+        };
+        if let Err(error) = self.inner.tokens.invalidate_entries_if(predicate) {
+            tracing::error!(%error, "cannot forget the tokens of changed environments");
+        }
     }
 
     /// Every cached entry (for the admin API; never token values).
@@ -294,36 +429,144 @@ impl Broker {
             .await;
     }
 
+    /// The shared state of the IdP client `environment` talks to.
+    fn upstream(&self, environment: &EnvironmentSettings) -> Arc<Upstream> {
+        let id = (
+            environment.token_url.as_str().to_owned(),
+            environment.client_id.clone(),
+        );
+        let mut upstreams = self
+            .inner
+            .upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(upstreams.entry(id).or_default())
+    }
+
+    /// The rate-limit headers last seen from `environment`'s IdP client.
+    pub fn rate_limit(&self, environment: &EnvironmentSettings) -> crate::idp::RateLimitHeaders {
+        self.upstream(environment).rate_limit()
+    }
+
+    /// Forgets remembered rejections (after a reload that may have fixed credentials).
+    pub fn forget_rejections(&self) {
+        self.inner.rejections.invalidate_all();
+    }
+
+    /// One token from the IdP, with the failure policy applied (see the module docs).
     async fn fetch(
         &self,
         environment: &EnvironmentSettings,
         key: &TokenKey,
     ) -> Result<Arc<CachedToken>, BrokerError> {
-        let fetched = self
-            .inner
-            .idp
-            .fetch(environment, &key.audience, key.scope.as_str())
+        if let Some((status, code)) = self.inner.rejections.get(key).await {
+            return Err(IdpError::Rejected { status, code }.into());
+        }
+        let upstream = self.upstream(environment);
+        let deadline = Instant::now() + environment.timeout;
+        let mut attempt = 1;
+        loop {
+            let now = Instant::now();
+            if let Some(retry_after) = upstream.blocked_for(now) {
+                return Err(BrokerError::RateLimited { retry_after });
+            }
+            let result = tokio::time::timeout_at(deadline.into(), async {
+                let _permit = upstream.permits.acquire().await.expect("never closed");
+                if let Err(retry_after) =
+                    upstream.take_quota(Instant::now(), environment.max_fetches_per_hour)
+                {
+                    return Err(BrokerError::QuotaExhausted {
+                        limit: environment.max_fetches_per_hour.unwrap_or_default(),
+                        retry_after,
+                    });
+                }
+                self.inner
+                    .idp
+                    .fetch(environment, &key.audience, key.scope.as_str())
+                    .await
+                    .map_err(BrokerError::from)
+            })
             .await
-            .inspect_err(|error| {
+            .unwrap_or_else(|_| Err(BrokerError::from(IdpError::Timeout(environment.timeout))));
+
+            let error = match result {
+                Ok(fetched) => {
+                    upstream.record_rate_limit(fetched.rate_limit);
+                    tracing::info!(
+                        tenant = %key.tenant,
+                        environment = %key.environment,
+                        attempt,
+                        lifetime_s = fetched.token.lifetime.as_secs(),
+                        "fetched a token from the IdP"
+                    );
+                    return Ok(Arc::new(CachedToken::new(
+                        fetched.token,
+                        SystemTime::now(),
+                        self.inner.settings.refresh_ahead,
+                        rand::rng().random(),
+                    )));
+                }
+                Err(error) => error,
+            };
+            let log = |message: &str| {
                 tracing::warn!(
                     tenant = %key.tenant,
                     environment = %key.environment,
+                    attempt,
                     error = %error,
-                    "token request failed"
+                    cause = %error_cause(&error),
+                    "{message}"
                 );
-            })?;
-        tracing::info!(
-            tenant = %key.tenant,
-            environment = %key.environment,
-            lifetime_s = fetched.token.lifetime.as_secs(),
-            "fetched a token from the IdP"
-        );
-        Ok(Arc::new(CachedToken::new(
-            fetched.token,
-            SystemTime::now(),
-            self.inner.settings.refresh_ahead,
-            rand::rng().random(),
-        )))
+            };
+            match &error {
+                BrokerError::QuotaExhausted { limit, .. } => {
+                    tracing::error!(
+                        tenant = %key.tenant,
+                        environment = %key.environment,
+                        limit,
+                        "quota guard: max_fetches_per_hour reached, not asking the IdP"
+                    );
+                    return Err(error);
+                }
+                BrokerError::Rejected {
+                    source: IdpError::Rejected { status, code },
+                    ..
+                } => {
+                    log(
+                        "the IdP rejected the token request; remembering it for cache.negative_ttl",
+                    );
+                    if !self.inner.settings.negative_ttl.is_zero() {
+                        self.inner
+                            .rejections
+                            .insert(key.clone(), (*status, code.clone()))
+                            .await;
+                    }
+                    return Err(error);
+                }
+                BrokerError::Unavailable {
+                    source: IdpError::RateLimited { .. },
+                    retry_after,
+                } => {
+                    log("the IdP is rate limiting this client; pausing requests to it");
+                    upstream.block(Instant::now(), *retry_after);
+                    return Err(error);
+                }
+                BrokerError::Unavailable { source, .. } if source.is_transient() => {
+                    let backoff = full_jitter(attempt);
+                    if attempt >= MAX_ATTEMPTS || Instant::now() + backoff >= deadline {
+                        log("token request failed; giving up");
+                        return Err(error);
+                    }
+                    log("token request failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    attempt += 1;
+                }
+                _ => {
+                    log("token request failed");
+                    return Err(error);
+                }
+            }
+        }
     }
 
     /// Starts one background refresh of `key`; the current token keeps being served meanwhile.

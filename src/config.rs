@@ -175,6 +175,21 @@ pub struct EnvironmentSettings {
     pub timeout: Duration,
     /// Lifetime assumed when the IdP gives neither `expires_in` nor a JWT `exp`.
     pub default_lifetime: Duration,
+    /// Quota guard: most IdP requests per sliding hour for this client, when set.
+    pub max_fetches_per_hour: Option<u32>,
+}
+
+impl EnvironmentSettings {
+    /// Whether `other` talks to the same IdP client in the same way (token URL, client id and
+    /// request shape). The secret is not part of the identity: a rotated secret keeps tokens.
+    pub fn same_identity(&self, other: &Self) -> bool {
+        self.token_url == other.token_url
+            && self.client_id == other.client_id
+            && self.request_format == other.request_format
+            && self.client_auth == other.client_auth
+            && self.audience_param == other.audience_param
+            && self.extra_params == other.extra_params
+    }
 }
 
 impl fmt::Debug for EnvironmentSettings {
@@ -191,6 +206,7 @@ impl fmt::Debug for EnvironmentSettings {
             .field("audience_param", &self.audience_param)
             .field("extra_params", &self.extra_params)
             .field("timeout", &self.timeout)
+            .field("max_fetches_per_hour", &self.max_fetches_per_hour)
             .finish_non_exhaustive()
     }
 }
@@ -246,6 +262,15 @@ impl Settings {
         environment: &str,
     ) -> Option<&Arc<EnvironmentSettings>> {
         self.tenants.get(tenant)?.environments.get(environment)
+    }
+
+    /// Every configured environment as (tenant, environment, settings).
+    pub fn environments(&self) -> impl Iterator<Item = (&str, &str, &Arc<EnvironmentSettings>)> {
+        self.tenants.iter().flat_map(|(tenant, t)| {
+            t.environments
+                .iter()
+                .map(move |(name, settings)| (tenant.as_str(), name.as_str(), settings))
+        })
     }
 
     /// A one-line summary for logs and `check-config` (names and counts, never secrets).
@@ -317,6 +342,7 @@ struct RawEnvironment {
     timeout: Duration,
     #[serde(default = "default_lifetime", with = "humantime_serde")]
     default_lifetime: Duration,
+    max_fetches_per_hour: Option<u32>,
 }
 
 fn default_request_format() -> RequestFormat {
@@ -528,6 +554,11 @@ impl RawEnvironment {
         if self.default_lifetime.is_zero() {
             problems.push(format!("{at}.default_lifetime: must be above 0"));
         }
+        if self.max_fetches_per_hour == Some(0) {
+            problems.push(format!(
+                "{at}.max_fetches_per_hour: 0 would forbid every request; leave it out for no limit"
+            ));
+        }
         if problems.len() != before {
             return None;
         }
@@ -544,6 +575,7 @@ impl RawEnvironment {
             extra_params: self.extra_params,
             timeout: self.timeout,
             default_lifetime: self.default_lifetime,
+            max_fetches_per_hour: self.max_fetches_per_hour,
         })
     }
 }

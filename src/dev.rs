@@ -93,7 +93,7 @@ pub async fn run(listen: &str, token_lifetime: Duration) -> Result<(), DevError>
         token_url = idp.token_url(),
     );
     let settings = Settings::from_toml(&toml, &|name| secrets.get(name).cloned())?;
-    let app = Application::build(settings).await?;
+    let app = Application::build(settings, None).await?;
     let url = format!("http://{}", reachable(app.local_addr()));
 
     println!("token-broker dev mode");

@@ -102,7 +102,8 @@ fn serve(config: Option<PathBuf>) -> ExitCode {
         if settings.auth.allow_anonymous {
             tracing::warn!("auth.allow_anonymous is on: requests without a caller key are served");
         }
-        let app = match Application::build(settings).await {
+        let reloader = Box::new(move || Settings::load(config.as_deref()));
+        let app = match Application::build(settings, Some(reloader)).await {
             Ok(app) => app,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

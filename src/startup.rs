@@ -10,12 +10,13 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use rand::Rng as _;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -23,10 +24,10 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument as _;
 
 use crate::api::error::{REQUEST_ID, X_REQUEST_ID};
-use crate::api::{self, health, tokens};
-use crate::auth::CallerRegistry;
+use crate::api::{self, admin, health, tokens};
+use crate::auth::{CallerRegistry, CallerSource};
 use crate::broker::Broker;
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 use crate::idp::IdpClient;
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
@@ -48,14 +49,58 @@ pub enum StartupError {
     HttpClient(#[from] reqwest::Error),
 }
 
+/// Reads the configuration again, for `POST /v1/admin/reload` and `SIGHUP`.
+pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
+
+/// The configuration in force: settings and the callers built from them, swapped whole on reload.
+pub struct Snapshot {
+    /// The validated settings.
+    pub settings: Settings,
+    /// Caller keys and allow rules.
+    pub callers: Arc<CallerRegistry>,
+}
+
+impl Snapshot {
+    fn new(settings: Settings) -> Self {
+        let callers = Arc::new(CallerRegistry::from_settings(&settings));
+        Self { settings, callers }
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, serde::Serialize)]
+pub struct ReloadReport {
+    /// Tenants now configured.
+    pub tenants: usize,
+    /// Environments now configured.
+    pub environments: usize,
+    /// Callers now configured.
+    pub callers: usize,
+    /// `tenant/environment` whose cached tokens were dropped (identity changed or removed).
+    pub dropped: Vec<String>,
+}
+
+/// Why a reload was refused; the old configuration keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The broker was started from a configuration that cannot be read again (dev mode).
+    #[error(
+        "this broker's configuration was not loaded from files, so there is nothing to re-read"
+    )]
+    NotReloadable,
+    /// The new configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
 /// Everything the handlers share.
 pub struct App {
     /// Tokens from cache or IdP.
     pub broker: Broker,
-    /// Caller keys and allow rules.
-    pub callers: Arc<CallerRegistry>,
-    /// The validated settings.
-    pub settings: Arc<Settings>,
+    current: ArcSwap<Snapshot>,
+    reloader: Option<Reloader>,
+    /// Serialises reloads so two cannot interleave their compare-and-drop.
+    reloading: std::sync::Mutex<()>,
     ready: AtomicBool,
 }
 
@@ -71,24 +116,29 @@ impl Deref for AppState {
     }
 }
 
-impl FromRef<AppState> for Arc<CallerRegistry> {
-    fn from_ref(state: &AppState) -> Self {
-        Arc::clone(&state.callers)
+impl CallerSource for AppState {
+    fn caller_registry(&self) -> Arc<CallerRegistry> {
+        Arc::clone(&self.current.load().callers)
     }
 }
 
 impl AppState {
     /// Builds the shared state from validated settings.
-    pub fn new(settings: Settings) -> Result<Self, StartupError> {
+    pub fn new(settings: Settings, reloader: Option<Reloader>) -> Result<Self, StartupError> {
         let idp = IdpClient::new()?;
         let broker = Broker::new(settings.cache.clone(), idp);
-        let callers = Arc::new(CallerRegistry::from_settings(&settings));
         Ok(Self(Arc::new(App {
             broker,
-            callers,
-            settings: Arc::new(settings),
+            current: ArcSwap::from_pointee(Snapshot::new(settings)),
+            reloader,
+            reloading: std::sync::Mutex::new(()),
             ready: AtomicBool::new(true),
         })))
+    }
+
+    /// The configuration in force now (cheap; hold it only for the request).
+    pub fn current(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
     }
 
     /// Whether `/readyz` answers 200.
@@ -99,18 +149,63 @@ impl AppState {
     fn start_draining(&self) {
         self.ready.store(false, Ordering::Relaxed);
     }
+
+    /// Re-reads the configuration; keeps cached tokens of environments whose identity is
+    /// unchanged (even with a rotated secret) and drops the others. An invalid configuration is
+    /// refused and the old one keeps serving.
+    pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let reloader = self.reloader.as_ref().ok_or(ReloadError::NotReloadable)?;
+        let _serialised = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let settings = reloader()?;
+        let old = self.current.load_full();
+        if settings.server.listen != old.settings.server.listen {
+            tracing::warn!("server.listen changed; it takes effect only after a restart");
+        }
+        let dropped: Vec<(String, String)> = old
+            .settings
+            .environments()
+            .filter(|(tenant, environment, before)| {
+                settings
+                    .environment(tenant, environment)
+                    .is_none_or(|after| !after.same_identity(before))
+            })
+            .map(|(t, e, _)| (t.to_owned(), e.to_owned()))
+            .collect();
+        let report = ReloadReport {
+            tenants: settings.tenants.len(),
+            environments: settings.environments().count(),
+            callers: settings.callers.len(),
+            dropped: dropped.iter().map(|(t, e)| format!("{t}/{e}")).collect(),
+        };
+        self.current.store(Arc::new(Snapshot::new(settings)));
+        self.broker.forget_environments(dropped);
+        self.broker.forget_rejections();
+        tracing::info!(
+            tenants = report.tenants,
+            environments = report.environments,
+            callers = report.callers,
+            dropped = ?report.dropped,
+            "configuration reloaded"
+        );
+        Ok(report)
+    }
 }
 
 /// The whole HTTP surface with its middleware stack.
 pub fn router(state: AppState) -> Router {
-    let server = &state.settings.server;
-    let timeout = server.request_timeout;
-    let body_limit = server.max_body_bytes;
+    let (timeout, body_limit) = {
+        let server = &state.current().settings.server;
+        (server.request_timeout, server.max_body_bytes)
+    };
     Router::new()
         .route(
             "/v1/tokens/{tenant}/{environment}",
             get(tokens::get_token).delete(tokens::delete_token),
         )
+        .route("/v1/admin/reload", post(admin::reload))
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
         .route_layer(middleware::from_fn(record_route))
@@ -182,19 +277,31 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds the state and binds `server.listen`.
-    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+    /// Builds the state and binds `server.listen`; `reloader` re-reads the configuration.
+    pub async fn build(
+        settings: Settings,
+        reloader: Option<Reloader>,
+    ) -> Result<Self, StartupError> {
         let address = settings.server.listen.clone();
         let listener = TcpListener::bind(&address)
             .await
             .map_err(|source| StartupError::Bind { address, source })?;
-        Self::with_listener(settings, listener)
+        Self::with_reloader(settings, listener, reloader)
     }
 
     /// Builds the state around a listener the caller already bound.
     pub fn with_listener(settings: Settings, listener: TcpListener) -> Result<Self, StartupError> {
+        Self::with_reloader(settings, listener, None)
+    }
+
+    /// Like [`Application::with_listener`], with a way to re-read the configuration on reload.
+    pub fn with_reloader(
+        settings: Settings,
+        listener: TcpListener,
+        reloader: Option<Reloader>,
+    ) -> Result<Self, StartupError> {
         Ok(Self {
-            state: AppState::new(settings)?,
+            state: AppState::new(settings, reloader)?,
             listener,
         })
     }
@@ -217,7 +324,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let grace = state.settings.server.shutdown_grace;
+        let grace = state.current().settings.server.shutdown_grace;
+        let on_hangup = tokio::spawn(reload_on_hangup(state.clone()));
         let draining = Arc::new(tokio::sync::Notify::new());
         let signal = {
             let state = state.clone();
@@ -233,6 +341,7 @@ impl Application {
         let serve = axum::serve(self.listener, app).with_graceful_shutdown(signal);
         let serve = serve.into_future();
         tokio::pin!(serve);
+        let _stop_reloading = AbortOnDrop(on_hangup);
         tokio::select! {
             result = &mut serve => result,
             () = draining.notified() => {
@@ -246,6 +355,38 @@ impl Application {
             }
         }
     }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reloads the configuration on every SIGHUP.
+async fn reload_on_hangup(state: AppState) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP; reload through the admin API");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            if let Err(error) = state.reload() {
+                tracing::error!(%error, "reload refused; the previous configuration keeps serving");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(state);
 }
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT).

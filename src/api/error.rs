@@ -15,6 +15,8 @@ use serde::Serialize;
 
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
+use crate::config::ConfigError;
+use crate::startup::ReloadError;
 
 tokio::task_local! {
     /// The id of the request being served, for error bodies.
@@ -52,6 +54,9 @@ pub enum ApiError {
     /// The broker could not hand out a token.
     #[error(transparent)]
     Broker(Arc<BrokerError>),
+    /// A reload was refused; the old configuration keeps serving.
+    #[error("{0}")]
+    Reload(#[from] ReloadError),
 }
 
 impl From<Arc<BrokerError>> for ApiError {
@@ -65,6 +70,8 @@ struct ErrorBody<'a> {
     error: &'static str,
     error_description: String,
     request_id: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    problems: &'a [String],
 }
 
 impl ApiError {
@@ -77,12 +84,18 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::Reload(ReloadError::NotReloadable) => (StatusCode::CONFLICT, "not_reloadable"),
+            Self::Reload(ReloadError::Config(_)) => {
+                (StatusCode::BAD_REQUEST, "invalid_configuration")
+            }
             Self::Broker(error) => match error.as_ref() {
                 BrokerError::MinTtlTooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
                 BrokerError::Rejected { .. } | BrokerError::LifetimeBelowMinimum { .. } => {
                     (StatusCode::BAD_GATEWAY, "upstream_rejected")
                 }
-                BrokerError::Unavailable { .. } => {
+                BrokerError::Unavailable { .. }
+                | BrokerError::RateLimited { .. }
+                | BrokerError::QuotaExhausted { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
                 }
             },
@@ -92,10 +105,7 @@ impl ApiError {
     /// How long the caller should wait before retrying, for 503s.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Broker(error) => match error.as_ref() {
-                BrokerError::Unavailable { retry_after, .. } => Some(*retry_after),
-                _ => None,
-            },
+            Self::Broker(error) => error.retry_after(),
             _ => None,
         }
     }
@@ -123,10 +133,17 @@ impl IntoResponse for ApiError {
         let request_id = REQUEST_ID
             .try_with(Arc::clone)
             .unwrap_or_else(|_| Arc::from(""));
+        let problems = match &self {
+            Self::Reload(ReloadError::Config(ConfigError::Invalid(problems))) => {
+                problems.as_slice()
+            }
+            _ => &[],
+        };
         let body = ErrorBody {
             error: code,
             error_description: self.to_string(),
             request_id: &request_id,
+            problems,
         };
         let mut response = (
             status,

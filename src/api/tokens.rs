@@ -109,7 +109,11 @@ fn authorise(
 ) -> Result<Authorised, ApiError> {
     tracing::Span::current().record("caller", &*caller.name);
     let query = TokenQuery::parse(raw_query)?;
-    let settings = state.settings.environment(tenant, environment).cloned();
+    let settings = state
+        .current()
+        .settings
+        .environment(tenant, environment)
+        .cloned();
     let default_audience = settings.as_ref().and_then(|s| s.audience.as_deref());
     let audience = query.audience.as_deref().or(default_audience);
     if !caller.may_use(tenant, environment, audience) {

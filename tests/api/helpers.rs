@@ -15,6 +15,8 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 /// The key of the `billing` caller (allowed `acme/*` and `globex/production`).
 pub const BILLING_KEY: &str = "tbk_test-billing-key";
+/// The admin key.
+pub const ADMIN_KEY: &str = "tbk_test-admin-key";
 /// The key of the `reports` caller (allowed only acme/production with one audience).
 pub const REPORTS_KEY: &str = "tbk_test-reports-key";
 /// Client secrets configured for the fake IdP.
@@ -45,6 +47,9 @@ pub fn base_config(idp: &str) -> String {
         listen = "127.0.0.1:0"
         shutdown_grace = "2s"
 
+        [auth]
+        admin_key_sha256 = "{admin}"
+
         [callers.billing]
         key_sha256 = "{billing}"
         allow = ["acme/*", "globex/production", "initech/*"]
@@ -74,6 +79,7 @@ pub fn base_config(idp: &str) -> String {
         "#,
         billing = KeyHash::of(BILLING_KEY).to_hex(),
         reports = KeyHash::of(REPORTS_KEY).to_hex(),
+        admin = KeyHash::of(ADMIN_KEY).to_hex(),
     )
 }
 
@@ -111,8 +117,29 @@ pub async fn spawn_with_layers(idp: MockServer, layers: &[&str]) -> TestApp {
     init_tracing();
     let settings =
         Settings::from_toml_layers(layers, &|_| None).expect("test configuration is valid");
+    start(idp, settings, None).await
+}
+
+/// Starts the broker from a configuration file that `POST /v1/admin/reload` re-reads.
+pub async fn spawn_from_file(idp: MockServer, file: &std::path::Path) -> TestApp {
+    init_tracing();
+    let settings = Settings::load(Some(file)).expect("test configuration is valid");
+    let file = file.to_owned();
+    start(
+        idp,
+        settings,
+        Some(Box::new(move || Settings::load(Some(&file)))),
+    )
+    .await
+}
+
+async fn start(
+    idp: MockServer,
+    settings: Settings,
+    reloader: Option<token_broker::startup::Reloader>,
+) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let app = Application::with_listener(settings, listener).expect("build");
+    let app = Application::with_reloader(settings, listener, reloader).expect("build");
     let url = format!("http://{}", app.local_addr());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async {
@@ -248,6 +275,22 @@ pub async fn answer(response: reqwest::Response) -> Answer {
         headers,
         body,
     }
+}
+
+/// A TCP server that accepts connections and closes them at once, unanswered (a broken
+/// connection, for reqwest); returns its URL and a counter of connections.
+pub async fn resetting_server() -> (String, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (url, accepted)
 }
 
 /// A URL of a port nothing listens on.

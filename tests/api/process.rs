@@ -261,3 +261,46 @@ fn hash_key_prints_a_key_and_its_hash() {
     let hash = field("key_sha256:");
     assert_eq!(KeyHash::of(&key), KeyHash::from_hex(&hash).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_configuration() {
+    let idp = MockServer::start().await;
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    let original = base_config(&idp.uri());
+    std::fs::write(&config, &original).unwrap();
+    let server = spawn(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info"),
+        false,
+    );
+    let line = server.wait_for("listening address=");
+    let address = line.split("address=").nth(1).unwrap().trim().to_owned();
+    let url = format!("http://{address}/v1/tokens/acme/production");
+    let http = reqwest::Client::new();
+    let new_key = "tbk_test-added-by-reload";
+    let status = |key: &'static str| {
+        let request = http.get(&url).bearer_auth(key);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(new_key).await, 401);
+
+    let added = format!(
+        "{original}\n[callers.added]\nkey_sha256 = \"{}\"\nallow = [\"acme/*\"]\n",
+        KeyHash::of(new_key).to_hex()
+    );
+    std::fs::write(&config, added).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    server.wait_for("configuration reloaded");
+    assert_eq!(status(new_key).await, 200);
+    assert_eq!(status(BILLING_KEY).await, 200);
+    let (exit, _) = server.terminate();
+    assert!(exit.success());
+}

@@ -97,7 +97,7 @@ async fn errors_are_not_cached() {
     let app = spawn_app().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(503))
-        .up_to_n_times(1)
+        .up_to_n_times(4)
         .mount(&app.idp)
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;

@@ -1,0 +1,106 @@
+//! Refresh ahead: callers keep being served from cache while a new token is fetched.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const SHORT_TOKENS: &str = r#"
+    [cache]
+    min_remaining = "1s"
+    refresh_ahead = 0.5
+"#;
+
+#[tokio::test]
+async fn the_first_request_in_the_refresh_window_is_served_at_once_and_starts_one_refresh() {
+    let app = spawn_app_with(SHORT_TOKENS).await;
+    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(6)).await;
+
+    assert_eq!(app.billing("acme/production").await.token(), "token-1");
+    // 6 s tokens refresh from 3-3.3 s on and leave the cache at 5 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let during = app.billing("acme/production").await;
+    assert_eq!(
+        (during.token(), during.header("x-cache")),
+        ("token-1", Some("hit"))
+    );
+    for _ in 0..50 {
+        if issuer.issued() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = app.billing("acme/production").await;
+    assert_eq!(
+        (after.token(), after.header("x-cache")),
+        ("token-2", Some("hit"))
+    );
+    assert_eq!(issuer.issued(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollover_under_load_has_no_errors_and_no_waiting_after_the_first_fetch() {
+    let app = Arc::new(spawn_app_with(SHORT_TOKENS).await);
+    let issuer = issue_tokens(
+        &app.idp,
+        "acme",
+        TokenIssuer::new(6).with_delay(Duration::from_millis(500)),
+    )
+    .await;
+    // The first fetch; everything after it must be a hit.
+    assert_eq!(
+        app.billing("acme/production").await.header("x-cache"),
+        Some("miss")
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (app, stop) = (Arc::clone(&app), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = app.billing("acme/production").await;
+                    seen.push((
+                        answer.status,
+                        answer.header("x-cache").map(str::to_owned),
+                        answer.body["access_token"].as_str().map(str::to_owned),
+                    ));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut answers = Vec::new();
+    for worker in workers {
+        answers.extend(worker.await.unwrap());
+    }
+    let errors = answers.iter().filter(|(status, ..)| *status != 200).count();
+    let misses = answers
+        .iter()
+        .filter(|(_, cache, _)| cache.as_deref() != Some("hit"))
+        .count();
+    let tokens: BTreeSet<_> = answers
+        .iter()
+        .filter_map(|(.., token)| token.clone())
+        .collect();
+    assert!(answers.len() > 500, "{} requests", answers.len());
+    assert_eq!(errors, 0);
+    assert_eq!(
+        misses, 0,
+        "no request waited on the IdP after the first fetch"
+    );
+    // 14 s of 6 s tokens refreshed at half-life: 4 or 5 fetches in all, each one served.
+    assert!(
+        (4..=6).contains(&issuer.issued()),
+        "{} fetches",
+        issuer.issued()
+    );
+    assert!(tokens.len() as u64 >= issuer.issued() - 1, "{tokens:?}");
+}

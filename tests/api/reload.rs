@@ -1,0 +1,92 @@
+//! `POST /v1/admin/reload` and `SIGHUP`: new configuration without dropping valid tokens.
+
+use wiremock::MockServer;
+
+use crate::helpers::*;
+
+async fn reload(app: &TestApp, key: Option<&str>) -> Answer {
+    let mut request = app.http.post(format!("{}/v1/admin/reload", app.url));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    answer(request.send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn a_rotated_secret_keeps_tokens_and_a_changed_client_drops_them() {
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    let config = base_config(&idp.uri());
+    std::fs::write(&file, &config).unwrap();
+    let app = spawn_from_file(idp, &file).await;
+    let production = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let staging = issue_tokens(&app.idp, "acme-staging", TokenIssuer::new(3600)).await;
+    assert_eq!(app.billing("acme/production").await.token(), "token-1");
+    assert_eq!(app.billing("acme/staging").await.token(), "token-1");
+
+    let rotated = config
+        .replace(ACME_PRODUCTION_SECRET, "rotated-production-secret")
+        .replace("acme-staging-id", "acme-staging-new-id");
+    std::fs::write(&file, rotated).unwrap();
+    let report = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(report.status, 200, "{}", report.body);
+    assert_eq!(report.body["dropped"], serde_json::json!(["acme/staging"]));
+
+    let kept = app.billing("acme/production").await;
+    assert_eq!(
+        (kept.token(), kept.header("x-cache")),
+        ("token-1", Some("hit"))
+    );
+    assert_eq!(app.billing("acme/staging").await.token(), "token-2");
+    assert_eq!((production.issued(), staging.issued()), (1, 2));
+
+    // The next production fetch uses the rotated secret.
+    app.forget("acme/production", None).await;
+    assert_eq!(app.billing("acme/production").await.token(), "token-2");
+    let requests = app.idp.received_requests().await.unwrap();
+    let production_bodies: Vec<serde_json::Value> = requests
+        .iter()
+        .filter(|r| r.url.path() == "/acme/oauth/token")
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect();
+    assert_eq!(
+        production_bodies[1]["client_secret"],
+        "rotated-production-secret"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_configuration_is_refused_with_its_problems_and_the_old_one_serves() {
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    std::fs::write(&file, base_config(&idp.uri())).unwrap();
+    let app = spawn_from_file(idp, &file).await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    assert_eq!(app.billing("acme/production").await.status, 200);
+
+    std::fs::write(
+        &file,
+        base_config("not a url").replace("acme-production-id", ""),
+    )
+    .unwrap();
+    let refused = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.body["error"], "invalid_configuration");
+    let problems = refused.body["problems"].as_array().unwrap();
+    assert!(problems.len() >= 3, "{problems:?}");
+
+    let still = app.billing("acme/production").await;
+    assert_eq!((still.status, still.header("x-cache")), (200, Some("hit")));
+}
+
+#[tokio::test]
+async fn reload_needs_the_admin_key() {
+    let app = spawn_app().await;
+    assert_eq!(reload(&app, None).await.status, 401);
+    assert_eq!(reload(&app, Some(BILLING_KEY)).await.status, 401);
+    // Started without a file: nothing to re-read.
+    let answer = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(answer.status, 409, "{}", answer.body);
+}
