@@ -67,7 +67,11 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Address the listener binds, `host:port`.
     pub listen: String,
-    /// How long in-flight requests may take to finish after a shutdown signal.
+    /// How long the listener keeps accepting after a shutdown signal while `/readyz` answers
+    /// 503, so load balancers notice before connections are refused.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take to finish after the listener closes.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Bound on the time one request may take.

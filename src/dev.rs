@@ -35,6 +35,9 @@ pub enum DevError {
     /// The broker could not start.
     #[error("{0}")]
     Startup(#[from] StartupError),
+    /// A `--client` argument is not `ID:SECRET_ENV` or its variable is not set.
+    #[error("--client {0}: expected ID:SECRET_ENV with SECRET_ENV set in the environment")]
+    Client(String),
 }
 
 fn random_secret() -> String {
@@ -112,6 +115,40 @@ pub async fn run(listen: &str, token_lifetime: Duration) -> Result<(), DevError>
     println!("Press Ctrl-C to stop.");
 
     app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Runs the development IdP alone until Ctrl-C or SIGTERM; `clients` are `ID:SECRET_ENV`.
+pub async fn run_idp(
+    listen: &str,
+    token_lifetime: Duration,
+    issuer: String,
+    clients: &[String],
+) -> Result<(), DevError> {
+    let clients = clients
+        .iter()
+        .map(|client| {
+            let (id, env) = client
+                .split_once(':')
+                .ok_or_else(|| DevError::Client(client.clone()))?;
+            let secret = std::env::var(env)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| DevError::Client(client.clone()))?;
+            Ok(DevClient {
+                client_id: id.to_owned(),
+                client_secret: SecretString::from(secret),
+            })
+        })
+        .collect::<Result<Vec<_>, DevError>>()?;
+    let idp = DevIdp::new(DevIdpSettings {
+        issuer,
+        token_lifetime,
+        clients,
+    })?;
+    let idp = idp.serve(TcpListener::bind(listen).await?).await?;
+    tracing::info!(token_url = %idp.token_url(), "development IdP listening");
+    shutdown_signal().await;
     Ok(())
 }
 

@@ -33,6 +33,21 @@ enum Command {
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         token_lifetime: Duration,
     },
+    /// Serve only the development IdP (for docker-compose, where several brokers share one IdP).
+    DevIdp {
+        /// Address the IdP listens on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Lifetime of its tokens.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+        /// The `iss` claim (default: its own URL).
+        #[arg(long, default_value = "")]
+        issuer: String,
+        /// A client it accepts, as ID:SECRET_ENV (the secret is read from that variable); repeatable.
+        #[arg(long = "client", value_name = "ID:SECRET_ENV", required = true)]
+        clients: Vec<String>,
+    },
     /// Validate the configuration and list every problem.
     CheckConfig,
     /// Make a new random caller key and print it with the hash to configure.
@@ -59,6 +74,23 @@ fn main() -> ExitCode {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = %e, "dev mode failed");
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+        Command::DevIdp {
+            listen,
+            token_lifetime,
+            issuer,
+            clients,
+        } => {
+            telemetry::init();
+            runtime().block_on(async {
+                match dev::run_idp(&listen, token_lifetime, issuer, &clients).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
                         eprintln!("error: {e}");
                         ExitCode::FAILURE
                     }

@@ -2,8 +2,8 @@
 //!
 //! [`Application::build`] binds the listener before anything is served, so tests and `dev` mode
 //! learn the real port (bind to port 0) without sleeping. [`Application::run_until_stopped`]
-//! serves until the given shutdown future completes, then turns readiness to 503 and gives
-//! in-flight requests `server.shutdown_grace` to finish.
+//! serves until the given shutdown future completes, then turns readiness to 503, keeps accepting
+//! for `server.drain_delay`, and gives in-flight requests `server.shutdown_grace` to finish.
 
 use std::net::SocketAddr;
 use std::ops::Deref;
@@ -333,7 +333,12 @@ impl Application {
             async move {
                 shutdown.await;
                 state.start_draining();
-                tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+                let delay = state.current().settings.server.drain_delay;
+                if !delay.is_zero() {
+                    tracing::info!(?delay, "shutting down: readiness is 503, still accepting");
+                    tokio::time::sleep(delay).await;
+                }
+                tracing::info!(?grace, "shutting down: draining in-flight requests");
                 draining.notify_one();
             }
         };

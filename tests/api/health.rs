@@ -74,3 +74,24 @@ async fn a_token_answer_is_not_cacheable_and_says_hit_or_miss() {
         Some("hit")
     );
 }
+
+#[tokio::test]
+async fn on_shutdown_readiness_turns_503_while_the_listener_still_accepts() {
+    let mut app = spawn_app_with("[server]\ndrain_delay = \"2s\"").await;
+    app.begin_shutdown();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let live = app
+        .http
+        .get(format!("{}/livez", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+}

@@ -91,7 +91,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// The fake IdP behind it.
     pub idp: MockServer,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Starts the broker with the standard configuration (plus `extra` TOML) against a new wiremock IdP.
@@ -149,7 +149,7 @@ async fn start(
         url,
         http: reqwest::Client::new(),
         idp,
-        _shutdown: tx,
+        shutdown: Some(tx),
     }
 }
 
@@ -228,6 +228,13 @@ impl Answer {
 }
 
 impl TestApp {
+    /// Sends the shutdown signal (as SIGTERM would).
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// `GET /v1/tokens/{path_and_query}` with `key` (or no key).
     pub async fn get_token(&self, path_and_query: &str, key: Option<&str>) -> Answer {
         let mut request = self

@@ -6,6 +6,7 @@ mod helpers;
 mod auth;
 mod cache_keys;
 mod delete;
+mod deployment;
 mod expiry;
 mod health;
 mod lifetimes;

@@ -1,0 +1,155 @@
+//! The container and deployment files: configurations that pass `check-config`, a compose file
+//! with the expected services, Kubernetes probes on the right routes, a non-root image with a
+//! health check. No Docker engine runs here, so these check what can be checked without one.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+
+fn read(path: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn yaml(path: &str) -> Vec<Yaml> {
+    YamlLoader::load_from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn check_config(toml: &str, env: &HashMap<String, String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    std::fs::write(&file, toml).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A service's environment map, with YAML merge keys (`<<: *anchor`) applied as compose does.
+fn environment(service: &Yaml) -> HashMap<String, String> {
+    fn collect(map: &Yaml, into: &mut HashMap<String, String>) {
+        for (key, value) in map.as_hash().expect("an environment map") {
+            match key.as_str() {
+                Some("<<") => collect(value, into),
+                Some(key) => {
+                    into.insert(
+                        key.to_owned(),
+                        value.as_str().unwrap_or_default().to_owned(),
+                    );
+                }
+                None => {}
+            }
+        }
+    }
+    let mut env = HashMap::new();
+    collect(&service["environment"], &mut env);
+    env
+}
+
+#[test]
+fn the_compose_file_runs_an_idp_and_a_healthy_broker_on_loopback() {
+    let doc = &yaml("docker-compose.yml")[0];
+    let services = &doc["services"];
+    for name in ["idp", "broker"] {
+        let service = &services[name];
+        assert!(!service.is_badvalue(), "service {name} is missing");
+        let test = service["healthcheck"]["test"]
+            .as_vec()
+            .expect("a healthcheck");
+        assert_eq!(test[1].as_str(), Some("token-broker"));
+        assert_eq!(test[2].as_str(), Some("healthcheck"));
+        for port in service["ports"].as_vec().expect("ports") {
+            assert!(port.as_str().unwrap().starts_with("127.0.0.1:"), "{port:?}");
+        }
+        assert!(service["stop_grace_period"].as_str().is_some());
+    }
+    let broker = &services["broker"];
+    assert_eq!(
+        broker["depends_on"]["idp"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    let mount = broker["volumes"][0].as_str().unwrap();
+    let source = mount.split(':').next().unwrap().trim_start_matches("./");
+    // The IdP's client secrets are the ones the broker's configuration reads.
+    let env = environment(broker);
+    check_config(&read(source), &env);
+}
+
+#[test]
+fn the_kubernetes_example_has_probes_and_a_configuration_that_passes_check_config() {
+    let config = &yaml("deploy/kubernetes/configmap.yaml")[0];
+    let toml = config["data"]["broker.toml"].as_str().expect("broker.toml");
+    let secret = &yaml("deploy/kubernetes/secret.yaml")[0];
+    let env: HashMap<String, String> = secret["stringData"]
+        .as_hash()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap().to_owned(),
+                v.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    check_config(toml, &env);
+
+    let manifests = yaml("deploy/kubernetes/deployment.yaml");
+    let deployment = manifests
+        .iter()
+        .find(|m| m["kind"].as_str() == Some("Deployment"))
+        .expect("a Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/livez")
+    );
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        container["envFrom"][0]["secretRef"]["name"].as_str(),
+        secret["metadata"]["name"].as_str()
+    );
+    let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap();
+    assert!(grace > 20, "longer than shutdown_grace");
+    assert!(
+        manifests
+            .iter()
+            .any(|m| m["kind"].as_str() == Some("Service"))
+    );
+}
+
+#[test]
+fn the_image_is_multi_stage_non_root_with_an_exec_form_healthcheck_and_entrypoint() {
+    let dockerfile = read("Dockerfile");
+    let stages = dockerfile
+        .lines()
+        .filter(|l| l.starts_with("FROM "))
+        .count();
+    assert_eq!(stages, 2, "a build stage and a runtime stage");
+    assert!(dockerfile.contains("ca-certificates"));
+    let user = dockerfile
+        .lines()
+        .find(|l| l.starts_with("USER "))
+        .expect("USER");
+    assert!(!user.contains("root") && !user.contains(" 0"), "{user}");
+    assert!(dockerfile.contains(r#"CMD ["token-broker", "healthcheck""#));
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["token-broker"]"#));
+    let ignored = read(".dockerignore");
+    assert!(ignored.lines().any(|l| l.trim_end_matches('/') == "target"));
+    assert!(ignored.lines().any(|l| l.trim_end_matches('/') == ".git"));
+}
