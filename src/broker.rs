@@ -32,7 +32,7 @@ use crate::idp::{IdpClient, IdpError};
 
 pub use key::{ScopeSet, TokenKey};
 pub use token::CachedToken;
-pub use upstream::{MAX_CONCURRENT_FETCHES, Upstream};
+pub use upstream::Upstream;
 
 /// How long callers are asked to wait after a transient IdP failure.
 const RETRY_AFTER_TRANSIENT: Duration = Duration::from_secs(1);
@@ -440,7 +440,11 @@ impl Broker {
             .upstreams
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(upstreams.entry(id).or_default())
+        Arc::clone(
+            upstreams
+                .entry(id)
+                .or_insert_with(|| Arc::new(Upstream::new(environment.max_concurrent_fetches))),
+        )
     }
 
     /// The rate-limit headers last seen from `environment`'s IdP client.

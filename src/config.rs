@@ -181,6 +181,8 @@ pub struct EnvironmentSettings {
     pub default_lifetime: Duration,
     /// Quota guard: most IdP requests per sliding hour for this client, when set.
     pub max_fetches_per_hour: Option<u32>,
+    /// Most requests in flight to this client at once, so a hung IdP cannot pile them up.
+    pub max_concurrent_fetches: usize,
 }
 
 impl EnvironmentSettings {
@@ -347,6 +349,12 @@ struct RawEnvironment {
     #[serde(default = "default_lifetime", with = "humantime_serde")]
     default_lifetime: Duration,
     max_fetches_per_hour: Option<u32>,
+    #[serde(default = "default_max_concurrent_fetches")]
+    max_concurrent_fetches: usize,
+}
+
+fn default_max_concurrent_fetches() -> usize {
+    8
 }
 
 fn default_request_format() -> RequestFormat {
@@ -563,6 +571,9 @@ impl RawEnvironment {
                 "{at}.max_fetches_per_hour: 0 would forbid every request; leave it out for no limit"
             ));
         }
+        if self.max_concurrent_fetches == 0 {
+            problems.push(format!("{at}.max_concurrent_fetches: must be at least 1"));
+        }
         if problems.len() != before {
             return None;
         }
@@ -580,6 +591,7 @@ impl RawEnvironment {
             timeout: self.timeout,
             default_lifetime: self.default_lifetime,
             max_fetches_per_hour: self.max_fetches_per_hour,
+            max_concurrent_fetches: self.max_concurrent_fetches,
         })
     }
 }

@@ -14,11 +14,14 @@ use tokio::sync::Semaphore;
 
 use crate::idp::RateLimitHeaders;
 
-/// Most requests in flight to one IdP client at once.
-pub const MAX_CONCURRENT_FETCHES: usize = 8;
-
 /// The window of the quota guard.
 const QUOTA_WINDOW: Duration = Duration::from_secs(3600);
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// State of one (token URL, client id).
 pub struct Upstream {
@@ -29,24 +32,18 @@ pub struct Upstream {
     rate_limit: Mutex<RateLimitHeaders>,
 }
 
-impl Default for Upstream {
-    fn default() -> Self {
+impl Upstream {
+    /// State for a client that allows `max_concurrent` requests in flight.
+    pub fn new(max_concurrent: usize) -> Self {
         Self {
-            permits: Semaphore::new(MAX_CONCURRENT_FETCHES),
+            permits: Semaphore::new(max_concurrent),
             blocked_until: Mutex::new(None),
             recent_fetches: Mutex::new(VecDeque::new()),
             rate_limit: Mutex::new(RateLimitHeaders::default()),
         }
     }
-}
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
-impl Upstream {
     /// How long requests must still wait after a 429, if they must.
     pub fn blocked_for(&self, now: Instant) -> Option<Duration> {
         lock(&self.blocked_until)
@@ -103,7 +100,7 @@ mod tests {
 
     #[test]
     fn quota_counts_a_sliding_hour() {
-        let upstream = Upstream::default();
+        let upstream = Upstream::new(8);
         let start = Instant::now();
         assert!(upstream.take_quota(start, Some(2)).is_ok());
         assert!(
@@ -121,7 +118,7 @@ mod tests {
 
     #[test]
     fn a_block_lasts_until_its_end_and_never_shrinks() {
-        let upstream = Upstream::default();
+        let upstream = Upstream::new(8);
         let now = Instant::now();
         upstream.block(now, Duration::from_secs(30));
         upstream.block(now, Duration::from_secs(5));

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The load benchmark of docs/performance.md. One command on a fresh machine:
+#   bash bench/run.sh
+# Environment: SECONDS_PER_RUN (default 10) for each throughput run, ROLLOVER_SECONDS (default 60).
+# The server under test runs on CPU 0 and wrk on CPU 1 (taskset), so figures measure the server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
+ROLLOVER_SECONDS=${ROLLOVER_SECONDS:-60}
+
+if ! command -v wrk >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk
+    else sudo apt-get update -qq && sudo apt-get install -y -qq wrk; fi
+fi
+cargo build --release --locked --bin token-broker --example bench
+BROKER=target/release/token-broker
+HELPER=target/release/examples/bench
+
+if [ "$(nproc)" -ge 2 ]; then SERVER_CPU=0; LOAD_CPU=1; else SERVER_CPU=0; LOAD_CPU=0; fi
+KEY=tbk_bench-caller-key
+HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
+export BENCH_KEY=$KEY
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+wait_for() { # URL
+    for _ in $(seq 100); do
+        if curl -fs -o /dev/null "$1"; then return 0; fi
+        sleep 0.1
+    done
+    echo "not answering: $1" >&2; exit 1
+}
+
+config() { # PORT IDP_PORT MIN_REMAINING
+    cat <<TOML
+[server]
+listen = "127.0.0.1:$1"
+[cache]
+max_entries = 200000
+min_remaining = "$3"
+[callers.bench]
+key_sha256 = "$HASH"
+allow = ["*/*"]
+[tenants.bench.environments.production]
+token_url = "http://127.0.0.1:$2/oauth/token"
+client_id = "bench"
+client_secret = "bench-secret"
+audience = "urn:bench"
+max_concurrent_fetches = 256
+TOML
+}
+
+start_broker() { # NAME PORT IDP_PORT MIN_REMAINING
+    config "$2" "$3" "$4" > "$WORK/$1.toml"
+    RUST_LOG=warn taskset -c $SERVER_CPU "$BROKER" serve --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
+    PIDS+=($!)
+    wait_for "http://127.0.0.1:$2/livez"
+    echo $! > "$WORK/$1.pid"
+}
+
+load() { # URL CONNECTIONS SECONDS -> RESULT line
+    taskset -c $LOAD_CPU wrk -t1 -c"$2" -d"$3"s -s bench/wrk.lua "$1" | grep '^RESULT'
+}
+
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+idp_count() { curl -fs "http://127.0.0.1:$1/count"; }
+
+taskset -c $LOAD_CPU "$HELPER" idp --listen 127.0.0.1:9100 --delay-ms 50 --lifetime 3600 & PIDS+=($!)
+taskset -c $LOAD_CPU "$HELPER" idp --listen 127.0.0.1:9101 --delay-ms 50 --lifetime 10 & PIDS+=($!)
+taskset -c $SERVER_CPU "$HELPER" ceiling --listen 127.0.0.1:9200 --key-sha256 "$HASH" & PIDS+=($!)
+wait_for http://127.0.0.1:9100/count
+wait_for http://127.0.0.1:9101/count
+start_broker hits 9300 9100 60s
+start_broker rollover 9301 9101 2s
+
+HITS=http://127.0.0.1:9300/v1/tokens/bench/production
+CEILING=http://127.0.0.1:9200/v1/tokens/bench/production
+curl -fs -o /dev/null -H "Authorization: Bearer $KEY" "$HITS"
+
+echo "## Cache hits against the ceiling (${SECONDS_PER_RUN}s per run, wrk -t1, server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU)"
+echo
+echo "| connections | ceiling req/s | broker req/s | ratio | broker p50 ms | p99 ms | p99.9 ms | errors |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+for c in 16 64 256; do
+    ceiling=$(load "$CEILING" $c "$SECONDS_PER_RUN")
+    broker=$(load "$HITS" $c "$SECONDS_PER_RUN")
+    c_rps=$(field rps "$ceiling"); b_rps=$(field rps "$broker")
+    ratio=$(awk -v b="$b_rps" -v c="$c_rps" 'BEGIN { printf "%.2f", b / c }')
+    errors=$(( $(field errors "$broker") + $(field non2xx "$broker") ))
+    echo "| $c | $c_rps | $b_rps | $ratio | $(field p50_ms "$broker") | $(field p99_ms "$broker") | $(field p999_ms "$broker") | $errors |"
+done
+echo
+
+echo "## Cold fill and memory (fake IdP answering in 50 ms, 256 concurrent callers)"
+echo
+pid=$(cat "$WORK/hits.pid")
+base=$(rss_kib "$pid"); before=$(idp_count 9100); total=0
+echo "| cached tokens | fill seconds | IdP requests | RSS MiB | bytes per token |"
+echo "| --- | --- | --- | --- | --- |"
+from=0
+for to in 1000 10000 100000; do
+    out=$("$HELPER" fill --url "$HITS" --key "$KEY" --from $from --to $to --concurrency 256)
+    failures=$(field failures "$out")
+    [ "$failures" = 0 ] || { echo "fill failures: $out" >&2; exit 1; }
+    rss=$(rss_kib "$pid")
+    requests=$(( $(idp_count 9100) - before ))
+    per=$(( (rss - base) * 1024 / to ))
+    echo "| $to | $(field seconds "$out") (keys $from-$to) | $requests | $(awk -v r="$rss" 'BEGIN { printf "%.1f", r / 1024 }') | $per |"
+    from=$to
+done
+echo
+
+echo "## Rollover (${ROLLOVER_SECONDS}s at 64 connections; 10 s tokens, min_remaining 2 s, refresh in the last 25%)"
+echo
+ROLL=http://127.0.0.1:9301/v1/tokens/bench/production
+curl -fs -o /dev/null -H "Authorization: Bearer $KEY" "$ROLL"
+steady=$(load "$HITS" 64 "$ROLLOVER_SECONDS")
+r_before=$(idp_count 9101)
+rolling=$(load "$ROLL" 64 "$ROLLOVER_SECONDS")
+r_requests=$(( $(idp_count 9101) - r_before ))
+echo "| run | req/s | p99 ms | p99.9 ms | max ms | errors | IdP requests |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| no refresh (1 h tokens) | $(field rps "$steady") | $(field p99_ms "$steady") | $(field p999_ms "$steady") | $(field max_ms "$steady") | $(( $(field errors "$steady") + $(field non2xx "$steady") )) | 0 |"
+echo "| refresh every ~8 s | $(field rps "$rolling") | $(field p99_ms "$rolling") | $(field p999_ms "$rolling") | $(field max_ms "$rolling") | $(( $(field errors "$rolling") + $(field non2xx "$rolling") )) | $r_requests |"

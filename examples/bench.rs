@@ -1,0 +1,177 @@
+//! Helpers of the load benchmark (`bench/run.sh`): a fake IdP with a fixed delay, the "ceiling"
+//! server (a bare axum handler returning a fixed token body behind the same bearer check as the
+//! broker), and a cold-fill client. The load itself comes from `wrk`.
+//!
+//! ```text
+//! bench idp --listen 127.0.0.1:9100 --delay-ms 50 --lifetime 3600
+//! bench ceiling --listen 127.0.0.1:9200 --key-sha256 HEX
+//! bench fill --url http://127.0.0.1:8080/v1/tokens/bench/production --key KEY --from 0 --to 10000
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::StreamExt as _;
+use rand::RngCore as _;
+use token_broker::auth::CallerRegistry;
+use token_broker::config::Settings;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn required(name: &str) -> String {
+    arg(name).unwrap_or_else(|| panic!("missing {name}"))
+}
+
+#[tokio::main]
+async fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("idp") => idp().await,
+        Some("ceiling") => ceiling().await,
+        Some("fill") => fill().await,
+        _ => eprintln!("usage: bench idp|ceiling|fill [options] (see bench/run.sh)"),
+    }
+}
+
+/// A JWT-sized random token (about 900 bytes, like an Auth0 M2M access token).
+fn jwt_sized_token(lifetime: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT","kid":"bench"}"#);
+    let mut filler = [0u8; 300];
+    rand::rng().fill_bytes(&mut filler);
+    let claims = URL_SAFE_NO_PAD.encode(format!(
+        r#"{{"iss":"https://bench.example/","sub":"bench@clients","aud":"urn:bench","iat":{now},"exp":{},"gty":"client-credentials","x":"{}"}}"#,
+        now + lifetime,
+        URL_SAFE_NO_PAD.encode(filler)
+    ));
+    let mut signature = [0u8; 256];
+    rand::rng().fill_bytes(&mut signature);
+    format!("{header}.{claims}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+struct Idp {
+    delay: Duration,
+    lifetime: u64,
+    requests: AtomicU64,
+}
+
+async fn idp() {
+    let state = Arc::new(Idp {
+        delay: Duration::from_millis(arg("--delay-ms").map_or(50, |d| d.parse().unwrap())),
+        lifetime: arg("--lifetime").map_or(3600, |l| l.parse().unwrap()),
+        requests: AtomicU64::new(0),
+    });
+    let app = Router::new()
+        .route("/oauth/token", post(issue))
+        .route("/count", get(count))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(required("--listen"))
+        .await
+        .unwrap();
+    axum::serve(listener, app).await.unwrap();
+}
+
+async fn issue(State(idp): State<Arc<Idp>>) -> Response {
+    idp.requests.fetch_add(1, Ordering::Relaxed);
+    tokio::time::sleep(idp.delay).await;
+    let body = format!(
+        r#"{{"access_token":"{}","token_type":"Bearer","expires_in":{}}}"#,
+        jwt_sized_token(idp.lifetime),
+        idp.lifetime
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn count(State(idp): State<Arc<Idp>>) -> String {
+    idp.requests.load(Ordering::Relaxed).to_string()
+}
+
+async fn ceiling() {
+    let toml = format!(
+        "[callers.bench]\nkey_sha256 = \"{}\"\nallow = [\"*/*\"]\n",
+        required("--key-sha256")
+    );
+    let settings = Settings::from_toml(&toml, &|_| None).expect("valid");
+    let callers = Arc::new(CallerRegistry::from_settings(&settings));
+    let body = axum::body::Bytes::from(format!(
+        r#"{{"access_token":"{}","token_type":"Bearer","expires_in":3599,"expires_at":"2030-01-01T00:00:00Z"}}"#,
+        jwt_sized_token(3600)
+    ));
+    let app = Router::new()
+        .route(
+            "/v1/tokens/{tenant}/{environment}",
+            get(move |headers: HeaderMap| {
+                let (callers, body) = (Arc::clone(&callers), body.clone());
+                async move {
+                    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+                    match callers.authenticate(authorization) {
+                        Ok(_) => (
+                            StatusCode::OK,
+                            [
+                                (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                            ],
+                            body,
+                        )
+                            .into_response(),
+                        Err(_) => StatusCode::UNAUTHORIZED.into_response(),
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(required("--listen"))
+        .await
+        .unwrap();
+    axum::serve(listener, app).await.unwrap();
+}
+
+async fn fill() {
+    let url = required("--url");
+    let key = required("--key");
+    let from: u64 = required("--from").parse().unwrap();
+    let to: u64 = required("--to").parse().unwrap();
+    let concurrency: usize = arg("--concurrency").map_or(256, |c| c.parse().unwrap());
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let failures = futures::stream::iter(from..to)
+        .map(|i| {
+            let request = http
+                .get(format!("{url}?audience=urn:bench:{i}"))
+                .bearer_auth(&key);
+            async move {
+                match request.send().await {
+                    Ok(response) if response.status().is_success() => {
+                        response.bytes().await.is_err()
+                    }
+                    _ => true,
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .filter(|failed| std::future::ready(*failed))
+        .count()
+        .await;
+    println!(
+        "FILL keys={} seconds={:.2} failures={failures}",
+        to - from,
+        started.elapsed().as_secs_f64()
+    );
+}
