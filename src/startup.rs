@@ -15,7 +15,7 @@ use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use rand::Rng as _;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -23,11 +23,12 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument as _;
 
 use crate::api::error::{REQUEST_ID, X_REQUEST_ID};
-use crate::api::{self, health, tokens};
+use crate::api::{self, health, oauth, tokens, users};
 use crate::auth::CallerRegistry;
 use crate::broker::Broker;
 use crate::config::Settings;
 use crate::idp::IdpClient;
+use crate::users::UserTokens;
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -54,6 +55,8 @@ pub struct App {
     pub broker: Broker,
     /// Caller keys and allow rules.
     pub callers: Arc<CallerRegistry>,
+    /// User tokens (authorization-code flow).
+    pub users: UserTokens,
     /// The validated settings.
     pub settings: Arc<Settings>,
     ready: AtomicBool,
@@ -81,11 +84,13 @@ impl AppState {
     /// Builds the shared state from validated settings.
     pub fn new(settings: Settings) -> Result<Self, StartupError> {
         let idp = IdpClient::new()?;
+        let users = UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
         let broker = Broker::new(settings.cache.clone(), idp);
         let callers = Arc::new(CallerRegistry::from_settings(&settings));
         Ok(Self(Arc::new(App {
             broker,
             callers,
+            users,
             settings: Arc::new(settings),
             ready: AtomicBool::new(true),
         })))
@@ -110,6 +115,19 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/tokens/{tenant}/{environment}",
             get(tokens::get_token).delete(tokens::delete_token),
+        )
+        .route("/t/{tenant}/{environment}/oauth/token", post(oauth::token))
+        .route(
+            "/v1/users/{tenant}/{environment}/authorize",
+            post(users::authorize),
+        )
+        .route(
+            "/v1/users/{tenant}/{environment}/sessions",
+            post(users::create_session),
+        )
+        .route(
+            "/v1/users/handles/{handle}",
+            get(users::get_user_token).delete(users::delete_user_token),
         )
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))

@@ -108,9 +108,17 @@ pub async fn spawn_with_toml(idp: MockServer, toml: &str) -> TestApp {
 
 /// Starts the broker with TOML `layers`, each over the one before.
 pub async fn spawn_with_layers(idp: MockServer, layers: &[&str]) -> TestApp {
+    spawn_with_env(idp, layers, &|_| None).await
+}
+
+/// Starts the broker with TOML `layers`, reading `*_env` settings through `env`.
+pub async fn spawn_with_env(
+    idp: MockServer,
+    layers: &[&str],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> TestApp {
     init_tracing();
-    let settings =
-        Settings::from_toml_layers(layers, &|_| None).expect("test configuration is valid");
+    let settings = Settings::from_toml_layers(layers, env).expect("test configuration is valid");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let app = Application::with_listener(settings, listener).expect("build");
     let url = format!("http://{}", app.local_addr());
