@@ -178,6 +178,7 @@ pub async fn token(
     let params = Params::parse(&headers, &body)?;
     let caller = authenticate(&state.callers, &headers, &params)?;
     tracing::Span::current().record("caller", &*caller.name);
+    let params = params.checked()?;
     match params.grant_type.as_deref() {
         Some("client_credentials") => {}
         Some(other) => return Err(OAuthError::UnsupportedGrantType(printable(other))),
@@ -247,6 +248,7 @@ struct Params {
 
 impl Params {
     /// Reads a JSON (Auth0 style) or form (RFC 6749) body; a parameter given twice is refused.
+    /// Values are bounded by [`Params::checked`] once the client is authenticated.
     fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Self, OAuthError> {
         let media_type = headers
             .get(CONTENT_TYPE)
@@ -273,7 +275,7 @@ impl Params {
                 ));
             }
         };
-        params.without_empty_values().checked()
+        Ok(params.without_empty_values())
     }
 
     fn from_form(body: &[u8]) -> Result<Self, OAuthError> {
@@ -323,6 +325,7 @@ impl Params {
         self
     }
 
+    /// Refuses over-long or non-printable values, and scopes outside RFC 6749 §3.3.
     fn checked(self) -> Result<Self, OAuthError> {
         let values = [
             ("grant_type", &self.grant_type),

@@ -8,6 +8,9 @@
 //! and audience ([`access`]), on each request (so a rule removed later applies to old handles
 //! too). A handle is bound to the caller that created it: to anyone else it does not exist.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -22,6 +25,7 @@ use crate::api::access::{self, TokenRequest, check_value, printable};
 use crate::api::tokens::{parse_min_ttl, token_response};
 use crate::auth::Authenticated;
 use crate::startup::AppState;
+use crate::users::UserError;
 
 /// Longest handle looked up; anything longer is not one of ours.
 const MAX_HANDLE_LEN: usize = 64;
@@ -65,7 +69,7 @@ pub async fn authorize(
     let authorization = state
         .users
         .start(
-            std::sync::Arc::clone(&caller.name),
+            Arc::clone(&caller.name),
             authorised.key,
             &authorised.environment,
         )
@@ -168,11 +172,11 @@ fn known_form(handle: &str) -> Result<&str, ApiError> {
     if plausible {
         Ok(handle)
     } else {
-        Err(crate::users::UserError::UnknownHandle.into())
+        Err(UserError::UnknownHandle.into())
     }
 }
 
-fn parse_handle_query(raw: Option<&str>) -> Result<Option<std::time::Duration>, ApiError> {
+fn parse_handle_query(raw: Option<&str>) -> Result<Option<Duration>, ApiError> {
     let mut min_ttl = None;
     for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         if name != "min_ttl" {

@@ -5,6 +5,7 @@ mod helpers;
 
 mod auth;
 mod cache_keys;
+mod client_assertion;
 mod delete;
 mod expiry;
 mod health;
@@ -16,3 +17,6 @@ mod process;
 mod request_styles;
 mod single_flight;
 mod upstream_errors;
+mod user_login;
+mod user_refresh;
+mod user_round_trip;
