@@ -219,15 +219,7 @@ impl UserTokens {
                 grant.refresh_token = None;
                 return Err(self.reauthorize(session, environment).await);
             }
-            Err(error) => {
-                tracing::warn!(
-                    tenant = %session.key().tenant,
-                    environment = %session.key().environment,
-                    error = %error,
-                    "user token refresh failed"
-                );
-                return Err(UserError::Token(error.into()));
-            }
+            Err(error) => return Err(UserError::Token(error.into())),
         };
         let access = Arc::new(CachedToken::new(fresh.token, SystemTime::now(), 0.0, 0.0));
         grant.access = Arc::clone(&access);

@@ -72,7 +72,6 @@ pub fn authorise(
     environment: &str,
     request: TokenRequest,
 ) -> Result<Authorised, AccessError> {
-    tracing::Span::current().record("caller", &*caller.name);
     let settings = state.settings.environment(tenant, environment).cloned();
     let default_audience = settings.as_ref().and_then(|s| s.audience.as_deref());
     let audience = request.audience.as_deref().or(default_audience);
@@ -105,7 +104,6 @@ pub fn authorise_key(
     caller: &Caller,
     key: &TokenKey,
 ) -> Result<Arc<EnvironmentSettings>, AccessError> {
-    tracing::Span::current().record("caller", &*caller.name);
     if !caller.may_use(&key.tenant, &key.environment, Some(&key.audience)) {
         return Err(forbidden(caller, &key.tenant, &key.environment));
     }

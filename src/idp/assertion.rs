@@ -172,13 +172,26 @@ fn ec_key(der: &[u8]) -> Option<Signer> {
         .ok()
 }
 
-/// The label and decoded contents of the first PEM block in `text`.
+/// The label and decoded contents of the first PEM block in `text` that holds a private key, or
+/// of the first block when none does. Other blocks (the `EC PARAMETERS` that `openssl ecparam`
+/// writes first, a certificate) are skipped.
 fn pem_document(text: &str) -> Result<(&str, Vec<u8>), &'static str> {
     const NOT_PEM: &str = "not PEM: expected -----BEGIN ...----- and -----END ...----- lines";
-    let (_, rest) = text.split_once("-----BEGIN ").ok_or(NOT_PEM)?;
-    let (label, rest) = rest.split_once("-----").ok_or(NOT_PEM)?;
-    let end = format!("-----END {label}-----");
-    let (body, _) = rest.split_once(end.as_str()).ok_or(NOT_PEM)?;
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some((_, after)) = rest.split_once("-----BEGIN ") {
+        let (label, after) = after.split_once("-----").ok_or(NOT_PEM)?;
+        let end = format!("-----END {label}-----");
+        let (body, after) = after.split_once(end.as_str()).ok_or(NOT_PEM)?;
+        blocks.push((label, body));
+        rest = after;
+    }
+    let (label, body) = blocks
+        .iter()
+        .find(|(label, _)| label.ends_with("PRIVATE KEY"))
+        .or(blocks.first())
+        .copied()
+        .ok_or(NOT_PEM)?;
     if body.contains(':') {
         return Err(
             "the PEM block has headers (an encrypted legacy key?); store the key unencrypted",
@@ -257,7 +270,16 @@ mod tests {
         let pkcs8 = key.to_pkcs8v1().unwrap();
         let public = DecodingKey::from_ec_der(key.public_key().as_ref());
         let one_line = pem("EC PRIVATE KEY", sec1.as_ref()).replace('\n', "\\n");
-        for text in [one_line, pem("PRIVATE KEY", pkcs8.as_ref())] {
+        // `openssl ecparam -genkey` without -noout writes the curve parameters first.
+        let with_parameters = format!(
+            "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n{}",
+            pem("EC PRIVATE KEY", sec1.as_ref())
+        );
+        for text in [
+            one_line,
+            with_parameters,
+            pem("PRIVATE KEY", pkcs8.as_ref()),
+        ] {
             let client_key = ClientKey::from_pem(&text, None).unwrap();
             assert_eq!(client_key.algorithm(), "ES256");
             let sign = || {
