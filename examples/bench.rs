@@ -112,28 +112,30 @@ async fn ceiling() {
         r#"{{"access_token":"{}","token_type":"Bearer","expires_in":3599,"expires_at":"2030-01-01T00:00:00Z"}}"#,
         jwt_sized_token(3600)
     ));
-    let app = Router::new()
-        .route(
-            "/v1/tokens/{tenant}/{environment}",
-            get(move |headers: HeaderMap| {
-                let (callers, body) = (Arc::clone(&callers), body.clone());
-                async move {
-                    let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-                    match callers.authenticate(authorization) {
-                        Ok(_) => (
-                            StatusCode::OK,
-                            [
-                                (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-                                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-                            ],
-                            body,
-                        )
-                            .into_response(),
-                        Err(_) => StatusCode::UNAUTHORIZED.into_response(),
-                    }
+    let app = Router::new().route(
+        "/v1/tokens/{tenant}/{environment}",
+        get(move |headers: HeaderMap| {
+            let (callers, body) = (Arc::clone(&callers), body.clone());
+            async move {
+                let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+                match callers.authenticate(authorization) {
+                    Ok(_) => (
+                        StatusCode::OK,
+                        [
+                            (
+                                header::CONTENT_TYPE,
+                                HeaderValue::from_static("application/json"),
+                            ),
+                            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                        ],
+                        body,
+                    )
+                        .into_response(),
+                    Err(_) => StatusCode::UNAUTHORIZED.into_response(),
                 }
-            }),
-        );
+            }
+        }),
+    );
     let listener = tokio::net::TcpListener::bind(required("--listen"))
         .await
         .unwrap();

@@ -1,8 +1,9 @@
 //! Callers: their keys, their allow rules, and the extractor that authenticates a request.
 //!
-//! A caller presents `Authorization: Bearer <key>`; configuration holds only the SHA-256 of each
-//! key. The presented key is hashed once and compared with every configured hash in constant time
-//! (no early exit), so timing reveals neither which caller nor how much of a hash matched.
+//! A caller presents `Authorization: Bearer <key>`, or, at the OAuth2 facade, its name and key as
+//! client id and secret; configuration holds only the SHA-256 of each key. The presented key is
+//! hashed once and compared with every configured hash in constant time (no early exit), so
+//! timing reveals neither which caller nor how much of a hash matched.
 //! Authentication (401) comes first, then authorisation against `tenant/environment[/audience]`
 //! rules (403), and only then does a request reach the broker.
 
@@ -224,6 +225,26 @@ impl CallerRegistry {
         found.map(Arc::clone).ok_or(AuthError::InvalidKey)
     }
 
+    /// Authenticates a caller by name and key (OAuth2 client id and secret). Every configured
+    /// key is compared in constant time whatever the name, so timing does not reveal whether a
+    /// name exists; a right key under another caller's name fails.
+    pub fn authenticate_client(&self, name: &str, key: &str) -> Result<Arc<Caller>, AuthError> {
+        let presented = KeyHash::of(key);
+        let mut found = None;
+        for (hash, caller) in &self.callers {
+            let key_matches = hash.matches(&presented);
+            if bool::from(key_matches) && *caller.name == *name {
+                found = Some(caller);
+            }
+        }
+        found.map(Arc::clone).ok_or(AuthError::InvalidKey)
+    }
+
+    /// The anonymous caller, when `auth.allow_anonymous` is on.
+    pub fn anonymous(&self) -> Option<Arc<Caller>> {
+        self.anonymous.clone()
+    }
+
     /// Authenticates an admin request; without a configured admin key every admin request fails.
     pub fn authenticate_admin(&self, authorization: Option<&[u8]>) -> Result<(), AuthError> {
         let Some(admin) = &self.admin else {
@@ -317,6 +338,40 @@ mod tests {
             KeyHash::of(&key)
         );
         assert_eq!(format!("{hash:?}"), "KeyHash(..)");
+    }
+
+    #[test]
+    fn clients_authenticate_by_name_and_key_together() {
+        let toml = format!(
+            r#"
+            [callers.billing]
+            key_sha256 = "{}"
+            allow = ["acme/*"]
+            [callers.reports]
+            key_sha256 = "{}"
+            allow = ["acme/*"]
+            "#,
+            KeyHash::of("billing-key").to_hex(),
+            KeyHash::of("reports-key").to_hex()
+        );
+        let settings = Settings::from_toml(&toml, &|_| None).unwrap();
+        let registry = CallerRegistry::from_settings(&settings);
+        let caller = registry
+            .authenticate_client("billing", "billing-key")
+            .unwrap();
+        assert_eq!(&*caller.name, "billing");
+        for (name, key) in [
+            ("billing", "reports-key"),
+            ("reports", "billing-key"),
+            ("nobody", "billing-key"),
+            ("billing", ""),
+        ] {
+            assert_eq!(
+                registry.authenticate_client(name, key).unwrap_err(),
+                AuthError::InvalidKey
+            );
+        }
+        assert!(registry.anonymous().is_none());
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! named by `--config` / `TOKEN_BROKER_CONFIG`, then environment variables
 //! `TOKEN_BROKER__SECTION__KEY`. The raw layers are deserialised into `Raw*` structs and then
 //! validated into [`Settings`], collecting every problem so that one start-up lists them all.
-//! Client secrets are resolved (inline, from an environment variable or a file) during validation
-//! and kept as [`SecretString`]; no type here that holds a secret derives `Debug`.
+//! Client secrets and `private_key_jwt` keys are resolved (inline, from an environment variable or
+//! a file) during validation, secrets kept as [`SecretString`] and keys parsed into [`ClientKey`]
+//! so that a bad key fails start-up; no type here that holds a secret derives `Debug`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,6 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::auth::{AllowRule, KeyHash};
+use crate::idp::ClientKey;
 
 /// The documented defaults, compiled in so the binary runs from any working directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -34,6 +36,12 @@ const RESERVED_PARAMS: &[&str] = &[
     "audience",
     "resource",
     "scope",
+    "client_assertion",
+    "client_assertion_type",
+    "code",
+    "code_verifier",
+    "redirect_uri",
+    "refresh_token",
 ];
 
 /// Why settings could not be loaded.
@@ -55,6 +63,8 @@ pub struct Settings {
     pub cache: CacheSettings,
     /// Admin key and anonymous access.
     pub auth: AuthSettings,
+    /// User tokens through the authorization-code flow.
+    pub users: UserSettings,
     /// Callers allowed to ask for tokens, by name.
     pub callers: BTreeMap<String, CallerSettings>,
     /// Tenants by name, each with its environments.
@@ -97,6 +107,20 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
 }
 
+/// `[users]`: how user sessions (authorization-code flow) are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSettings {
+    /// Most user sessions (handles) held at once; the least recently used go first.
+    pub max_sessions: u64,
+    /// How long an authorization URL's `state` can be redeemed for a handle.
+    #[serde(with = "humantime_serde")]
+    pub authorization_timeout: Duration,
+    /// A handle nobody asked a token for this long is forgotten.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
 /// `[auth]`: the admin key and whether anonymous callers are served.
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
@@ -133,7 +157,7 @@ pub enum RequestFormat {
     Form,
 }
 
-/// Where the client credentials go.
+/// How the broker authenticates to the IdP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
@@ -141,6 +165,30 @@ pub enum ClientAuth {
     Post,
     /// HTTP Basic (RFC 6749 §2.3.1), and nothing in the body.
     Basic,
+    /// A signed JWT assertion in the body (RFC 7523), no secret.
+    PrivateKeyJwt,
+}
+
+/// The credential the broker proves its client identity with.
+pub enum ClientCredential {
+    /// A client secret, for `client_auth = "post"` or `"basic"`.
+    Secret(SecretString),
+    /// A private key, for `client_auth = "private_key_jwt"`.
+    PrivateKey {
+        /// Signs a fresh assertion for each request.
+        key: Arc<ClientKey>,
+        /// The assertion's `aud`: the token URL unless configured.
+        assertion_audience: String,
+    },
+}
+
+/// Where users log in and where the IdP sends them back, for user tokens.
+#[derive(Debug)]
+pub struct UserLoginSettings {
+    /// The IdP's authorization endpoint (Auth0: `https://{domain}/authorize`).
+    pub authorize_url: reqwest::Url,
+    /// The calling service's callback, registered at the IdP.
+    pub redirect_uri: reqwest::Url,
 }
 
 /// The name under which the audience is sent.
@@ -163,8 +211,8 @@ pub struct EnvironmentSettings {
     pub token_url: reqwest::Url,
     /// OAuth2 client id.
     pub client_id: String,
-    /// OAuth2 client secret; exposed only where the request is built.
-    pub client_secret: SecretString,
+    /// Client secret or private key; used only where the request is built.
+    pub credential: ClientCredential,
     /// Audience used when the caller names none.
     pub audience: Option<String>,
     /// Body encoding of the token request.
@@ -183,6 +231,8 @@ pub struct EnvironmentSettings {
     pub max_fetches_per_hour: Option<u32>,
     /// Most requests in flight to this client at once, so a hung IdP cannot pile them up.
     pub max_concurrent_fetches: usize,
+    /// The authorization-code flow, when user tokens are configured.
+    pub user_login: Option<UserLoginSettings>,
 }
 
 impl EnvironmentSettings {
@@ -205,7 +255,7 @@ impl fmt::Debug for EnvironmentSettings {
             .field("environment", &self.environment)
             .field("token_url", &self.token_url.as_str())
             .field("client_id", &self.client_id)
-            .field("client_secret", &"[redacted]")
+            .field("credential", &self.credential)
             .field("audience", &self.audience)
             .field("request_format", &self.request_format)
             .field("client_auth", &self.client_auth)
@@ -213,7 +263,24 @@ impl fmt::Debug for EnvironmentSettings {
             .field("extra_params", &self.extra_params)
             .field("timeout", &self.timeout)
             .field("max_fetches_per_hour", &self.max_fetches_per_hour)
+            .field("user_login", &self.user_login)
             .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ClientCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Secret(_) => f.write_str("Secret([redacted])"),
+            Self::PrivateKey {
+                key,
+                assertion_audience,
+            } => f
+                .debug_struct("PrivateKey")
+                .field("key", key)
+                .field("assertion_audience", assertion_audience)
+                .finish(),
+        }
     }
 }
 
@@ -298,6 +365,7 @@ struct RawSettings {
     server: ServerSettings,
     cache: CacheSettings,
     auth: RawAuth,
+    users: UserSettings,
     #[serde(default)]
     callers: BTreeMap<String, RawCaller>,
     #[serde(default)]
@@ -335,6 +403,10 @@ struct RawEnvironment {
     client_secret: Option<SecretString>,
     client_secret_env: Option<String>,
     client_secret_file: Option<PathBuf>,
+    private_key_file: Option<PathBuf>,
+    private_key_env: Option<String>,
+    key_id: Option<String>,
+    assertion_audience: Option<String>,
     audience: Option<String>,
     #[serde(default = "default_request_format")]
     request_format: RequestFormat,
@@ -351,6 +423,8 @@ struct RawEnvironment {
     max_fetches_per_hour: Option<u32>,
     #[serde(default = "default_max_concurrent_fetches")]
     max_concurrent_fetches: usize,
+    authorize_url: Option<String>,
+    redirect_uri: Option<String>,
 }
 
 fn default_max_concurrent_fetches() -> usize {
@@ -397,6 +471,14 @@ impl RawSettings {
         }
         if self.server.request_timeout.is_zero() {
             problems.push("server.request_timeout: must be above 0".to_owned());
+        }
+        if self.users.max_sessions == 0 {
+            problems.push("users.max_sessions: must be at least 1".to_owned());
+        }
+        if self.users.authorization_timeout.is_zero() || self.users.idle_timeout.is_zero() {
+            problems.push(
+                "users.authorization_timeout and users.idle_timeout: must be above 0".to_owned(),
+            );
         }
         if self.cache.max_entries == 0 {
             problems.push("cache.max_entries: must be at least 1".to_owned());
@@ -505,6 +587,7 @@ impl RawSettings {
                 admin_key_sha256,
                 allow_anonymous: self.auth.allow_anonymous,
             },
+            users: self.users,
             callers,
             tenants,
         })
@@ -521,29 +604,19 @@ impl RawEnvironment {
         problems: &mut Vec<String>,
     ) -> Option<EnvironmentSettings> {
         let before = problems.len();
-        let token_url = match self.token_url.as_deref().map(reqwest::Url::parse) {
-            Some(Ok(url)) if matches!(url.scheme(), "http" | "https") => Some(url),
-            Some(Ok(_)) | Some(Err(_)) => {
-                problems.push(format!("{at}.token_url: not an http(s) URL"));
-                None
-            }
+        let token_url = match self.token_url.as_deref() {
+            Some(url) => http_url(at, "token_url", url, problems),
             None => {
                 problems.push(format!("{at}.token_url: missing"));
                 None
             }
         };
+        let credential = self.credential(at, token_url.as_ref(), env, problems);
+        let user_login = self.user_login(at, problems);
         let client_id = self.client_id.filter(|id| !id.trim().is_empty());
         if client_id.is_none() {
             problems.push(format!("{at}.client_id: missing"));
         }
-        let client_secret = resolve_secret(
-            at,
-            self.client_secret,
-            self.client_secret_env.as_deref(),
-            self.client_secret_file.as_deref(),
-            env,
-            problems,
-        );
         if self
             .audience
             .as_deref()
@@ -582,7 +655,7 @@ impl RawEnvironment {
             environment: environment.to_owned(),
             token_url: token_url?,
             client_id: client_id?,
-            client_secret: client_secret?,
+            credential: credential?,
             audience: self.audience,
             request_format: self.request_format,
             client_auth: self.client_auth,
@@ -592,7 +665,148 @@ impl RawEnvironment {
             default_lifetime: self.default_lifetime,
             max_fetches_per_hour: self.max_fetches_per_hour,
             max_concurrent_fetches: self.max_concurrent_fetches,
+            user_login,
         })
+    }
+
+    /// The client secret for `post` and `basic`, or the private key for `private_key_jwt`;
+    /// settings of the other mode are refused rather than silently ignored.
+    fn credential(
+        &self,
+        at: &str,
+        token_url: Option<&reqwest::Url>,
+        env: &dyn Fn(&str) -> Option<String>,
+        problems: &mut Vec<String>,
+    ) -> Option<ClientCredential> {
+        let has_secret = self.client_secret.is_some()
+            || self.client_secret_env.is_some()
+            || self.client_secret_file.is_some();
+        let has_key = self.private_key_file.is_some()
+            || self.private_key_env.is_some()
+            || self.key_id.is_some()
+            || self.assertion_audience.is_some();
+        if self.client_auth != ClientAuth::PrivateKeyJwt {
+            if has_key {
+                problems.push(format!(
+                    "{at}: private_key_file, private_key_env, key_id and assertion_audience apply only with client_auth = \"private_key_jwt\""
+                ));
+            }
+            return resolve_secret(
+                at,
+                self.client_secret.clone(),
+                self.client_secret_env.as_deref(),
+                self.client_secret_file.as_deref(),
+                env,
+                problems,
+            )
+            .map(ClientCredential::Secret);
+        }
+        if has_secret {
+            problems.push(format!(
+                "{at}: client_auth = \"private_key_jwt\" signs with a key and sends no secret; remove client_secret, client_secret_env and client_secret_file"
+            ));
+        }
+        let pem = match (&self.private_key_file, &self.private_key_env) {
+            (Some(path), None) => match std::fs::read_to_string(path) {
+                Ok(pem) => pem,
+                Err(e) => {
+                    problems.push(format!(
+                        "{at}.private_key_file: cannot read {}: {e}",
+                        path.display()
+                    ));
+                    return None;
+                }
+            },
+            (None, Some(name)) => match env(name) {
+                Some(pem) => pem,
+                None => {
+                    problems.push(format!(
+                        "{at}.private_key_env: environment variable {name} is not set"
+                    ));
+                    return None;
+                }
+            },
+            (None, None) => {
+                problems.push(format!(
+                    "{at}: client_auth = \"private_key_jwt\" needs a PEM key: set private_key_file or private_key_env"
+                ));
+                return None;
+            }
+            (Some(_), Some(_)) => {
+                problems.push(format!(
+                    "{at}: both private_key_file and private_key_env; keep one"
+                ));
+                return None;
+            }
+        };
+        let key_id = self.key_id.clone().filter(|id| !id.trim().is_empty());
+        let key = match ClientKey::from_pem(&pem, key_id) {
+            Ok(key) => key,
+            Err(e) => {
+                let source = if self.private_key_file.is_some() {
+                    "private_key_file"
+                } else {
+                    "private_key_env"
+                };
+                problems.push(format!("{at}.{source}: {e}"));
+                return None;
+            }
+        };
+        let assertion_audience = match &self.assertion_audience {
+            Some(audience) if audience.trim().is_empty() => {
+                problems.push(format!(
+                    "{at}.assertion_audience: empty; leave it out to use the token URL"
+                ));
+                return None;
+            }
+            Some(audience) => audience.clone(),
+            None => token_url?.to_string(),
+        };
+        Some(ClientCredential::PrivateKey {
+            key: Arc::new(key),
+            assertion_audience,
+        })
+    }
+
+    /// `authorize_url` and `redirect_uri`, both or neither.
+    fn user_login(&self, at: &str, problems: &mut Vec<String>) -> Option<UserLoginSettings> {
+        match (&self.authorize_url, &self.redirect_uri) {
+            (None, None) => None,
+            (Some(authorize_url), Some(redirect_uri)) => {
+                let authorize_url = http_url(at, "authorize_url", authorize_url, problems);
+                let redirect_uri = http_url(at, "redirect_uri", redirect_uri, problems);
+                if redirect_uri
+                    .as_ref()
+                    .is_some_and(|uri| uri.fragment().is_some())
+                {
+                    problems.push(format!(
+                        "{at}.redirect_uri: must not have a #fragment (RFC 6749 §3.1.2)"
+                    ));
+                    return None;
+                }
+                Some(UserLoginSettings {
+                    authorize_url: authorize_url?,
+                    redirect_uri: redirect_uri?,
+                })
+            }
+            _ => {
+                problems.push(format!(
+                    "{at}: user tokens need both authorize_url and redirect_uri"
+                ));
+                None
+            }
+        }
+    }
+}
+
+/// An absolute http(s) URL, or a problem naming the setting.
+fn http_url(at: &str, name: &str, url: &str, problems: &mut Vec<String>) -> Option<reqwest::Url> {
+    match reqwest::Url::parse(url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
+        _ => {
+            problems.push(format!("{at}.{name}: not an http(s) URL"));
+            None
+        }
     }
 }
 
@@ -663,6 +877,21 @@ mod tests {
         None
     }
 
+    fn secret(environment: &EnvironmentSettings) -> &str {
+        match &environment.credential {
+            ClientCredential::Secret(secret) => secret.expose_secret(),
+            ClientCredential::PrivateKey { .. } => panic!("expected a client secret"),
+        }
+    }
+
+    fn problems(toml: &str, env: &dyn Fn(&str) -> Option<String>) -> String {
+        match Settings::from_toml(toml, env) {
+            Err(ConfigError::Invalid(problems)) => problems.join("\n"),
+            Err(other) => panic!("expected validation problems, got {other}"),
+            Ok(_) => panic!("expected validation problems"),
+        }
+    }
+
     #[test]
     fn defaults_alone_are_refused_without_callers() {
         let Err(ConfigError::Invalid(problems)) = Settings::from_toml("", &no_env) else {
@@ -696,7 +925,7 @@ mod tests {
             .environment("acme", "production")
             .expect("configured");
         assert_eq!(production.client_id, "00123");
-        assert_eq!(production.client_secret.expose_secret(), "s3cret");
+        assert_eq!(secret(production), "s3cret");
         assert_eq!(production.request_format, RequestFormat::Form);
         assert_eq!(production.extra_params["tenant"], "example.com");
         assert!(!format!("{production:?}").contains("s3cret"));
@@ -755,6 +984,100 @@ mod tests {
         );
         let settings = Settings::from_toml(&toml, &no_env).expect("valid");
         let staging = settings.environment("acme", "staging").expect("configured");
-        assert_eq!(staging.client_secret.expose_secret(), "from-file");
+        assert_eq!(secret(staging), "from-file");
+    }
+
+    fn ec_key_pem() -> String {
+        use aws_lc_rs::encoding::AsDer as _;
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        use base64::Engine as _;
+        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        let der = key.private_key().as_der().unwrap();
+        let body = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        format!("-----BEGIN EC PRIVATE KEY-----\n{body}\n-----END EC PRIVATE KEY-----\n")
+    }
+
+    #[test]
+    fn private_key_jwt_needs_a_key_and_no_secret() {
+        let base = r#"
+            [auth]
+            allow_anonymous = true
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "id"
+            client_auth = "private_key_jwt"
+        "#;
+        let pem = ec_key_pem();
+        let env = |name: &str| (name == "ACME_KEY").then(|| pem.clone());
+        let toml = format!("{base}private_key_env = \"ACME_KEY\"\nkey_id = \"k1\"\n");
+        let settings = Settings::from_toml(&toml, &env).expect("valid");
+        let production = settings.environment("acme", "production").unwrap();
+        let ClientCredential::PrivateKey {
+            key,
+            assertion_audience,
+        } = &production.credential
+        else {
+            panic!("expected a private key");
+        };
+        assert_eq!(key.algorithm(), "ES256");
+        assert_eq!(key.key_id(), Some("k1"));
+        assert_eq!(assertion_audience, "https://acme.example/oauth/token");
+        let debug = format!("{production:?}");
+        assert!(!debug.contains(&pem[40..80]), "{debug}");
+
+        let audience = format!(
+            "{base}private_key_env = \"ACME_KEY\"\nassertion_audience = \"https://acme.example/\"\n"
+        );
+        let settings = Settings::from_toml(&audience, &env).expect("valid");
+        let production = settings.environment("acme", "production").unwrap();
+        assert!(matches!(
+            &production.credential,
+            ClientCredential::PrivateKey { assertion_audience, .. } if assertion_audience == "https://acme.example/"
+        ));
+
+        assert!(problems(base, &env).contains("needs a PEM key"));
+        let both = format!("{base}private_key_env = \"ACME_KEY\"\nclient_secret = \"s\"\n");
+        assert!(problems(&both, &env).contains("remove client_secret"));
+        let unset = format!("{base}private_key_env = \"OTHER\"\n");
+        assert!(problems(&unset, &env).contains("OTHER is not set"));
+        let garbage = |_: &str| Some("not a key".to_owned());
+        let bad = format!("{base}private_key_env = \"ACME_KEY\"\n");
+        assert!(problems(&bad, &garbage).contains("private_key_env: not PEM"));
+        let key_with_secret = base.replace(
+            "client_auth = \"private_key_jwt\"",
+            "client_secret = \"s\"\nkey_id = \"k\"",
+        );
+        assert!(problems(&key_with_secret, &no_env).contains("apply only with client_auth"));
+    }
+
+    #[test]
+    fn user_login_needs_both_urls() {
+        let base = r#"
+            [auth]
+            allow_anonymous = true
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "id"
+            client_secret = "s"
+        "#;
+        let both = format!(
+            "{base}authorize_url = \"https://acme.example/authorize\"\nredirect_uri = \"https://app.example/callback\"\n"
+        );
+        let settings = Settings::from_toml(&both, &no_env).expect("valid");
+        let login = settings
+            .environment("acme", "production")
+            .unwrap()
+            .user_login
+            .as_ref();
+        assert_eq!(
+            login.unwrap().redirect_uri.as_str(),
+            "https://app.example/callback"
+        );
+        let one = format!("{base}authorize_url = \"https://acme.example/authorize\"\n");
+        assert!(problems(&one, &no_env).contains("both authorize_url and redirect_uri"));
+        let fragment = format!(
+            "{base}authorize_url = \"https://acme.example/authorize\"\nredirect_uri = \"https://app.example/cb#x\"\n"
+        );
+        assert!(problems(&fragment, &no_env).contains("fragment"));
     }
 }

@@ -383,7 +383,7 @@ fn form_decode(value: &str) -> Option<String> {
 
 /// Unwraps the PKCS#1 `RSAPrivateKey` that jsonwebtoken signs with from the PKCS#8 document
 /// aws-lc-rs exports (RFC 5208: `SEQUENCE { INTEGER, SEQUENCE, OCTET STRING, .. }`).
-fn pkcs1_from_pkcs8(pkcs8: &[u8]) -> Option<&[u8]> {
+pub(crate) fn pkcs1_from_pkcs8(pkcs8: &[u8]) -> Option<&[u8]> {
     let (info, _) = der_element(pkcs8, 0x30)?;
     let (_version, rest) = der_element(info, 0x02)?;
     let (_algorithm, rest) = der_element(rest, 0x30)?;

@@ -1,23 +1,30 @@
 //! The client of the identity provider's token endpoint.
 //!
 //! [`IdpClient::fetch`] turns one environment's credentials, an audience and a scope into exactly
-//! one HTTP request (Auth0 JSON or RFC 6749 form body, credentials in the body or in HTTP Basic,
-//! `audience` or `resource`) and one parsed [`IssuedToken`] or one classified [`IdpError`]. It
-//! does not retry and keeps no state: retries, single flight and caching belong to the broker.
+//! one client-credentials request (Auth0 JSON or RFC 6749 form body, `audience` or `resource`)
+//! and one parsed [`IssuedToken`] or one classified [`IdpError`]. [`IdpClient::exchange_code`]
+//! and [`IdpClient::refresh`] do the same for the two user-token grants (always a form body).
+//! Every request authenticates the client the environment's way: secret in the body, HTTP Basic,
+//! or a fresh `private_key_jwt` assertion ([`assertion`]). Nothing here retries or keeps state:
+//! retries, single flight and caching belong to the broker and the user-token store.
 //! One `reqwest::Client` (rustls, connection pool) is shared by every environment.
 
+mod assertion;
 mod response;
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{AudienceParam, ClientAuth, EnvironmentSettings, RequestFormat};
+use crate::config::{
+    AudienceParam, ClientAuth, ClientCredential, EnvironmentSettings, RequestFormat,
+};
 
+pub use assertion::{ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError};
 pub use response::{IssuedToken, RateLimitHeaders};
 
 /// Bound on establishing a TCP + TLS connection to an IdP, below any request timeout.
@@ -74,6 +81,9 @@ pub enum IdpError {
     /// The IdP answered 2xx with a body that is not a usable token.
     #[error("the IdP's answer is not a token: {0}")]
     InvalidResponse(&'static str),
+    /// The `private_key_jwt` assertion could not be signed, so nothing was sent.
+    #[error(transparent)]
+    Signing(#[from] SigningError),
 }
 
 impl IdpError {
@@ -95,7 +105,34 @@ pub struct Fetched {
     pub rate_limit: RateLimitHeaders,
 }
 
-/// Sends client-credentials token requests to any OAuth2 token endpoint.
+/// The answer to an authorization-code or refresh-token grant.
+pub struct UserGrant {
+    /// The user's access token.
+    pub token: IssuedToken,
+    /// A refresh token, when the IdP issued one (a rotated one replaces the one used).
+    pub refresh_token: Option<SecretString>,
+}
+
+impl fmt::Debug for UserGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserGrant")
+            .field("token", &self.token)
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "[redacted]"),
+            )
+            .finish()
+    }
+}
+
+/// A successful answer before it is shaped for one grant.
+struct Answer {
+    token: IssuedToken,
+    refresh_token: Option<SecretString>,
+    rate_limit: RateLimitHeaders,
+}
+
+/// Sends token requests to any OAuth2 token endpoint.
 #[derive(Clone)]
 pub struct IdpClient {
     http: reqwest::Client,
@@ -120,7 +157,80 @@ impl IdpClient {
         audience: &str,
         scope: &str,
     ) -> Result<Fetched, IdpError> {
-        let request = self.build_request(environment, audience, scope);
+        let audience_name = match environment.audience_param {
+            AudienceParam::Audience => "audience",
+            AudienceParam::Resource => "resource",
+        };
+        let mut params = vec![(audience_name, audience)];
+        if !scope.is_empty() {
+            params.push(("scope", scope));
+        }
+        let answer = self
+            .send(
+                environment,
+                environment.request_format,
+                "client_credentials",
+                &params,
+            )
+            .await?;
+        Ok(Fetched {
+            token: answer.token,
+            rate_limit: answer.rate_limit,
+        })
+    }
+
+    /// Exchanges an authorization code (with its PKCE verifier) for the user's tokens.
+    pub async fn exchange_code(
+        &self,
+        environment: &EnvironmentSettings,
+        code: &str,
+        redirect_uri: &str,
+        code_verifier: &str,
+    ) -> Result<UserGrant, IdpError> {
+        let params = [
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", code_verifier),
+        ];
+        let answer = self
+            .send(
+                environment,
+                RequestFormat::Form,
+                "authorization_code",
+                &params,
+            )
+            .await?;
+        Ok(UserGrant {
+            token: answer.token,
+            refresh_token: answer.refresh_token,
+        })
+    }
+
+    /// Trades a refresh token for a new access token (and perhaps a rotated refresh token).
+    pub async fn refresh(
+        &self,
+        environment: &EnvironmentSettings,
+        refresh_token: &SecretString,
+    ) -> Result<UserGrant, IdpError> {
+        let params = [("refresh_token", refresh_token.expose_secret())];
+        let answer = self
+            .send(environment, RequestFormat::Form, "refresh_token", &params)
+            .await?;
+        Ok(UserGrant {
+            token: answer.token,
+            refresh_token: answer.refresh_token,
+        })
+    }
+
+    /// Sends one token request and classifies the answer.
+    async fn send(
+        &self,
+        environment: &EnvironmentSettings,
+        format: RequestFormat,
+        grant_type: &str,
+        grant_params: &[(&str, &str)],
+    ) -> Result<Answer, IdpError> {
+        let request = self.build_request(environment, format, grant_type, grant_params)?;
         let timeout = environment.timeout;
         let response = request.send().await.map_err(|e| classify(e, timeout))?;
         let status = response.status();
@@ -129,8 +239,13 @@ impl IdpClient {
         let body = response.bytes().await.map_err(|e| classify(e, timeout))?;
 
         if status.is_success() {
-            let token = response::parse_token(&body, environment.default_lifetime)?;
-            return Ok(Fetched { token, rate_limit });
+            let (token, refresh_token) =
+                response::parse_grant(&body, environment.default_lifetime)?;
+            return Ok(Answer {
+                token,
+                refresh_token,
+                rate_limit,
+            });
         }
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(IdpError::RateLimited {
@@ -147,27 +262,44 @@ impl IdpClient {
         Err(IdpError::ServerError(status.as_u16()))
     }
 
+    /// The body is `grant_type`, the client authentication, `grant_params`, then `extra_params`.
     fn build_request(
         &self,
         environment: &EnvironmentSettings,
-        audience: &str,
-        scope: &str,
-    ) -> reqwest::RequestBuilder {
-        let secret = environment.client_secret.expose_secret();
-        let mut params: Vec<(&str, &str)> = Vec::with_capacity(6 + environment.extra_params.len());
-        params.push(("grant_type", "client_credentials"));
-        if environment.client_auth == ClientAuth::Post {
-            params.push(("client_id", &environment.client_id));
-            params.push(("client_secret", secret));
+        format: RequestFormat,
+        grant_type: &str,
+        grant_params: &[(&str, &str)],
+    ) -> Result<reqwest::RequestBuilder, IdpError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        let assertion;
+        let mut params: Vec<(&str, &str)> =
+            Vec::with_capacity(4 + grant_params.len() + environment.extra_params.len());
+        params.push(("grant_type", grant_type));
+        match (&environment.credential, environment.client_auth) {
+            (ClientCredential::Secret(secret), ClientAuth::Basic) => {
+                let value = basic_authorization(&environment.client_id, secret.expose_secret());
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            (ClientCredential::Secret(secret), _) => {
+                params.push(("client_id", &environment.client_id));
+                params.push(("client_secret", secret.expose_secret()));
+            }
+            (
+                ClientCredential::PrivateKey {
+                    key,
+                    assertion_audience,
+                },
+                _,
+            ) => {
+                let now = SystemTime::now();
+                assertion = key.assertion(&environment.client_id, assertion_audience, now)?;
+                params.push(("client_id", &environment.client_id));
+                params.push(("client_assertion_type", ASSERTION_TYPE));
+                params.push(("client_assertion", &assertion));
+            }
         }
-        let audience_name = match environment.audience_param {
-            AudienceParam::Audience => "audience",
-            AudienceParam::Resource => "resource",
-        };
-        params.push((audience_name, audience));
-        if !scope.is_empty() {
-            params.push(("scope", scope));
-        }
+        params.extend_from_slice(grant_params);
         params.extend(
             environment
                 .extra_params
@@ -175,9 +307,7 @@ impl IdpClient {
                 .map(|(k, v)| (k.as_str(), v.as_str())),
         );
 
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let body = match environment.request_format {
+        let body = match format {
             RequestFormat::Json => {
                 headers.insert(
                     header::CONTENT_TYPE,
@@ -200,17 +330,12 @@ impl IdpClient {
                     .into_bytes()
             }
         };
-        if environment.client_auth == ClientAuth::Basic {
-            headers.insert(
-                header::AUTHORIZATION,
-                basic_authorization(&environment.client_id, secret),
-            );
-        }
-        self.http
+        Ok(self
+            .http
             .post(environment.token_url.clone())
             .headers(headers)
             .timeout(environment.timeout)
-            .body(body)
+            .body(body))
     }
 }
 

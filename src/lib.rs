@@ -8,13 +8,14 @@
 //! - [`config`]: typed, validated settings (file, environment, secrets).
 //! - [`idp`]: the IdP token endpoint client; one request, one classified answer.
 //! - [`broker`]: cache, single flight, refresh ahead; knows nothing about HTTP.
+//! - [`users`]: user tokens through the authorization-code flow: state, PKCE, handles, refresh.
 //! - [`auth`]: caller keys, allow rules, the authenticating extractor.
 //! - [`api`]: handlers and the one mapping of errors to HTTP.
 //! - [`startup`]: state, router, middleware, listener, graceful shutdown.
 //! - [`telemetry`]: logging setup.
 //! - [`dev_idp`] and [`dev`]: the built-in development IdP and the `dev` command.
 //!
-//! Dependencies point one way: `api → auth, broker → idp`.
+//! Dependencies point one way: `api → auth, broker, users → idp`.
 
 pub mod api;
 pub mod auth;
@@ -25,3 +26,4 @@ pub mod dev_idp;
 pub mod idp;
 pub mod startup;
 pub mod telemetry;
+pub mod users;

@@ -24,11 +24,12 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument as _;
 
 use crate::api::error::{REQUEST_ID, X_REQUEST_ID};
-use crate::api::{self, admin, health, tokens};
+use crate::api::{self, admin, health, oauth, tokens, users};
 use crate::auth::{CallerRegistry, CallerSource};
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::idp::IdpClient;
+use crate::users::UserTokens;
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -101,6 +102,8 @@ pub struct App {
     reloader: Option<Reloader>,
     /// Serialises reloads so two cannot interleave their compare-and-drop.
     reloading: std::sync::Mutex<()>,
+    /// User tokens (authorization-code flow).
+    pub users: UserTokens,
     ready: AtomicBool,
 }
 
@@ -126,12 +129,14 @@ impl AppState {
     /// Builds the shared state from validated settings.
     pub fn new(settings: Settings, reloader: Option<Reloader>) -> Result<Self, StartupError> {
         let idp = IdpClient::new()?;
+        let users = UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
         let broker = Broker::new(settings.cache.clone(), idp);
         Ok(Self(Arc::new(App {
             broker,
             current: ArcSwap::from_pointee(Snapshot::new(settings)),
             reloader,
             reloading: std::sync::Mutex::new(()),
+            users,
             ready: AtomicBool::new(true),
         })))
     }
@@ -206,6 +211,19 @@ pub fn router(state: AppState) -> Router {
             get(tokens::get_token).delete(tokens::delete_token),
         )
         .route("/v1/admin/reload", post(admin::reload))
+        .route("/t/{tenant}/{environment}/oauth/token", post(oauth::token))
+        .route(
+            "/v1/users/{tenant}/{environment}/authorize",
+            post(users::authorize),
+        )
+        .route(
+            "/v1/users/{tenant}/{environment}/sessions",
+            post(users::create_session),
+        )
+        .route(
+            "/v1/users/handles/{handle}",
+            get(users::get_user_token).delete(users::delete_user_token),
+        )
         .route("/livez", get(health::livez))
         .route("/readyz", get(health::readyz))
         .route_layer(middleware::from_fn(record_route))

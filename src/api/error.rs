@@ -3,9 +3,9 @@
 //! Handlers and extractors return [`ApiError`]; [`IntoResponse`] turns it into the JSON body of
 //! API.md §2 (`error`, `error_description`, `request_id`) with the right status and headers, and
 //! logs it once with its cause chain. Descriptions say what to do next and never carry a secret,
-//! a caller key, a token or an upstream body.
+//! a caller key, a token or an upstream body. The OAuth2 facade maps its own RFC 6749 §5.2 errors
+//! in [`super::oauth`] and shares the request id, `Retry-After` and logging helpers here.
 
-use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +13,12 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::api::access::AccessError;
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::config::ConfigError;
 use crate::startup::ReloadError;
+use crate::users::UserError;
 
 tokio::task_local! {
     /// The id of the request being served, for error bodies.
@@ -54,9 +56,30 @@ pub enum ApiError {
     /// The broker could not hand out a token.
     #[error(transparent)]
     Broker(Arc<BrokerError>),
+    /// A user-token request failed.
+    #[error(transparent)]
+    Users(#[from] UserError),
     /// A reload was refused; the old configuration keeps serving.
     #[error("{0}")]
     Reload(#[from] ReloadError),
+}
+
+impl From<AccessError> for ApiError {
+    fn from(error: AccessError) -> Self {
+        match error {
+            AccessError::InvalidRequest(message) => Self::InvalidRequest(message),
+            AccessError::Forbidden {
+                caller,
+                tenant,
+                environment,
+            } => Self::Forbidden {
+                caller,
+                tenant,
+                environment,
+            },
+            AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
+        }
+    }
 }
 
 impl From<Arc<BrokerError>> for ApiError {
@@ -70,8 +93,15 @@ struct ErrorBody<'a> {
     error: &'static str,
     error_description: String,
     request_id: &'a str,
+    /// Every problem of a refused configuration, with `invalid_configuration`.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     problems: &'a [String],
+    /// Where to send the user, with `reauthorization_required`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorization_url: Option<&'a str>,
+    /// The state of that URL, with `reauthorization_required`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a str>,
 }
 
 impl ApiError {
@@ -88,16 +118,17 @@ impl ApiError {
             Self::Reload(ReloadError::Config(_)) => {
                 (StatusCode::BAD_REQUEST, "invalid_configuration")
             }
-            Self::Broker(error) => match error.as_ref() {
-                BrokerError::MinTtlTooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
-                BrokerError::Rejected { .. } | BrokerError::LifetimeBelowMinimum { .. } => {
-                    (StatusCode::BAD_GATEWAY, "upstream_rejected")
+            Self::Broker(error) => broker_status_and_code(error),
+            Self::Users(error) => match error {
+                UserError::NotEnabled { .. } | UserError::UnknownHandle => {
+                    (StatusCode::NOT_FOUND, "not_found")
                 }
-                BrokerError::Unavailable { .. }
-                | BrokerError::RateLimited { .. }
-                | BrokerError::QuotaExhausted { .. } => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+                UserError::UnknownState => (StatusCode::BAD_REQUEST, "invalid_request"),
+                UserError::CodeRejected { .. } => (StatusCode::BAD_REQUEST, "invalid_grant"),
+                UserError::ReauthorizationRequired(_) => {
+                    (StatusCode::UNAUTHORIZED, "reauthorization_required")
                 }
+                UserError::Token(error) => broker_status_and_code(error),
             },
         }
     }
@@ -105,34 +136,73 @@ impl ApiError {
     /// How long the caller should wait before retrying, for 503s.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Broker(error) => error.retry_after(),
+            Self::Broker(error) => broker_retry_after(error),
+            Self::Users(UserError::Token(error)) => broker_retry_after(error),
             _ => None,
         }
     }
+}
 
-    fn log(&self, status: StatusCode) {
+/// Status and API.md §2 code of a broker failure.
+pub(super) fn broker_status_and_code(error: &BrokerError) -> (StatusCode, &'static str) {
+    match error {
+        BrokerError::MinTtlTooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+        BrokerError::Rejected { .. } | BrokerError::LifetimeBelowMinimum { .. } => {
+            (StatusCode::BAD_GATEWAY, "upstream_rejected")
+        }
+        BrokerError::Unavailable { .. }
+        | BrokerError::RateLimited { .. }
+        | BrokerError::QuotaExhausted { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+        }
+    }
+}
+
+/// How long a caller should wait after a broker failure, for 503s.
+pub(super) fn broker_retry_after(error: &BrokerError) -> Option<Duration> {
+    error.retry_after()
+}
+
+/// Logs a failed request once, where it becomes a response: server errors with their cause
+/// chain at WARN, refusals at DEBUG.
+pub(super) fn log_failure(error: &dyn std::error::Error, status: StatusCode) {
+    if status.is_server_error() {
         let mut chain = String::new();
-        let mut source = self.source();
+        let mut source = error.source();
         while let Some(cause) = source {
             chain.push_str(": ");
             chain.push_str(&cause.to_string());
             source = cause.source();
         }
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %self, cause = %chain, "request failed");
-        } else {
-            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
-        }
+        tracing::warn!(status = status.as_u16(), error = %error, cause = %chain, "request failed");
+    } else {
+        tracing::debug!(status = status.as_u16(), error = %error, "request refused");
     }
+}
+
+/// The id of the request being served (empty outside a request).
+pub(super) fn request_id() -> Arc<str> {
+    REQUEST_ID
+        .try_with(Arc::clone)
+        .unwrap_or_else(|_| Arc::from(""))
+}
+
+/// A `Retry-After` value in whole seconds, rounded up so a caller never retries before the
+/// broker would try again, and at least 1.
+pub(super) fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        self.log(status);
-        let request_id = REQUEST_ID
-            .try_with(Arc::clone)
-            .unwrap_or_else(|_| Arc::from(""));
+        log_failure(&self, status);
+        let request_id = request_id();
+        let authorization = match &self {
+            Self::Users(UserError::ReauthorizationRequired(authorization)) => Some(authorization),
+            _ => None,
+        };
         let problems = match &self {
             Self::Reload(ReloadError::Config(ConfigError::Invalid(problems))) => {
                 problems.as_slice()
@@ -144,6 +214,8 @@ impl IntoResponse for ApiError {
             error_description: self.to_string(),
             request_id: &request_id,
             problems,
+            authorization_url: authorization.map(|a| a.url.as_str()),
+            state: authorization.map(|a| a.state.as_str()),
         };
         let mut response = (
             status,
@@ -156,9 +228,7 @@ impl IntoResponse for ApiError {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let Some(wait) = self.retry_after() {
-            // Round up so a caller never retries before the broker would try again.
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            headers.insert(header::RETRY_AFTER, retry_after_value(wait));
         }
         response
     }

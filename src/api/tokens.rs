@@ -1,10 +1,9 @@
 //! `GET` and `DELETE /v1/tokens/{tenant}/{environment}`: tokens for callers.
 //!
 //! Both authenticate the caller (401), parse and bound the query (400), authorise the caller for
-//! the tenant, environment and audience (403), and only then look at configuration (404) and the
-//! cache. A caller never learns whether a tenant it may not use exists.
+//! the tenant, environment and audience (403, [`access`]), and only then look at configuration
+//! (404) and the cache. A caller never learns whether a tenant it may not use exists.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
@@ -15,13 +14,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::api::ApiError;
+use crate::api::access::{self, Authorised, TokenRequest, check_value, printable};
 use crate::auth::{Authenticated, Caller};
-use crate::broker::{CacheStatus, Lease, TokenKey};
-use crate::config::EnvironmentSettings;
+use crate::broker::{CacheStatus, Lease};
 use crate::startup::AppState;
-
-/// Longest accepted query value (audience, scope, min_ttl).
-const MAX_VALUE_LEN: usize = 1024;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 static JSON: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
@@ -29,75 +25,49 @@ static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 static HIT: HeaderValue = HeaderValue::from_static("hit");
 static MISS: HeaderValue = HeaderValue::from_static("miss");
 
-/// The query of a token request, validated.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct TokenQuery {
-    audience: Option<String>,
-    scope: String,
-    min_ttl: Option<Duration>,
-}
-
-impl TokenQuery {
-    fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
-        let mut query = Self::default();
-        let mut seen = [false; 3];
-        for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
-            let index = match name.as_ref() {
-                "audience" => 0,
-                "scope" => 1,
-                "min_ttl" => 2,
-                other => {
-                    return Err(ApiError::InvalidRequest(format!(
-                        "unknown query parameter '{}'; expected audience, scope or min_ttl",
-                        printable(other)
-                    )));
-                }
-            };
-            if std::mem::replace(&mut seen[index], true) {
+/// Parses and bounds the query of a token request: `audience`, `scope` and `min_ttl`, each at
+/// most once.
+pub(super) fn parse_query(raw: Option<&str>) -> Result<TokenRequest, ApiError> {
+    let mut query = TokenRequest::default();
+    let mut seen = [false; 3];
+    for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        let index = match name.as_ref() {
+            "audience" => 0,
+            "scope" => 1,
+            "min_ttl" => 2,
+            other => {
                 return Err(ApiError::InvalidRequest(format!(
-                    "query parameter '{name}' is given more than once"
+                    "unknown query parameter '{}'; expected audience, scope or min_ttl",
+                    printable(other)
                 )));
             }
-            if value.len() > MAX_VALUE_LEN {
-                return Err(ApiError::InvalidRequest(format!(
-                    "query parameter '{name}' is longer than {MAX_VALUE_LEN} bytes"
-                )));
-            }
-            if value.chars().any(char::is_control) {
-                return Err(ApiError::InvalidRequest(format!(
-                    "query parameter '{name}' has non-printable characters"
-                )));
-            }
-            match index {
-                0 if value.trim().is_empty() => {
-                    return Err(ApiError::InvalidRequest(
-                        "audience is empty; leave it out to use the environment's default".into(),
-                    ));
-                }
-                0 => query.audience = Some(value.into_owned()),
-                1 => query.scope = value.into_owned(),
-                _ => {
-                    let secs = value.parse::<u64>().map_err(|_| {
-                        ApiError::InvalidRequest("min_ttl must be a whole number of seconds".into())
-                    })?;
-                    query.min_ttl = Some(Duration::from_secs(secs));
-                }
-            }
+        };
+        if std::mem::replace(&mut seen[index], true) {
+            return Err(ApiError::InvalidRequest(format!(
+                "query parameter '{name}' is given more than once"
+            )));
         }
-        Ok(query)
+        check_value(&name, &value)?;
+        match index {
+            0 if value.trim().is_empty() => {
+                return Err(ApiError::InvalidRequest(
+                    "audience is empty; leave it out to use the environment's default".into(),
+                ));
+            }
+            0 => query.audience = Some(value.into_owned()),
+            1 => query.scope = value.into_owned(),
+            _ => query.min_ttl = Some(parse_min_ttl(&value)?),
+        }
     }
+    Ok(query)
 }
 
-/// A short, printable rendering of untrusted text for error messages.
-fn printable(text: &str) -> String {
-    text.chars().filter(|c| !c.is_control()).take(64).collect()
-}
-
-/// A request that passed authentication, query validation and authorisation.
-struct Authorised {
-    environment: Arc<EnvironmentSettings>,
-    key: TokenKey,
-    min_ttl: Option<Duration>,
+/// `min_ttl` as a whole number of seconds.
+pub(super) fn parse_min_ttl(value: &str) -> Result<Duration, ApiError> {
+    value
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| ApiError::InvalidRequest("min_ttl must be a whole number of seconds".into()))
 }
 
 fn authorise(
@@ -108,46 +78,14 @@ fn authorise(
     raw_query: Option<&str>,
 ) -> Result<Authorised, ApiError> {
     tracing::Span::current().record("caller", &*caller.name);
-    let query = TokenQuery::parse(raw_query)?;
-    let settings = state
-        .current()
-        .settings
-        .environment(tenant, environment)
-        .cloned();
-    let default_audience = settings.as_ref().and_then(|s| s.audience.as_deref());
-    let audience = query.audience.as_deref().or(default_audience);
-    if !caller.may_use(tenant, environment, audience) {
-        return Err(ApiError::Forbidden {
-            caller: Arc::clone(&caller.name),
-            tenant: printable(tenant),
-            environment: printable(environment),
-        });
-    }
-    let Some(audience) = audience else {
-        if settings.is_none() {
-            return Err(not_configured(tenant, environment));
-        }
-        return Err(ApiError::InvalidRequest(format!(
-            "no audience: add ?audience=... or configure a default audience for {tenant}/{environment}"
-        )));
-    };
-    let key = TokenKey::new(tenant, environment, audience, &query.scope);
-    let Some(settings) = settings else {
-        return Err(not_configured(tenant, environment));
-    };
-    Ok(Authorised {
-        environment: settings,
-        key,
-        min_ttl: query.min_ttl,
-    })
-}
-
-fn not_configured(tenant: &str, environment: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "no environment {}/{} is configured",
-        printable(tenant),
-        printable(environment)
-    ))
+    let request = parse_query(raw_query)?;
+    Ok(access::authorise(
+        state,
+        caller,
+        tenant,
+        environment,
+        request,
+    )?)
 }
 
 /// `GET /v1/tokens/{tenant}/{environment}`: a valid token, from cache when possible.
@@ -165,7 +103,8 @@ pub async fn get_token(
     Ok(token_response(&lease))
 }
 
-fn token_response(lease: &Lease) -> Response {
+/// A 200 with the token body of API.md §1, `Cache-Control: no-store` and `x-cache`.
+pub(super) fn token_response(lease: &Lease) -> Response {
     let status = match lease.status {
         CacheStatus::Hit => HIT.clone(),
         CacheStatus::Miss => MISS.clone(),
@@ -230,12 +169,11 @@ mod tests {
 
     #[test]
     fn query_parsing() {
-        let q =
-            TokenQuery::parse(Some("audience=https%3A%2F%2Fapi&scope=b+a+a&min_ttl=30")).unwrap();
+        let q = parse_query(Some("audience=https%3A%2F%2Fapi&scope=b+a+a&min_ttl=30")).unwrap();
         assert_eq!(q.audience.as_deref(), Some("https://api"));
         assert_eq!(q.scope, "b a a");
         assert_eq!(q.min_ttl, Some(Duration::from_secs(30)));
-        assert_eq!(TokenQuery::parse(None).unwrap(), TokenQuery::default());
+        assert_eq!(parse_query(None).unwrap(), TokenRequest::default());
         for bad in [
             "min_ttl=1.5",
             "min_ttl=-1",
@@ -244,9 +182,9 @@ mod tests {
             "scope=a&scope=b",
             "audience=%07",
         ] {
-            assert!(TokenQuery::parse(Some(bad)).is_err(), "{bad}");
+            assert!(parse_query(Some(bad)).is_err(), "{bad}");
         }
-        let long = format!("audience={}", "a".repeat(MAX_VALUE_LEN + 1));
-        assert!(TokenQuery::parse(Some(&long)).is_err());
+        let long = format!("audience={}", "a".repeat(access::MAX_VALUE_LEN + 1));
+        assert!(parse_query(Some(&long)).is_err());
     }
 }

@@ -43,7 +43,6 @@ impl Upstream {
         }
     }
 
-
     /// How long requests must still wait after a 429, if they must.
     pub fn blocked_for(&self, now: Instant) -> Option<Duration> {
         lock(&self.blocked_until)

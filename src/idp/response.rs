@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::header::HeaderMap;
+use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::{AccessToken, IdpError};
@@ -58,13 +59,14 @@ struct TokenBody {
     token_type: Option<String>,
     expires_in: Option<serde_json::Value>,
     scope: Option<String>,
+    refresh_token: Option<SecretString>,
 }
 
-/// Parses a 2xx body into a token, resolving its lifetime.
-pub(super) fn parse_token(
+/// Parses a 2xx body into a token, resolving its lifetime, and the refresh token if any.
+pub(super) fn parse_grant(
     body: &[u8],
     default_lifetime: Duration,
-) -> Result<IssuedToken, IdpError> {
+) -> Result<(IssuedToken, Option<SecretString>), IdpError> {
     let parsed: TokenBody =
         serde_json::from_slice(body).map_err(|_| IdpError::InvalidResponse("not a JSON object"))?;
     let access_token = parsed
@@ -82,7 +84,7 @@ pub(super) fn parse_token(
         ))?,
         None => jwt_lifetime(&access_token, SystemTime::now()).unwrap_or(default_lifetime),
     };
-    Ok(IssuedToken {
+    let token = IssuedToken {
         access_token: AccessToken::new(access_token),
         token_type: parsed
             .token_type
@@ -90,7 +92,11 @@ pub(super) fn parse_token(
             .unwrap_or_else(|| "Bearer".to_owned()),
         lifetime,
         scope: parsed.scope.filter(|s| !s.is_empty()),
-    })
+    };
+    let refresh_token = parsed
+        .refresh_token
+        .filter(|t| !secrecy::ExposeSecret::expose_secret(t).is_empty());
+    Ok((token, refresh_token))
 }
 
 /// `3599`, `3599.0` or `"3599"` as a duration; negative or non-numeric is `None`.
@@ -159,6 +165,22 @@ mod tests {
     use reqwest::header::HeaderValue;
 
     const DEFAULT: Duration = Duration::from_secs(300);
+
+    fn parse_token(body: &[u8], default_lifetime: Duration) -> Result<IssuedToken, IdpError> {
+        parse_grant(body, default_lifetime).map(|(token, _)| token)
+    }
+
+    #[test]
+    fn refresh_tokens_are_read_when_present() {
+        let body = br#"{"access_token":"t","expires_in":60,"refresh_token":"r-1"}"#;
+        let (_, refresh) = parse_grant(body, DEFAULT).unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(&refresh.unwrap()),
+            "r-1"
+        );
+        let body = br#"{"access_token":"t","refresh_token":""}"#;
+        assert!(parse_grant(body, DEFAULT).unwrap().1.is_none());
+    }
 
     fn jwt_with_exp(exp: u64) -> String {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);

@@ -114,9 +114,17 @@ pub async fn spawn_with_toml(idp: MockServer, toml: &str) -> TestApp {
 
 /// Starts the broker with TOML `layers`, each over the one before.
 pub async fn spawn_with_layers(idp: MockServer, layers: &[&str]) -> TestApp {
+    spawn_with_env(idp, layers, &|_| None).await
+}
+
+/// Starts the broker with TOML `layers`, reading `*_env` settings through `env`.
+pub async fn spawn_with_env(
+    idp: MockServer,
+    layers: &[&str],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> TestApp {
     init_tracing();
-    let settings =
-        Settings::from_toml_layers(layers, &|_| None).expect("test configuration is valid");
+    let settings = Settings::from_toml_layers(layers, env).expect("test configuration is valid");
     start(idp, settings, None).await
 }
 
@@ -298,6 +306,123 @@ pub async fn resetting_server() -> (String, Arc<AtomicU64>) {
         }
     });
     (url, accepted)
+}
+
+/// The fields of a form-encoded body, in order.
+pub fn form_fields(body: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(body).into_owned().collect()
+}
+
+/// The IdP login page configured for user tokens in acme/production.
+pub const AUTHORIZE_URL: &str = "https://login.acme.example/authorize?connection=corp";
+/// The calling service's callback configured for user tokens in acme/production.
+pub const REDIRECT_URI: &str = "https://app.example/callback";
+
+/// Starts the broker with user tokens configured for acme/production.
+pub async fn spawn_user_app() -> TestApp {
+    spawn_app_with(&format!(
+        r#"
+        [tenants.acme.environments.production]
+        authorize_url = "{AUTHORIZE_URL}"
+        redirect_uri = "{REDIRECT_URI}"
+        "#
+    ))
+    .await
+}
+
+impl TestApp {
+    /// `POST /v1/users/{tenant_environment}/authorize` with `key` and a JSON body.
+    pub async fn authorize(&self, tenant_environment: &str, key: &str, body: Value) -> Answer {
+        let url = format!("{}/v1/users/{tenant_environment}/authorize", self.url);
+        let request = self
+            .http
+            .post(url)
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        answer(request.send().await.expect("request")).await
+    }
+
+    /// `POST /v1/users/{tenant_environment}/sessions` with `key`, `code` and `state`.
+    pub async fn create_session(
+        &self,
+        tenant_environment: &str,
+        key: &str,
+        code: &str,
+        state: &str,
+    ) -> Answer {
+        let url = format!("{}/v1/users/{tenant_environment}/sessions", self.url);
+        let body = json!({ "code": code, "state": state });
+        let request = self
+            .http
+            .post(url)
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        answer(request.send().await.expect("request")).await
+    }
+
+    /// `GET /v1/users/handles/{handle_and_query}` with `key`.
+    pub async fn user_token(&self, handle_and_query: &str, key: &str) -> Answer {
+        let url = format!("{}/v1/users/handles/{handle_and_query}", self.url);
+        let request = self.http.get(url).bearer_auth(key);
+        answer(request.send().await.expect("request")).await
+    }
+
+    /// `DELETE /v1/users/handles/{handle}` with `key`.
+    pub async fn forget_user(&self, handle: &str, key: &str) -> Answer {
+        let url = format!("{}/v1/users/handles/{handle}", self.url);
+        let request = self.http.delete(url).bearer_auth(key);
+        answer(request.send().await.expect("request")).await
+    }
+}
+
+/// The query parameters of a URL, in order.
+pub fn query_fields(url: &str) -> Vec<(String, String)> {
+    let url = reqwest::Url::parse(url).expect("a URL");
+    url.query_pairs().into_owned().collect()
+}
+
+/// Matches a form-encoded token request whose fields are exactly `expected`, in order.
+pub struct ExactForm(pub Vec<(String, String)>);
+
+impl ExactForm {
+    /// Builds the matcher from string pairs.
+    pub fn of(fields: &[(&str, &str)]) -> Self {
+        Self(
+            fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+}
+
+impl wiremock::Match for ExactForm {
+    fn matches(&self, request: &Request) -> bool {
+        let form = request
+            .headers
+            .get("content-type")
+            .is_some_and(|v| v == "application/x-www-form-urlencoded");
+        form && form_fields(&request.body) == self.0
+    }
+}
+
+/// A token answer with an optional refresh token.
+pub fn user_token_body(
+    access_token: &str,
+    expires_in: u64,
+    refresh_token: Option<&str>,
+) -> ResponseTemplate {
+    let mut body = json!({
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+    });
+    if let Some(refresh_token) = refresh_token {
+        body["refresh_token"] = json!(refresh_token);
+    }
+    ResponseTemplate::new(200).set_body_json(body)
 }
 
 /// A URL of a port nothing listens on.

@@ -1,0 +1,155 @@
+//! Which token a caller may have: the validation and authorisation shared by `/v1/tokens`, the
+//! OAuth2 facade and user tokens, so that every way in applies the same allow rules.
+//!
+//! The order is fixed: the caller is already authenticated (401); then the caller is authorised
+//! for the tenant, environment and audience (403), and only then does configuration answer (404).
+//! A caller never learns whether a tenant it may not use exists. Failures are an [`AccessError`],
+//! which each API maps to its own error shape (API.md §2 or RFC 6749 §5.2).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Caller;
+use crate::broker::TokenKey;
+use crate::config::EnvironmentSettings;
+use crate::startup::AppState;
+
+/// Longest accepted request value (audience, scope, min_ttl, code, state).
+pub const MAX_VALUE_LEN: usize = 1024;
+
+/// Why a caller may not have the token it asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// A malformed value, or no audience and no default.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The caller may not use this tenant / environment / audience.
+    #[error("caller '{caller}' may not use {tenant}/{environment}")]
+    Forbidden {
+        /// The authenticated caller.
+        caller: Arc<str>,
+        /// The tenant asked for.
+        tenant: String,
+        /// The environment asked for.
+        environment: String,
+    },
+    /// Allowed, but no such tenant / environment is configured.
+    #[error("no environment {tenant}/{environment} is configured")]
+    NotConfigured {
+        /// The tenant asked for.
+        tenant: String,
+        /// The environment asked for.
+        environment: String,
+    },
+}
+
+/// What a caller asks for, parsed but not yet authorised.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TokenRequest {
+    /// The audience named by the caller; `None` for the environment's default.
+    pub audience: Option<String>,
+    /// Space-separated scopes, not yet normalised.
+    pub scope: String,
+    /// Validity the caller needs left on the token.
+    pub min_ttl: Option<Duration>,
+}
+
+/// A request that passed authentication, validation and authorisation.
+pub struct Authorised {
+    /// The settings of the environment asked for.
+    pub environment: Arc<EnvironmentSettings>,
+    /// The token the caller may have.
+    pub key: TokenKey,
+    /// Validity the caller needs left on the token.
+    pub min_ttl: Option<Duration>,
+}
+
+/// Authorises `caller` for `request` in `tenant`/`environment`, resolving the default audience.
+pub fn authorise(
+    state: &AppState,
+    caller: &Caller,
+    tenant: &str,
+    environment: &str,
+    request: TokenRequest,
+) -> Result<Authorised, AccessError> {
+    let settings = state
+        .current()
+        .settings
+        .environment(tenant, environment)
+        .cloned();
+    let default_audience = settings.as_ref().and_then(|s| s.audience.as_deref());
+    let audience = request.audience.as_deref().or(default_audience);
+    if !caller.may_use(tenant, environment, audience) {
+        return Err(forbidden(caller, tenant, environment));
+    }
+    let Some(audience) = audience else {
+        if settings.is_none() {
+            return Err(not_configured(tenant, environment));
+        }
+        return Err(AccessError::InvalidRequest(format!(
+            "no audience: send audience=... or configure a default audience for {tenant}/{environment}"
+        )));
+    };
+    let key = TokenKey::new(tenant, environment, audience, &request.scope);
+    let Some(settings) = settings else {
+        return Err(not_configured(tenant, environment));
+    };
+    Ok(Authorised {
+        environment: settings,
+        key,
+        min_ttl: request.min_ttl,
+    })
+}
+
+/// Authorises `caller` again for a token it was granted earlier (a user-token handle), so that
+/// allow rules changed since then apply; returns the environment's current settings.
+pub fn authorise_key(
+    state: &AppState,
+    caller: &Caller,
+    key: &TokenKey,
+) -> Result<Arc<EnvironmentSettings>, AccessError> {
+    if !caller.may_use(&key.tenant, &key.environment, Some(&key.audience)) {
+        return Err(forbidden(caller, &key.tenant, &key.environment));
+    }
+    state
+        .current()
+        .settings
+        .environment(&key.tenant, &key.environment)
+        .cloned()
+        .ok_or_else(|| not_configured(&key.tenant, &key.environment))
+}
+
+/// Refuses an over-long value or one with control characters.
+pub fn check_value(name: &str, value: &str) -> Result<(), AccessError> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(AccessError::InvalidRequest(format!(
+            "'{name}' is longer than {MAX_VALUE_LEN} bytes"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(AccessError::InvalidRequest(format!(
+            "'{name}' has non-printable characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A short, printable rendering of untrusted text for error messages.
+pub fn printable(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(64).collect()
+}
+
+fn forbidden(caller: &Caller, tenant: &str, environment: &str) -> AccessError {
+    AccessError::Forbidden {
+        caller: Arc::clone(&caller.name),
+        tenant: printable(tenant),
+        environment: printable(environment),
+    }
+}
+
+fn not_configured(tenant: &str, environment: &str) -> AccessError {
+    AccessError::NotConfigured {
+        tenant: printable(tenant),
+        environment: printable(environment),
+    }
+}

@@ -1,0 +1,504 @@
+//! `POST /t/{tenant}/{environment}/oauth/token`: the OAuth2-compatible facade (API.md §1).
+//!
+//! A service that points an OAuth2 or Auth0 client library at an IdP switches to the broker by
+//! changing only the token URL: its broker caller name and key are the client id and secret, in
+//! the body or with HTTP Basic (RFC 6749 §2.3.1), the grant is `client_credentials`, and
+//! `audience` (or `resource`) and `scope` mean what they mean for `GET /v1/tokens`. The request
+//! goes through the same authorisation ([`access`]) and the same broker call, so both routes share
+//! cached tokens. Answers are RFC 6749 §5.1 bodies; failures are [`OAuthError`]s, turned into
+//! §5.2 bodies in one place here.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::api::access::{self, AccessError, TokenRequest, check_value, printable};
+use crate::api::error::{
+    broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
+};
+use crate::auth::{AuthError, Caller, CallerRegistry, CallerSource as _};
+use crate::broker::{BrokerError, CacheStatus, Lease};
+use crate::startup::AppState;
+
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// A failed facade request, as an RFC 6749 §5.2 error.
+#[derive(Debug, thiserror::Error)]
+pub enum OAuthError {
+    /// A malformed request: body, parameters, or more than one client authentication method.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No client credentials, or wrong ones.
+    #[error("{0}")]
+    InvalidClient(&'static str),
+    /// The caller may not use this tenant / environment / audience.
+    #[error("caller '{caller}' may not use {tenant}/{environment}")]
+    UnauthorizedClient {
+        /// The authenticated caller.
+        caller: Arc<str>,
+        /// The tenant asked for.
+        tenant: String,
+        /// The environment asked for.
+        environment: String,
+    },
+    /// A grant type other than `client_credentials`.
+    #[error("grant_type '{0}' is not supported here; use client_credentials")]
+    UnsupportedGrantType(String),
+    /// A malformed scope, or one the IdP refused.
+    #[error("{0}")]
+    InvalidScope(String),
+    /// Allowed, but no such tenant / environment is configured.
+    #[error("{0}")]
+    NotFound(String),
+    /// The body is over `server.max_body_bytes`.
+    #[error("the request body is over the size limit")]
+    PayloadTooLarge,
+    /// The broker could not hand out a token.
+    #[error(transparent)]
+    Broker(Arc<BrokerError>),
+}
+
+impl From<AccessError> for OAuthError {
+    fn from(error: AccessError) -> Self {
+        match error {
+            AccessError::InvalidRequest(message) => Self::InvalidRequest(message),
+            AccessError::Forbidden {
+                caller,
+                tenant,
+                environment,
+            } => Self::UnauthorizedClient {
+                caller,
+                tenant,
+                environment,
+            },
+            AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
+        }
+    }
+}
+
+impl From<Arc<BrokerError>> for OAuthError {
+    fn from(error: Arc<BrokerError>) -> Self {
+        match error.as_ref() {
+            BrokerError::Rejected { code, .. } if code == "invalid_scope" => {
+                Self::InvalidScope("the IdP refused the requested scope (invalid_scope)".into())
+            }
+            _ => Self::Broker(error),
+        }
+    }
+}
+
+impl OAuthError {
+    /// Status and RFC 6749 §5.2 `error` code (API.md §2 codes for upstream failures).
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::InvalidClient(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
+            Self::UnauthorizedClient { .. } => (StatusCode::BAD_REQUEST, "unauthorized_client"),
+            Self::UnsupportedGrantType(_) => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
+            Self::InvalidScope(_) => (StatusCode::BAD_REQUEST, "invalid_scope"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
+            Self::Broker(error) => broker_status_and_code(error),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'static str,
+    error_description: String,
+    request_id: &'a str,
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        log_failure(&self, status);
+        let request_id = request_id();
+        let body = ErrorBody {
+            error: code,
+            error_description: self.to_string(),
+            request_id: &request_id,
+        };
+        let mut response = (status, no_store(), axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            let challenge = HeaderValue::from_static(r#"Basic realm="token-broker""#);
+            headers.insert(WWW_AUTHENTICATE, challenge);
+        }
+        if let Self::Broker(error) = &self
+            && let Some(wait) = broker_retry_after(error)
+        {
+            headers.insert(axum::http::header::RETRY_AFTER, retry_after_value(wait));
+        }
+        response
+    }
+}
+
+/// The RFC 6749 §5.1 success body.
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    access_token: &'a str,
+    token_type: &'a str,
+    expires_in: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+}
+
+/// `POST /t/{tenant}/{environment}/oauth/token`: a client-credentials token for an OAuth2 client.
+pub async fn token(
+    State(state): State<AppState>,
+    Path((tenant, environment)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OAuthError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            OAuthError::PayloadTooLarge
+        } else {
+            OAuthError::InvalidRequest("the request body could not be read".into())
+        }
+    })?;
+    let params = Params::parse(&headers, &body)?;
+    let caller = authenticate(&state.caller_registry(), &headers, &params)?;
+    tracing::Span::current().record("caller", &*caller.name);
+    let params = params.checked()?;
+    match params.grant_type.as_deref() {
+        Some("client_credentials") => {}
+        Some(other) => return Err(OAuthError::UnsupportedGrantType(printable(other))),
+        None => {
+            return Err(OAuthError::InvalidRequest(
+                "grant_type is missing; use client_credentials".into(),
+            ));
+        }
+    }
+    let audience = match (params.audience, params.resource) {
+        (Some(audience), Some(resource)) if audience != resource => {
+            return Err(OAuthError::InvalidRequest(
+                "audience and resource differ; send one of them".into(),
+            ));
+        }
+        (audience, resource) => audience.or(resource),
+    };
+    let request = TokenRequest {
+        audience,
+        scope: params.scope.unwrap_or_default(),
+        min_ttl: None,
+    };
+    let authorised = access::authorise(&state, &caller, &tenant, &environment, request)?;
+    let lease = state
+        .broker
+        .get(&authorised.environment, &authorised.key, None)
+        .await?;
+    Ok(token_response(&lease))
+}
+
+fn token_response(lease: &Lease) -> Response {
+    let token = &lease.token;
+    let body = TokenBody {
+        access_token: token.access_token().expose(),
+        token_type: token.token_type(),
+        expires_in: token.remaining(SystemTime::now()).as_secs(),
+        scope: token.scope(),
+    };
+    let cache = match lease.status {
+        CacheStatus::Hit => "hit",
+        CacheStatus::Miss => "miss",
+    };
+    let headers = [
+        (CACHE_CONTROL, "no-store"),
+        (PRAGMA, "no-cache"),
+        (X_CACHE.clone(), cache),
+    ];
+    (StatusCode::OK, headers, axum::Json(body)).into_response()
+}
+
+/// RFC 6749 §5.1: token answers, and so their errors, must not be cached.
+fn no_store() -> [(HeaderName, &'static str); 2] {
+    [(CACHE_CONTROL, "no-store"), (PRAGMA, "no-cache")]
+}
+
+/// The parameters the facade reads; others are ignored (RFC 6749 §3.2), and an empty value is
+/// the same as none.
+#[derive(Default, Deserialize)]
+struct Params {
+    grant_type: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<SecretString>,
+    audience: Option<String>,
+    resource: Option<String>,
+    scope: Option<String>,
+}
+
+impl Params {
+    /// Reads a JSON (Auth0 style) or form (RFC 6749) body; a parameter given twice is refused.
+    /// Values are bounded by [`Params::checked`] once the client is authenticated.
+    fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Self, OAuthError> {
+        let media_type = headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::trim);
+        let params = match media_type {
+            Some(json) if json.eq_ignore_ascii_case("application/json") => {
+                // serde's message could quote a secret of the wrong type, so it is not passed on.
+                serde_json::from_slice::<Self>(body).map_err(|_| {
+                    OAuthError::InvalidRequest(
+                        "the body is not a JSON object of string parameters, each given once"
+                            .into(),
+                    )
+                })?
+            }
+            Some(form) if form.eq_ignore_ascii_case("application/x-www-form-urlencoded") => {
+                Self::from_form(body)?
+            }
+            _ => {
+                return Err(OAuthError::InvalidRequest(
+                    "Content-Type must be application/x-www-form-urlencoded or application/json"
+                        .into(),
+                ));
+            }
+        };
+        Ok(params.without_empty_values())
+    }
+
+    fn from_form(body: &[u8]) -> Result<Self, OAuthError> {
+        let mut params = Self::default();
+        for (name, value) in form_urlencoded::parse(body) {
+            let slot = match name.as_ref() {
+                "grant_type" => &mut params.grant_type,
+                "client_id" => &mut params.client_id,
+                "audience" => &mut params.audience,
+                "resource" => &mut params.resource,
+                "scope" => &mut params.scope,
+                "client_secret" => {
+                    if params.client_secret.is_some() {
+                        return Err(repeated("client_secret"));
+                    }
+                    params.client_secret = Some(SecretString::from(value.into_owned()));
+                    continue;
+                }
+                _ => continue,
+            };
+            if slot.replace(value.into_owned()).is_some() {
+                return Err(repeated(&name));
+            }
+        }
+        Ok(params)
+    }
+
+    fn without_empty_values(mut self) -> Self {
+        for value in [
+            &mut self.grant_type,
+            &mut self.client_id,
+            &mut self.audience,
+            &mut self.resource,
+            &mut self.scope,
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
+        }
+        if self
+            .client_secret
+            .as_ref()
+            .is_some_and(|secret| secret.expose_secret().is_empty())
+        {
+            self.client_secret = None;
+        }
+        self
+    }
+
+    /// Refuses over-long or non-printable values, and scopes outside RFC 6749 §3.3.
+    fn checked(self) -> Result<Self, OAuthError> {
+        let values = [
+            ("grant_type", &self.grant_type),
+            ("client_id", &self.client_id),
+            ("audience", &self.audience),
+            ("resource", &self.resource),
+        ];
+        for (name, value) in values {
+            if let Some(value) = value {
+                check_value(name, value)?;
+            }
+        }
+        if let Some(scope) = &self.scope {
+            check_scope(scope)?;
+        }
+        Ok(self)
+    }
+}
+
+fn repeated(name: &str) -> OAuthError {
+    OAuthError::InvalidRequest(format!(
+        "parameter '{}' is given more than once",
+        printable(name)
+    ))
+}
+
+/// RFC 6749 §3.3: space-separated tokens of printable ASCII other than `"` and `\`.
+fn check_scope(scope: &str) -> Result<(), OAuthError> {
+    if scope.len() > access::MAX_VALUE_LEN {
+        return Err(OAuthError::InvalidScope(format!(
+            "scope is longer than {} bytes",
+            access::MAX_VALUE_LEN
+        )));
+    }
+    let valid = |b: u8| b == b' ' || (b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    if !scope.bytes().all(valid) {
+        return Err(OAuthError::InvalidScope(
+            "scope has characters RFC 6749 §3.3 does not allow (control characters, quotes, backslashes or non-ASCII)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Authenticates the caller from HTTP Basic or body credentials, never both; with anonymous
+/// access on, a request with neither is the anonymous caller.
+fn authenticate(
+    registry: &CallerRegistry,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Arc<Caller>, OAuthError> {
+    const WRONG: &str = "client authentication failed: use the caller name as client_id and the caller key as client_secret";
+    let wrong = |_: AuthError| OAuthError::InvalidClient(WRONG);
+    let basic = match headers.get(AUTHORIZATION) {
+        Some(value) => Some(basic_credentials(value)?),
+        None => None,
+    };
+    match (basic, &params.client_id, &params.client_secret) {
+        (Some(_), _, Some(_)) => Err(OAuthError::InvalidRequest(
+            "client credentials are both in the Authorization header and in the body; use one method (RFC 6749 §2.3)".into(),
+        )),
+        (Some(basic), Some(body_id), None) if *body_id != basic.decoded_id => {
+            Err(OAuthError::InvalidRequest(
+                "client_id in the body differs from the one in the Authorization header".into(),
+            ))
+        }
+        (Some(basic), _, None) => basic
+            .candidates()
+            .find_map(|(id, key)| registry.authenticate_client(id, key).ok())
+            .ok_or(OAuthError::InvalidClient(WRONG)),
+        (None, Some(id), Some(secret)) => registry
+            .authenticate_client(id, secret.expose_secret())
+            .map_err(wrong),
+        (None, None, None) => registry.anonymous().ok_or(OAuthError::InvalidClient(
+            "client authentication required: send client_id and client_secret, in the body or with HTTP Basic",
+        )),
+        (None, _, _) => Err(OAuthError::InvalidClient(
+            "send both client_id (caller name) and client_secret (caller key)",
+        )),
+    }
+}
+
+/// Client credentials from `Authorization: Basic`.
+struct BasicCredentials {
+    raw_id: String,
+    raw_secret: SecretString,
+    decoded_id: String,
+    decoded_secret: SecretString,
+}
+
+impl BasicCredentials {
+    /// RFC 6749 §2.3.1 form-urlencodes id and secret before Base64, but many clients do not;
+    /// the decoded reading comes first, the raw one second when it differs.
+    fn candidates(&self) -> impl Iterator<Item = (&str, &str)> {
+        let decoded = (
+            self.decoded_id.as_str(),
+            self.decoded_secret.expose_secret(),
+        );
+        let raw = (self.raw_id.as_str(), self.raw_secret.expose_secret());
+        std::iter::once(decoded).chain((raw != decoded).then_some(raw))
+    }
+}
+
+fn basic_credentials(header: &HeaderValue) -> Result<BasicCredentials, OAuthError> {
+    const MALFORMED: &str =
+        "malformed Authorization header: expected Basic base64(client_id:client_secret)";
+    let malformed = || OAuthError::InvalidClient(MALFORMED);
+    let header = header.to_str().map_err(|_| malformed())?;
+    let encoded = match header.split_once(' ') {
+        Some((scheme, encoded)) if scheme.eq_ignore_ascii_case("basic") => encoded.trim(),
+        _ => return Err(malformed()),
+    };
+    let decoded = STANDARD.decode(encoded).map_err(|_| malformed())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
+    let (id, secret) = decoded.split_once(':').ok_or_else(malformed)?;
+    Ok(BasicCredentials {
+        raw_id: id.to_owned(),
+        raw_secret: SecretString::from(secret.to_owned()),
+        decoded_id: form_decode(id),
+        decoded_secret: SecretString::from(form_decode(secret)),
+    })
+}
+
+/// Undoes `application/x-www-form-urlencoded` encoding of one value (`+` is a space); a literal
+/// `&` or `=` is kept by escaping it before the value is parsed as one parameter name.
+fn form_decode(value: &str) -> String {
+    let escaped = value.replace('&', "%26").replace('=', "%3D");
+    form_urlencoded::parse(escaped.as_bytes())
+        .map(|(name, _)| name.into_owned())
+        .next()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(credentials: &str) -> HeaderValue {
+        HeaderValue::try_from(format!("Basic {}", STANDARD.encode(credentials))).unwrap()
+    }
+
+    #[test]
+    fn basic_credentials_are_read_encoded_and_raw() {
+        let credentials = basic_credentials(&basic("billing:a%2Bb+c")).unwrap();
+        let candidates: Vec<_> = credentials.candidates().collect();
+        assert_eq!(candidates, [("billing", "a+b c"), ("billing", "a%2Bb+c")]);
+        let plain = basic_credentials(&basic("billing:tbk_abc-DEF_1")).unwrap();
+        assert_eq!(plain.candidates().count(), 1);
+        for bad in ["Bearer x", "Basic !!!", "Basic"] {
+            let header = HeaderValue::from_static(bad);
+            assert!(matches!(
+                basic_credentials(&header),
+                Err(OAuthError::InvalidClient(_))
+            ));
+        }
+        assert!(basic_credentials(&basic("no-colon")).is_err());
+    }
+
+    #[test]
+    fn form_decoding_keeps_literal_separators() {
+        assert_eq!(form_decode("a%26b%3Dc"), "a&b=c");
+        assert_eq!(form_decode("a&b=c"), "a&b=c");
+    }
+
+    #[test]
+    fn scopes_follow_rfc6749() {
+        assert!(check_scope("read:things write:things").is_ok());
+        for bad in ["a\"b", "a\\b", "caf\u{e9}", "a\tb"] {
+            assert!(
+                matches!(check_scope(bad), Err(OAuthError::InvalidScope(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn forms_refuse_repeats_and_ignore_unknown_parameters() {
+        let params = Params::from_form(b"grant_type=client_credentials&foo=1&foo=2").unwrap();
+        assert_eq!(params.grant_type.as_deref(), Some("client_credentials"));
+        assert!(Params::from_form(b"scope=a&scope=b").is_err());
+        assert!(Params::from_form(b"client_secret=a&client_secret=b").is_err());
+    }
+}

@@ -1,0 +1,220 @@
+//! `/v1/users/...`: user tokens through the authorization-code flow.
+//!
+//! - `POST /v1/users/{tenant}/{environment}/authorize` → an authorization URL and its `state`;
+//! - `POST /v1/users/{tenant}/{environment}/sessions` with the returned `code` and `state` → a handle;
+//! - `GET /v1/users/handles/{handle}` → a fresh access token; `DELETE` forgets the handle.
+//!
+//! Every route authenticates the caller and applies its allow rules to the tenant, environment
+//! and audience ([`access`]), on each request (so a rule removed later applies to old handles
+//! too). A handle is bound to the caller that created it: to anyone else it does not exist.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::api::ApiError;
+use crate::api::access::{self, TokenRequest, check_value, printable};
+use crate::api::tokens::{parse_min_ttl, token_response};
+use crate::auth::Authenticated;
+use crate::startup::AppState;
+use crate::users::UserError;
+
+/// Longest handle looked up; anything longer is not one of ours.
+const MAX_HANDLE_LEN: usize = 64;
+
+/// The optional body of `POST .../authorize`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeBody {
+    audience: Option<String>,
+    scope: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AuthorizationBody<'a> {
+    authorization_url: &'a str,
+    state: &'a str,
+    expires_in: u64,
+}
+
+/// `POST /v1/users/{tenant}/{environment}/authorize`: an authorization URL for a user to open.
+pub async fn authorize(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path((tenant, environment)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    tracing::Span::current().record("caller", &*caller.name);
+    let body: AuthorizeBody = json_body(body, r#"{"audience": "...", "scope": "..."}"#)?;
+    let audience = body.audience.filter(|audience| !audience.trim().is_empty());
+    let scope = body.scope.unwrap_or_default();
+    if let Some(audience) = &audience {
+        check_value("audience", audience)?;
+    }
+    check_value("scope", &scope)?;
+    let request = TokenRequest {
+        audience,
+        scope,
+        min_ttl: None,
+    };
+    let authorised = access::authorise(&state, &caller, &tenant, &environment, request)?;
+    let authorization = state
+        .users
+        .start(
+            Arc::clone(&caller.name),
+            authorised.key,
+            &authorised.environment,
+        )
+        .await?;
+    let body = AuthorizationBody {
+        authorization_url: authorization.url.as_str(),
+        state: &authorization.state,
+        expires_in: authorization.expires_in.as_secs(),
+    };
+    Ok((StatusCode::OK, no_store(), Json(body)).into_response())
+}
+
+/// The body of `POST .../sessions`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionBody {
+    code: String,
+    state: String,
+}
+
+#[derive(Serialize)]
+struct HandleBody<'a> {
+    handle: &'a str,
+}
+
+/// `POST /v1/users/{tenant}/{environment}/sessions`: exchanges the code for a handle.
+pub async fn create_session(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path((tenant, environment)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    tracing::Span::current().record("caller", &*caller.name);
+    let body: Option<SessionBody> = json_body(body, r#"{"code": "...", "state": "..."}"#)?;
+    let Some(SessionBody {
+        code,
+        state: oauth_state,
+    }) = body
+    else {
+        return Err(ApiError::InvalidRequest(
+            r#"the body must be {"code": "...", "state": "..."}"#.into(),
+        ));
+    };
+    for (name, value) in [("code", &code), ("state", &oauth_state)] {
+        check_value(name, value)?;
+        if value.is_empty() {
+            return Err(ApiError::InvalidRequest(format!("'{name}' is empty")));
+        }
+    }
+    let pending = state
+        .users
+        .redeem(&caller.name, &tenant, &environment, &oauth_state)
+        .await?;
+    let settings = access::authorise_key(&state, &caller, &pending.key)?;
+    let handle = state.users.exchange(&pending, &settings, &code).await?;
+    let body = HandleBody { handle: &handle };
+    Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
+}
+
+/// `GET /v1/users/handles/{handle}?min_ttl=`: a user access token with enough validity left.
+pub async fn get_user_token(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(handle): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    tracing::Span::current().record("caller", &*caller.name);
+    let min_ttl = parse_handle_query(query.as_deref())?;
+    let session = state
+        .users
+        .session(&caller.name, known_form(&handle)?)
+        .await?;
+    let settings = access::authorise_key(&state, &caller, session.key())?;
+    let lease = state.users.token(&session, &settings, min_ttl).await?;
+    Ok(token_response(&lease))
+}
+
+/// `DELETE /v1/users/handles/{handle}`: forgets the session and its refresh token. 204 in every
+/// case, so a caller cannot probe for other callers' handles.
+pub async fn delete_user_token(
+    State(state): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(handle): Path<String>,
+) -> StatusCode {
+    tracing::Span::current().record("caller", &*caller.name);
+    if let Ok(handle) = known_form(&handle)
+        && state.users.forget(&caller.name, handle).await
+    {
+        tracing::info!(caller = %caller.name, "user session forgotten on request");
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// The handle when it could be one of ours; a 404 otherwise, without a lookup.
+fn known_form(handle: &str) -> Result<&str, ApiError> {
+    let plausible = handle.len() <= MAX_HANDLE_LEN
+        && handle
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plausible {
+        Ok(handle)
+    } else {
+        Err(UserError::UnknownHandle.into())
+    }
+}
+
+fn parse_handle_query(raw: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let mut min_ttl = None;
+    for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if name != "min_ttl" {
+            return Err(ApiError::InvalidRequest(format!(
+                "unknown query parameter '{}'; expected min_ttl",
+                printable(&name)
+            )));
+        }
+        if min_ttl.is_some() {
+            return Err(ApiError::InvalidRequest(
+                "query parameter 'min_ttl' is given more than once".into(),
+            ));
+        }
+        min_ttl = Some(parse_min_ttl(&value)?);
+    }
+    Ok(min_ttl)
+}
+
+/// A JSON body; an empty body is `T::default()`. Serde's message is not passed on, since it
+/// could quote a value.
+fn json_body<T: DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+    expected: &str,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::InvalidRequest("the request body could not be read".into())
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body)
+        .map_err(|_| ApiError::InvalidRequest(format!("the body must be JSON like {expected}")))
+}
+
+fn no_store() -> [(axum::http::HeaderName, &'static str); 1] {
+    [(axum::http::header::CACHE_CONTROL, "no-store")]
+}

@@ -1,0 +1,198 @@
+//! Authorizations under way: the `state` and PKCE verifier of each authorization URL, until the
+//! calling service brings back the code.
+//!
+//! The `state` is 256 random bits, and verifying it is finding it here: a forged, expired or
+//! already used state is simply absent. It is bound to the caller, tenant and environment that
+//! started the authorization and is consumed by the first matching redemption, atomically, so a
+//! code can be exchanged once; a redemption by anyone else leaves it in place, so another caller
+//! cannot burn it. The PKCE verifier (RFC 7636, S256) never leaves the broker; only its challenge
+//! goes into the URL.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
+use rand::RngCore as _;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+use crate::broker::TokenKey;
+use crate::config::{AudienceParam, EnvironmentSettings, UserLoginSettings, UserSettings};
+
+/// An authorization URL for a user to open, and the `state` it carries.
+#[derive(Debug, Clone)]
+pub struct Authorization {
+    /// The IdP's authorization endpoint with every parameter of the request.
+    pub url: reqwest::Url,
+    /// The `state` parameter; the IdP hands it back with the code.
+    pub state: String,
+    /// How long the state can be redeemed.
+    pub expires_in: Duration,
+}
+
+/// What the broker remembers about an authorization URL it handed out.
+pub struct PendingAuthorization {
+    /// The caller that asked for it.
+    pub owner: Arc<str>,
+    /// Tenant, environment, audience and scopes of the user token.
+    pub key: TokenKey,
+    code_verifier: SecretString,
+    /// The redirect URI the URL named; the exchange must repeat it exactly.
+    pub redirect_uri: String,
+}
+
+impl fmt::Debug for PendingAuthorization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingAuthorization")
+            .field("owner", &self.owner)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Authorizations by `state`, each forgotten after `users.authorization_timeout`.
+pub struct PendingAuthorizations {
+    by_state: Cache<String, Arc<PendingAuthorization>>,
+    timeout: Duration,
+}
+
+impl PendingAuthorizations {
+    /// An empty set bounded by `users.max_sessions`.
+    pub fn new(settings: &UserSettings) -> Self {
+        let by_state = Cache::builder()
+            .max_capacity(settings.max_sessions)
+            .time_to_live(settings.authorization_timeout)
+            .build();
+        Self {
+            by_state,
+            timeout: settings.authorization_timeout,
+        }
+    }
+
+    /// Remembers a new authorization for `owner` and `key` and builds its URL.
+    pub async fn start(
+        &self,
+        owner: Arc<str>,
+        key: TokenKey,
+        environment: &EnvironmentSettings,
+        login: &UserLoginSettings,
+    ) -> Authorization {
+        let state = random_token();
+        let code_verifier = random_token();
+        let url = authorization_url(environment, login, &key, &state, &code_verifier);
+        let pending = PendingAuthorization {
+            owner,
+            key,
+            code_verifier: SecretString::from(code_verifier),
+            redirect_uri: login.redirect_uri.to_string(),
+        };
+        self.by_state.insert(state.clone(), Arc::new(pending)).await;
+        Authorization {
+            url,
+            state,
+            expires_in: self.timeout,
+        }
+    }
+
+    /// Takes the authorization of `state` if `owner` started it for `tenant`/`environment`.
+    pub async fn take(
+        &self,
+        state: &str,
+        owner: &str,
+        tenant: &str,
+        environment: &str,
+    ) -> Option<Arc<PendingAuthorization>> {
+        let result = self
+            .by_state
+            .entry_by_ref(state)
+            .and_compute_with(|entry| async move {
+                match entry {
+                    Some(entry)
+                        if *entry.value().owner == *owner
+                            && *entry.value().key.tenant == *tenant
+                            && *entry.value().key.environment == *environment =>
+                    {
+                        Op::Remove
+                    }
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+        match result {
+            CompResult::Removed(entry) => Some(entry.into_value()),
+            _ => None,
+        }
+    }
+}
+
+/// 256 random bits, base64url: a `state`, and a PKCE verifier of 43 characters (RFC 7636 §4.1).
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The S256 challenge of a PKCE verifier: `BASE64URL(SHA256(verifier))`.
+pub fn code_challenge(code_verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(code_verifier.as_bytes()))
+}
+
+/// The IdP's authorization URL with `response_type=code`, client, redirect, scope, audience,
+/// state and PKCE parameters added to any it already has.
+fn authorization_url(
+    environment: &EnvironmentSettings,
+    login: &UserLoginSettings,
+    key: &TokenKey,
+    state: &str,
+    code_verifier: &str,
+) -> reqwest::Url {
+    let audience_name = match environment.audience_param {
+        AudienceParam::Audience => "audience",
+        AudienceParam::Resource => "resource",
+    };
+    let mut url = login.authorize_url.clone();
+    {
+        let mut query = url.query_pairs_mut();
+        query
+            .append_pair("response_type", "code")
+            .append_pair("client_id", &environment.client_id)
+            .append_pair("redirect_uri", login.redirect_uri.as_str());
+        if !key.scope.is_empty() {
+            query.append_pair("scope", key.scope.as_str());
+        }
+        query
+            .append_pair(audience_name, &key.audience)
+            .append_pair("state", state)
+            .append_pair("code_challenge", &code_challenge(code_verifier))
+            .append_pair("code_challenge_method", "S256");
+    }
+    url
+}
+
+impl PendingAuthorization {
+    /// The verifier, for the code exchange request only.
+    pub fn expose_code_verifier(&self) -> &str {
+        self.code_verifier.expose_secret()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenge_is_the_rfc7636_example() {
+        // RFC 7636, appendix B.
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        assert_eq!(
+            code_challenge(verifier),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        );
+        assert_eq!(random_token().len(), 43);
+        assert_ne!(random_token(), random_token());
+    }
+}

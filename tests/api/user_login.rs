@@ -1,0 +1,102 @@
+//! Starting and completing a user authorization: configuration, allow rules and the `state`
+//! check, which binds a state to its caller, tenant and environment.
+
+use serde_json::json;
+use wiremock::matchers::{body_string_contains, method};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::helpers::*;
+
+async fn start(app: &TestApp) -> String {
+    let answer = app
+        .authorize("acme/production", BILLING_KEY, json!({}))
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.body["state"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_state_only_works_for_its_caller_tenant_and_environment() {
+    let app = spawn_user_app().await;
+    let state = start(&app).await;
+    // reports may use acme/production with the default audience, but did not start this one.
+    let misuses = [
+        ("acme/production", REPORTS_KEY, state.as_str()),
+        ("acme/staging", BILLING_KEY, state.as_str()),
+        ("acme/production", BILLING_KEY, &state[..state.len() - 1]),
+    ];
+    for (tenant_environment, key, state) in misuses {
+        let answer = app
+            .create_session(tenant_environment, key, "code", state)
+            .await;
+        assert_eq!(answer.status, 400, "{tenant_environment}: {}", answer.body);
+        assert_eq!(answer.body["error"], "invalid_request");
+    }
+    assert!(app.idp.received_requests().await.unwrap().is_empty());
+
+    // None of those burned the state for its owner.
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=authorization_code"))
+        .respond_with(user_token_body("user-1", 3600, Some("rt-1")))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    let answer = app
+        .create_session("acme/production", BILLING_KEY, "code", &state)
+        .await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+}
+
+#[tokio::test]
+async fn a_code_the_idp_refuses_is_invalid_grant() {
+    let app = spawn_user_app().await;
+    let state = start(&app).await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "error": "invalid_grant", "error_description": "Invalid authorization code",
+        })))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    let answer = app
+        .create_session("acme/production", BILLING_KEY, "stale", &state)
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert_eq!(answer.body["error"], "invalid_grant");
+}
+
+#[tokio::test]
+async fn user_tokens_need_configuration_allow_rules_and_a_key() {
+    let app = spawn_user_app().await;
+    let not_configured = app.authorize("acme/staging", BILLING_KEY, json!({})).await;
+    assert_eq!(not_configured.status, 404, "{}", not_configured.body);
+    assert!(
+        not_configured.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("authorize_url")
+    );
+
+    let other_audience = json!({ "audience": "urn:other" });
+    for (tenant_environment, body) in [
+        ("acme/staging", json!({})),
+        ("nosuch/production", json!({})),
+        ("acme/production", other_audience),
+    ] {
+        let answer = app.authorize(tenant_environment, REPORTS_KEY, body).await;
+        assert_eq!(answer.status, 403, "{tenant_environment}: {}", answer.body);
+    }
+
+    let answer = app
+        .authorize("acme/production", "tbk_wrong", json!({}))
+        .await;
+    assert_eq!(answer.status, 401);
+    let answer = app
+        .authorize("acme/production", BILLING_KEY, json!({ "scopes": "x" }))
+        .await;
+    assert_eq!(
+        answer.status, 400,
+        "unknown fields are refused: {}",
+        answer.body
+    );
+}

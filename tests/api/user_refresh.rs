@@ -1,0 +1,139 @@
+//! A handle refreshes its access token once however many ask, asks for reauthorization when the
+//! IdP refuses or there is nothing to refresh with, and belongs to the caller that created it.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::json;
+use wiremock::matchers::{body_string_contains, method};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::helpers::*;
+
+/// A session for billing in acme/production whose code exchange the IdP answers with `answer`.
+async fn session(app: &TestApp, answer: ResponseTemplate) -> String {
+    let started = app
+        .authorize("acme/production", BILLING_KEY, json!({}))
+        .await;
+    let state = started.body["state"].as_str().unwrap();
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=authorization_code"))
+        .respond_with(answer)
+        .up_to_n_times(1)
+        .mount(&app.idp)
+        .await;
+    let created = app
+        .create_session("acme/production", BILLING_KEY, "code", state)
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    created.body["handle"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn concurrent_requests_on_a_handle_make_one_refresh() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(
+            user_token_body("user-2", 3600, Some("rt-2")).set_delay(Duration::from_millis(200)),
+        )
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    let answers = join_all((0..20).map(|_| app.user_token(&handle, BILLING_KEY))).await;
+    for answer in &answers {
+        assert_eq!(
+            (answer.status, answer.token()),
+            (200, "user-2"),
+            "{}",
+            answer.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_401_on_refresh_asks_for_reauthorization() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({ "error": "access_denied" })))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    let answer = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert_eq!(answer.body["error"], "reauthorization_required");
+    assert!(
+        answer.body["authorization_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://login.acme.example/authorize?")
+    );
+}
+
+#[tokio::test]
+async fn without_a_refresh_token_an_old_access_token_needs_reauthorization() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 120, None)).await;
+    let fresh = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!((fresh.status, fresh.token()), (200, "user-1"));
+    let answer = app
+        .user_token(&format!("{handle}?min_ttl=3600"), BILLING_KEY)
+        .await;
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    assert_eq!(answer.body["error"], "reauthorization_required");
+    // Only the code exchange reached the IdP.
+    assert_eq!(app.idp.received_requests().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&app.idp)
+        .await;
+    let answer = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert!(answer.header("retry-after").is_some());
+    Mock::given(method("POST"))
+        .and(body_string_contains("refresh_token=rt-1"))
+        .respond_with(user_token_body("user-2", 3600, None))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    let answer = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!((answer.status, answer.token()), (200, "user-2"));
+}
+
+#[tokio::test]
+async fn handles_belong_to_their_caller_and_delete_forgets_them() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 3600, Some("rt-1"))).await;
+    let other = app.user_token(&handle, REPORTS_KEY).await;
+    assert_eq!(
+        (other.status, other.body["error"].as_str()),
+        (404, Some("not_found"))
+    );
+    assert_eq!(app.forget_user(&handle, REPORTS_KEY).await.status, 204);
+    assert_eq!(app.user_token(&handle, BILLING_KEY).await.token(), "user-1");
+
+    for unknown in ["uth_nosuch", "not a handle", &"x".repeat(100)] {
+        let answer = app.user_token(unknown, BILLING_KEY).await;
+        assert_eq!(answer.status, 404, "{unknown}");
+    }
+    let answer = app
+        .user_token(&format!("{handle}?audience=x"), BILLING_KEY)
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+
+    assert_eq!(app.forget_user(&handle, BILLING_KEY).await.status, 204);
+    assert_eq!(app.user_token(&handle, BILLING_KEY).await.status, 404);
+    assert_eq!(app.forget_user(&handle, BILLING_KEY).await.status, 204);
+    assert_eq!(app.user_token(&handle, "tbk_wrong").await.status, 401);
+}
