@@ -336,8 +336,12 @@ impl Settings {
     /// A one-line summary for logs and `check-config` (names and counts, never secrets).
     pub fn summary(&self) -> String {
         let environments: usize = self.tenants.values().map(|t| t.environments.len()).sum();
+        let shared_cache = match &self.shared_cache {
+            Some(shared) => format!("shared cache at {}", shared.endpoint()),
+            None => "no shared cache".to_owned(),
+        };
         format!(
-            "{} tenant(s), {} environment(s), {} caller(s), listening on {}",
+            "{} tenant(s), {} environment(s), {} caller(s), listening on {}, {shared_cache}",
             self.tenants.len(),
             environments,
             self.callers.len(),
@@ -935,7 +939,7 @@ mod tests {
         "#,
         ];
         let settings = Settings::from_toml_layers(&layers, &cache_key_env).expect("valid");
-        let shared = settings.shared_cache.expect("configured");
+        let shared = settings.shared_cache.as_ref().expect("configured");
         assert_eq!(shared.key_prefix, "token-broker:");
         assert_eq!(shared.timeout, Duration::from_millis(50));
         assert_eq!(shared.lock_ttl, Duration::from_secs(15));
@@ -943,6 +947,11 @@ mod tests {
         assert_eq!(shared.encryption_key.expose_secret(), &[7u8; 32]);
         let previous = shared.previous_encryption_key.as_ref().expect("set");
         assert_eq!(previous.expose_secret(), &[8u8; 32]);
+        assert!(
+            settings
+                .summary()
+                .ends_with("shared cache at redis.internal:6380")
+        );
         let debug = format!("{shared:?}");
         assert!(debug.contains("redis.internal:6380"), "{debug}");
         assert!(
