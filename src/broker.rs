@@ -12,9 +12,18 @@
 //! rejection is remembered per key for `negative_ttl`; the quota guard caps requests per hour.
 //! While the IdP fails, callers keep the cached token as long as it has the validity they need.
 //!
+//! With a shared level ([`SharedCache`], Redis), a miss looks there before the IdP, from inside
+//! the single-flight fetch, so hits never touch the network. One replica per key takes a short
+//! lock and asks the IdP; the others poll the shared level for its token, within
+//! `shared_cache.wait_for_peer`, then ask the IdP themselves rather than fail. Fetched and
+//! refreshed tokens are stored there and announced; `DELETE`s are applied there and announced;
+//! every replica applies the announcements of the others to its own cache. Any failure of the
+//! shared level makes the broker behave as if it had none.
+//!
 //! This module knows nothing about HTTP routes; `api` maps [`BrokerError`] to responses.
 
 mod key;
+mod shared;
 mod token;
 mod upstream;
 
@@ -26,11 +35,16 @@ use moka::Expiry;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
 use rand::Rng as _;
+use tokio::sync::mpsc;
 
 use crate::config::{CacheSettings, EnvironmentSettings};
 use crate::idp::{IdpClient, IdpError};
 
 pub use key::{ScopeSet, TokenKey};
+pub use shared::{
+    Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus, SharedFuture,
+    SharedKey, SharedToken, TokenDigest,
+};
 pub use token::CachedToken;
 pub use upstream::Upstream;
 
@@ -44,6 +58,8 @@ const MAX_ATTEMPTS: u32 = 4;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest backoff between two attempts.
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How often a replica looks for the token another replica is fetching.
+const PEER_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Why no token could be handed out.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +199,19 @@ struct Inner {
     upstreams: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     idp: IdpClient,
     settings: CacheSettings,
+    /// The level shared with other replicas, when configured.
+    shared: Option<Arc<dyn SharedCache>>,
+    /// How long to wait for a token another replica is fetching.
+    wait_for_peer: Duration,
+}
+
+/// Which token from the shared level can serve a fetch.
+#[derive(Clone, Copy)]
+enum Wanted {
+    /// One with at least this much validity left (a miss, or a caller who needs more).
+    Remaining(Duration),
+    /// One fetched after this instant (a refresh, which another replica may have made already).
+    FetchedAfter(SystemTime),
 }
 
 /// Exponential backoff with full jitter: uniform in `[0, min(cap, base * 2^(attempt-1))]`.
@@ -245,8 +274,31 @@ impl Expiry<TokenKey, Arc<CachedToken>> for TokenExpiry {
 }
 
 impl Broker {
-    /// Builds an empty broker.
+    /// Builds an empty broker with no shared level.
     pub fn new(settings: CacheSettings, idp: IdpClient) -> Self {
+        Self::build(settings, idp, None, Duration::ZERO)
+    }
+
+    /// Builds an empty broker with a level shared by every replica, and starts applying the
+    /// other replicas' changes to it (must run inside a Tokio runtime).
+    pub fn with_shared_cache(
+        settings: CacheSettings,
+        idp: IdpClient,
+        shared: Arc<dyn SharedCache>,
+        wait_for_peer: Duration,
+    ) -> Self {
+        let events = shared.subscribe();
+        let broker = Self::build(settings, idp, Some(shared), wait_for_peer);
+        broker.spawn_invalidations(events);
+        broker
+    }
+
+    fn build(
+        settings: CacheSettings,
+        idp: IdpClient,
+        shared: Option<Arc<dyn SharedCache>>,
+        wait_for_peer: Duration,
+    ) -> Self {
         let tokens = Cache::builder()
             .max_capacity(settings.max_entries)
             .expire_after(TokenExpiry {
@@ -265,6 +317,8 @@ impl Broker {
                 upstreams: Mutex::new(HashMap::new()),
                 idp,
                 settings,
+                shared,
+                wait_for_peer,
             }),
         }
     }
@@ -284,7 +338,7 @@ impl Broker {
             if token.remaining(now) >= required {
                 token.record_hit();
                 if now >= token.refresh_at && token.claim_refresh() {
-                    self.spawn_refresh(Arc::clone(environment), key.clone());
+                    self.spawn_refresh(Arc::clone(environment), key.clone(), token.fetched_at);
                 }
                 return Ok(Lease {
                     token,
@@ -300,8 +354,15 @@ impl Broker {
         let token = self
             .inner
             .tokens
-            .try_get_with_by_ref(key, self.fetch(environment, key))
+            .try_get_with_by_ref(
+                key,
+                self.fetch(environment, key, Wanted::Remaining(required)),
+            )
             .await?;
+        if token.fetched_at < started && token.remaining(SystemTime::now()) < required {
+            // An older token (another caller's fetch, or the shared level) too short for this one.
+            return self.replace_short(environment, key, required).await;
+        }
         self.lease_fresh(key, token, required, started).await
     }
 
@@ -323,7 +384,10 @@ impl Broker {
                 let enough = |token: &CachedToken| token.remaining(SystemTime::now()) >= required;
                 match entry {
                     Some(entry) if enough(entry.value()) => Ok(Op::Nop),
-                    _ => self.fetch(environment, key).await.map(Op::Put),
+                    _ => self
+                        .fetch(environment, key, Wanted::Remaining(required))
+                        .await
+                        .map(Op::Put),
                 }
             })
             .await
@@ -350,15 +414,19 @@ impl Broker {
         started: SystemTime,
     ) -> Result<Lease, Arc<BrokerError>> {
         // A token fetched after this request began is as fresh as any can be, so its whole
-        // lifetime counts; `expires_in` then shows the fraction of a second already gone.
+        // lifetime counts; `expires_in` then shows the fraction of a second already gone. Such a
+        // request waited on an IdP request (its own, or another caller's or replica's): a miss.
+        // An older one was already there (found in the shared level, say): a hit.
         let lifetime = token.lifetime();
         let fresh = token.fetched_at >= started;
         if token.remaining(SystemTime::now()) >= required || (fresh && lifetime >= required) {
             token.record_hit();
-            return Ok(Lease {
-                token,
-                status: CacheStatus::Miss,
-            });
+            let status = if fresh {
+                CacheStatus::Miss
+            } else {
+                CacheStatus::Hit
+            };
+            return Ok(Lease { token, status });
         }
         let min_remaining = self.inner.settings.min_remaining;
         if fresh && lifetime < min_remaining {
@@ -371,13 +439,29 @@ impl Broker {
         Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }))
     }
 
-    /// Forgets the cached token of `key`, whatever it is.
-    pub async fn forget(&self, key: &TokenKey) {
+    /// Forgets the cached token of `key`, whatever it is, on every replica.
+    pub async fn forget(&self, environment: &EnvironmentSettings, key: &TokenKey) {
+        if let Some(shared) = &self.inner.shared {
+            // The shared level first: a miss here in between must not find the old token there.
+            let _ = shared.delete(&SharedKey::new(environment, key), None).await;
+        }
         self.inner.tokens.invalidate(key).await;
     }
 
-    /// Forgets the cached token of `key` only if it is still `access_token` (compare-and-delete).
-    pub async fn forget_if(&self, key: &TokenKey, access_token: &str) {
+    /// Forgets the cached token of `key` only if it is still `access_token` (compare-and-delete),
+    /// on every replica.
+    pub async fn forget_if(
+        &self,
+        environment: &EnvironmentSettings,
+        key: &TokenKey,
+        access_token: &str,
+    ) {
+        if let Some(shared) = &self.inner.shared {
+            let digest = TokenDigest::of(access_token);
+            let _ = shared
+                .delete(&SharedKey::new(environment, key), Some(digest))
+                .await;
+        }
         self.inner
             .tokens
             .entry_by_ref(key)
@@ -414,6 +498,16 @@ impl Broker {
     /// How many entries the cache holds (approximate, as moka counts).
     pub fn entry_count(&self) -> u64 {
         self.inner.tokens.entry_count()
+    }
+
+    /// The state of the shared level; `None` when none is configured.
+    pub fn shared_cache_status(&self) -> Option<SharedCacheStatus> {
+        self.inner.shared.as_ref().map(|shared| shared.status())
+    }
+
+    /// Whether the shared level works (calls and invalidations); `None` when none is configured.
+    pub fn shared_cache_healthy(&self) -> Option<bool> {
+        self.shared_cache_status().map(|status| status.healthy())
     }
 
     async fn forget_entry(&self, key: &TokenKey, stale: &Arc<CachedToken>) {
@@ -457,12 +551,129 @@ impl Broker {
         self.inner.rejections.invalidate_all();
     }
 
-    /// One token from the IdP, with the failure policy applied (see the module docs).
+    /// One token for a miss or a refresh: from the shared level when it has a good one, else
+    /// from the IdP by one replica at a time (see the module docs).
     async fn fetch(
         &self,
         environment: &EnvironmentSettings,
         key: &TokenKey,
+        wanted: Wanted,
     ) -> Result<Arc<CachedToken>, BrokerError> {
+        let Some(shared) = self.inner.shared.as_deref() else {
+            return self.fetch_from_idp(environment, key).await.map(Arc::new);
+        };
+        let shared_key = SharedKey::new(environment, key);
+        let deadline = Instant::now() + self.inner.wait_for_peer;
+        loop {
+            match self.load_shared(shared, &shared_key, wanted).await {
+                Ok(Some(token)) => return Ok(token),
+                Ok(None) => {}
+                Err(_) => break,
+            }
+            match shared.try_lock(&shared_key).await {
+                Ok(Some(lock)) => {
+                    let fetched = self
+                        .fetch_locked(shared, &shared_key, environment, key, wanted)
+                        .await;
+                    let _ = shared.unlock(&shared_key, lock).await;
+                    return fetched;
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+            if Instant::now() + PEER_POLL_INTERVAL >= deadline {
+                tracing::warn!(
+                    tenant = %key.tenant,
+                    environment = %key.environment,
+                    "another replica's token request outlasted shared_cache.wait_for_peer; asking the IdP"
+                );
+                break;
+            }
+            tokio::time::sleep(PEER_POLL_INTERVAL).await;
+        }
+        // The shared level failed or the peer is too slow: fetch, and share if still possible.
+        let token = Arc::new(
+            self.fetch_from_idp(environment, key)
+                .await?
+                .with_shared_key(shared_key),
+        );
+        self.store_shared(shared, &shared_key, &token).await;
+        Ok(token)
+    }
+
+    /// The IdP request of the replica that holds the lock of `shared_key`.
+    async fn fetch_locked(
+        &self,
+        shared: &dyn SharedCache,
+        shared_key: &SharedKey,
+        environment: &EnvironmentSettings,
+        key: &TokenKey,
+        wanted: Wanted,
+    ) -> Result<Arc<CachedToken>, BrokerError> {
+        // Another replica may have stored its token and let go of the lock since the last look.
+        if let Ok(Some(token)) = self.load_shared(shared, shared_key, wanted).await {
+            return Ok(token);
+        }
+        let token = Arc::new(
+            self.fetch_from_idp(environment, key)
+                .await?
+                .with_shared_key(*shared_key),
+        );
+        self.store_shared(shared, shared_key, &token).await;
+        Ok(token)
+    }
+
+    /// The token the shared level holds for `shared_key`, if it is what the fetch wants.
+    async fn load_shared(
+        &self,
+        shared: &dyn SharedCache,
+        shared_key: &SharedKey,
+        wanted: Wanted,
+    ) -> Result<Option<Arc<CachedToken>>, SharedCacheError> {
+        let Some(stored) = shared.load(shared_key).await? else {
+            return Ok(None);
+        };
+        let remaining = stored.remaining(SystemTime::now());
+        let usable = match wanted {
+            Wanted::Remaining(required) => remaining >= required,
+            Wanted::FetchedAfter(after) => {
+                stored.fetched_at > after && remaining >= self.inner.settings.min_remaining
+            }
+        };
+        Ok(usable.then(|| {
+            Arc::new(
+                CachedToken::new(
+                    stored.issued,
+                    stored.fetched_at,
+                    self.inner.settings.refresh_ahead,
+                    rand::rng().random(),
+                )
+                .with_shared_key(*shared_key),
+            )
+        }))
+    }
+
+    /// Stores a fetched token in the shared level for as long as it may be handed out.
+    async fn store_shared(
+        &self,
+        shared: &dyn SharedCache,
+        shared_key: &SharedKey,
+        token: &CachedToken,
+    ) {
+        let ttl = token
+            .remaining(SystemTime::now())
+            .saturating_sub(self.inner.settings.min_remaining);
+        if !ttl.is_zero() {
+            let _ = shared.store(shared_key, token, ttl).await;
+        }
+    }
+
+    /// One token from the IdP, with the failure policy applied (see the module docs).
+    async fn fetch_from_idp(
+        &self,
+        environment: &EnvironmentSettings,
+        key: &TokenKey,
+    ) -> Result<CachedToken, BrokerError> {
         if let Some((status, code)) = self.inner.rejections.get(key).await {
             return Err(IdpError::Rejected { status, code }.into());
         }
@@ -503,12 +714,12 @@ impl Broker {
                         lifetime_s = fetched.token.lifetime.as_secs(),
                         "fetched a token from the IdP"
                     );
-                    return Ok(Arc::new(CachedToken::new(
+                    return Ok(CachedToken::new(
                         fetched.token,
                         SystemTime::now(),
                         self.inner.settings.refresh_ahead,
                         rand::rng().random(),
-                    )));
+                    ));
                 }
                 Err(error) => error,
             };
@@ -573,11 +784,21 @@ impl Broker {
         }
     }
 
-    /// Starts one background refresh of `key`; the current token keeps being served meanwhile.
-    fn spawn_refresh(&self, environment: Arc<EnvironmentSettings>, key: TokenKey) {
+    /// Starts one background refresh of `key`, whose current token was fetched at `current`;
+    /// that token keeps being served meanwhile. A newer token another replica already fetched
+    /// serves as the refresh.
+    fn spawn_refresh(
+        &self,
+        environment: Arc<EnvironmentSettings>,
+        key: TokenKey,
+        current: SystemTime,
+    ) {
         let broker = self.clone();
         tokio::spawn(async move {
-            match broker.fetch(&environment, &key).await {
+            match broker
+                .fetch(&environment, &key, Wanted::FetchedAfter(current))
+                .await
+            {
                 Ok(token) => broker.inner.tokens.insert(key, token).await,
                 Err(_) => {
                     // Already logged; let a later request try again.
@@ -587,5 +808,100 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// Applies the other replicas' changes to this cache until the broker is dropped (noticed
+    /// within a second; dropping the receiver then ends the subscription).
+    fn spawn_invalidations(&self, mut events: mpsc::Receiver<Invalidation>) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                match received {
+                    Ok(Some(event)) => Broker { inner }.apply(event).await,
+                    Ok(None) => return,
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    /// Applies one change another replica made: drop a forgotten token, or replace an older
+    /// token with the newer one from the shared level. Entries are found by their shared key, a
+    /// scan that only runs for announcements (about one per key per token lifetime).
+    async fn apply(&self, event: Invalidation) {
+        let (Invalidation::Stored {
+            key: shared_key, ..
+        }
+        | Invalidation::Deleted {
+            key: shared_key, ..
+        }) = &event;
+        let keys: Vec<Arc<TokenKey>> = self
+            .inner
+            .tokens
+            .iter()
+            .filter(|(_, token)| token.shared_key() == Some(shared_key))
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            match &event {
+                Invalidation::Deleted { token: None, .. } => {
+                    self.inner.tokens.invalidate(&*key).await;
+                }
+                Invalidation::Deleted {
+                    token: Some(digest),
+                    ..
+                } => {
+                    self.inner
+                        .tokens
+                        .entry_by_ref(&*key)
+                        .and_compute_with(|entry| async move {
+                            match entry {
+                                Some(entry) if entry.value().digest() == *digest => Op::Remove,
+                                _ => Op::Nop,
+                            }
+                        })
+                        .await;
+                }
+                Invalidation::Stored { token: digest, .. } => {
+                    self.replace_with_shared(&key, shared_key, digest).await;
+                }
+            }
+        }
+    }
+
+    /// Replaces the cached token of `key` with the newer one another replica stored.
+    async fn replace_with_shared(
+        &self,
+        key: &TokenKey,
+        shared_key: &SharedKey,
+        stored: &TokenDigest,
+    ) {
+        let Some(shared) = self.inner.shared.as_deref() else {
+            return;
+        };
+        let Some(current) = self.inner.tokens.get(key).await else {
+            return;
+        };
+        if current.digest() == *stored {
+            return;
+        }
+        let wanted = Wanted::FetchedAfter(current.fetched_at);
+        let Ok(Some(newer)) = self.load_shared(shared, shared_key, wanted).await else {
+            return;
+        };
+        self.inner
+            .tokens
+            .entry_by_ref(key)
+            .and_compute_with(|entry| async move {
+                match entry {
+                    Some(entry) if entry.value().fetched_at < newer.fetched_at => Op::Put(newer),
+                    _ => Op::Nop,
+                }
+            })
+            .await;
     }
 }

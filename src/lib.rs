@@ -9,13 +9,15 @@
 //! - [`idp`]: the IdP token endpoint client; one request, one classified answer.
 //! - [`broker`]: cache, single flight, refresh ahead; knows nothing about HTTP.
 //! - [`users`]: user tokens through the authorization-code flow: state, PKCE, handles, refresh.
+//! - [`shared_cache`]: Redis as the cache level shared by replicas, tokens encrypted at rest.
 //! - [`auth`]: caller keys, allow rules, the authenticating extractor.
 //! - [`api`]: handlers and the one mapping of errors to HTTP.
 //! - [`startup`]: state, router, middleware, listener, graceful shutdown.
 //! - [`telemetry`]: logging setup.
 //! - [`dev_idp`] and [`dev`]: the built-in development IdP and the `dev` command.
 //!
-//! Dependencies point one way: `api → auth, broker, users → idp`.
+//! Dependencies point one way: `api → auth, broker, users → idp`; `shared_cache` implements the
+//! broker's `SharedCache` trait and `startup` hands it to the broker.
 
 pub mod api;
 pub mod auth;
@@ -24,6 +26,7 @@ pub mod config;
 pub mod dev;
 pub mod dev_idp;
 pub mod idp;
+pub mod shared_cache;
 pub mod startup;
 pub mod telemetry;
 pub mod users;

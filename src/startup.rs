@@ -29,6 +29,7 @@ use crate::auth::{CallerRegistry, CallerSource};
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::idp::IdpClient;
+use crate::shared_cache::{RedisCache, RedisCacheError};
 use crate::users::UserTokens;
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
@@ -48,6 +49,9 @@ pub enum StartupError {
     /// The HTTP client for IdPs could not be built (TLS roots, for instance).
     #[error("cannot build the IdP HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    /// The shared cache could not be set up.
+    #[error(transparent)]
+    SharedCache(#[from] RedisCacheError),
 }
 
 /// Reads the configuration again, for `POST /v1/admin/reload` and `SIGHUP`.
@@ -126,11 +130,20 @@ impl CallerSource for AppState {
 }
 
 impl AppState {
-    /// Builds the shared state from validated settings.
+    /// Builds the shared state from validated settings (inside a Tokio runtime).
     pub fn new(settings: Settings, reloader: Option<Reloader>) -> Result<Self, StartupError> {
         let idp = IdpClient::new()?;
         let users = UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
-        let broker = Broker::new(settings.cache.clone(), idp);
+        let cache = settings.cache.clone();
+        let broker = match &settings.shared_cache {
+            Some(shared) => Broker::with_shared_cache(
+                cache,
+                idp,
+                Arc::new(RedisCache::new(shared)?),
+                shared.wait_for_peer,
+            ),
+            None => Broker::new(cache, idp),
+        };
         Ok(Self(Arc::new(App {
             broker,
             current: ArcSwap::from_pointee(Snapshot::new(settings)),

@@ -145,14 +145,20 @@ pub async fn delete_token(
         }
     })?;
     if body.iter().all(u8::is_ascii_whitespace) {
-        state.broker.forget(&request.key).await;
+        state
+            .broker
+            .forget(&request.environment, &request.key)
+            .await;
     } else {
         let ForgetBody { access_token } = serde_json::from_slice(&body).map_err(|_| {
             ApiError::InvalidRequest(
                 r#"the body must be empty or {"access_token": "<the rejected token>"}"#.into(),
             )
         })?;
-        state.broker.forget_if(&request.key, &access_token).await;
+        state
+            .broker
+            .forget_if(&request.environment, &request.key, &access_token)
+            .await;
     }
     tracing::info!(
         caller = %caller.name,

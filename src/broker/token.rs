@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use subtle::ConstantTimeEq as _;
 
+use crate::broker::shared::{SharedKey, TokenDigest};
 use crate::idp::{AccessToken, IssuedToken};
 
 /// A token in the cache, with its timing and the pieces of its response body.
@@ -29,6 +30,9 @@ pub struct CachedToken {
     body_tail: Bytes,
     hits: AtomicU64,
     refreshing: AtomicBool,
+    /// Where the token lives in the shared level, when there is one (so that an invalidation
+    /// from another replica finds it).
+    shared_key: Option<SharedKey>,
 }
 
 impl CachedToken {
@@ -56,7 +60,24 @@ impl CachedToken {
             body_tail,
             hits: AtomicU64::new(0),
             refreshing: AtomicBool::new(false),
+            shared_key: None,
         }
+    }
+
+    /// Records where the token lives in the shared level.
+    pub fn with_shared_key(mut self, key: SharedKey) -> Self {
+        self.shared_key = Some(key);
+        self
+    }
+
+    /// Where the token lives in the shared level, when there is one.
+    pub fn shared_key(&self) -> Option<&SharedKey> {
+        self.shared_key.as_ref()
+    }
+
+    /// SHA-256 of the token value, for compare-and-delete across replicas.
+    pub fn digest(&self) -> TokenDigest {
+        TokenDigest::of(self.access_token.expose())
     }
 
     /// Validity left at `now` (zero once expired).

@@ -1,14 +1,17 @@
-//! Shared test fixtures: `spawn_app`, a token-issuing fake IdP and small request helpers.
+//! Shared test fixtures: `spawn_app`, a token-issuing fake IdP, small request helpers, and a
+//! `redis-server` of a test's own with brokers that share it.
 
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Once};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use serde_json::{Value, json};
 use token_broker::auth::KeyHash;
 use token_broker::config::Settings;
-use token_broker::startup::Application;
+use token_broker::startup::{AppState, Application};
 use tokio::net::TcpListener;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -89,8 +92,10 @@ pub struct TestApp {
     pub url: String,
     /// A client for talking to it.
     pub http: reqwest::Client,
-    /// The fake IdP behind it.
-    pub idp: MockServer,
+    /// The fake IdP behind it (shared by the replicas of a fleet).
+    pub idp: Arc<MockServer>,
+    /// The application state, for what HTTP does not show (the shared cache's health).
+    pub state: AppState,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -125,7 +130,7 @@ pub async fn spawn_with_env(
 ) -> TestApp {
     init_tracing();
     let settings = Settings::from_toml_layers(layers, env).expect("test configuration is valid");
-    start(idp, settings, None).await
+    start(Arc::new(idp), settings, None).await
 }
 
 /// Starts the broker from a configuration file that `POST /v1/admin/reload` re-reads.
@@ -134,7 +139,7 @@ pub async fn spawn_from_file(idp: MockServer, file: &std::path::Path) -> TestApp
     let settings = Settings::load(Some(file)).expect("test configuration is valid");
     let file = file.to_owned();
     start(
-        idp,
+        Arc::new(idp),
         settings,
         Some(Box::new(move || Settings::load(Some(&file)))),
     )
@@ -142,13 +147,14 @@ pub async fn spawn_from_file(idp: MockServer, file: &std::path::Path) -> TestApp
 }
 
 async fn start(
-    idp: MockServer,
+    idp: Arc<MockServer>,
     settings: Settings,
     reloader: Option<token_broker::startup::Reloader>,
 ) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let app = Application::with_reloader(settings, listener, reloader).expect("build");
     let url = format!("http://{}", app.local_addr());
+    let state = app.state().clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
@@ -157,6 +163,7 @@ async fn start(
         url,
         http: reqwest::Client::new(),
         idp,
+        state,
         shutdown: Some(tx),
     }
 }
@@ -432,3 +439,163 @@ pub static CLOSED_PORT_URL: LazyLock<String> = LazyLock::new(|| {
     drop(listener);
     format!("http://127.0.0.1:{port}")
 });
+
+/// The environment variable that holds the shared cache key in tests.
+pub const CACHE_KEY_ENV: &str = "TEST_SHARED_CACHE_KEY";
+
+/// A `redis-server` of the test's own on a loopback port, without persistence; killed on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl RedisServer {
+    /// Starts one on a free port and waits until it answers `PING`.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        Self::start_on(port).await
+    }
+
+    /// Starts one on `port` (to restart a stopped one where its clients expect it).
+    pub async fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot run redis-server ({error}): the shared cache tests need a real Redis; \
+                     install it (`apt-get install redis-server`; .ci/run does)"
+                )
+            });
+        let mut server = Self {
+            child: Some(child),
+            port,
+        };
+        server.wait_until_ready().await;
+        server
+    }
+
+    async fn wait_until_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut connection) = self.try_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            let child = self.child.as_mut().expect("started");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "redis-server on port {} exited at start: {status}",
+                    self.port
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} does not answer PING",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A connection for looking at what the brokers wrote.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        self.try_connection()
+            .await
+            .expect("connect to redis-server")
+    }
+
+    /// Kills the server at once (no shutdown handshake), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `[shared_cache]` layer that points a broker at `redis`.
+pub fn shared_cache_config(redis: &RedisServer) -> String {
+    format!(
+        r#"
+        [shared_cache]
+        url = "{}"
+        encryption_key_env = "{CACHE_KEY_ENV}"
+        "#,
+        redis.url()
+    )
+}
+
+fn test_env(name: &str) -> Option<String> {
+    (name == CACHE_KEY_ENV).then(|| base64::engine::general_purpose::STANDARD.encode([42u8; 32]))
+}
+
+/// Starts one broker replica on the standard configuration plus `extra`, sharing `idp` and
+/// `redis`, and waits until its shared level is up and subscribed.
+pub async fn spawn_replica(idp: &Arc<MockServer>, redis: &RedisServer, extra: &str) -> TestApp {
+    init_tracing();
+    let base = base_config(&idp.uri());
+    let shared = shared_cache_config(redis);
+    let settings = Settings::from_toml_layers(&[&base, &shared, extra], &test_env)
+        .expect("test configuration is valid");
+    let app = start(Arc::clone(idp), settings, None).await;
+    app.wait_for_shared_cache(true).await;
+    app
+}
+
+/// Starts `replicas` brokers that share one new fake IdP and `redis`.
+pub async fn spawn_fleet(replicas: usize, redis: &RedisServer, extra: &str) -> Vec<TestApp> {
+    let idp = Arc::new(MockServer::start().await);
+    let mut fleet = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        fleet.push(spawn_replica(&idp, redis, extra).await);
+    }
+    fleet
+}
+
+impl TestApp {
+    /// Waits (at most 10 s) until the broker reports its shared level healthy, or not.
+    pub async fn wait_for_shared_cache(&self, healthy: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.state.broker.shared_cache_healthy() != Some(healthy) {
+            assert!(
+                Instant::now() < deadline,
+                "the shared cache never became {}",
+                if healthy { "healthy" } else { "unhealthy" }
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

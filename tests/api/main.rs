@@ -1,5 +1,6 @@
 //! Integration tests: the real server on port 0, over real HTTP, against a fake IdP (wiremock) or
-//! the built-in development IdP. Set `TEST_LOG=1` to see the server's logs.
+//! the built-in development IdP, and with a `redis-server` of their own for the shared cache
+//! (tests fail when it is not installed). Set `TEST_LOG=1` to see the server's logs.
 
 mod helpers;
 
@@ -19,6 +20,7 @@ mod refresh;
 mod reload;
 mod request_styles;
 mod resilience;
+mod shared_cache;
 mod single_flight;
 mod upstream_errors;
 mod user_login;

@@ -1,0 +1,499 @@
+//! Redis (or Valkey) as the cache level shared by every replica: [`RedisCache`] implements the
+//! broker's [`SharedCache`].
+//!
+//! Keys (`P` is `shared_cache.key_prefix`, `K` the hex [`SharedKey`]):
+//!
+//! - `P token:K`: the encrypted token ([`TokenCipher`]), expiring with `PX` when the broker would
+//!   stop handing it out (`expires_at - cache.min_remaining`);
+//! - `P lock:K`: the cross-replica fetch lock, `SET NX PX shared_cache.lock_ttl` with a random
+//!   value, released only by its holder (compare-and-delete in Lua);
+//! - channel `P invalidate`: one line per change, `stored <origin> K <digest>` or
+//!   `deleted <origin> K [<digest>]`, published in the same script as the change. Every replica
+//!   subscribes and ignores its own lines (`origin` is a random id per process).
+//!
+//! Failure handling: every call is bounded by `shared_cache.timeout`. The first failure marks the
+//! level down (one log line) and later calls fail at once without touching the network, so a
+//! dead or slow Redis costs requests nothing; a probe `PING`s every second and marks it up again
+//! (one log line). The connection manager reconnects by itself; the subscriber reconnects with
+//! backoff and checks its connection with `PING`s, since a half-open one would otherwise stay
+//! silent. Invalidations sent while a replica is not subscribed are lost to it: its copy then
+//! lives until its own expiry, as without a shared level.
+
+mod cipher;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use rand::Rng as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::{RedisResult, Script};
+use secrecy::ExposeSecret as _;
+use tokio::sync::mpsc;
+
+use crate::broker::{
+    CachedToken, Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus,
+    SharedFuture, SharedKey, SharedToken, TokenDigest,
+};
+use crate::config::SharedCacheSettings;
+
+pub use cipher::{OpenError, TokenCipher};
+
+/// How often the health probe `PING`s Redis.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the subscriber checks its connection.
+const SUBSCRIBER_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// First and longest wait between two subscription attempts.
+const RESUBSCRIBE_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+/// Announcements buffered between the subscriber and the broker.
+const INVALIDATION_QUEUE: usize = 1024;
+
+/// Stores a value unless a newer token (by the `fetched_at` field of the value) is there, with
+/// its expiry, and announces it. KEYS: token key. ARGV: value, fetched_at field, ttl ms, channel,
+/// message.
+const STORE_SCRIPT: &str = r"
+local old = redis.call('GET', KEYS[1])
+if old and string.sub(old, 69, 84) > ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+";
+
+/// Deletes a value (only if it holds the token with digest ARGV[1], when not empty) and
+/// announces the deletion either way. KEYS: token key. ARGV: digest or '', channel, message.
+const DELETE_SCRIPT: &str = r"
+local deleted = 0
+local old = redis.call('GET', KEYS[1])
+if old and (ARGV[1] == '' or string.sub(old, 4, 67) == ARGV[1]) then
+  deleted = redis.call('DEL', KEYS[1])
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return deleted
+";
+
+/// Releases a lock if it still holds the holder's value. KEYS: lock key. ARGV: lock value.
+const UNLOCK_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Why the shared cache could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisCacheError {
+    /// The URL was accepted by validation but not by the client.
+    #[error("shared_cache.url cannot be used: {0}")]
+    Client(#[source] redis::RedisError),
+}
+
+/// The shared level in Redis; cheap to clone. Must be built inside a Tokio runtime.
+#[derive(Clone)]
+pub struct RedisCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    connection: ConnectionManager,
+    cipher: TokenCipher,
+    prefix: String,
+    channel: String,
+    /// This process's id in announcements, to ignore its own.
+    origin: String,
+    timeout: Duration,
+    lock_ttl: Duration,
+    /// `host:port`, for logs.
+    endpoint: String,
+    store: Script,
+    delete: Script,
+    unlock: Script,
+    up: AtomicBool,
+    subscribed: AtomicBool,
+    errors: AtomicU64,
+}
+
+fn random_hex() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+impl RedisCache {
+    /// Connects lazily (a Redis that is down at start is used once it answers) and starts the
+    /// health probe.
+    pub fn new(settings: &SharedCacheSettings) -> Result<Self, RedisCacheError> {
+        let client =
+            redis::Client::open(settings.url.expose_secret()).map_err(RedisCacheError::Client)?;
+        // Few, short reconnection attempts per call: the probe keeps calling every second.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(RedisCacheError::Client)?;
+        let prefix = settings.key_prefix.clone();
+        let inner = Arc::new(Inner {
+            client,
+            connection,
+            cipher: TokenCipher::new(
+                &settings.encryption_key,
+                settings.previous_encryption_key.as_ref(),
+            ),
+            channel: format!("{prefix}invalidate"),
+            prefix,
+            origin: random_hex(),
+            timeout: settings.timeout,
+            lock_ttl: settings.lock_ttl,
+            endpoint: settings.endpoint(),
+            store: Script::new(STORE_SCRIPT),
+            delete: Script::new(DELETE_SCRIPT),
+            unlock: Script::new(UNLOCK_SCRIPT),
+            up: AtomicBool::new(true),
+            subscribed: AtomicBool::new(false),
+            errors: AtomicU64::new(0),
+        });
+        tracing::info!(
+            endpoint = %inner.endpoint,
+            key_id = inner.cipher.key_id(),
+            "shared cache (Redis) configured"
+        );
+        tokio::spawn(probe(Arc::downgrade(&inner)));
+        Ok(Self { inner })
+    }
+}
+
+impl Inner {
+    fn token_key(&self, key: &SharedKey) -> String {
+        format!("{}token:{}", self.prefix, key.to_hex())
+    }
+
+    fn lock_key(&self, key: &SharedKey) -> String {
+        format!("{}lock:{}", self.prefix, key.to_hex())
+    }
+
+    /// Runs one Redis call within the timeout, unless the level is marked down.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, SharedCacheError> {
+        if !self.up.load(Ordering::Relaxed) {
+            return Err(SharedCacheError::Down);
+        }
+        let error = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => SharedCacheError::Backend(error.to_string()),
+            Err(_) => SharedCacheError::Timeout(self.timeout),
+        };
+        self.fail(&error);
+        Err(error)
+    }
+
+    fn fail(&self, error: &SharedCacheError) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                endpoint = %self.endpoint,
+                %error,
+                "shared cache (Redis) degraded: serving from memory and the IdP until it answers again"
+            );
+        }
+    }
+
+    fn recover(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            tracing::info!(endpoint = %self.endpoint, "shared cache (Redis) answers again; using it");
+        }
+    }
+
+    fn set_subscribed(&self, subscribed: bool, why: &str) {
+        if self.subscribed.swap(subscribed, Ordering::Relaxed) != subscribed {
+            if subscribed {
+                tracing::info!(endpoint = %self.endpoint, channel = %self.channel, "subscribed to shared cache invalidations");
+            } else {
+                tracing::warn!(
+                    endpoint = %self.endpoint,
+                    reason = why,
+                    "not subscribed to shared cache invalidations: other replicas' changes reach this one only at expiry until it resubscribes"
+                );
+            }
+        }
+    }
+
+    async fn load(&self, key: &SharedKey) -> Result<Option<SharedToken>, SharedCacheError> {
+        let redis_key = self.token_key(key);
+        let mut connection = self.connection.clone();
+        let value: Option<Vec<u8>> = self
+            .call(
+                redis::cmd("GET")
+                    .arg(&redis_key)
+                    .query_async(&mut connection),
+            )
+            .await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        match self.cipher.open(&redis_key, &value) {
+            Ok(token) => Ok(Some(token)),
+            Err(error) => {
+                tracing::warn!(%error, "ignoring an unreadable shared cache entry");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn store(
+        &self,
+        key: &SharedKey,
+        token: &CachedToken,
+        ttl: Duration,
+    ) -> Result<(), SharedCacheError> {
+        let redis_key = self.token_key(key);
+        let value = self.cipher.seal(&redis_key, token);
+        let message = format!(
+            "stored {} {} {}",
+            self.origin,
+            key.to_hex(),
+            token.digest().to_hex()
+        );
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut connection = self.connection.clone();
+        let mut invocation = self.store.key(&redis_key);
+        invocation
+            .arg(value)
+            .arg(cipher::fetched_at_field(token.fetched_at))
+            .arg(ttl_ms)
+            .arg(&self.channel)
+            .arg(message);
+        self.call(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(drop)
+    }
+
+    async fn try_lock(&self, key: &SharedKey) -> Result<Option<LockToken>, SharedCacheError> {
+        let holder = random_hex();
+        let ttl_ms = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut connection = self.connection.clone();
+        let taken: Option<String> = self
+            .call(
+                redis::cmd("SET")
+                    .arg(self.lock_key(key))
+                    .arg(&holder)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut connection),
+            )
+            .await?;
+        Ok(taken.map(|_| LockToken(holder)))
+    }
+
+    async fn unlock(&self, key: &SharedKey, lock: LockToken) -> Result<(), SharedCacheError> {
+        let mut connection = self.connection.clone();
+        let mut invocation = self.unlock.key(self.lock_key(key));
+        invocation.arg(lock.0);
+        self.call(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(drop)
+    }
+
+    async fn delete(
+        &self,
+        key: &SharedKey,
+        only: Option<TokenDigest>,
+    ) -> Result<(), SharedCacheError> {
+        let digest = only.map(|d| d.to_hex()).unwrap_or_default();
+        let message = format!("deleted {} {} {digest}", self.origin, key.to_hex());
+        let mut connection = self.connection.clone();
+        let mut invocation = self.delete.key(self.token_key(key));
+        invocation
+            .arg(digest)
+            .arg(&self.channel)
+            .arg(message.trim_end());
+        self.call(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(drop)
+    }
+
+    /// Parses an announcement; `None` for this process's own and for unknown lines.
+    fn parse(&self, message: &[u8]) -> Option<Invalidation> {
+        let text = std::str::from_utf8(message).ok()?;
+        let mut fields = text.split(' ');
+        let (kind, origin, key) = (fields.next()?, fields.next()?, fields.next()?);
+        if origin == self.origin {
+            return None;
+        }
+        let key = SharedKey::from_hex(key)?;
+        let digest = fields.next().map(TokenDigest::from_hex);
+        match (kind, digest) {
+            ("stored", Some(Some(token))) => Some(Invalidation::Stored { key, token }),
+            ("deleted", None) => Some(Invalidation::Deleted { key, token: None }),
+            ("deleted", Some(Some(token))) => Some(Invalidation::Deleted {
+                key,
+                token: Some(token),
+            }),
+            _ => None,
+        }
+    }
+
+    async fn connect_subscriber(&self) -> Result<(PubSubSink, PubSubStream), SharedCacheError> {
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub.split())
+        };
+        match tokio::time::timeout(self.timeout, subscribe).await {
+            Ok(Ok(split)) => Ok(split),
+            Ok(Err(error)) => Err(SharedCacheError::Backend(error.to_string())),
+            Err(_) => Err(SharedCacheError::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// `PING`s Redis every second to mark the level up or down, until the cache is dropped.
+async fn probe(inner: Weak<Inner>) {
+    let mut ticks = tokio::time::interval(PROBE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut connection = inner.connection.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(inner.timeout, ping.query_async::<()>(&mut connection)).await {
+            Ok(Ok(())) => inner.recover(),
+            Ok(Err(error)) => inner.fail(&SharedCacheError::Backend(error.to_string())),
+            Err(_) => inner.fail(&SharedCacheError::Timeout(inner.timeout)),
+        }
+    }
+}
+
+/// Keeps a subscription to the invalidation channel and forwards other replicas' announcements
+/// to `events`, reconnecting with backoff, until the receiver is dropped.
+async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidation>) {
+    let mut backoff = RESUBSCRIBE_BACKOFF.0;
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        match strong.connect_subscriber().await {
+            Ok((sink, stream)) => {
+                strong.set_subscribed(true, "");
+                backoff = RESUBSCRIBE_BACKOFF.0;
+                let lost = forward(&strong, sink, stream, &events).await;
+                if events.is_closed() {
+                    return;
+                }
+                strong.set_subscribed(false, lost);
+            }
+            Err(error) => strong.set_subscribed(false, &error.to_string()),
+        }
+        drop(strong);
+        // Full jitter, so replicas do not reconnect in step after a Redis restart.
+        let wait = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+        tokio::select! {
+            () = events.closed() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        backoff = (backoff * 2).min(RESUBSCRIBE_BACKOFF.1);
+    }
+}
+
+/// Forwards announcements until the connection is lost (the reason is returned) or the
+/// receiver is dropped.
+async fn forward(
+    inner: &Inner,
+    mut sink: PubSubSink,
+    mut stream: PubSubStream,
+    events: &mpsc::Sender<Invalidation>,
+) -> &'static str {
+    let mut pings = tokio::time::interval(SUBSCRIBER_PING_INTERVAL);
+    pings.tick().await;
+    loop {
+        tokio::select! {
+            () = events.closed() => return "shutting down",
+            message = stream.next() => {
+                let Some(message) = message else {
+                    return "connection closed";
+                };
+                if let Some(event) = inner.parse(message.get_payload_bytes())
+                    && events.send(event).await.is_err()
+                {
+                    return "shutting down";
+                }
+            }
+            _ = pings.tick() => {
+                let ping = sink.ping::<redis::Value>();
+                if !matches!(tokio::time::timeout(inner.timeout, ping).await, Ok(Ok(_))) {
+                    return "no answer to PING";
+                }
+            }
+        }
+    }
+}
+
+impl SharedCache for RedisCache {
+    fn load<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<SharedToken>> {
+        Box::pin(self.inner.load(key))
+    }
+
+    fn store<'a>(
+        &'a self,
+        key: &'a SharedKey,
+        token: &'a CachedToken,
+        ttl: Duration,
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.store(key, token, ttl))
+    }
+
+    fn try_lock<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<LockToken>> {
+        Box::pin(self.inner.try_lock(key))
+    }
+
+    fn unlock<'a>(&'a self, key: &'a SharedKey, lock: LockToken) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.unlock(key, lock))
+    }
+
+    fn delete<'a>(&'a self, key: &'a SharedKey, only: Option<TokenDigest>) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.delete(key, only))
+    }
+
+    fn subscribe(&self) -> mpsc::Receiver<Invalidation> {
+        let (sender, receiver) = mpsc::channel(INVALIDATION_QUEUE);
+        tokio::spawn(subscribe(Arc::downgrade(&self.inner), sender));
+        receiver
+    }
+
+    fn status(&self) -> SharedCacheStatus {
+        SharedCacheStatus {
+            up: self.inner.up.load(Ordering::Relaxed),
+            subscribed: self.inner.subscribed.load(Ordering::Relaxed),
+            errors: self.inner.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lua_scripts_read_the_fields_where_the_cipher_writes_them() {
+        // Lua's string.sub is 1-based and inclusive.
+        assert!(STORE_SCRIPT.contains(&format!(
+            "string.sub(old, {}, {})",
+            cipher::FETCHED_AT_RANGE.start + 1,
+            cipher::FETCHED_AT_RANGE.end
+        )));
+        assert!(DELETE_SCRIPT.contains(&format!(
+            "string.sub(old, {}, {})",
+            cipher::DIGEST_RANGE.start + 1,
+            cipher::DIGEST_RANGE.end
+        )));
+    }
+}

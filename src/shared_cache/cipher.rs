@@ -1,0 +1,329 @@
+//! Encryption of tokens at rest in the shared cache: AES-256-GCM, a random 96-bit nonce per
+//! value, and the id of the key beside it so keys can rotate without a flag day.
+//!
+//! A stored value is one line of ASCII:
+//!
+//! ```text
+//! v1:<SHA-256 of the token, 64 hex>:<fetched_at, 16-digit Unix ms>:<key id, 8 hex>:<base64(nonce | ciphertext | tag)>
+//! ```
+//!
+//! The fields before the ciphertext are in clear and fixed-width because the Lua scripts read
+//! them: compare-and-delete compares the token digest, a store keeps the newer of two tokens by
+//! `fetched_at`. They, and the Redis key, are the associated data of the encryption, so a value
+//! moved to another key or with an edited header does not decrypt. The ciphertext holds the
+//! token, its type and scope, `fetched_at` and `expires_at`.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{Aead as _, KeyInit as _, Payload};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use rand::RngCore as _;
+use secrecy::ExposeSecret as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::broker::{CachedToken, SharedToken, TokenDigest};
+use crate::config::EncryptionKey;
+use crate::idp::{AccessToken, IssuedToken};
+
+/// Version tag at the start of every value.
+const VERSION: &str = "v1";
+/// Byte range of the token digest in a value (Lua: `string.sub(value, 4, 67)`).
+pub const DIGEST_RANGE: std::ops::Range<usize> = 3..67;
+/// Byte range of `fetched_at` in a value (Lua: `string.sub(value, 69, 84)`).
+pub const FETCHED_AT_RANGE: std::ops::Range<usize> = 68..84;
+/// Byte range of the key id in a value.
+const KEY_ID_RANGE: std::ops::Range<usize> = 85..93;
+/// Length of everything before the ciphertext, separator included.
+const HEADER_LEN: usize = 94;
+/// AES-GCM nonce length: 96 bits.
+const NONCE_LEN: usize = 12;
+
+/// Why a stored value could not be read; none of these carries the value.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Not a value this version writes.
+    #[error("the stored value is not in the expected format")]
+    Malformed,
+    /// Encrypted with a key this replica does not have (a rotation not rolled out everywhere).
+    #[error("the stored value is encrypted with key id {0}, which this replica does not have")]
+    UnknownKey(String),
+    /// The ciphertext, its header or its Redis key was altered, or the key id collided.
+    #[error("the stored value does not decrypt (altered, or encrypted with another key)")]
+    Inauthentic,
+}
+
+/// Fixed-width `fetched_at` as it appears in a value.
+pub fn fetched_at_field(fetched_at: SystemTime) -> String {
+    let millis = fetched_at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis();
+    format!("{millis:016}")
+}
+
+/// Encrypts tokens for the shared cache and decrypts them with the current or previous key.
+pub struct TokenCipher {
+    current: KeyedCipher,
+    previous: Option<KeyedCipher>,
+}
+
+struct KeyedCipher {
+    id: String,
+    cipher: Aes256Gcm,
+}
+
+impl KeyedCipher {
+    fn new(key: &EncryptionKey) -> Self {
+        let bytes = key.expose_secret();
+        // A short hash of the key names it; it reveals nothing usable about a 256-bit key.
+        let mut hash = Sha256::new();
+        hash.update(b"token-broker key id v1");
+        hash.update(bytes);
+        let id = hex::encode(&hash.finalize()[..4]);
+        Self {
+            id,
+            cipher: Aes256Gcm::new_from_slice(bytes).expect("an AES-256 key is 32 bytes"),
+        }
+    }
+}
+
+impl fmt::Debug for TokenCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCipher")
+            .field("current_key_id", &self.current.id)
+            .field("previous_key_id", &self.previous.as_ref().map(|k| &k.id))
+            .finish()
+    }
+}
+
+/// The encrypted part of a value. No `Debug`: it holds the token.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    access_token: String,
+    token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+    fetched_at_ms: u64,
+    expires_at_ms: u64,
+}
+
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+impl TokenCipher {
+    /// A cipher that writes with `current` and also reads values written with `previous`.
+    pub fn new(current: &EncryptionKey, previous: Option<&EncryptionKey>) -> Self {
+        Self {
+            current: KeyedCipher::new(current),
+            previous: previous.map(KeyedCipher::new),
+        }
+    }
+
+    /// The id of the key new values are written with.
+    pub fn key_id(&self) -> &str {
+        &self.current.id
+    }
+
+    /// The value that stores `token` under the Redis key `redis_key`.
+    pub fn seal(&self, redis_key: &str, token: &CachedToken) -> String {
+        let header = format!(
+            "{VERSION}:{}:{}:{}:",
+            token.digest().to_hex(),
+            fetched_at_field(token.fetched_at),
+            self.current.id
+        );
+        debug_assert_eq!(header.len(), HEADER_LEN);
+        let plaintext = serde_json::to_vec(&Sealed {
+            access_token: token.access_token().expose().to_owned(),
+            token_type: token.token_type().to_owned(),
+            scope: token.scope().map(str::to_owned),
+            fetched_at_ms: unix_millis(token.fetched_at),
+            expires_at_ms: unix_millis(token.expires_at),
+        })
+        .expect("a token serialises");
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let aad = associated_data(redis_key, &header);
+        let ciphertext = self
+            .current
+            .cipher
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: &plaintext,
+                    aad: &aad,
+                },
+            )
+            .expect("AES-GCM encrypts any token-sized message");
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&ciphertext);
+        let mut value = header;
+        STANDARD.encode_string(&sealed, &mut value);
+        value
+    }
+
+    /// Reads a value stored under `redis_key`.
+    pub fn open(&self, redis_key: &str, value: &[u8]) -> Result<SharedToken, OpenError> {
+        let value = std::str::from_utf8(value).map_err(|_| OpenError::Malformed)?;
+        if value.len() <= HEADER_LEN
+            || !value.starts_with(VERSION)
+            || !value.is_char_boundary(HEADER_LEN)
+        {
+            return Err(OpenError::Malformed);
+        }
+        let (header, body) = value.split_at(HEADER_LEN);
+        let key_id = &header[KEY_ID_RANGE];
+        let keyed = [Some(&self.current), self.previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|k| k.id == key_id)
+            .ok_or_else(|| OpenError::UnknownKey(key_id.to_owned()))?;
+        let sealed = STANDARD.decode(body).map_err(|_| OpenError::Malformed)?;
+        if sealed.len() <= NONCE_LEN {
+            return Err(OpenError::Malformed);
+        }
+        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at the nonce length");
+        let aad = associated_data(redis_key, header);
+        let plaintext = keyed
+            .cipher
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| OpenError::Inauthentic)?;
+        let sealed: Sealed =
+            serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
+        let fetched_at = UNIX_EPOCH + Duration::from_millis(sealed.fetched_at_ms);
+        let expires_at = UNIX_EPOCH + Duration::from_millis(sealed.expires_at_ms);
+        // The scripts act on the clear fields: they must describe the sealed token.
+        if header[DIGEST_RANGE] != TokenDigest::of(&sealed.access_token).to_hex()
+            || header[FETCHED_AT_RANGE] != fetched_at_field(fetched_at)
+        {
+            return Err(OpenError::Malformed);
+        }
+        Ok(SharedToken {
+            issued: IssuedToken {
+                access_token: AccessToken::new(sealed.access_token),
+                token_type: sealed.token_type,
+                lifetime: expires_at
+                    .duration_since(fetched_at)
+                    .unwrap_or(Duration::ZERO),
+                scope: sealed.scope,
+            },
+            fetched_at,
+        })
+    }
+}
+
+/// What the encryption authenticates besides the plaintext: the Redis key and the clear header.
+fn associated_data(redis_key: &str, header: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(redis_key.len() + 1 + header.len());
+    aad.extend_from_slice(redis_key.as_bytes());
+    aad.push(b'\n');
+    aad.extend_from_slice(header.as_bytes());
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretBox;
+
+    use super::*;
+
+    fn key(byte: u8) -> EncryptionKey {
+        SecretBox::new(Box::new([byte; 32]))
+    }
+
+    fn token(value: &str) -> CachedToken {
+        let issued = IssuedToken {
+            access_token: AccessToken::new(value),
+            token_type: "Bearer".to_owned(),
+            lifetime: Duration::from_secs(3600),
+            scope: Some("read write".to_owned()),
+        };
+        let fetched = UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
+        CachedToken::new(issued, fetched, 0.25, 0.0)
+    }
+
+    #[test]
+    fn a_sealed_token_opens_with_its_fields_and_hides_the_value() {
+        let cipher = TokenCipher::new(&key(1), None);
+        let value = cipher.seal("p:token:k", &token("eyJ.secret.sig"));
+        assert!(!value.contains("eyJ.secret.sig") && !value.contains("read write"));
+        assert_eq!(
+            &value[DIGEST_RANGE],
+            TokenDigest::of("eyJ.secret.sig").to_hex()
+        );
+        assert_eq!(&value[FETCHED_AT_RANGE], "0001800000000123");
+        assert_eq!(&value[KEY_ID_RANGE], cipher.key_id());
+
+        let opened = cipher.open("p:token:k", value.as_bytes()).unwrap();
+        assert_eq!(opened.issued.access_token.expose(), "eyJ.secret.sig");
+        assert_eq!(opened.issued.token_type, "Bearer");
+        assert_eq!(opened.issued.scope.as_deref(), Some("read write"));
+        assert_eq!(opened.issued.lifetime, Duration::from_secs(3600));
+        assert_eq!(
+            opened.fetched_at,
+            UNIX_EPOCH + Duration::from_millis(1_800_000_000_123)
+        );
+        // Random nonces: the same token never seals to the same value twice.
+        assert_ne!(value, cipher.seal("p:token:k", &token("eyJ.secret.sig")));
+    }
+
+    #[test]
+    fn a_rotated_key_reads_old_values_and_writes_new_ones() {
+        let old = TokenCipher::new(&key(1), None);
+        let rotated = TokenCipher::new(&key(2), Some(&key(1)));
+        let written_before = old.seal("k", &token("t1"));
+        assert_eq!(
+            rotated
+                .open("k", written_before.as_bytes())
+                .unwrap()
+                .issued
+                .access_token
+                .expose(),
+            "t1"
+        );
+        let written_after = rotated.seal("k", &token("t2"));
+        assert_eq!(&written_after[KEY_ID_RANGE], rotated.key_id());
+        assert_ne!(rotated.key_id(), old.key_id());
+        assert!(matches!(
+            old.open("k", written_after.as_bytes()),
+            Err(OpenError::UnknownKey(_))
+        ));
+    }
+
+    #[test]
+    fn altered_values_and_moved_values_do_not_open() {
+        let cipher = TokenCipher::new(&key(1), None);
+        let value = cipher.seal("k1", &token("t1"));
+        assert!(matches!(
+            cipher.open("k2", value.as_bytes()),
+            Err(OpenError::Inauthentic)
+        ));
+        let mut edited = value.clone().into_bytes();
+        edited[FETCHED_AT_RANGE.start] = b'9';
+        assert!(matches!(
+            cipher.open("k1", &edited),
+            Err(OpenError::Inauthentic)
+        ));
+        assert!(matches!(
+            cipher.open("k1", b"v1:short"),
+            Err(OpenError::Malformed)
+        ));
+        assert!(format!("{cipher:?}").contains(cipher.key_id()));
+    }
+}
