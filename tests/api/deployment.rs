@@ -58,32 +58,39 @@ fn environment(service: &Yaml) -> HashMap<String, String> {
 }
 
 #[test]
-fn the_compose_file_runs_an_idp_and_a_healthy_broker_on_loopback() {
+fn the_compose_file_runs_an_idp_redis_and_two_healthy_replicas_on_loopback() {
     let doc = &yaml("docker-compose.yml")[0];
     let services = &doc["services"];
-    for name in ["idp", "broker"] {
+    for name in ["idp", "redis", "broker-a", "broker-b"] {
         let service = &services[name];
         assert!(!service.is_badvalue(), "service {name} is missing");
-        let test = service["healthcheck"]["test"]
-            .as_vec()
-            .expect("a healthcheck");
-        assert_eq!(test[1].as_str(), Some("token-broker"));
-        assert_eq!(test[2].as_str(), Some("healthcheck"));
+        assert!(service["healthcheck"]["test"].as_vec().is_some(), "{name} healthcheck");
         for port in service["ports"].as_vec().expect("ports") {
             assert!(port.as_str().unwrap().starts_with("127.0.0.1:"), "{port:?}");
         }
         assert!(service["stop_grace_period"].as_str().is_some());
     }
-    let broker = &services["broker"];
-    assert_eq!(
-        broker["depends_on"]["idp"]["condition"].as_str(),
-        Some("service_healthy")
-    );
-    let mount = broker["volumes"][0].as_str().unwrap();
-    let source = mount.split(':').next().unwrap().trim_start_matches("./");
-    // The IdP's client secrets are the ones the broker's configuration reads.
-    let env = environment(broker);
-    check_config(&read(source), &env);
+    for name in ["idp", "broker-a", "broker-b"] {
+        let test = services[name]["healthcheck"]["test"].as_vec().unwrap();
+        assert_eq!(test[1].as_str(), Some("token-broker"));
+        assert_eq!(test[2].as_str(), Some("healthcheck"));
+    }
+    for name in ["broker-a", "broker-b"] {
+        let broker = &services[name];
+        for dependency in ["idp", "redis"] {
+            assert_eq!(
+                broker["depends_on"][dependency]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name} waits for {dependency}"
+            );
+        }
+        let mount = broker["volumes"][0].as_str().unwrap();
+        let source = mount.split(':').next().unwrap().trim_start_matches("./");
+        let toml = read(source);
+        assert!(toml.contains("redis://redis:6379"), "replicas share the redis service");
+        // The IdP's client secrets and the cache key are the ones the configuration reads.
+        check_config(&toml, &environment(broker));
+    }
 }
 
 #[test]
