@@ -30,19 +30,26 @@ pub use response::{IssuedToken, RateLimitHeaders};
 /// Bound on establishing a TCP + TLS connection to an IdP, below any request timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// An access token; its `Debug` and `Display` never show the value.
+/// An access token; its `Debug` never shows the value. The bytes may be shared with the
+/// pre-serialised response body that carries the same token, so a cached token is stored once.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AccessToken(Box<str>);
+pub struct AccessToken(bytes::Bytes);
 
 impl AccessToken {
     /// Wraps a token value.
-    pub fn new(value: impl Into<Box<str>>) -> Self {
-        Self(value.into())
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(bytes::Bytes::from(value.into()))
+    }
+
+    /// Wraps bytes already known to hold the token, as UTF-8.
+    pub(crate) fn from_shared(value: bytes::Bytes) -> Self {
+        debug_assert!(std::str::from_utf8(&value).is_ok());
+        Self(value)
     }
 
     /// The token value, for the response body that hands it to a caller.
     pub fn expose(&self) -> &str {
-        &self.0
+        std::str::from_utf8(&self.0).expect("an access token is built from a string")
     }
 }
 

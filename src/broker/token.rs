@@ -26,8 +26,9 @@ pub struct CachedToken {
     pub expires_at: SystemTime,
     /// When a background refresh should start (with jitter).
     pub refresh_at: SystemTime,
-    body_head: Bytes,
-    body_tail: Bytes,
+    /// The response body without its `expires_in` number, which goes at `expires_in_at`.
+    body: Bytes,
+    expires_in_at: usize,
     hits: AtomicU64,
     refreshing: AtomicBool,
     /// Where the token lives in the shared level, when there is one (so that an invalidation
@@ -48,16 +49,24 @@ impl CachedToken {
         let expires_at = fetched_at + issued.lifetime;
         let ahead = issued.lifetime.mul_f64(refresh_ahead);
         let refresh_at = expires_at - ahead + ahead.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
-        let (body_head, body_tail) = render_body(&issued, expires_at);
+        let (body, expires_in_at) = render_body(&issued, expires_at);
+        // The body holds the token verbatim unless JSON had to escape it: share those bytes.
+        let raw = issued.access_token.expose();
+        let start = TOKEN_OFFSET;
+        let access_token = if body.get(start..start + raw.len()) == Some(raw.as_bytes()) {
+            AccessToken::from_shared(body.slice(start..start + raw.len()))
+        } else {
+            issued.access_token
+        };
         Self {
-            access_token: issued.access_token,
+            access_token,
             token_type: issued.token_type.into_boxed_str(),
             scope: issued.scope.map(String::into_boxed_str),
             fetched_at,
             expires_at,
             refresh_at,
-            body_head,
-            body_tail,
+            body,
+            expires_in_at,
             hits: AtomicU64::new(0),
             refreshing: AtomicBool::new(false),
             shared_key: None,
@@ -140,10 +149,11 @@ impl CachedToken {
 
     /// The caller-facing JSON body (API.md §1) with `expires_in` computed for `now`.
     pub fn body(&self, now: SystemTime) -> Bytes {
-        let mut body = BytesMut::with_capacity(self.body_head.len() + 20 + self.body_tail.len());
-        body.put_slice(&self.body_head);
+        let (head, tail) = self.body.split_at(self.expires_in_at);
+        let mut body = BytesMut::with_capacity(self.body.len() + 20);
+        body.put_slice(head);
         write!(body, "{}", self.remaining(now).as_secs()).expect("writing to memory");
-        body.put_slice(&self.body_tail);
+        body.put_slice(tail);
         body.freeze()
     }
 }
@@ -161,23 +171,29 @@ impl fmt::Debug for CachedToken {
     }
 }
 
-/// The body before and after the `expires_in` number.
-fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, Bytes) {
+/// Where the token starts in the rendered body: after `{"access_token":"`.
+const TOKEN_OFFSET: usize = r#"{"access_token":""#.len();
+
+/// The body without the `expires_in` number, and the offset where that number goes.
+fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, usize) {
     let json = |s: &str| serde_json::to_string(s).expect("strings serialise");
-    let head = format!(
+    let mut body = format!(
         r#"{{"access_token":{},"token_type":{},"expires_in":"#,
         json(issued.access_token.expose()),
         json(&issued.token_type)
     );
-    let mut tail = format!(
+    let expires_in_at = body.len();
+    write!(
+        body,
         r#","expires_at":"{}""#,
         humantime::format_rfc3339_seconds(expires_at)
-    );
+    )
+    .expect("writing to memory");
     if let Some(scope) = &issued.scope {
-        write!(tail, r#","scope":{}"#, json(scope)).expect("writing to memory");
+        write!(body, r#","scope":{}"#, json(scope)).expect("writing to memory");
     }
-    tail.push('}');
-    (Bytes::from(head), Bytes::from(tail))
+    body.push('}');
+    (Bytes::from(body), expires_in_at)
 }
 
 #[cfg(test)]

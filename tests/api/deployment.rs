@@ -64,7 +64,10 @@ fn the_compose_file_runs_an_idp_redis_and_two_healthy_replicas_on_loopback() {
     for name in ["idp", "redis", "broker-a", "broker-b"] {
         let service = &services[name];
         assert!(!service.is_badvalue(), "service {name} is missing");
-        assert!(service["healthcheck"]["test"].as_vec().is_some(), "{name} healthcheck");
+        assert!(
+            service["healthcheck"]["test"].as_vec().is_some(),
+            "{name} healthcheck"
+        );
         for port in service["ports"].as_vec().expect("ports") {
             assert!(port.as_str().unwrap().starts_with("127.0.0.1:"), "{port:?}");
         }
@@ -87,7 +90,10 @@ fn the_compose_file_runs_an_idp_redis_and_two_healthy_replicas_on_loopback() {
         let mount = broker["volumes"][0].as_str().unwrap();
         let source = mount.split(':').next().unwrap().trim_start_matches("./");
         let toml = read(source);
-        assert!(toml.contains("redis://redis:6379"), "replicas share the redis service");
+        assert!(
+            toml.contains("redis://redis:6379"),
+            "replicas share the redis service"
+        );
         // The IdP's client secrets and the cache key are the ones the configuration reads.
         check_config(&toml, &environment(broker));
     }
