@@ -1,12 +1,15 @@
 //! The HTTP API: handlers, extractors and the mapping of errors to responses, and nothing else.
 //!
-//! One file per resource: [`tokens`] for callers, [`admin`] for operators, [`health`] for probes; [`error`] maps every
-//! failure to the JSON error body of API.md §2. Routes and middleware are assembled in
-//! [`crate::startup`].
+//! One file per resource: [`tokens`] for callers, [`admin`] for operators, [`health`] for
+//! probes, [`metrics`] for the Prometheus scrape and [`openapi`] for the OpenAPI document;
+//! [`error`] maps every failure to the JSON error body of API.md §2. Routes and middleware are
+//! assembled in [`crate::startup`].
 
 pub mod admin;
 pub mod error;
 pub mod health;
+pub mod metrics;
+pub mod openapi;
 pub mod tokens;
 
 pub use error::ApiError;

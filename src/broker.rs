@@ -29,6 +29,7 @@ use rand::Rng as _;
 
 use crate::config::{CacheSettings, EnvironmentSettings};
 use crate::idp::{IdpClient, IdpError};
+use crate::telemetry::metrics::{IdpOutcome, Metrics};
 
 pub use key::{ScopeSet, TokenKey};
 pub use token::CachedToken;
@@ -183,6 +184,7 @@ struct Inner {
     upstreams: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     idp: IdpClient,
     settings: CacheSettings,
+    metrics: Metrics,
 }
 
 /// Exponential backoff with full jitter: uniform in `[0, min(cap, base * 2^(attempt-1))]`.
@@ -245,8 +247,8 @@ impl Expiry<TokenKey, Arc<CachedToken>> for TokenExpiry {
 }
 
 impl Broker {
-    /// Builds an empty broker.
-    pub fn new(settings: CacheSettings, idp: IdpClient) -> Self {
+    /// Builds an empty broker that counts its work in `metrics`.
+    pub fn new(settings: CacheSettings, idp: IdpClient, metrics: Metrics) -> Self {
         let tokens = Cache::builder()
             .max_capacity(settings.max_entries)
             .expire_after(TokenExpiry {
@@ -265,6 +267,7 @@ impl Broker {
                 upstreams: Mutex::new(HashMap::new()),
                 idp,
                 settings,
+                metrics,
             }),
         }
     }
@@ -283,6 +286,9 @@ impl Broker {
             let now = SystemTime::now();
             if token.remaining(now) >= required {
                 token.record_hit();
+                self.inner
+                    .metrics
+                    .cache_hit(&environment.tenant, &environment.environment);
                 if now >= token.refresh_at && token.claim_refresh() {
                     self.spawn_refresh(Arc::clone(environment), key.clone());
                 }
@@ -292,10 +298,16 @@ impl Broker {
                 });
             }
             // Too short for this caller, but maybe not for others: keep it while fetching.
+            self.inner
+                .metrics
+                .cache_miss(&environment.tenant, &environment.environment);
             return self.replace_short(environment, key, required).await;
         }
 
         // Cold: concurrent misses share one fetch and its outcome.
+        self.inner
+            .metrics
+            .cache_miss(&environment.tenant, &environment.environment);
         let started = SystemTime::now();
         let token = self
             .inner
@@ -475,19 +487,26 @@ impl Broker {
                 if let Err(retry_after) =
                     upstream.take_quota(Instant::now(), environment.max_fetches_per_hour)
                 {
+                    self.record_idp(environment, IdpOutcome::QuotaExhausted, None);
                     return Err(BrokerError::QuotaExhausted {
                         limit: environment.max_fetches_per_hour.unwrap_or_default(),
                         retry_after,
                     });
                 }
-                self.inner
+                let asked = Instant::now();
+                let answer = self
+                    .inner
                     .idp
                     .fetch(environment, &key.audience, key.scope.as_str())
-                    .await
-                    .map_err(BrokerError::from)
+                    .await;
+                self.record_idp(environment, IdpOutcome::of(&answer), Some(asked.elapsed()));
+                answer.map_err(BrokerError::from)
             })
             .await
-            .unwrap_or_else(|_| Err(BrokerError::from(IdpError::Timeout(environment.timeout))));
+            .unwrap_or_else(|_| {
+                self.record_idp(environment, IdpOutcome::Timeout, None);
+                Err(BrokerError::from(IdpError::Timeout(environment.timeout)))
+            });
 
             let error = match result {
                 Ok(fetched) => {
@@ -569,8 +588,22 @@ impl Broker {
         }
     }
 
+    /// Counts one IdP request (or one the quota guard stopped) of `environment`.
+    fn record_idp(
+        &self,
+        environment: &EnvironmentSettings,
+        outcome: IdpOutcome,
+        took: Option<Duration>,
+    ) {
+        let (tenant, name) = (&environment.tenant, &environment.environment);
+        self.inner.metrics.idp_request(tenant, name, outcome, took);
+    }
+
     /// Starts one background refresh of `key`; the current token keeps being served meanwhile.
     fn spawn_refresh(&self, environment: Arc<EnvironmentSettings>, key: TokenKey) {
+        self.inner
+            .metrics
+            .cache_refresh(&environment.tenant, &environment.environment);
         let broker = self.clone();
         tokio::spawn(async move {
             match broker.fetch(&environment, &key).await {

@@ -26,6 +26,9 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of environment variables that override settings (`TOKEN_BROKER__SERVER__LISTEN`).
 pub const ENV_PREFIX: &str = "TOKEN_BROKER";
 
+/// The least `server.max_header_bytes` that hyper accepts as its read buffer.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
 /// Parameters the broker itself sends; `extra_params` may not override them.
 const RESERVED_PARAMS: &[&str] = &[
     "grant_type",
@@ -75,6 +78,21 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest accepted request head (request line and headers) in bytes; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`: the listener's certificate chain and private key, PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The certificate chain, leaf first.
+    pub certificate_file: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// `[cache]`: how tokens are kept and refreshed.
@@ -98,6 +116,8 @@ pub struct CacheSettings {
 pub struct AuthSettings {
     /// Hash of the key that guards `/v1/admin`; admin routes are closed without one.
     pub admin_key_sha256: Option<KeyHash>,
+    /// Hash of the key that `/metrics` requires, when set; without one `/metrics` is open.
+    pub metrics_key_sha256: Option<KeyHash>,
     /// Serve requests that carry no caller key (a sidecar on localhost).
     pub allow_anonymous: bool,
 }
@@ -302,6 +322,7 @@ struct RawSettings {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     admin_key_sha256: Option<String>,
+    metrics_key_sha256: Option<String>,
     allow_anonymous: bool,
 }
 
@@ -386,6 +407,25 @@ impl RawSettings {
         if self.server.request_timeout.is_zero() {
             problems.push("server.request_timeout: must be above 0".to_owned());
         }
+        if self.server.max_header_bytes < MIN_HEADER_BYTES {
+            problems.push(format!(
+                "server.max_header_bytes: {} is below the least the HTTP server accepts ({MIN_HEADER_BYTES})",
+                self.server.max_header_bytes
+            ));
+        }
+        if let Some(tls) = &self.server.tls {
+            for (name, path) in [
+                ("certificate_file", &tls.certificate_file),
+                ("key_file", &tls.key_file),
+            ] {
+                if let Err(e) = std::fs::File::open(path) {
+                    problems.push(format!(
+                        "server.tls.{name}: cannot read {}: {e}",
+                        path.display()
+                    ));
+                }
+            }
+        }
         if self.cache.max_entries == 0 {
             problems.push("cache.max_entries: must be at least 1".to_owned());
         }
@@ -399,6 +439,11 @@ impl RawSettings {
         let admin_key_sha256 = self.auth.admin_key_sha256.as_deref().and_then(|hex| {
             KeyHash::from_hex(hex)
                 .map_err(|e| problems.push(format!("auth.admin_key_sha256: {e}")))
+                .ok()
+        });
+        let metrics_key_sha256 = self.auth.metrics_key_sha256.as_deref().and_then(|hex| {
+            KeyHash::from_hex(hex)
+                .map_err(|e| problems.push(format!("auth.metrics_key_sha256: {e}")))
                 .ok()
         });
 
@@ -491,6 +536,7 @@ impl RawSettings {
             cache: self.cache,
             auth: AuthSettings {
                 admin_key_sha256,
+                metrics_key_sha256,
                 allow_anonymous: self.auth.allow_anonymous,
             },
             callers,

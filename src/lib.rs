@@ -10,11 +10,12 @@
 //! - [`broker`]: cache, single flight, refresh ahead; knows nothing about HTTP.
 //! - [`auth`]: caller keys, allow rules, the authenticating extractor.
 //! - [`api`]: handlers and the one mapping of errors to HTTP.
-//! - [`startup`]: state, router, middleware, listener, graceful shutdown.
-//! - [`telemetry`]: logging setup.
+//! - [`startup`]: state, the route list, middleware, listener (HTTP or HTTPS), graceful shutdown.
+//! - [`telemetry`]: logging setup and the Prometheus metrics.
 //! - [`dev_idp`] and [`dev`]: the built-in development IdP and the `dev` command.
 //!
-//! Dependencies point one way: `api → auth, broker → idp`.
+//! Dependencies point one way: `api → auth, broker → idp`; `telemetry` is a leaf that `broker`
+//! and `startup` record into.
 
 pub mod api;
 pub mod auth;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
@@ -31,7 +32,7 @@ pub enum ApiError {
     InvalidRequest(String),
     /// No caller key, or a wrong one.
     #[error(transparent)]
-    Unauthorized(#[from] AuthError),
+    Unauthorized(AuthError),
     /// The caller may not use this tenant / environment / audience.
     #[error("caller '{caller}' may not use {tenant}/{environment}")]
     Forbidden {
@@ -51,6 +52,12 @@ pub enum ApiError {
     /// The body is over `server.max_body_bytes`.
     #[error("the request body is over the size limit")]
     PayloadTooLarge,
+    /// The caller is over its `rate_limit`.
+    #[error("this caller is over its rate limit; retry after the seconds in Retry-After")]
+    RateLimited {
+        /// How long until the caller's next request is allowed.
+        retry_after: Duration,
+    },
     /// The broker could not hand out a token.
     #[error(transparent)]
     Broker(Arc<BrokerError>),
@@ -59,19 +66,34 @@ pub enum ApiError {
     Reload(#[from] ReloadError),
 }
 
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::RateLimited { retry_after } => Self::RateLimited { retry_after },
+            other => Self::Unauthorized(other),
+        }
+    }
+}
+
 impl From<Arc<BrokerError>> for ApiError {
     fn from(error: Arc<BrokerError>) -> Self {
         Self::Broker(error)
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'static str,
-    error_description: String,
-    request_id: &'a str,
+/// The JSON body of every `/v1` error (API.md §2).
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody<'a> {
+    /// The stable error code: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `payload_too_large`, `rate_limited`, `upstream_rejected`, `upstream_unavailable`, ...
+    pub error: &'static str,
+    /// What went wrong and what to do next; never a secret, key or token.
+    pub error_description: String,
+    /// The request's `x-request-id`.
+    pub request_id: &'a str,
+    /// Every problem of a refused configuration (reload only).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    problems: &'a [String],
+    pub problems: &'a [String],
 }
 
 impl ApiError {
@@ -84,6 +106,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Reload(ReloadError::NotReloadable) => (StatusCode::CONFLICT, "not_reloadable"),
             Self::Reload(ReloadError::Config(_)) => {
                 (StatusCode::BAD_REQUEST, "invalid_configuration")
@@ -102,9 +125,10 @@ impl ApiError {
         }
     }
 
-    /// How long the caller should wait before retrying, for 503s.
+    /// How long the caller should wait before retrying, for 429s and 503s.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
+            Self::RateLimited { retry_after } => Some(*retry_after),
             Self::Broker(error) => error.retry_after(),
             _ => None,
         }

@@ -3,16 +3,25 @@
 
 mod helpers;
 
+mod admin;
 mod auth;
 mod cache_keys;
 mod delete;
 mod expiry;
 mod health;
 mod lifetimes;
+mod limits;
+mod logs;
+mod metrics;
+mod no_leaks;
+mod open_start;
+mod openapi;
 mod process;
+mod rate_limit;
 mod refresh;
 mod reload;
 mod request_styles;
 mod resilience;
 mod single_flight;
+mod tls;
 mod upstream_errors;
