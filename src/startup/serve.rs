@@ -4,8 +4,8 @@
 //! `axum::serve` can neither terminate TLS nor bound the request head, so the loop is written out
 //! here with hyper directly: `max_buf_size` caps the request line and headers (hyper answers 431
 //! above it, before anything is routed), `header_read_timeout` drops clients that trickle their
-//! headers, and TLS handshakes run in the connection's task under a timeout, so a slow client
-//! never holds up the accept loop.
+//! headers or sit idle, and TLS handshakes run in the connection's task under a timeout, so a
+//! slow client never holds up the accept loop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +19,10 @@ use tokio_rustls::TlsAcceptor;
 
 /// Longest a client may take to complete a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a client may take to send a whole request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a connection may wait for a whole request head. hyper starts this clock as soon as a
+/// connection is idle, so it is also the keep-alive idle timeout: long enough that callers' pools
+/// (often 90 s idle) rarely race a close, short enough that stalled clients let go.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause after an accept error (out of file descriptors, say) before accepting again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
