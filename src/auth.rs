@@ -5,11 +5,16 @@
 //! hashed once and compared with every configured hash in constant time (no early exit), so
 //! timing reveals neither which caller nor how much of a hash matched.
 //! Authentication (401) comes first, then authorisation against `tenant/environment[/audience]`
-//! rules (403), and only then does a request reach the broker.
+//! rules (403), and only then does a request reach the broker. An authenticated caller with a
+//! `rate_limit` is then held to it ([`rate_limit`]), before any other work is done for it.
+
+mod rate_limit;
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -21,6 +26,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Settings;
+
+pub use rate_limit::RateLimiter;
 
 /// Prefix of generated caller keys, so a leaked key is recognisable in a secret scanner.
 const KEY_PREFIX: &str = "tbk_";
@@ -148,9 +155,18 @@ pub struct Caller {
     /// The caller's configured name (`anonymous` when anonymous access is on).
     pub name: Arc<str>,
     allow: Vec<AllowRule>,
+    rate_limit: Option<RateLimiter>,
 }
 
 impl Caller {
+    /// Counts one request against the caller's `rate_limit`; `Err(wait)` when it is over.
+    pub fn admit(&self, now: Instant) -> Result<(), Duration> {
+        match &self.rate_limit {
+            Some(limiter) => limiter.check(now),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the caller may receive tokens of this tenant, environment and audience.
     pub fn may_use(&self, tenant: &str, environment: &str, audience: Option<&str>) -> bool {
         self.allow
@@ -159,7 +175,7 @@ impl Caller {
     }
 }
 
-/// Why a request could not be authenticated.
+/// Why a request was turned away before any work was done for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// No `Authorization: Bearer` header.
@@ -171,6 +187,12 @@ pub enum AuthError {
     /// No admin key is configured, so the admin API is closed.
     #[error("the admin API is disabled: set auth.admin_key_sha256 (from `token-broker hash-key`)")]
     AdminDisabled,
+    /// The caller is over its `rate_limit`.
+    #[error("this caller is over its request rate; retry later")]
+    RateLimited {
+        /// How long until the caller's next request is allowed.
+        retry_after: Duration,
+    },
 }
 
 /// The configured callers, ready to authenticate requests.
@@ -178,6 +200,7 @@ pub struct CallerRegistry {
     callers: Vec<(KeyHash, Arc<Caller>)>,
     anonymous: Option<Arc<Caller>>,
     admin: Option<KeyHash>,
+    metrics: Option<KeyHash>,
 }
 
 impl CallerRegistry {
@@ -190,6 +213,10 @@ impl CallerRegistry {
                 let caller = Caller {
                     name: Arc::from(name.as_str()),
                     allow: settings.allow.clone(),
+                    rate_limit: settings
+                        .rate_limit
+                        .and_then(NonZeroU32::new)
+                        .map(RateLimiter::per_second),
                 };
                 (settings.key_sha256, Arc::new(caller))
             })
@@ -198,12 +225,14 @@ impl CallerRegistry {
             Arc::new(Caller {
                 name: Arc::from("anonymous"),
                 allow: vec!["*/*".parse().expect("a valid rule")],
+                rate_limit: None,
             })
         });
         Self {
             callers,
             anonymous,
             admin: settings.auth.admin_key_sha256,
+            metrics: settings.auth.metrics_key_sha256,
         }
     }
 
@@ -259,6 +288,21 @@ impl CallerRegistry {
             Err(AuthError::InvalidKey)
         }
     }
+
+    /// Authenticates a metrics scrape; open when no metrics key is configured.
+    pub fn authenticate_metrics(&self, authorization: Option<&[u8]>) -> Result<(), AuthError> {
+        let Some(expected) = &self.metrics else {
+            return Ok(());
+        };
+        let key = authorization
+            .and_then(bearer_key)
+            .ok_or(AuthError::MissingKey)?;
+        if bool::from(expected.matches(&KeyHash::of(key))) {
+            Ok(())
+        } else {
+            Err(AuthError::InvalidKey)
+        }
+    }
 }
 
 /// The key of `Bearer <key>` (scheme case-insensitive), when well formed.
@@ -275,7 +319,8 @@ pub trait CallerSource {
     fn caller_registry(&self) -> Arc<CallerRegistry>;
 }
 
-/// Extracts the authenticated [`Caller`] of a request, or rejects it with 401.
+/// Extracts the authenticated [`Caller`] of a request, or rejects it with 401, or with 429 when
+/// the caller is over its rate limit. Names the caller in the request's span.
 pub struct Authenticated(pub Arc<Caller>);
 
 impl<S> FromRequestParts<S> for Authenticated
@@ -286,10 +331,12 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-        state
-            .caller_registry()
-            .authenticate(header)
-            .map(Authenticated)
+        let caller = state.caller_registry().authenticate(header)?;
+        tracing::Span::current().record("caller", &*caller.name);
+        caller
+            .admit(Instant::now())
+            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+        Ok(Authenticated(caller))
     }
 }
 
@@ -304,10 +351,27 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
+        state.caller_registry().authenticate_admin(header)?;
+        tracing::Span::current().record("caller", "admin");
+        Ok(Admin)
+    }
+}
+
+/// Admits a metrics scrape: always without `auth.metrics_key_sha256`, else with that key.
+pub struct MetricsReader;
+
+impl<S> FromRequestParts<S> for MetricsReader
+where
+    S: CallerSource + Send + Sync,
+{
+    type Rejection = AuthError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
         state
             .caller_registry()
-            .authenticate_admin(header)
-            .map(|()| Admin)
+            .authenticate_metrics(header)
+            .map(|()| MetricsReader)
     }
 }
 

@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{CacheSettings, EnvironmentSettings};
 use crate::idp::{IdpClient, IdpError};
+use crate::telemetry::metrics::{IdpOutcome, Metrics};
 
 pub use key::{ScopeSet, TokenKey};
 pub use shared::{
@@ -203,6 +204,7 @@ struct Inner {
     shared: Option<Arc<dyn SharedCache>>,
     /// How long to wait for a token another replica is fetching.
     wait_for_peer: Duration,
+    metrics: Metrics,
 }
 
 /// Which token from the shared level can serve a fetch.
@@ -274,9 +276,9 @@ impl Expiry<TokenKey, Arc<CachedToken>> for TokenExpiry {
 }
 
 impl Broker {
-    /// Builds an empty broker with no shared level.
-    pub fn new(settings: CacheSettings, idp: IdpClient) -> Self {
-        Self::build(settings, idp, None, Duration::ZERO)
+    /// Builds an empty broker with no shared level that counts its work in `metrics`.
+    pub fn new(settings: CacheSettings, idp: IdpClient, metrics: Metrics) -> Self {
+        Self::build(settings, idp, metrics, None, Duration::ZERO)
     }
 
     /// Builds an empty broker with a level shared by every replica, and starts applying the
@@ -284,11 +286,12 @@ impl Broker {
     pub fn with_shared_cache(
         settings: CacheSettings,
         idp: IdpClient,
+        metrics: Metrics,
         shared: Arc<dyn SharedCache>,
         wait_for_peer: Duration,
     ) -> Self {
         let events = shared.subscribe();
-        let broker = Self::build(settings, idp, Some(shared), wait_for_peer);
+        let broker = Self::build(settings, idp, metrics, Some(shared), wait_for_peer);
         broker.spawn_invalidations(events);
         broker
     }
@@ -296,6 +299,7 @@ impl Broker {
     fn build(
         settings: CacheSettings,
         idp: IdpClient,
+        metrics: Metrics,
         shared: Option<Arc<dyn SharedCache>>,
         wait_for_peer: Duration,
     ) -> Self {
@@ -319,6 +323,7 @@ impl Broker {
                 settings,
                 shared,
                 wait_for_peer,
+                metrics,
             }),
         }
     }
@@ -337,6 +342,9 @@ impl Broker {
             let now = SystemTime::now();
             if token.remaining(now) >= required {
                 token.record_hit();
+                self.inner
+                    .metrics
+                    .cache_hit(&environment.tenant, &environment.environment);
                 if now >= token.refresh_at && token.claim_refresh() {
                     self.spawn_refresh(Arc::clone(environment), key.clone(), token.fetched_at);
                 }
@@ -346,10 +354,16 @@ impl Broker {
                 });
             }
             // Too short for this caller, but maybe not for others: keep it while fetching.
+            self.inner
+                .metrics
+                .cache_miss(&environment.tenant, &environment.environment);
             return self.replace_short(environment, key, required).await;
         }
 
         // Cold: concurrent misses share one fetch and its outcome.
+        self.inner
+            .metrics
+            .cache_miss(&environment.tenant, &environment.environment);
         let started = SystemTime::now();
         let token = self
             .inner
@@ -690,19 +704,26 @@ impl Broker {
                 if let Err(retry_after) =
                     upstream.take_quota(Instant::now(), environment.max_fetches_per_hour)
                 {
+                    self.record_idp(environment, IdpOutcome::QuotaExhausted, None);
                     return Err(BrokerError::QuotaExhausted {
                         limit: environment.max_fetches_per_hour.unwrap_or_default(),
                         retry_after,
                     });
                 }
-                self.inner
+                let asked = Instant::now();
+                let answer = self
+                    .inner
                     .idp
                     .fetch(environment, &key.audience, key.scope.as_str())
-                    .await
-                    .map_err(BrokerError::from)
+                    .await;
+                self.record_idp(environment, IdpOutcome::of(&answer), Some(asked.elapsed()));
+                answer.map_err(BrokerError::from)
             })
             .await
-            .unwrap_or_else(|_| Err(BrokerError::from(IdpError::Timeout(environment.timeout))));
+            .unwrap_or_else(|_| {
+                self.record_idp(environment, IdpOutcome::Timeout, None);
+                Err(BrokerError::from(IdpError::Timeout(environment.timeout)))
+            });
 
             let error = match result {
                 Ok(fetched) => {
@@ -784,6 +805,17 @@ impl Broker {
         }
     }
 
+    /// Counts one IdP request (or one the quota guard stopped) of `environment`.
+    fn record_idp(
+        &self,
+        environment: &EnvironmentSettings,
+        outcome: IdpOutcome,
+        took: Option<Duration>,
+    ) {
+        let (tenant, name) = (&environment.tenant, &environment.environment);
+        self.inner.metrics.idp_request(tenant, name, outcome, took);
+    }
+
     /// Starts one background refresh of `key`, whose current token was fetched at `current`;
     /// that token keeps being served meanwhile. A newer token another replica already fetched
     /// serves as the refresh.
@@ -793,6 +825,9 @@ impl Broker {
         key: TokenKey,
         current: SystemTime,
     ) {
+        self.inner
+            .metrics
+            .cache_refresh(&environment.tenant, &environment.environment);
         let broker = self.clone();
         tokio::spawn(async move {
             match broker

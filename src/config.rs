@@ -31,6 +31,9 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of environment variables that override settings (`TOKEN_BROKER__SERVER__LISTEN`).
 pub const ENV_PREFIX: &str = "TOKEN_BROKER";
 
+/// The least `server.max_header_bytes` that hyper accepts as its read buffer.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
 /// Parameters the broker itself sends; `extra_params` may not override them.
 const RESERVED_PARAMS: &[&str] = &[
     "grant_type",
@@ -149,6 +152,21 @@ pub struct ServerSettings {
     pub request_timeout: Duration,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest accepted request head (request line and headers) in bytes; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`: the listener's certificate chain and private key, PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The certificate chain, leaf first.
+    pub certificate_file: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 /// `[cache]`: how tokens are kept and refreshed.
@@ -186,6 +204,8 @@ pub struct UserSettings {
 pub struct AuthSettings {
     /// Hash of the key that guards `/v1/admin`; admin routes are closed without one.
     pub admin_key_sha256: Option<KeyHash>,
+    /// Hash of the key that `/metrics` requires, when set; without one `/metrics` is open.
+    pub metrics_key_sha256: Option<KeyHash>,
     /// Serve requests that carry no caller key (a sidecar on localhost).
     pub allow_anonymous: bool,
 }
@@ -456,6 +476,7 @@ struct RawSharedCache {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     admin_key_sha256: Option<String>,
+    metrics_key_sha256: Option<String>,
     allow_anonymous: bool,
 }
 
@@ -560,6 +581,25 @@ impl RawSettings {
                 "users.authorization_timeout and users.idle_timeout: must be above 0".to_owned(),
             );
         }
+        if self.server.max_header_bytes < MIN_HEADER_BYTES {
+            problems.push(format!(
+                "server.max_header_bytes: {} is below the least the HTTP server accepts ({MIN_HEADER_BYTES})",
+                self.server.max_header_bytes
+            ));
+        }
+        if let Some(tls) = &self.server.tls {
+            for (name, path) in [
+                ("certificate_file", &tls.certificate_file),
+                ("key_file", &tls.key_file),
+            ] {
+                if let Err(e) = std::fs::File::open(path) {
+                    problems.push(format!(
+                        "server.tls.{name}: cannot read {}: {e}",
+                        path.display()
+                    ));
+                }
+            }
+        }
         if self.cache.max_entries == 0 {
             problems.push("cache.max_entries: must be at least 1".to_owned());
         }
@@ -573,6 +613,11 @@ impl RawSettings {
         let admin_key_sha256 = self.auth.admin_key_sha256.as_deref().and_then(|hex| {
             KeyHash::from_hex(hex)
                 .map_err(|e| problems.push(format!("auth.admin_key_sha256: {e}")))
+                .ok()
+        });
+        let metrics_key_sha256 = self.auth.metrics_key_sha256.as_deref().and_then(|hex| {
+            KeyHash::from_hex(hex)
+                .map_err(|e| problems.push(format!("auth.metrics_key_sha256: {e}")))
                 .ok()
         });
 
@@ -667,6 +712,7 @@ impl RawSettings {
             cache: self.cache,
             auth: AuthSettings {
                 admin_key_sha256,
+                metrics_key_sha256,
                 allow_anonymous: self.auth.allow_anonymous,
             },
             users: self.users,

@@ -12,12 +12,13 @@
 //! - [`shared_cache`]: Redis as the cache level shared by replicas, tokens encrypted at rest.
 //! - [`auth`]: caller keys, allow rules, the authenticating extractor.
 //! - [`api`]: handlers and the one mapping of errors to HTTP.
-//! - [`startup`]: state, router, middleware, listener, graceful shutdown.
-//! - [`telemetry`]: logging setup.
+//! - [`startup`]: state, the route list, middleware, listener (HTTP or HTTPS), graceful shutdown.
+//! - [`telemetry`]: logging setup and the Prometheus metrics.
 //! - [`dev_idp`] and [`dev`]: the built-in development IdP and the `dev` command.
 //!
 //! Dependencies point one way: `api → auth, broker, users → idp`; `shared_cache` implements the
-//! broker's `SharedCache` trait and `startup` hands it to the broker.
+//! broker's `SharedCache` trait and `startup` hands it to the broker; `telemetry` is a leaf that
+//! `broker` and `startup` record into.
 
 pub mod api;
 pub mod auth;

@@ -2,38 +2,61 @@
 //!
 //! [`Application::build`] binds the listener before anything is served, so tests and `dev` mode
 //! learn the real port (bind to port 0) without sleeping. [`Application::run_until_stopped`]
-//! serves until the given shutdown future completes, then turns readiness to 503, keeps accepting
-//! for `server.drain_delay`, and gives in-flight requests `server.shutdown_grace` to finish.
+//! serves (HTTP, or HTTPS with `server.tls`) until the given shutdown future completes, then
+//! turns readiness to 503, keeps accepting for `server.drain_delay`, and gives in-flight requests
+//! `server.shutdown_grace` to finish.
+//!
+//! [`routes`] is the one list of routes: the router and the OpenAPI document are both built from
+//! it. Every request gets an id, a span (method, matched route, request id, caller), a count in
+//! `token_broker_http_requests_total` and one access-log line.
+
+mod serve;
+mod tls;
 
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use rand::Rng as _;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument as _;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api::error::{REQUEST_ID, X_REQUEST_ID};
-use crate::api::{self, admin, health, oauth, tokens, users};
+use crate::api::{self, admin, health, metrics, oauth, openapi, tokens, users};
 use crate::auth::{CallerRegistry, CallerSource};
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::idp::IdpClient;
 use crate::shared_cache::{RedisCache, RedisCacheError};
+use crate::telemetry::ACCESS;
+use crate::telemetry::metrics::{HttpMetrics, Metrics};
 use crate::users::UserTokens;
+
+pub use tls::TlsError;
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Routes whose access-log lines are at DEBUG: probes and scrapes arrive every few seconds and
+/// would drown the rest.
+const QUIET_ROUTES: [&str; 3] = ["/livez", "/readyz", "/metrics"];
+
+/// How often recorded histogram samples are moved into their buckets.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +72,9 @@ pub enum StartupError {
     /// The HTTP client for IdPs could not be built (TLS roots, for instance).
     #[error("cannot build the IdP HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    /// `server.tls` names files that do not make a usable certificate and key.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The shared cache could not be set up.
     #[error(transparent)]
     SharedCache(#[from] RedisCacheError),
@@ -73,7 +99,7 @@ impl Snapshot {
 }
 
 /// What a reload changed.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
     /// Tenants now configured.
     pub tenants: usize,
@@ -102,12 +128,14 @@ pub enum ReloadError {
 pub struct App {
     /// Tokens from cache or IdP.
     pub broker: Broker,
+    /// This application's metrics.
+    pub metrics: Metrics,
+    /// User tokens (authorization-code flow).
+    pub users: UserTokens,
     current: ArcSwap<Snapshot>,
     reloader: Option<Reloader>,
     /// Serialises reloads so two cannot interleave their compare-and-drop.
     reloading: std::sync::Mutex<()>,
-    /// User tokens (authorization-code flow).
-    pub users: UserTokens,
     ready: AtomicBool,
 }
 
@@ -130,26 +158,30 @@ impl CallerSource for AppState {
 }
 
 impl AppState {
-    /// Builds the shared state from validated settings (inside a Tokio runtime).
+    /// Builds the shared state from validated settings.
     pub fn new(settings: Settings, reloader: Option<Reloader>) -> Result<Self, StartupError> {
         let idp = IdpClient::new()?;
+        let metrics = Metrics::new();
+        register_environments(&metrics, &settings);
         let users = UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
         let cache = settings.cache.clone();
         let broker = match &settings.shared_cache {
             Some(shared) => Broker::with_shared_cache(
                 cache,
                 idp,
+                metrics.clone(),
                 Arc::new(RedisCache::new(shared)?),
                 shared.wait_for_peer,
             ),
-            None => Broker::new(cache, idp),
+            None => Broker::new(cache, idp, metrics.clone()),
         };
         Ok(Self(Arc::new(App {
             broker,
+            metrics,
+            users,
             current: ArcSwap::from_pointee(Snapshot::new(settings)),
             reloader,
             reloading: std::sync::Mutex::new(()),
-            users,
             ready: AtomicBool::new(true),
         })))
     }
@@ -198,6 +230,7 @@ impl AppState {
             callers: settings.callers.len(),
             dropped: dropped.iter().map(|(t, e)| format!("{t}/{e}")).collect(),
         };
+        register_environments(&self.metrics, &settings);
         self.current.store(Arc::new(Snapshot::new(settings)));
         self.broker.forget_environments(dropped);
         self.broker.forget_rejections();
@@ -212,34 +245,76 @@ impl AppState {
     }
 }
 
+/// Shows every configured environment in the metrics from the start, at zero.
+fn register_environments(metrics: &Metrics, settings: &Settings) {
+    for (tenant, environment, _) in settings.environments() {
+        metrics.register_environment(tenant, environment);
+    }
+}
+
+/// Every route with its OpenAPI description. The router and `/openapi.json` are both built from
+/// this one list, so neither can miss a route.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(token_routes())
+        .merge(oauth_facade_routes())
+        .merge(user_routes())
+        .merge(operation_routes())
+        .merge(admin_routes())
+}
+
+/// The caller API of API.md §1.
+fn token_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(tokens::get_token, tokens::delete_token))
+}
+
+/// The OAuth2-compatible facade of API.md §1, `POST /t/{tenant}/{environment}/oauth/token`, kept
+/// apart from the `/v1` API because it speaks RFC 6749 and authenticates callers its own way. Its
+/// handler is registered here, with `.routes(routes!(...))` like the others.
+fn oauth_facade_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(oauth::token))
+}
+
+/// User tokens through the authorization-code flow.
+fn user_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(users::authorize))
+        .routes(routes!(users::create_session))
+        .routes(routes!(users::get_user_token, users::delete_user_token))
+}
+
+/// Probes, metrics and the OpenAPI document (API.md §3).
+fn operation_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health::livez))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi::openapi_json))
+}
+
+/// The admin API behind the admin key (API.md §3).
+fn admin_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(admin::tenants))
+        .routes(routes!(admin::cache))
+        .routes(routes!(admin::reload))
+}
+
 /// The whole HTTP surface with its middleware stack.
 pub fn router(state: AppState) -> Router {
     let (timeout, body_limit) = {
         let server = &state.current().settings.server;
         (server.request_timeout, server.max_body_bytes)
     };
-    Router::new()
-        .route(
-            "/v1/tokens/{tenant}/{environment}",
-            get(tokens::get_token).delete(tokens::delete_token),
-        )
-        .route("/v1/admin/reload", post(admin::reload))
-        .route("/t/{tenant}/{environment}/oauth/token", post(oauth::token))
-        .route(
-            "/v1/users/{tenant}/{environment}/authorize",
-            post(users::authorize),
-        )
-        .route(
-            "/v1/users/{tenant}/{environment}/sessions",
-            post(users::create_session),
-        )
-        .route(
-            "/v1/users/handles/{handle}",
-            get(users::get_user_token).delete(users::delete_user_token),
-        )
-        .route("/livez", get(health::livez))
-        .route("/readyz", get(health::readyz))
-        .route_layer(middleware::from_fn(record_route))
+    let (router, document) = routes().split_for_parts();
+    let http_metrics = Arc::new(
+        state
+            .metrics
+            .http(document.paths.paths.keys().map(String::as_str)),
+    );
+    // `Router::layer` wraps each route after matching, so the outermost layer sees the matched
+    // route and the final status, including timeouts and panics answered by the inner layers.
+    router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -248,12 +323,21 @@ pub fn router(state: AppState) -> Router {
             timeout,
         ))
         .layer(CatchPanicLayer::custom(internal_error))
-        .layer(middleware::from_fn(request_context))
+        .layer(middleware::from_fn_with_state(
+            http_metrics,
+            request_context,
+        ))
         .with_state(state)
 }
 
-/// Gives each request an id (the caller's own when it is sane), a span, and the id on the answer.
-async fn request_context(request: Request, next: Next) -> Response {
+/// Gives each request an id (the caller's own when it is sane), a span, and the id on the answer;
+/// counts it by route, method and status, and logs it once on the `access` target.
+async fn request_context(
+    State(http_metrics): State<Arc<HttpMetrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
     let id: Arc<str> = request
         .headers()
         .get(&X_REQUEST_ID)
@@ -265,28 +349,32 @@ async fn request_context(request: Request, next: Next) -> Response {
         })
         .map(Arc::from)
         .unwrap_or_else(|| Arc::from(format!("{:032x}", rand::rng().random::<u128>())));
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map(MatchedPath::as_str);
+    let method = request.method().clone();
     let span = tracing::info_span!(
         "request",
-        method = %request.method(),
-        route = tracing::field::Empty,
+        method = %method,
+        route,
         request_id = %id,
         caller = tracing::field::Empty,
     );
     let header = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
     let mut response = REQUEST_ID
         .scope(id, next.run(request))
-        .instrument(span)
+        .instrument(span.clone())
         .await;
     response.headers_mut().insert(X_REQUEST_ID.clone(), header);
-    response
-}
-
-/// Records the matched route (not the raw path, to keep spans low-cardinality).
-async fn record_route(request: Request, next: Next) -> Response {
-    if let Some(route) = request.extensions().get::<MatchedPath>() {
-        tracing::Span::current().record("route", route.as_str());
+    let status = response.status().as_u16();
+    http_metrics.record(route, &method, response.status());
+    // Whole microseconds, so the line shows `0.412` rather than binary float noise.
+    let took_ms = started.elapsed().as_micros() as f64 / 1000.0;
+    if route.is_some_and(|route| QUIET_ROUTES.contains(&route)) {
+        tracing::debug!(target: ACCESS, parent: &span, status, took_ms, "request served");
+    } else {
+        tracing::info!(target: ACCESS, parent: &span, status, took_ms, "request served");
     }
-    next.run(request).await
+    response
 }
 
 fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -305,6 +393,7 @@ fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub struct Application {
     state: AppState,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Application {
@@ -331,9 +420,16 @@ impl Application {
         listener: TcpListener,
         reloader: Option<Reloader>,
     ) -> Result<Self, StartupError> {
+        let tls = settings
+            .server
+            .tls
+            .as_ref()
+            .map(tls::acceptor)
+            .transpose()?;
         Ok(Self {
             state: AppState::new(settings, reloader)?,
             listener,
+            tls,
         })
     }
 
@@ -355,12 +451,21 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let grace = state.current().settings.server.shutdown_grace;
-        let on_hangup = tokio::spawn(reload_on_hangup(state.clone()));
-        let draining = Arc::new(tokio::sync::Notify::new());
-        let signal = {
+        let (grace, max_header_bytes) = {
+            let server = &state.current().settings.server;
+            (server.shutdown_grace, server.max_header_bytes)
+        };
+        let _stop_reloading = AbortOnDrop(tokio::spawn(reload_on_hangup(state.clone())));
+        let _stop_upkeep = AbortOnDrop(tokio::spawn(metrics_upkeep(state.metrics.clone())));
+        if self.tls.is_some() {
+            tracing::info!("serving HTTPS (server.tls)");
+        }
+        let settings = serve::ConnectionSettings {
+            max_header_bytes,
+            tls: self.tls,
+        };
+        let stop_accepting = {
             let state = state.clone();
-            let draining = Arc::clone(&draining);
             async move {
                 shutdown.await;
                 state.start_draining();
@@ -369,27 +474,33 @@ impl Application {
                     tracing::info!(?delay, "shutting down: readiness is 503, still accepting");
                     tokio::time::sleep(delay).await;
                 }
-                tracing::info!(?grace, "shutting down: draining in-flight requests");
-                draining.notify_one();
             }
         };
-        let app = router(state);
-        let serve = axum::serve(self.listener, app).with_graceful_shutdown(signal);
-        let serve = serve.into_future();
-        tokio::pin!(serve);
-        let _stop_reloading = AbortOnDrop(on_hangup);
-        tokio::select! {
-            result = &mut serve => result,
-            () = draining.notified() => {
-                match tokio::time::timeout(grace, serve).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        tracing::warn!("shutdown grace elapsed; closing the remaining connections");
-                        Ok(())
-                    }
-                }
-            }
+        let connections = serve::accept_until(
+            self.listener,
+            router(state.clone()),
+            settings,
+            stop_accepting,
+        )
+        .await;
+        tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+        if tokio::time::timeout(grace, connections.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace elapsed; closing the remaining connections");
         }
+        Ok(())
+    }
+}
+
+/// Moves histogram samples into buckets every few seconds, so memory stays bounded between
+/// scrapes.
+async fn metrics_upkeep(metrics: Metrics) {
+    let mut ticks = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    loop {
+        ticks.tick().await;
+        metrics.run_upkeep();
     }
 }
 

@@ -1,12 +1,23 @@
-//! Logging setup: human-readable on a terminal, JSON lines with `LOG_FORMAT=json`.
+//! Logging setup (human-readable on a terminal, JSON lines with `LOG_FORMAT=json`) and, in
+//! [`metrics`], the Prometheus metrics.
 //!
 //! The level comes from `RUST_LOG` (for example `RUST_LOG=token_broker=debug`), else `info`.
 //! Logs go to stderr so that `token-broker dev` can print its caller key and `curl` line alone
-//! on stdout.
+//! on stdout. Two targets besides the module paths can be filtered on their own: [`AUDIT`], one
+//! line per token handed to a caller, and [`ACCESS`], one line per request served (probes and
+//! scrapes at DEBUG, everything else at INFO).
+
+pub mod metrics;
 
 use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
+
+/// The log target of the audit trail: who was handed which token.
+pub const AUDIT: &str = "audit";
+
+/// The log target of the access log: one line per request.
+pub const ACCESS: &str = "access";
 
 /// Installs the global subscriber; call once, at start.
 pub fn init() {

@@ -1,16 +1,238 @@
 //! `/v1/admin`: operator routes behind the admin key.
 //!
-//! `POST /v1/admin/reload` re-reads the configuration (as `SIGHUP` does): rotated secrets and new
-//! tenants and callers take effect without dropping valid cached tokens.
+//! `GET /v1/admin/tenants` shows how each environment talks to its IdP and `GET /v1/admin/cache`
+//! what is cached, so an operator can answer "which client id does acme/staging use" or "why did
+//! this token not refresh" without reading configuration files or logs. Neither ever shows a
+//! client secret or a token value: the reports are built field by field from settings and cache
+//! entries, never by serialising those types whole. `POST /v1/admin/reload` re-reads the
+//! configuration (as `SIGHUP` does): rotated secrets and new tenants and callers take effect
+//! without dropping valid cached tokens.
+
+use std::time::SystemTime;
 
 use axum::Json;
 use axum::extract::State;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::api::ApiError;
+use crate::api::error::ErrorBody;
 use crate::auth::Admin;
+use crate::config::{AudienceParam, ClientAuth, EnvironmentSettings, RequestFormat};
+use crate::idp::RateLimitHeaders;
 use crate::startup::{AppState, ReloadReport};
 
+/// `GET /v1/admin/tenants`: every configured tenant and environment.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantsReport {
+    /// Tenants by name, in name order.
+    pub tenants: Vec<TenantReport>,
+}
+
+/// One tenant.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TenantReport {
+    /// The configured name.
+    pub name: String,
+    /// Its environments, in name order.
+    pub environments: Vec<EnvironmentReport>,
+}
+
+/// How one environment asks its IdP for tokens; never the client secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnvironmentReport {
+    /// The configured name.
+    pub name: String,
+    /// The IdP's token endpoint, without any user name or password in it.
+    pub token_url: String,
+    /// The OAuth2 client id.
+    pub client_id: String,
+    /// The default audience, when configured.
+    pub audience: Option<String>,
+    /// `json` or `form`.
+    pub request_format: &'static str,
+    /// `post` or `basic`.
+    pub client_auth: &'static str,
+    /// `audience` or `resource`.
+    pub audience_param: &'static str,
+    /// Names of the extra fields sent with each request (their values are not shown, in case one
+    /// is a credential).
+    pub extra_params: Vec<String>,
+    /// Bound on one token fetch, retries included, in seconds.
+    pub timeout_s: f64,
+    /// Lifetime assumed when the IdP gives none, in seconds.
+    pub default_lifetime_s: u64,
+    /// The quota guard, when set.
+    pub max_fetches_per_hour: Option<u32>,
+    /// The IdP's `x-ratelimit-*` headers on its latest answer, when it sent any.
+    pub idp_rate_limit: Option<IdpRateLimit>,
+}
+
+/// Auth0-style rate-limit headers of the IdP's latest answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IdpRateLimit {
+    /// `x-ratelimit-limit`.
+    pub limit: Option<u64>,
+    /// `x-ratelimit-remaining`.
+    pub remaining: Option<u64>,
+    /// `x-ratelimit-reset`, Unix seconds.
+    pub reset: Option<u64>,
+}
+
+/// `GET /v1/admin/cache`: the cached tokens, without their values.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CacheReport {
+    /// Cached keys, ordered by tenant, environment, audience and scope.
+    pub entries: Vec<CacheEntryReport>,
+}
+
+/// One cached key and the timing of its token.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CacheEntryReport {
+    /// Tenant name.
+    pub tenant: String,
+    /// Environment name.
+    pub environment: String,
+    /// The audience of the token.
+    pub audience: String,
+    /// The normalised scope set (sorted, space-separated; empty for none).
+    pub scope: String,
+    /// When the broker received the token, RFC 3339 UTC.
+    pub fetched_at: String,
+    /// When the token expires, RFC 3339 UTC.
+    pub expires_at: String,
+    /// When a background refresh may start, RFC 3339 UTC.
+    pub refresh_at: String,
+    /// Whole seconds of validity left now.
+    pub expires_in: u64,
+    /// Callers served from this entry.
+    pub hits: u64,
+}
+
+/// `GET /v1/admin/tenants`: configured tenants and how their IdPs are asked; never secrets.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/tenants",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Every tenant and environment", body = TenantsReport),
+        (status = 401, description = "`unauthorized`: no admin key, a wrong one, or no admin key configured", body = ErrorBody),
+    ),
+    security(("admin_key" = [])),
+)]
+pub async fn tenants(State(state): State<AppState>, _: Admin) -> Json<TenantsReport> {
+    let current = state.current();
+    let tenants = current
+        .settings
+        .tenants
+        .iter()
+        .map(|(name, tenant)| TenantReport {
+            name: name.clone(),
+            environments: tenant
+                .environments
+                .iter()
+                .map(|(name, environment)| {
+                    environment_report(name, environment, state.broker.rate_limit(environment))
+                })
+                .collect(),
+        })
+        .collect();
+    Json(TenantsReport { tenants })
+}
+
+fn environment_report(
+    name: &str,
+    environment: &EnvironmentSettings,
+    rate_limit: RateLimitHeaders,
+) -> EnvironmentReport {
+    let mut token_url = environment.token_url.clone();
+    // Both only fail for URLs that cannot carry credentials, which then have none to remove.
+    let _ = token_url.set_username("");
+    let _ = token_url.set_password(None);
+    EnvironmentReport {
+        name: name.to_owned(),
+        token_url: token_url.into(),
+        client_id: environment.client_id.clone(),
+        audience: environment.audience.clone(),
+        request_format: match environment.request_format {
+            RequestFormat::Json => "json",
+            RequestFormat::Form => "form",
+        },
+        client_auth: match environment.client_auth {
+            ClientAuth::Post => "post",
+            ClientAuth::Basic => "basic",
+            ClientAuth::PrivateKeyJwt => "private_key_jwt",
+        },
+        audience_param: match environment.audience_param {
+            AudienceParam::Audience => "audience",
+            AudienceParam::Resource => "resource",
+        },
+        extra_params: environment.extra_params.keys().cloned().collect(),
+        timeout_s: environment.timeout.as_secs_f64(),
+        default_lifetime_s: environment.default_lifetime.as_secs(),
+        max_fetches_per_hour: environment.max_fetches_per_hour,
+        idp_rate_limit: (rate_limit != RateLimitHeaders::default()).then_some(IdpRateLimit {
+            limit: rate_limit.limit,
+            remaining: rate_limit.remaining,
+            reset: rate_limit.reset,
+        }),
+    }
+}
+
+/// `GET /v1/admin/cache`: cached keys with their timing and hit counts; never token values.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/cache",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Every cached key", body = CacheReport),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ),
+    security(("admin_key" = [])),
+)]
+pub async fn cache(State(state): State<AppState>, _: Admin) -> Json<CacheReport> {
+    let now = SystemTime::now();
+    let time = |at: SystemTime| humantime::format_rfc3339_seconds(at).to_string();
+    let mut entries: Vec<CacheEntryReport> = state
+        .broker
+        .entries()
+        .into_iter()
+        .map(|(key, token)| CacheEntryReport {
+            tenant: key.tenant.to_string(),
+            environment: key.environment.to_string(),
+            audience: key.audience.to_string(),
+            scope: key.scope.as_str().to_owned(),
+            fetched_at: time(token.fetched_at),
+            expires_at: time(token.expires_at),
+            refresh_at: time(token.refresh_at),
+            expires_in: token.remaining(now).as_secs(),
+            hits: token.hits(),
+        })
+        .collect();
+    entries.sort_by(|a, b| {
+        (&a.tenant, &a.environment, &a.audience, &a.scope).cmp(&(
+            &b.tenant,
+            &b.environment,
+            &b.audience,
+            &b.scope,
+        ))
+    });
+    Json(CacheReport { entries })
+}
+
 /// `POST /v1/admin/reload`: re-read the configuration, or refuse it with every problem listed.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/reload",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Reloaded; what changed", body = ReloadReport),
+        (status = 400, description = "`invalid_configuration`, with every problem in `problems`; the old configuration keeps serving", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 409, description = "`not_reloadable`: started without a configuration file (dev mode)", body = ErrorBody),
+    ),
+    security(("admin_key" = [])),
+)]
 pub async fn reload(
     State(state): State<AppState>,
     _: Admin,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::api::access::AccessError;
 use crate::auth::AuthError;
@@ -33,7 +34,7 @@ pub enum ApiError {
     InvalidRequest(String),
     /// No caller key, or a wrong one.
     #[error(transparent)]
-    Unauthorized(#[from] AuthError),
+    Unauthorized(AuthError),
     /// The caller may not use this tenant / environment / audience.
     #[error("caller '{caller}' may not use {tenant}/{environment}")]
     Forbidden {
@@ -53,6 +54,12 @@ pub enum ApiError {
     /// The body is over `server.max_body_bytes`.
     #[error("the request body is over the size limit")]
     PayloadTooLarge,
+    /// The caller is over its `rate_limit`.
+    #[error("this caller is over its rate limit; retry after the seconds in Retry-After")]
+    RateLimited {
+        /// How long until the caller's next request is allowed.
+        retry_after: Duration,
+    },
     /// The broker could not hand out a token.
     #[error(transparent)]
     Broker(Arc<BrokerError>),
@@ -82,26 +89,40 @@ impl From<AccessError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::RateLimited { retry_after } => Self::RateLimited { retry_after },
+            other => Self::Unauthorized(other),
+        }
+    }
+}
+
 impl From<Arc<BrokerError>> for ApiError {
     fn from(error: Arc<BrokerError>) -> Self {
         Self::Broker(error)
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'static str,
-    error_description: String,
-    request_id: &'a str,
-    /// Every problem of a refused configuration, with `invalid_configuration`.
+/// The JSON body of every `/v1` error (API.md §2).
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody<'a> {
+    /// The stable error code: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `payload_too_large`, `rate_limited`, `upstream_rejected`, `upstream_unavailable`, ...
+    pub error: &'static str,
+    /// What went wrong and what to do next; never a secret, key or token.
+    pub error_description: String,
+    /// The request's `x-request-id`.
+    pub request_id: &'a str,
+    /// Every problem of a refused configuration (reload only).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    problems: &'a [String],
+    pub problems: &'a [String],
     /// Where to send the user, with `reauthorization_required`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    authorization_url: Option<&'a str>,
+    pub authorization_url: Option<&'a str>,
     /// The state of that URL, with `reauthorization_required`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    state: Option<&'a str>,
+    pub state: Option<&'a str>,
 }
 
 impl ApiError {
@@ -114,6 +135,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Reload(ReloadError::NotReloadable) => (StatusCode::CONFLICT, "not_reloadable"),
             Self::Reload(ReloadError::Config(_)) => {
                 (StatusCode::BAD_REQUEST, "invalid_configuration")
@@ -133,9 +155,10 @@ impl ApiError {
         }
     }
 
-    /// How long the caller should wait before retrying, for 503s.
+    /// How long the caller should wait before retrying, for 429s and 503s.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
+            Self::RateLimited { retry_after } => Some(*retry_after),
             Self::Broker(error) => broker_retry_after(error),
             Self::Users(UserError::Token(error)) => broker_retry_after(error),
             _ => None,

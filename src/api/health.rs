@@ -11,11 +11,26 @@ use serde_json::json;
 use crate::startup::AppState;
 
 /// `GET /livez`: 200 while the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "operations",
+    responses((status = 200, description = "The process serves HTTP", body = Object, example = json!({"status": "ok"}))),
+)]
 pub async fn livez() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// `GET /readyz`: 200 while accepting work, 503 while draining.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Configured and accepting work", body = Object, example = json!({"status": "ready"})),
+        (status = 503, description = "Draining on shutdown", body = Object, example = json!({"status": "draining"})),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     if state.is_ready() {
         (StatusCode::OK, Json(json!({ "status": "ready" })))

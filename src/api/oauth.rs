@@ -26,6 +26,7 @@ use crate::api::access::{self, AccessError, TokenRequest, check_value, printable
 use crate::api::error::{
     broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
 };
+use crate::api::tokens::audit_handed_out;
 use crate::auth::{AuthError, Caller, CallerRegistry, CallerSource as _};
 use crate::broker::{BrokerError, CacheStatus, Lease};
 use crate::startup::AppState;
@@ -63,6 +64,9 @@ pub enum OAuthError {
     /// The body is over `server.max_body_bytes`.
     #[error("the request body is over the size limit")]
     PayloadTooLarge,
+    /// The caller is over its `rate_limit`.
+    #[error("this caller is over its rate limit; retry after the seconds in Retry-After")]
+    RateLimited(std::time::Duration),
     /// The broker could not hand out a token.
     #[error(transparent)]
     Broker(Arc<BrokerError>),
@@ -108,6 +112,7 @@ impl OAuthError {
             Self::InvalidScope(_) => (StatusCode::BAD_REQUEST, "invalid_scope"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
+            Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Broker(error) => broker_status_and_code(error),
         }
     }
@@ -136,9 +141,12 @@ impl IntoResponse for OAuthError {
             let challenge = HeaderValue::from_static(r#"Basic realm="token-broker""#);
             headers.insert(WWW_AUTHENTICATE, challenge);
         }
-        if let Self::Broker(error) = &self
-            && let Some(wait) = broker_retry_after(error)
-        {
+        let wait = match &self {
+            Self::Broker(error) => broker_retry_after(error),
+            Self::RateLimited(wait) => Some(*wait),
+            _ => None,
+        };
+        if let Some(wait) = wait {
             headers.insert(axum::http::header::RETRY_AFTER, retry_after_value(wait));
         }
         response
@@ -156,6 +164,29 @@ struct TokenBody<'a> {
 }
 
 /// `POST /t/{tenant}/{environment}/oauth/token`: a client-credentials token for an OAuth2 client.
+#[utoipa::path(
+    post,
+    path = "/t/{tenant}/{environment}/oauth/token",
+    tag = "oauth",
+    summary = "OAuth2 / Auth0-compatible client-credentials token endpoint (caller name and key as client id and secret)",
+    params(
+        ("tenant" = String, Path, description = "Configured tenant name"),
+        ("environment" = String, Path, description = "Configured environment name"),
+    ),
+    request_body(
+        content_type = "application/x-www-form-urlencoded",
+        description = "grant_type=client_credentials, client_id, client_secret (or HTTP Basic), audience or resource, scope; application/json is accepted too"
+    ),
+    responses(
+        (status = 200, description = "RFC 6749 §5.1: access_token, token_type, expires_in, scope"),
+        (status = 400, description = "RFC 6749 §5.2: invalid_request, unauthorized_client, unsupported_grant_type, invalid_scope"),
+        (status = 401, description = "invalid_client; with WWW-Authenticate: Basic"),
+        (status = 404, description = "not_found: no such environment configured"),
+        (status = 429, description = "rate_limited; with Retry-After"),
+        (status = 502, description = "upstream_rejected"),
+        (status = 503, description = "upstream_unavailable; with Retry-After"),
+    ),
+)]
 pub async fn token(
     State(state): State<AppState>,
     Path((tenant, environment)): Path<(String, String)>,
@@ -172,6 +203,9 @@ pub async fn token(
     let params = Params::parse(&headers, &body)?;
     let caller = authenticate(&state.caller_registry(), &headers, &params)?;
     tracing::Span::current().record("caller", &*caller.name);
+    caller
+        .admit(std::time::Instant::now())
+        .map_err(OAuthError::RateLimited)?;
     let params = params.checked()?;
     match params.grant_type.as_deref() {
         Some("client_credentials") => {}
@@ -200,6 +234,7 @@ pub async fn token(
         .broker
         .get(&authorised.environment, &authorised.key, None)
         .await?;
+    audit_handed_out(&caller, &authorised.key, lease.status);
     Ok(token_response(&lease))
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Both authenticate the caller (401), parse and bound the query (400), authorise the caller for
 //! the tenant, environment and audience (403, [`access`]), and only then look at configuration
-//! (404) and the cache. A caller never learns whether a tenant it may not use exists.
+//! (404) and the cache. A caller never learns whether a tenant it may not use exists. Every token
+//! handed out is logged once on the `audit` target: caller, tenant, environment, audience, scope,
+//! hit or miss, and never the token.
 
 use std::time::{Duration, SystemTime};
 
@@ -11,13 +13,16 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::api::ApiError;
 use crate::api::access::{self, Authorised, TokenRequest, check_value, printable};
+use crate::api::error::ErrorBody;
 use crate::auth::{Authenticated, Caller};
-use crate::broker::{CacheStatus, Lease};
+use crate::broker::{CacheStatus, Lease, TokenKey};
 use crate::startup::AppState;
+use crate::telemetry::AUDIT;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 static JSON: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
@@ -77,7 +82,6 @@ fn authorise(
     environment: &str,
     raw_query: Option<&str>,
 ) -> Result<Authorised, ApiError> {
-    tracing::Span::current().record("caller", &*caller.name);
     let request = parse_query(raw_query)?;
     Ok(access::authorise(
         state,
@@ -88,7 +92,83 @@ fn authorise(
     )?)
 }
 
+/// The body of a token answer (API.md §1). The handler writes it pre-serialised from the cache
+/// entry; this type describes it for the OpenAPI document.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    /// The access token.
+    pub access_token: String,
+    /// Usually `Bearer`.
+    pub token_type: String,
+    /// Whole seconds of validity left now.
+    pub expires_in: u64,
+    /// When the token expires, RFC 3339 UTC.
+    pub expires_at: String,
+    /// The scopes granted, when the IdP said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+/// The query of `GET` and `DELETE /v1/tokens/{tenant}/{environment}`, for the OpenAPI document
+/// (the handlers parse the raw query themselves, to reject unknown and repeated names).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TokenParams {
+    /// The API the token is for; defaults to the environment's `audience`.
+    pub audience: Option<String>,
+    /// Space-separated scopes; order and duplicates do not matter.
+    pub scope: Option<String>,
+    /// Seconds of validity the caller needs left on the token.
+    pub min_ttl: Option<u64>,
+}
+
+/// The optional body of `DELETE /v1/tokens/{tenant}/{environment}`: forget the cached token only
+/// if it is still this one.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgetBody {
+    /// The token the caller saw rejected.
+    pub access_token: String,
+}
+
+/// Logs one token handed to a caller on the `audit` target (never the token itself).
+pub(super) fn audit_handed_out(caller: &Caller, key: &TokenKey, status: CacheStatus) {
+    tracing::info!(
+        target: AUDIT,
+        caller = %caller.name,
+        tenant = %key.tenant,
+        environment = %key.environment,
+        audience = %key.audience,
+        scope = key.scope.as_str(),
+        cache = status.as_str(),
+        "token handed out"
+    );
+}
+
 /// `GET /v1/tokens/{tenant}/{environment}`: a valid token, from cache when possible.
+#[utoipa::path(
+    get,
+    path = "/v1/tokens/{tenant}/{environment}",
+    tag = "tokens",
+    summary = "A valid access token for the tenant's credentials in that environment",
+    params(
+        ("tenant" = String, Path, description = "Configured tenant name"),
+        ("environment" = String, Path, description = "Configured environment name"),
+        TokenParams,
+    ),
+    responses(
+        (status = 200, description = "A token with at least max(min_ttl, cache.min_remaining) of validity", body = TokenResponse,
+            headers(("x-cache" = String, description = "`hit`, or `miss` when the request waited on the IdP"))),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no caller key or a wrong one", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller may not use this tenant, environment or audience", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such environment configured", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the caller is over its rate; with Retry-After", body = ErrorBody),
+        (status = 502, description = "`upstream_rejected`: the IdP refused the request", body = ErrorBody),
+        (status = 503, description = "`upstream_unavailable`: no token now; with Retry-After", body = ErrorBody),
+    ),
+    security(("caller_key" = [])),
+)]
 pub async fn get_token(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -100,6 +180,7 @@ pub async fn get_token(
         .broker
         .get(&request.environment, &request.key, request.min_ttl)
         .await?;
+    audit_handed_out(&caller, &request.key, lease.status);
     Ok(token_response(&lease))
 }
 
@@ -121,14 +202,30 @@ pub(super) fn token_response(lease: &Lease) -> Response {
         .into_response()
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ForgetBody {
-    access_token: String,
-}
-
 /// `DELETE /v1/tokens/{tenant}/{environment}`: forget the cached token (optionally only if it is
 /// still the one the caller saw rejected). Always 204 once authorised.
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{tenant}/{environment}",
+    tag = "tokens",
+    summary = "Forget the cached token of this key, optionally only if it is still the given one",
+    params(
+        ("tenant" = String, Path, description = "Configured tenant name"),
+        ("environment" = String, Path, description = "Configured environment name"),
+        TokenParams,
+    ),
+    request_body(content = Option<ForgetBody>, description = "Compare-and-delete: forget the entry only if it still holds this token"),
+    responses(
+        (status = 204, description = "Forgotten, or nothing (else) to forget"),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`; with Retry-After", body = ErrorBody),
+    ),
+    security(("caller_key" = [])),
+)]
 pub async fn delete_token(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
@@ -161,9 +258,13 @@ pub async fn delete_token(
             .await;
     }
     tracing::info!(
+        target: AUDIT,
         caller = %caller.name,
         tenant = %request.key.tenant,
         environment = %request.key.environment,
+        audience = %request.key.audience,
+        scope = request.key.scope.as_str(),
+        compare = !body.iter().all(u8::is_ascii_whitespace),
         "cached token forgotten on request"
     );
     Ok(StatusCode::NO_CONTENT)

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
 use crate::api::access::{self, TokenRequest, check_value, printable};
+use crate::api::error::ErrorBody;
 use crate::api::tokens::{parse_min_ttl, token_response};
 use crate::auth::Authenticated;
 use crate::startup::AppState;
@@ -46,13 +47,32 @@ struct AuthorizationBody<'a> {
 }
 
 /// `POST /v1/users/{tenant}/{environment}/authorize`: an authorization URL for a user to open.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{tenant}/{environment}/authorize",
+    tag = "users",
+    summary = "An authorization URL (with state and PKCE) for a user to open",
+    params(
+        ("tenant" = String, Path, description = "Configured tenant name"),
+        ("environment" = String, Path, description = "Configured environment name"),
+    ),
+    request_body(content = Option<String>, content_type = "application/json", description = "Optional {\"audience\": ..., \"scope\": ...}"),
+    responses(
+        (status = 200, description = "{authorization_url, state, expires_in}"),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such environment, or no user tokens configured", body = ErrorBody),
+    ),
+    security(("caller_key" = [])),
+)]
 pub async fn authorize(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Path((tenant, environment)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    tracing::Span::current().record("caller", &*caller.name);
     let body: AuthorizeBody = json_body(body, r#"{"audience": "...", "scope": "..."}"#)?;
     let audience = body.audience.filter(|audience| !audience.trim().is_empty());
     let scope = body.scope.unwrap_or_default();
@@ -96,13 +116,33 @@ struct HandleBody<'a> {
 }
 
 /// `POST /v1/users/{tenant}/{environment}/sessions`: exchanges the code for a handle.
+#[utoipa::path(
+    post,
+    path = "/v1/users/{tenant}/{environment}/sessions",
+    tag = "users",
+    summary = "Exchange the returned code and state for a handle",
+    params(
+        ("tenant" = String, Path, description = "Configured tenant name"),
+        ("environment" = String, Path, description = "Configured environment name"),
+    ),
+    request_body(content = String, content_type = "application/json", description = "{\"code\": ..., \"state\": ...}"),
+    responses(
+        (status = 201, description = "{handle}"),
+        (status = 400, description = "`invalid_request` or `invalid_grant`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 502, description = "`upstream_rejected`", body = ErrorBody),
+        (status = 503, description = "`upstream_unavailable`", body = ErrorBody),
+    ),
+    security(("caller_key" = [])),
+)]
 pub async fn create_session(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Path((tenant, environment)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    tracing::Span::current().record("caller", &*caller.name);
     let body: Option<SessionBody> = json_body(body, r#"{"code": "...", "state": "..."}"#)?;
     let Some(SessionBody {
         code,
@@ -130,13 +170,31 @@ pub async fn create_session(
 }
 
 /// `GET /v1/users/handles/{handle}?min_ttl=`: a user access token with enough validity left.
+#[utoipa::path(
+    get,
+    path = "/v1/users/handles/{handle}",
+    tag = "users",
+    summary = "A fresh user access token, refreshed when needed",
+    params(
+        ("handle" = String, Path, description = "The handle returned by sessions"),
+        ("min_ttl" = Option<u64>, Query, description = "Seconds of validity the caller needs left"),
+    ),
+    responses(
+        (status = 200, description = "The token body of GET /v1/tokens", body = crate::api::tokens::TokenResponse),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such handle", body = ErrorBody),
+        (status = 503, description = "`upstream_unavailable`", body = ErrorBody),
+    ),
+    security(("caller_key" = [])),
+)]
 pub async fn get_user_token(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Path(handle): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    tracing::Span::current().record("caller", &*caller.name);
     let min_ttl = parse_handle_query(query.as_deref())?;
     let session = state
         .users
@@ -147,6 +205,20 @@ pub async fn get_user_token(
     Ok(token_response(&lease))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/users/handles/{handle}",
+    tag = "users",
+    summary = "Forget a handle and its refresh token",
+    params(
+        ("handle" = String, Path, description = "The handle returned by sessions"),
+    ),
+    responses(
+        (status = 204, description = "Forgotten, or nothing to forget"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ),
+    security(("caller_key" = [])),
+)]
 /// `DELETE /v1/users/handles/{handle}`: forgets the session and its refresh token. 204 in every
 /// case, so a caller cannot probe for other callers' handles.
 pub async fn delete_user_token(
@@ -154,7 +226,6 @@ pub async fn delete_user_token(
     Authenticated(caller): Authenticated,
     Path(handle): Path<String>,
 ) -> StatusCode {
-    tracing::Span::current().record("caller", &*caller.name);
     if let Ok(handle) = known_form(&handle)
         && state.users.forget(&caller.name, handle).await
     {

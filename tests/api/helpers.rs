@@ -266,6 +266,27 @@ impl TestApp {
         self.get_token(path_and_query, Some(BILLING_KEY)).await
     }
 
+    /// `GET /metrics` as text.
+    pub async fn scrape(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "GET /metrics");
+        response.text().await.expect("body")
+    }
+
+    /// `GET {path}` (from the root) with `key` (or no key).
+    pub async fn get(&self, path: &str, key: Option<&str>) -> Answer {
+        let mut request = self.http.get(format!("{}{path}", self.url));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        answer(request.send().await.expect("request")).await
+    }
+
     /// `DELETE /v1/tokens/{path}` as billing, with an optional JSON body.
     pub async fn forget(&self, path_and_query: &str, body: Option<Value>) -> Answer {
         let mut request = self
@@ -430,6 +451,33 @@ pub fn user_token_body(
         body["refresh_token"] = json!(refresh_token);
     }
     ResponseTemplate::new(200).set_body_json(body)
+}
+
+/// The value of the metric line `name_and_labels` (as rendered: `name{a="b",...}`) in
+/// Prometheus text, when present.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(name_and_labels)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// The address of the `listening` log line (text or JSON), as an `http://` URL.
+pub fn listening_url(line: &str) -> String {
+    if let Ok(json) = serde_json::from_str::<Value>(line) {
+        let address = json["address"]
+            .as_str()
+            .expect("the listening line names the address");
+        return format!("http://{address}");
+    }
+    let address = line
+        .split("address=")
+        .nth(1)
+        .expect("the listening line names the address")
+        .split_whitespace()
+        .next()
+        .expect("an address");
+    format!("http://{address}")
 }
 
 /// A URL of a port nothing listens on.

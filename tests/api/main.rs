@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod admin;
 mod auth;
 mod cache_keys;
 mod client_assertion;
@@ -12,16 +13,24 @@ mod deployment;
 mod expiry;
 mod health;
 mod lifetimes;
+mod limits;
+mod logs;
+mod metrics;
+mod no_leaks;
 mod oauth_client;
 mod oauth_errors;
 mod oauth_requests;
+mod open_start;
+mod openapi;
 mod process;
+mod rate_limit;
 mod refresh;
 mod reload;
 mod request_styles;
 mod resilience;
 mod shared_cache;
 mod single_flight;
+mod tls;
 mod upstream_errors;
 mod user_login;
 mod user_refresh;

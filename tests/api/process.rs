@@ -12,16 +12,16 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
 /// A child process whose stderr (or stdout) lines arrive on a channel.
-struct Running {
-    child: Child,
+pub(crate) struct Running {
+    pub(crate) child: Child,
     lines: mpsc::Receiver<String>,
 }
 
 impl Running {
-    fn wait_for(&self, needle: &str) -> String {
+    pub(crate) fn wait_for(&self, needle: &str) -> String {
         loop {
             let line = self
                 .lines
@@ -33,7 +33,7 @@ impl Running {
         }
     }
 
-    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -44,7 +44,7 @@ impl Running {
     }
 }
 
-fn spawn(command: &mut Command, read_stdout: bool) -> Running {
+pub(crate) fn spawn(command: &mut Command, read_stdout: bool) -> Running {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,81 @@
+//! `GET /openapi.json`: the OpenAPI 3 description of every route, generated from the code.
+//!
+//! The handlers carry `#[utoipa::path]` annotations and [`crate::startup::routes`] registers each
+//! with its description, so the router and this document come from one list and cannot drift.
+//! The document is built once, on first request.
+
+use std::sync::LazyLock;
+
+use axum::body::Bytes;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+/// The parts of the document that are not on a handler: title, tags and security schemes.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "token-broker",
+        description = "Fetches, caches and serves OAuth2 machine-to-machine tokens for many tenants."
+    ),
+    tags(
+        (name = "tokens", description = "Tokens for callers (API.md §1)"),
+        (name = "operations", description = "Probes, metrics and this document (API.md §3)"),
+        (name = "admin", description = "Operator routes behind the admin key (API.md §3)"),
+    ),
+    modifiers(&SecuritySchemes),
+)]
+pub struct ApiDoc;
+
+/// Declares the three bearer keys: callers', the admin's and the optional metrics key.
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, description) in [
+            ("caller_key", "A caller key from `token-broker hash-key`"),
+            ("admin_key", "The key whose hash is auth.admin_key_sha256"),
+            (
+                "metrics_key",
+                "The key whose hash is auth.metrics_key_sha256, when set",
+            ),
+        ] {
+            components.add_security_scheme(
+                name,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(description))
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+static DOCUMENT: LazyLock<Bytes> = LazyLock::new(|| {
+    let document = crate::startup::routes().into_openapi();
+    Bytes::from(serde_json::to_vec(&document).expect("an OpenAPI document serialises"))
+});
+
+/// `GET /openapi.json`: this service's OpenAPI 3 document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI 3 document of every route", content_type = "application/json"),
+    ),
+)]
+pub async fn openapi_json() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        DOCUMENT.clone(),
+    )
+        .into_response()
+}

@@ -1,0 +1,478 @@
+//! Prometheus metrics: one registry per application, with handles registered before they are
+//! needed.
+//!
+//! Each [`Metrics`] owns its own `PrometheusRecorder`, which is never installed as the process's
+//! global recorder, so several applications in one process (the integration tests) each count
+//! only their own traffic; nothing here uses the `metrics` macros. Handles are registered once per
+//! label set and kept, so recording an event on the hot path is a lookup without allocation and
+//! an atomic add. Label values are bounded: configured tenant and environment names, the matched
+//! route templates, a fixed list of methods, status codes and IdP outcomes; never audiences,
+//! scopes, raw paths or keys.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::http::{Method, StatusCode};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::idp::IdpError;
+
+/// Requests served, by `route`, `method` and `status`.
+pub const HTTP_REQUESTS: &str = "token_broker_http_requests_total";
+/// Token requests answered from the cache, by `tenant` and `environment`.
+pub const CACHE_HITS: &str = "token_broker_cache_hits_total";
+/// Token requests that had to wait on an IdP request, by `tenant` and `environment`.
+pub const CACHE_MISSES: &str = "token_broker_cache_misses_total";
+/// Background refreshes started ahead of expiry, by `tenant` and `environment`.
+pub const CACHE_REFRESHES: &str = "token_broker_cache_refreshes_total";
+/// Tokens in the cache now.
+pub const CACHE_ENTRIES: &str = "token_broker_cache_entries";
+/// Token requests to IdPs, by `tenant`, `environment` and `outcome`.
+pub const IDP_REQUESTS: &str = "token_broker_idp_requests_total";
+/// Time IdPs took to answer token requests, by `tenant` and `environment`.
+pub const IDP_DURATION: &str = "token_broker_idp_request_duration_seconds";
+/// The IdP's `x-ratelimit-remaining` on its latest answer, by `tenant` and `environment`.
+pub const IDP_RATE_LIMIT_REMAINING: &str = "token_broker_idp_rate_limit_remaining";
+/// Always 1, labelled with the running `version`.
+pub const BUILD_INFO: &str = "token_broker_build_info";
+
+/// Upper bounds of the IdP latency histogram's buckets, in seconds.
+const IDP_DURATION_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Methods that get their own `method` label value; any other is `other`.
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
+/// Statuses whose request counters are kept ready; others are registered when they occur.
+const STATUSES: [u16; 17] = [
+    200, 204, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 500, 502, 503, 504,
+];
+
+/// The `route` label of requests that matched no route.
+const UNMATCHED: &str = "unmatched";
+
+/// The `metrics` metadata of every handle registered here (the Prometheus recorder ignores it).
+static METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// What became of one token request to an IdP, the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdpOutcome {
+    /// A token.
+    Ok,
+    /// A 4xx other than 429.
+    Rejected,
+    /// A 429.
+    RateLimited,
+    /// No answer in time.
+    Timeout,
+    /// No connection, or a broken one.
+    Connect,
+    /// A 5xx.
+    ServerError,
+    /// A 2xx that is not a usable token.
+    InvalidResponse,
+    /// Not sent: the environment's `max_fetches_per_hour` was spent.
+    QuotaExhausted,
+    /// Not sent: the `private_key_jwt` assertion could not be signed.
+    SigningFailed,
+}
+
+impl IdpOutcome {
+    /// Every outcome, in label order.
+    pub const ALL: [Self; 9] = [
+        Self::Ok,
+        Self::Rejected,
+        Self::RateLimited,
+        Self::Timeout,
+        Self::Connect,
+        Self::ServerError,
+        Self::InvalidResponse,
+        Self::QuotaExhausted,
+        Self::SigningFailed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::RateLimited => "rate_limited",
+            Self::Timeout => "timeout",
+            Self::Connect => "connect",
+            Self::ServerError => "server_error",
+            Self::InvalidResponse => "invalid_response",
+            Self::QuotaExhausted => "quota_exhausted",
+            Self::SigningFailed => "signing_failed",
+        }
+    }
+
+    /// The outcome of an IdP client's answer.
+    pub fn of<T>(answer: &Result<T, IdpError>) -> Self {
+        match answer {
+            Ok(_) => Self::Ok,
+            Err(IdpError::Rejected { .. }) => Self::Rejected,
+            Err(IdpError::RateLimited { .. }) => Self::RateLimited,
+            Err(IdpError::Timeout(_)) => Self::Timeout,
+            Err(IdpError::Connect(_)) => Self::Connect,
+            Err(IdpError::ServerError(_)) => Self::ServerError,
+            Err(IdpError::InvalidResponse(_)) => Self::InvalidResponse,
+            Err(IdpError::Signing(_)) => Self::SigningFailed,
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|outcome| *outcome == self)
+            .expect("ALL lists every outcome")
+    }
+}
+
+/// The handles of one (tenant, environment).
+struct EnvironmentMetrics {
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_refreshes: Counter,
+    idp_requests: [Counter; IdpOutcome::ALL.len()],
+    idp_duration: Histogram,
+}
+
+/// Tenant → environment → handles; replaced whole when an environment is added.
+type EnvironmentMap = HashMap<Box<str>, HashMap<Box<str>, Arc<EnvironmentMetrics>>>;
+
+/// One application's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    environments: ArcSwap<EnvironmentMap>,
+    /// Serialises additions to `environments` so none is lost.
+    adding_environment: Mutex<()>,
+    cache_entries: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A new, empty registry with every metric described.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(IDP_DURATION.to_owned()),
+                &IDP_DURATION_BUCKETS,
+            )
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        for (name, help) in [
+            (
+                HTTP_REQUESTS,
+                "Requests served, by matched route, method and status.",
+            ),
+            (CACHE_HITS, "Token requests answered from the cache."),
+            (
+                CACHE_MISSES,
+                "Token requests that waited on an IdP request.",
+            ),
+            (
+                CACHE_REFRESHES,
+                "Background token refreshes started before expiry.",
+            ),
+            (IDP_REQUESTS, "Token requests to the IdP, by outcome."),
+        ] {
+            recorder.describe_counter(KeyName::from(name), None, SharedString::from(help));
+        }
+        for (name, help) in [
+            (CACHE_ENTRIES, "Tokens held in the cache."),
+            (
+                IDP_RATE_LIMIT_REMAINING,
+                "The IdP's x-ratelimit-remaining on its latest token answer.",
+            ),
+            (
+                BUILD_INFO,
+                "Always 1; the version label names the running build.",
+            ),
+        ] {
+            recorder.describe_gauge(KeyName::from(name), None, SharedString::from(help));
+        }
+        recorder.describe_histogram(
+            KeyName::from(IDP_DURATION),
+            Some(metrics::Unit::Seconds),
+            SharedString::from("Time the IdP took to answer a token request."),
+        );
+        let cache_entries = recorder.register_gauge(&Key::from_name(CACHE_ENTRIES), &METADATA);
+        recorder
+            .register_gauge(
+                &Key::from_parts(
+                    BUILD_INFO,
+                    vec![Label::from_static_parts(
+                        "version",
+                        env!("CARGO_PKG_VERSION"),
+                    )],
+                ),
+                &METADATA,
+            )
+            .set(1.0);
+        let handle = recorder.handle();
+        Self {
+            inner: Arc::new(Inner {
+                recorder,
+                handle,
+                environments: ArcSwap::default(),
+                adding_environment: Mutex::new(()),
+                cache_entries,
+            }),
+        }
+    }
+
+    /// Everything in the Prometheus text format.
+    pub fn render(&self) -> String {
+        self.inner.handle.render()
+    }
+
+    /// Moves recorded histogram samples into their buckets; call every few seconds so that memory
+    /// stays bounded between scrapes.
+    pub fn run_upkeep(&self) {
+        self.inner.handle.run_upkeep();
+    }
+
+    /// Registers the metrics of an environment, so they show (at zero) before its first request.
+    pub fn register_environment(&self, tenant: &str, environment: &str) {
+        self.with_environment(tenant, environment, |_| ());
+    }
+
+    /// Counts a token request served from the cache.
+    pub fn cache_hit(&self, tenant: &str, environment: &str) {
+        self.with_environment(tenant, environment, |m| m.cache_hits.increment(1));
+    }
+
+    /// Counts a token request that waits on an IdP request.
+    pub fn cache_miss(&self, tenant: &str, environment: &str) {
+        self.with_environment(tenant, environment, |m| m.cache_misses.increment(1));
+    }
+
+    /// Counts a background refresh started.
+    pub fn cache_refresh(&self, tenant: &str, environment: &str) {
+        self.with_environment(tenant, environment, |m| m.cache_refreshes.increment(1));
+    }
+
+    /// Counts one token request to an IdP and, when it was answered, how long that took.
+    pub fn idp_request(
+        &self,
+        tenant: &str,
+        environment: &str,
+        outcome: IdpOutcome,
+        took: Option<Duration>,
+    ) {
+        self.with_environment(tenant, environment, |m| {
+            m.idp_requests[outcome.index()].increment(1);
+            if let Some(took) = took {
+                m.idp_duration.record(took.as_secs_f64());
+            }
+        });
+    }
+
+    /// Sets the number of cached tokens.
+    pub fn set_cache_entries(&self, entries: usize) {
+        self.inner.cache_entries.set(entries as f64);
+    }
+
+    /// Sets the IdP's rate-limit remaining for an environment (at scrape time, not on a hot path).
+    pub fn set_idp_rate_limit_remaining(&self, tenant: &str, environment: &str, remaining: u64) {
+        let key = Key::from_parts(
+            IDP_RATE_LIMIT_REMAINING,
+            environment_labels(tenant, environment),
+        );
+        self.inner
+            .recorder
+            .register_gauge(&key, &METADATA)
+            .set(remaining as f64);
+    }
+
+    /// Request counters for a router with these route templates.
+    pub fn http<'a>(&self, routes: impl IntoIterator<Item = &'a str>) -> HttpMetrics {
+        let mut names: Vec<Box<str>> = routes.into_iter().map(Box::from).collect();
+        names.sort();
+        names.dedup();
+        names.push(Box::from(UNMATCHED));
+        let routes = names
+            .iter()
+            .enumerate()
+            .map(|(index, name)| (name.clone(), index))
+            .collect();
+        let slots = names.len() * (METHODS.len() + 1) * STATUSES.len();
+        HttpMetrics {
+            metrics: self.clone(),
+            routes,
+            names,
+            counters: (0..slots).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// Runs `record` on the handles of (tenant, environment), registering them the first time.
+    fn with_environment(
+        &self,
+        tenant: &str,
+        environment: &str,
+        record: impl FnOnce(&EnvironmentMetrics),
+    ) {
+        let found = |map: &EnvironmentMap| map.get(tenant)?.get(environment).cloned();
+        {
+            let environments = self.inner.environments.load();
+            if let Some(metrics) = environments.get(tenant).and_then(|e| e.get(environment)) {
+                record(metrics);
+                return;
+            }
+        }
+        let _adding = self
+            .inner
+            .adding_environment
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.inner.environments.load_full();
+        let metrics = match found(&current) {
+            Some(metrics) => metrics,
+            None => {
+                let metrics = Arc::new(self.register(tenant, environment));
+                let mut map = EnvironmentMap::clone(&current);
+                map.entry(Box::from(tenant))
+                    .or_default()
+                    .insert(Box::from(environment), Arc::clone(&metrics));
+                self.inner.environments.store(Arc::new(map));
+                metrics
+            }
+        };
+        record(&metrics);
+    }
+
+    fn register(&self, tenant: &str, environment: &str) -> EnvironmentMetrics {
+        let recorder = &self.inner.recorder;
+        let labels = || environment_labels(tenant, environment);
+        let counter = |name: &'static str| {
+            recorder.register_counter(&Key::from_parts(name, labels()), &METADATA)
+        };
+        EnvironmentMetrics {
+            cache_hits: counter(CACHE_HITS),
+            cache_misses: counter(CACHE_MISSES),
+            cache_refreshes: counter(CACHE_REFRESHES),
+            idp_requests: IdpOutcome::ALL.map(|outcome| {
+                let mut labels = labels();
+                labels.push(Label::from_static_parts("outcome", outcome.as_str()));
+                recorder.register_counter(&Key::from_parts(IDP_REQUESTS, labels), &METADATA)
+            }),
+            idp_duration: recorder
+                .register_histogram(&Key::from_parts(IDP_DURATION, labels()), &METADATA),
+        }
+    }
+}
+
+fn environment_labels(tenant: &str, environment: &str) -> Vec<Label> {
+    vec![
+        Label::new("tenant", tenant.to_owned()),
+        Label::new("environment", environment.to_owned()),
+    ]
+}
+
+/// Request counters of one router: a ready slot per (route, method, status) in the lists above.
+pub struct HttpMetrics {
+    metrics: Metrics,
+    routes: HashMap<Box<str>, usize>,
+    names: Vec<Box<str>>,
+    counters: Box<[OnceLock<Counter>]>,
+}
+
+impl HttpMetrics {
+    /// Counts one answered request; `route` is the matched template, `None` when none matched.
+    pub fn record(&self, route: Option<&str>, method: &Method, status: StatusCode) {
+        let route = route
+            .and_then(|route| self.routes.get(route).copied())
+            .unwrap_or(self.names.len() - 1);
+        let method = METHODS
+            .iter()
+            .position(|known| known == method)
+            .unwrap_or(METHODS.len());
+        let Some(status_slot) = STATUSES.iter().position(|s| *s == status.as_u16()) else {
+            self.register(route, method, status).increment(1);
+            return;
+        };
+        let slot = (route * (METHODS.len() + 1) + method) * STATUSES.len() + status_slot;
+        self.counters[slot]
+            .get_or_init(|| self.register(route, method, status))
+            .increment(1);
+    }
+
+    fn register(&self, route: usize, method: usize, status: StatusCode) -> Counter {
+        let method = METHODS.get(method).map_or("other", Method::as_str);
+        let labels = vec![
+            Label::new("route", self.names[route].to_string()),
+            Label::new("method", method.to_owned()),
+            Label::new("status", status.as_str().to_owned()),
+        ];
+        self.metrics
+            .inner
+            .recorder
+            .register_counter(&Key::from_parts(HTTP_REQUESTS, labels), &METADATA)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_registry_counts_alone_and_renders_labels() {
+        let one = Metrics::new();
+        let other = Metrics::new();
+        one.cache_hit("acme", "production");
+        one.cache_hit("acme", "production");
+        one.idp_request(
+            "acme",
+            "production",
+            IdpOutcome::Timeout,
+            Some(Duration::from_millis(20)),
+        );
+        let http = one.http(["/livez", "/v1/tokens/{tenant}/{environment}"]);
+        http.record(Some("/livez"), &Method::GET, StatusCode::OK);
+        http.record(
+            Some("/raw/path"),
+            &Method::from_bytes(b"BREW").unwrap(),
+            StatusCode::IM_A_TEAPOT,
+        );
+
+        let text = one.render();
+        for line in [
+            r#"token_broker_cache_hits_total{tenant="acme",environment="production"} 2"#,
+            r#"token_broker_idp_requests_total{tenant="acme",environment="production",outcome="timeout"} 1"#,
+            r#"token_broker_idp_requests_total{tenant="acme",environment="production",outcome="ok"} 0"#,
+            r#"token_broker_idp_request_duration_seconds_bucket{tenant="acme",environment="production",le="0.025"} 1"#,
+            r#"token_broker_http_requests_total{route="/livez",method="GET",status="200"} 1"#,
+            r#"token_broker_http_requests_total{route="unmatched",method="other",status="418"} 1"#,
+            r#"token_broker_build_info{version=""#,
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        assert!(!other.render().contains("acme"));
+    }
+}

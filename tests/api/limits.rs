@@ -1,0 +1,74 @@
+//! Request limits: header size (431), body size (413) and the request timeout.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_request_head_over_max_header_bytes_gets_431() {
+    let app = spawn_app_with("[server]\nmax_header_bytes = 8192\n").await;
+    let fits = app
+        .http
+        .get(format!("{}/livez", app.url))
+        .header("x-padding", "a".repeat(4000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fits.status(), 200);
+    let too_large = app
+        .http
+        .get(format!("{}/livez", app.url))
+        .header("x-padding", "a".repeat(9000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_large.status(), 431);
+}
+
+#[tokio::test]
+async fn a_body_over_max_body_bytes_gets_413() {
+    let app = spawn_app_with("[server]\nmax_body_bytes = 64\n").await;
+    let answer = answer(
+        app.http
+            .delete(format!("{}/v1/tokens/acme/production", app.url))
+            .bearer_auth(BILLING_KEY)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"access_token": "{}"}}"#, "t".repeat(100)))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert_eq!(answer.body["error"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn a_request_over_the_timeout_gets_503() {
+    let app = spawn_app_with("[server]\nrequest_timeout = \"300ms\"\n").await;
+    issue_tokens(
+        &app.idp,
+        "acme",
+        TokenIssuer::new(3600).with_delay(Duration::from_secs(2)),
+    )
+    .await;
+    let answer = app.billing("acme/production").await;
+    assert_eq!(answer.status, 503);
+}
+
+#[test]
+fn max_header_bytes_below_what_the_server_accepts_is_refused() {
+    let error = token_broker::config::Settings::from_toml_layers(
+        &[
+            &base_config("http://127.0.0.1:9"),
+            "[server]\nmax_header_bytes = 1024\n",
+        ],
+        &|_| None,
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        error.to_string().contains("server.max_header_bytes"),
+        "{error}"
+    );
+}

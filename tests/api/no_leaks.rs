@@ -1,0 +1,143 @@
+//! No client secret, caller key, admin or metrics key, or access token reaches a log line (even at
+//! DEBUG, as JSON), the metrics, or an admin answer, whatever traffic went before.
+
+use std::process::Command;
+
+use serde_json::json;
+use token_broker::auth::KeyHash;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+use crate::process::{BIN, spawn};
+
+const METRICS_KEY: &str = "tbk_test-metrics-key";
+const ACCESS_TOKEN: &str = "eyJhbGciOiJub25lIn0.very-secret-access-token.sig";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
+    let idp = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/acme/oauth/token"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-ratelimit-remaining", "99")
+                .set_body_json(json!({"access_token": ACCESS_TOKEN, "expires_in": 3600})),
+        )
+        .mount(&idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/acme-staging/oauth/token"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({
+            "error": "access_denied",
+            "error_description": format!("bad secret {ACME_STAGING_SECRET}"),
+        })))
+        .mount(&idp)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    let toml = base_config(&idp.uri())
+        .replace(
+            "[auth]\n",
+            &format!(
+                "[auth]\nmetrics_key_sha256 = \"{}\"\n",
+                KeyHash::of(METRICS_KEY).to_hex()
+            ),
+        )
+        .replace("[callers.reports]\n", "[callers.reports]\nrate_limit = 1\n");
+    std::fs::write(&config, toml).unwrap();
+    let server = spawn(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "debug"),
+        false,
+    );
+    let url = listening_url(&server.wait_for(r#""message":"listening""#));
+    let http = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, key: &str| {
+        http.request(method, format!("{url}{path}"))
+            .bearer_auth(key)
+            .send()
+    };
+    let tokens = "/v1/tokens/acme/production";
+    let mut answers = Vec::new();
+    for (method, path, key, status) in [
+        (reqwest::Method::GET, tokens, BILLING_KEY, 200),
+        (reqwest::Method::GET, tokens, REPORTS_KEY, 200),
+        (reqwest::Method::GET, tokens, REPORTS_KEY, 429),
+        (reqwest::Method::GET, tokens, "tbk_a-wrong-key", 401),
+        (
+            reqwest::Method::GET,
+            "/v1/tokens/acme/staging",
+            BILLING_KEY,
+            502,
+        ),
+        (reqwest::Method::GET, "/v1/admin/tenants", ADMIN_KEY, 200),
+        (reqwest::Method::GET, "/v1/admin/cache", ADMIN_KEY, 200),
+        (reqwest::Method::GET, "/v1/admin/cache", BILLING_KEY, 401),
+        (reqwest::Method::GET, "/metrics", METRICS_KEY, 200),
+        (reqwest::Method::GET, "/metrics", ADMIN_KEY, 401),
+    ] {
+        let response = send(method, path, key).await.unwrap();
+        assert_eq!(response.status(), status, "{path} with a key");
+        answers.push(response.text().await.unwrap());
+    }
+    assert!(
+        answers[0].contains(ACCESS_TOKEN),
+        "the caller gets its token"
+    );
+    assert!(
+        answers[1].contains(ACCESS_TOKEN),
+        "so does the other caller"
+    );
+    let compare_and_delete = http
+        .delete(format!("{url}{tokens}"))
+        .bearer_auth(BILLING_KEY)
+        .header("content-type", "application/json")
+        .body(json!({"access_token": ACCESS_TOKEN}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(compare_and_delete.status(), 204);
+
+    let (status, lines) = server.terminate();
+    assert!(status.success());
+    let log = lines.join("\n");
+    assert!(
+        log.contains(r#""level":"DEBUG""#),
+        "logs were at debug level"
+    );
+    let leaks = [
+        ACME_PRODUCTION_SECRET,
+        ACME_STAGING_SECRET,
+        GLOBEX_SECRET,
+        BILLING_KEY,
+        REPORTS_KEY,
+        ADMIN_KEY,
+        METRICS_KEY,
+        "tbk_a-wrong-key",
+        ACCESS_TOKEN,
+        "very-secret-access-token",
+    ];
+    for secret in leaks {
+        assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
+    }
+    // Token answers to callers are the one place a token belongs.
+    for (index, answer) in answers.iter().enumerate().skip(2) {
+        for secret in leaks {
+            assert!(
+                !answer.contains(secret),
+                "{secret:?} in answer {index}:\n{answer}"
+            );
+        }
+    }
+    assert!(answers[5].contains("acme-production-id"), "{}", answers[5]);
+    assert!(answers[6].contains("acme"), "{}", answers[6]);
+    assert!(
+        answers[8].contains("token_broker_idp_rate_limit_remaining"),
+        "{}",
+        answers[8]
+    );
+}
