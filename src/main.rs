@@ -68,7 +68,7 @@ fn main() -> ExitCode {
             listen,
             token_lifetime,
         } => {
-            telemetry::init();
+            let _logs = telemetry::init();
             runtime().block_on(async {
                 match dev::run(&listen, token_lifetime).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             issuer,
             clients,
         } => {
-            telemetry::init();
+            let _logs = telemetry::init();
             runtime().block_on(async {
                 match dev::run_idp(&listen, token_lifetime, issuer, &clients).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -121,7 +121,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Option<PathBuf>) -> ExitCode {
-    telemetry::init();
+    let _logs = telemetry::init();
     let settings = match Settings::load(config.as_deref()) {
         Ok(settings) => settings,
         Err(e) => {

@@ -51,10 +51,6 @@ pub use tls::TlsError;
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Routes whose access-log lines are at DEBUG: probes and scrapes arrive every few seconds and
-/// would drown the rest.
-const QUIET_ROUTES: [&str; 3] = ["/livez", "/readyz", "/metrics"];
-
 /// How often recorded histogram samples are moved into their buckets.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -369,11 +365,7 @@ async fn request_context(
     http_metrics.record(route, &method, response.status());
     // Whole microseconds, so the line shows `0.412` rather than binary float noise.
     let took_ms = started.elapsed().as_micros() as f64 / 1000.0;
-    if route.is_some_and(|route| QUIET_ROUTES.contains(&route)) {
-        tracing::debug!(target: ACCESS, parent: &span, status, took_ms, "request served");
-    } else {
-        tracing::info!(target: ACCESS, parent: &span, status, took_ms, "request served");
-    }
+    tracing::debug!(target: ACCESS, parent: &span, status, took_ms, "request served");
     response
 }
 

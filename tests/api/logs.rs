@@ -1,5 +1,5 @@
 //! Logs: JSON lines with `LOG_FORMAT=json`, one `audit` line per token handed out, one `access`
-//! line per request (probes and scrapes only at DEBUG), spans with route, request id and caller.
+//! line per request at DEBUG, spans with route, request id and caller.
 
 use std::process::Command;
 
@@ -10,7 +10,7 @@ use crate::helpers::*;
 use crate::process::{BIN, spawn};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_have_an_audit_line_per_token_and_probes_only_at_debug() {
+async fn json_logs_have_an_audit_line_per_token_and_access_lines_at_debug() {
     let idp = MockServer::start().await;
     issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let dir = tempfile::tempdir().unwrap();
@@ -103,7 +103,7 @@ async fn json_logs_have_an_audit_line_per_token_and_probes_only_at_debug() {
         assert_eq!(access(probe)["status"], 200);
     }
     let served = access("/v1/tokens/acme/production?scope=read");
-    assert_eq!(served["level"], "INFO");
+    assert_eq!(served["level"], "DEBUG");
     assert_eq!(served["status"], 200);
     assert_eq!(served["span"]["method"], "GET");
     assert!(served["took_ms"].as_f64().is_some());
@@ -111,5 +111,5 @@ async fn json_logs_have_an_audit_line_per_token_and_probes_only_at_debug() {
         .iter()
         .find(|l| l["target"] == "access" && l["status"] == 401)
         .expect("an access line for the 401");
-    assert_eq!(refused["level"], "INFO");
+    assert_eq!(refused["level"], "DEBUG");
 }
