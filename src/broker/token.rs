@@ -193,6 +193,8 @@ fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, usize) {
         write!(body, r#","scope":{}"#, json(scope)).expect("writing to memory");
     }
     body.push('}');
+    // Kept for the token's lifetime: do not keep the spare capacity `format!` grew.
+    body.shrink_to_fit();
     (Bytes::from(body), expires_in_at)
 }
 
