@@ -25,7 +25,7 @@ use crate::config::{
 };
 
 pub use assertion::{ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError};
-pub use response::{IssuedToken, RateLimitHeaders};
+pub use response::{IssuedToken, QuotaRemaining, RateLimitHeaders};
 
 /// Bound on establishing a TCP + TLS connection to an IdP, below any request timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

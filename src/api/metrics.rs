@@ -32,8 +32,19 @@ pub async fn metrics(State(state): State<AppState>, _: MetricsReader) -> Respons
     let metrics = &state.metrics;
     metrics.set_cache_entries(state.broker.entries().len());
     for (tenant, name, environment) in state.current().settings.environments() {
-        if let Some(remaining) = state.broker.rate_limit(environment).remaining {
+        let seen = state.broker.rate_limit(environment);
+        if let Some(remaining) = seen.remaining {
             metrics.set_idp_rate_limit_remaining(tenant, name, remaining);
+        }
+        for (entity, quota) in [
+            ("client", seen.client_quota),
+            ("organization", seen.organization_quota),
+        ] {
+            for (bucket, remaining) in [("per_hour", quota.per_hour), ("per_day", quota.per_day)] {
+                if let Some(remaining) = remaining {
+                    metrics.set_idp_quota_remaining(tenant, name, entity, bucket, remaining);
+                }
+            }
         }
     }
     (

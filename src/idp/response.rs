@@ -30,7 +30,9 @@ pub struct IssuedToken {
     pub scope: Option<String>,
 }
 
-/// Auth0-style rate-limit headers of a token answer (`x-ratelimit-limit`, `-remaining`, `-reset`).
+/// Auth0-style rate-limit and quota headers of a token answer: `x-ratelimit-limit`,
+/// `-remaining`, `-reset`, and the M2M token quotas `auth0-client-quota-limit` and
+/// `auth0-organization-quota-limit`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimitHeaders {
     /// Requests allowed in the current window.
@@ -39,16 +41,61 @@ pub struct RateLimitHeaders {
     pub remaining: Option<u64>,
     /// Unix time (seconds) at which the window resets.
     pub reset: Option<u64>,
+    /// Tokens this client may still obtain, per quota bucket.
+    pub client_quota: QuotaRemaining,
+    /// Tokens the organization may still obtain, per quota bucket.
+    pub organization_quota: QuotaRemaining,
+}
+
+/// Tokens left in Auth0's hourly and daily M2M quota buckets.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaRemaining {
+    /// Left in the current UTC hour.
+    pub per_hour: Option<u64>,
+    /// Left in the current UTC day.
+    pub per_day: Option<u64>,
+}
+
+impl QuotaRemaining {
+    /// Parses `b=per_hour;q=10;r=7;t=3540,b=per_day;q=50;r=47;t=43200`.
+    fn parse(value: &str) -> Self {
+        let mut quota = Self::default();
+        for bucket in value.split(',') {
+            let (mut name, mut remaining) = (None, None);
+            for pair in bucket.split(';') {
+                match pair.trim().split_once('=') {
+                    Some(("b", value)) => name = Some(value.trim()),
+                    Some(("r", value)) => remaining = value.trim().parse().ok(),
+                    _ => {}
+                }
+            }
+            match name {
+                Some("per_hour") => quota.per_hour = remaining,
+                Some("per_day") => quota.per_day = remaining,
+                _ => {}
+            }
+        }
+        quota
+    }
 }
 
 impl RateLimitHeaders {
     /// Reads the headers that are present and numeric.
     pub fn from_headers(headers: &HeaderMap) -> Self {
         let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+        let quota = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(QuotaRemaining::parse)
+                .unwrap_or_default()
+        };
         Self {
             limit: number("x-ratelimit-limit"),
             remaining: number("x-ratelimit-remaining"),
             reset: number("x-ratelimit-reset"),
+            client_quota: quota("auth0-client-quota-limit"),
+            organization_quota: quota("auth0-organization-quota-limit"),
         }
     }
 }
@@ -236,6 +283,26 @@ mod tests {
             Some("bxyb")
         );
         assert_eq!(error_code(b"not json"), None);
+    }
+
+    #[test]
+    fn auth0_quota_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "auth0-client-quota-limit",
+            HeaderValue::from_static("b=per_hour;q=10;r=7;t=3540,b=per_day;q=50;r=47;t=43200"),
+        );
+        headers.insert("x-ratelimit-remaining", HeaderValue::from_static("99"));
+        let parsed = RateLimitHeaders::from_headers(&headers);
+        assert_eq!(parsed.remaining, Some(99));
+        assert_eq!(
+            parsed.client_quota,
+            QuotaRemaining {
+                per_hour: Some(7),
+                per_day: Some(47)
+            }
+        );
+        assert_eq!(parsed.organization_quota, QuotaRemaining::default());
     }
 
     #[test]

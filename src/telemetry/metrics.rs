@@ -38,6 +38,8 @@ pub const IDP_REQUESTS: &str = "token_broker_idp_requests_total";
 pub const IDP_DURATION: &str = "token_broker_idp_request_duration_seconds";
 /// The IdP's `x-ratelimit-remaining` on its latest answer, by `tenant` and `environment`.
 pub const IDP_RATE_LIMIT_REMAINING: &str = "token_broker_idp_rate_limit_remaining";
+/// Gauge: Auth0 M2M token quota left, by `entity` (client, organization) and `bucket`.
+pub const IDP_QUOTA_REMAINING: &str = "token_broker_idp_quota_remaining";
 /// Always 1, labelled with the running `version`.
 pub const BUILD_INFO: &str = "token_broker_build_info";
 
@@ -211,6 +213,10 @@ impl Metrics {
                 "The IdP's x-ratelimit-remaining on its latest token answer.",
             ),
             (
+                IDP_QUOTA_REMAINING,
+                "Auth0 M2M tokens left in a quota bucket (auth0-*-quota-limit), by entity and bucket.",
+            ),
+            (
                 BUILD_INFO,
                 "Always 1; the version label names the running build.",
             ),
@@ -305,6 +311,25 @@ impl Metrics {
             IDP_RATE_LIMIT_REMAINING,
             environment_labels(tenant, environment),
         );
+        self.inner
+            .recorder
+            .register_gauge(&key, &METADATA)
+            .set(remaining as f64);
+    }
+
+    /// Sets the IdP's M2M token quota left in one bucket (at scrape time).
+    pub fn set_idp_quota_remaining(
+        &self,
+        tenant: &str,
+        environment: &str,
+        entity: &'static str,
+        bucket: &'static str,
+        remaining: u64,
+    ) {
+        let mut labels = environment_labels(tenant, environment);
+        labels.push(Label::new("entity", entity));
+        labels.push(Label::new("bucket", bucket));
+        let key = Key::from_parts(IDP_QUOTA_REMAINING, labels);
         self.inner
             .recorder
             .register_gauge(&key, &METADATA)

@@ -174,7 +174,7 @@ async fn every_configured_environment_and_outcome_shows_from_the_start() {
 }
 
 #[tokio::test]
-async fn the_idp_rate_limit_remaining_and_the_quota_guard_are_exported() {
+async fn the_idp_rate_limit_and_auth0_quota_remaining_and_the_quota_guard_are_exported() {
     let app = spawn_app_with(
         r#"
         [tenants.globex.environments.production]
@@ -188,6 +188,10 @@ async fn the_idp_rate_limit_remaining_and_the_quota_guard_are_exported() {
             ResponseTemplate::new(200)
                 .insert_header("x-ratelimit-limit", "50")
                 .insert_header("x-ratelimit-remaining", "41")
+                .insert_header(
+                    "auth0-client-quota-limit",
+                    "b=per_hour;q=10;r=7;t=3540,b=per_day;q=50;r=47;t=43200",
+                )
                 .set_body_json(json!({"access_token": "globex-token", "expires_in": 3600})),
         )
         .mount(&app.idp)
@@ -211,6 +215,12 @@ async fn the_idp_rate_limit_remaining_and_the_quota_guard_are_exported() {
         Some(41.0),
         "{text}"
     );
+    for (bucket, left) in [("per_hour", 7.0), ("per_day", 47.0)] {
+        let name = format!(
+            r#"token_broker_idp_quota_remaining{{{globex},entity="client",bucket="{bucket}"}}"#
+        );
+        assert_eq!(metric(&text, &name), Some(left), "{name} in {text}");
+    }
     assert_eq!(
         metric(
             &text,
