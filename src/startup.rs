@@ -27,6 +27,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use utoipa::OpenApi as _;
@@ -304,16 +305,20 @@ pub fn router(state: AppState) -> Router {
     );
     // `Router::layer` wraps each route after matching, so the outermost layer sees the matched
     // route and the final status, including timeouts and panics answered by the inner layers.
-    router
-        .fallback(api::not_found)
-        .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
+    // The layers are stacked first and given to the router once: each `Router::layer` call boxes
+    // every route again, which costs a clone, a box and a boxed future per request and layer.
+    let layers = ServiceBuilder::new()
+        .layer(RequestContextLayer::new(http_metrics))
+        .layer(CatchPanicLayer::custom(internal_error))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
-        .layer(CatchPanicLayer::custom(internal_error))
-        .layer(RequestContextLayer::new(http_metrics))
+        .layer(DefaultBodyLimit::max(body_limit));
+    router
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(layers)
         .with_state(state)
 }
 

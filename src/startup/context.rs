@@ -14,8 +14,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Method};
-use axum::response::Response;
+use axum::http::{HeaderValue, Method, Response};
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
@@ -66,11 +65,11 @@ pub struct RequestContext<S> {
     metrics: Arc<HttpMetrics>,
 }
 
-impl<S> Service<Request> for RequestContext<S>
+impl<S, B> Service<Request> for RequestContext<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    S: Service<Request, Response = Response<B>, Error = Infallible>,
 {
-    type Response = Response;
+    type Response = Response<B>;
     type Error = Infallible;
     type Future = RequestContextFuture<S::Future>;
 
@@ -151,11 +150,11 @@ pin_project! {
     }
 }
 
-impl<F> Future for RequestContextFuture<F>
+impl<F, B> Future for RequestContextFuture<F>
 where
-    F: Future<Output = Result<Response, Infallible>>,
+    F: Future<Output = Result<Response<B>, Infallible>>,
 {
-    type Output = Result<Response, Infallible>;
+    type Output = Result<Response<B>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
