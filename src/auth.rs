@@ -159,10 +159,11 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Counts one request against the caller's `rate_limit`; `Err(wait)` when it is over.
-    pub fn admit(&self, now: Instant) -> Result<(), Duration> {
+    /// Counts one request against the caller's `rate_limit`; `Err(wait)` when it is over. Reads
+    /// the clock only for a caller that has a limit.
+    pub fn admit(&self) -> Result<(), Duration> {
         match &self.rate_limit {
-            Some(limiter) => limiter.check(now),
+            Some(limiter) => limiter.check(Instant::now()),
             None => Ok(()),
         }
     }
@@ -334,7 +335,7 @@ where
         let caller = state.caller_registry().authenticate(header)?;
         tracing::Span::current().record("caller", &*caller.name);
         caller
-            .admit(Instant::now())
+            .admit()
             .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
         Ok(Authenticated(caller))
     }

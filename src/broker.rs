@@ -49,6 +49,10 @@ pub use shared::{
 pub use token::CachedToken;
 pub use upstream::Upstream;
 
+/// The hasher of cache keys: foldhash, randomly seeded per process, in place of SipHash (keys are
+/// short strings, hashed on every hit).
+type KeyHasher = foldhash::quality::RandomState;
+
 /// How long callers are asked to wait after a transient IdP failure.
 const RETRY_AFTER_TRANSIENT: Duration = Duration::from_secs(1);
 /// How long an IdP client is left alone after a 429 that did not say.
@@ -193,9 +197,9 @@ pub struct Broker {
 }
 
 struct Inner {
-    tokens: Cache<TokenKey, Arc<CachedToken>>,
+    tokens: Cache<TokenKey, Arc<CachedToken>, KeyHasher>,
     /// Recent IdP rejections per key: (HTTP status, error code).
-    rejections: Cache<TokenKey, (u16, String)>,
+    rejections: Cache<TokenKey, (u16, String), KeyHasher>,
     /// Per (token URL, client id) state; a plain map because it only grows with configuration.
     upstreams: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     idp: IdpClient,
@@ -309,11 +313,11 @@ impl Broker {
                 min_remaining: settings.min_remaining,
             })
             .support_invalidation_closures()
-            .build();
+            .build_with_hasher(KeyHasher::default());
         let rejections = Cache::builder()
             .max_capacity(settings.max_entries)
             .time_to_live(settings.negative_ttl.max(Duration::from_millis(1)))
-            .build();
+            .build_with_hasher(KeyHasher::default());
         Self {
             inner: Arc::new(Inner {
                 tokens,

@@ -10,6 +10,7 @@
 //! it. Every request gets an id, a span (method, matched route, request id, caller), a count in
 //! `token_broker_http_requests_total` and one access-log line.
 
+mod context;
 mod serve;
 mod tls;
 
@@ -17,39 +18,33 @@ use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use rand::Rng as _;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
-use tracing::Instrument as _;
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::api::error::{REQUEST_ID, X_REQUEST_ID};
 use crate::api::{self, admin, health, metrics, oauth, openapi, tokens, users};
 use crate::auth::{CallerRegistry, CallerSource};
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::idp::IdpClient;
 use crate::shared_cache::{RedisCache, RedisCacheError};
-use crate::telemetry::ACCESS;
-use crate::telemetry::metrics::{HttpMetrics, Metrics};
+use crate::telemetry::metrics::Metrics;
 use crate::users::UserTokens;
 
+use context::RequestContextLayer;
 pub use tls::TlsError;
-
-/// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
-const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// How often recorded histogram samples are moved into their buckets.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -310,63 +305,21 @@ pub fn router(state: AppState) -> Router {
     );
     // `Router::layer` wraps each route after matching, so the outermost layer sees the matched
     // route and the final status, including timeouts and panics answered by the inner layers.
-    router
-        .fallback(api::not_found)
-        .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
+    // The layers are stacked first and given to the router once: each `Router::layer` call boxes
+    // every route again, which costs a clone, a box and a boxed future per request and layer.
+    let layers = ServiceBuilder::new()
+        .layer(RequestContextLayer::new(http_metrics))
+        .layer(CatchPanicLayer::custom(internal_error))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
-        .layer(CatchPanicLayer::custom(internal_error))
-        .layer(middleware::from_fn_with_state(
-            http_metrics,
-            request_context,
-        ))
+        .layer(DefaultBodyLimit::max(body_limit));
+    router
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(layers)
         .with_state(state)
-}
-
-/// Gives each request an id (the caller's own when it is sane), a span, and the id on the answer;
-/// counts it by route, method and status, and logs it once on the `access` target.
-async fn request_context(
-    State(http_metrics): State<Arc<HttpMetrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let id: Arc<str> = request
-        .headers()
-        .get(&X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_REQUEST_ID_LEN
-                && v.bytes().all(|b| b.is_ascii_graphic())
-        })
-        .map(Arc::from)
-        .unwrap_or_else(|| Arc::from(format!("{:032x}", rand::rng().random::<u128>())));
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let route = route.as_ref().map(MatchedPath::as_str);
-    let method = request.method().clone();
-    let span = tracing::info_span!(
-        "request",
-        method = %method,
-        route,
-        request_id = %id,
-        caller = tracing::field::Empty,
-    );
-    let header = HeaderValue::from_str(&id).expect("request ids are visible ASCII");
-    let mut response = REQUEST_ID
-        .scope(id, next.run(request))
-        .instrument(span.clone())
-        .await;
-    response.headers_mut().insert(X_REQUEST_ID.clone(), header);
-    let status = response.status().as_u16();
-    http_metrics.record(route, &method, response.status());
-    // Whole microseconds, so the line shows `0.412` rather than binary float noise.
-    let took_ms = started.elapsed().as_micros() as f64 / 1000.0;
-    tracing::debug!(target: ACCESS, parent: &span, status, took_ms, "request served");
-    response
 }
 
 fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {

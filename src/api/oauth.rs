@@ -203,9 +203,7 @@ pub async fn token(
     let params = Params::parse(&headers, &body)?;
     let caller = authenticate(&state.caller_registry(), &headers, &params)?;
     tracing::Span::current().record("caller", &*caller.name);
-    caller
-        .admit(std::time::Instant::now())
-        .map_err(OAuthError::RateLimited)?;
+    caller.admit().map_err(OAuthError::RateLimited)?;
     let params = params.checked()?;
     match params.grant_type.as_deref() {
         Some("client_credentials") => {}

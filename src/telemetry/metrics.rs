@@ -9,12 +9,12 @@
 //! route templates, a fixed list of methods, status codes and IdP outcomes; never audiences,
 //! scopes, raw paths or keys.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::http::{Method, StatusCode};
+use foldhash::HashMap;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -154,7 +154,8 @@ struct EnvironmentMetrics {
     idp_duration: Histogram,
 }
 
-/// Tenant → environment → handles; replaced whole when an environment is added.
+/// Tenant → environment → handles; replaced whole when an environment is added. Looked up on
+/// every token request, so hashed with foldhash (the keys are configured names).
 type EnvironmentMap = HashMap<Box<str>, HashMap<Box<str>, Arc<EnvironmentMetrics>>>;
 
 /// One application's metrics; cheap to clone.
@@ -423,6 +424,7 @@ fn environment_labels(tenant: &str, environment: &str) -> Vec<Label> {
 /// Request counters of one router: a ready slot per (route, method, status) in the lists above.
 pub struct HttpMetrics {
     metrics: Metrics,
+    /// Route template → index; foldhash, as it is looked up on every request.
     routes: HashMap<Box<str>, usize>,
     names: Vec<Box<str>>,
     counters: Box<[OnceLock<Counter>]>,
