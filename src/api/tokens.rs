@@ -234,13 +234,7 @@ pub async fn delete_token(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let request = authorise(&state, &caller, &tenant, &environment, query.as_deref())?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
-        } else {
-            ApiError::InvalidRequest("the request body could not be read".into())
-        }
-    })?;
+    let body = body?;
     if body.iter().all(u8::is_ascii_whitespace) {
         state
             .broker

@@ -272,13 +272,7 @@ fn json_body<T: DeserializeOwned + Default>(
     body: Result<Bytes, BytesRejection>,
     expected: &str,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
-        } else {
-            ApiError::InvalidRequest("the request body could not be read".into())
-        }
-    })?;
+    let body = body?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
