@@ -1,12 +1,13 @@
 //! The HTTP API: handlers, extractors and the mapping of errors to responses, and nothing else.
 //!
 //! One file per resource: [`tokens`] for callers, [`oauth`] for the OAuth2-compatible facade,
-//! [`users`] for user tokens, [`admin`] for operators, [`health`] for probes, [`metrics`] for the
-//! Prometheus scrape and [`openapi`] for the OpenAPI document; [`access`] holds the authorisation
+//! [`user_tokens`] for user tokens, [`admin`] for operators, [`health`] for probes, [`metrics`] for the
+//! Prometheus scrape and [`openapi`] for the OpenAPI document; [`token_request`] holds the authorisation
 //! they share. [`error`] maps every failure to the JSON error body of API.md §2 (the facade maps
-//! its own to RFC 6749 §5.2). Routes and middleware are assembled in [`crate::startup`].
+//! its own to RFC 6749 §5.2). [`routes`] is the one list of routes: the router and the OpenAPI
+//! document are both built from it; the middleware stack and the listener are `startup`'s.
 
-pub mod access;
+pub mod token_request;
 pub mod admin;
 pub mod error;
 pub mod health;
@@ -14,7 +15,13 @@ pub mod metrics;
 pub mod oauth;
 pub mod openapi;
 pub mod tokens;
-pub mod users;
+pub mod user_tokens;
+
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::AppState;
 
 pub use error::ApiError;
 
@@ -27,3 +34,52 @@ pub async fn not_found() -> ApiError {
 pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
+
+/// Every route with its OpenAPI description. The router and `/openapi.json` are both built from
+/// this one list, so neither can miss a route.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(token_routes())
+        .merge(oauth_facade_routes())
+        .merge(user_routes())
+        .merge(operation_routes())
+        .merge(admin_routes())
+}
+
+/// The caller API of API.md §1.
+fn token_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(tokens::get_token, tokens::delete_token))
+}
+
+/// The OAuth2-compatible facade of API.md §1, `POST /t/{tenant}/{environment}/oauth/token`, kept
+/// apart from the `/v1` API because it speaks RFC 6749 and authenticates callers its own way. Its
+/// handler is registered here, with `.routes(routes!(...))` like the others.
+fn oauth_facade_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(oauth::token))
+}
+
+/// User tokens through the authorization-code flow.
+fn user_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(user_tokens::authorize))
+        .routes(routes!(user_tokens::create_session))
+        .routes(routes!(user_tokens::get_user_token, user_tokens::delete_user_token))
+}
+
+/// Probes, metrics and the OpenAPI document (API.md §3).
+fn operation_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health::livez))
+        .routes(routes!(health::readyz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi::openapi_json))
+}
+
+/// The admin API behind the admin key (API.md §3).
+fn admin_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(admin::tenants))
+        .routes(routes!(admin::cache))
+        .routes(routes!(admin::reload))
+}
+

@@ -8,7 +8,7 @@
 //! - [`config`]: typed, validated settings (file, environment, secrets).
 //! - [`idp`]: the IdP token endpoint client; one request, one classified answer.
 //! - [`broker`]: cache, single flight, refresh ahead; knows nothing about HTTP.
-//! - [`users`]: user tokens through the authorization-code flow: state, PKCE, handles, refresh.
+//! - [`user_tokens`]: user tokens through the authorization-code flow: state, PKCE, handles, refresh.
 //! - [`shared_cache`]: Redis as the cache level shared by replicas, tokens encrypted at rest.
 //! - [`auth`]: caller keys, allow rules, the authenticating extractor.
 //! - [`api`]: handlers and the one mapping of errors to HTTP.
@@ -21,6 +21,7 @@
 //! `broker` and `startup` record into.
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
@@ -30,4 +31,4 @@ pub mod idp;
 pub mod shared_cache;
 pub mod startup;
 pub mod telemetry;
-pub mod users;
+pub mod user_tokens;

@@ -20,7 +20,7 @@ use crate::api::error::ErrorBody;
 use crate::auth::Admin;
 use crate::config::{AudienceParam, ClientAuth, EnvironmentSettings, RequestFormat};
 use crate::idp::RateLimitHeaders;
-use crate::startup::{AppState, ReloadReport};
+use crate::app::{AppState, ReloadReport};
 
 /// `GET /v1/admin/tenants`: every configured tenant and environment.
 #[derive(Debug, Serialize, ToSchema)]

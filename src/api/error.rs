@@ -15,12 +15,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::api::access::AccessError;
+use crate::api::token_request::AccessError;
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::config::ConfigError;
-use crate::startup::ReloadError;
-use crate::users::UserError;
+use crate::app::ReloadError;
+use crate::user_tokens::UserError;
 
 tokio::task_local! {
     /// The id of the request being served, for error bodies.

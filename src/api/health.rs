@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::json;
 
-use crate::startup::AppState;
+use crate::app::AppState;
 
 /// `GET /livez`: 200 while the process serves HTTP.
 #[utoipa::path(

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::api::error::ErrorBody;
 use crate::auth::MetricsReader;
-use crate::startup::AppState;
+use crate::app::AppState;
 
 /// The content type of the Prometheus text exposition format.
 static PROMETHEUS_TEXT: HeaderValue =

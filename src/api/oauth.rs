@@ -4,7 +4,7 @@
 //! changing only the token URL: its broker caller name and key are the client id and secret, in
 //! the body or with HTTP Basic (RFC 6749 §2.3.1), the grant is `client_credentials`, and
 //! `audience` (or `resource`) and `scope` mean what they mean for `GET /v1/tokens`. The request
-//! goes through the same authorisation ([`access`]) and the same broker call, so both routes share
+//! goes through the same authorisation ([`token_request`]) and the same broker call, so both routes share
 //! cached tokens. Answers are RFC 6749 §5.1 bodies; failures are [`OAuthError`]s, turned into
 //! §5.2 bodies in one place here.
 
@@ -22,14 +22,14 @@ use base64::engine::general_purpose::STANDARD;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::api::access::{self, AccessError, TokenRequest, check_value, printable};
+use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
 use crate::api::error::{
     broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
 };
 use crate::api::tokens::audit_handed_out;
 use crate::auth::{AuthError, Caller, CallerRegistry, CallerSource as _};
 use crate::broker::{BrokerError, CacheStatus, Lease};
-use crate::startup::AppState;
+use crate::app::AppState;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
@@ -227,7 +227,7 @@ pub async fn token(
         scope: params.scope.unwrap_or_default(),
         min_ttl: None,
     };
-    let authorised = access::authorise(&state, &caller, &tenant, &environment, request)?;
+    let authorised = token_request::authorise(&state, &caller, &tenant, &environment, request)?;
     let lease = state
         .broker
         .get(&authorised.environment, &authorised.key, None)
@@ -381,10 +381,10 @@ fn repeated(name: &str) -> OAuthError {
 
 /// RFC 6749 §3.3: space-separated tokens of printable ASCII other than `"` and `\`.
 fn check_scope(scope: &str) -> Result<(), OAuthError> {
-    if scope.len() > access::MAX_VALUE_LEN {
+    if scope.len() > token_request::MAX_VALUE_LEN {
         return Err(OAuthError::InvalidScope(format!(
             "scope is longer than {} bytes",
-            access::MAX_VALUE_LEN
+            token_request::MAX_VALUE_LEN
         )));
     }
     let valid = |b: u8| b == b' ' || (b.is_ascii_graphic() && b != b'"' && b != b'\\');

@@ -1,6 +1,6 @@
 //! `GET /openapi.json`: the OpenAPI 3 description of every route, generated from the code.
 //!
-//! The handlers carry `#[utoipa::path]` annotations and [`crate::startup::routes`] registers each
+//! The handlers carry `#[utoipa::path]` annotations and [`crate::api::routes`] registers each
 //! with its description, so the router and this document come from one list and cannot drift.
 //! The document is built once, on first request.
 
@@ -56,7 +56,7 @@ impl Modify for SecuritySchemes {
 }
 
 static DOCUMENT: LazyLock<Bytes> = LazyLock::new(|| {
-    let document = crate::startup::routes().into_openapi();
+    let document = crate::api::routes().into_openapi();
     Bytes::from(serde_json::to_vec(&document).expect("an OpenAPI document serialises"))
 });
 

@@ -1,7 +1,7 @@
 //! `GET` and `DELETE /v1/tokens/{tenant}/{environment}`: tokens for callers.
 //!
 //! Both authenticate the caller (401), parse and bound the query (400), authorise the caller for
-//! the tenant, environment and audience (403, [`access`]), and only then look at configuration
+//! the tenant, environment and audience (403, [`token_request`]), and only then look at configuration
 //! (404) and the cache. A caller never learns whether a tenant it may not use exists. Every token
 //! handed out is logged once on the `audit` target: caller, tenant, environment, audience, scope,
 //! hit or miss, and never the token.
@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::ApiError;
-use crate::api::access::{self, Authorised, TokenRequest, check_value, printable};
+use crate::api::token_request::{self, Authorised, TokenRequest, check_value, printable};
 use crate::api::error::ErrorBody;
 use crate::auth::{Authenticated, Caller};
 use crate::broker::{CacheStatus, Lease, TokenKey};
-use crate::startup::AppState;
+use crate::app::AppState;
 use crate::telemetry::AUDIT;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -83,7 +83,7 @@ fn authorise(
     raw_query: Option<&str>,
 ) -> Result<Authorised, ApiError> {
     let request = parse_query(raw_query)?;
-    Ok(access::authorise(
+    Ok(token_request::authorise(
         state,
         caller,
         tenant,
@@ -285,7 +285,7 @@ mod tests {
         ] {
             assert!(parse_query(Some(bad)).is_err(), "{bad}");
         }
-        let long = format!("audience={}", "a".repeat(access::MAX_VALUE_LEN + 1));
+        let long = format!("audience={}", "a".repeat(token_request::MAX_VALUE_LEN + 1));
         assert!(parse_query(Some(&long)).is_err());
     }
 }

@@ -11,7 +11,8 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use token_broker::auth::KeyHash;
 use token_broker::config::Settings;
-use token_broker::startup::{AppState, Application};
+use token_broker::app::AppState;
+use token_broker::startup::Application;
 use tokio::net::TcpListener;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
@@ -149,7 +150,7 @@ pub async fn spawn_from_file(idp: MockServer, file: &std::path::Path) -> TestApp
 async fn start(
     idp: Arc<MockServer>,
     settings: Settings,
-    reloader: Option<token_broker::startup::Reloader>,
+    reloader: Option<token_broker::app::Reloader>,
 ) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let app = Application::with_reloader(settings, listener, reloader).expect("build");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::auth::Caller;
 use crate::broker::TokenKey;
 use crate::config::EnvironmentSettings;
-use crate::startup::AppState;
+use crate::app::AppState;
 
 /// Longest accepted request value (audience, scope, min_ttl, code, state).
 pub const MAX_VALUE_LEN: usize = 1024;

@@ -5,7 +5,7 @@
 //! - `GET /v1/users/handles/{handle}` → a fresh access token; `DELETE` forgets the handle.
 //!
 //! Every route authenticates the caller and applies its allow rules to the tenant, environment
-//! and audience ([`access`]), on each request (so a rule removed later applies to old handles
+//! and audience ([`token_request`]), on each request (so a rule removed later applies to old handles
 //! too). A handle is bound to the caller that created it: to anyone else it does not exist.
 
 use std::sync::Arc;
@@ -21,12 +21,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
-use crate::api::access::{self, TokenRequest, check_value, printable};
+use crate::api::token_request::{self, TokenRequest, check_value, printable};
 use crate::api::error::ErrorBody;
 use crate::api::tokens::{parse_min_ttl, token_response};
 use crate::auth::Authenticated;
-use crate::startup::AppState;
-use crate::users::UserError;
+use crate::app::AppState;
+use crate::user_tokens::UserError;
 
 /// Longest handle looked up; anything longer is not one of ours.
 const MAX_HANDLE_LEN: usize = 64;
@@ -85,9 +85,9 @@ pub async fn authorize(
         scope,
         min_ttl: None,
     };
-    let authorised = access::authorise(&state, &caller, &tenant, &environment, request)?;
+    let authorised = token_request::authorise(&state, &caller, &tenant, &environment, request)?;
     let authorization = state
-        .users
+        .user_tokens
         .start(
             Arc::clone(&caller.name),
             authorised.key,
@@ -160,11 +160,11 @@ pub async fn create_session(
         }
     }
     let pending = state
-        .users
+        .user_tokens
         .redeem(&caller.name, &tenant, &environment, &oauth_state)
         .await?;
-    let settings = access::authorise_key(&state, &caller, &pending.key)?;
-    let handle = state.users.exchange(&pending, &settings, &code).await?;
+    let settings = token_request::authorise_key(&state, &caller, &pending.key)?;
+    let handle = state.user_tokens.exchange(&pending, &settings, &code).await?;
     let body = HandleBody { handle: &handle };
     Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
 }
@@ -197,11 +197,11 @@ pub async fn get_user_token(
 ) -> Result<Response, ApiError> {
     let min_ttl = parse_handle_query(query.as_deref())?;
     let session = state
-        .users
+        .user_tokens
         .session(&caller.name, known_form(&handle)?)
         .await?;
-    let settings = access::authorise_key(&state, &caller, session.key())?;
-    let lease = state.users.token(&session, &settings, min_ttl).await?;
+    let settings = token_request::authorise_key(&state, &caller, session.key())?;
+    let lease = state.user_tokens.token(&session, &settings, min_ttl).await?;
     Ok(token_response(&lease))
 }
 
@@ -227,7 +227,7 @@ pub async fn delete_user_token(
     Path(handle): Path<String>,
 ) -> StatusCode {
     if let Ok(handle) = known_form(&handle)
-        && state.users.forget(&caller.name, handle).await
+        && state.user_tokens.forget(&caller.name, handle).await
     {
         tracing::info!(caller = %caller.name, "user session forgotten on request");
     }

@@ -1,0 +1,207 @@
+//! The application state every handler shares: the components, the configuration in force and
+//! how to reload it.
+//!
+//! [`AppState`] is a cheap handle on one [`App`]: the broker, the user-token service and the
+//! metrics, built once from [`Settings`], and a [`Snapshot`] of the configuration (settings and
+//! the caller registry built from them) that a reload swaps whole. This module imports the
+//! components and never the API that uses it, as crates.io keeps its `App` apart from its
+//! controllers; routes live in `api` and the server in `startup`.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::auth::{CallerRegistry, CallerSource};
+use crate::broker::Broker;
+use crate::config::{ConfigError, Settings};
+use crate::idp::IdpClient;
+use crate::shared_cache::{RedisCache, RedisCacheError};
+use crate::telemetry::metrics::Metrics;
+use crate::user_tokens::UserTokens;
+
+/// Why the application state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The HTTP client for IdPs could not be built (TLS roots, for instance).
+    #[error("cannot build the IdP HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    /// The shared cache could not be set up.
+    #[error(transparent)]
+    SharedCache(#[from] RedisCacheError),
+}
+
+/// Reads the configuration again, for `POST /v1/admin/reload` and `SIGHUP`.
+pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
+
+/// The configuration in force: settings and the callers built from them, swapped whole on reload.
+pub struct Snapshot {
+    /// The validated settings.
+    pub settings: Settings,
+    /// Caller keys and allow rules.
+    pub callers: Arc<CallerRegistry>,
+}
+
+impl Snapshot {
+    fn new(settings: Settings) -> Self {
+        let callers = Arc::new(CallerRegistry::from_settings(&settings));
+        Self { settings, callers }
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ReloadReport {
+    /// Tenants now configured.
+    pub tenants: usize,
+    /// Environments now configured.
+    pub environments: usize,
+    /// Callers now configured.
+    pub callers: usize,
+    /// `tenant/environment` whose cached tokens were dropped (identity changed or removed).
+    pub dropped: Vec<String>,
+}
+
+/// Why a reload was refused; the old configuration keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The broker was started from a configuration that cannot be read again (dev mode).
+    #[error(
+        "this broker's configuration was not loaded from files, so there is nothing to re-read"
+    )]
+    NotReloadable,
+    /// The new configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Everything the handlers share.
+pub struct App {
+    /// Tokens from cache or IdP.
+    pub broker: Broker,
+    /// This application's metrics.
+    pub metrics: Metrics,
+    /// User tokens (authorization-code flow).
+    pub user_tokens: UserTokens,
+    current: ArcSwap<Snapshot>,
+    reloader: Option<Reloader>,
+    /// Serialises reloads so two cannot interleave their compare-and-drop.
+    reloading: std::sync::Mutex<()>,
+    ready: AtomicBool,
+}
+
+/// The router state: a cheap handle on [`App`].
+#[derive(Clone)]
+pub struct AppState(Arc<App>);
+
+impl Deref for AppState {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+impl CallerSource for AppState {
+    fn caller_registry(&self) -> Arc<CallerRegistry> {
+        Arc::clone(&self.current.load().callers)
+    }
+}
+
+impl AppState {
+    /// Builds the shared state from validated settings.
+    pub fn new(settings: Settings, reloader: Option<Reloader>) -> Result<Self, AppError> {
+        let idp = IdpClient::new()?;
+        let metrics = Metrics::new();
+        register_environments(&metrics, &settings);
+        let user_tokens = UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
+        let cache = settings.cache.clone();
+        let broker = match &settings.shared_cache {
+            Some(shared) => Broker::with_shared_cache(
+                cache,
+                idp,
+                metrics.clone(),
+                Arc::new(RedisCache::new(shared)?),
+                shared.wait_for_peer,
+            ),
+            None => Broker::new(cache, idp, metrics.clone()),
+        };
+        Ok(Self(Arc::new(App {
+            broker,
+            metrics,
+            user_tokens,
+            current: ArcSwap::from_pointee(Snapshot::new(settings)),
+            reloader,
+            reloading: std::sync::Mutex::new(()),
+            ready: AtomicBool::new(true),
+        })))
+    }
+
+    /// The configuration in force now (cheap; hold it only for the request).
+    pub fn current(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Turns `/readyz` to 503: a shutdown has begun.
+    pub fn start_draining(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
+    /// Re-reads the configuration; keeps cached tokens of environments whose identity is
+    /// unchanged (even with a rotated secret) and drops the others. An invalid configuration is
+    /// refused and the old one keeps serving.
+    pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let reloader = self.reloader.as_ref().ok_or(ReloadError::NotReloadable)?;
+        let _serialised = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let settings = reloader()?;
+        let old = self.current.load_full();
+        if settings.server.listen != old.settings.server.listen {
+            tracing::warn!("server.listen changed; it takes effect only after a restart");
+        }
+        let dropped: Vec<(String, String)> = old
+            .settings
+            .environments()
+            .filter(|(tenant, environment, before)| {
+                settings
+                    .environment(tenant, environment)
+                    .is_none_or(|after| !after.same_identity(before))
+            })
+            .map(|(t, e, _)| (t.to_owned(), e.to_owned()))
+            .collect();
+        let report = ReloadReport {
+            tenants: settings.tenants.len(),
+            environments: settings.environments().count(),
+            callers: settings.callers.len(),
+            dropped: dropped.iter().map(|(t, e)| format!("{t}/{e}")).collect(),
+        };
+        register_environments(&self.metrics, &settings);
+        self.current.store(Arc::new(Snapshot::new(settings)));
+        self.broker.forget_environments(dropped);
+        self.broker.forget_rejections();
+        tracing::info!(
+            tenants = report.tenants,
+            environments = report.environments,
+            callers = report.callers,
+            dropped = ?report.dropped,
+            "configuration reloaded"
+        );
+        Ok(report)
+    }
+}
+
+/// Shows every configured environment in the metrics from the start, at zero.
+fn register_environments(metrics: &Metrics, settings: &Settings) {
+    for (tenant, environment, _) in settings.environments() {
+        metrics.register_environment(tenant, environment);
+    }
+}
+
