@@ -111,7 +111,10 @@ async fn ceiling() {
         required("--key-sha256")
     );
     let settings = Settings::from_toml(&toml, &|_| None).expect("valid");
-    let callers = Arc::new(CallerRegistry::from_settings(&settings));
+    let callers = Arc::new(CallerRegistry::from_settings(
+        &settings.auth,
+        &settings.callers,
+    ));
     let body = axum::body::Bytes::from(format!(
         r#"{{"access_token":"{}","token_type":"Bearer","expires_in":3599,"expires_at":"2030-01-01T00:00:00Z"}}"#,
         jwt_sized_token(3600)

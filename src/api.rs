@@ -7,13 +7,13 @@
 //! its own to RFC 6749 §5.2). [`routes`] is the one list of routes: the router and the OpenAPI
 //! document are both built from it; the middleware stack and the listener are `startup`'s.
 
-pub mod token_request;
 pub mod admin;
 pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
+pub mod token_request;
 pub mod tokens;
 pub mod user_tokens;
 
@@ -63,7 +63,10 @@ fn user_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(user_tokens::authorize))
         .routes(routes!(user_tokens::create_session))
-        .routes(routes!(user_tokens::get_user_token, user_tokens::delete_user_token))
+        .routes(routes!(
+            user_tokens::get_user_token,
+            user_tokens::delete_user_token
+        ))
 }
 
 /// Probes, metrics and the OpenAPI document (API.md §3).
@@ -82,4 +85,3 @@ fn admin_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::cache))
         .routes(routes!(admin::reload))
 }
-

@@ -45,7 +45,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     fn new(settings: Settings) -> Self {
-        let callers = Arc::new(CallerRegistry::from_settings(&settings));
+        let callers = Arc::new(CallerRegistry::from_settings(
+            &settings.auth,
+            &settings.callers,
+        ));
         Self { settings, callers }
     }
 }
@@ -115,7 +118,8 @@ impl AppState {
         let idp = IdpClient::new()?;
         let metrics = Metrics::new();
         register_environments(&metrics, &settings);
-        let user_tokens = UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
+        let user_tokens =
+            UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
         let cache = settings.cache.clone();
         let broker = match &settings.shared_cache {
             Some(shared) => Broker::with_shared_cache(
@@ -204,4 +208,3 @@ fn register_environments(metrics: &Metrics, settings: &Settings) {
         metrics.register_environment(tenant, environment);
     }
 }
-

@@ -9,7 +9,9 @@
 //! `rate_limit` is then held to it ([`rate_limit`]), before any other work is done for it.
 
 mod rate_limit;
+mod settings;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
@@ -25,9 +27,8 @@ use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::Settings;
-
 pub use rate_limit::RateLimiter;
+pub use settings::{AuthSettings, CallerSettings};
 
 /// Prefix of generated caller keys, so a leaked key is recognisable in a secret scanner.
 const KEY_PREFIX: &str = "tbk_";
@@ -66,6 +67,15 @@ impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("KeyHash(..)")
     }
+}
+
+/// Whether `name` is a valid tenant, environment or caller name: lower-case `[a-z0-9_-]`, 1-64 long.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// A new random caller key and the hash to configure for it.
@@ -124,7 +134,7 @@ impl FromStr for AllowRule {
             return Err("a part is empty; use * to match anything");
         }
         for part in [tenant, environment] {
-            if part != "*" && !crate::config::is_valid_name(part) {
+            if part != "*" && !is_valid_name(part) {
                 return Err("tenant and environment are lower-case [a-z0-9_-] names or *");
             }
         }
@@ -205,10 +215,9 @@ pub struct CallerRegistry {
 }
 
 impl CallerRegistry {
-    /// Builds the registry from validated settings.
-    pub fn from_settings(settings: &Settings) -> Self {
-        let callers = settings
-            .callers
+    /// Builds the registry from validated `[auth]` and `[callers]` settings.
+    pub fn from_settings(auth: &AuthSettings, callers: &BTreeMap<String, CallerSettings>) -> Self {
+        let callers = callers
             .iter()
             .map(|(name, settings)| {
                 let caller = Caller {
@@ -222,7 +231,7 @@ impl CallerRegistry {
                 (settings.key_sha256, Arc::new(caller))
             })
             .collect();
-        let anonymous = settings.auth.allow_anonymous.then(|| {
+        let anonymous = auth.allow_anonymous.then(|| {
             Arc::new(Caller {
                 name: Arc::from("anonymous"),
                 allow: vec!["*/*".parse().expect("a valid rule")],
@@ -232,8 +241,8 @@ impl CallerRegistry {
         Self {
             callers,
             anonymous,
-            admin: settings.auth.admin_key_sha256,
-            metrics: settings.auth.metrics_key_sha256,
+            admin: auth.admin_key_sha256,
+            metrics: auth.metrics_key_sha256,
         }
     }
 
@@ -407,20 +416,21 @@ mod tests {
 
     #[test]
     fn clients_authenticate_by_name_and_key_together() {
-        let toml = format!(
-            r#"
-            [callers.billing]
-            key_sha256 = "{}"
-            allow = ["acme/*"]
-            [callers.reports]
-            key_sha256 = "{}"
-            allow = ["acme/*"]
-            "#,
-            KeyHash::of("billing-key").to_hex(),
-            KeyHash::of("reports-key").to_hex()
-        );
-        let settings = Settings::from_toml(&toml, &|_| None).unwrap();
-        let registry = CallerRegistry::from_settings(&settings);
+        let caller = |key: &str| CallerSettings {
+            key_sha256: KeyHash::of(key),
+            allow: vec!["acme/*".parse().unwrap()],
+            rate_limit: None,
+        };
+        let callers = BTreeMap::from([
+            ("billing".to_owned(), caller("billing-key")),
+            ("reports".to_owned(), caller("reports-key")),
+        ]);
+        let auth = AuthSettings {
+            admin_key_sha256: None,
+            metrics_key_sha256: None,
+            allow_anonymous: false,
+        };
+        let registry = CallerRegistry::from_settings(&auth, &callers);
         let caller = registry
             .authenticate_client("billing", "billing-key")
             .unwrap();

@@ -23,6 +23,7 @@
 //! This module knows nothing about HTTP routes; `api` maps [`BrokerError`] to responses.
 
 mod key;
+mod settings;
 mod shared;
 mod token;
 mod upstream;
@@ -37,11 +38,11 @@ use moka::ops::compute::{CompResult, Op};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
-use crate::config::{CacheSettings, EnvironmentSettings};
-use crate::idp::{IdpClient, IdpError};
+use crate::idp::{EnvironmentSettings, IdpClient, IdpError};
 use crate::telemetry::metrics::{IdpOutcome, Metrics};
 
 pub use key::{ScopeSet, TokenKey};
+pub use settings::CacheSettings;
 pub use shared::{
     Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus, SharedFuture,
     SharedKey, SharedToken, TokenDigest,

@@ -11,6 +11,7 @@
 
 mod assertion;
 mod response;
+mod settings;
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -20,12 +21,12 @@ use base64::engine::general_purpose::STANDARD;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::config::{
-    AudienceParam, ClientAuth, ClientCredential, EnvironmentSettings, RequestFormat,
-};
-
 pub use assertion::{ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError};
 pub use response::{IssuedToken, QuotaRemaining, RateLimitHeaders};
+pub use settings::{
+    AudienceParam, ClientAuth, ClientCredential, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES,
+    DEFAULT_TIMEOUT, EnvironmentSettings, RequestFormat, UserLoginSettings,
+};
 
 /// Bound on establishing a TCP + TLS connection to an IdP, below any request timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

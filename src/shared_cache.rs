@@ -20,6 +20,7 @@
 //! lives until its own expiry, as without a shared level.
 
 mod cipher;
+mod settings;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -36,9 +37,9 @@ use crate::broker::{
     CachedToken, Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus,
     SharedFuture, SharedKey, SharedToken, TokenDigest,
 };
-use crate::config::SharedCacheSettings;
 
 pub use cipher::{OpenError, TokenCipher};
+pub use settings::{ENCRYPTION_KEY_LEN, EncryptionKey, SharedCacheSettings};
 
 /// How often the health probe `PING`s Redis.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);

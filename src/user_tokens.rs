@@ -14,16 +14,17 @@
 //! Like the broker, this module knows nothing about HTTP routes; `api` maps [`UserError`].
 
 pub mod pending;
+mod settings;
 pub mod store;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::broker::{BrokerError, CacheStatus, CachedToken, Lease, TokenKey};
-use crate::config::{EnvironmentSettings, UserLoginSettings, UserSettings};
-use crate::idp::{IdpClient, IdpError};
+use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
 
 pub use pending::{Authorization, PendingAuthorization};
+pub use settings::UserSettings;
 pub use store::Session;
 
 use pending::PendingAuthorizations;

@@ -17,10 +17,9 @@ use utoipa::ToSchema;
 
 use crate::api::ApiError;
 use crate::api::error::ErrorBody;
-use crate::auth::Admin;
-use crate::config::{AudienceParam, ClientAuth, EnvironmentSettings, RequestFormat};
-use crate::idp::RateLimitHeaders;
 use crate::app::{AppState, ReloadReport};
+use crate::auth::Admin;
+use crate::idp::{AudienceParam, ClientAuth, EnvironmentSettings, RateLimitHeaders, RequestFormat};
 
 /// `GET /v1/admin/tenants`: every configured tenant and environment.
 #[derive(Debug, Serialize, ToSchema)]

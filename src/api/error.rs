@@ -16,10 +16,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::api::token_request::AccessError;
+use crate::app::ReloadError;
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::config::ConfigError;
-use crate::app::ReloadError;
 use crate::user_tokens::UserError;
 
 tokio::task_local! {

@@ -9,8 +9,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::api::error::ErrorBody;
-use crate::auth::MetricsReader;
 use crate::app::AppState;
+use crate::auth::MetricsReader;
 
 /// The content type of the Prometheus text exposition format.
 static PROMETHEUS_TEXT: HeaderValue =

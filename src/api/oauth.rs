@@ -22,14 +22,14 @@ use base64::engine::general_purpose::STANDARD;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
 use crate::api::error::{
     broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
 };
+use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
 use crate::api::tokens::audit_handed_out;
+use crate::app::AppState;
 use crate::auth::{AuthError, Caller, CallerRegistry, CallerSource as _};
 use crate::broker::{BrokerError, CacheStatus, Lease};
-use crate::app::AppState;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 

@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::app::AppState;
 use crate::auth::Caller;
 use crate::broker::TokenKey;
-use crate::config::EnvironmentSettings;
-use crate::app::AppState;
+use crate::idp::EnvironmentSettings;
 
 /// Longest accepted request value (audience, scope, min_ttl, code, state).
 pub const MAX_VALUE_LEN: usize = 1024;

@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::ApiError;
-use crate::api::token_request::{self, Authorised, TokenRequest, check_value, printable};
 use crate::api::error::ErrorBody;
+use crate::api::token_request::{self, Authorised, TokenRequest, check_value, printable};
+use crate::app::AppState;
 use crate::auth::{Authenticated, Caller};
 use crate::broker::{CacheStatus, Lease, TokenKey};
-use crate::app::AppState;
 use crate::telemetry::AUDIT;
 
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");

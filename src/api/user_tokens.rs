@@ -21,11 +21,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
-use crate::api::token_request::{self, TokenRequest, check_value, printable};
 use crate::api::error::ErrorBody;
+use crate::api::token_request::{self, TokenRequest, check_value, printable};
 use crate::api::tokens::{parse_min_ttl, token_response};
-use crate::auth::Authenticated;
 use crate::app::AppState;
+use crate::auth::Authenticated;
 use crate::user_tokens::UserError;
 
 /// Longest handle looked up; anything longer is not one of ours.
@@ -164,7 +164,10 @@ pub async fn create_session(
         .redeem(&caller.name, &tenant, &environment, &oauth_state)
         .await?;
     let settings = token_request::authorise_key(&state, &caller, &pending.key)?;
-    let handle = state.user_tokens.exchange(&pending, &settings, &code).await?;
+    let handle = state
+        .user_tokens
+        .exchange(&pending, &settings, &code)
+        .await?;
     let body = HandleBody { handle: &handle };
     Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
 }
@@ -201,7 +204,10 @@ pub async fn get_user_token(
         .session(&caller.name, known_form(&handle)?)
         .await?;
     let settings = token_request::authorise_key(&state, &caller, session.key())?;
-    let lease = state.user_tokens.token(&session, &settings, min_ttl).await?;
+    let lease = state
+        .user_tokens
+        .token(&session, &settings, min_ttl)
+        .await?;
     Ok(token_response(&lease))
 }
 

@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use crate::broker::{CachedToken, TokenKey};
-use crate::config::EnvironmentSettings;
+use crate::idp::EnvironmentSettings;
 use crate::idp::IssuedToken;
 
 /// Where one token lives in the shared level: SHA-256 of its whole identity.

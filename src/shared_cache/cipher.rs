@@ -25,8 +25,8 @@ use secrecy::ExposeSecret as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::EncryptionKey;
 use crate::broker::{CachedToken, SharedToken, TokenDigest};
-use crate::config::EncryptionKey;
 use crate::idp::{AccessToken, IssuedToken};
 
 /// Version tag at the start of every value.

@@ -20,8 +20,9 @@ use rand::RngCore as _;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
+use super::UserSettings;
 use crate::broker::TokenKey;
-use crate::config::{AudienceParam, EnvironmentSettings, UserLoginSettings, UserSettings};
+use crate::idp::{AudienceParam, EnvironmentSettings, UserLoginSettings};
 
 /// An authorization URL for a user to open, and the `state` it carries.
 #[derive(Debug, Clone)]

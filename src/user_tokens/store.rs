@@ -22,8 +22,8 @@ use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
+use super::UserSettings;
 use crate::broker::{CachedToken, TokenKey};
-use crate::config::UserSettings;
 
 /// Prefix of handles, so a leaked one is recognisable in a secret scanner.
 const HANDLE_PREFIX: &str = "uth_";

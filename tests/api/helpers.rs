@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
+use token_broker::app::AppState;
 use token_broker::auth::KeyHash;
 use token_broker::config::Settings;
-use token_broker::app::AppState;
 use token_broker::startup::Application;
 use tokio::net::TcpListener;
 use wiremock::matchers::{method, path};

@@ -1,0 +1,115 @@
+//! `[auth]` and `[callers.NAME]`: key hashes, allow rules and limits, validated into the settings
+//! `auth` consumes.
+
+use std::collections::BTreeMap;
+
+use super::raw::{RawAuth, RawCaller};
+use crate::auth::{AllowRule, AuthSettings, CallerSettings, KeyHash, is_valid_name};
+
+/// Validates `[auth]`; problems go to `problems`.
+pub(super) fn auth(raw: &RawAuth, problems: &mut Vec<String>) -> AuthSettings {
+    let mut key = |name: &str, hex: Option<&str>| {
+        hex.and_then(|hex| {
+            KeyHash::from_hex(hex)
+                .map_err(|e| problems.push(format!("auth.{name}: {e}")))
+                .ok()
+        })
+    };
+    AuthSettings {
+        admin_key_sha256: key("admin_key_sha256", raw.admin_key_sha256.as_deref()),
+        metrics_key_sha256: key("metrics_key_sha256", raw.metrics_key_sha256.as_deref()),
+        allow_anonymous: raw.allow_anonymous,
+    }
+}
+
+/// Validates every `[callers.NAME]`; problems go to `problems`, and a caller without a usable key
+/// is left out.
+pub(super) fn callers(
+    raw: BTreeMap<String, RawCaller>,
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, CallerSettings> {
+    let mut callers = BTreeMap::new();
+    for (name, raw) in raw {
+        let at = format!("callers.{name}");
+        if !is_valid_name(&name) {
+            problems.push(format!(
+                "{at}: caller names are lower-case [a-z0-9_-], 1-64 long"
+            ));
+        }
+        let key_sha256 = match raw.key_sha256.as_deref().map(KeyHash::from_hex) {
+            Some(Ok(hash)) => Some(hash),
+            Some(Err(e)) => {
+                problems.push(format!("{at}.key_sha256: {e}"));
+                None
+            }
+            None => {
+                problems.push(format!(
+                    "{at}.key_sha256: missing; make one with `token-broker hash-key`"
+                ));
+                None
+            }
+        };
+        if raw.allow.is_empty() {
+            problems.push(format!(
+                "{at}.allow: empty, so the caller may use nothing; add rules like \"acme/production\""
+            ));
+        }
+        let mut allow = Vec::with_capacity(raw.allow.len());
+        for rule in &raw.allow {
+            match rule.parse::<AllowRule>() {
+                Ok(rule) => allow.push(rule),
+                Err(e) => problems.push(format!("{at}.allow: '{rule}': {e}")),
+            }
+        }
+        if raw.rate_limit == Some(0) {
+            problems.push(format!("{at}.rate_limit: must be above 0, or left out"));
+        }
+        if let Some(key_sha256) = key_sha256 {
+            callers.insert(
+                name,
+                CallerSettings {
+                    key_sha256,
+                    allow,
+                    rate_limit: raw.rate_limit,
+                },
+            );
+        }
+    }
+    callers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+
+    #[test]
+    fn caller_problems_name_the_caller_and_setting() {
+        let toml = r#"
+            [callers.Billing]
+            key_sha256 = "abc"
+            allow = ["acme"]
+            rate_limit = 0
+            [callers.reports]
+            allow = []
+        "#;
+        let all = problems(toml, &no_env);
+        for expected in [
+            "callers.Billing: caller names",
+            "callers.Billing.key_sha256: not a SHA-256",
+            "callers.Billing.allow: 'acme'",
+            "callers.Billing.rate_limit: must be above 0",
+            "callers.reports.key_sha256: missing",
+            "callers.reports.allow: empty",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn admin_and_metrics_keys_are_hashes() {
+        let toml = format!(
+            "[auth]\nallow_anonymous = true\nadmin_key_sha256 = \"{HASH}\"\nmetrics_key_sha256 = \"xyz\""
+        );
+        assert!(problems(&toml, &no_env).contains("auth.metrics_key_sha256: not a SHA-256"));
+    }
+}

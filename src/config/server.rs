@@ -1,0 +1,80 @@
+//! `[server]`: the listener and its limits, read by `startup`, and their checks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The least `server.max_header_bytes` that hyper accepts as its read buffer.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// `[server]`: the listener and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the listener binds, `host:port`.
+    pub listen: String,
+    /// How long the listener keeps accepting after a shutdown signal while `/readyz` answers
+    /// 503, so load balancers notice before connections are refused.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// How long in-flight requests may take to finish after the listener closes.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Bound on the time one request may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// Largest accepted request head (request line and headers) in bytes; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[server.tls]`: the listener's certificate chain and private key, PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The certificate chain, leaf first.
+    pub certificate_file: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// Every problem of `[server]`, added to `problems`.
+pub(super) fn check(server: &ServerSettings, problems: &mut Vec<String>) {
+    if server.listen.parse::<SocketAddr>().is_err() {
+        problems.push(format!(
+            "server.listen: '{}' is not an address like 0.0.0.0:8080",
+            server.listen
+        ));
+    }
+    if server.max_body_bytes == 0 {
+        problems.push("server.max_body_bytes: must be above 0".to_owned());
+    }
+    if server.request_timeout.is_zero() {
+        problems.push("server.request_timeout: must be above 0".to_owned());
+    }
+    if server.max_header_bytes < MIN_HEADER_BYTES {
+        problems.push(format!(
+            "server.max_header_bytes: {} is below the least the HTTP server accepts ({MIN_HEADER_BYTES})",
+            server.max_header_bytes
+        ));
+    }
+    if let Some(tls) = &server.tls {
+        for (name, path) in [
+            ("certificate_file", &tls.certificate_file),
+            ("key_file", &tls.key_file),
+        ] {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(format!(
+                    "server.tls.{name}: cannot read {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+}

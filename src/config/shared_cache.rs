@@ -1,0 +1,221 @@
+//! `[shared_cache]`: the Redis URL, key prefix, encryption keys and timings, validated into the
+//! [`SharedCacheSettings`] that `shared_cache` consumes. The URL and the keys are never repeated
+//! in a problem.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use secrecy::{ExposeSecret as _, SecretBox, SecretString};
+
+use super::raw::RawSharedCache;
+use crate::shared_cache::{ENCRYPTION_KEY_LEN, EncryptionKey, SharedCacheSettings};
+
+impl RawSharedCache {
+    /// The validated settings; `None` when no URL is set (the shared level is off); problems go to `problems`.
+    pub(super) fn validate(
+        self,
+        env: &dyn Fn(&str) -> Option<String>,
+        problems: &mut Vec<String>,
+    ) -> Option<SharedCacheSettings> {
+        let url = self
+            .url
+            .filter(|url| !url.expose_secret().trim().is_empty())?;
+        let before = problems.len();
+        let accepted = url
+            .expose_secret()
+            .split_once("://")
+            .is_some_and(|(scheme, _)| {
+                matches!(
+                    scheme,
+                    "redis" | "valkey" | "redis+unix" | "unix" | "valkey+unix"
+                )
+            });
+        if !accepted || redis::Client::open(url.expose_secret()).is_err() {
+            // The URL itself is not repeated: it may carry a password.
+            problems.push(
+                "shared_cache.url: not a usable Redis URL; expected redis://[user:password@]host:port[/db] (TLS, rediss://, is not supported)".to_owned(),
+            );
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.chars().any(char::is_whitespace) {
+            problems.push(
+                "shared_cache.key_prefix: must be non-empty and without whitespace".to_owned(),
+            );
+        }
+        let encryption_key = match self.encryption_key_env.as_deref() {
+            Some(name) => {
+                read_encryption_key("shared_cache.encryption_key_env", name, env, problems)
+            }
+            None => {
+                problems.push(
+                    "shared_cache.encryption_key_env: missing; name an environment variable holding 32 random bytes in base64 (`openssl rand -base64 32`)".to_owned(),
+                );
+                None
+            }
+        };
+        let previous_encryption_key =
+            self.previous_encryption_key_env
+                .as_deref()
+                .and_then(|name| {
+                    read_encryption_key(
+                        "shared_cache.previous_encryption_key_env",
+                        name,
+                        env,
+                        problems,
+                    )
+                });
+        if self.timeout.is_zero() {
+            problems.push("shared_cache.timeout: must be above 0".to_owned());
+        }
+        if self.lock_ttl.is_zero() {
+            problems.push("shared_cache.lock_ttl: must be above 0".to_owned());
+        }
+        if problems.len() != before {
+            return None;
+        }
+        Some(SharedCacheSettings {
+            url,
+            key_prefix: self.key_prefix,
+            encryption_key: encryption_key?,
+            previous_encryption_key,
+            timeout: self.timeout,
+            lock_ttl: self.lock_ttl,
+            wait_for_peer: self.wait_for_peer,
+        })
+    }
+}
+
+/// Reads and decodes a 32-byte base64 key from the environment variable `name`.
+fn read_encryption_key(
+    at: &str,
+    name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<EncryptionKey> {
+    let Some(value) = env(name).map(SecretString::from) else {
+        problems.push(format!("{at}: environment variable {name} is not set"));
+        return None;
+    };
+    // The value is never repeated in a message, not even when it is malformed.
+    match STANDARD.decode(value.expose_secret().trim()) {
+        Ok(bytes) if bytes.len() == ENCRYPTION_KEY_LEN => {
+            let mut key = Box::new([0u8; ENCRYPTION_KEY_LEN]);
+            key.copy_from_slice(&bytes);
+            let mut bytes = bytes;
+            bytes.fill(0);
+            Some(SecretBox::new(key))
+        }
+        _ => {
+            problems.push(format!(
+                "{at}: {name} must hold exactly 32 bytes in base64 (`openssl rand -base64 32`)"
+            ));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::Settings;
+    use super::super::test_support::*;
+    use super::*;
+
+    const SHARED_BASE: &str = r#"
+        [auth]
+        allow_anonymous = true
+        [shared_cache]
+        url = "redis://:hunter2@redis.internal:6380/2"
+        encryption_key_env = "CACHE_KEY"
+    "#;
+
+    fn cache_key_env(name: &str) -> Option<String> {
+        match name {
+            "CACHE_KEY" => Some(STANDARD.encode([7u8; 32])),
+            "OLD_CACHE_KEY" => Some(format!("  {}\n", STANDARD.encode([8u8; 32]))),
+            "SHORT_KEY" => Some(STANDARD.encode([1u8; 16])),
+            "NOT_BASE64" => Some("this is not base64!".to_owned()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_shared_cache_is_off_without_a_url_and_configured_with_one() {
+        let off = Settings::from_toml("[auth]\nallow_anonymous = true", &no_env).expect("valid");
+        assert!(off.shared_cache.is_none());
+
+        let layers = [
+            SHARED_BASE,
+            r#"
+            [shared_cache]
+            previous_encryption_key_env = "OLD_CACHE_KEY"
+            timeout = "50ms"
+        "#,
+        ];
+        let settings = Settings::from_toml_layers(&layers, &cache_key_env).expect("valid");
+        let shared = settings.shared_cache.as_ref().expect("configured");
+        assert_eq!(shared.key_prefix, "token-broker:");
+        assert_eq!(shared.timeout, Duration::from_millis(50));
+        assert_eq!(shared.lock_ttl, Duration::from_secs(15));
+        assert_eq!(shared.wait_for_peer, Duration::from_secs(10));
+        assert_eq!(shared.encryption_key.expose_secret(), &[7u8; 32]);
+        let previous = shared.previous_encryption_key.as_ref().expect("set");
+        assert_eq!(previous.expose_secret(), &[8u8; 32]);
+        assert!(
+            settings
+                .summary()
+                .ends_with("shared cache at redis.internal:6380")
+        );
+        let debug = format!("{shared:?}");
+        assert!(debug.contains("redis.internal:6380"), "{debug}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("7, 7"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn every_shared_cache_problem_is_listed_without_secrets() {
+        let toml = r#"
+            [auth]
+            allow_anonymous = true
+            [shared_cache]
+            url = "http://:hunter2@redis.internal"
+            key_prefix = ""
+            previous_encryption_key_env = "SHORT_KEY"
+            timeout = "0s"
+            lock_ttl = "0s"
+        "#;
+        let Err(ConfigError::Invalid(problems)) = Settings::from_toml(toml, &cache_key_env) else {
+            panic!("expected a validation error");
+        };
+        let all = problems.join("\n");
+        for expected in [
+            "shared_cache.url: not a usable Redis URL",
+            "shared_cache.key_prefix",
+            "shared_cache.encryption_key_env: missing",
+            "shared_cache.previous_encryption_key_env: SHORT_KEY must hold exactly 32 bytes",
+            "shared_cache.timeout",
+            "shared_cache.lock_ttl",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        assert!(!all.contains("hunter2"), "{all}");
+
+        for (name, expected) in [
+            ("UNSET", "environment variable UNSET is not set"),
+            (
+                "NOT_BASE64",
+                "NOT_BASE64 must hold exactly 32 bytes in base64",
+            ),
+        ] {
+            let layer = format!("[shared_cache]\nencryption_key_env = \"{name}\"");
+            let Err(ConfigError::Invalid(problems)) =
+                Settings::from_toml_layers(&[SHARED_BASE, &layer], &cache_key_env)
+            else {
+                panic!("expected a validation error for {name}");
+            };
+            assert!(problems.join("\n").contains(expected), "{problems:?}");
+            assert!(!problems.join("\n").contains("this is not base64"));
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The settings of one environment's IdP client: where its token endpoint is, how requests are
+//! shaped, and the credential the broker proves its identity with.
+//!
+//! `config` builds these from the `[tenants.T.environments.E]` tables; the IdP client, the broker
+//! and the user-token service read them. The credential is secret: no type here that holds it
+//! derives `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::ClientKey;
+
+/// Bound on one token request, retries included, when the environment sets none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime assumed when the IdP gives neither `expires_in` nor a JWT `exp`, unless configured.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Requests in flight to one IdP client at once, unless configured.
+pub const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 8;
+
+/// How the token request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestFormat {
+    /// A JSON object, as Auth0 documents.
+    Json,
+    /// `application/x-www-form-urlencoded`, as RFC 6749 specifies.
+    Form,
+}
+
+/// How the broker authenticates to the IdP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the body.
+    Post,
+    /// HTTP Basic (RFC 6749 §2.3.1), and nothing in the body.
+    Basic,
+    /// A signed JWT assertion in the body (RFC 7523), no secret.
+    PrivateKeyJwt,
+}
+
+/// The credential the broker proves its client identity with.
+pub enum ClientCredential {
+    /// A client secret, for `client_auth = "post"` or `"basic"`.
+    Secret(SecretString),
+    /// A private key, for `client_auth = "private_key_jwt"`.
+    PrivateKey {
+        /// Signs a fresh assertion for each request.
+        key: Arc<ClientKey>,
+        /// The assertion's `aud`: the token URL unless configured.
+        assertion_audience: String,
+    },
+}
+
+/// Where users log in and where the IdP sends them back, for user tokens.
+#[derive(Debug)]
+pub struct UserLoginSettings {
+    /// The IdP's authorization endpoint (Auth0: `https://{domain}/authorize`).
+    pub authorize_url: reqwest::Url,
+    /// The calling service's callback, registered at the IdP.
+    pub redirect_uri: reqwest::Url,
+}
+
+/// The name under which the audience is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudienceParam {
+    /// `audience`, as Auth0 expects.
+    Audience,
+    /// `resource`, as RFC 8707 specifies.
+    Resource,
+}
+
+/// `[tenants.T.environments.E]`: the IdP client of one tenant in one environment.
+pub struct EnvironmentSettings {
+    /// Tenant name, for logs and metrics.
+    pub tenant: String,
+    /// Environment name, for logs and metrics.
+    pub environment: String,
+    /// The IdP's token endpoint.
+    pub token_url: reqwest::Url,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// Client secret or private key; used only where the request is built.
+    pub credential: ClientCredential,
+    /// Audience used when the caller names none.
+    pub audience: Option<String>,
+    /// Body encoding of the token request.
+    pub request_format: RequestFormat,
+    /// Where the credentials go.
+    pub client_auth: ClientAuth,
+    /// Name of the audience parameter.
+    pub audience_param: AudienceParam,
+    /// Extra fields sent with every token request.
+    pub extra_params: BTreeMap<String, String>,
+    /// Bound on one token request, retries included.
+    pub timeout: Duration,
+    /// Lifetime assumed when the IdP gives neither `expires_in` nor a JWT `exp`.
+    pub default_lifetime: Duration,
+    /// Quota guard: most IdP requests per sliding hour for this client, when set.
+    pub max_fetches_per_hour: Option<u32>,
+    /// Most requests in flight to this client at once, so a hung IdP cannot pile them up.
+    pub max_concurrent_fetches: usize,
+    /// The authorization-code flow, when user tokens are configured.
+    pub user_login: Option<UserLoginSettings>,
+}
+
+impl EnvironmentSettings {
+    /// Settings with the documented defaults for everything but the identity and credential:
+    /// a JSON body with the credential in it, the `audience` parameter, no extra fields.
+    pub fn new(
+        tenant: &str,
+        environment: &str,
+        token_url: reqwest::Url,
+        client_id: &str,
+        credential: ClientCredential,
+    ) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            environment: environment.to_owned(),
+            token_url,
+            client_id: client_id.to_owned(),
+            credential,
+            audience: None,
+            request_format: RequestFormat::Json,
+            client_auth: ClientAuth::Post,
+            audience_param: AudienceParam::Audience,
+            extra_params: BTreeMap::new(),
+            timeout: DEFAULT_TIMEOUT,
+            default_lifetime: DEFAULT_LIFETIME,
+            max_fetches_per_hour: None,
+            max_concurrent_fetches: DEFAULT_MAX_CONCURRENT_FETCHES,
+            user_login: None,
+        }
+    }
+
+    /// Whether `other` talks to the same IdP client in the same way (token URL, client id and
+    /// request shape). The secret is not part of the identity: a rotated secret keeps tokens.
+    pub fn same_identity(&self, other: &Self) -> bool {
+        self.token_url == other.token_url
+            && self.client_id == other.client_id
+            && self.request_format == other.request_format
+            && self.client_auth == other.client_auth
+            && self.audience_param == other.audience_param
+            && self.extra_params == other.extra_params
+    }
+}
+
+impl fmt::Debug for EnvironmentSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnvironmentSettings")
+            .field("tenant", &self.tenant)
+            .field("environment", &self.environment)
+            .field("token_url", &self.token_url.as_str())
+            .field("client_id", &self.client_id)
+            .field("credential", &self.credential)
+            .field("audience", &self.audience)
+            .field("request_format", &self.request_format)
+            .field("client_auth", &self.client_auth)
+            .field("audience_param", &self.audience_param)
+            .field("extra_params", &self.extra_params)
+            .field("timeout", &self.timeout)
+            .field("max_fetches_per_hour", &self.max_fetches_per_hour)
+            .field("user_login", &self.user_login)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ClientCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Secret(_) => f.write_str("Secret([redacted])"),
+            Self::PrivateKey {
+                key,
+                assertion_audience,
+            } => f
+                .debug_struct("PrivateKey")
+                .field("key", key)
+                .field("assertion_audience", assertion_audience)
+                .finish(),
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! `[shared_cache]`: the Redis level shared by replicas, as `config` validated it. The URL may
+//! carry a password and the encryption keys are secret, so `Debug` shows neither.
+
+use std::fmt;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretBox, SecretString};
+
+/// Length of a shared cache encryption key: AES-256.
+pub const ENCRYPTION_KEY_LEN: usize = 32;
+
+/// An AES-256 key for tokens in the shared cache; zeroed on drop, never printed.
+pub type EncryptionKey = SecretBox<[u8; ENCRYPTION_KEY_LEN]>;
+
+/// `[shared_cache]`: Redis as a second cache level shared by every replica.
+pub struct SharedCacheSettings {
+    /// `redis://[user:password@]host:port[/db]`; secret because it may carry a password.
+    pub url: SecretString,
+    /// Prefix of every Redis key and of the invalidation channel.
+    pub key_prefix: String,
+    /// The key new entries are encrypted with.
+    pub encryption_key: EncryptionKey,
+    /// A second key entries may be encrypted with, accepted for reading during a rotation.
+    pub previous_encryption_key: Option<EncryptionKey>,
+    /// Bound on each Redis call.
+    pub timeout: Duration,
+    /// How long the lock that keeps one IdP request per key across replicas lives at most.
+    pub lock_ttl: Duration,
+    /// How long a replica waits for a peer's IdP request before making its own.
+    pub wait_for_peer: Duration,
+}
+
+impl SharedCacheSettings {
+    /// `host:port` of the Redis server, for logs (never the password).
+    pub fn endpoint(&self) -> String {
+        redis_endpoint(self.url.expose_secret())
+    }
+}
+
+impl fmt::Debug for SharedCacheSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedCacheSettings")
+            .field("endpoint", &self.endpoint())
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("wait_for_peer", &self.wait_for_peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `host:port` (or socket path) part of a Redis URL, without credentials.
+fn redis_endpoint(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .map(|url| match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => url.path().to_owned(),
+        })
+        .unwrap_or_else(|| "[unparsable URL]".to_owned())
+}
