@@ -21,6 +21,20 @@ pub const AUDIT: &str = "audit";
 /// The log target of the access log: one line per request.
 pub const ACCESS: &str = "access";
 
+/// The cause chain of an error (its sources, not the error itself) as one line, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut chain = String::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if !chain.is_empty() {
+            chain.push_str(": ");
+        }
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    chain
+}
+
 /// Flushes buffered log lines when dropped.
 #[must_use = "dropping the guard stops the log writer"]
 pub struct LogGuard {

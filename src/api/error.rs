@@ -20,6 +20,7 @@ use crate::app::ReloadError;
 use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::config::ConfigError;
+use crate::telemetry::error_chain;
 use crate::user_tokens::UserError;
 
 tokio::task_local! {
@@ -201,14 +202,8 @@ pub(super) fn broker_retry_after(error: &BrokerError) -> Option<Duration> {
 /// chain at WARN, refusals at DEBUG.
 pub(super) fn log_failure(error: &dyn std::error::Error, status: StatusCode) {
     if status.is_server_error() {
-        let mut chain = String::new();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            chain.push_str(": ");
-            chain.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        tracing::warn!(status = status.as_u16(), error = %error, cause = %chain, "request failed");
+        let cause = error_chain(error);
+        tracing::warn!(status = status.as_u16(), error = %error, %cause, "request failed");
     } else {
         tracing::debug!(status = status.as_u16(), error = %error, "request refused");
     }

@@ -20,8 +20,6 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::idp::IdpError;
-
 /// Requests served, by `route`, `method` and `status`.
 pub const HTTP_REQUESTS: &str = "token_broker_http_requests_total";
 /// Token requests answered from the cache, by `tenant` and `environment`.
@@ -120,20 +118,6 @@ impl IdpOutcome {
             Self::InvalidResponse => "invalid_response",
             Self::QuotaExhausted => "quota_exhausted",
             Self::SigningFailed => "signing_failed",
-        }
-    }
-
-    /// The outcome of an IdP client's answer.
-    pub fn of<T>(answer: &Result<T, IdpError>) -> Self {
-        match answer {
-            Ok(_) => Self::Ok,
-            Err(IdpError::Rejected { .. }) => Self::Rejected,
-            Err(IdpError::RateLimited { .. }) => Self::RateLimited,
-            Err(IdpError::Timeout(_)) => Self::Timeout,
-            Err(IdpError::Connect(_)) => Self::Connect,
-            Err(IdpError::ServerError(_)) => Self::ServerError,
-            Err(IdpError::InvalidResponse(_)) => Self::InvalidResponse,
-            Err(IdpError::Signing(_)) => Self::SigningFailed,
         }
     }
 

@@ -1,0 +1,207 @@
+//! The failure policy (DESIGN.md): transient IdP failures retried with backoff and jitter within
+//! the environment's `timeout`, a 429 honoured for the whole IdP client, rejections remembered
+//! per key for `negative_ttl`, and the quota guard.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng as _;
+
+use super::upstream::Upstream;
+use super::{Broker, BrokerError, CachedToken, TokenKey};
+use crate::idp::{EnvironmentSettings, IdpError, RateLimitHeaders};
+use crate::telemetry::error_chain;
+use crate::telemetry::metrics::IdpOutcome;
+
+/// Most attempts of one fetch (the first and its retries).
+const MAX_ATTEMPTS: u32 = 4;
+/// Backoff before the first retry; doubled for each later one, before jitter.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest backoff between two attempts.
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+/// Exponential backoff with full jitter: uniform in `[0, min(cap, base * 2^(attempt-1))]`.
+fn full_jitter(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(BACKOFF_CAP);
+    ceiling.mul_f64(rand::rng().random::<f64>())
+}
+
+/// The `outcome` label of one IdP answer.
+fn outcome<T>(answer: &Result<T, IdpError>) -> IdpOutcome {
+    match answer {
+        Ok(_) => IdpOutcome::Ok,
+        Err(IdpError::Rejected { .. }) => IdpOutcome::Rejected,
+        Err(IdpError::RateLimited { .. }) => IdpOutcome::RateLimited,
+        Err(IdpError::Timeout(_)) => IdpOutcome::Timeout,
+        Err(IdpError::Connect(_)) => IdpOutcome::Connect,
+        Err(IdpError::ServerError(_)) => IdpOutcome::ServerError,
+        Err(IdpError::InvalidResponse(_)) => IdpOutcome::InvalidResponse,
+        Err(IdpError::Signing(_)) => IdpOutcome::SigningFailed,
+    }
+}
+
+impl Broker {
+    /// The shared state of the IdP client `environment` talks to.
+    pub(super) fn upstream(&self, environment: &EnvironmentSettings) -> Arc<Upstream> {
+        let id = (
+            environment.token_url.as_str().to_owned(),
+            environment.client_id.clone(),
+        );
+        let mut upstreams = self
+            .inner
+            .upstreams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            upstreams
+                .entry(id)
+                .or_insert_with(|| Arc::new(Upstream::new(environment.max_concurrent_fetches))),
+        )
+    }
+
+    /// The rate-limit headers last seen from `environment`'s IdP client.
+    pub fn rate_limit(&self, environment: &EnvironmentSettings) -> RateLimitHeaders {
+        self.upstream(environment).rate_limit()
+    }
+
+    /// Forgets remembered rejections (after a reload that may have fixed credentials).
+    pub fn forget_rejections(&self) {
+        self.inner.rejections.invalidate_all();
+    }
+
+    /// One token from the IdP, with the failure policy applied (see the module docs).
+    pub(super) async fn fetch_from_idp(
+        &self,
+        environment: &EnvironmentSettings,
+        key: &TokenKey,
+    ) -> Result<CachedToken, BrokerError> {
+        if let Some((status, code)) = self.inner.rejections.get(key).await {
+            return Err(IdpError::Rejected { status, code }.into());
+        }
+        let upstream = self.upstream(environment);
+        let deadline = Instant::now() + environment.timeout;
+        let mut attempt = 1;
+        loop {
+            let now = Instant::now();
+            if let Some(retry_after) = upstream.blocked_for(now) {
+                return Err(BrokerError::RateLimited { retry_after });
+            }
+            let result = tokio::time::timeout_at(deadline.into(), async {
+                let _permit = upstream.permits.acquire().await.expect("never closed");
+                if let Err(retry_after) =
+                    upstream.take_quota(Instant::now(), environment.max_fetches_per_hour)
+                {
+                    self.record_idp(environment, IdpOutcome::QuotaExhausted, None);
+                    return Err(BrokerError::QuotaExhausted {
+                        limit: environment.max_fetches_per_hour.unwrap_or_default(),
+                        retry_after,
+                    });
+                }
+                let asked = Instant::now();
+                let answer = self
+                    .inner
+                    .idp
+                    .fetch(environment, &key.audience, key.scope.as_str())
+                    .await;
+                self.record_idp(environment, outcome(&answer), Some(asked.elapsed()));
+                answer.map_err(BrokerError::from)
+            })
+            .await
+            .unwrap_or_else(|_| {
+                self.record_idp(environment, IdpOutcome::Timeout, None);
+                Err(BrokerError::from(IdpError::Timeout(environment.timeout)))
+            });
+
+            let error = match result {
+                Ok(fetched) => {
+                    upstream.record_rate_limit(fetched.rate_limit);
+                    tracing::info!(
+                        tenant = %key.tenant,
+                        environment = %key.environment,
+                        attempt,
+                        lifetime_s = fetched.token.lifetime.as_secs(),
+                        "fetched a token from the IdP"
+                    );
+                    return Ok(CachedToken::new(
+                        fetched.token,
+                        SystemTime::now(),
+                        self.inner.settings.refresh_ahead,
+                        rand::rng().random(),
+                    ));
+                }
+                Err(error) => error,
+            };
+            let log = |message: &str| {
+                tracing::warn!(
+                    tenant = %key.tenant,
+                    environment = %key.environment,
+                    attempt,
+                    error = %error,
+                    cause = %error_chain(&error),
+                    "{message}"
+                );
+            };
+            match &error {
+                BrokerError::QuotaExhausted { limit, .. } => {
+                    tracing::error!(
+                        tenant = %key.tenant,
+                        environment = %key.environment,
+                        limit,
+                        "quota guard: max_fetches_per_hour reached, not asking the IdP"
+                    );
+                    return Err(error);
+                }
+                BrokerError::Rejected {
+                    source: IdpError::Rejected { status, code },
+                    ..
+                } => {
+                    log(
+                        "the IdP rejected the token request; remembering it for cache.negative_ttl",
+                    );
+                    if !self.inner.settings.negative_ttl.is_zero() {
+                        self.inner
+                            .rejections
+                            .insert(key.clone(), (*status, code.clone()))
+                            .await;
+                    }
+                    return Err(error);
+                }
+                BrokerError::Unavailable {
+                    source: IdpError::RateLimited { .. },
+                    retry_after,
+                } => {
+                    log("the IdP is rate limiting this client; pausing requests to it");
+                    upstream.block(Instant::now(), *retry_after);
+                    return Err(error);
+                }
+                BrokerError::Unavailable { source, .. } if source.is_transient() => {
+                    let backoff = full_jitter(attempt);
+                    if attempt >= MAX_ATTEMPTS || Instant::now() + backoff >= deadline {
+                        log("token request failed; giving up");
+                        return Err(error);
+                    }
+                    log("token request failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    attempt += 1;
+                }
+                _ => {
+                    log("token request failed");
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// Counts one IdP request (or one the quota guard stopped) of `environment`.
+    pub(super) fn record_idp(
+        &self,
+        environment: &EnvironmentSettings,
+        outcome: IdpOutcome,
+        took: Option<Duration>,
+    ) {
+        let (tenant, name) = (&environment.tenant, &environment.environment);
+        self.inner.metrics.idp_request(tenant, name, outcome, took);
+    }
+}

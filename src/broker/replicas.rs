@@ -1,0 +1,242 @@
+//! Replicas and the shared level (DESIGN.md, "Shared cache across replicas"): a miss looks in
+//! the shared level before the IdP, one replica per key takes the fetch lock, the others wait for
+//! its token, and every replica applies the others' announcements to its own cache.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use moka::ops::compute::Op;
+use rand::Rng as _;
+use tokio::sync::mpsc;
+
+use super::{
+    Broker, BrokerError, CachedToken, Invalidation, SharedCache, SharedCacheError, SharedKey,
+    TokenDigest, TokenKey,
+};
+use crate::idp::EnvironmentSettings;
+
+/// How often a replica looks for the token another replica is fetching.
+const PEER_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Which token from the shared level can serve a fetch.
+#[derive(Clone, Copy)]
+pub(super) enum Wanted {
+    /// One with at least this much validity left (a miss, or a caller who needs more).
+    Remaining(Duration),
+    /// One fetched after this instant (a refresh, which another replica may have made already).
+    FetchedAfter(SystemTime),
+}
+
+impl Broker {
+    /// One token for a miss or a refresh: from the shared level when it has a good one, else
+    /// from the IdP by one replica at a time (see the module docs).
+    pub(super) async fn fetch(
+        &self,
+        environment: &EnvironmentSettings,
+        key: &TokenKey,
+        wanted: Wanted,
+    ) -> Result<Arc<CachedToken>, BrokerError> {
+        let Some(shared) = self.inner.shared.as_deref() else {
+            return self.fetch_from_idp(environment, key).await.map(Arc::new);
+        };
+        let shared_key = SharedKey::new(environment, key);
+        let deadline = Instant::now() + self.inner.wait_for_peer;
+        loop {
+            match self.load_shared(shared, &shared_key, wanted).await {
+                Ok(Some(token)) => return Ok(token),
+                Ok(None) => {}
+                Err(_) => break,
+            }
+            match shared.try_lock(&shared_key).await {
+                Ok(Some(lock)) => {
+                    let fetched = self
+                        .fetch_locked(shared, &shared_key, environment, key, wanted)
+                        .await;
+                    let _ = shared.unlock(&shared_key, lock).await;
+                    return fetched;
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+            if Instant::now() + PEER_POLL_INTERVAL >= deadline {
+                tracing::warn!(
+                    tenant = %key.tenant,
+                    environment = %key.environment,
+                    "another replica's token request outlasted shared_cache.wait_for_peer; asking the IdP"
+                );
+                break;
+            }
+            tokio::time::sleep(PEER_POLL_INTERVAL).await;
+        }
+        // The shared level failed or the peer is too slow: fetch, and share if still possible.
+        let token = Arc::new(
+            self.fetch_from_idp(environment, key)
+                .await?
+                .with_shared_key(shared_key),
+        );
+        self.store_shared(shared, &shared_key, &token).await;
+        Ok(token)
+    }
+
+    /// The IdP request of the replica that holds the lock of `shared_key`.
+    pub(super) async fn fetch_locked(
+        &self,
+        shared: &dyn SharedCache,
+        shared_key: &SharedKey,
+        environment: &EnvironmentSettings,
+        key: &TokenKey,
+        wanted: Wanted,
+    ) -> Result<Arc<CachedToken>, BrokerError> {
+        // Another replica may have stored its token and let go of the lock since the last look.
+        if let Ok(Some(token)) = self.load_shared(shared, shared_key, wanted).await {
+            return Ok(token);
+        }
+        let token = Arc::new(
+            self.fetch_from_idp(environment, key)
+                .await?
+                .with_shared_key(*shared_key),
+        );
+        self.store_shared(shared, shared_key, &token).await;
+        Ok(token)
+    }
+
+    /// The token the shared level holds for `shared_key`, if it is what the fetch wants.
+    pub(super) async fn load_shared(
+        &self,
+        shared: &dyn SharedCache,
+        shared_key: &SharedKey,
+        wanted: Wanted,
+    ) -> Result<Option<Arc<CachedToken>>, SharedCacheError> {
+        let Some(stored) = shared.load(shared_key).await? else {
+            return Ok(None);
+        };
+        let remaining = stored.remaining(SystemTime::now());
+        let usable = match wanted {
+            Wanted::Remaining(required) => remaining >= required,
+            Wanted::FetchedAfter(after) => {
+                stored.fetched_at > after && remaining >= self.inner.settings.min_remaining
+            }
+        };
+        Ok(usable.then(|| {
+            Arc::new(
+                CachedToken::new(
+                    stored.issued,
+                    stored.fetched_at,
+                    self.inner.settings.refresh_ahead,
+                    rand::rng().random(),
+                )
+                .with_shared_key(*shared_key),
+            )
+        }))
+    }
+
+    /// Stores a fetched token in the shared level for as long as it may be handed out.
+    pub(super) async fn store_shared(
+        &self,
+        shared: &dyn SharedCache,
+        shared_key: &SharedKey,
+        token: &CachedToken,
+    ) {
+        let ttl = token
+            .remaining(SystemTime::now())
+            .saturating_sub(self.inner.settings.min_remaining);
+        if !ttl.is_zero() {
+            let _ = shared.store(shared_key, token, ttl).await;
+        }
+    }
+
+    /// Applies the other replicas' changes to this cache until the broker is dropped (noticed
+    /// within a second; dropping the receiver then ends the subscription).
+    pub(super) fn spawn_invalidations(&self, mut events: mpsc::Receiver<Invalidation>) {
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let received = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                match received {
+                    Ok(Some(event)) => Broker { inner }.apply(event).await,
+                    Ok(None) => return,
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
+    /// Applies one change another replica made: drop a forgotten token, or replace an older
+    /// token with the newer one from the shared level. Entries are found by their shared key, a
+    /// scan that only runs for announcements (about one per key per token lifetime).
+    pub(super) async fn apply(&self, event: Invalidation) {
+        let (Invalidation::Stored {
+            key: shared_key, ..
+        }
+        | Invalidation::Deleted {
+            key: shared_key, ..
+        }) = &event;
+        let keys: Vec<Arc<TokenKey>> = self
+            .inner
+            .tokens
+            .iter()
+            .filter(|(_, token)| token.shared_key() == Some(shared_key))
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            match &event {
+                Invalidation::Deleted { token: None, .. } => {
+                    self.inner.tokens.invalidate(&*key).await;
+                }
+                Invalidation::Deleted {
+                    token: Some(digest),
+                    ..
+                } => {
+                    self.inner
+                        .tokens
+                        .entry_by_ref(&*key)
+                        .and_compute_with(|entry| async move {
+                            match entry {
+                                Some(entry) if entry.value().digest() == *digest => Op::Remove,
+                                _ => Op::Nop,
+                            }
+                        })
+                        .await;
+                }
+                Invalidation::Stored { token: digest, .. } => {
+                    self.replace_with_shared(&key, shared_key, digest).await;
+                }
+            }
+        }
+    }
+
+    /// Replaces the cached token of `key` with the newer one another replica stored.
+    pub(super) async fn replace_with_shared(
+        &self,
+        key: &TokenKey,
+        shared_key: &SharedKey,
+        stored: &TokenDigest,
+    ) {
+        let Some(shared) = self.inner.shared.as_deref() else {
+            return;
+        };
+        let Some(current) = self.inner.tokens.get(key).await else {
+            return;
+        };
+        if current.digest() == *stored {
+            return;
+        }
+        let wanted = Wanted::FetchedAfter(current.fetched_at);
+        let Ok(Some(newer)) = self.load_shared(shared, shared_key, wanted).await else {
+            return;
+        };
+        self.inner
+            .tokens
+            .entry_by_ref(key)
+            .and_compute_with(|entry| async move {
+                match entry {
+                    Some(entry) if entry.value().fetched_at < newer.fetched_at => Op::Put(newer),
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+    }
+}
