@@ -8,11 +8,13 @@
 //! document are both built from it; the middleware stack and the listener are `startup`'s.
 
 pub mod admin;
+pub mod audit;
 pub mod error;
 pub mod health;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
+pub mod response;
 pub mod token_request;
 pub mod tokens;
 pub mod user_tokens;

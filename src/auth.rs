@@ -329,6 +329,16 @@ pub trait CallerSource {
     fn caller_registry(&self) -> Arc<CallerRegistry>;
 }
 
+/// Admits an authenticated caller: names it in the request's span, then holds it to its
+/// `rate_limit` (429). Every way in (the extractor, the OAuth2 facade) ends here.
+pub fn admit(caller: Arc<Caller>) -> Result<Arc<Caller>, AuthError> {
+    tracing::Span::current().record("caller", &*caller.name);
+    caller
+        .admit()
+        .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+    Ok(caller)
+}
+
 /// Extracts the authenticated [`Caller`] of a request, or rejects it with 401, or with 429 when
 /// the caller is over its rate limit. Names the caller in the request's span.
 pub struct Authenticated(pub Arc<Caller>);
@@ -342,11 +352,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
         let caller = state.caller_registry().authenticate(header)?;
-        tracing::Span::current().record("caller", &*caller.name);
-        caller
-            .admit()
-            .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
-        Ok(Authenticated(caller))
+        admit(caller).map(Authenticated)
     }
 }
 

@@ -34,6 +34,8 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::idp::pkcs1_from_pkcs8;
+
 /// Token request bodies are a few hundred bytes; anything far larger is a mistake.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -379,35 +381,6 @@ fn form_decode(value: &str) -> Option<String> {
             .map(|(name, _)| name)
             .collect()
     })
-}
-
-/// Unwraps the PKCS#1 `RSAPrivateKey` that jsonwebtoken signs with from the PKCS#8 document
-/// aws-lc-rs exports (RFC 5208: `SEQUENCE { INTEGER, SEQUENCE, OCTET STRING, .. }`).
-pub(crate) fn pkcs1_from_pkcs8(pkcs8: &[u8]) -> Option<&[u8]> {
-    let (info, _) = der_element(pkcs8, 0x30)?;
-    let (_version, rest) = der_element(info, 0x02)?;
-    let (_algorithm, rest) = der_element(rest, 0x30)?;
-    let (private_key, _) = der_element(rest, 0x04)?;
-    Some(private_key)
-}
-
-/// Splits one DER element tagged `tag` off the front of `input`: (contents, rest).
-fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    let ([found, first], rest) = input.split_first_chunk::<2>()?;
-    if *found != tag {
-        return None;
-    }
-    let (len, rest) = match *first {
-        short @ 0..0x80 => (usize::from(short), rest),
-        long => {
-            let (len_bytes, rest) = rest.split_at_checked(usize::from(long & 0x7f))?;
-            let len = len_bytes
-                .iter()
-                .fold(0, |len, &byte| len << 8 | usize::from(byte));
-            (len, rest)
-        }
-    };
-    rest.split_at_checked(len)
 }
 
 #[derive(Serialize)]

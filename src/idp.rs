@@ -21,7 +21,9 @@ use base64::engine::general_purpose::STANDARD;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 
-pub use assertion::{ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError};
+pub use assertion::{
+    ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError, pkcs1_from_pkcs8,
+};
 pub use response::{IssuedToken, QuotaRemaining, RateLimitHeaders};
 pub use settings::{
     AudienceParam, ClientAuth, ClientCredential, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES,

@@ -5,20 +5,41 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: typed, validated settings (file, environment, secrets).
-//! - [`idp`]: the IdP token endpoint client; one request, one classified answer.
-//! - [`broker`]: cache, single flight, refresh ahead; knows nothing about HTTP.
-//! - [`user_tokens`]: user tokens through the authorization-code flow: state, PKCE, handles, refresh.
+//! - [`telemetry`]: logging setup, the cause-chain formatter and the Prometheus metrics.
+//! - [`idp`]: the IdP token endpoint client and the environment settings it consumes.
+//! - [`broker`]: cache, single flight, refresh ahead, failure policy, replicas; no HTTP.
+//! - [`user_tokens`]: user tokens through the authorization-code flow: state, PKCE, handles.
 //! - [`shared_cache`]: Redis as the cache level shared by replicas, tokens encrypted at rest.
-//! - [`auth`]: caller keys, allow rules, the authenticating extractor.
-//! - [`api`]: handlers and the one mapping of errors to HTTP.
-//! - [`startup`]: state, the route list, middleware, listener (HTTP or HTTPS), graceful shutdown.
-//! - [`telemetry`]: logging setup and the Prometheus metrics.
+//! - [`auth`]: caller keys, allow rules, the authenticating extractors.
+//! - [`config`]: loads, layers and validates the configuration into each component's settings.
+//! - [`app`]: the state every handler shares, the configuration snapshot and reload.
+//! - [`api`]: the route list, the handlers and the one mapping of errors to HTTP.
+//! - [`startup`]: middleware stack, listener (HTTP or HTTPS), graceful shutdown.
 //! - [`dev_idp`] and [`dev`]: the built-in development IdP and the `dev` command.
 //!
-//! Dependencies point one way: `api → auth, broker, users → idp`; `shared_cache` implements the
-//! broker's `SharedCache` trait and `startup` hands it to the broker; `telemetry` is a leaf that
-//! `broker` and `startup` record into.
+//! Dependencies point one way, down this table: a module names `crate::<module>` only for the
+//! modules in its row (the `layering` integration test reads this table and fails on any other).
+//! Components receive their own settings types and never import `config`.
+//!
+//! | module | may use |
+//! | --- | --- |
+//! | `dev` | `startup`, `app`, `config`, `auth`, `dev_idp`, `telemetry` |
+//! | `startup` | `api`, `app`, `config`, `telemetry` |
+//! | `api` | `app`, `config`, `auth`, `user_tokens`, `broker`, `idp`, `telemetry` |
+//! | `app` | `config`, `auth`, `user_tokens`, `shared_cache`, `broker`, `idp`, `telemetry` |
+//! | `config` | `auth`, `user_tokens`, `shared_cache`, `broker`, `idp` |
+//! | `auth` | `idp`, `telemetry` |
+//! | `shared_cache` | `user_tokens`, `broker`, `idp`, `telemetry` |
+//! | `user_tokens` | `broker`, `idp`, `telemetry` |
+//! | `broker` | `idp`, `telemetry` |
+//! | `dev_idp` | `idp` |
+//! | `idp` | `telemetry` |
+//! | `telemetry` | |
+//!
+//! Room is left for what is planned: a session-store trait in `user_tokens` that `shared_cache`
+//! implements, and a JWKS client in `auth` built on `idp`'s HTTP client.
+//!
+//! No file is longer than 600 lines before its `#[cfg(test)]` module (the same test checks it).
 
 pub mod api;
 pub mod app;

@@ -100,13 +100,40 @@ impl From<AuthError> for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
+/// Why a request body could not be read: the one mapping of axum's body rejection, which the
+/// `/v1` API and the facade each turn into their own error shape.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum BodyError {
+    /// Over `server.max_body_bytes`.
+    #[error("the request body is over the size limit")]
+    TooLarge,
+    /// The connection broke or the body is malformed at the HTTP level.
+    #[error("the request body could not be read")]
+    Unreadable,
+}
+
+impl From<BytesRejection> for BodyError {
     fn from(rejection: BytesRejection) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Self::PayloadTooLarge
+            Self::TooLarge
         } else {
-            Self::InvalidRequest("the request body could not be read".into())
+            Self::Unreadable
         }
+    }
+}
+
+impl From<BodyError> for ApiError {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::TooLarge => Self::PayloadTooLarge,
+            BodyError::Unreadable => Self::InvalidRequest(error.to_string()),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        BodyError::from(rejection).into()
     }
 }
 
@@ -246,12 +273,7 @@ impl IntoResponse for ApiError {
             authorization_url: authorization.map(|a| a.url.as_str()),
             state: authorization.map(|a| a.state.as_str()),
         };
-        let mut response = (
-            status,
-            [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
-            axum::Json(body),
-        )
-            .into_response();
+        let mut response = (status, super::response::no_store(), axum::Json(body)).into_response();
         let headers = response.headers_mut();
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

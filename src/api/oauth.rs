@@ -9,29 +9,27 @@
 //! §5.2 bodies in one place here.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+use crate::api::error::BodyError;
 use crate::api::error::{
     broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
 };
 use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
-use crate::api::tokens::audit_handed_out;
+use crate::api::{audit, response};
 use crate::app::AppState;
-use crate::auth::{AuthError, Caller, CallerRegistry, CallerSource as _};
-use crate::broker::{BrokerError, CacheStatus, Lease};
-
-static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+use crate::auth::{self, AuthError, Caller, CallerRegistry, CallerSource as _};
+use crate::broker::BrokerError;
 
 /// A failed facade request, as an RFC 6749 §5.2 error.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +88,15 @@ impl From<AccessError> for OAuthError {
     }
 }
 
+impl From<BodyError> for OAuthError {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::TooLarge => Self::PayloadTooLarge,
+            BodyError::Unreadable => Self::InvalidRequest(error.to_string()),
+        }
+    }
+}
+
 impl From<Arc<BrokerError>> for OAuthError {
     fn from(error: Arc<BrokerError>) -> Self {
         match error.as_ref() {
@@ -135,7 +142,7 @@ impl IntoResponse for OAuthError {
             error_description: self.to_string(),
             request_id: &request_id,
         };
-        let mut response = (status, no_store(), axum::Json(body)).into_response();
+        let mut response = (status, response::no_store_oauth(), axum::Json(body)).into_response();
         let headers = response.headers_mut();
         if status == StatusCode::UNAUTHORIZED {
             let challenge = HeaderValue::from_static(r#"Basic realm="token-broker""#);
@@ -151,16 +158,6 @@ impl IntoResponse for OAuthError {
         }
         response
     }
-}
-
-/// The RFC 6749 §5.1 success body.
-#[derive(Serialize)]
-struct TokenBody<'a> {
-    access_token: &'a str,
-    token_type: &'a str,
-    expires_in: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    scope: Option<&'a str>,
 }
 
 /// `POST /t/{tenant}/{environment}/oauth/token`: a client-credentials token for an OAuth2 client.
@@ -193,17 +190,13 @@ pub async fn token(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OAuthError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            OAuthError::PayloadTooLarge
-        } else {
-            OAuthError::InvalidRequest("the request body could not be read".into())
-        }
-    })?;
+    let body = body.map_err(BodyError::from)?;
     let params = Params::parse(&headers, &body)?;
     let caller = authenticate(&state.caller_registry(), &headers, &params)?;
-    tracing::Span::current().record("caller", &*caller.name);
-    caller.admit().map_err(OAuthError::RateLimited)?;
+    let caller = auth::admit(caller).map_err(|error| match error {
+        AuthError::RateLimited { retry_after } => OAuthError::RateLimited(retry_after),
+        _ => OAuthError::InvalidClient(WRONG_CLIENT),
+    })?;
     let params = params.checked()?;
     match params.grant_type.as_deref() {
         Some("client_credentials") => {}
@@ -232,33 +225,8 @@ pub async fn token(
         .broker
         .get(&authorised.environment, &authorised.key, None)
         .await?;
-    audit_handed_out(&caller, &authorised.key, lease.status);
-    Ok(token_response(&lease))
-}
-
-fn token_response(lease: &Lease) -> Response {
-    let token = &lease.token;
-    let body = TokenBody {
-        access_token: token.access_token().expose(),
-        token_type: token.token_type(),
-        expires_in: token.remaining(SystemTime::now()).as_secs(),
-        scope: token.scope(),
-    };
-    let cache = match lease.status {
-        CacheStatus::Hit => "hit",
-        CacheStatus::Miss => "miss",
-    };
-    let headers = [
-        (CACHE_CONTROL, "no-store"),
-        (PRAGMA, "no-cache"),
-        (X_CACHE.clone(), cache),
-    ];
-    (StatusCode::OK, headers, axum::Json(body)).into_response()
-}
-
-/// RFC 6749 §5.1: token answers, and so their errors, must not be cached.
-fn no_store() -> [(HeaderName, &'static str); 2] {
-    [(CACHE_CONTROL, "no-store"), (PRAGMA, "no-cache")]
+    audit::handed_out(&caller, &authorised.key, lease.status);
+    Ok(response::oauth_token(&lease))
 }
 
 /// The parameters the facade reads; others are ignored (RFC 6749 §3.2), and an empty value is
@@ -396,6 +364,9 @@ fn check_scope(scope: &str) -> Result<(), OAuthError> {
     Ok(())
 }
 
+/// What a failed client authentication says.
+const WRONG_CLIENT: &str = "client authentication failed: use the caller name as client_id and the caller key as client_secret";
+
 /// Authenticates the caller from HTTP Basic or body credentials, never both; with anonymous
 /// access on, a request with neither is the anonymous caller.
 fn authenticate(
@@ -403,8 +374,7 @@ fn authenticate(
     headers: &HeaderMap,
     params: &Params,
 ) -> Result<Arc<Caller>, OAuthError> {
-    const WRONG: &str = "client authentication failed: use the caller name as client_id and the caller key as client_secret";
-    let wrong = |_: AuthError| OAuthError::InvalidClient(WRONG);
+    let wrong = |_: AuthError| OAuthError::InvalidClient(WRONG_CLIENT);
     let basic = match headers.get(AUTHORIZATION) {
         Some(value) => Some(basic_credentials(value)?),
         None => None,
@@ -421,7 +391,7 @@ fn authenticate(
         (Some(basic), _, None) => basic
             .candidates()
             .find_map(|(id, key)| registry.authenticate_client(id, key).ok())
-            .ok_or(OAuthError::InvalidClient(WRONG)),
+            .ok_or(OAuthError::InvalidClient(WRONG_CLIENT)),
         (None, Some(id), Some(secret)) => registry
             .authenticate_client(id, secret.expose_secret())
             .map_err(wrong),

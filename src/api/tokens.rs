@@ -6,29 +6,21 @@
 //! handed out is logged once on the `audit` target: caller, tenant, environment, audience, scope,
 //! hit or miss, and never the token.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::ApiError;
 use crate::api::error::ErrorBody;
 use crate::api::token_request::{self, Authorised, TokenRequest, check_value, printable};
+use crate::api::{ApiError, audit, response};
 use crate::app::AppState;
 use crate::auth::{Authenticated, Caller};
-use crate::broker::{CacheStatus, Lease, TokenKey};
-use crate::telemetry::AUDIT;
-
-static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-static JSON: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
-static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
-static HIT: HeaderValue = HeaderValue::from_static("hit");
-static MISS: HeaderValue = HeaderValue::from_static("miss");
 
 /// Parses and bounds the query of a token request: `audience`, `scope` and `min_ttl`, each at
 /// most once.
@@ -131,20 +123,6 @@ pub struct ForgetBody {
     pub access_token: String,
 }
 
-/// Logs one token handed to a caller on the `audit` target (never the token itself).
-pub(super) fn audit_handed_out(caller: &Caller, key: &TokenKey, status: CacheStatus) {
-    tracing::info!(
-        target: AUDIT,
-        caller = %caller.name,
-        tenant = %key.tenant,
-        environment = %key.environment,
-        audience = %key.audience,
-        scope = key.scope.as_str(),
-        cache = status.as_str(),
-        "token handed out"
-    );
-}
-
 /// `GET /v1/tokens/{tenant}/{environment}`: a valid token, from cache when possible.
 #[utoipa::path(
     get,
@@ -180,26 +158,8 @@ pub async fn get_token(
         .broker
         .get(&request.environment, &request.key, request.min_ttl)
         .await?;
-    audit_handed_out(&caller, &request.key, lease.status);
-    Ok(token_response(&lease))
-}
-
-/// A 200 with the token body of API.md §1, `Cache-Control: no-store` and `x-cache`.
-pub(super) fn token_response(lease: &Lease) -> Response {
-    let status = match lease.status {
-        CacheStatus::Hit => HIT.clone(),
-        CacheStatus::Miss => MISS.clone(),
-    };
-    (
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, JSON.clone()),
-            (header::CACHE_CONTROL, NO_STORE.clone()),
-            (X_CACHE.clone(), status),
-        ],
-        lease.token.body(SystemTime::now()),
-    )
-        .into_response()
+    audit::handed_out(&caller, &request.key, lease.status);
+    Ok(response::token(&lease))
 }
 
 /// `DELETE /v1/tokens/{tenant}/{environment}`: forget the cached token (optionally only if it is
@@ -251,15 +211,10 @@ pub async fn delete_token(
             .forget_if(&request.environment, &request.key, &access_token)
             .await;
     }
-    tracing::info!(
-        target: AUDIT,
-        caller = %caller.name,
-        tenant = %request.key.tenant,
-        environment = %request.key.environment,
-        audience = %request.key.audience,
-        scope = request.key.scope.as_str(),
-        compare = !body.iter().all(u8::is_ascii_whitespace),
-        "cached token forgotten on request"
+    audit::forgotten(
+        &caller,
+        &request.key,
+        !body.iter().all(u8::is_ascii_whitespace),
     );
     Ok(StatusCode::NO_CONTENT)
 }

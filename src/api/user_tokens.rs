@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
 use crate::api::error::ErrorBody;
+use crate::api::response::{self, no_store};
 use crate::api::token_request::{self, TokenRequest, check_value, printable};
-use crate::api::tokens::{parse_min_ttl, token_response};
+use crate::api::tokens::parse_min_ttl;
 use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::user_tokens::UserError;
@@ -208,7 +209,7 @@ pub async fn get_user_token(
         .user_tokens
         .token(&session, &settings, min_ttl)
         .await?;
-    Ok(token_response(&lease))
+    Ok(response::token(&lease))
 }
 
 #[utoipa::path(
@@ -284,8 +285,4 @@ fn json_body<T: DeserializeOwned + Default>(
     }
     serde_json::from_slice(&body)
         .map_err(|_| ApiError::InvalidRequest(format!("the body must be JSON like {expected}")))
-}
-
-fn no_store() -> [(axum::http::HeaderName, &'static str); 1] {
-    [(axum::http::header::CACHE_CONTROL, "no-store")]
 }

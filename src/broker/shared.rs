@@ -1,7 +1,7 @@
 //! The shared level: what the broker asks of a cache that every replica sees.
 //!
 //! moka is level 1, private to a replica; [`SharedCache`] is level 2, shared by the fleet (Redis,
-//! in `crate::shared_cache`). The broker only reaches level 2 on a level-1 miss, from inside its
+//! in the `shared_cache` module). The broker only reaches level 2 on a level-1 miss, from inside its
 //! single-flight fetch, so a cache hit never waits on the network. A trait object keeps the
 //! broker free of any Redis type: a broker without a shared level simply holds none.
 //!
@@ -218,24 +218,17 @@ pub trait SharedCache: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::idp::ClientCredential;
 
     #[test]
     fn the_shared_key_covers_the_whole_identity() {
-        let toml = r#"
-            [auth]
-            allow_anonymous = true
-            [tenants.acme.environments.production]
-            token_url = "https://acme.example/oauth/token"
-            client_id = "id"
-            client_secret = "s"
-            [tenants.acme.environments.other]
-            token_url = "https://acme.example/oauth/token"
-            client_id = "another-id"
-            client_secret = "s"
-        "#;
-        let settings = crate::config::Settings::from_toml(toml, &|_| None).expect("valid");
-        let production = settings.environment("acme", "production").expect("set");
-        let other = settings.environment("acme", "other").expect("set");
+        let environment = |client_id: &str| {
+            let url = reqwest::Url::parse("https://acme.example/oauth/token").unwrap();
+            let secret = ClientCredential::Secret("s".to_owned().into());
+            EnvironmentSettings::new("acme", "production", url, client_id, secret)
+        };
+        let (production, other) = (environment("id"), environment("another-id"));
+        let (production, other) = (&production, &other);
         let key = TokenKey::new("acme", "production", "https://api", "b a");
         let shared = SharedKey::new(production, &key);
         assert_eq!(

@@ -204,6 +204,35 @@ fn pem_document(text: &str) -> Result<(&str, Vec<u8>), &'static str> {
     Ok((label, der))
 }
 
+/// Unwraps the PKCS#1 `RSAPrivateKey` that jsonwebtoken signs with from the PKCS#8 document
+/// aws-lc-rs exports (RFC 5208: `SEQUENCE { INTEGER, SEQUENCE, OCTET STRING, .. }`).
+pub fn pkcs1_from_pkcs8(pkcs8: &[u8]) -> Option<&[u8]> {
+    let (info, _) = der_element(pkcs8, 0x30)?;
+    let (_version, rest) = der_element(info, 0x02)?;
+    let (_algorithm, rest) = der_element(rest, 0x30)?;
+    let (private_key, _) = der_element(rest, 0x04)?;
+    Some(private_key)
+}
+
+/// Splits one DER element tagged `tag` off the front of `input`: (contents, rest).
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let ([found, first], rest) = input.split_first_chunk::<2>()?;
+    if *found != tag {
+        return None;
+    }
+    let (len, rest) = match *first {
+        short @ 0..0x80 => (usize::from(short), rest),
+        long => {
+            let (len_bytes, rest) = rest.split_at_checked(usize::from(long & 0x7f))?;
+            let len = len_bytes
+                .iter()
+                .fold(0, |len, &byte| len << 8 | usize::from(byte));
+            (len, rest)
+        }
+    };
+    rest.split_at_checked(len)
+}
+
 #[cfg(test)]
 mod tests {
     use aws_lc_rs::encoding::AsDer;
@@ -241,7 +270,7 @@ mod tests {
     fn rsa_keys_in_pkcs8_and_pkcs1_sign_rs256() {
         let key = RsaKeyPair::generate(KeySize::Rsa2048).unwrap();
         let pkcs8 = key.as_der().unwrap();
-        let pkcs1 = crate::dev_idp::pkcs1_from_pkcs8(pkcs8.as_ref()).unwrap();
+        let pkcs1 = pkcs1_from_pkcs8(pkcs8.as_ref()).unwrap();
         let public = DecodingKey::from_rsa_der(key.public_key().as_ref());
         for text in [
             pem("PRIVATE KEY", pkcs8.as_ref()),

@@ -1,4 +1,4 @@
-//! User sessions behind their handles: the in-memory level of the user-token store.
+//! User sessions behind their handles, in memory.
 //!
 //! A session holds one user's current access token and refresh token. It is found by the
 //! SHA-256 of its handle, so the store never holds the handles themselves. Each session has its
@@ -7,9 +7,9 @@
 //! (`users.max_sessions`, least recently used first) and forgotten after `users.idle_timeout`
 //! without a request.
 //!
-//! A shared second level (Redis, refresh tokens encrypted) goes behind this one: [`SessionStore`]
-//! is the one place sessions are created, found and forgotten, and [`Grant`] is the record it
-//! would persist on creation and on each refresh.
+//! Sessions live in this replica's memory only: a caller must reach the replica that created its
+//! handle, and a restart forgets every session. [`SessionStore`] is the one place sessions are
+//! created, found and forgotten, so a shared level can later go behind it.
 
 use std::fmt;
 use std::sync::Arc;

@@ -12,6 +12,7 @@ mod delete;
 mod deployment;
 mod expiry;
 mod health;
+mod layering;
 mod lifetimes;
 mod limits;
 mod logs;

@@ -1,0 +1,88 @@
+//! The pieces every token answer shares: `Cache-Control: no-store` (tokens and their errors must
+//! never be cached), the `x-cache` header, and the two token bodies (API.md §1 for `/v1`, RFC
+//! 6749 §5.1 at the facade).
+//!
+//! The `/v1` body is pre-serialised in the cache entry, so a hit copies bytes and writes one
+//! number; the facade's body is smaller and serialised per request.
+
+use std::time::SystemTime;
+
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, PRAGMA};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::broker::{CacheStatus, Lease};
+
+/// `x-cache`: `hit`, or `miss` when the request waited on the IdP.
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+static JSON: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
+static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+static NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
+static HIT: HeaderValue = HeaderValue::from_static("hit");
+static MISS: HeaderValue = HeaderValue::from_static("miss");
+
+/// `Cache-Control: no-store`, for every answer that carries a token, a handle or an error.
+pub fn no_store() -> [(HeaderName, HeaderValue); 1] {
+    [(CACHE_CONTROL, NO_STORE.clone())]
+}
+
+/// `Cache-Control: no-store` and `Pragma: no-cache`, as RFC 6749 §5.1 asks of token answers.
+pub fn no_store_oauth() -> [(HeaderName, HeaderValue); 2] {
+    [
+        (CACHE_CONTROL, NO_STORE.clone()),
+        (PRAGMA, NO_CACHE.clone()),
+    ]
+}
+
+/// The `x-cache` header of a lease.
+fn x_cache(status: CacheStatus) -> (HeaderName, HeaderValue) {
+    let value = match status {
+        CacheStatus::Hit => HIT.clone(),
+        CacheStatus::Miss => MISS.clone(),
+    };
+    (X_CACHE.clone(), value)
+}
+
+/// A 200 with the token body of API.md §1, `Cache-Control: no-store` and `x-cache`.
+pub fn token(lease: &Lease) -> Response {
+    let [cache_control] = no_store();
+    (
+        StatusCode::OK,
+        [
+            (CONTENT_TYPE, JSON.clone()),
+            cache_control,
+            x_cache(lease.status),
+        ],
+        lease.token.body(SystemTime::now()),
+    )
+        .into_response()
+}
+
+/// The RFC 6749 §5.1 success body.
+#[derive(Serialize)]
+struct OAuthTokenBody<'a> {
+    access_token: &'a str,
+    token_type: &'a str,
+    expires_in: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+}
+
+/// A 200 with the RFC 6749 §5.1 body, `no-store`, `Pragma: no-cache` and `x-cache`.
+pub fn oauth_token(lease: &Lease) -> Response {
+    let token = &lease.token;
+    let body = OAuthTokenBody {
+        access_token: token.access_token().expose(),
+        token_type: token.token_type(),
+        expires_in: token.remaining(SystemTime::now()).as_secs(),
+        scope: token.scope(),
+    };
+    let [cache_control, pragma] = no_store_oauth();
+    (
+        StatusCode::OK,
+        [cache_control, pragma, x_cache(lease.status)],
+        axum::Json(body),
+    )
+        .into_response()
+}
