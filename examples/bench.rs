@@ -114,6 +114,8 @@ async fn ceiling() {
     let callers = Arc::new(CallerRegistry::from_settings(
         &settings.auth,
         &settings.callers,
+        &token_broker::telemetry::metrics::Metrics::new(),
+        None,
     ));
     let body = axum::body::Bytes::from(format!(
         r#"{{"access_token":"{}","token_type":"Bearer","expires_in":3599,"expires_at":"2030-01-01T00:00:00Z"}}"#,

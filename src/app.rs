@@ -44,10 +44,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn new(settings: Settings) -> Self {
+    fn new(settings: Settings, metrics: &Metrics, previous: Option<&Snapshot>) -> Self {
         let callers = Arc::new(CallerRegistry::from_settings(
             &settings.auth,
             &settings.callers,
+            metrics,
+            previous.map(|snapshot| &*snapshot.callers),
         ));
         Self { settings, callers }
     }
@@ -131,11 +133,12 @@ impl AppState {
             ),
             None => Broker::new(cache, idp, metrics.clone()),
         };
+        let snapshot = Snapshot::new(settings, &metrics, None);
         Ok(Self(Arc::new(App {
             broker,
             metrics,
             user_tokens,
-            current: ArcSwap::from_pointee(Snapshot::new(settings)),
+            current: ArcSwap::from_pointee(snapshot),
             reloader,
             reloading: std::sync::Mutex::new(()),
             ready: AtomicBool::new(true),
@@ -188,7 +191,8 @@ impl AppState {
             dropped: dropped.iter().map(|(t, e)| format!("{t}/{e}")).collect(),
         };
         register_environments(&self.metrics, &settings);
-        self.current.store(Arc::new(Snapshot::new(settings)));
+        self.current
+            .store(Arc::new(Snapshot::new(settings, &self.metrics, Some(&old))));
         self.broker.forget_environments(dropped);
         self.broker.forget_rejections();
         tracing::info!(

@@ -6,9 +6,8 @@
 //! timing reveals neither which caller nor how much of a hash matched.
 //! Authentication (401) comes first, then authorisation against `tenant/environment[/audience]`
 //! rules (403), and only then does a request reach the broker. An authenticated caller with a
-//! `rate_limit` is then held to it ([`rate_limit`]), before any other work is done for it.
+//! `rate_limit` is then held to it ([`crate::limits`]), before any other work is done for it.
 
-mod rate_limit;
 mod settings;
 
 use std::collections::BTreeMap;
@@ -27,8 +26,13 @@ use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub use rate_limit::RateLimiter;
-pub use settings::{AuthSettings, CallerSettings};
+use crate::limits::{IdpBudget, RateLimiter};
+use crate::telemetry::metrics::Metrics;
+
+pub use settings::{AuthSettings, CallerSettings, DEFAULT_MAX_KEYS};
+
+/// The name of the caller served when `auth.allow_anonymous` is on.
+const ANONYMOUS: &str = "anonymous";
 
 /// Prefix of generated caller keys, so a leaked key is recognisable in a secret scanner.
 const KEY_PREFIX: &str = "tbk_";
@@ -147,6 +151,15 @@ impl FromStr for AllowRule {
 }
 
 impl AllowRule {
+    /// `*/*`: everything.
+    fn any() -> Self {
+        Self {
+            tenant: Pattern::Any,
+            environment: Pattern::Any,
+            audience: None,
+        }
+    }
+
     /// Whether the rule allows this tenant, environment and audience (`None`: not yet known).
     pub fn allows(&self, tenant: &str, environment: &str, audience: Option<&str>) -> bool {
         self.tenant.matches(tenant)
@@ -166,6 +179,8 @@ pub struct Caller {
     pub name: Arc<str>,
     allow: Vec<AllowRule>,
     rate_limit: Option<RateLimiter>,
+    /// The IdP requests and cache keys this caller's requests may cost.
+    pub idp_budget: Arc<IdpBudget>,
 }
 
 impl Caller {
@@ -209,15 +224,38 @@ pub enum AuthError {
 /// The configured callers, ready to authenticate requests.
 pub struct CallerRegistry {
     callers: Vec<(KeyHash, Arc<Caller>)>,
+    /// Every caller's IdP budget by name, for the next reload to carry over.
+    budgets: std::collections::HashMap<Arc<str>, Arc<IdpBudget>>,
     anonymous: Option<Arc<Caller>>,
     admin: Option<KeyHash>,
     metrics: Option<KeyHash>,
 }
 
 impl CallerRegistry {
-    /// Builds the registry from validated `[auth]` and `[callers]` settings.
-    pub fn from_settings(auth: &AuthSettings, callers: &BTreeMap<String, CallerSettings>) -> Self {
-        let callers = callers
+    /// Builds the registry from validated `[auth]` and `[callers]` settings. A caller of
+    /// `previous` (the registry before a reload) with the same IdP limits keeps its budget, so a
+    /// reload neither refills it nor forgets the keys it created.
+    pub fn from_settings(
+        auth: &AuthSettings,
+        callers: &BTreeMap<String, CallerSettings>,
+        metrics: &Metrics,
+        previous: Option<&CallerRegistry>,
+    ) -> Self {
+        let budget = |name: &str, per_minute: NonZeroU32, max_keys: usize| {
+            let kept = previous
+                .and_then(|registry| registry.budgets.get(name))
+                .filter(|budget| budget.limits() == (per_minute, max_keys));
+            match kept {
+                Some(budget) => Arc::clone(budget),
+                None => Arc::new(IdpBudget::new(
+                    Arc::from(name),
+                    per_minute,
+                    max_keys,
+                    metrics.caller_idp_requests(name),
+                )),
+            }
+        };
+        let callers: Vec<(KeyHash, Arc<Caller>)> = callers
             .iter()
             .map(|(name, settings)| {
                 let caller = Caller {
@@ -227,20 +265,33 @@ impl CallerRegistry {
                         .rate_limit
                         .and_then(NonZeroU32::new)
                         .map(RateLimiter::per_second),
+                    idp_budget: budget(name, settings.idp_requests_per_minute, settings.max_keys),
                 };
                 (settings.key_sha256, Arc::new(caller))
             })
             .collect();
         let anonymous = auth.allow_anonymous.then(|| {
             Arc::new(Caller {
-                name: Arc::from("anonymous"),
-                allow: vec!["*/*".parse().expect("a valid rule")],
+                name: Arc::from(ANONYMOUS),
+                allow: vec![AllowRule::any()],
                 rate_limit: None,
+                idp_budget: budget(
+                    ANONYMOUS,
+                    auth.default_idp_requests_per_minute,
+                    DEFAULT_MAX_KEYS,
+                ),
             })
         });
+        let budgets = callers
+            .iter()
+            .map(|(_, caller)| caller)
+            .chain(&anonymous)
+            .map(|caller| (Arc::clone(&caller.name), Arc::clone(&caller.idp_budget)))
+            .collect();
         Self {
             callers,
             anonymous,
+            budgets,
             admin: auth.admin_key_sha256,
             metrics: auth.metrics_key_sha256,
         }
@@ -426,6 +477,8 @@ mod tests {
             key_sha256: KeyHash::of(key),
             allow: vec!["acme/*".parse().unwrap()],
             rate_limit: None,
+            idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
+            max_keys: DEFAULT_MAX_KEYS,
         };
         let callers = BTreeMap::from([
             ("billing".to_owned(), caller("billing-key")),
@@ -435,8 +488,9 @@ mod tests {
             admin_key_sha256: None,
             metrics_key_sha256: None,
             allow_anonymous: false,
+            default_idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
         };
-        let registry = CallerRegistry::from_settings(&auth, &callers);
+        let registry = CallerRegistry::from_settings(&auth, &callers, &Metrics::new(), None);
         let caller = registry
             .authenticate_client("billing", "billing-key")
             .unwrap();

@@ -159,7 +159,7 @@ impl RawSettings {
         check_cache(&self.cache, &mut problems);
         check_users(&self.users, &mut problems);
         let auth = callers::auth(&self.auth, &mut problems);
-        let callers = callers::callers(self.callers, &mut problems);
+        let callers = callers::callers(self.callers, &auth, &mut problems);
         if callers.is_empty() && !auth.allow_anonymous && problems.is_empty() {
             problems.push(
                 "callers: none configured, so nobody could get a token; add [callers.NAME] with a key from `token-broker hash-key`, or set auth.allow_anonymous = true for a sidecar bound to localhost".to_owned(),

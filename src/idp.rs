@@ -27,7 +27,8 @@ pub use assertion::{
 pub use response::{IssuedToken, QuotaRemaining, RateLimitHeaders};
 pub use settings::{
     AudienceParam, ClientAuth, ClientCredential, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES,
-    DEFAULT_TIMEOUT, EnvironmentSettings, RequestFormat, UserLoginSettings,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, EnvironmentSettings, RequestFormat,
+    UserLoginSettings,
 };
 
 /// Bound on establishing a TCP + TLS connection to an IdP, below any request timeout.

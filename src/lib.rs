@@ -6,6 +6,7 @@
 //! # Layout
 //!
 //! - [`telemetry`]: logging setup, the cause-chain formatter and the Prometheus metrics.
+//! - [`limits`]: rate limiters and each caller's IdP budget.
 //! - [`idp`]: the IdP token endpoint client and the environment settings it consumes.
 //! - [`broker`]: cache, single flight, refresh ahead, failure policy, replicas; no HTTP.
 //! - [`user_tokens`]: user tokens through the authorization-code flow: state, PKCE, handles.
@@ -25,15 +26,16 @@
 //! | --- | --- |
 //! | `dev` | `startup`, `app`, `config`, `auth`, `dev_idp`, `telemetry` |
 //! | `startup` | `api`, `app`, `config`, `telemetry` |
-//! | `api` | `app`, `config`, `auth`, `user_tokens`, `broker`, `idp`, `telemetry` |
-//! | `app` | `config`, `auth`, `user_tokens`, `shared_cache`, `broker`, `idp`, `telemetry` |
+//! | `api` | `app`, `config`, `auth`, `user_tokens`, `broker`, `limits`, `idp`, `telemetry` |
+//! | `app` | `config`, `auth`, `user_tokens`, `shared_cache`, `broker`, `limits`, `idp`, `telemetry` |
 //! | `config` | `auth`, `user_tokens`, `shared_cache`, `broker`, `idp` |
-//! | `auth` | `idp`, `telemetry` |
+//! | `auth` | `limits`, `idp`, `telemetry` |
 //! | `shared_cache` | `user_tokens`, `broker`, `idp`, `telemetry` |
 //! | `user_tokens` | `broker`, `idp`, `telemetry` |
-//! | `broker` | `idp`, `telemetry` |
+//! | `broker` | `limits`, `idp`, `telemetry` |
 //! | `dev_idp` | `idp` |
 //! | `idp` | `telemetry` |
+//! | `limits` | |
 //! | `telemetry` | |
 //!
 //! Room is left for what is planned: a session-store trait in `user_tokens` that `shared_cache`
@@ -49,6 +51,7 @@ pub mod config;
 pub mod dev;
 pub mod dev_idp;
 pub mod idp;
+pub mod limits;
 pub mod shared_cache;
 pub mod startup;
 pub mod telemetry;

@@ -18,4 +18,8 @@ pub struct CacheSettings {
     /// How long an IdP rejection is remembered per key.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// Within this of a key's last fetch, a `DELETE` marks the entry (it keeps serving, and the
+    /// first request after the interval fetches) instead of forgetting it.
+    #[serde(with = "humantime_serde")]
+    pub min_refetch_interval: Duration,
 }

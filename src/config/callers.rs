@@ -2,9 +2,10 @@
 //! `auth` consumes.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 
 use super::raw::{RawAuth, RawCaller};
-use crate::auth::{AllowRule, AuthSettings, CallerSettings, KeyHash, is_valid_name};
+use crate::auth::{AllowRule, AuthSettings, CallerSettings, DEFAULT_MAX_KEYS, KeyHash, is_valid_name};
 
 /// Validates `[auth]`; problems go to `problems`.
 pub(super) fn auth(raw: &RawAuth, problems: &mut Vec<String>) -> AuthSettings {
@@ -15,10 +16,20 @@ pub(super) fn auth(raw: &RawAuth, problems: &mut Vec<String>) -> AuthSettings {
                 .ok()
         })
     };
+    let admin_key_sha256 = key("admin_key_sha256", raw.admin_key_sha256.as_deref());
+    let metrics_key_sha256 = key("metrics_key_sha256", raw.metrics_key_sha256.as_deref());
+    let default_idp_requests_per_minute = NonZeroU32::new(raw.default_idp_requests_per_minute)
+        .unwrap_or_else(|| {
+            problems.push(
+                "auth.default_idp_requests_per_minute: must be at least 1; a caller that may start no IdP request could only use tokens others fetched".to_owned(),
+            );
+            NonZeroU32::MIN
+        });
     AuthSettings {
-        admin_key_sha256: key("admin_key_sha256", raw.admin_key_sha256.as_deref()),
-        metrics_key_sha256: key("metrics_key_sha256", raw.metrics_key_sha256.as_deref()),
+        admin_key_sha256,
+        metrics_key_sha256,
         allow_anonymous: raw.allow_anonymous,
+        default_idp_requests_per_minute,
     }
 }
 
@@ -26,6 +37,7 @@ pub(super) fn auth(raw: &RawAuth, problems: &mut Vec<String>) -> AuthSettings {
 /// is left out.
 pub(super) fn callers(
     raw: BTreeMap<String, RawCaller>,
+    auth: &AuthSettings,
     problems: &mut Vec<String>,
 ) -> BTreeMap<String, CallerSettings> {
     let mut callers = BTreeMap::new();
@@ -64,6 +76,19 @@ pub(super) fn callers(
         if raw.rate_limit == Some(0) {
             problems.push(format!("{at}.rate_limit: must be above 0, or left out"));
         }
+        let idp_requests_per_minute = match raw.idp_requests_per_minute {
+            None => auth.default_idp_requests_per_minute,
+            Some(per_minute) => NonZeroU32::new(per_minute).unwrap_or_else(|| {
+                problems.push(format!(
+                    "{at}.idp_requests_per_minute: must be at least 1, or left out for auth.default_idp_requests_per_minute"
+                ));
+                NonZeroU32::MIN
+            }),
+        };
+        let max_keys = raw.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
+        if max_keys == 0 {
+            problems.push(format!("{at}.max_keys: must be at least 1, or left out"));
+        }
         if let Some(key_sha256) = key_sha256 {
             callers.insert(
                 name,
@@ -71,6 +96,8 @@ pub(super) fn callers(
                     key_sha256,
                     allow,
                     rate_limit: raw.rate_limit,
+                    idp_requests_per_minute,
+                    max_keys,
                 },
             );
         }

@@ -7,6 +7,9 @@ use super::raw::RawEnvironment;
 use super::secrets;
 use crate::idp::{ClientAuth, ClientCredential, ClientKey, EnvironmentSettings, UserLoginSettings};
 
+/// Least `max_response_bytes`: below it even a short opaque token's answer would not fit.
+const MIN_RESPONSE_BYTES: usize = 1024;
+
 /// Parameters the broker itself sends; `extra_params` may not override them.
 const RESERVED_PARAMS: &[&str] = &[
     "grant_type",
@@ -78,6 +81,11 @@ impl RawEnvironment {
         if self.max_concurrent_fetches == 0 {
             problems.push(format!("{at}.max_concurrent_fetches: must be at least 1"));
         }
+        if self.max_response_bytes < MIN_RESPONSE_BYTES {
+            problems.push(format!(
+                "{at}.max_response_bytes: must be at least {MIN_RESPONSE_BYTES}, the size of a small token answer"
+            ));
+        }
         if problems.len() != before {
             return None;
         }
@@ -96,6 +104,7 @@ impl RawEnvironment {
             default_lifetime: self.default_lifetime,
             max_fetches_per_hour: self.max_fetches_per_hour,
             max_concurrent_fetches: self.max_concurrent_fetches,
+            max_response_bytes: self.max_response_bytes,
             user_login,
         })
     }

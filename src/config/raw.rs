@@ -14,8 +14,8 @@ use serde::Deserialize;
 use super::server::ServerSettings;
 use crate::broker::CacheSettings;
 use crate::idp::{
-    AudienceParam, ClientAuth, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES, DEFAULT_TIMEOUT,
-    RequestFormat,
+    AudienceParam, ClientAuth, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, RequestFormat,
 };
 use crate::user_tokens::UserSettings;
 
@@ -54,6 +54,7 @@ pub(super) struct RawAuth {
     pub(super) admin_key_sha256: Option<String>,
     pub(super) metrics_key_sha256: Option<String>,
     pub(super) allow_anonymous: bool,
+    pub(super) default_idp_requests_per_minute: u32,
 }
 
 #[derive(Deserialize)]
@@ -63,6 +64,8 @@ pub(super) struct RawCaller {
     #[serde(default)]
     pub(super) allow: Vec<String>,
     pub(super) rate_limit: Option<u32>,
+    pub(super) idp_requests_per_minute: Option<u32>,
+    pub(super) max_keys: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -100,12 +103,18 @@ pub(super) struct RawEnvironment {
     pub(super) max_fetches_per_hour: Option<u32>,
     #[serde(default = "default_max_concurrent_fetches")]
     pub(super) max_concurrent_fetches: usize,
+    #[serde(default = "default_max_response_bytes")]
+    pub(super) max_response_bytes: usize,
     pub(super) authorize_url: Option<String>,
     pub(super) redirect_uri: Option<String>,
 }
 
 fn default_max_concurrent_fetches() -> usize {
     DEFAULT_MAX_CONCURRENT_FETCHES
+}
+
+fn default_max_response_bytes() -> usize {
+    DEFAULT_MAX_RESPONSE_BYTES
 }
 
 fn default_request_format() -> RequestFormat {

@@ -21,6 +21,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// Requests in flight to one IdP client at once, unless configured.
 pub const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 8;
+/// Largest token endpoint answer read, unless configured: token bodies are a few KiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// How the token request body is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -106,6 +108,8 @@ pub struct EnvironmentSettings {
     pub max_fetches_per_hour: Option<u32>,
     /// Most requests in flight to this client at once, so a hung IdP cannot pile them up.
     pub max_concurrent_fetches: usize,
+    /// Largest answer body read from the token endpoint; a longer one is an error, not retried.
+    pub max_response_bytes: usize,
     /// The authorization-code flow, when user tokens are configured.
     pub user_login: Option<UserLoginSettings>,
 }
@@ -135,6 +139,7 @@ impl EnvironmentSettings {
             default_lifetime: DEFAULT_LIFETIME,
             max_fetches_per_hour: None,
             max_concurrent_fetches: DEFAULT_MAX_CONCURRENT_FETCHES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             user_login: None,
         }
     }

@@ -38,6 +38,8 @@ pub const IDP_DURATION: &str = "token_broker_idp_request_duration_seconds";
 pub const IDP_RATE_LIMIT_REMAINING: &str = "token_broker_idp_rate_limit_remaining";
 /// Gauge: Auth0 M2M token quota left, by `entity` (client, organization) and `bucket`.
 pub const IDP_QUOTA_REMAINING: &str = "token_broker_idp_quota_remaining";
+/// IdP requests that callers' requests started, by `caller`.
+pub const CALLER_IDP_REQUESTS: &str = "token_broker_caller_idp_requests_total";
 /// Always 1, labelled with the running `version`.
 pub const BUILD_INFO: &str = "token_broker_build_info";
 
@@ -188,6 +190,10 @@ impl Metrics {
                 "Background token refreshes started before expiry.",
             ),
             (IDP_REQUESTS, "Token requests to the IdP, by outcome."),
+            (
+                CALLER_IDP_REQUESTS,
+                "IdP requests that a caller's requests started (charged to its idp_requests_per_minute).",
+            ),
         ] {
             recorder.describe_counter(KeyName::from(name), None, SharedString::from(help));
         }
@@ -252,6 +258,16 @@ impl Metrics {
     /// Registers the metrics of an environment, so they show (at zero) before its first request.
     pub fn register_environment(&self, tenant: &str, environment: &str) {
         self.with_environment(tenant, environment, |_| ());
+    }
+
+    /// The counter of IdP requests charged to `caller` (a configured name), registered so that
+    /// it shows at zero.
+    pub fn caller_idp_requests(&self, caller: &str) -> Counter {
+        let key = Key::from_parts(
+            CALLER_IDP_REQUESTS,
+            vec![Label::new("caller", caller.to_owned())],
+        );
+        self.inner.recorder.register_counter(&key, &METADATA)
     }
 
     /// Counts a token request served from the cache.
