@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use crate::auth::{CallerRegistry, CallerSource};
 use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
-use crate::idp::IdpClient;
+use crate::idp::{EnvironmentSettings, IdpClient};
 use crate::shared_cache::{RedisCache, RedisCacheError};
 use crate::telemetry::metrics::Metrics;
 use crate::user_tokens::UserTokens;
@@ -66,6 +66,9 @@ pub struct ReloadReport {
     pub callers: usize,
     /// `tenant/environment` whose cached tokens were dropped (identity changed or removed).
     pub dropped: Vec<String>,
+    /// Settings that changed but take effect only after a restart (for example
+    /// `server.listen`); the running broker keeps the old values.
+    pub restart_required: Vec<String>,
 }
 
 /// Why a reload was refused; the old configuration keeps serving.
@@ -171,10 +174,7 @@ impl AppState {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let settings = reloader()?;
         let old = self.current.load_full();
-        if settings.server.listen != old.settings.server.listen {
-            tracing::warn!("server.listen changed; it takes effect only after a restart");
-        }
-        let dropped: Vec<(String, String)> = old
+        let dropped: Vec<Arc<EnvironmentSettings>> = old
             .settings
             .environments()
             .filter(|(tenant, environment, before)| {
@@ -182,19 +182,32 @@ impl AppState {
                     .environment(tenant, environment)
                     .is_none_or(|after| !after.same_identity(before))
             })
-            .map(|(t, e, _)| (t.to_owned(), e.to_owned()))
+            .map(|(_, _, before)| Arc::clone(before))
             .collect();
+        let restart_required = settings.needing_restart(&old.settings);
         let report = ReloadReport {
             tenants: settings.tenants.len(),
             environments: settings.environments().count(),
             callers: settings.callers.len(),
-            dropped: dropped.iter().map(|(t, e)| format!("{t}/{e}")).collect(),
+            dropped: dropped
+                .iter()
+                .map(|e| format!("{}/{}", e.tenant, e.environment))
+                .collect(),
+            restart_required,
         };
         register_environments(&self.metrics, &settings);
+        // The new settings first: a fetch that starts from now on uses them, and the generation
+        // bump below stops any that began under the old ones from installing its token.
         self.current
             .store(Arc::new(Snapshot::new(settings, &self.metrics, Some(&old))));
-        self.broker.forget_environments(dropped);
-        self.broker.forget_rejections();
+        self.broker.forget_environments(&dropped);
+        self.broker.forget_remembered();
+        if !report.restart_required.is_empty() {
+            tracing::warn!(
+                settings = ?report.restart_required,
+                "these changed settings take effect only after a restart"
+            );
+        }
         tracing::info!(
             tenants = report.tenants,
             environments = report.environments,

@@ -28,6 +28,7 @@
 mod cache;
 pub mod error;
 mod failure;
+mod flight;
 mod key;
 mod replicas;
 mod settings;
@@ -36,16 +37,20 @@ mod token;
 mod upstream;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 
 use crate::idp::IdpClient;
 use crate::telemetry::metrics::Metrics;
 
 use cache::TokenExpiry;
+use failure::Remembered;
+use flight::Flights;
 
+pub use cache::Forgot;
 pub use error::BrokerError;
 pub use key::{ScopeSet, TokenKey};
 pub use settings::CacheSettings;
@@ -55,6 +60,12 @@ pub use shared::{
 };
 pub use token::CachedToken;
 pub use upstream::Upstream;
+
+/// Locks a std mutex that guards a few instructions of bookkeeping (never held across an await);
+/// a panic elsewhere cannot leave that state inconsistent, so a poisoned lock is used as is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The hasher of cache keys: foldhash, randomly seeded per process, in place of SipHash (keys are
 /// short strings, hashed on every hit).
@@ -96,8 +107,17 @@ pub struct Broker {
 
 struct Inner {
     tokens: Cache<TokenKey, Arc<CachedToken>, KeyHasher>,
-    /// Recent IdP rejections per key: (HTTP status, error code).
-    rejections: Cache<TokenKey, (u16, String), KeyHasher>,
+    /// What the IdP answered recently per key that is not worth asking again: a rejection, or a
+    /// token too short to serve. Forgotten after `cache.negative_ttl`.
+    rejections: Cache<TokenKey, Remembered, KeyHasher>,
+    /// The lifetime of each key's last fresh token, so that a `min_ttl` above it is refused
+    /// without an IdP request. Replaced by the next fetch, forgotten on reload.
+    lifetimes: Cache<TokenKey, Duration, KeyHasher>,
+    /// The fetches under way, one per key, each owned by the broker (not by a request).
+    flights: Flights,
+    /// Per (tenant, environment): bumped when a reload changes how it talks to its IdP, so a
+    /// fetch that began before is not installed after.
+    generations: Mutex<HashMap<(Box<str>, Box<str>), u64>>,
     /// Per (token URL, client id) state; a plain map because it only grows with configuration.
     upstreams: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     idp: IdpClient,
@@ -143,15 +163,31 @@ impl Broker {
                 min_remaining: settings.min_remaining,
             })
             .support_invalidation_closures()
+            .eviction_listener(|_key, token: Arc<CachedToken>, cause| {
+                // A replaced token hands its key slot to its successor; any other removal frees it.
+                if cause != RemovalCause::Replaced
+                    && let Some(owner) = token.owner()
+                {
+                    owner.release_key();
+                }
+            })
             .build_with_hasher(KeyHasher::default());
         let rejections = Cache::builder()
             .max_capacity(settings.max_entries)
             .time_to_live(settings.negative_ttl.max(Duration::from_millis(1)))
+            .support_invalidation_closures()
+            .build_with_hasher(KeyHasher::default());
+        let lifetimes = Cache::builder()
+            .max_capacity(settings.max_entries)
+            .support_invalidation_closures()
             .build_with_hasher(KeyHasher::default());
         Self {
             inner: Arc::new(Inner {
                 tokens,
                 rejections,
+                lifetimes,
+                flights: Flights::default(),
+                generations: Mutex::new(HashMap::new()),
                 upstreams: Mutex::new(HashMap::new()),
                 idp,
                 settings,

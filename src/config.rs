@@ -135,6 +135,27 @@ impl Settings {
         })
     }
 
+    /// The settings that differ from `running`'s but are read only at start, so a reload cannot
+    /// apply them (named by path, never by value).
+    pub fn needing_restart(&self, running: &Settings) -> Vec<String> {
+        let mut changed = server::needing_restart(&self.server, &running.server);
+        if self.cache != running.cache {
+            changed.push("cache".to_owned());
+        }
+        if self.users != running.users {
+            changed.push("users".to_owned());
+        }
+        let same_shared = match (&self.shared_cache, &running.shared_cache) {
+            (None, None) => true,
+            (Some(new), Some(old)) => new.same_as(old),
+            _ => false,
+        };
+        if !same_shared {
+            changed.push("shared_cache".to_owned());
+        }
+        changed
+    }
+
     /// A one-line summary for logs and `check-config` (names and counts, never secrets).
     pub fn summary(&self) -> String {
         let environments: usize = self.tenants.values().map(|t| t.environments.len()).sum();

@@ -222,7 +222,10 @@ mod tests {
         let now = Instant::now();
         assert!(budget.spend(now).is_ok() && budget.spend(now).is_ok());
         let wait = budget.spend(now).unwrap_err();
-        assert!(wait > Duration::from_secs(29) && wait <= Duration::from_secs(30), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(29) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
         budget.refund();
         assert!(budget.spend(now).is_ok());
         assert!(budget.take_key() && !budget.take_key());

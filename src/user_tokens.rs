@@ -158,7 +158,13 @@ impl UserTokens {
             Arc::clone(&pending.owner),
             pending.key.clone(),
             Grant {
-                access: Arc::new(CachedToken::new(grant.token, SystemTime::now(), 0.0, 0.0)),
+                access: Arc::new(CachedToken::new(
+                    grant.token,
+                    SystemTime::now(),
+                    0.0,
+                    Duration::ZERO,
+                    0.0,
+                )),
                 refresh_token: grant.refresh_token,
             },
         );
@@ -222,7 +228,13 @@ impl UserTokens {
             }
             Err(error) => return Err(UserError::Token(error.into())),
         };
-        let access = Arc::new(CachedToken::new(fresh.token, SystemTime::now(), 0.0, 0.0));
+        let access = Arc::new(CachedToken::new(
+            fresh.token,
+            SystemTime::now(),
+            0.0,
+            Duration::ZERO,
+            0.0,
+        ));
         grant.access = Arc::clone(&access);
         let rotated = fresh.refresh_token.is_some();
         if let Some(refresh_token) = fresh.refresh_token {

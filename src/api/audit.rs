@@ -2,7 +2,7 @@
 //! on request, naming the caller and the key, never the token.
 
 use crate::auth::Caller;
-use crate::broker::{CacheStatus, TokenKey};
+use crate::broker::{CacheStatus, Forgot, TokenKey};
 use crate::telemetry::AUDIT;
 
 /// Logs one token handed to `caller` for `key`.
@@ -19,8 +19,9 @@ pub fn handed_out(caller: &Caller, key: &TokenKey, status: CacheStatus) {
     );
 }
 
-/// Logs a `DELETE` of `key`'s cached token by `caller` (`compare`: only if it was a given token).
-pub fn forgotten(caller: &Caller, key: &TokenKey, compare: bool) {
+/// Logs a `DELETE` of `key`'s cached token by `caller` (`compare`: only if it was a given
+/// token), with what it did.
+pub fn forgotten(caller: &Caller, key: &TokenKey, compare: bool, outcome: Forgot) {
     tracing::info!(
         target: AUDIT,
         caller = %caller.name,
@@ -29,6 +30,7 @@ pub fn forgotten(caller: &Caller, key: &TokenKey, compare: bool) {
         audience = %key.audience,
         scope = key.scope.as_str(),
         compare,
-        "cached token forgotten on request"
+        outcome = outcome.as_str(),
+        "forget requested"
     );
 }

@@ -214,9 +214,12 @@ pub(super) fn broker_status_and_code(error: &BrokerError) -> (StatusCode, &'stat
         }
         BrokerError::Unavailable { .. }
         | BrokerError::RateLimited { .. }
-        | BrokerError::QuotaExhausted { .. } => {
-            (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+        | BrokerError::QuotaExhausted { .. }
+        | BrokerError::SettingsChanged => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+        BrokerError::CallerOverBudget { .. } | BrokerError::TooManyKeys { .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
         }
+        BrokerError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }
 

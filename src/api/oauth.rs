@@ -223,7 +223,12 @@ pub async fn token(
     let authorised = token_request::authorise(&state, &caller, &tenant, &environment, request)?;
     let lease = state
         .broker
-        .get(&authorised.environment, &authorised.key, None)
+        .get(
+            &authorised.environment,
+            &authorised.key,
+            None,
+            &caller.idp_budget,
+        )
         .await?;
     audit::handed_out(&caller, &authorised.key, lease.status);
     Ok(response::oauth_token(&lease))

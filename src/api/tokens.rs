@@ -156,7 +156,12 @@ pub async fn get_token(
     let request = authorise(&state, &caller, &tenant, &environment, query.as_deref())?;
     let lease = state
         .broker
-        .get(&request.environment, &request.key, request.min_ttl)
+        .get(
+            &request.environment,
+            &request.key,
+            request.min_ttl,
+            &caller.idp_budget,
+        )
         .await?;
     audit::handed_out(&caller, &request.key, lease.status);
     Ok(response::token(&lease))
@@ -195,27 +200,21 @@ pub async fn delete_token(
 ) -> Result<StatusCode, ApiError> {
     let request = authorise(&state, &caller, &tenant, &environment, query.as_deref())?;
     let body = body?;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        state
-            .broker
-            .forget(&request.environment, &request.key)
-            .await;
+    let only = if body.iter().all(u8::is_ascii_whitespace) {
+        None
     } else {
         let ForgetBody { access_token } = serde_json::from_slice(&body).map_err(|_| {
             ApiError::InvalidRequest(
                 r#"the body must be empty or {"access_token": "<the rejected token>"}"#.into(),
             )
         })?;
-        state
-            .broker
-            .forget_if(&request.environment, &request.key, &access_token)
-            .await;
-    }
-    audit::forgotten(
-        &caller,
-        &request.key,
-        !body.iter().all(u8::is_ascii_whitespace),
-    );
+        Some(access_token)
+    };
+    let forgot = state
+        .broker
+        .forget(&request.environment, &request.key, only.as_deref())
+        .await;
+    audit::forgotten(&caller, &request.key, only.is_some(), forgot);
     Ok(StatusCode::NO_CONTENT)
 }
 

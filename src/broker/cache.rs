@@ -1,17 +1,51 @@
-//! The cache and its leases: a hit is a moka lookup, a miss one single-flight fetch, and each
-//! entry expires `min_remaining` before its token does (DESIGN.md, "Cache semantics").
+//! The cache and its leases (DESIGN.md, "Cache semantics"): a hit is a moka lookup and a
+//! pre-built body; anything else is one flight per key ([`super::flight`]). Each entry expires
+//! `min_remaining` before its token does, and refreshes in the background inside its servable
+//! life. What the broker learns is kept: a key's last lifetime (a `min_ttl` above it is refused
+//! without asking the IdP), and a `DELETE` within `min_refetch_interval` of the key's last fetch
+//! marks the entry rather than forgetting it, so no caller can turn `DELETE` + `GET` into an IdP
+//! request per loop.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
 use moka::ops::compute::{CompResult, Op};
 
+use super::flight::Starter;
 use super::replicas::Wanted;
 use super::{
-    Broker, BrokerError, CacheStatus, CachedToken, Lease, SharedKey, TokenDigest, TokenKey,
+    Broker, BrokerError, CacheStatus, CachedToken, Lease, SharedKey, TokenDigest, TokenKey, lock,
 };
 use crate::idp::EnvironmentSettings;
+use crate::limits::IdpBudget;
+
+/// What a `DELETE` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forgot {
+    /// The cached token is gone; the next request fetches a new one.
+    Forgotten,
+    /// The token was fetched less than `cache.min_refetch_interval` ago: it keeps serving, and
+    /// the first request after the interval fetches a new one.
+    Marked,
+    /// No token of the key was cached here.
+    NothingCached,
+    /// A compare-and-delete whose token is not the cached one: nothing changed.
+    NotMatched,
+}
+
+impl Forgot {
+    /// `forgotten`, `marked`, `nothing_cached` or `not_matched`, for the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Forgotten => "forgotten",
+            Self::Marked => "marked",
+            Self::NothingCached => "nothing_cached",
+            Self::NotMatched => "not_matched",
+        }
+    }
+}
 
 /// Per-entry expiry: an entry leaves the cache `min_remaining` before its token expires.
 pub(super) struct TokenExpiry {
@@ -51,182 +85,183 @@ impl Expiry<TokenKey, Arc<CachedToken>> for TokenExpiry {
 }
 
 impl Broker {
-    /// A token for `key` with at least `max(min_ttl, cache.min_remaining)` of validity left.
+    /// A token for `key` with at least `max(min_ttl, cache.min_remaining)` of validity left. A
+    /// request that needs an IdP request and starts it is charged to `budget`.
     pub async fn get(
         &self,
         environment: &Arc<EnvironmentSettings>,
         key: &TokenKey,
         min_ttl: Option<Duration>,
+        budget: &Arc<IdpBudget>,
     ) -> Result<Lease, Arc<BrokerError>> {
-        let min_remaining = self.inner.settings.min_remaining;
+        let settings = &self.inner.settings;
+        let min_remaining = settings.min_remaining;
         let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
 
-        if let Some(token) = self.inner.tokens.get(key).await {
+        let cached = self.inner.tokens.get(key).await;
+        if let Some(token) = &cached {
             let now = SystemTime::now();
-            if token.remaining(now) >= required {
+            if token.remaining(now) >= required
+                && !token.refetch_due(now, settings.min_refetch_interval)
+            {
                 token.record_hit();
                 self.inner
                     .metrics
                     .cache_hit(&environment.tenant, &environment.environment);
-                if now >= token.refresh_at && token.claim_refresh() {
-                    self.spawn_refresh(Arc::clone(environment), key.clone(), token.fetched_at);
+                if now >= token.refresh_at && token.refresh_allowed(now) && token.claim_refresh() {
+                    self.start_refresh(environment, key, token);
                 }
                 return Ok(Lease {
-                    token,
+                    token: Arc::clone(token),
                     status: CacheStatus::Hit,
                 });
             }
-            // Too short for this caller, but maybe not for others: keep it while fetching.
-            self.inner
-                .metrics
-                .cache_miss(&environment.tenant, &environment.environment);
-            return self.replace_short(environment, key, required).await;
         }
 
-        // Cold: concurrent misses share one fetch and its outcome.
+        // A miss: nothing cached, too short for this caller, or a refetch a DELETE asked for.
         self.inner
             .metrics
             .cache_miss(&environment.tenant, &environment.environment);
-        let started = SystemTime::now();
-        let token = self
-            .inner
-            .tokens
-            .try_get_with_by_ref(
-                key,
-                self.fetch(environment, key, Wanted::Remaining(required)),
-            )
-            .await?;
-        if token.fetched_at < started && token.remaining(SystemTime::now()) < required {
-            // An older token (another caller's fetch, or the shared level) too short for this one.
-            return self.replace_short(environment, key, required).await;
+        if min_ttl.is_some_and(|ttl| ttl > min_remaining)
+            && let Some(lifetime) = self.inner.lifetimes.get(key).await
+            && required > lifetime
+        {
+            return Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }));
         }
-        self.lease_fresh(key, token, required, started).await
-    }
-
-    /// Fetches a token with more validity than the cached one, which keeps serving others
-    /// meanwhile (and stays if the fetch fails). Such requests on one key queue behind each other,
-    /// and those that find a good enough token after waiting do not fetch again.
-    pub(super) async fn replace_short(
-        &self,
-        environment: &Arc<EnvironmentSettings>,
-        key: &TokenKey,
-        required: Duration,
-    ) -> Result<Lease, Arc<BrokerError>> {
-        let started = SystemTime::now();
-        let computed = self
-            .inner
-            .tokens
-            .entry_by_ref(key)
-            .and_try_compute_with(|entry| async move {
-                let enough = |token: &CachedToken| token.remaining(SystemTime::now()) >= required;
-                match entry {
-                    Some(entry) if enough(entry.value()) => Ok(Op::Nop),
-                    _ => self
-                        .fetch(environment, key, Wanted::Remaining(required))
-                        .await
-                        .map(Op::Put),
-                }
-            })
-            .await
-            .map_err(Arc::new)?;
-        match computed {
-            CompResult::Inserted(entry)
-            | CompResult::ReplacedWith(entry)
-            | CompResult::Unchanged(entry) => {
-                self.lease_fresh(key, entry.into_value(), required, started)
-                    .await
+        let mut wanted = match &cached {
+            Some(token) if token.refetch_due(SystemTime::now(), settings.min_refetch_interval) => {
+                Wanted::FetchedAfter(token.fetched_at)
             }
-            CompResult::StillNone(_) | CompResult::Removed(_) => {
-                unreachable!("the compute closure never removes and always puts when empty")
+            _ => Wanted::Remaining(required),
+        };
+        let mut new_key = cached.is_none();
+        // At most twice: a flight another caller started for less validity may land a token too
+        // short for this one, which then starts its own.
+        for _ in 0..2 {
+            let started = SystemTime::now();
+            let starter = Starter { budget, new_key };
+            let token = self.fly(environment, key, wanted, starter).await?;
+            if let Some(lease) = lease(token, required, started)? {
+                return Ok(lease);
             }
+            wanted = Wanted::Remaining(required);
+            new_key = false;
         }
+        Err(Arc::new(BrokerError::Internal))
     }
 
-    /// Leases a token that waited on a fetch, or explains why it cannot serve this request.
-    pub(super) async fn lease_fresh(
-        &self,
-        key: &TokenKey,
-        token: Arc<CachedToken>,
-        required: Duration,
-        started: SystemTime,
-    ) -> Result<Lease, Arc<BrokerError>> {
-        // A token fetched after this request began is as fresh as any can be, so its whole
-        // lifetime counts; `expires_in` then shows the fraction of a second already gone. Such a
-        // request waited on an IdP request (its own, or another caller's or replica's): a miss.
-        // An older one was already there (found in the shared level, say): a hit.
-        let lifetime = token.lifetime();
-        let fresh = token.fetched_at >= started;
-        if token.remaining(SystemTime::now()) >= required || (fresh && lifetime >= required) {
-            token.record_hit();
-            let status = if fresh {
-                CacheStatus::Miss
-            } else {
-                CacheStatus::Hit
-            };
-            return Ok(Lease { token, status });
-        }
-        let min_remaining = self.inner.settings.min_remaining;
-        if fresh && lifetime < min_remaining {
-            self.forget_entry(key, &token).await;
-            return Err(Arc::new(BrokerError::LifetimeBelowMinimum {
-                lifetime,
-                min_remaining,
-            }));
-        }
-        Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }))
-    }
-
-    /// Forgets the cached token of `key`, whatever it is, on every replica.
-    pub async fn forget(&self, environment: &EnvironmentSettings, key: &TokenKey) {
-        if let Some(shared) = &self.inner.shared {
-            // The shared level first: a miss here in between must not find the old token there.
-            let _ = shared.delete(&SharedKey::new(environment, key), None).await;
-        }
-        self.inner.tokens.invalidate(key).await;
-    }
-
-    /// Forgets the cached token of `key` only if it is still `access_token` (compare-and-delete),
-    /// on every replica.
-    pub async fn forget_if(
+    /// Forgets the cached token of `key` (only if it is still `only`, for a compare-and-delete),
+    /// on every replica; within `cache.min_refetch_interval` of the key's last fetch it marks the
+    /// entry instead (see [`Forgot::Marked`]).
+    pub async fn forget(
         &self,
         environment: &EnvironmentSettings,
         key: &TokenKey,
-        access_token: &str,
-    ) {
+        only: Option<&str>,
+    ) -> Forgot {
+        let current = self.inner.tokens.get(key).await;
+        let matches = |token: &CachedToken| only.is_none_or(|only| token.is(only));
+        if let Some(token) = &current
+            && matches(token)
+            && token.within_refetch_interval(
+                SystemTime::now(),
+                self.inner.settings.min_refetch_interval,
+            )
+        {
+            token.request_refetch();
+            return Forgot::Marked;
+        }
         if let Some(shared) = &self.inner.shared {
-            let digest = TokenDigest::of(access_token);
+            // The shared level first: a miss here in between must not find the old token there.
+            let digest = only.map(TokenDigest::of);
             let _ = shared
-                .delete(&SharedKey::new(environment, key), Some(digest))
+                .delete(&SharedKey::new(environment, key), digest)
                 .await;
         }
-        self.inner
+        let Some(token) = current else {
+            return Forgot::NothingCached;
+        };
+        if !matches(&token) {
+            return Forgot::NotMatched;
+        }
+        let removed = self
+            .inner
             .tokens
             .entry_by_ref(key)
             .and_compute_with(|entry| async move {
                 match entry {
-                    Some(entry) if entry.value().is(access_token) => Op::Remove,
+                    Some(entry) if matches(entry.value()) => Op::Remove,
                     _ => Op::Nop,
                 }
             })
             .await;
+        match removed {
+            CompResult::Removed(_) => Forgot::Forgotten,
+            _ if only.is_some() => Forgot::NotMatched,
+            _ => Forgot::NothingCached,
+        }
     }
 
-    /// Forgets every cached token of the given (tenant, environment) pairs, as after a reload
-    /// that changed how those environments talk to their IdP.
-    pub fn forget_environments(&self, environments: Vec<(String, String)>) {
-        if environments.is_empty() {
+    /// Forgets everything learnt about the given environments, as after a reload that changed
+    /// how they talk to their IdP (`changed`, their settings before it): cached tokens,
+    /// remembered rejections and lifetimes, and the IdP client's pause after a 429. Fetches under
+    /// way for them are not installed when they land.
+    pub fn forget_environments(&self, changed: &[Arc<EnvironmentSettings>]) {
+        if changed.is_empty() {
             return;
         }
-        let predicate = move |key: &TokenKey, _: &Arc<CachedToken>| {
-            environments
+        {
+            let mut generations = lock(&self.inner.generations);
+            for environment in changed {
+                let name = (
+                    Box::from(environment.tenant.as_str()),
+                    Box::from(environment.environment.as_str()),
+                );
+                let generation = generations.entry(name).or_insert(0);
+                *generation = generation.wrapping_add(1);
+            }
+        }
+        let names: HashSet<(String, String)> = changed
+            .iter()
+            .map(|e| (e.tenant.clone(), e.environment.clone()))
+            .collect();
+        let names = Arc::new(names);
+        let of_changed = move |key: &TokenKey| {
+            names
                 .iter()
                 .any(|(t, e)| *key.tenant == **t && *key.environment == **e)
         };
-        if let Err(error) = self.inner.tokens.invalidate_entries_if(predicate) {
-            tracing::error!(%error, "cannot forget the tokens of changed environments");
+        let (tokens, rejections, lifetimes) = (of_changed.clone(), of_changed.clone(), of_changed);
+        let invalidated = [
+            self.inner
+                .tokens
+                .invalidate_entries_if(move |key, _| tokens(key))
+                .map(drop),
+            self.inner
+                .rejections
+                .invalidate_entries_if(move |key, _| rejections(key))
+                .map(drop),
+            self.inner
+                .lifetimes
+                .invalidate_entries_if(move |key, _| lifetimes(key))
+                .map(drop),
+        ];
+        for error in invalidated.into_iter().filter_map(Result::err) {
+            tracing::error!(%error, "cannot forget the cached state of changed environments");
+        }
+        for environment in changed {
+            self.forget_upstream(environment);
         }
     }
 
+    /// Forgets remembered rejections and lifetimes of every key (after a reload, which may have
+    /// fixed credentials or changed what the IdP issues).
+    pub fn forget_remembered(&self) {
+        self.inner.rejections.invalidate_all();
+        self.inner.lifetimes.invalidate_all();
+    }
+
+    /// Removes `stale` from the cache if it is still the token of `key`.
     pub(super) async fn forget_entry(&self, key: &TokenKey, stale: &Arc<CachedToken>) {
         self.inner
             .tokens
@@ -239,33 +274,32 @@ impl Broker {
             })
             .await;
     }
+}
 
-    /// Starts one background refresh of `key`, whose current token was fetched at `current`;
-    /// that token keeps being served meanwhile. A newer token another replica already fetched
-    /// serves as the refresh.
-    pub(super) fn spawn_refresh(
-        &self,
-        environment: Arc<EnvironmentSettings>,
-        key: TokenKey,
-        current: SystemTime,
-    ) {
-        self.inner
-            .metrics
-            .cache_refresh(&environment.tenant, &environment.environment);
-        let broker = self.clone();
-        tokio::spawn(async move {
-            match broker
-                .fetch(&environment, &key, Wanted::FetchedAfter(current))
-                .await
-            {
-                Ok(token) => broker.inner.tokens.insert(key, token).await,
-                Err(_) => {
-                    // Already logged; let a later request try again.
-                    if let Some(current) = broker.inner.tokens.get(&key).await {
-                        current.release_refresh();
-                    }
-                }
-            }
-        });
+/// Leases a token that a flight landed: `None` when it is an older token (found cached or in the
+/// shared level) too short for this request, which should then fly again.
+fn lease(
+    token: Arc<CachedToken>,
+    required: Duration,
+    started: SystemTime,
+) -> Result<Option<Lease>, Arc<BrokerError>> {
+    // A token fetched after this request began is as fresh as any can be, so its whole
+    // lifetime counts; `expires_in` then shows the fraction of a second already gone. Such a
+    // request waited on an IdP request (its own, or another caller's or replica's): a miss.
+    // An older one was already there (found in the shared level, say): a hit.
+    let lifetime = token.lifetime();
+    let fresh = token.fetched_at >= started;
+    if token.remaining(SystemTime::now()) >= required || (fresh && lifetime >= required) {
+        token.record_hit();
+        let status = if fresh {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Hit
+        };
+        return Ok(Some(Lease { token, status }));
     }
+    if fresh {
+        return Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }));
+    }
+    Ok(None)
 }

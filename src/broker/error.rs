@@ -6,6 +6,8 @@ use crate::idp::IdpError;
 
 /// How long callers are asked to wait after a transient IdP failure.
 const RETRY_AFTER_TRANSIENT: Duration = Duration::from_secs(1);
+/// How long a caller with `max_keys` keys is asked to wait (until some of them expire).
+const RETRY_AFTER_TOO_MANY_KEYS: Duration = Duration::from_secs(60);
 /// How long an IdP client is left alone after a 429 that did not say.
 const RETRY_AFTER_RATE_LIMITED: Duration = Duration::from_secs(10);
 
@@ -63,6 +65,29 @@ pub enum BrokerError {
         /// When a request is allowed again.
         retry_after: Duration,
     },
+    /// The caller's requests started `idp_requests_per_minute` IdP requests this minute; a
+    /// cached token would have been served, but this request needs a new one.
+    #[error(
+        "this caller's requests have started as many IdP requests as its idp_requests_per_minute allows; retry later, or raise it"
+    )]
+    CallerOverBudget {
+        /// When the caller's budget allows the next IdP request.
+        retry_after: Duration,
+    },
+    /// The caller's requests created `max_keys` cache keys (audiences and scope sets) already.
+    #[error(
+        "this caller has {max_keys} keys (audience and scope combinations) cached, its max_keys; ask for fewer distinct ones, or raise it"
+    )]
+    TooManyKeys {
+        /// The caller's `max_keys`.
+        max_keys: usize,
+    },
+    /// A reload changed this environment's IdP settings while its token was being fetched.
+    #[error("the environment's IdP settings changed while its token was fetched; retry")]
+    SettingsChanged,
+    /// The fetch failed in a way the broker did not foresee (it was logged).
+    #[error("internal error while fetching the token; retry")]
+    Internal,
     /// The IdP could not give a token now and no cached token has enough validity left.
     #[error("the IdP is unavailable and no cached token is valid long enough; retry later")]
     Unavailable {
@@ -80,7 +105,10 @@ impl BrokerError {
         match self {
             Self::RateLimited { retry_after }
             | Self::QuotaExhausted { retry_after, .. }
-            | Self::Unavailable { retry_after, .. } => Some(*retry_after),
+            | Self::Unavailable { retry_after, .. }
+            | Self::CallerOverBudget { retry_after } => Some(*retry_after),
+            Self::TooManyKeys { .. } => Some(RETRY_AFTER_TOO_MANY_KEYS),
+            Self::SettingsChanged | Self::Internal => Some(RETRY_AFTER_TRANSIENT),
             _ => None,
         }
     }

@@ -3,6 +3,7 @@
 //! per key for `negative_ttl`, and the quota guard.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng as _;
@@ -26,6 +27,23 @@ fn full_jitter(attempt: u32) -> Duration {
         .saturating_mul(1 << (attempt - 1).min(16))
         .min(BACKOFF_CAP);
     ceiling.mul_f64(rand::rng().random::<f64>())
+}
+
+/// What the broker remembers about a key for `cache.negative_ttl`, so that it does not ask again.
+#[derive(Debug, Clone)]
+pub(super) enum Remembered {
+    /// The IdP rejected the request: HTTP status and error code.
+    Rejected {
+        /// HTTP status of the answer.
+        status: u16,
+        /// The IdP's error code.
+        code: String,
+    },
+    /// The IdP issued a token that lives less than `cache.min_remaining`.
+    TooShort {
+        /// Its lifetime.
+        lifetime: Duration,
+    },
 }
 
 /// The `outcome` label of one IdP answer.
@@ -61,24 +79,36 @@ impl Broker {
         )
     }
 
+    /// Lifts the pause after a 429 of `environment`'s IdP client (its settings changed); the
+    /// quota guard's count of the last hour stays.
+    pub(super) fn forget_upstream(&self, environment: &EnvironmentSettings) {
+        self.upstream(environment).unblock();
+    }
+
     /// The rate-limit headers last seen from `environment`'s IdP client.
     pub fn rate_limit(&self, environment: &EnvironmentSettings) -> RateLimitHeaders {
         self.upstream(environment).rate_limit()
     }
 
-    /// Forgets remembered rejections (after a reload that may have fixed credentials).
-    pub fn forget_rejections(&self) {
-        self.inner.rejections.invalidate_all();
-    }
-
-    /// One token from the IdP, with the failure policy applied (see the module docs).
+    /// One token from the IdP, with the failure policy applied (see the module docs); `asked`
+    /// is set once a request is sent, so the caller who started the fetch is charged for it.
     pub(super) async fn fetch_from_idp(
         &self,
         environment: &EnvironmentSettings,
         key: &TokenKey,
+        asked: &AtomicBool,
     ) -> Result<CachedToken, BrokerError> {
-        if let Some((status, code)) = self.inner.rejections.get(key).await {
-            return Err(IdpError::Rejected { status, code }.into());
+        match self.inner.rejections.get(key).await {
+            Some(Remembered::Rejected { status, code }) => {
+                return Err(IdpError::Rejected { status, code }.into());
+            }
+            Some(Remembered::TooShort { lifetime }) => {
+                return Err(BrokerError::LifetimeBelowMinimum {
+                    lifetime,
+                    min_remaining: self.inner.settings.min_remaining,
+                });
+            }
+            None => {}
         }
         let upstream = self.upstream(environment);
         let deadline = Instant::now() + environment.timeout;
@@ -99,13 +129,14 @@ impl Broker {
                         retry_after,
                     });
                 }
-                let asked = Instant::now();
+                asked.store(true, Ordering::Relaxed);
+                let sent = Instant::now();
                 let answer = self
                     .inner
                     .idp
                     .fetch(environment, &key.audience, key.scope.as_str())
                     .await;
-                self.record_idp(environment, outcome(&answer), Some(asked.elapsed()));
+                self.record_idp(environment, outcome(&answer), Some(sent.elapsed()));
                 answer.map_err(BrokerError::from)
             })
             .await
@@ -128,6 +159,7 @@ impl Broker {
                         fetched.token,
                         SystemTime::now(),
                         self.inner.settings.refresh_ahead,
+                        self.inner.settings.min_remaining,
                         rand::rng().random(),
                     ));
                 }
@@ -161,10 +193,11 @@ impl Broker {
                         "the IdP rejected the token request; remembering it for cache.negative_ttl",
                     );
                     if !self.inner.settings.negative_ttl.is_zero() {
-                        self.inner
-                            .rejections
-                            .insert(key.clone(), (*status, code.clone()))
-                            .await;
+                        let remembered = Remembered::Rejected {
+                            status: *status,
+                            code: code.clone(),
+                        };
+                        self.inner.rejections.insert(key.clone(), remembered).await;
                     }
                     return Err(error);
                 }

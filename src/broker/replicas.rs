@@ -3,6 +3,7 @@
 //! its token, and every replica applies the others' announcements to its own cache.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::ops::compute::Op;
@@ -10,8 +11,8 @@ use rand::Rng as _;
 use tokio::sync::mpsc;
 
 use super::{
-    Broker, BrokerError, CachedToken, Invalidation, SharedCache, SharedCacheError, SharedKey,
-    TokenDigest, TokenKey,
+    Broker, BrokerError, CachedToken, Invalidation, LockToken, SharedCache, SharedCacheError,
+    SharedKey, TokenDigest, TokenKey,
 };
 use crate::idp::EnvironmentSettings;
 
@@ -27,38 +28,96 @@ pub(super) enum Wanted {
     FetchedAfter(SystemTime),
 }
 
+/// The cross-replica fetch lock of one key while this replica holds it. Released when the fetch
+/// ends, however it ends: explicitly, or (if the fetch task dies) by a release spawned on drop,
+/// so the other replicas never wait out `lock_ttl` for a fetch that is gone.
+struct HeldLock {
+    shared: Arc<dyn SharedCache>,
+    key: SharedKey,
+    lock: Option<LockToken>,
+}
+
+impl HeldLock {
+    async fn release(mut self) {
+        if let Some(lock) = self.lock.take() {
+            let _ = self.shared.unlock(&self.key, lock).await;
+        }
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let Some(lock) = self.lock.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (shared, key) = (Arc::clone(&self.shared), self.key);
+            runtime.spawn(async move {
+                let _ = shared.unlock(&key, lock).await;
+            });
+        }
+    }
+}
+
+impl Wanted {
+    /// Whether a token with `remaining` validity, fetched at `fetched_at`, serves this fetch.
+    pub(super) fn accepts(
+        self,
+        fetched_at: SystemTime,
+        remaining: Duration,
+        min_remaining: Duration,
+    ) -> bool {
+        match self {
+            Self::Remaining(required) => remaining >= required,
+            Self::FetchedAfter(after) => fetched_at > after && remaining >= min_remaining,
+        }
+    }
+}
+
 impl Broker {
     /// One token for a miss or a refresh: from the shared level when it has a good one, else
-    /// from the IdP by one replica at a time (see the module docs).
+    /// from the IdP by one replica at a time (see the module docs). `asked` is set once an IdP
+    /// request is sent.
     pub(super) async fn fetch(
         &self,
         environment: &EnvironmentSettings,
         key: &TokenKey,
         wanted: Wanted,
+        asked: &AtomicBool,
     ) -> Result<Arc<CachedToken>, BrokerError> {
-        let Some(shared) = self.inner.shared.as_deref() else {
-            return self.fetch_from_idp(environment, key).await.map(Arc::new);
+        let Some(shared) = self.inner.shared.clone() else {
+            return self
+                .fetch_from_idp(environment, key, asked)
+                .await
+                .map(Arc::new);
         };
         let shared_key = SharedKey::new(environment, key);
         let deadline = Instant::now() + self.inner.wait_for_peer;
         loop {
-            match self.load_shared(shared, &shared_key, wanted).await {
+            match self.load_shared(&*shared, &shared_key, wanted).await {
                 Ok(Some(token)) => return Ok(token),
                 Ok(None) => {}
                 Err(_) => break,
             }
             match shared.try_lock(&shared_key).await {
                 Ok(Some(lock)) => {
+                    let held = HeldLock {
+                        shared: Arc::clone(&shared),
+                        key: shared_key,
+                        lock: Some(lock),
+                    };
                     let fetched = self
-                        .fetch_locked(shared, &shared_key, environment, key, wanted)
+                        .fetch_locked(&*shared, &shared_key, environment, key, wanted, asked)
                         .await;
-                    let _ = shared.unlock(&shared_key, lock).await;
+                    held.release().await;
                     return fetched;
                 }
                 Ok(None) => {}
                 Err(_) => break,
             }
-            if Instant::now() + PEER_POLL_INTERVAL >= deadline {
+            // The last look and the last try at the lock happen at the deadline itself.
+            let now = Instant::now();
+            if now >= deadline {
                 tracing::warn!(
                     tenant = %key.tenant,
                     environment = %key.environment,
@@ -66,33 +125,34 @@ impl Broker {
                 );
                 break;
             }
-            tokio::time::sleep(PEER_POLL_INTERVAL).await;
+            tokio::time::sleep(PEER_POLL_INTERVAL.min(deadline - now)).await;
         }
         // The shared level failed or the peer is too slow: fetch, and share if still possible.
         let token = Arc::new(
-            self.fetch_from_idp(environment, key)
+            self.fetch_from_idp(environment, key, asked)
                 .await?
                 .with_shared_key(shared_key),
         );
-        self.store_shared(shared, &shared_key, &token).await;
+        self.store_shared(&*shared, &shared_key, &token).await;
         Ok(token)
     }
 
     /// The IdP request of the replica that holds the lock of `shared_key`.
-    pub(super) async fn fetch_locked(
+    async fn fetch_locked(
         &self,
         shared: &dyn SharedCache,
         shared_key: &SharedKey,
         environment: &EnvironmentSettings,
         key: &TokenKey,
         wanted: Wanted,
+        asked: &AtomicBool,
     ) -> Result<Arc<CachedToken>, BrokerError> {
         // Another replica may have stored its token and let go of the lock since the last look.
         if let Ok(Some(token)) = self.load_shared(shared, shared_key, wanted).await {
             return Ok(token);
         }
         let token = Arc::new(
-            self.fetch_from_idp(environment, key)
+            self.fetch_from_idp(environment, key, asked)
                 .await?
                 .with_shared_key(*shared_key),
         );
@@ -111,18 +171,15 @@ impl Broker {
             return Ok(None);
         };
         let remaining = stored.remaining(SystemTime::now());
-        let usable = match wanted {
-            Wanted::Remaining(required) => remaining >= required,
-            Wanted::FetchedAfter(after) => {
-                stored.fetched_at > after && remaining >= self.inner.settings.min_remaining
-            }
-        };
+        let min_remaining = self.inner.settings.min_remaining;
+        let usable = wanted.accepts(stored.fetched_at, remaining, min_remaining);
         Ok(usable.then(|| {
             Arc::new(
                 CachedToken::new(
                     stored.issued,
                     stored.fetched_at,
                     self.inner.settings.refresh_ahead,
+                    min_remaining,
                     rand::rng().random(),
                 )
                 .with_shared_key(*shared_key),
@@ -233,7 +290,12 @@ impl Broker {
             .entry_by_ref(key)
             .and_compute_with(|entry| async move {
                 match entry {
-                    Some(entry) if entry.value().fetched_at < newer.fetched_at => Op::Put(newer),
+                    Some(entry) if entry.value().fetched_at < newer.fetched_at => {
+                        if let Some(owner) = entry.value().owner() {
+                            newer.set_owner(Arc::clone(owner));
+                        }
+                        Op::Put(newer)
+                    }
                     _ => Op::Nop,
                 }
             })

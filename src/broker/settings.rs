@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// `[cache]`: how tokens are kept and refreshed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSettings {
     /// Most keys held at once.

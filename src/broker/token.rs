@@ -6,14 +6,21 @@
 
 use std::fmt;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use subtle::ConstantTimeEq as _;
 
 use crate::broker::shared::{SharedKey, TokenDigest};
 use crate::idp::{AccessToken, IssuedToken};
+use crate::limits::IdpBudget;
+
+/// First wait before a failed refresh is tried again; doubled per failure, before jitter.
+const REFRESH_BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Longest wait between two refresh attempts.
+const REFRESH_BACKOFF_CAP: Duration = Duration::from_secs(60);
 
 /// A token in the cache, with its timing and the pieces of its response body.
 pub struct CachedToken {
@@ -31,24 +38,41 @@ pub struct CachedToken {
     expires_in_at: usize,
     hits: AtomicU64,
     refreshing: AtomicBool,
+    /// Failed refreshes in a row, for the backoff.
+    refresh_failures: AtomicU32,
+    /// Milliseconds since the Unix epoch before which no refresh starts (after a failed one).
+    refresh_not_before_ms: AtomicU64,
+    /// A `DELETE` asked for a new token within `min_refetch_interval` of this one's fetch.
+    refetch_requested: AtomicBool,
+    /// The caller whose request created the key, whose `max_keys` slot it holds.
+    owner: OnceLock<Arc<IdpBudget>>,
     /// Where the token lives in the shared level, when there is one (so that an invalidation
     /// from another replica finds it).
     shared_key: Option<SharedKey>,
 }
 
 impl CachedToken {
-    /// Wraps a freshly issued token; `refresh_ahead` is the fraction of its life, at the end,
-    /// in which a background refresh may start, and `jitter` (0..1) spreads refreshes of tokens
-    /// fetched together over the first tenth of that window.
+    /// Wraps a freshly issued token. Of its servable life (`lifetime - min_remaining`), the last
+    /// `refresh_ahead` fraction is when a background refresh may start:
+    /// `fetched_at + (1 - refresh_ahead) × (expires_at - min_remaining - fetched_at)`, and
+    /// `jitter` (0..1) spreads refreshes of tokens fetched together over the first tenth of that
+    /// window.
     pub fn new(
         issued: IssuedToken,
         fetched_at: SystemTime,
         refresh_ahead: f64,
+        min_remaining: Duration,
         jitter: f64,
     ) -> Self {
-        let expires_at = fetched_at + issued.lifetime;
-        let ahead = issued.lifetime.mul_f64(refresh_ahead);
-        let refresh_at = expires_at - ahead + ahead.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
+        // The IdP client clamps lifetimes to a year, so these sums cannot overflow; saturate
+        // anyway rather than trust that from here.
+        let expires_at = fetched_at
+            .checked_add(issued.lifetime)
+            .unwrap_or(fetched_at);
+        let servable = issued.lifetime.saturating_sub(min_remaining);
+        let ahead = servable.mul_f64(refresh_ahead.clamp(0.0, 1.0));
+        let start = servable.saturating_sub(ahead) + ahead.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
+        let refresh_at = fetched_at.checked_add(start).unwrap_or(expires_at);
         let (body, expires_in_at) = render_body(&issued, expires_at);
         // The body holds the token verbatim unless JSON had to escape it: share those bytes.
         let raw = issued.access_token.expose();
@@ -69,6 +93,10 @@ impl CachedToken {
             expires_in_at,
             hits: AtomicU64::new(0),
             refreshing: AtomicBool::new(false),
+            refresh_failures: AtomicU32::new(0),
+            refresh_not_before_ms: AtomicU64::new(0),
+            refetch_requested: AtomicBool::new(false),
+            owner: OnceLock::new(),
             shared_key: None,
         }
     }
@@ -142,9 +170,56 @@ impl CachedToken {
         !self.refreshing.swap(true, Ordering::AcqRel)
     }
 
-    /// Releases the refresh claim after a failed refresh, so a later request may try again.
-    pub fn release_refresh(&self) {
+    /// Whether a refresh may start at `now`: not before the backoff of a failed one has passed.
+    pub fn refresh_allowed(&self, now: SystemTime) -> bool {
+        let not_before = self.refresh_not_before_ms.load(Ordering::Relaxed);
+        not_before == 0 || unix_ms(now) >= not_before
+    }
+
+    /// Records a failed refresh: releases the claim, so a later request may try again, but not
+    /// before a backoff (exponential in the failures in a row, with `jitter` in 0..1 spreading it
+    /// over its upper half).
+    pub fn refresh_failed(&self, now: SystemTime, jitter: f64) {
+        let failures = self.refresh_failures.fetch_add(1, Ordering::Relaxed);
+        let wait = REFRESH_BACKOFF_BASE
+            .saturating_mul(1 << failures.min(16))
+            .min(REFRESH_BACKOFF_CAP)
+            .mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+        let not_before = now.checked_add(wait).unwrap_or(now);
+        self.refresh_not_before_ms
+            .store(unix_ms(not_before).max(1), Ordering::Relaxed);
         self.refreshing.store(false, Ordering::Release);
+    }
+
+    /// Marks the token for a new fetch once `min_refetch_interval` after its own has passed.
+    pub fn request_refetch(&self) {
+        self.refetch_requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a `DELETE` asked for a new token and, at `now`, the interval has passed.
+    pub fn refetch_due(&self, now: SystemTime, min_refetch_interval: Duration) -> bool {
+        self.refetch_requested.load(Ordering::Relaxed)
+            && self
+                .fetched_at
+                .checked_add(min_refetch_interval)
+                .is_none_or(|due| now >= due)
+    }
+
+    /// Whether a new token fetched now would be fetched within `min_refetch_interval` of this one.
+    pub fn within_refetch_interval(&self, now: SystemTime, min_refetch_interval: Duration) -> bool {
+        self.fetched_at
+            .checked_add(min_refetch_interval)
+            .is_some_and(|due| now < due)
+    }
+
+    /// The caller whose request created this key, when known.
+    pub fn owner(&self) -> Option<&Arc<IdpBudget>> {
+        self.owner.get()
+    }
+
+    /// Records the caller that holds this key's `max_keys` slot (once).
+    pub fn set_owner(&self, owner: Arc<IdpBudget>) {
+        let _ = self.owner.set(owner);
     }
 
     /// The caller-facing JSON body (API.md §1) with `expires_in` computed for `now`.
@@ -169,6 +244,13 @@ impl fmt::Debug for CachedToken {
             .field("hits", &self.hits())
             .finish_non_exhaustive()
     }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
 }
 
 /// Where the token starts in the rendered body: after `{"access_token":"`.
@@ -211,7 +293,7 @@ mod tests {
             scope: Some("a b".to_owned()),
         };
         let fetched = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let token = CachedToken::new(issued, fetched, 0.25, 0.0);
+        let token = CachedToken::new(issued, fetched, 0.25, Duration::ZERO, 0.0);
         let body = token.body(fetched + Duration::from_millis(58_500));
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["access_token"], "abc\"def");
@@ -222,5 +304,73 @@ mod tests {
         assert_eq!(token.refresh_at, fetched + Duration::from_secs(2700));
         assert!(token.is("abc\"def") && !token.is("abc"));
         assert!(!format!("{token:?}").contains("abc"));
+    }
+
+    fn issued(lifetime: Duration) -> IssuedToken {
+        IssuedToken {
+            access_token: AccessToken::new("t"),
+            token_type: "Bearer".to_owned(),
+            lifetime,
+            scope: None,
+        }
+    }
+
+    #[test]
+    fn refresh_starts_inside_the_servable_window() {
+        let fetched = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // 120 s token, 60 s min_remaining: servable for 60 s, refresh in its last quarter.
+        let token = CachedToken::new(
+            issued(Duration::from_secs(120)),
+            fetched,
+            0.25,
+            Duration::from_secs(60),
+            0.0,
+        );
+        assert_eq!(token.refresh_at, fetched + Duration::from_secs(45));
+        let jittered = CachedToken::new(
+            issued(Duration::from_secs(120)),
+            fetched,
+            0.25,
+            Duration::from_secs(60),
+            1.0,
+        );
+        assert_eq!(jittered.refresh_at, fetched + Duration::from_millis(46_500));
+        // A lifetime below min_remaining is never servable; nothing overflows.
+        let short = CachedToken::new(
+            issued(Duration::from_secs(30)),
+            fetched,
+            0.25,
+            Duration::from_secs(60),
+            0.5,
+        );
+        assert_eq!(short.refresh_at, fetched);
+    }
+
+    #[test]
+    fn failed_refreshes_back_off_and_refetches_wait_for_the_interval() {
+        let fetched = SystemTime::now();
+        let token = CachedToken::new(
+            issued(Duration::from_secs(3600)),
+            fetched,
+            0.25,
+            Duration::from_secs(60),
+            0.0,
+        );
+        assert!(token.refresh_allowed(fetched) && token.claim_refresh() && !token.claim_refresh());
+        token.refresh_failed(fetched, 1.0);
+        assert!(!token.refresh_allowed(fetched + Duration::from_millis(500)));
+        assert!(token.refresh_allowed(fetched + Duration::from_millis(1001)));
+        assert!(token.claim_refresh(), "the claim is released");
+        token.refresh_failed(fetched, 1.0);
+        assert!(
+            !token.refresh_allowed(fetched + Duration::from_millis(1500)),
+            "the second wait is longer"
+        );
+
+        let interval = Duration::from_secs(5);
+        assert!(!token.refetch_due(fetched + Duration::from_secs(10), interval));
+        token.request_refetch();
+        assert!(!token.refetch_due(fetched + Duration::from_secs(1), interval));
+        assert!(token.refetch_due(fetched + Duration::from_secs(5), interval));
     }
 }

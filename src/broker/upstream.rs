@@ -59,6 +59,11 @@ impl Upstream {
         }
     }
 
+    /// Lifts a block (the client's settings changed, so the IdP's answer may differ).
+    pub fn unblock(&self) {
+        *lock(&self.blocked_until) = None;
+    }
+
     /// Counts one request against `max_per_hour`; `Err(wait)` when the quota is spent, with the
     /// time until the oldest counted request leaves the window.
     pub fn take_quota(&self, now: Instant, max_per_hour: Option<u32>) -> Result<(), Duration> {

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 
 use super::raw::{RawAuth, RawCaller};
-use crate::auth::{AllowRule, AuthSettings, CallerSettings, DEFAULT_MAX_KEYS, KeyHash, is_valid_name};
+use crate::auth::{
+    AllowRule, AuthSettings, CallerSettings, DEFAULT_MAX_KEYS, KeyHash, is_valid_name,
+};
 
 /// Validates `[auth]`; problems go to `problems`.
 pub(super) fn auth(raw: &RawAuth, problems: &mut Vec<String>) -> AuthSettings {

@@ -10,7 +10,7 @@ use serde::Deserialize;
 pub const MIN_HEADER_BYTES: usize = 8192;
 
 /// `[server]`: the listener and its limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     /// Address the listener binds, `host:port`.
@@ -35,13 +35,42 @@ pub struct ServerSettings {
 }
 
 /// `[server.tls]`: the listener's certificate chain and private key, PEM files.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     /// The certificate chain, leaf first.
     pub certificate_file: PathBuf,
     /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
+}
+
+/// The `server.*` settings that differ between `new` and `running` and are read only at start.
+pub(super) fn needing_restart(new: &ServerSettings, running: &ServerSettings) -> Vec<String> {
+    let fields = [
+        ("server.listen", new.listen != running.listen),
+        ("server.tls", new.tls != running.tls),
+        (
+            "server.shutdown_grace",
+            new.shutdown_grace != running.shutdown_grace,
+        ),
+        (
+            "server.request_timeout",
+            new.request_timeout != running.request_timeout,
+        ),
+        (
+            "server.max_body_bytes",
+            new.max_body_bytes != running.max_body_bytes,
+        ),
+        (
+            "server.max_header_bytes",
+            new.max_header_bytes != running.max_header_bytes,
+        ),
+    ];
+    fields
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| name.to_owned())
+        .collect()
 }
 
 /// Every problem of `[server]`, added to `problems`.

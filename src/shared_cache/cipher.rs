@@ -255,7 +255,7 @@ mod tests {
             scope: Some("read write".to_owned()),
         };
         let fetched = UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
-        CachedToken::new(issued, fetched, 0.25, 0.0)
+        CachedToken::new(issued, fetched, 0.25, Duration::ZERO, 0.0)
     }
 
     #[test]

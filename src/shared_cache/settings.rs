@@ -37,6 +37,21 @@ impl SharedCacheSettings {
     }
 }
 
+impl SharedCacheSettings {
+    /// Whether `other` is the same level reached the same way (URL, prefix, keys, timings).
+    pub fn same_as(&self, other: &Self) -> bool {
+        let key = |key: &EncryptionKey| *key.expose_secret();
+        self.url.expose_secret() == other.url.expose_secret()
+            && self.key_prefix == other.key_prefix
+            && key(&self.encryption_key) == key(&other.encryption_key)
+            && self.previous_encryption_key.as_ref().map(key)
+                == other.previous_encryption_key.as_ref().map(key)
+            && self.timeout == other.timeout
+            && self.lock_ttl == other.lock_ttl
+            && self.wait_for_peer == other.wait_for_peer
+    }
+}
+
 impl fmt::Debug for SharedCacheSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedCacheSettings")

@@ -51,6 +51,10 @@ pub fn base_config(idp: &str) -> String {
         listen = "127.0.0.1:0"
         shutdown_grace = "2s"
 
+        [cache]
+        # DELETE forgets at once; the tests of cache.min_refetch_interval set their own.
+        min_refetch_interval = "0s"
+
         [auth]
         admin_key_sha256 = "{admin}"
 
