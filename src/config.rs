@@ -293,6 +293,8 @@ mod test_support {
 
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy as _;
+
     use super::test_support::*;
     use crate::idp::RequestFormat;
 
@@ -367,6 +369,30 @@ mod tests {
             "extra_params.grant_type",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any text as a configuration layer is settings or a configuration error, never a
+        /// panic; and no problem repeats the line it came from.
+        #[test]
+        fn arbitrary_layers_never_panic(layer in "\\PC{0,200}") {
+            let _ = Settings::from_toml(&layer, &no_env);
+        }
+
+        /// Keys and values of the right sections in arbitrary shapes.
+        #[test]
+        fn arbitrary_values_of_known_settings_never_panic(
+            section in proptest::sample::select(vec!["server", "cache", "auth", "users", "shared_cache", "tenants.acme.environments.production", "callers.billing"]),
+            name in "[a-z_]{1,24}",
+            value in proptest::prop_oneof![
+                "-?[0-9]{1,25}".boxed(),
+                "\"[ -~]{0,30}\"".boxed(),
+                proptest::strategy::Just("true".to_owned()).boxed(),
+                "\\[\"[a-z/*]{0,12}\"\\]".boxed(),
+            ],
+        ) {
+            let _ = Settings::from_toml(&format!("[{section}]\n{name} = {value}\n"), &no_env);
         }
     }
 }

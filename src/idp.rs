@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 pub use assertion::{
     ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError, pkcs1_from_pkcs8,
 };
-pub use response::{IssuedToken, QuotaRemaining, RateLimitHeaders};
+pub use response::{IssuedToken, MAX_LIFETIME, MAX_PAUSE, QuotaRemaining, RateLimitHeaders};
 pub use settings::{
     AudienceParam, ClientAuth, ClientCredential, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES,
     DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, EnvironmentSettings, RequestFormat,
@@ -89,6 +89,15 @@ pub enum IdpError {
     /// The IdP answered with a server error.
     #[error("the IdP answered HTTP {0}")]
     ServerError(u16),
+    /// The answer's body is longer than the environment's `max_response_bytes`. Not retried: a
+    /// 2xx may already have minted (and billed) a token.
+    #[error(
+        "the IdP's answer is longer than max_response_bytes ({limit} bytes); raise it if the IdP's tokens are that large"
+    )]
+    ResponseTooLarge {
+        /// The environment's `max_response_bytes`.
+        limit: usize,
+    },
     /// The IdP answered 2xx with a body that is not a usable token.
     #[error("the IdP's answer is not a token: {0}")]
     InvalidResponse(&'static str),
@@ -243,11 +252,25 @@ impl IdpClient {
     ) -> Result<Answer, IdpError> {
         let request = self.build_request(environment, format, grant_type, grant_params)?;
         let timeout = environment.timeout;
-        let response = request.send().await.map_err(|e| classify(e, timeout))?;
+        let mut response = request.send().await.map_err(|e| classify(e, timeout))?;
         let status = response.status();
         let headers = response.headers().clone();
         let rate_limit = RateLimitHeaders::from_headers(&headers);
-        let body = response.bytes().await.map_err(|e| classify(e, timeout))?;
+        let limit = environment.max_response_bytes;
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit as u64)
+        {
+            return Err(IdpError::ResponseTooLarge { limit });
+        }
+        // Read in chunks, never more than the limit: an endless body costs `limit` bytes.
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| classify(e, timeout))? {
+            if body.len().saturating_add(chunk.len()) > limit {
+                return Err(IdpError::ResponseTooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
 
         if status.is_success() {
             let (token, refresh_token) =

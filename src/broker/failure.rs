@@ -56,6 +56,7 @@ fn outcome<T>(answer: &Result<T, IdpError>) -> IdpOutcome {
         Err(IdpError::Connect(_)) => IdpOutcome::Connect,
         Err(IdpError::ServerError(_)) => IdpOutcome::ServerError,
         Err(IdpError::InvalidResponse(_)) => IdpOutcome::InvalidResponse,
+        Err(IdpError::ResponseTooLarge { .. }) => IdpOutcome::ResponseTooLarge,
         Err(IdpError::Signing(_)) => IdpOutcome::SigningFailed,
     }
 }

@@ -17,6 +17,13 @@ use super::{AccessToken, IdpError};
 /// Longest error code passed on to callers; longer ones are cut.
 const MAX_ERROR_CODE: usize = 64;
 
+/// Longest token lifetime believed (`expires_in`, JWT `exp`): a year. Longer answers are cut to
+/// it, so no later time arithmetic can overflow and a broken IdP cannot pin a token forever.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Longest pause believed from a 429 (`Retry-After`, `x-ratelimit-reset`): an hour.
+pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
 /// A token as the IdP issued it, with its lifetime resolved.
 #[derive(Debug)]
 pub struct IssuedToken {
@@ -146,16 +153,30 @@ pub(super) fn parse_grant(
     Ok((token, refresh_token))
 }
 
-/// `3599`, `3599.0` or `"3599"` as a duration; negative or non-numeric is `None`.
+/// `3599`, `3599.0` or `"3599"` as a duration, at most [`MAX_LIFETIME`]; negative or
+/// non-numeric is `None`.
 fn seconds(value: &serde_json::Value) -> Option<Duration> {
-    match value {
-        serde_json::Value::Number(n) => n
-            .as_u64()
-            .map(Duration::from_secs)
-            .or_else(|| n.as_f64().and_then(|f| Duration::try_from_secs_f64(f).ok())),
-        serde_json::Value::String(s) => s.trim().parse::<u64>().ok().map(Duration::from_secs),
-        _ => None,
-    }
+    let lifetime = match value {
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(secs) => Duration::from_secs(secs),
+            None => {
+                let secs = n.as_f64().filter(|f| f.is_finite() && *f >= 0.0)?;
+                Duration::try_from_secs_f64(secs.min(MAX_LIFETIME.as_secs_f64())).ok()?
+            }
+        },
+        serde_json::Value::String(s) => {
+            let digits = s.trim();
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            // Digits too many for a u64 are a lifetime far beyond the cap.
+            digits
+                .parse::<u64>()
+                .map_or(MAX_LIFETIME, Duration::from_secs)
+        }
+        _ => return None,
+    };
+    Some(lifetime.min(MAX_LIFETIME))
 }
 
 /// Time left until the JWT's `exp` claim, when the token is a JWT with one (unverified: the
@@ -170,8 +191,11 @@ fn jwt_lifetime(token: &str, now: SystemTime) -> Option<Duration> {
         exp: Option<u64>,
     }
     let exp = serde_json::from_slice::<Claims>(&payload).ok()?.exp?;
-    let exp = UNIX_EPOCH + Duration::from_secs(exp);
-    Some(exp.duration_since(now).unwrap_or(Duration::ZERO))
+    let lifetime = match UNIX_EPOCH.checked_add(Duration::from_secs(exp)) {
+        Some(exp) => exp.duration_since(now).unwrap_or(Duration::ZERO),
+        None => MAX_LIFETIME,
+    };
+    Some(lifetime.min(MAX_LIFETIME))
 }
 
 /// The OAuth2 `error` code of an error body, restricted to a safe alphabet and length.
@@ -190,26 +214,35 @@ pub(super) fn error_code(body: &[u8]) -> Option<String> {
 }
 
 /// How long a 429 asks us to wait: `Retry-After` (seconds or HTTP date), else `x-ratelimit-reset`
-/// (Unix seconds).
+/// (Unix seconds); at most [`MAX_PAUSE`].
 pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
-    if let Some(value) = text("retry-after") {
-        if let Ok(secs) = value.parse::<u64>() {
-            return Some(Duration::from_secs(secs));
+    let until = |at: Option<SystemTime>| {
+        at.map_or(MAX_PAUSE, |at| {
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        })
+    };
+    let wait = 'wait: {
+        if let Some(value) = text("retry-after") {
+            if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+                break 'wait value.parse::<u64>().map_or(MAX_PAUSE, Duration::from_secs);
+            }
+            if let Ok(at) = httpdate::parse_http_date(value) {
+                break 'wait until(Some(at));
+            }
         }
-        if let Ok(at) = httpdate::parse_http_date(value) {
-            return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
-        }
-    }
-    let reset = text("x-ratelimit-reset")?.parse::<u64>().ok()?;
-    let at = UNIX_EPOCH + Duration::from_secs(reset);
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+        let reset = text("x-ratelimit-reset")?.parse::<u64>().ok()?;
+        until(UNIX_EPOCH.checked_add(Duration::from_secs(reset)))
+    };
+    Some(wait.min(MAX_PAUSE))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use proptest::strategy::Strategy as _;
     use reqwest::header::HeaderValue;
+
+    use super::*;
 
     const DEFAULT: Duration = Duration::from_secs(300);
 
@@ -306,6 +339,39 @@ mod tests {
     }
 
     #[test]
+    fn outlandish_lifetimes_and_pauses_are_capped() {
+        for body in [
+            &br#"{"access_token":"t","expires_in":1000000000000}"#[..],
+            br#"{"access_token":"t","expires_in":1e300}"#,
+            br#"{"access_token":"t","expires_in":"99999999999999999999999999"}"#,
+            br#"{"access_token":"t","expires_in":18446744073709551615}"#,
+        ] {
+            assert_eq!(parse_token(body, DEFAULT).unwrap().lifetime, MAX_LIFETIME);
+        }
+        let body = format!(r#"{{"access_token":"{}"}}"#, jwt_with_exp(u64::MAX));
+        assert_eq!(
+            parse_token(body.as_bytes(), DEFAULT).unwrap().lifetime,
+            MAX_LIFETIME
+        );
+        assert!(parse_token(br#"{"access_token":"t","expires_in":-5}"#, DEFAULT).is_err());
+
+        let now = SystemTime::now();
+        for (name, value) in [
+            ("retry-after", "99999999999999999999999"),
+            ("retry-after", "86400"),
+            ("x-ratelimit-reset", "18446744073709551615"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(value));
+            assert_eq!(
+                retry_after(&headers, now),
+                Some(MAX_PAUSE),
+                "{name}: {value}"
+            );
+        }
+    }
+
+    #[test]
     fn retry_after_in_seconds_date_or_reset() {
         let now = SystemTime::now();
         let mut headers = HeaderMap::new();
@@ -322,5 +388,48 @@ mod tests {
         headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
         let wait = retry_after(&headers, now).unwrap();
         assert!((11..=12).contains(&wait.as_secs()), "{wait:?}");
+    }
+
+    proptest::proptest! {
+        /// Any body an IdP sends parses to a token with a capped lifetime, or to an error.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            if let Ok((token, _)) = parse_grant(&body, DEFAULT) {
+                proptest::prop_assert!(token.lifetime <= MAX_LIFETIME);
+            }
+            let _ = error_code(&body);
+        }
+
+        /// JSON token answers with any `expires_in` and any token text.
+        #[test]
+        fn arbitrary_token_answers_never_panic(
+            token in "\\PC{0,64}",
+            expires_in in proptest::prop_oneof![
+                proptest::num::i64::ANY.prop_map(|n| serde_json::json!(n)),
+                proptest::num::f64::ANY.prop_map(|f| serde_json::json!(f)),
+                "\\PC{0,30}".prop_map(|s| serde_json::json!(s)),
+            ],
+        ) {
+            let body = serde_json::json!({"access_token": token, "expires_in": expires_in});
+            if let Ok((token, _)) = parse_grant(body.to_string().as_bytes(), DEFAULT) {
+                proptest::prop_assert!(token.lifetime <= MAX_LIFETIME);
+            }
+        }
+
+        /// Any `Retry-After` or `x-ratelimit-reset` is a pause of at most an hour.
+        #[test]
+        fn arbitrary_pause_headers_are_capped(value in "[ -~]{0,40}", reset in "[0-9]{0,30}") {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert("retry-after", value);
+            }
+            if let Ok(reset) = HeaderValue::from_str(&reset) {
+                headers.insert("x-ratelimit-reset", reset);
+            }
+            if let Some(wait) = retry_after(&headers, SystemTime::now()) {
+                proptest::prop_assert!(wait <= MAX_PAUSE);
+            }
+            let _ = RateLimitHeaders::from_headers(&headers);
+        }
     }
 }

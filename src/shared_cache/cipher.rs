@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::EncryptionKey;
 use crate::broker::{CachedToken, SharedToken, TokenDigest};
-use crate::idp::{AccessToken, IssuedToken};
+use crate::idp::{AccessToken, IssuedToken, MAX_LIFETIME};
 
 /// Version tag at the start of every value.
 const VERSION: &str = "v1";
@@ -174,10 +174,8 @@ impl TokenCipher {
     /// Reads a value stored under `redis_key`.
     pub fn open(&self, redis_key: &str, value: &[u8]) -> Result<SharedToken, OpenError> {
         let value = std::str::from_utf8(value).map_err(|_| OpenError::Malformed)?;
-        if value.len() <= HEADER_LEN
-            || !value.starts_with(VERSION)
-            || !value.is_char_boundary(HEADER_LEN)
-        {
+        // ASCII, so that every fixed field below is sliced on character boundaries.
+        if value.len() <= HEADER_LEN || !value.is_ascii() || !value.starts_with(VERSION) {
             return Err(OpenError::Malformed);
         }
         let (header, body) = value.split_at(HEADER_LEN);
@@ -191,8 +189,10 @@ impl TokenCipher {
         if sealed.len() <= NONCE_LEN {
             return Err(OpenError::Malformed);
         }
-        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at the nonce length");
+        let Some((nonce, ciphertext)) = sealed.split_first_chunk::<NONCE_LEN>() else {
+            return Err(OpenError::Malformed);
+        };
+        let nonce = *nonce;
         let aad = associated_data(redis_key, header);
         let plaintext = keyed
             .cipher
@@ -206,8 +206,18 @@ impl TokenCipher {
             .map_err(|_| OpenError::Inauthentic)?;
         let sealed: Sealed =
             serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
-        let fetched_at = UNIX_EPOCH + Duration::from_millis(sealed.fetched_at_ms);
-        let expires_at = UNIX_EPOCH + Duration::from_millis(sealed.expires_at_ms);
+        let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
+        let (Some(fetched_at), Some(expires_at)) =
+            (at(sealed.fetched_at_ms), at(sealed.expires_at_ms))
+        else {
+            return Err(OpenError::Malformed);
+        };
+        let lifetime = expires_at
+            .duration_since(fetched_at)
+            .unwrap_or(Duration::ZERO);
+        if lifetime > MAX_LIFETIME {
+            return Err(OpenError::Malformed);
+        }
         // The scripts act on the clear fields: they must describe the sealed token.
         if header[DIGEST_RANGE] != TokenDigest::of(&sealed.access_token).to_hex()
             || header[FETCHED_AT_RANGE] != fetched_at_field(fetched_at)
@@ -218,9 +228,7 @@ impl TokenCipher {
             issued: IssuedToken {
                 access_token: AccessToken::new(sealed.access_token),
                 token_type: sealed.token_type,
-                lifetime: expires_at
-                    .duration_since(fetched_at)
-                    .unwrap_or(Duration::ZERO),
+                lifetime,
                 scope: sealed.scope,
             },
             fetched_at,
@@ -325,5 +333,30 @@ mod tests {
             Err(OpenError::Malformed)
         ));
         assert!(format!("{cipher:?}").contains(cipher.key_id()));
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes Redis holds under a key, opening them is an error or a token, never a
+        /// panic: truncated, edited or crafted values are a miss.
+        #[test]
+        fn arbitrary_values_never_panic(value in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+            let cipher = TokenCipher::new(&key(1), None);
+            let _ = cipher.open("k", &value);
+        }
+
+        /// A sealed value cut short, or with one byte changed, does not open.
+        #[test]
+        fn truncated_or_edited_values_do_not_open(cut in 0usize..300, at in 0usize..300, byte in proptest::num::u8::ANY) {
+            let cipher = TokenCipher::new(&key(1), None);
+            let value = cipher.seal("k", &token("t1")).into_bytes();
+            let cut = cut.min(value.len() - 1);
+            proptest::prop_assert!(cipher.open("k", &value[..cut]).is_err());
+            let mut edited = value.clone();
+            let at = at % edited.len();
+            if edited[at] != byte {
+                edited[at] = byte;
+                proptest::prop_assert!(cipher.open("k", &edited).is_err());
+            }
+        }
     }
 }

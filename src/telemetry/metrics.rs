@@ -88,6 +88,8 @@ pub enum IdpOutcome {
     ServerError,
     /// A 2xx that is not a usable token.
     InvalidResponse,
+    /// An answer longer than `max_response_bytes`.
+    ResponseTooLarge,
     /// Not sent: the environment's `max_fetches_per_hour` was spent.
     QuotaExhausted,
     /// Not sent: the `private_key_jwt` assertion could not be signed.
@@ -96,7 +98,7 @@ pub enum IdpOutcome {
 
 impl IdpOutcome {
     /// Every outcome, in label order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Ok,
         Self::Rejected,
         Self::RateLimited,
@@ -104,6 +106,7 @@ impl IdpOutcome {
         Self::Connect,
         Self::ServerError,
         Self::InvalidResponse,
+        Self::ResponseTooLarge,
         Self::QuotaExhausted,
         Self::SigningFailed,
     ];
@@ -118,6 +121,7 @@ impl IdpOutcome {
             Self::Connect => "connect",
             Self::ServerError => "server_error",
             Self::InvalidResponse => "invalid_response",
+            Self::ResponseTooLarge => "response_too_large",
             Self::QuotaExhausted => "quota_exhausted",
             Self::SigningFailed => "signing_failed",
         }
