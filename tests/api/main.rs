@@ -24,6 +24,7 @@ mod oauth_requests;
 mod open_start;
 mod openapi;
 mod process;
+mod promise;
 mod rate_limit;
 mod refresh;
 mod reload;
