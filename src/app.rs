@@ -93,6 +93,8 @@ pub struct App {
     /// User tokens (authorization-code flow).
     pub user_tokens: UserTokens,
     current: ArcSwap<Snapshot>,
+    /// The configuration the process started with: what settings read only at start still hold.
+    started: Arc<Snapshot>,
     reloader: Option<Reloader>,
     /// Serialises reloads so two cannot interleave their compare-and-drop.
     reloading: std::sync::Mutex<()>,
@@ -136,12 +138,13 @@ impl AppState {
             ),
             None => Broker::new(cache, idp, metrics.clone()),
         };
-        let snapshot = Snapshot::new(settings, &metrics, None);
+        let snapshot = Arc::new(Snapshot::new(settings, &metrics, None));
         Ok(Self(Arc::new(App {
             broker,
             metrics,
             user_tokens,
-            current: ArcSwap::from_pointee(snapshot),
+            current: ArcSwap::new(Arc::clone(&snapshot)),
+            started: snapshot,
             reloader,
             reloading: std::sync::Mutex::new(()),
             ready: AtomicBool::new(true),
@@ -184,7 +187,7 @@ impl AppState {
             })
             .map(|(_, _, before)| Arc::clone(before))
             .collect();
-        let restart_required = settings.needing_restart(&old.settings);
+        let restart_required = settings.needing_restart(&self.started.settings);
         let report = ReloadReport {
             tenants: settings.tenants.len(),
             environments: settings.environments().count(),

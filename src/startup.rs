@@ -240,8 +240,13 @@ async fn reload_on_hangup(state: AppState) {
         };
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the configuration");
-            if let Err(error) = state.reload() {
-                tracing::error!(%error, "reload refused; the previous configuration keeps serving");
+            let reloading = state.clone();
+            match tokio::task::spawn_blocking(move || reloading.reload()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "reload refused; the previous configuration keeps serving");
+                }
+                Err(error) => tracing::error!(%error, "reload failed unexpectedly"),
             }
         }
     }

@@ -236,5 +236,10 @@ pub async fn reload(
     State(state): State<AppState>,
     _: Admin,
 ) -> Result<Json<ReloadReport>, ApiError> {
-    Ok(Json(state.reload()?))
+    // Reading files blocks: not on a runtime worker thread.
+    let reloading = state.clone();
+    let report = tokio::task::spawn_blocking(move || reloading.reload())
+        .await
+        .map_err(|_| ApiError::Internal)??;
+    Ok(Json(report))
 }

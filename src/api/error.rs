@@ -71,6 +71,9 @@ pub enum ApiError {
     /// A reload was refused; the old configuration keeps serving.
     #[error("{0}")]
     Reload(#[from] ReloadError),
+    /// Something the broker did not foresee; the detail is in the log.
+    #[error("internal error")]
+    Internal,
 }
 
 impl From<AccessError> for ApiError {
@@ -173,6 +176,7 @@ impl ApiError {
             Self::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Reload(ReloadError::NotReloadable) => (StatusCode::CONFLICT, "not_reloadable"),

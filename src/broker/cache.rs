@@ -231,6 +231,7 @@ impl Broker {
                 .iter()
                 .any(|(t, e)| *key.tenant == **t && *key.environment == **e)
         };
+        self.inner.flights.detach(&of_changed);
         let (tokens, rejections, lifetimes) = (of_changed.clone(), of_changed.clone(), of_changed);
         let invalidated = [
             self.inner

@@ -35,6 +35,23 @@ pub(super) type Outcome = Result<Arc<CachedToken>, Arc<BrokerError>>;
 #[derive(Default)]
 pub(super) struct Flights(Mutex<HashMap<TokenKey, watch::Receiver<Option<Outcome>>, KeyHasher>>);
 
+impl Flights {
+    /// Unregisters the flight of `key` if it is still `own` (a reload may have put another in
+    /// its place).
+    fn remove(&self, key: &TokenKey, own: &watch::Receiver<Option<Outcome>>) {
+        let mut flights = lock(&self.0);
+        if flights.get(key).is_some_and(|flight| flight.same_channel(own)) {
+            flights.remove(key);
+        }
+    }
+
+    /// Unregisters the flights of keys that `changed` selects: they run on (their tokens will not
+    /// be installed), but new requests start new flights under the new settings.
+    pub(super) fn detach(&self, changed: impl Fn(&TokenKey) -> bool) {
+        lock(&self.0).retain(|key, _| !changed(key));
+    }
+}
+
 /// The caller whose request asks for a flight, and so who pays if it starts one.
 pub(super) struct Starter<'a> {
     /// The caller's budget.
@@ -178,6 +195,7 @@ impl Broker {
     ) {
         let broker = self.clone();
         let generation = self.generation(&key);
+        let own = done.subscribe();
         tokio::spawn(async move {
             let asked = Arc::new(AtomicBool::new(false));
             // A second task, so that a panic in the fetch is a `JoinError` here, not a flight
@@ -219,7 +237,7 @@ impl Broker {
             {
                 current.refresh_failed(SystemTime::now(), rand::rng().random());
             }
-            lock(&broker.inner.flights.0).remove(&key);
+            broker.inner.flights.remove(&key, &own);
             let _ = done.send(Some(outcome));
         });
     }

@@ -90,3 +90,72 @@ async fn reload_needs_the_admin_key() {
     let answer = reload(&app, Some(ADMIN_KEY)).await;
     assert_eq!(answer.status, 409, "{}", answer.body);
 }
+
+#[tokio::test]
+async fn a_fetch_under_the_old_settings_is_never_served_after_a_reload_changed_them() {
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    let config = base_config(&idp.uri());
+    std::fs::write(&file, &config).unwrap();
+    let app = spawn_from_file(idp, &file).await;
+    let slow = TokenIssuer::new(3600).with_delay(std::time::Duration::from_millis(800));
+    let issuer = issue_tokens(&app.idp, "acme", slow).await;
+
+    // A fetch under the old client id, whose caller gives up at once.
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .get(format!("{}/v1/tokens/acme/production", app.url))
+        .bearer_auth(BILLING_KEY)
+        .send()
+        .await;
+    assert!(gave_up.is_err());
+    std::fs::write(
+        &file,
+        config.replace("acme-production-id", "acme-production-new-id"),
+    )
+    .unwrap();
+    let report = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(report.body["dropped"], serde_json::json!(["acme/production"]));
+
+    // Served only what the new client fetched, never the old fetch's token.
+    let after = app.billing("acme/production").await;
+    assert_eq!(after.token(), "token-2", "{}", after.body);
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    assert_eq!(app.billing("acme/production").await.token(), "token-2");
+    assert_eq!(issuer.issued(), 2);
+    let requests = app.idp.received_requests().await.unwrap();
+    let last: serde_json::Value = serde_json::from_slice(&requests[1].body).unwrap();
+    assert_eq!(last["client_id"], "acme-production-new-id");
+}
+
+#[tokio::test]
+async fn settings_that_need_a_restart_are_named_in_the_answer() {
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    let config = base_config(&idp.uri());
+    std::fs::write(&file, &config).unwrap();
+    let app = spawn_from_file(idp, &file).await;
+
+    let changed = config.replace(
+        "shutdown_grace = \"2s\"",
+        "shutdown_grace = \"3s\"\nrequest_timeout = \"40s\"",
+    );
+    std::fs::write(&file, format!("{changed}\n[users]\nmax_sessions = 7\n")).unwrap();
+    let report = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(report.status, 200, "{}", report.body);
+    assert_eq!(
+        report.body["restart_required"],
+        serde_json::json!(["server.shutdown_grace", "server.request_timeout", "users"])
+    );
+    // Until a restart, every reload says so again; back to the original, nothing is pending.
+    let again = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(again.body["restart_required"], report.body["restart_required"]);
+    std::fs::write(&file, &config).unwrap();
+    let restored = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(restored.body["restart_required"], serde_json::json!([]));
+}
