@@ -41,9 +41,11 @@ pub const ENV_PREFIX: &str = "TOKEN_BROKER";
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A layer could not be read or parsed (missing file, bad TOML, wrong type).
+    /// A layer could not be read or parsed (missing file, bad TOML, wrong type). The message
+    /// names the file, line and column, or the setting and its source, and never quotes a value
+    /// or a source line: either may hold a secret.
     #[error("cannot read configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(String),
     /// The layers parsed but describe an unusable service; every problem is listed.
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
@@ -82,8 +84,20 @@ impl Settings {
             builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
         let builder = builder.add_source(Environment::with_prefix(ENV_PREFIX).separator("__"));
-        let raw: RawSettings = builder.build()?.try_deserialize()?;
+        let raw: RawSettings = builder
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|error| ConfigError::Load(describe(&error, file)))?;
         raw.validate(&|name| std::env::var(name).ok())
+            .map_err(|error| match error {
+                ConfigError::Invalid(problems) => ConfigError::Invalid(
+                    problems
+                        .into_iter()
+                        .map(|problem| with_source(problem, file))
+                        .collect(),
+                ),
+                other => other,
+            })
     }
 
     /// Loads defaults and then `toml` alone, without the process environment (for tests and
@@ -105,7 +119,10 @@ impl Settings {
         for layer in layers {
             builder = builder.add_source(File::from_str(layer, FileFormat::Toml));
         }
-        let raw: RawSettings = builder.build()?.try_deserialize()?;
+        let raw: RawSettings = builder
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|error| ConfigError::Load(describe(&error, None)))?;
         raw.validate(env)
     }
 
@@ -173,6 +190,98 @@ impl Settings {
     }
 }
 
+/// What went wrong reading the layers, without any value or source line: a TOML syntax error
+/// names the file, line and column; a wrong type names the setting, what it must be, and where
+/// it came from.
+fn describe(error: &config::ConfigError, file: Option<&Path>) -> String {
+    use config::ConfigError as E;
+    let origin = |origin: &Option<String>| match origin.as_deref() {
+        Some(origin) => format!(" (in {origin})"),
+        None => String::new(),
+    };
+    match error {
+        E::FileParse { uri, cause } => {
+            // The URI is the file given, made relative to the working directory: name it as given.
+            let place = match (uri, file) {
+                (Some(_), Some(file)) => file.display().to_string(),
+                (Some(uri), None) => uri.clone(),
+                (None, _) => "a configuration layer".to_owned(),
+            };
+            // toml's message starts "TOML parse error at line L, column C", then quotes the line.
+            let text = cause.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            match first.strip_prefix("TOML parse error at ") {
+                Some(at) => format!("{place}: TOML syntax error at {at}"),
+                None => format!("{place}: not valid TOML"),
+            }
+        }
+        E::Type {
+            origin: from,
+            expected,
+            key,
+            ..
+        } => format!(
+            "{}: must be {expected}{}",
+            key.as_deref().unwrap_or("a setting"),
+            origin(from)
+        ),
+        E::At {
+            error,
+            origin: from,
+            key,
+        } => match key {
+            Some(key) => format!("{key}: {}{}", describe(error, file), origin(from)),
+            None => format!("{}{}", describe(error, file), origin(from)),
+        },
+        E::NotFound(key) => format!("{key}: missing"),
+        other => without_quoted_values(&other.to_string()),
+    }
+}
+
+/// `text` with every double-quoted part replaced by `"…"`: serde's messages quote the value
+/// they could not read (`invalid value: string "…", expected a duration`). A missing file's
+/// name is kept.
+fn without_quoted_values(text: &str) -> String {
+    if text.starts_with("configuration file ") {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    for c in text.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                out.push_str("\"…");
+                quoted = true;
+            }
+            ('"', true) => {
+                out.push('"');
+                quoted = false;
+            }
+            (_, false) => out.push(c),
+            (_, true) => {}
+        }
+    }
+    out
+}
+
+/// A validation problem with where its setting came from: the environment variable that set
+/// it, else the file, else the built-in defaults.
+fn with_source(problem: String, file: Option<&Path>) -> String {
+    let path = problem.split(':').next().unwrap_or_default();
+    let variable = format!(
+        "{ENV_PREFIX}__{}",
+        path.replace('.', "__").to_ascii_uppercase()
+    );
+    let source = if std::env::var_os(&variable).is_some() {
+        format!("environment variable {variable}")
+    } else if let Some(file) = file {
+        file.display().to_string()
+    } else {
+        "the built-in defaults".to_owned()
+    };
+    format!("{problem} (from {source})")
+}
+
 impl RawSettings {
     fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
         let mut problems = Vec::new();
@@ -216,6 +325,9 @@ impl RawSettings {
         }
 
         let shared_cache = self.shared_cache.validate(env, &mut problems);
+        if let Some(shared) = &shared_cache {
+            check_timings(&self.server, &tenants, shared, &mut problems);
+        }
 
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems));
@@ -232,16 +344,59 @@ impl RawSettings {
     }
 }
 
+/// The timings of the shared level against each other: the fetch lock outlives any fetch, a
+/// replica waits for a peer as long as a fetch may take, and a request waits for both.
+fn check_timings(
+    server: &ServerSettings,
+    tenants: &BTreeMap<String, TenantSettings>,
+    shared: &SharedCacheSettings,
+    problems: &mut Vec<String>,
+) {
+    let Some((longest, at)) = tenants
+        .iter()
+        .flat_map(|(tenant, t)| {
+            t.environments.iter().map(move |(name, environment)| {
+                (
+                    environment.timeout,
+                    format!("tenants.{tenant}.environments.{name}.timeout"),
+                )
+            })
+        })
+        .max_by_key(|(timeout, _)| *timeout)
+    else {
+        return;
+    };
+    let show = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    if shared.lock_ttl <= longest {
+        problems.push(format!(
+            "shared_cache.lock_ttl: must be longer than the longest environment timeout ({} at {at}), or a slow fetch outlives its lock and another replica asks the IdP too",
+            show(longest)
+        ));
+    }
+    if shared.wait_for_peer < longest {
+        problems.push(format!(
+            "shared_cache.wait_for_peer: must be at least the longest environment timeout ({} at {at}), or replicas stop waiting for a fetch still under way and ask the IdP too",
+            show(longest)
+        ));
+    }
+    let needed = shared.wait_for_peer.saturating_add(longest);
+    if server.request_timeout < needed {
+        problems.push(format!(
+            "server.request_timeout: must be at least shared_cache.wait_for_peer plus the longest environment timeout ({}), or requests time out while the fetch they wait on can still succeed",
+            show(needed)
+        ));
+    }
+}
+
 /// Every problem of `[cache]`.
 fn check_cache(cache: &CacheSettings, problems: &mut Vec<String>) {
     if cache.max_entries == 0 {
         problems.push("cache.max_entries: must be at least 1".to_owned());
     }
     if !(0.0..1.0).contains(&cache.refresh_ahead) {
-        problems.push(format!(
-            "cache.refresh_ahead: {} is outside [0, 1): it is the fraction of a token's life left when a refresh starts",
-            cache.refresh_ahead
-        ));
+        problems.push(
+            "cache.refresh_ahead: must be in [0, 1): it is the fraction of a token's servable life left when a refresh starts".to_owned(),
+        );
     }
 }
 
@@ -362,7 +517,7 @@ mod tests {
             "cache.refresh_ahead",
             "callers.Billing: caller names",
             "callers.Billing.key_sha256",
-            "callers.Billing.allow: 'acme'",
+            "callers.Billing.allow[0]",
             "token_url",
             "client_id: missing",
             "more than one of client_secret",
@@ -394,5 +549,71 @@ mod tests {
         ) {
             let _ = Settings::from_toml(&format!("[{section}]\n{name} = {value}\n"), &no_env);
         }
+    }
+
+    #[test]
+    fn shared_cache_timings_are_checked_against_each_other() {
+        let env = |name: &str| {
+            (name == "CACHE_KEY").then(|| "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=".to_owned())
+        };
+        let base = r#"
+            [auth]
+            allow_anonymous = true
+            [shared_cache]
+            url = "redis://127.0.0.1:6379"
+            encryption_key_env = "CACHE_KEY"
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "id"
+            client_secret = "s"
+            timeout = "25s"
+        "#;
+        let all = problems(base, &env);
+        for expected in [
+            "shared_cache.lock_ttl: must be longer than the longest environment timeout (25s at tenants.acme.environments.production.timeout)",
+            "shared_cache.wait_for_peer: must be at least the longest environment timeout",
+            "server.request_timeout: must be at least shared_cache.wait_for_peer plus the longest environment timeout (35s)",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        let fixed = "[shared_cache]\nlock_ttl = \"30s\"\nwait_for_peer = \"25s\"\n[server]\nrequest_timeout = \"50s\"\n";
+        assert!(Settings::from_toml_layers(&[base, fixed], &env).is_ok());
+    }
+
+    #[test]
+    fn errors_never_quote_a_source_line_or_a_value() {
+        let syntax = "[tenants.acme.environments.production]\nclient_secret = \"hunter2\" oops\n";
+        let Err(ConfigError::Load(message)) = Settings::from_toml(syntax, &no_env) else {
+            panic!("expected a load error");
+        };
+        assert!(
+            message.contains("TOML syntax error at line 2, column 27"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+        for layer in [
+            "[server]\nmax_body_bytes = \"hunter2\"\n",
+            "[server]\nrequest_timeout = \"hunter2\"\n",
+            "[cache]\nrefresh_ahead = \"hunter2\"\n",
+            "[auth]\nallow_anonymous = \"hunter2\"\n",
+        ] {
+            let Err(error) = Settings::from_toml(layer, &no_env) else {
+                panic!("expected an error for {layer}");
+            };
+            let message = error.to_string();
+            assert!(!message.contains("hunter2"), "{message}");
+            assert!(
+                message.contains("server.")
+                    || message.contains("cache.")
+                    || message.contains("auth."),
+                "{message}"
+            );
+        }
+        let invalid = "[server]\nlisten = \"hunter2\"\n[auth]\nallow_anonymous = true\n";
+        let all = problems(invalid, &no_env);
+        assert!(
+            all.contains("server.listen") && !all.contains("hunter2"),
+            "{all}"
+        );
     }
 }

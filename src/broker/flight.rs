@@ -40,7 +40,10 @@ impl Flights {
     /// its place).
     fn remove(&self, key: &TokenKey, own: &watch::Receiver<Option<Outcome>>) {
         let mut flights = lock(&self.0);
-        if flights.get(key).is_some_and(|flight| flight.same_channel(own)) {
+        if flights
+            .get(key)
+            .is_some_and(|flight| flight.same_channel(own))
+        {
             flights.remove(key);
         }
     }

@@ -69,10 +69,10 @@ pub(super) fn callers(
             ));
         }
         let mut allow = Vec::with_capacity(raw.allow.len());
-        for rule in &raw.allow {
+        for (index, rule) in raw.allow.iter().enumerate() {
             match rule.parse::<AllowRule>() {
                 Ok(rule) => allow.push(rule),
-                Err(e) => problems.push(format!("{at}.allow: '{rule}': {e}")),
+                Err(e) => problems.push(format!("{at}.allow[{index}]: {e}")),
             }
         }
         if raw.rate_limit == Some(0) {
@@ -125,7 +125,7 @@ mod tests {
         for expected in [
             "callers.Billing: caller names",
             "callers.Billing.key_sha256: not a SHA-256",
-            "callers.Billing.allow: 'acme'",
+            "callers.Billing.allow[0]: expected tenant/environment",
             "callers.Billing.rate_limit: must be above 0",
             "callers.reports.key_sha256: missing",
             "callers.reports.allow: empty",

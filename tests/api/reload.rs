@@ -119,7 +119,10 @@ async fn a_fetch_under_the_old_settings_is_never_served_after_a_reload_changed_t
     )
     .unwrap();
     let report = reload(&app, Some(ADMIN_KEY)).await;
-    assert_eq!(report.body["dropped"], serde_json::json!(["acme/production"]));
+    assert_eq!(
+        report.body["dropped"],
+        serde_json::json!(["acme/production"])
+    );
 
     // Served only what the new client fetched, never the old fetch's token.
     let after = app.billing("acme/production").await;
@@ -154,7 +157,10 @@ async fn settings_that_need_a_restart_are_named_in_the_answer() {
     );
     // Until a restart, every reload says so again; back to the original, nothing is pending.
     let again = reload(&app, Some(ADMIN_KEY)).await;
-    assert_eq!(again.body["restart_required"], report.body["restart_required"]);
+    assert_eq!(
+        again.body["restart_required"],
+        report.body["restart_required"]
+    );
     std::fs::write(&file, &config).unwrap();
     let restored = reload(&app, Some(ADMIN_KEY)).await;
     assert_eq!(restored.body["restart_required"], serde_json::json!([]));
