@@ -61,6 +61,9 @@ pub use shared::{
 pub use token::CachedToken;
 pub use upstream::Upstream;
 
+/// (tenant, environment), as in a [`TokenKey`].
+type EnvironmentName = (Box<str>, Box<str>);
+
 /// Locks a std mutex that guards a few instructions of bookkeeping (never held across an await);
 /// a panic elsewhere cannot leave that state inconsistent, so a poisoned lock is used as is.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,7 +120,7 @@ struct Inner {
     flights: Flights,
     /// Per (tenant, environment): bumped when a reload changes how it talks to its IdP, so a
     /// fetch that began before is not installed after.
-    generations: Mutex<HashMap<(Box<str>, Box<str>), u64>>,
+    generations: Mutex<HashMap<EnvironmentName, u64>>,
     /// Per (token URL, client id) state; a plain map because it only grows with configuration.
     upstreams: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     idp: IdpClient,
