@@ -37,14 +37,46 @@ pub async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Which routes a listener serves: everything on one port, or callers' and operators' routes
+/// apart when `server.admin_listen` is set (probes and `/openapi.json` on both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Every route, on `server.listen` alone.
+    All,
+    /// Callers' routes and probes, on `server.listen` beside an admin listener.
+    Main,
+    /// `/metrics`, `/v1/admin/*` and probes, on `server.admin_listen`.
+    Admin,
+}
+
 /// Every route with its OpenAPI description. The router and `/openapi.json` are both built from
 /// this one list, so neither can miss a route.
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    routes_for(Surface::All)
+}
+
+/// The routes of one listener, with their OpenAPI description.
+pub fn routes_for(surface: Surface) -> OpenApiRouter<AppState> {
+    let document = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(probe_routes());
+    match surface {
+        Surface::All => document.merge(caller_routes()).merge(operator_routes()),
+        Surface::Main => document.merge(caller_routes()),
+        Surface::Admin => document.merge(operator_routes()),
+    }
+}
+
+/// Every route a caller uses: tokens, the OAuth2 facade, user tokens.
+fn caller_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .merge(token_routes())
         .merge(oauth_facade_routes())
         .merge(user_routes())
-        .merge(operation_routes())
+}
+
+/// The metrics scrape and the admin API behind the admin key (API.md §3).
+fn operator_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(metrics::metrics))
         .merge(admin_routes())
 }
 
@@ -71,12 +103,11 @@ fn user_routes() -> OpenApiRouter<AppState> {
         ))
 }
 
-/// Probes, metrics and the OpenAPI document (API.md §3).
-fn operation_routes() -> OpenApiRouter<AppState> {
+/// Probes and the OpenAPI document (API.md §3), on every listener.
+fn probe_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health::livez))
         .routes(routes!(health::readyz))
-        .routes(routes!(metrics::metrics))
         .routes(routes!(openapi::openapi_json))
 }
 

@@ -290,6 +290,9 @@ impl RawSettings {
         check_users(&self.users, &mut problems);
         let auth = callers::auth(&self.auth, &mut problems);
         let callers = callers::callers(self.callers, &auth, &mut problems);
+        if auth.allow_anonymous {
+            check_anonymous(&self.server, !callers.is_empty(), &mut problems);
+        }
         if callers.is_empty() && !auth.allow_anonymous && problems.is_empty() {
             problems.push(
                 "callers: none configured, so nobody could get a token; add [callers.NAME] with a key from `token-broker hash-key`, or set auth.allow_anonymous = true for a sidecar bound to localhost".to_owned(),
@@ -388,6 +391,25 @@ fn check_timings(
     }
 }
 
+/// Anonymous access is for a sidecar alone on loopback: never beside configured callers (a
+/// request without a key would get every tenant), never on an address others can reach.
+fn check_anonymous(server: &ServerSettings, has_callers: bool, problems: &mut Vec<String>) {
+    if has_callers {
+        problems.push(
+            "auth.allow_anonymous: refused together with [callers]: a request without a key would be served every tenant; remove it (callers present their keys) or remove the callers".to_owned(),
+        );
+    }
+    if server
+        .listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|address| !address.ip().is_loopback())
+    {
+        problems.push(
+            "auth.allow_anonymous: refused while server.listen is not a loopback address (127.0.0.1 or [::1]): anyone who reaches the port would get tokens; bind to loopback, or configure callers".to_owned(),
+        );
+    }
+}
+
 /// Every problem of `[cache]`.
 fn check_cache(cache: &CacheSettings, problems: &mut Vec<String>) {
     if cache.max_entries == 0 {
@@ -404,6 +426,9 @@ fn check_cache(cache: &CacheSettings, problems: &mut Vec<String>) {
 fn check_users(users: &UserSettings, problems: &mut Vec<String>) {
     if users.max_sessions == 0 {
         problems.push("users.max_sessions: must be at least 1".to_owned());
+    }
+    if users.max_pending_per_caller == 0 {
+        problems.push("users.max_pending_per_caller: must be at least 1".to_owned());
     }
     if users.authorization_timeout.is_zero() || users.idle_timeout.is_zero() {
         problems
@@ -557,6 +582,8 @@ mod tests {
             (name == "CACHE_KEY").then(|| "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=".to_owned())
         };
         let base = r#"
+            [server]
+            listen = "127.0.0.1:8080"
             [auth]
             allow_anonymous = true
             [shared_cache]
@@ -615,5 +642,20 @@ mod tests {
             all.contains("server.listen") && !all.contains("hunter2"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn anonymous_access_is_only_for_a_lone_sidecar_on_loopback() {
+        let on = |listen: &str| {
+            format!("[server]\nlisten = \"{listen}\"\n[auth]\nallow_anonymous = true\n")
+        };
+        assert!(Settings::from_toml(&on("127.0.0.1:8080"), &no_env).is_ok());
+        assert!(Settings::from_toml(&on("[::1]:8080"), &no_env).is_ok());
+        assert!(problems(&on("0.0.0.0:8080"), &no_env).contains("not a loopback address"));
+        let with_callers = format!(
+            "{}[callers.billing]\nkey_sha256 = \"{HASH}\"\nallow = [\"acme/*\"]\n",
+            on("127.0.0.1:8080")
+        );
+        assert!(problems(&with_callers, &no_env).contains("refused together with [callers]"));
     }
 }

@@ -19,17 +19,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::api;
+use crate::api::{self, Surface};
 use crate::app::{AppError, AppState, Reloader};
 use crate::config::Settings;
 use crate::telemetry::metrics::Metrics;
@@ -60,12 +60,13 @@ pub enum StartupError {
 }
 
 /// The whole HTTP surface with its middleware stack.
-pub fn router(state: AppState) -> Router {
+/// The routes of one listener (see [`Surface`]) with the middleware stack.
+pub fn router(state: AppState, surface: Surface) -> Router {
     let (timeout, body_limit) = {
         let server = &state.current().settings.server;
         (server.request_timeout, server.max_body_bytes)
     };
-    let (router, document) = api::routes().split_for_parts();
+    let (router, document) = api::routes_for(surface).split_for_parts();
     let http_metrics = Arc::new(
         state
             .metrics
@@ -82,7 +83,8 @@ pub fn router(state: AppState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             timeout,
         ))
-        .layer(DefaultBodyLimit::max(body_limit));
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(Extension(surface));
     router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
@@ -106,6 +108,8 @@ fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub struct Application {
     state: AppState,
     listener: TcpListener,
+    /// The listener of `server.admin_listen`, when set.
+    admin_listener: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
 }
 
@@ -139,9 +143,16 @@ impl Application {
             .as_ref()
             .map(tls::acceptor)
             .transpose()?;
+        let admin_listener = settings
+            .server
+            .admin_listen
+            .as_deref()
+            .map(bind_now)
+            .transpose()?;
         Ok(Self {
             state: AppState::new(settings, reloader)?,
             listener,
+            admin_listener,
             tls,
         })
     }
@@ -151,6 +162,13 @@ impl Application {
         self.listener
             .local_addr()
             .expect("a bound TCP listener has an address")
+    }
+
+    /// The address of the admin listener, when `server.admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     /// The shared state, for callers that need the broker directly.
@@ -164,22 +182,45 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let (grace, max_header_bytes) = {
+        let (grace, max_header_bytes, max_connections) = {
             let server = &state.current().settings.server;
-            (server.shutdown_grace, server.max_header_bytes)
+            (
+                server.shutdown_grace,
+                server.max_header_bytes,
+                server.max_connections,
+            )
         };
         let _stop_reloading = AbortOnDrop(tokio::spawn(reload_on_hangup(state.clone())));
         let _stop_upkeep = AbortOnDrop(tokio::spawn(metrics_upkeep(state.metrics.clone())));
         if self.tls.is_some() {
             tracing::info!("serving HTTPS (server.tls)");
         }
-        let settings = serve::ConnectionSettings {
+        let settings = |tls: Option<TlsAcceptor>| serve::ConnectionSettings {
             max_header_bytes,
-            tls: self.tls,
+            tls,
+            max_connections,
         };
-        let stop_accepting = {
+        // Both listeners stop accepting together, after the drain delay.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop_accepting = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let admin = self.admin_listener.map(|listener| {
+            let (state, settings) = (state.clone(), settings(self.tls.clone()));
+            let stopped = stop_accepting(stopped.clone());
+            tokio::spawn(async move {
+                let app = router(state, Surface::Admin);
+                serve::accept_until(listener, app, settings, stopped).await
+            })
+        });
+        let surface = if admin.is_some() {
+            Surface::Main
+        } else {
+            Surface::All
+        };
+        let signal = {
             let state = state.clone();
-            async move {
+            tokio::spawn(async move {
                 shutdown.await;
                 state.start_draining();
                 let delay = state.current().settings.server.drain_delay;
@@ -187,24 +228,46 @@ impl Application {
                     tracing::info!(?delay, "shutting down: readiness is 503, still accepting");
                     tokio::time::sleep(delay).await;
                 }
-            }
+                let _ = stop.send(true);
+            })
         };
         let connections = serve::accept_until(
             self.listener,
-            router(state.clone()),
-            settings,
-            stop_accepting,
+            router(state.clone(), surface),
+            settings(self.tls),
+            stop_accepting(stopped),
         )
         .await;
+        signal.abort();
+        let admin_connections = match admin {
+            Some(admin) => admin.await.ok(),
+            None => None,
+        };
         tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
-        if tokio::time::timeout(grace, connections.shutdown())
-            .await
-            .is_err()
-        {
+        let drained = async {
+            connections.shutdown().await;
+            if let Some(admin) = admin_connections {
+                admin.shutdown().await;
+            }
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("shutdown grace elapsed; closing the remaining connections");
         }
         Ok(())
     }
+}
+
+/// Binds `address` at once (the admin listener, bound while the application is built).
+fn bind_now(address: &str) -> Result<TcpListener, StartupError> {
+    let bind = |address: &str| {
+        let listener = std::net::TcpListener::bind(address)?;
+        listener.set_nonblocking(true)?;
+        TcpListener::from_std(listener)
+    };
+    bind(address).map_err(|source| StartupError::Bind {
+        address: address.to_owned(),
+        source,
+    })
 }
 
 /// Moves histogram samples into buckets every few seconds, so memory stays bounded between

@@ -65,6 +65,14 @@ pub enum UserError {
         "the IdP no longer accepts this user's refresh token; send the user to authorization_url"
     )]
     ReauthorizationRequired(Box<Authorization>),
+    /// The caller has `users.max_pending_per_caller` authorizations pending already.
+    #[error(
+        "this caller has {max} authorizations pending (users.max_pending_per_caller); redeem or let some expire first"
+    )]
+    TooManyPending {
+        /// The configured bound.
+        max: usize,
+    },
     /// A token could not be handed out, for the same reasons as a broker token.
     #[error(transparent)]
     Token(#[from] BrokerError),
@@ -81,6 +89,7 @@ struct Inner {
     pending: PendingAuthorizations,
     sessions: SessionStore,
     min_remaining: Duration,
+    max_pending_per_caller: usize,
 }
 
 impl UserTokens {
@@ -92,6 +101,7 @@ impl UserTokens {
                 pending: PendingAuthorizations::new(settings),
                 sessions: SessionStore::new(settings),
                 min_remaining,
+                max_pending_per_caller: settings.max_pending_per_caller,
             }),
         }
     }
@@ -104,11 +114,13 @@ impl UserTokens {
         environment: &EnvironmentSettings,
     ) -> Result<Authorization, UserError> {
         let login = user_login(environment)?;
-        Ok(self
-            .inner
+        self.inner
             .pending
             .start(owner, key, environment, login)
-            .await)
+            .await
+            .ok_or(UserError::TooManyPending {
+                max: self.inner.max_pending_per_caller,
+            })
     }
 
     /// Redeems `state`: the authorization `owner` started for `tenant`/`environment`, once.

@@ -23,6 +23,9 @@ use crate::config::ConfigError;
 use crate::telemetry::error_chain;
 use crate::user_tokens::UserError;
 
+/// How long a caller with too many pending authorizations is asked to wait.
+const PENDING_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 tokio::task_local! {
     /// The id of the request being served, for error bodies.
     pub static REQUEST_ID: Arc<str>;
@@ -189,6 +192,7 @@ impl ApiError {
                     (StatusCode::NOT_FOUND, "not_found")
                 }
                 UserError::UnknownState => (StatusCode::BAD_REQUEST, "invalid_request"),
+                UserError::TooManyPending { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
                 UserError::CodeRejected { .. } => (StatusCode::BAD_REQUEST, "invalid_grant"),
                 UserError::ReauthorizationRequired(_) => {
                     (StatusCode::UNAUTHORIZED, "reauthorization_required")
@@ -204,6 +208,7 @@ impl ApiError {
             Self::RateLimited { retry_after } => Some(*retry_after),
             Self::Broker(error) => broker_retry_after(error),
             Self::Users(UserError::Token(error)) => broker_retry_after(error),
+            Self::Users(UserError::TooManyPending { .. }) => Some(PENDING_RETRY_AFTER),
             _ => None,
         }
     }

@@ -2,15 +2,19 @@
 //!
 //! The handlers carry `#[utoipa::path]` annotations and [`crate::api::routes`] registers each
 //! with its description, so the router and this document come from one list and cannot drift.
-//! The document is built once, on first request.
+//! Each listener's document describes its own routes (see [`Surface`]); each is built once, on
+//! first request.
 
 use std::sync::LazyLock;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
+
+use crate::api::Surface;
 
 /// The parts of the document that are not on a handler: title, tags and security schemes.
 #[derive(OpenApi)]
@@ -55,9 +59,12 @@ impl Modify for SecuritySchemes {
     }
 }
 
-static DOCUMENT: LazyLock<Bytes> = LazyLock::new(|| {
-    let document = crate::api::routes().into_openapi();
-    Bytes::from(serde_json::to_vec(&document).expect("an OpenAPI document serialises"))
+/// The document of each [`Surface`], in its declaration order.
+static DOCUMENTS: LazyLock<[Bytes; 3]> = LazyLock::new(|| {
+    [Surface::All, Surface::Main, Surface::Admin].map(|surface| {
+        let document = crate::api::routes_for(surface).into_openapi();
+        Bytes::from(serde_json::to_vec(&document).expect("an OpenAPI document serialises"))
+    })
 });
 
 /// `GET /openapi.json`: this service's OpenAPI 3 document.
@@ -69,13 +76,14 @@ static DOCUMENT: LazyLock<Bytes> = LazyLock::new(|| {
         (status = 200, description = "The OpenAPI 3 document of every route", content_type = "application/json"),
     ),
 )]
-pub async fn openapi_json() -> Response {
+pub async fn openapi_json(Extension(surface): Extension<Surface>) -> Response {
+    let document = &DOCUMENTS[surface as usize];
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        DOCUMENT.clone(),
+        document.clone(),
     )
         .into_response()
 }

@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn admin_and_metrics_keys_are_hashes() {
         let toml = format!(
-            "[auth]\nallow_anonymous = true\nadmin_key_sha256 = \"{HASH}\"\nmetrics_key_sha256 = \"xyz\""
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nallow_anonymous = true\nadmin_key_sha256 = \"{HASH}\"\nmetrics_key_sha256 = \"xyz\""
         );
         assert!(problems(&toml, &no_env).contains("auth.metrics_key_sha256: not a SHA-256"));
     }

@@ -268,6 +268,8 @@ mod tests {
     #[test]
     fn private_key_jwt_needs_a_key_and_no_secret() {
         let base = r#"
+            [server]
+            listen = "127.0.0.1:8080"
             [auth]
             allow_anonymous = true
             [tenants.acme.environments.production]
@@ -321,6 +323,8 @@ mod tests {
     #[test]
     fn user_login_needs_both_urls() {
         let base = r#"
+            [server]
+            listen = "127.0.0.1:8080"
             [auth]
             allow_anonymous = true
             [tenants.acme.environments.production]

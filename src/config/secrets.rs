@@ -73,6 +73,8 @@ mod tests {
         std::fs::write(&path, "from-file\n").expect("write");
         let toml = format!(
             r#"
+            [server]
+            listen = "127.0.0.1:8080"
             [auth]
             allow_anonymous = true
             [tenants.acme.environments.staging]
@@ -89,7 +91,7 @@ mod tests {
 
     #[test]
     fn exactly_one_source_and_never_empty() {
-        let base = "[auth]\nallow_anonymous = true\n[tenants.acme.environments.staging]\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"id\"\n";
+        let base = "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nallow_anonymous = true\n[tenants.acme.environments.staging]\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"id\"\n";
         assert!(problems(base, &no_env).contains("no client secret"));
         let unset = format!("{base}client_secret_env = \"UNSET\"\n");
         assert!(problems(&unset, &no_env).contains("UNSET is not set"));

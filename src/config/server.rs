@@ -29,6 +29,11 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     /// Largest accepted request head (request line and headers) in bytes; larger ones get 431.
     pub max_header_bytes: usize,
+    /// Most connections open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// A second listener for `/metrics` and `/v1/admin/*` (then not served on `listen`).
+    #[serde(default)]
+    pub admin_listen: Option<String>,
     /// Serve HTTPS with this certificate and key instead of plain HTTP.
     #[serde(default)]
     pub tls: Option<TlsSettings>,
@@ -48,6 +53,14 @@ pub struct TlsSettings {
 pub(super) fn needing_restart(new: &ServerSettings, running: &ServerSettings) -> Vec<String> {
     let fields = [
         ("server.listen", new.listen != running.listen),
+        (
+            "server.admin_listen",
+            new.admin_listen != running.admin_listen,
+        ),
+        (
+            "server.max_connections",
+            new.max_connections != running.max_connections,
+        ),
         ("server.tls", new.tls != running.tls),
         (
             "server.shutdown_grace",
@@ -77,6 +90,25 @@ pub(super) fn needing_restart(new: &ServerSettings, running: &ServerSettings) ->
 pub(super) fn check(server: &ServerSettings, problems: &mut Vec<String>) {
     if server.listen.parse::<SocketAddr>().is_err() {
         problems.push("server.listen: not an address like 0.0.0.0:8080".to_owned());
+    }
+    if server.max_connections == 0 {
+        problems.push("server.max_connections: must be at least 1".to_owned());
+    }
+    if let Some(admin) = &server.admin_listen {
+        match admin.parse::<SocketAddr>() {
+            Err(_) => {
+                problems.push("server.admin_listen: not an address like 127.0.0.1:9090".to_owned())
+            }
+            Ok(admin)
+                if server
+                    .listen
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|main| main == admin && admin.port() != 0) =>
+            {
+                problems.push("server.admin_listen: must differ from server.listen".to_owned());
+            }
+            Ok(_) => {}
+        }
     }
     if server.max_body_bytes == 0 {
         problems.push("server.max_body_bytes: must be above 0".to_owned());

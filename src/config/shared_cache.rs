@@ -121,6 +121,8 @@ mod tests {
     use super::*;
 
     const SHARED_BASE: &str = r#"
+        [server]
+        listen = "127.0.0.1:8080"
         [auth]
         allow_anonymous = true
         [shared_cache]
@@ -140,7 +142,11 @@ mod tests {
 
     #[test]
     fn the_shared_cache_is_off_without_a_url_and_configured_with_one() {
-        let off = Settings::from_toml("[auth]\nallow_anonymous = true", &no_env).expect("valid");
+        let off = Settings::from_toml(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nallow_anonymous = true",
+            &no_env,
+        )
+        .expect("valid");
         assert!(off.shared_cache.is_none());
 
         let layers = [
@@ -176,6 +182,8 @@ mod tests {
     #[test]
     fn every_shared_cache_problem_is_listed_without_secrets() {
         let toml = r#"
+            [server]
+            listen = "127.0.0.1:8080"
             [auth]
             allow_anonymous = true
             [shared_cache]

@@ -4,7 +4,8 @@
 //! `axum::serve` can neither terminate TLS nor bound the request head, so the loop is written out
 //! here with hyper directly: `max_buf_size` caps the request line and headers (hyper answers 431
 //! above it, before anything is routed), `header_read_timeout` drops clients that trickle their
-//! headers or sit idle, and TLS handshakes run in the connection's task under a timeout, so a
+//! headers or sit idle, `max_connections` bounds the connections open at once (the rest wait in
+//! the kernel's listen backlog), and TLS handshakes run in the connection's task under a timeout, so a
 //! slow client never holds up the accept loop.
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 /// Longest a client may take to complete a TLS handshake.
@@ -32,6 +34,8 @@ pub struct ConnectionSettings {
     pub max_header_bytes: usize,
     /// Terminate TLS with this, when set.
     pub tls: Option<TlsAcceptor>,
+    /// Most connections open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// Accepts and serves connections until `shutdown` completes, then stops accepting and returns
@@ -48,8 +52,17 @@ pub async fn accept_until(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(settings.max_header_bytes);
     let http = Arc::new(http);
+    let open = Arc::new(Semaphore::new(settings.max_connections));
     tokio::pin!(shutdown);
     loop {
+        // Accept only with a free slot: over `max_connections`, clients wait in the backlog.
+        let slot = tokio::select! {
+            slot = Arc::clone(&open).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
@@ -61,13 +74,17 @@ pub async fn accept_until(
             },
             () = &mut shutdown => break,
         };
-        tokio::spawn(serve_connection(
+        let connection = serve_connection(
             stream,
             settings.tls.clone(),
             Arc::clone(&http),
             app.clone(),
             graceful.watcher(),
-        ));
+        );
+        tokio::spawn(async move {
+            connection.await;
+            drop(slot);
+        });
     }
     graceful
 }

@@ -8,8 +8,9 @@
 //! cannot burn it. The PKCE verifier (RFC 7636, S256) never leaves the broker; only its challenge
 //! goes into the URL.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -59,29 +60,59 @@ impl fmt::Debug for PendingAuthorization {
 pub struct PendingAuthorizations {
     by_state: Cache<String, Arc<PendingAuthorization>>,
     timeout: Duration,
+    /// Pending authorizations per caller, so one caller cannot fill the set.
+    per_owner: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    max_per_owner: usize,
 }
 
 impl PendingAuthorizations {
-    /// An empty set bounded by `users.max_sessions`.
+    /// An empty set bounded by `users.max_sessions`, and by `users.max_pending_per_caller` for
+    /// each caller.
     pub fn new(settings: &UserSettings) -> Self {
+        let per_owner: Arc<Mutex<HashMap<Arc<str>, usize>>> = Arc::default();
+        let counts = Arc::clone(&per_owner);
         let by_state = Cache::builder()
             .max_capacity(settings.max_sessions)
             .time_to_live(settings.authorization_timeout)
+            .eviction_listener(move |_state, pending: Arc<PendingAuthorization>, _cause| {
+                // Redeemed, expired or evicted: each state leaves once, and frees its slot.
+                let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(count) = counts.get_mut(&pending.owner) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        counts.remove(&pending.owner);
+                    }
+                }
+            })
             .build();
         Self {
             by_state,
             timeout: settings.authorization_timeout,
+            per_owner,
+            max_per_owner: settings.max_pending_per_caller,
         }
     }
 
-    /// Remembers a new authorization for `owner` and `key` and builds its URL.
+    /// Remembers a new authorization for `owner` and `key` and builds its URL; `None` when
+    /// `owner` has `users.max_pending_per_caller` authorizations pending already.
     pub async fn start(
         &self,
         owner: Arc<str>,
         key: TokenKey,
         environment: &EnvironmentSettings,
         login: &UserLoginSettings,
-    ) -> Authorization {
+    ) -> Option<Authorization> {
+        {
+            let mut counts = self
+                .per_owner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let count = counts.entry(Arc::clone(&owner)).or_insert(0);
+            if *count >= self.max_per_owner {
+                return None;
+            }
+            *count += 1;
+        }
         let state = random_token();
         let code_verifier = random_token();
         let url = authorization_url(environment, login, &key, &state, &code_verifier);
@@ -92,11 +123,11 @@ impl PendingAuthorizations {
             redirect_uri: login.redirect_uri.to_string(),
         };
         self.by_state.insert(state.clone(), Arc::new(pending)).await;
-        Authorization {
+        Some(Authorization {
             url,
             state,
             expires_in: self.timeout,
-        }
+        })
     }
 
     /// Takes the authorization of `state` if `owner` started it for `tenant`/`environment`.

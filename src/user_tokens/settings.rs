@@ -13,6 +13,8 @@ pub struct UserSettings {
     /// How long an authorization URL's `state` can be redeemed for a handle.
     #[serde(with = "humantime_serde")]
     pub authorization_timeout: Duration,
+    /// Most authorizations one caller may have pending (started, not yet redeemed or expired).
+    pub max_pending_per_caller: usize,
     /// A handle nobody asked a token for this long is forgotten.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,

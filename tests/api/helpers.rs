@@ -101,6 +101,8 @@ pub struct TestApp {
     pub idp: Arc<MockServer>,
     /// The application state, for what HTTP does not show (the shared cache's health).
     pub state: AppState,
+    /// `http://127.0.0.1:PORT` of the admin listener, when `server.admin_listen` is set.
+    pub admin_url: Option<String>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -159,6 +161,7 @@ async fn start(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let app = Application::with_reloader(settings, listener, reloader).expect("build");
     let url = format!("http://{}", app.local_addr());
+    let admin_url = app.admin_addr().map(|address| format!("http://{address}"));
     let state = app.state().clone();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async {
@@ -169,6 +172,7 @@ async fn start(
         http: reqwest::Client::new(),
         idp,
         state,
+        admin_url,
         shutdown: Some(tx),
     }
 }

@@ -11,6 +11,7 @@ mod client_assertion;
 mod delete;
 mod deployment;
 mod expiry;
+mod hardening;
 mod health;
 mod layering;
 mod lifetimes;
