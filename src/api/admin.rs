@@ -229,6 +229,7 @@ pub async fn cache(State(state): State<AppState>, _: Admin) -> Json<CacheReport>
         (status = 400, description = "`invalid_configuration`, with every problem in `problems`; the old configuration keeps serving", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 409, description = "`not_reloadable`: started without a configuration file (dev mode)", body = ErrorBody),
+        (status = 500, description = "`internal_error`: the reload failed unexpectedly (logged)", body = ErrorBody),
     ),
     security(("admin_key" = [])),
 )]

@@ -167,22 +167,28 @@ impl IntoResponse for OAuthError {
     tag = "oauth",
     summary = "OAuth2 / Auth0-compatible client-credentials token endpoint (caller name and key as client id and secret)",
     params(
-        ("tenant" = String, Path, description = "Configured tenant name"),
-        ("environment" = String, Path, description = "Configured environment name"),
+        ("tenant" = String, Path, description = "Configured tenant name", pattern = "^[a-z0-9_-]{1,64}$"),
+        ("environment" = String, Path, description = "Configured environment name", pattern = "^[a-z0-9_-]{1,64}$"),
     ),
     request_body(
-        content_type = "application/x-www-form-urlencoded",
-        description = "grant_type=client_credentials, client_id, client_secret (or HTTP Basic), audience or resource, scope; application/json is accepted too"
+        content(
+            (OAuthTokenRequest = "application/x-www-form-urlencoded"),
+            (OAuthTokenRequest = "application/json"),
+        ),
+        description = "The client id and secret go in the body or in HTTP Basic (one of them)"
     ),
     responses(
         (status = 200, description = "RFC 6749 §5.1: access_token, token_type, expires_in, scope"),
         (status = 400, description = "RFC 6749 §5.2: invalid_request, unauthorized_client, unsupported_grant_type, invalid_scope"),
         (status = 401, description = "invalid_client; with WWW-Authenticate: Basic"),
         (status = 404, description = "not_found: no such environment configured"),
-        (status = 429, description = "rate_limited; with Retry-After"),
+        (status = 413, description = "invalid_request: the body is over server.max_body_bytes"),
+        (status = 429, description = "rate_limited (the caller's rate, idp_requests_per_minute or max_keys); with Retry-After"),
+        (status = 500, description = "internal_error: an unforeseen failure of the fetch (logged)"),
         (status = 502, description = "upstream_rejected"),
         (status = 503, description = "upstream_unavailable; with Retry-After"),
     ),
+    security((), ("client_basic" = [])),
 )]
 pub async fn token(
     State(state): State<AppState>,
@@ -232,6 +238,30 @@ pub async fn token(
         .await?;
     audit::handed_out(&caller, &authorised.key, lease.status);
     Ok(response::oauth_token(&lease))
+}
+
+/// The body of a facade token request, for the OpenAPI document (the handler reads
+/// [`Params`] itself, to refuse repeated parameters and keep the secret secret).
+#[derive(utoipa::ToSchema)]
+pub struct OAuthTokenRequest {
+    /// Only `client_credentials`.
+    #[schema(pattern = "^client_credentials$")]
+    pub grant_type: String,
+    /// The caller's name, unless HTTP Basic carries it.
+    #[schema(pattern = "^[a-z0-9_-]{1,64}$")]
+    pub client_id: Option<String>,
+    /// The caller's key, unless HTTP Basic carries it.
+    #[schema(max_length = 1024)]
+    pub client_secret: Option<String>,
+    /// The API the token is for; defaults to the environment's `audience`.
+    #[schema(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    pub audience: Option<String>,
+    /// RFC 8707's name for the audience; the same value as `audience` when both are sent.
+    #[schema(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    pub resource: Option<String>,
+    /// Space-separated scopes (RFC 6749 §3.3).
+    #[schema(max_length = 1024, pattern = "^[\\x20\\x21\\x23-\\x5B\\x5D-\\x7E]*$")]
+    pub scope: Option<String>,
 }
 
 /// The parameters the facade reads; others are ignored (RFC 6749 §3.2), and an empty value is

@@ -38,6 +38,17 @@ struct SecuritySchemes;
 impl Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "client_basic",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some(
+                        "The caller name and key as OAuth2 client id and secret (RFC 6749 §2.3.1)",
+                    ))
+                    .build(),
+            ),
+        );
         for (name, description) in [
             ("caller_key", "A caller key from `token-broker hash-key`"),
             ("admin_key", "The key whose hash is auth.admin_key_sha256"),

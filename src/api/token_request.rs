@@ -14,8 +14,15 @@ use crate::auth::Caller;
 use crate::broker::TokenKey;
 use crate::idp::EnvironmentSettings;
 
-/// Longest accepted request value (audience, scope, min_ttl, code, state).
+/// Longest accepted request value (audience, scope, min_ttl, code, state), in characters.
 pub const MAX_VALUE_LEN: usize = 1024;
+
+/// `/openapi.json`'s pattern of a tenant, environment or caller name (as `auth::is_valid_name`).
+pub const NAME_PATTERN: &str = "^[a-z0-9_-]{1,64}$";
+/// `/openapi.json`'s pattern of a request value: no control characters (as [`check_value`]).
+pub const VALUE_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
+/// [`VALUE_PATTERN`], and not only whitespace (an audience).
+pub const NON_BLANK_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$";
 
 /// Why a caller may not have the token it asked for.
 #[derive(Debug, thiserror::Error)]
@@ -121,9 +128,9 @@ pub fn authorise_key(
 
 /// Refuses an over-long value or one with control characters.
 pub fn check_value(name: &str, value: &str) -> Result<(), AccessError> {
-    if value.len() > MAX_VALUE_LEN {
+    if value.chars().nth(MAX_VALUE_LEN).is_some() {
         return Err(AccessError::InvalidRequest(format!(
-            "'{name}' is longer than {MAX_VALUE_LEN} bytes"
+            "'{name}' is longer than {MAX_VALUE_LEN} characters"
         )));
     }
     if value.chars().any(char::is_control) {

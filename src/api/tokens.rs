@@ -21,6 +21,7 @@ use crate::api::token_request::{self, Authorised, TokenRequest, check_value, pri
 use crate::api::{ApiError, audit, response};
 use crate::app::AppState;
 use crate::auth::{Authenticated, Caller};
+use crate::idp::MAX_LIFETIME;
 
 /// Parses and bounds the query of a token request: `audience`, `scope` and `min_ttl`, each at
 /// most once.
@@ -59,12 +60,25 @@ pub(super) fn parse_query(raw: Option<&str>) -> Result<TokenRequest, ApiError> {
     Ok(query)
 }
 
-/// `min_ttl` as a whole number of seconds.
+/// `min_ttl` as a whole number of seconds, at most a year (no token lives longer).
 pub(super) fn parse_min_ttl(value: &str) -> Result<Duration, ApiError> {
-    value
+    let invalid = || {
+        ApiError::InvalidRequest(format!(
+            "min_ttl must be a whole number of seconds, at most {}",
+            MAX_LIFETIME.as_secs()
+        ))
+    };
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let min_ttl = value
         .parse::<u64>()
         .map(Duration::from_secs)
-        .map_err(|_| ApiError::InvalidRequest("min_ttl must be a whole number of seconds".into()))
+        .map_err(|_| invalid())?;
+    if min_ttl > MAX_LIFETIME {
+        return Err(invalid());
+    }
+    Ok(min_ttl)
 }
 
 fn authorise(
@@ -107,10 +121,17 @@ pub struct TokenResponse {
 #[into_params(parameter_in = Query)]
 pub struct TokenParams {
     /// The API the token is for; defaults to the environment's `audience`.
+    #[param(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub audience: Option<String>,
     /// Space-separated scopes; order and duplicates do not matter.
+    #[param(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub scope: Option<String>,
-    /// Seconds of validity the caller needs left on the token.
+    /// Seconds of validity the caller needs left on the token (at most a year).
+    #[param(minimum = 0, maximum = 31536000)]
     pub min_ttl: Option<u64>,
 }
 
@@ -123,6 +144,18 @@ pub struct ForgetBody {
     pub access_token: String,
 }
 
+/// The body of a `DELETE`: none (empty, whitespace or JSON `null`), or a [`ForgetBody`].
+fn forget_body(body: &[u8]) -> Result<Option<ForgetBody>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body).map_err(|_| {
+        ApiError::InvalidRequest(
+            r#"the body must be empty or {"access_token": "<the rejected token>"}"#.into(),
+        )
+    })
+}
+
 /// `GET /v1/tokens/{tenant}/{environment}`: a valid token, from cache when possible.
 #[utoipa::path(
     get,
@@ -130,8 +163,8 @@ pub struct ForgetBody {
     tag = "tokens",
     summary = "A valid access token for the tenant's credentials in that environment",
     params(
-        ("tenant" = String, Path, description = "Configured tenant name"),
-        ("environment" = String, Path, description = "Configured environment name"),
+        ("tenant" = String, Path, description = "Configured tenant name", pattern = "^[a-z0-9_-]{1,64}$"),
+        ("environment" = String, Path, description = "Configured environment name", pattern = "^[a-z0-9_-]{1,64}$"),
         TokenParams,
     ),
     responses(
@@ -141,8 +174,9 @@ pub struct ForgetBody {
         (status = 401, description = "`unauthorized`: no caller key or a wrong one", body = ErrorBody),
         (status = 403, description = "`forbidden`: the caller may not use this tenant, environment or audience", body = ErrorBody),
         (status = 404, description = "`not_found`: no such environment configured", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: the caller is over its rate; with Retry-After", body = ErrorBody),
-        (status = 502, description = "`upstream_rejected`: the IdP refused the request", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the caller is over its rate, its idp_requests_per_minute or its max_keys; with Retry-After", body = ErrorBody),
+        (status = 500, description = "`internal_error`: an unforeseen failure of the fetch (logged); retry", body = ErrorBody),
+        (status = 502, description = "`upstream_rejected`: the IdP refused the request, or issues tokens shorter than cache.min_remaining", body = ErrorBody),
         (status = 503, description = "`upstream_unavailable`: no token now; with Retry-After", body = ErrorBody),
     ),
     security(("caller_key" = [])),
@@ -175,8 +209,8 @@ pub async fn get_token(
     tag = "tokens",
     summary = "Forget the cached token of this key, optionally only if it is still the given one",
     params(
-        ("tenant" = String, Path, description = "Configured tenant name"),
-        ("environment" = String, Path, description = "Configured environment name"),
+        ("tenant" = String, Path, description = "Configured tenant name", pattern = "^[a-z0-9_-]{1,64}$"),
+        ("environment" = String, Path, description = "Configured environment name", pattern = "^[a-z0-9_-]{1,64}$"),
         TokenParams,
     ),
     request_body(content = Option<ForgetBody>, description = "Compare-and-delete: forget the entry only if it still holds this token"),
@@ -200,16 +234,7 @@ pub async fn delete_token(
 ) -> Result<StatusCode, ApiError> {
     let request = authorise(&state, &caller, &tenant, &environment, query.as_deref())?;
     let body = body?;
-    let only = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        let ForgetBody { access_token } = serde_json::from_slice(&body).map_err(|_| {
-            ApiError::InvalidRequest(
-                r#"the body must be empty or {"access_token": "<the rejected token>"}"#.into(),
-            )
-        })?;
-        Some(access_token)
-    };
+    let only = forget_body(&body)?.map(|ForgetBody { access_token }| access_token);
     let forgot = state
         .broker
         .forget(&request.environment, &request.key, only.as_deref())
@@ -232,6 +257,8 @@ mod tests {
         for bad in [
             "min_ttl=1.5",
             "min_ttl=-1",
+            "min_ttl=+5",
+            "min_ttl=31536001",
             "audience=",
             "audiance=x",
             "scope=a&scope=b",

@@ -19,6 +19,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::api::ApiError;
 use crate::api::error::ErrorBody;
@@ -33,10 +34,14 @@ use crate::user_tokens::UserError;
 const MAX_HANDLE_LEN: usize = 64;
 
 /// The optional body of `POST .../authorize`.
-#[derive(Default, Deserialize)]
+#[derive(Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AuthorizeBody {
+pub struct AuthorizeBody {
+    /// The API the user token is for; defaults to the environment's `audience`.
+    #[schema(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     audience: Option<String>,
+    /// Space-separated scopes.
+    #[schema(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     scope: Option<String>,
 }
 
@@ -54,17 +59,18 @@ struct AuthorizationBody<'a> {
     tag = "users",
     summary = "An authorization URL (with state and PKCE) for a user to open",
     params(
-        ("tenant" = String, Path, description = "Configured tenant name"),
-        ("environment" = String, Path, description = "Configured environment name"),
+        ("tenant" = String, Path, description = "Configured tenant name", pattern = "^[a-z0-9_-]{1,64}$"),
+        ("environment" = String, Path, description = "Configured environment name", pattern = "^[a-z0-9_-]{1,64}$"),
     ),
-    request_body(content = Option<String>, content_type = "application/json", description = "Optional {\"audience\": ..., \"scope\": ...}"),
+    request_body(content = Option<AuthorizeBody>, content_type = "application/json", description = "Optional; an empty body or `null` asks for the default audience and no scope"),
     responses(
         (status = 200, description = "{authorization_url, state, expires_in}"),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such environment, or no user tokens configured", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the caller's rate, or users.max_pending_per_caller; with Retry-After", body = ErrorBody),
     ),
     security(("caller_key" = [])),
 )]
@@ -104,10 +110,22 @@ pub async fn authorize(
 }
 
 /// The body of `POST .../sessions`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SessionBody {
+pub struct SessionBody {
+    /// The authorization code the IdP sent to the redirect URI.
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     code: String,
+    /// The `state` of the authorization URL.
+    #[schema(
+        min_length = 1,
+        max_length = 1024,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     state: String,
 }
 
@@ -123,16 +141,19 @@ struct HandleBody<'a> {
     tag = "users",
     summary = "Exchange the returned code and state for a handle",
     params(
-        ("tenant" = String, Path, description = "Configured tenant name"),
-        ("environment" = String, Path, description = "Configured environment name"),
+        ("tenant" = String, Path, description = "Configured tenant name", pattern = "^[a-z0-9_-]{1,64}$"),
+        ("environment" = String, Path, description = "Configured environment name", pattern = "^[a-z0-9_-]{1,64}$"),
     ),
-    request_body(content = String, content_type = "application/json", description = "{\"code\": ..., \"state\": ...}"),
+    request_body(content = SessionBody, content_type = "application/json"),
     responses(
         (status = 201, description = "{handle}"),
         (status = 400, description = "`invalid_request` or `invalid_grant`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such environment, or no user tokens configured", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 500, description = "`internal_error`", body = ErrorBody),
         (status = 502, description = "`upstream_rejected`", body = ErrorBody),
         (status = 503, description = "`upstream_unavailable`", body = ErrorBody),
     ),
@@ -180,15 +201,18 @@ pub async fn create_session(
     tag = "users",
     summary = "A fresh user access token, refreshed when needed",
     params(
-        ("handle" = String, Path, description = "The handle returned by sessions"),
-        ("min_ttl" = Option<u64>, Query, description = "Seconds of validity the caller needs left"),
+        ("handle" = String, Path, description = "The handle returned by sessions", pattern = "^[A-Za-z0-9_-]{1,64}$"),
+        ("min_ttl" = Option<u64>, Query, description = "Seconds of validity the caller needs left (at most a year)", minimum = 0, maximum = 31536000),
     ),
     responses(
         (status = 200, description = "The token body of GET /v1/tokens", body = crate::api::tokens::TokenResponse),
+        (status = 400, description = "`invalid_request`: a malformed min_ttl", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such handle", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 500, description = "`internal_error`", body = ErrorBody),
+        (status = 502, description = "`upstream_rejected`", body = ErrorBody),
         (status = 503, description = "`upstream_unavailable`", body = ErrorBody),
     ),
     security(("caller_key" = [])),
@@ -218,11 +242,12 @@ pub async fn get_user_token(
     tag = "users",
     summary = "Forget a handle and its refresh token",
     params(
-        ("handle" = String, Path, description = "The handle returned by sessions"),
+        ("handle" = String, Path, description = "The handle returned by sessions", pattern = "^[A-Za-z0-9_-]{1,64}$"),
     ),
     responses(
         (status = 204, description = "Forgotten, or nothing to forget"),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
     ),
     security(("caller_key" = [])),
 )]
@@ -283,6 +308,8 @@ fn json_body<T: DeserializeOwned + Default>(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body)
+    // JSON `null` is no body too.
+    serde_json::from_slice::<Option<T>>(&body)
+        .map(Option::unwrap_or_default)
         .map_err(|_| ApiError::InvalidRequest(format!("the body must be JSON like {expected}")))
 }

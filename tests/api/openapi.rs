@@ -113,3 +113,38 @@ async fn every_documented_operation_is_served() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_documented_patterns_are_the_ones_the_server_applies() {
+    use token_broker::api::token_request::{NAME_PATTERN, NON_BLANK_PATTERN, VALUE_PATTERN};
+
+    let app = spawn_app().await;
+    let document = document(&app).await;
+    let parameters = document["paths"]["/v1/tokens/{tenant}/{environment}"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let schema_of = |name: &str| {
+        parameters
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no parameter {name}"))["schema"]
+            .clone()
+    };
+    assert_eq!(schema_of("tenant")["pattern"], NAME_PATTERN);
+    assert_eq!(schema_of("environment")["pattern"], NAME_PATTERN);
+    assert_eq!(schema_of("audience")["pattern"], NON_BLANK_PATTERN);
+    assert_eq!(schema_of("scope")["pattern"], VALUE_PATTERN);
+    assert_eq!(schema_of("min_ttl")["maximum"], 31_536_000);
+
+    // What the patterns refuse, the server refuses; what they allow, it serves.
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    for refused in ["audience=%20", "audience=a%07b", "min_ttl=31536001", "scope=a%0Ab"] {
+        let answer = app.billing(&format!("acme/production?{refused}")).await;
+        assert_eq!(answer.status, 400, "{refused}: {}", answer.body);
+    }
+    for served in ["audience=%C3%A9%20x", "min_ttl=60", "scope=%E2%80%A8"] {
+        let answer = app.billing(&format!("acme/production?{served}")).await;
+        assert_eq!(answer.status, 200, "{served}: {}", answer.body);
+    }
+}
