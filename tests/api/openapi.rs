@@ -139,7 +139,12 @@ async fn the_documented_patterns_are_the_ones_the_server_applies() {
 
     // What the patterns refuse, the server refuses; what they allow, it serves.
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
-    for refused in ["audience=%20", "audience=a%07b", "min_ttl=31536001", "scope=a%0Ab"] {
+    for refused in [
+        "audience=%20",
+        "audience=a%07b",
+        "min_ttl=31536001",
+        "scope=a%0Ab",
+    ] {
         let answer = app.billing(&format!("acme/production?{refused}")).await;
         assert_eq!(answer.status, 400, "{refused}: {}", answer.body);
     }

@@ -106,3 +106,64 @@ async fn rollover_under_load_has_no_errors_and_no_waiting_after_the_first_fetch(
     );
     assert!(tokens.len() as u64 >= issuer.issued() - 1, "{tokens:?}");
 }
+
+#[tokio::test]
+async fn tokens_barely_longer_than_min_remaining_still_refresh_ahead() {
+    // 4 s tokens with min_remaining 2 s are servable for 2 s; with refresh_ahead 0.5 the refresh
+    // starts after 1 s, inside that window, so no request ever waits on the IdP again.
+    let app = spawn_app_with(
+        r#"
+        [cache]
+        min_remaining = "2s"
+        refresh_ahead = 0.5
+        "#,
+    )
+    .await;
+    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(4)).await;
+    assert_eq!(app.billing("acme/production").await.token(), "token-1");
+
+    let mut seen = Vec::new();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let answer = app.billing("acme/production").await;
+        seen.push((answer.status, answer.header("x-cache").map(str::to_owned)));
+        if answer.body["access_token"] == "token-2" {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .all(|(status, cache)| *status == 200 && cache.as_deref() == Some("hit")),
+        "{seen:?}"
+    );
+    assert_eq!(app.billing("acme/production").await.token(), "token-2");
+    assert_eq!(issuer.issued(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_refresh_backs_off_instead_of_asking_on_every_request() {
+    let app = spawn_app_with(SHORT_TOKENS).await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/acme/oauth/token"))
+        .respond_with(TokenIssuer::new(10))
+        .up_to_n_times(1)
+        .mount(&app.idp)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/acme/oauth/token"))
+        .respond_with(wiremock::ResponseTemplate::new(500))
+        .mount(&app.idp)
+        .await;
+    assert_eq!(app.billing("acme/production").await.token(), "token-1");
+    // 10 s tokens, servable for 9 s, refresh from 4.5 s on: a second of requests in the window.
+    tokio::time::sleep(Duration::from_millis(4600)).await;
+    for _ in 0..50 {
+        let answer = app.billing("acme/production").await;
+        assert_eq!((answer.status, answer.token()), (200, "token-1"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let requests = app.idp.received_requests().await.unwrap().len();
+    // The first fetch, one refresh with its retries (4 attempts), and at most one more after
+    // the backoff: never one per request.
+    assert!((2..=9).contains(&requests), "{requests} IdP requests");
+}
