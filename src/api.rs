@@ -1,4 +1,4 @@
-//! The HTTP API: handlers, extractors and the mapping of errors to responses, and nothing else.
+//! The HTTP API: the route list, handlers, extractors and the one mapping of errors to responses.
 //!
 //! One file per resource: [`tokens`] for callers, [`oauth`] for the OAuth2-compatible facade,
 //! [`user_tokens`] for user tokens, [`admin`] for operators, [`health`] for probes, [`metrics`] for the
