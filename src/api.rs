@@ -27,6 +27,23 @@ use crate::app::AppState;
 
 pub use error::ApiError;
 
+/// Whether `route` (a matched route template) is the OAuth2 facade, whose errors have the RFC
+/// 6749 shape.
+pub fn is_oauth_facade(route: &str) -> bool {
+    route.starts_with("/t/")
+}
+
+/// The answer to a request that took longer than `server.request_timeout`: 503 with the error
+/// body of its API and `Retry-After`.
+pub fn timed_out(facade: bool, after: std::time::Duration) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    if facade {
+        oauth::OAuthError::TimedOut(after).into_response()
+    } else {
+        ApiError::TimedOut(after).into_response()
+    }
+}
+
 /// Fallback for unknown paths: a JSON 404.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())

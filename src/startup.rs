@@ -12,6 +12,7 @@
 //! caller), a count in `token_broker_http_requests_total` and one access-log line.
 
 mod request_context;
+mod request_timeout;
 mod serve;
 mod tls;
 
@@ -27,7 +28,6 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 
 use crate::api::{self, Surface};
 use crate::app::{AppError, AppState, Reloader};
@@ -35,6 +35,7 @@ use crate::config::Settings;
 use crate::telemetry::metrics::Metrics;
 
 use request_context::RequestContextLayer;
+use request_timeout::RequestTimeoutLayer;
 pub use tls::TlsError;
 
 /// How often recorded histogram samples are moved into their buckets.
@@ -79,10 +80,7 @@ pub fn router(state: AppState, surface: Surface) -> Router {
     let layers = ServiceBuilder::new()
         .layer(RequestContextLayer::new(http_metrics))
         .layer(CatchPanicLayer::custom(internal_error))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            timeout,
-        ))
+        .layer(RequestTimeoutLayer::new(timeout))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(surface));
     router

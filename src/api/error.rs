@@ -23,6 +23,9 @@ use crate::config::ConfigError;
 use crate::telemetry::error_chain;
 use crate::user_tokens::UserError;
 
+/// How long a caller whose request timed out is asked to wait.
+pub(super) const TIMED_OUT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// How long a caller with too many pending authorizations is asked to wait.
 const PENDING_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -77,6 +80,12 @@ pub enum ApiError {
     /// Something the broker did not foresee; the detail is in the log.
     #[error("internal error")]
     Internal,
+    /// The request took longer than `server.request_timeout`.
+    #[error(
+        "the request took longer than server.request_timeout ({}s); a token fetch it waited on goes on and is cached: retry",
+        .0.as_secs_f64()
+    )]
+    TimedOut(Duration),
 }
 
 impl From<AccessError> for ApiError {
@@ -180,6 +189,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            Self::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Reload(ReloadError::NotReloadable) => (StatusCode::CONFLICT, "not_reloadable"),
@@ -206,6 +216,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after } => Some(*retry_after),
+            Self::TimedOut(_) => Some(TIMED_OUT_RETRY_AFTER),
             Self::Broker(error) => broker_retry_after(error),
             Self::Users(UserError::Token(error)) => broker_retry_after(error),
             Self::Users(UserError::TooManyPending { .. }) => Some(PENDING_RETRY_AFTER),

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::error::BodyError;
 use crate::api::error::{
-    broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
+    TIMED_OUT_RETRY_AFTER, broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
 };
 use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
 use crate::api::{audit, response};
@@ -68,6 +68,12 @@ pub enum OAuthError {
     /// The broker could not hand out a token.
     #[error(transparent)]
     Broker(Arc<BrokerError>),
+    /// The request took longer than `server.request_timeout`.
+    #[error(
+        "the request took longer than server.request_timeout ({}s); a token fetch it waited on goes on and is cached: retry",
+        .0.as_secs_f64()
+    )]
+    TimedOut(std::time::Duration),
 }
 
 impl From<AccessError> for OAuthError {
@@ -121,6 +127,7 @@ impl OAuthError {
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Broker(error) => broker_status_and_code(error),
+            Self::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
         }
     }
 }
@@ -151,6 +158,7 @@ impl IntoResponse for OAuthError {
         let wait = match &self {
             Self::Broker(error) => broker_retry_after(error),
             Self::RateLimited(wait) => Some(*wait),
+            Self::TimedOut(_) => Some(TIMED_OUT_RETRY_AFTER),
             _ => None,
         };
         if let Some(wait) = wait {
