@@ -32,6 +32,15 @@ use crate::user_tokens::UserSettings;
 use raw::RawSettings;
 pub use server::{MIN_HEADER_BYTES, ServerSettings, TlsSettings};
 
+/// One configuration layer, over the built-in defaults and the layers before it.
+#[derive(Debug, Clone, Copy)]
+pub enum Layer<'a> {
+    /// TOML text.
+    Toml(&'a str),
+    /// A TOML file, which must exist.
+    File(&'a Path),
+}
+
 /// The documented defaults, compiled in so the binary runs from any working directory.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -41,12 +50,9 @@ pub const ENV_PREFIX: &str = "TOKEN_BROKER";
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A layer could not be read or parsed (missing file, bad TOML, wrong type). The message
-    /// names the file, line and column, or the setting and its source, and never quotes a value
+    /// The layers describe no usable service; every problem is listed. A problem names the file,
+    /// line and column of a syntax error, or the setting and its source, and never quotes a value
     /// or a source line: either may hold a secret.
-    #[error("cannot read configuration: {0}")]
-    Load(String),
-    /// The layers parsed but describe an unusable service; every problem is listed.
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
 }
@@ -78,26 +84,8 @@ pub struct TenantSettings {
 impl Settings {
     /// Loads defaults, then `file` when given, then `TOKEN_BROKER__…` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
-        if let Some(path) = file {
-            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
-        }
-        let builder = builder.add_source(Environment::with_prefix(ENV_PREFIX).separator("__"));
-        let raw: RawSettings = builder
-            .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|error| ConfigError::Load(describe(&error, file)))?;
-        raw.validate(&|name| std::env::var(name).ok())
-            .map_err(|error| match error {
-                ConfigError::Invalid(problems) => ConfigError::Invalid(
-                    problems
-                        .into_iter()
-                        .map(|problem| with_source(problem, file))
-                        .collect(),
-                ),
-                other => other,
-            })
+        let layers: Vec<Layer<'_>> = file.map(Layer::File).into_iter().collect();
+        Self::from_layers(&layers, true, &|name| std::env::var(name).ok())
     }
 
     /// Loads defaults and then `toml` alone, without the process environment (for tests and
@@ -114,16 +102,49 @@ impl Settings {
         layers: &[&str],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        let layers: Vec<Layer<'_>> = layers.iter().copied().map(Layer::Toml).collect();
+        Self::from_layers(&layers, false, env)
+    }
+
+    /// Loads the built-in defaults, then `layers` in order, then (with `variables`) the
+    /// `TOKEN_BROKER__…` environment variables. Settings that name an environment variable
+    /// (`client_secret_env`, …) are looked up with `env`. Every problem is listed at once: each
+    /// table is read on its own, so a wrong value in one hides nothing in another.
+    pub fn from_layers(
+        layers: &[Layer<'_>],
+        variables: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut builder =
             Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        let mut file = None;
         for layer in layers {
-            builder = builder.add_source(File::from_str(layer, FileFormat::Toml));
+            builder = match layer {
+                Layer::Toml(text) => builder.add_source(File::from_str(text, FileFormat::Toml)),
+                Layer::File(path) => {
+                    file = Some(*path);
+                    builder.add_source(File::from(*path).format(FileFormat::Toml).required(true))
+                }
+            };
         }
-        let raw: RawSettings = builder
+        if variables {
+            builder = builder.add_source(Environment::with_prefix(ENV_PREFIX).separator("__"));
+        }
+        // A syntax error (or a missing file) leaves nothing to read: it is the one problem.
+        let config = builder
             .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|error| ConfigError::Load(describe(&error, None)))?;
-        raw.validate(env)
+            .map_err(|error| ConfigError::Invalid(vec![describe(&error, file)]))?;
+        let mut problems = Vec::new();
+        let raw = RawSettings::read(&config, file, &mut problems);
+        raw.validate(problems, env).map_err(|error| match error {
+            ConfigError::Invalid(problems) if variables || file.is_some() => ConfigError::Invalid(
+                problems
+                    .into_iter()
+                    .map(|problem| with_source(problem, file))
+                    .collect(),
+            ),
+            other => other,
+        })
     }
 
     /// The listen address, parsed (validation guarantees it parses).
@@ -238,6 +259,20 @@ fn describe(error: &config::ConfigError, file: Option<&Path>) -> String {
     }
 }
 
+/// [`describe`] for an error in the table at `at` (its keys are relative to the table).
+fn describe_at(error: &config::ConfigError, at: &str) -> String {
+    use config::ConfigError as E;
+    let keyed = matches!(
+        error,
+        E::At { key: Some(_), .. } | E::Type { key: Some(_), .. }
+    );
+    if keyed {
+        format!("{at}.{}", describe(error, None))
+    } else {
+        format!("{at}: {}", describe(error, None))
+    }
+}
+
 /// `text` with every double-quoted part replaced by `"…"`: serde's messages quote the value
 /// they could not read (`invalid value: string "…", expected a duration`). A missing file's
 /// name is kept.
@@ -283,8 +318,12 @@ fn with_source(problem: String, file: Option<&Path>) -> String {
 }
 
 impl RawSettings {
-    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
-        let mut problems = Vec::new();
+    /// Validates the layers read into `self`; `problems` holds what reading them found already.
+    fn validate(
+        self,
+        mut problems: Vec<String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
         server::check(&self.server, &mut problems);
         check_cache(&self.cache, &mut problems);
         check_users(&self.users, &mut problems);
@@ -306,7 +345,7 @@ impl RawSettings {
                     "tenants.{tenant}: tenant names are lower-case [a-z0-9_-], 1-64 long"
                 ));
             }
-            if raw_tenant.environments.is_empty() {
+            if raw_tenant.environments.is_empty() && raw_tenant.unreadable == 0 {
                 problems.push(format!(
                     "tenants.{tenant}: no environments; add [tenants.{tenant}.environments.production]"
                 ));
@@ -465,7 +504,6 @@ mod test_support {
     pub(super) fn problems(toml: &str, env: &dyn Fn(&str) -> Option<String>) -> String {
         match Settings::from_toml(toml, env) {
             Err(ConfigError::Invalid(problems)) => problems.join("\n"),
-            Err(other) => panic!("expected validation problems, got {other}"),
             Ok(_) => panic!("expected validation problems"),
         }
     }
@@ -610,9 +648,7 @@ mod tests {
     #[test]
     fn errors_never_quote_a_source_line_or_a_value() {
         let syntax = "[tenants.acme.environments.production]\nclient_secret = \"hunter2\" oops\n";
-        let Err(ConfigError::Load(message)) = Settings::from_toml(syntax, &no_env) else {
-            panic!("expected a load error");
-        };
+        let message = problems(syntax, &no_env);
         assert!(
             message.contains("TOML syntax error at line 2, column 27"),
             "{message}"
@@ -657,5 +693,60 @@ mod tests {
             on("127.0.0.1:8080")
         );
         assert!(problems(&with_callers, &no_env).contains("refused together with [callers]"));
+    }
+
+    #[test]
+    fn every_table_is_read_on_its_own_so_every_problem_is_listed() {
+        let toml = r#"
+            [cache]
+            min_remaining = "sixty"
+            [callers.billing]
+            key_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+            allow = ["acme/*"]
+            rate_limit = "fast"
+            [callers.reports]
+            min_remainin = "5s"
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "id"
+            client_secret = "s"
+            timeout = "soon"
+            [tenants.acme.environments.staging]
+            token_url = "ftp://acme.example"
+            client_id = "id"
+            client_secret = "s"
+            [bogus]
+            x = 1
+        "#;
+        let all = problems(toml, &no_env);
+        for expected in [
+            "cache.min_remaining: invalid value",
+            "callers.billing.rate_limit: must be an integer",
+            "callers.reports: unknown field `min_remainin`",
+            "tenants.acme.environments.production.timeout: invalid value",
+            "tenants.acme.environments.staging.token_url: not an http(s) URL",
+            "bogus: not a section",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        assert!(
+            !all.contains("no environments") && !all.contains("sixty") && !all.contains("fast"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn the_built_in_defaults_read() {
+        let _ = super::raw::RawSettings::read(
+            &config::Config::builder()
+                .add_source(config::File::from_str(
+                    super::DEFAULT_TOML,
+                    config::FileFormat::Toml,
+                ))
+                .build()
+                .unwrap(),
+            None,
+            &mut Vec::new(),
+        );
     }
 }

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::error::BodyError;
 use crate::api::error::{
-    TIMED_OUT_RETRY_AFTER, broker_retry_after, broker_status_and_code, log_failure, request_id, retry_after_value,
+    TIMED_OUT_RETRY_AFTER, broker_retry_after, broker_status_and_code, log_failure, request_id,
+    retry_after_value,
 };
 use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
 use crate::api::{audit, response};

@@ -1,15 +1,20 @@
 //! The raw serde shapes of the configuration layers, before validation.
 //!
 //! Every table denies unknown fields, so a misspelled setting is an error rather than silently
-//! ignored. Sections whose validated form is the same as their raw form (`[server]`, `[cache]`,
+//! ignored. [`RawSettings::read`] reads each table on its own (each caller, each environment),
+//! so one wrong value is reported without hiding the problems of the others. Sections whose validated form is the same as their raw form (`[server]`, `[cache]`,
 //! `[users]`) are deserialised into their owners' types directly.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use config::{Config, File, FileFormat, Value};
 use secrecy::SecretString;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::{DEFAULT_TOML, describe, describe_at};
 
 use super::server::ServerSettings;
 use crate::broker::CacheSettings;
@@ -73,6 +78,9 @@ pub(super) struct RawCaller {
 pub(super) struct RawTenant {
     #[serde(default)]
     pub(super) environments: BTreeMap<String, RawEnvironment>,
+    /// Environments that could not be read (their problems are listed already).
+    #[serde(skip)]
+    pub(super) unreadable: usize,
 }
 
 #[derive(Deserialize)]
@@ -131,4 +139,128 @@ fn default_timeout() -> Duration {
 }
 fn default_lifetime() -> Duration {
     DEFAULT_LIFETIME
+}
+
+/// The top-level tables.
+const SECTIONS: [&str; 7] = [
+    "server",
+    "cache",
+    "auth",
+    "users",
+    "callers",
+    "tenants",
+    "shared_cache",
+];
+
+impl RawSettings {
+    /// The built-in defaults alone (which always read: a unit test says so).
+    fn defaults() -> Self {
+        Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .build()
+            .and_then(Config::try_deserialize)
+            .unwrap_or_else(|error| panic!("the built-in defaults do not read: {error}"))
+    }
+
+    /// Reads the merged layers table by table; what cannot be read goes to `problems`, and a
+    /// table that cannot be read is left at its default (a caller or environment is left out),
+    /// so that the others are still validated.
+    pub(super) fn read(config: &Config, file: Option<&Path>, problems: &mut Vec<String>) -> Self {
+        let mut raw = Self::defaults();
+        let top: BTreeMap<String, Value> = match config.clone().try_deserialize() {
+            Ok(top) => top,
+            Err(error) => {
+                problems.push(describe(&error, file));
+                return raw;
+            }
+        };
+        for name in top.keys() {
+            if !SECTIONS.contains(&name.as_str()) {
+                problems.push(format!(
+                    "{name}: not a section; the sections are {}",
+                    SECTIONS.join(", ")
+                ));
+            }
+        }
+        let section = |name: &str| top.get(name).cloned();
+        read_into(&mut raw.server, section("server"), "server", problems);
+        read_into(&mut raw.cache, section("cache"), "cache", problems);
+        read_into(&mut raw.auth, section("auth"), "auth", problems);
+        read_into(&mut raw.users, section("users"), "users", problems);
+        read_into(
+            &mut raw.shared_cache,
+            section("shared_cache"),
+            "shared_cache",
+            problems,
+        );
+        for (name, value) in table(section("callers"), "callers", problems) {
+            let at = format!("callers.{name}");
+            if let Some(caller) = read_one(value, &at, problems) {
+                raw.callers.insert(name, caller);
+            }
+        }
+        for (tenant, value) in table(section("tenants"), "tenants", problems) {
+            let at = format!("tenants.{tenant}");
+            let mut environments = BTreeMap::new();
+            let mut unreadable = 0;
+            for (key, value) in table(Some(value), &at, problems) {
+                if key != "environments" {
+                    problems.push(format!(
+                        "{at}.{key}: unknown; a tenant has only environments"
+                    ));
+                    continue;
+                }
+                let at = format!("{at}.environments");
+                for (name, value) in table(Some(value), &at, problems) {
+                    let at = format!("{at}.{name}");
+                    match read_one(value, &at, problems) {
+                        Some(environment) => {
+                            environments.insert(name, environment);
+                        }
+                        None => unreadable += 1,
+                    }
+                }
+            }
+            raw.tenants.insert(
+                tenant,
+                RawTenant {
+                    environments,
+                    unreadable,
+                },
+            );
+        }
+        raw
+    }
+}
+
+/// `value` as `T`, or `None` with the problem (at `at`) in `problems`.
+fn read_one<T: DeserializeOwned>(value: Value, at: &str, problems: &mut Vec<String>) -> Option<T> {
+    value
+        .try_deserialize()
+        .map_err(|error| problems.push(describe_at(&error, at)))
+        .ok()
+}
+
+/// Replaces `slot` with `value` read as `T`, when present and readable.
+fn read_into<T: DeserializeOwned>(
+    slot: &mut T,
+    value: Option<Value>,
+    at: &str,
+    problems: &mut Vec<String>,
+) {
+    if let Some(read) = value.and_then(|value| read_one(value, at, problems)) {
+        *slot = read;
+    }
+}
+
+/// The entries of a table (none when absent); a value that is not a table is a problem.
+fn table(value: Option<Value>, at: &str, problems: &mut Vec<String>) -> BTreeMap<String, Value> {
+    match value.map(Value::into_table) {
+        None => BTreeMap::new(),
+        Some(Ok(table)) => table.into_iter().collect(),
+        Some(Err(_)) => {
+            problems.push(format!("{at}: must be a table"));
+            BTreeMap::new()
+        }
+    }
 }

@@ -54,10 +54,21 @@ async fn a_request_over_the_timeout_gets_503() {
     .await;
     let answer = app.billing("acme/production").await;
     assert_eq!(answer.status, 503);
-    assert_eq!(answer.body["error"], "upstream_unavailable", "{}", answer.body);
+    assert_eq!(
+        answer.body["error"], "upstream_unavailable",
+        "{}",
+        answer.body
+    );
     let description = answer.body["error_description"].as_str().unwrap();
-    assert!(description.contains("server.request_timeout"), "{description}");
-    assert!(answer.body["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert!(
+        description.contains("server.request_timeout"),
+        "{description}"
+    );
+    assert!(
+        answer.body["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
     assert_eq!(answer.header("retry-after"), Some("1"));
     assert_eq!(answer.header("cache-control"), Some("no-store"));
 
@@ -73,14 +84,20 @@ async fn a_request_over_the_timeout_gets_503() {
         .await
         .unwrap();
     let facade = crate::helpers::answer(facade).await;
-    assert_eq!((facade.status, facade.header("retry-after")), (503, Some("1")));
+    assert_eq!(
+        (facade.status, facade.header("retry-after")),
+        (503, Some("1"))
+    );
     assert_eq!(facade.body["error"], "upstream_unavailable");
     assert_eq!(facade.header("pragma"), Some("no-cache"));
 
     // The fetch the timed-out requests waited on went on: its token is cached.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let cached = app.billing("acme/production").await;
-    assert_eq!((cached.status, cached.header("x-cache")), (200, Some("hit")));
+    assert_eq!(
+        (cached.status, cached.header("x-cache")),
+        (200, Some("hit"))
+    );
 }
 
 #[test]

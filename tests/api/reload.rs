@@ -165,3 +165,56 @@ async fn settings_that_need_a_restart_are_named_in_the_answer() {
     let restored = reload(&app, Some(ADMIN_KEY)).await;
     assert_eq!(restored.body["restart_required"], serde_json::json!([]));
 }
+
+#[tokio::test]
+async fn a_reload_lists_every_problem_even_for_syntax_and_type_errors() {
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    let config = base_config(&idp.uri());
+    std::fs::write(&file, &config).unwrap();
+    let app = spawn_from_file(idp, &file).await;
+
+    std::fs::write(&file, format!("{config}\n[oops\n")).unwrap();
+    let syntax = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(syntax.status, 400, "{}", syntax.body);
+    assert_eq!(syntax.body["error"], "invalid_configuration");
+    let problems = syntax.body["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0]
+            .as_str()
+            .unwrap()
+            .contains("TOML syntax error at line")
+    );
+
+    let typed = config
+        .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"soon\"")
+        .replace(
+            "[callers.reports]",
+            "[callers.reports]\nrate_limit = \"fast\"",
+        );
+    std::fs::write(&file, typed).unwrap();
+    let answer = reload(&app, Some(ADMIN_KEY)).await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    let problems: Vec<&str> = answer.body["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("server.shutdown_grace")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("callers.reports.rate_limit")),
+        "{problems:?}"
+    );
+    // The old configuration keeps serving.
+    assert_eq!(app.get("/livez", None).await.status, 200);
+}
