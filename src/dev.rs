@@ -3,17 +3,21 @@
 //! The demo tenant `demo` has two environments that talk to the development IdP in its two
 //! request styles: `production` as Auth0 does (JSON body, credentials in the body) and `staging`
 //! as RFC 6749 does (form body, HTTP Basic). A fresh caller key is made at every start and printed
-//! on stdout with a `curl` line that works as printed.
+//! on stdout with a `curl` line that works as printed. The file of `--config` and `TOKEN_BROKER__…`
+//! variables are layered over the demo settings (a reload re-reads them), and `cache.min_remaining`
+//! is fitted to `--token-lifetime` so a background refresh can be watched.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 
+use crate::app::Reloader;
 use crate::auth;
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Layer, Settings};
 use crate::dev_idp::{DevClient, DevIdp, DevIdpError, DevIdpSettings};
 use crate::startup::{Application, StartupError, shutdown_signal};
 
@@ -44,8 +48,23 @@ fn random_secret() -> String {
     auth::generate_key().0
 }
 
-/// Runs dev mode until Ctrl-C or SIGTERM.
-pub async fn run(listen: &str, token_lifetime: Duration) -> Result<(), DevError> {
+/// The most `cache.min_remaining` dev mode uses: the built-in default.
+const MAX_MIN_REMAINING: Duration = Duration::from_secs(60);
+
+/// The `cache.min_remaining` that fits tokens of `lifetime`: the default, or a third of the
+/// lifetime when that is less, so a token is servable for two thirds of its life and its
+/// background refresh can be watched.
+pub fn min_remaining_for(lifetime: Duration) -> Duration {
+    MAX_MIN_REMAINING.min(lifetime / 3)
+}
+
+/// Runs dev mode until Ctrl-C or SIGTERM. `config` (`--config`) and `TOKEN_BROKER__…`
+/// variables are layered over the demo settings, and a reload re-reads them.
+pub async fn run(
+    listen: &str,
+    token_lifetime: Duration,
+    config: Option<PathBuf>,
+) -> Result<(), DevError> {
     let clients = [
         ("demo-production", "DEMO_PRODUCTION_CLIENT_SECRET"),
         ("demo-staging", "DEMO_STAGING_CLIENT_SECRET"),
@@ -67,12 +86,15 @@ pub async fn run(listen: &str, token_lifetime: Duration) -> Result<(), DevError>
     })?;
     let idp = idp.serve(TcpListener::bind("127.0.0.1:0").await?).await?;
 
+    let reloadable = config.is_some();
     let (caller_key, caller_hash) = auth::generate_key();
     let toml = format!(
         r#"
         [server]
-        listen = "{listen}"
         shutdown_grace = "5s"
+
+        [cache]
+        min_remaining = "{min_remaining}"
 
         [callers.demo]
         key_sha256 = "{hash}"
@@ -94,10 +116,29 @@ pub async fn run(listen: &str, token_lifetime: Duration) -> Result<(), DevError>
         "#,
         hash = caller_hash.to_hex(),
         token_url = idp.token_url(),
+        min_remaining = humantime::format_duration(min_remaining_for(token_lifetime)),
     );
-    let settings = Settings::from_toml(&toml, &|name| secrets.get(name).cloned())?;
-    let app = Application::build(settings, None).await?;
+    // The listen address of the command line wins over a file's; variables win over both.
+    let listen = format!("[server]\nlisten = \"{listen}\"\n");
+    let load = move || {
+        let mut layers = vec![Layer::Toml(&toml)];
+        layers.extend(config.as_deref().map(Layer::File));
+        layers.push(Layer::Toml(&listen));
+        let env = |name: &str| {
+            secrets
+                .get(name)
+                .cloned()
+                .or_else(|| std::env::var(name).ok())
+        };
+        Settings::from_layers(&layers, true, &env)
+    };
+    let settings = load()?;
+    let cache = settings.cache.clone();
+    let reloader: Option<Reloader> = reloadable.then(|| Box::new(load) as Reloader);
+    let app = Application::build(settings, reloader).await?;
     let url = format!("http://{}", reachable(app.local_addr()));
+    let servable = token_lifetime.saturating_sub(cache.min_remaining);
+    let refresh_from = servable.mul_f64(1.0 - cache.refresh_ahead);
 
     println!("token-broker dev mode");
     println!("  broker:          {url}");
@@ -106,6 +147,11 @@ pub async fn run(listen: &str, token_lifetime: Duration) -> Result<(), DevError>
         idp.base_url(),
         humantime::format_duration(token_lifetime),
         idp.jwks_url()
+    );
+    println!(
+        "  cache:           min_remaining {}, so each token is refreshed in the background from {} on",
+        humantime::format_duration(cache.min_remaining),
+        humantime::format_duration(Duration::from_secs(refresh_from.as_secs()))
     );
     println!("  caller key:      {caller_key} (caller 'demo', allowed demo/*)");
     println!();

@@ -29,7 +29,8 @@ struct Cli {
 enum Command {
     /// Serve the API (what no subcommand does).
     Serve,
-    /// Serve with a built-in development IdP and a demo tenant; prints a caller key and a curl line.
+    /// Serve with a built-in development IdP and a demo tenant; prints a caller key and a curl
+    /// line. `--config` and `TOKEN_BROKER__…` variables are layered over the demo settings.
     Dev {
         /// Address the broker listens on.
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -75,7 +76,7 @@ fn main() -> ExitCode {
         } => {
             let _logs = telemetry::init();
             runtime().block_on(async {
-                match dev::run(&listen, token_lifetime).await {
+                match dev::run(&listen, token_lifetime, cli.config).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = %e, "dev mode failed");

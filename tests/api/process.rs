@@ -304,3 +304,69 @@ async fn sighup_reloads_the_configuration() {
     let (exit, _) = server.terminate();
     assert!(exit.success());
 }
+
+/// The broker URL a dev-mode banner prints.
+fn banner_url(dev: &Running) -> String {
+    dev.wait_for("broker:")
+        .split_whitespace()
+        .last()
+        .expect("a URL")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_layers_config_and_variables_and_fits_min_remaining_to_the_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dev.toml");
+    std::fs::write(&file, "[cache]\nrefresh_ahead = 0.5\n").unwrap();
+    let dev = spawn(
+        Command::new(BIN)
+            .args(["dev", "--listen", "127.0.0.1:0", "--token-lifetime", "90s"])
+            .arg("--config")
+            .arg(&file)
+            .env(
+                "TOKEN_BROKER__AUTH__ADMIN_KEY_SHA256",
+                KeyHash::of(ADMIN_KEY).to_hex(),
+            )
+            .env("RUST_LOG", "warn"),
+        true,
+    );
+    let url = banner_url(&dev);
+    // 90 s tokens: min_remaining 30 s; refresh_ahead 0.5 from the file: refresh from 30 s on.
+    let cache = dev.wait_for("cache:");
+    assert!(cache.contains("min_remaining 30s"), "{cache}");
+    assert!(cache.contains("from 30s on"), "{cache}");
+
+    let http = reqwest::Client::new();
+    let reload = http
+        .post(format!("{url}/v1/admin/reload"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200, "the admin key came from a variable");
+    let (status, _) = dev.terminate();
+    assert!(status.success(), "{status:?}");
+
+    // Without --config there is nothing to re-read.
+    let dev = spawn(
+        Command::new(BIN)
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .env(
+                "TOKEN_BROKER__AUTH__ADMIN_KEY_SHA256",
+                KeyHash::of(ADMIN_KEY).to_hex(),
+            )
+            .env("RUST_LOG", "warn"),
+        true,
+    );
+    let url = banner_url(&dev);
+    assert!(dev.wait_for("cache:").contains("min_remaining 1m"));
+    let reload = http
+        .post(format!("{url}/v1/admin/reload"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 409);
+    dev.terminate();
+}
