@@ -116,6 +116,7 @@ struct Inner {
     up: AtomicBool,
     subscribed: AtomicBool,
     errors: AtomicU64,
+    invalidations: AtomicU64,
 }
 
 fn random_hex() -> String {
@@ -157,6 +158,7 @@ impl RedisCache {
             up: AtomicBool::new(true),
             subscribed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
         });
         tracing::info!(
             endpoint = %inner.endpoint,
@@ -422,10 +424,11 @@ async fn forward(
                 let Some(message) = message else {
                     return "connection closed";
                 };
-                if let Some(event) = inner.parse(message.get_payload_bytes())
-                    && events.send(event).await.is_err()
-                {
-                    return "shutting down";
+                if let Some(event) = inner.parse(message.get_payload_bytes()) {
+                    inner.invalidations.fetch_add(1, Ordering::Relaxed);
+                    if events.send(event).await.is_err() {
+                        return "shutting down";
+                    }
                 }
             }
             _ = pings.tick() => {
@@ -475,6 +478,7 @@ impl SharedCache for RedisCache {
             up: self.inner.up.load(Ordering::Relaxed),
             subscribed: self.inner.subscribed.load(Ordering::Relaxed),
             errors: self.inner.errors.load(Ordering::Relaxed),
+            invalidations: self.inner.invalidations.load(Ordering::Relaxed),
         }
     }
 }

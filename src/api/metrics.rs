@@ -31,6 +31,14 @@ static PROMETHEUS_TEXT: HeaderValue =
 pub async fn metrics(State(state): State<AppState>, _: MetricsReader) -> Response {
     let metrics = &state.metrics;
     metrics.set_cache_entries(state.broker.entries().len());
+    if let Some(shared) = state.broker.shared_cache_status() {
+        metrics.set_shared_cache(
+            shared.up,
+            shared.subscribed,
+            shared.errors,
+            shared.invalidations,
+        );
+    }
     for (tenant, name, environment) in state.current().settings.environments() {
         let seen = state.broker.rate_limit(environment);
         if let Some(remaining) = seen.remaining {

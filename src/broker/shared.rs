@@ -169,6 +169,8 @@ pub struct SharedCacheStatus {
     pub subscribed: bool,
     /// Failed calls since start.
     pub errors: u64,
+    /// Other replicas' announcements received since start.
+    pub invalidations: u64,
 }
 
 impl SharedCacheStatus {

@@ -40,6 +40,14 @@ pub const IDP_RATE_LIMIT_REMAINING: &str = "token_broker_idp_rate_limit_remainin
 pub const IDP_QUOTA_REMAINING: &str = "token_broker_idp_quota_remaining";
 /// IdP requests that callers' requests started, by `caller`.
 pub const CALLER_IDP_REQUESTS: &str = "token_broker_caller_idp_requests_total";
+/// Gauge: 1 while calls to the shared cache succeed, 0 while it is marked down.
+pub const SHARED_CACHE_UP: &str = "token_broker_shared_cache_up";
+/// Gauge: 1 while the shared cache's invalidation subscription is live.
+pub const SHARED_CACHE_SUBSCRIBED: &str = "token_broker_shared_cache_subscribed";
+/// Failed calls to the shared cache.
+pub const SHARED_CACHE_ERRORS: &str = "token_broker_shared_cache_errors_total";
+/// Other replicas' announcements received through the shared cache.
+pub const SHARED_CACHE_INVALIDATIONS: &str = "token_broker_shared_cache_invalidations_total";
 /// Always 1, labelled with the running `version`.
 pub const BUILD_INFO: &str = "token_broker_build_info";
 
@@ -198,11 +206,27 @@ impl Metrics {
                 CALLER_IDP_REQUESTS,
                 "IdP requests that a caller's requests started (charged to its idp_requests_per_minute).",
             ),
+            (
+                SHARED_CACHE_ERRORS,
+                "Failed calls to the shared cache (Redis).",
+            ),
+            (
+                SHARED_CACHE_INVALIDATIONS,
+                "Other replicas' announcements received through the shared cache.",
+            ),
         ] {
             recorder.describe_counter(KeyName::from(name), None, SharedString::from(help));
         }
         for (name, help) in [
             (CACHE_ENTRIES, "Tokens held in the cache."),
+            (
+                SHARED_CACHE_UP,
+                "1 while calls to the shared cache succeed, 0 while it is marked down.",
+            ),
+            (
+                SHARED_CACHE_SUBSCRIBED,
+                "1 while the shared cache's invalidation subscription is live.",
+            ),
             (
                 IDP_RATE_LIMIT_REMAINING,
                 "The IdP's x-ratelimit-remaining on its latest token answer.",
@@ -303,6 +327,19 @@ impl Metrics {
                 m.idp_duration.record(took.as_secs_f64());
             }
         });
+    }
+
+    /// Sets the shared cache's state (at scrape time): up and subscribed as 1/0, and its error
+    /// and invalidation counts since start.
+    pub fn set_shared_cache(&self, up: bool, subscribed: bool, errors: u64, invalidations: u64) {
+        let recorder = &self.inner.recorder;
+        let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &METADATA);
+        let counter =
+            |name: &'static str| recorder.register_counter(&Key::from_name(name), &METADATA);
+        gauge(SHARED_CACHE_UP).set(f64::from(u8::from(up)));
+        gauge(SHARED_CACHE_SUBSCRIBED).set(f64::from(u8::from(subscribed)));
+        counter(SHARED_CACHE_ERRORS).absolute(errors);
+        counter(SHARED_CACHE_INVALIDATIONS).absolute(invalidations);
     }
 
     /// Sets the number of cached tokens.

@@ -257,3 +257,68 @@ async fn redis_dying_under_load_fails_no_request_and_is_used_again_when_back() {
         .unwrap();
     assert!(!keys.is_empty());
 }
+
+/// The value of an unlabelled metric in a scrape.
+fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test]
+async fn the_shared_level_health_errors_and_invalidations_are_exported() {
+    let single = spawn_app().await;
+    assert_eq!(
+        metric(&single.scrape().await, "token_broker_shared_cache_up"),
+        None
+    );
+
+    let mut redis = RedisServer::start().await;
+    let fleet = spawn_fleet(2, &redis, "").await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    fleet[0].wait_for_shared_cache(true).await;
+    fleet[1].wait_for_shared_cache(true).await;
+    assert_eq!(fleet[0].billing("acme/production").await.status, 200);
+    // The other replica's DELETE reaches this one as an announcement.
+    fleet[1].forget("acme/production", None).await;
+    let mut scrape = fleet[0].scrape().await;
+    for _ in 0..250 {
+        if metric(&scrape, "token_broker_shared_cache_invalidations_total") >= Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        scrape = fleet[0].scrape().await;
+    }
+    assert_eq!(
+        metric(&scrape, "token_broker_shared_cache_up"),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        metric(&scrape, "token_broker_shared_cache_subscribed"),
+        Some(1.0)
+    );
+    assert!(metric(&scrape, "token_broker_shared_cache_invalidations_total") >= Some(1.0));
+    let errors = metric(&scrape, "token_broker_shared_cache_errors_total").unwrap();
+
+    redis.kill();
+    // The subscriber may notice first; calls are marked down at the next probe (every second).
+    let mut scrape = fleet[0].scrape().await;
+    for _ in 0..500 {
+        if metric(&scrape, "token_broker_shared_cache_up") == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        scrape = fleet[0].scrape().await;
+    }
+    assert_eq!(
+        metric(&scrape, "token_broker_shared_cache_up"),
+        Some(0.0),
+        "{scrape}"
+    );
+    assert!(metric(&scrape, "token_broker_shared_cache_errors_total") > Some(errors));
+}
