@@ -22,9 +22,10 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin broker
 COPY --from=build /src/target/release/token-broker /usr/local/bin/token-broker
 COPY config/default.toml /etc/token-broker/default.toml
+# No TOKEN_BROKER__ variable here: the built-in default listen address (0.0.0.0:8080) applies,
+# and a mounted configuration file's [server] listen overrides it.
 USER 10001:10001
 EXPOSE 8080
-ENV TOKEN_BROKER__SERVER__LISTEN=0.0.0.0:8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["token-broker", "healthcheck", "--url", "http://127.0.0.1:8080/livez"]
 ENTRYPOINT ["token-broker"]

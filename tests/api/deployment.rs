@@ -20,21 +20,28 @@ fn yaml(path: &str) -> Vec<Yaml> {
 }
 
 fn check_config(toml: &str, env: &HashMap<String, String>) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("broker.toml");
-    std::fs::write(&file, toml).unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&file)
-        .envs(env)
-        .output()
-        .unwrap();
+    let out = run_check_config(toml, env);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn run_check_config(toml: &str, env: &HashMap<String, String>) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    std::fs::write(&file, toml).unwrap();
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .envs(env)
+        .output()
+        .unwrap()
+}
+
+/// The placeholder the Kubernetes example ships where key hashes go.
+const PLACEHOLDER: &str = "REPLACE_WITH_KEY_SHA256_FROM_HASH_KEY";
 
 /// A service's environment map, with YAML merge keys (`<<: *anchor`) applied as compose does.
 fn environment(service: &Yaml) -> HashMap<String, String> {
@@ -115,7 +122,24 @@ fn the_kubernetes_example_has_probes_and_a_configuration_that_passes_check_confi
             )
         })
         .collect();
-    check_config(toml, &env);
+    // As shipped it holds no working key: check-config refuses every placeholder.
+    let shipped = run_check_config(toml, &env);
+    assert!(!shipped.status.success());
+    let problems = String::from_utf8_lossy(&shipped.stderr);
+    assert_eq!(problems.matches("not a SHA-256 in hex").count(), 2, "{problems}");
+    // With the hashes `hash-key` prints, it is a valid configuration.
+    let hashed = (0..2).fold(toml.to_owned(), |toml, _| {
+        let out = Command::new(BIN).arg("hash-key").output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let hash = printed
+            .lines()
+            .find_map(|line| line.strip_prefix("key_sha256: "))
+            .expect("hash-key prints key_sha256")
+            .trim()
+            .to_owned();
+        toml.replacen(PLACEHOLDER, &hash, 1)
+    });
+    check_config(&hashed, &env);
 
     let manifests = yaml("deploy/kubernetes/deployment.yaml");
     let deployment = manifests
@@ -165,4 +189,24 @@ fn the_image_is_multi_stage_non_root_with_an_exec_form_healthcheck_and_entrypoin
     let ignored = read(".dockerignore");
     assert!(ignored.lines().any(|l| l.trim_end_matches('/') == "target"));
     assert!(ignored.lines().any(|l| l.trim_end_matches('/') == ".git"));
+}
+
+#[test]
+fn the_image_leaves_settings_to_the_configuration_file() {
+    // An ENV TOKEN_BROKER__… in the image would silently beat a mounted file's value.
+    let dockerfile = read("Dockerfile");
+    assert!(
+        !dockerfile
+            .lines()
+            .any(|line| line.trim_start().starts_with("ENV") && line.contains("TOKEN_BROKER__")),
+        "{dockerfile}"
+    );
+    let defaults = token_broker::config::Settings::from_toml(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\n",
+        &|_| None,
+    )
+    .unwrap();
+    assert_eq!(defaults.server.listen, "127.0.0.1:0", "a file's listen applies");
+    let built_in = token_broker::config::DEFAULT_TOML;
+    assert!(built_in.contains("listen = \"0.0.0.0:8080\""), "the container's port by default");
 }
