@@ -193,6 +193,13 @@ impl Caller {
         }
     }
 
+    /// Whether some rule lets the caller use this tenant and environment, for some audience.
+    pub fn may_use_environment(&self, tenant: &str, environment: &str) -> bool {
+        self.allow
+            .iter()
+            .any(|rule| rule.tenant.matches(tenant) && rule.environment.matches(environment))
+    }
+
     /// Whether the caller may receive tokens of this tenant, environment and audience.
     pub fn may_use(&self, tenant: &str, environment: &str, audience: Option<&str>) -> bool {
         self.allow

@@ -108,6 +108,25 @@ pub fn authorise(
     })
 }
 
+/// Authorises `caller` for `tenant`/`environment` whatever the audience (some rule names both),
+/// then returns the environment's settings; for routes that name no audience yet.
+pub fn authorise_environment(
+    state: &AppState,
+    caller: &Caller,
+    tenant: &str,
+    environment: &str,
+) -> Result<Arc<EnvironmentSettings>, AccessError> {
+    if !caller.may_use_environment(tenant, environment) {
+        return Err(forbidden(caller, tenant, environment));
+    }
+    state
+        .current()
+        .settings
+        .environment(tenant, environment)
+        .cloned()
+        .ok_or_else(|| not_configured(tenant, environment))
+}
+
 /// Authorises `caller` again for a token it was granted earlier (a user-token handle), so that
 /// allow rules changed since then apply; returns the environment's current settings.
 pub fn authorise_key(

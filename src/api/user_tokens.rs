@@ -181,6 +181,16 @@ pub async fn create_session(
             return Err(ApiError::InvalidRequest(format!("'{name}' is empty")));
         }
     }
+    // Refusals in the usual order before the state is looked at: 403, then 404 for an
+    // environment that is not configured or not set up for user tokens.
+    let configured = token_request::authorise_environment(&state, &caller, &tenant, &environment)?;
+    if configured.user_login.is_none() {
+        return Err(UserError::NotEnabled {
+            tenant: configured.tenant.clone(),
+            environment: configured.environment.clone(),
+        }
+        .into());
+    }
     let pending = state
         .user_tokens
         .redeem(&caller.name, &tenant, &environment, &oauth_state)
