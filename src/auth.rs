@@ -217,6 +217,12 @@ pub enum AuthError {
     /// A key that matches no caller.
     #[error("the key is not valid")]
     InvalidKey,
+    /// No `Authorization: Bearer` header on an admin request.
+    #[error("no admin key: send Authorization: Bearer <admin key>")]
+    MissingAdminKey,
+    /// No `Authorization: Bearer` header on a scrape when `auth.metrics_key_sha256` is set.
+    #[error("no metrics key: send Authorization: Bearer <metrics key>")]
+    MissingMetricsKey,
     /// No admin key is configured, so the admin API is closed.
     #[error("the admin API is disabled: set auth.admin_key_sha256 (from `token-broker hash-key`)")]
     AdminDisabled,
@@ -349,7 +355,7 @@ impl CallerRegistry {
         };
         let key = authorization
             .and_then(bearer_key)
-            .ok_or(AuthError::MissingKey)?;
+            .ok_or(AuthError::MissingAdminKey)?;
         if bool::from(admin.matches(&KeyHash::of(key))) {
             Ok(())
         } else {
@@ -364,7 +370,7 @@ impl CallerRegistry {
         };
         let key = authorization
             .and_then(bearer_key)
-            .ok_or(AuthError::MissingKey)?;
+            .ok_or(AuthError::MissingMetricsKey)?;
         if bool::from(expected.matches(&KeyHash::of(key))) {
             Ok(())
         } else {

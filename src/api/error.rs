@@ -171,6 +171,9 @@ pub struct ErrorBody<'a> {
     /// Every problem of a refused configuration (reload only).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub problems: &'a [String],
+    /// The IdP's OAuth2 error code, with `upstream_rejected` when the IdP gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_error: Option<&'a str>,
     /// Where to send the user, with `reauthorization_required`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_url: Option<&'a str>,
@@ -243,6 +246,14 @@ pub(super) fn broker_status_and_code(error: &BrokerError) -> (StatusCode, &'stat
     }
 }
 
+/// The IdP's error code of a rejection, for the `upstream_error` field.
+pub(super) fn upstream_error(error: &BrokerError) -> Option<&str> {
+    match error {
+        BrokerError::Rejected { code, .. } => Some(code),
+        _ => None,
+    }
+}
+
 /// How long a caller should wait after a broker failure, for 503s.
 pub(super) fn broker_retry_after(error: &BrokerError) -> Option<Duration> {
     error.retry_after()
@@ -288,10 +299,16 @@ impl IntoResponse for ApiError {
             }
             _ => &[],
         };
+        let upstream_error = match &self {
+            Self::Broker(error) => upstream_error(error),
+            Self::Users(UserError::Token(error)) => upstream_error(error),
+            _ => None,
+        };
         let body = ErrorBody {
             error: code,
             error_description: self.to_string(),
             request_id: &request_id,
+            upstream_error,
             problems,
             authorization_url: authorization.map(|a| a.url.as_str()),
             state: authorization.map(|a| a.state.as_str()),

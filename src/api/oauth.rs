@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::error::BodyError;
 use crate::api::error::{
     TIMED_OUT_RETRY_AFTER, broker_retry_after, broker_status_and_code, log_failure, request_id,
-    retry_after_value,
+    retry_after_value, upstream_error,
 };
 use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
 use crate::api::{audit, response};
@@ -138,6 +138,8 @@ struct ErrorBody<'a> {
     error: &'static str,
     error_description: String,
     request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_error: Option<&'a str>,
 }
 
 impl IntoResponse for OAuthError {
@@ -149,6 +151,10 @@ impl IntoResponse for OAuthError {
             error: code,
             error_description: self.to_string(),
             request_id: &request_id,
+            upstream_error: match &self {
+                Self::Broker(error) => upstream_error(error),
+                _ => None,
+            },
         };
         let mut response = (status, response::no_store_oauth(), axum::Json(body)).into_response();
         let headers = response.headers_mut();

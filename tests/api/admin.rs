@@ -128,3 +128,21 @@ async fn cache_lists_keys_timing_and_hits_but_no_token() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_missing_admin_or_metrics_key_is_named_as_such() {
+    let app = spawn_app_with(&format!(
+        "[auth]\nmetrics_key_sha256 = \"{}\"\n",
+        token_broker::auth::KeyHash::of("tbk_metrics").to_hex()
+    ))
+    .await;
+    let admin = app.get("/v1/admin/tenants", None).await;
+    assert_eq!(admin.status, 401);
+    let description = admin.body["error_description"].as_str().unwrap();
+    assert!(description.starts_with("no admin key"), "{description}");
+    let metrics = app.get("/metrics", None).await;
+    assert_eq!(metrics.status, 401);
+    let description = metrics.body["error_description"].as_str().unwrap();
+    assert!(description.starts_with("no metrics key"), "{description}");
+    assert_eq!(app.get("/metrics", Some("tbk_metrics")).await.status, 200);
+}

@@ -126,7 +126,11 @@ fn the_kubernetes_example_has_probes_and_a_configuration_that_passes_check_confi
     let shipped = run_check_config(toml, &env);
     assert!(!shipped.status.success());
     let problems = String::from_utf8_lossy(&shipped.stderr);
-    assert_eq!(problems.matches("not a SHA-256 in hex").count(), 2, "{problems}");
+    assert_eq!(
+        problems.matches("not a SHA-256 in hex").count(),
+        2,
+        "{problems}"
+    );
     // With the hashes `hash-key` prints, it is a valid configuration.
     let hashed = (0..2).fold(toml.to_owned(), |toml, _| {
         let out = Command::new(BIN).arg("hash-key").output().unwrap();
@@ -206,7 +210,13 @@ fn the_image_leaves_settings_to_the_configuration_file() {
         &|_| None,
     )
     .unwrap();
-    assert_eq!(defaults.server.listen, "127.0.0.1:0", "a file's listen applies");
+    assert_eq!(
+        defaults.server.listen, "127.0.0.1:0",
+        "a file's listen applies"
+    );
     let built_in = token_broker::config::DEFAULT_TOML;
-    assert!(built_in.contains("listen = \"0.0.0.0:8080\""), "the container's port by default");
+    assert!(
+        built_in.contains("listen = \"0.0.0.0:8080\""),
+        "the container's port by default"
+    );
 }

@@ -27,6 +27,7 @@ async fn an_idp_401_is_a_502_carrying_the_idp_error_code() {
     let description = answer.body["error_description"].as_str().unwrap();
     assert!(description.contains("access_denied"), "{description}");
     assert!(!description.contains("leak"));
+    assert_eq!(answer.body["upstream_error"], "access_denied");
 }
 
 #[tokio::test]

@@ -22,16 +22,44 @@ async fn a_state_only_works_for_its_caller_tenant_and_environment() {
     // reports may use acme/production with the default audience, but did not start this one.
     // acme/staging has no authorize_url: 404, as for authorize, before the state is looked at.
     let misuses = [
-        ("acme/production", REPORTS_KEY, state.as_str(), 400, "invalid_request"),
-        ("acme/staging", BILLING_KEY, state.as_str(), 404, "not_found"),
-        ("acme/production", BILLING_KEY, &state[..state.len() - 1], 400, "invalid_request"),
-        ("globex/staging", BILLING_KEY, state.as_str(), 403, "forbidden"),
+        (
+            "acme/production",
+            REPORTS_KEY,
+            state.as_str(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "acme/staging",
+            BILLING_KEY,
+            state.as_str(),
+            404,
+            "not_found",
+        ),
+        (
+            "acme/production",
+            BILLING_KEY,
+            &state[..state.len() - 1],
+            400,
+            "invalid_request",
+        ),
+        (
+            "globex/staging",
+            BILLING_KEY,
+            state.as_str(),
+            403,
+            "forbidden",
+        ),
     ];
     for (tenant_environment, key, state, status, error) in misuses {
         let answer = app
             .create_session(tenant_environment, key, "code", state)
             .await;
-        assert_eq!(answer.status, status, "{tenant_environment}: {}", answer.body);
+        assert_eq!(
+            answer.status, status,
+            "{tenant_environment}: {}",
+            answer.body
+        );
         assert_eq!(answer.body["error"], error);
     }
     assert!(app.idp.received_requests().await.unwrap().is_empty());
