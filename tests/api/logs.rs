@@ -113,3 +113,69 @@ async fn json_logs_have_an_audit_line_per_token_and_access_lines_at_debug() {
         .expect("an access line for the 401");
     assert_eq!(refused["level"], "DEBUG");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_line_of_a_delete_says_what_it_did() {
+    let idp = MockServer::start().await;
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    // A refetch interval, so that a DELETE right after a fetch marks the token.
+    let toml = base_config(&idp.uri()).replace(
+        "min_refetch_interval = \"0s\"",
+        "min_refetch_interval = \"1h\"",
+    );
+    std::fs::write(&config, toml).unwrap();
+    let server = spawn(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "info"),
+        false,
+    );
+    let url = listening_url(&server.wait_for(r#""message":"listening""#));
+    let http = reqwest::Client::new();
+    let tokens = format!("{url}/v1/tokens/acme/production");
+    let delete = |body: Option<&str>| {
+        let request = http.delete(&tokens).bearer_auth(BILLING_KEY);
+        match body {
+            Some(body) => request
+                .header("content-type", "application/json")
+                .body(body.to_owned()),
+            None => request,
+        }
+        .send()
+    };
+    assert_eq!(delete(None).await.unwrap().status(), 204);
+    let got = http
+        .get(&tokens)
+        .bearer_auth(BILLING_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(
+        delete(Some(r#"{"access_token":"not-the-one"}"#))
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        delete(Some(r#"{"access_token":"token-1"}"#))
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let (_, lines) = server.terminate();
+
+    let outcomes: Vec<String> = lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "audit" && line["message"] == "forget requested")
+        .map(|line| line["outcome"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(outcomes, ["nothing_cached", "not_matched", "marked"]);
+}
