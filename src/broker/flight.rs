@@ -232,8 +232,14 @@ impl Broker {
                     (Err(Arc::new(BrokerError::Internal)), false)
                 }
             };
-            if let Some(charge) = charge {
-                charge.settle(asked.load(Ordering::Relaxed), created);
+            match charge {
+                Some(charge) => charge.settle(asked.load(Ordering::Relaxed), created),
+                // Only background refreshes start a flight on nobody's behalf.
+                None if outcome.is_err() => broker
+                    .inner
+                    .metrics
+                    .cache_refresh_failed(&environment.tenant, &environment.environment),
+                None => {}
             }
             if outcome.is_err()
                 && let Some(current) = broker.inner.tokens.get(&key).await

@@ -28,6 +28,10 @@ pub const CACHE_HITS: &str = "token_broker_cache_hits_total";
 pub const CACHE_MISSES: &str = "token_broker_cache_misses_total";
 /// Background refreshes started ahead of expiry, by `tenant` and `environment`.
 pub const CACHE_REFRESHES: &str = "token_broker_cache_refreshes_total";
+/// Background refreshes that ended without a new token, by `tenant` and `environment`.
+pub const CACHE_REFRESH_FAILURES: &str = "token_broker_cache_refresh_failures_total";
+/// Gauge: 1 while `/readyz` answers 200, 0 while draining.
+pub const READY: &str = "token_broker_ready";
 /// Tokens in the cache now.
 pub const CACHE_ENTRIES: &str = "token_broker_cache_entries";
 /// Token requests to IdPs, by `tenant`, `environment` and `outcome`.
@@ -148,6 +152,7 @@ struct EnvironmentMetrics {
     cache_hits: Counter,
     cache_misses: Counter,
     cache_refreshes: Counter,
+    cache_refresh_failures: Counter,
     idp_requests: [Counter; IdpOutcome::ALL.len()],
     idp_duration: Histogram,
 }
@@ -203,6 +208,10 @@ impl Metrics {
             ),
             (IDP_REQUESTS, "Token requests to the IdP, by outcome."),
             (
+                CACHE_REFRESH_FAILURES,
+                "Background token refreshes that ended without a new token (retried after a backoff).",
+            ),
+            (
                 CALLER_IDP_REQUESTS,
                 "IdP requests that a caller's requests started (charged to its idp_requests_per_minute).",
             ),
@@ -219,6 +228,10 @@ impl Metrics {
         }
         for (name, help) in [
             (CACHE_ENTRIES, "Tokens held in the cache."),
+            (
+                READY,
+                "1 while /readyz answers 200, 0 while draining on shutdown.",
+            ),
             (
                 SHARED_CACHE_UP,
                 "1 while calls to the shared cache succeed, 0 while it is marked down.",
@@ -306,6 +319,22 @@ impl Metrics {
     /// Counts a token request that waits on an IdP request.
     pub fn cache_miss(&self, tenant: &str, environment: &str) {
         self.with_environment(tenant, environment, |m| m.cache_misses.increment(1));
+    }
+
+    /// Counts a background refresh that ended without a new token.
+    pub fn cache_refresh_failed(&self, tenant: &str, environment: &str) {
+        self.with_environment(tenant, environment, |m| {
+            m.cache_refresh_failures.increment(1)
+        });
+    }
+
+    /// Sets whether the broker is ready (at scrape time).
+    pub fn set_ready(&self, ready: bool) {
+        let key = Key::from_name(READY);
+        self.inner
+            .recorder
+            .register_gauge(&key, &METADATA)
+            .set(f64::from(u8::from(ready)));
     }
 
     /// Counts a background refresh started.
@@ -444,6 +473,7 @@ impl Metrics {
             cache_hits: counter(CACHE_HITS),
             cache_misses: counter(CACHE_MISSES),
             cache_refreshes: counter(CACHE_REFRESHES),
+            cache_refresh_failures: counter(CACHE_REFRESH_FAILURES),
             idp_requests: IdpOutcome::ALL.map(|outcome| {
                 let mut labels = labels();
                 labels.push(Label::from_static_parts("outcome", outcome.as_str()));

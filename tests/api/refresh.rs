@@ -166,4 +166,14 @@ async fn a_failing_refresh_backs_off_instead_of_asking_on_every_request() {
     // The first fetch, one refresh with its retries (4 attempts), and at most one more after
     // the backoff: never one per request.
     assert!((2..=9).contains(&requests), "{requests} IdP requests");
+    let scrape = app.scrape().await;
+    assert!(
+        !scrape.contains(
+            r#"token_broker_cache_refresh_failures_total{tenant="acme",environment="production"} 0"#
+        ) && scrape.contains(
+            r#"token_broker_cache_refresh_failures_total{tenant="acme",environment="production"}"#
+        ),
+        "{scrape}"
+    );
+    assert!(scrape.contains("token_broker_ready 1"), "{scrape}");
 }
