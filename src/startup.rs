@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
 use tokio::net::TcpListener;
@@ -90,16 +89,11 @@ pub fn router(state: AppState, surface: Surface) -> Router {
         .with_state(state)
 }
 
+/// The answer to a handler that panicked: the documented 500 body (with the request id, as the
+/// request's scope is still entered here).
 fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("a request handler panicked");
-    (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        axum::Json(serde_json::json!({
-            "error": "internal_error",
-            "error_description": "internal error",
-        })),
-    )
-        .into_response()
+    api::ApiError::Internal.into_response()
 }
 
 /// A built application: state plus a bound listener, ready to serve.

@@ -50,7 +50,7 @@ pub struct EnvironmentReport {
     pub audience: Option<String>,
     /// `json` or `form`.
     pub request_format: &'static str,
-    /// `post` or `basic`.
+    /// `post`, `basic` or `private_key_jwt`.
     pub client_auth: &'static str,
     /// `audience` or `resource`.
     pub audience_param: &'static str,
