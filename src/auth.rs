@@ -26,7 +26,7 @@ use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::limits::{IdpBudget, RateLimiter};
+use crate::limits::{BudgetCounters, IdpBudget, RateLimiter};
 use crate::telemetry::metrics::Metrics;
 
 pub use settings::{AuthSettings, CallerSettings, DEFAULT_MAX_KEYS};
@@ -181,6 +181,8 @@ pub struct Caller {
     rate_limit: Option<RateLimiter>,
     /// The IdP requests and cache keys this caller's requests may cost.
     pub idp_budget: Arc<IdpBudget>,
+    /// Requests refused for `rate_limit`.
+    refused_rate: metrics::Counter,
 }
 
 impl Caller {
@@ -264,7 +266,11 @@ impl CallerRegistry {
                     Arc::from(name),
                     per_minute,
                     max_keys,
-                    metrics.caller_idp_requests(name),
+                    BudgetCounters {
+                        idp_requests: metrics.caller_idp_requests(name),
+                        refused_budget: metrics.caller_refusals(name, "idp_budget"),
+                        refused_keys: metrics.caller_refusals(name, "max_keys"),
+                    },
                 )),
             }
         };
@@ -279,6 +285,7 @@ impl CallerRegistry {
                         .and_then(NonZeroU32::new)
                         .map(RateLimiter::per_second),
                     idp_budget: budget(name, settings.idp_requests_per_minute, settings.max_keys),
+                    refused_rate: metrics.caller_refusals(name, "rate_limit"),
                 };
                 (settings.key_sha256, Arc::new(caller))
             })
@@ -293,6 +300,7 @@ impl CallerRegistry {
                     auth.default_idp_requests_per_minute,
                     DEFAULT_MAX_KEYS,
                 ),
+                refused_rate: metrics::Counter::noop(),
             })
         });
         let budgets = callers
@@ -397,9 +405,10 @@ pub trait CallerSource {
 /// `rate_limit` (429). Every way in (the extractor, the OAuth2 facade) ends here.
 pub fn admit(caller: Arc<Caller>) -> Result<Arc<Caller>, AuthError> {
     tracing::Span::current().record("caller", &*caller.name);
-    caller
-        .admit()
-        .map_err(|retry_after| AuthError::RateLimited { retry_after })?;
+    if let Err(retry_after) = caller.admit() {
+        caller.refused_rate.increment(1);
+        return Err(AuthError::RateLimited { retry_after });
+    }
     Ok(caller)
 }
 

@@ -98,16 +98,38 @@ pub struct IdpBudget {
     per_minute: NonZeroU32,
     max_keys: usize,
     keys: AtomicUsize,
-    counter: metrics::Counter,
+    counters: BudgetCounters,
+}
+
+/// The counters of one caller's budget.
+#[derive(Debug, Clone)]
+pub struct BudgetCounters {
+    /// IdP requests charged.
+    pub idp_requests: metrics::Counter,
+    /// Requests refused for `idp_requests_per_minute`.
+    pub refused_budget: metrics::Counter,
+    /// Requests refused for `max_keys`.
+    pub refused_keys: metrics::Counter,
+}
+
+impl BudgetCounters {
+    /// Counters that count nowhere.
+    pub fn noop() -> Self {
+        Self {
+            idp_requests: metrics::Counter::noop(),
+            refused_budget: metrics::Counter::noop(),
+            refused_keys: metrics::Counter::noop(),
+        }
+    }
 }
 
 impl IdpBudget {
-    /// A full budget for `caller`; `counter` counts the IdP requests charged to it.
+    /// A full budget for `caller`, counting in `counters`.
     pub fn new(
         caller: Arc<str>,
         per_minute: NonZeroU32,
         max_keys: usize,
-        counter: metrics::Counter,
+        counters: BudgetCounters,
     ) -> Self {
         Self {
             caller,
@@ -115,7 +137,7 @@ impl IdpBudget {
             per_minute,
             max_keys,
             keys: AtomicUsize::new(0),
-            counter,
+            counters,
         }
     }
 
@@ -137,7 +159,17 @@ impl IdpBudget {
 
     /// Counts one IdP request made for the caller, in `token_broker_caller_idp_requests_total`.
     pub fn record_idp_request(&self) {
-        self.counter.increment(1);
+        self.counters.idp_requests.increment(1);
+    }
+
+    /// Counts a request refused because the minute's budget is spent.
+    pub fn record_refused_budget(&self) {
+        self.counters.refused_budget.increment(1);
+    }
+
+    /// Counts a request refused because the caller has `max_keys` keys.
+    pub fn record_refused_keys(&self) {
+        self.counters.refused_keys.increment(1);
     }
 
     /// Takes one of the caller's `max_keys` key slots; false when all are taken.
@@ -217,7 +249,7 @@ mod tests {
             Arc::from("billing"),
             NonZeroU32::new(2).unwrap(),
             1,
-            metrics::Counter::noop(),
+            BudgetCounters::noop(),
         );
         let now = Instant::now();
         assert!(budget.spend(now).is_ok() && budget.spend(now).is_ok());

@@ -118,15 +118,47 @@ impl Broker {
             }
         }
 
-        // A miss: nothing cached, too short for this caller, or a refetch a DELETE asked for.
-        self.inner
-            .metrics
-            .cache_miss(&environment.tenant, &environment.environment);
-        if min_ttl.is_some_and(|ttl| ttl > min_remaining)
+        // Nothing cached, too short for this caller, or a refetch a DELETE asked for.
+        let answer = self
+            .get_uncached(environment, key, cached, required, budget)
+            .await;
+        // A hit when the shared level had the token (nothing waited on the IdP), else a miss.
+        match &answer {
+            Ok(Lease {
+                status: CacheStatus::Hit,
+                ..
+            }) => self
+                .inner
+                .metrics
+                .cache_hit(&environment.tenant, &environment.environment),
+            _ => self
+                .inner
+                .metrics
+                .cache_miss(&environment.tenant, &environment.environment),
+        }
+        answer
+    }
+
+    /// [`Broker::get`] when this replica's cache cannot answer at once.
+    async fn get_uncached(
+        &self,
+        environment: &Arc<EnvironmentSettings>,
+        key: &TokenKey,
+        cached: Option<Arc<CachedToken>>,
+        required: Duration,
+        budget: &Arc<IdpBudget>,
+    ) -> Result<Lease, Arc<BrokerError>> {
+        let settings = &self.inner.settings;
+        let min_remaining = settings.min_remaining;
+        if required > min_remaining
             && let Some(lifetime) = self.inner.lifetimes.get(key).await
             && required > lifetime
         {
             return Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }));
+        }
+        // What the IdP answered recently is answered again, before any budget is charged.
+        if let Some(remembered) = self.inner.rejections.get(key).await {
+            return Err(Arc::new(self.remembered_error(remembered)));
         }
         let mut wanted = match &cached {
             Some(token) if token.refetch_due(SystemTime::now(), settings.min_refetch_interval) => {

@@ -91,6 +91,17 @@ impl Broker {
         self.upstream(environment).rate_limit()
     }
 
+    /// The error a remembered answer stands for.
+    pub(super) fn remembered_error(&self, remembered: Remembered) -> BrokerError {
+        match remembered {
+            Remembered::Rejected { status, code } => IdpError::Rejected { status, code }.into(),
+            Remembered::TooShort { lifetime } => BrokerError::LifetimeBelowMinimum {
+                lifetime,
+                min_remaining: self.inner.settings.min_remaining,
+            },
+        }
+    }
+
     /// One token from the IdP, with the failure policy applied (see the module docs); `asked`
     /// is set once a request is sent, so the caller who started the fetch is charged for it.
     pub(super) async fn fetch_from_idp(
@@ -99,17 +110,8 @@ impl Broker {
         key: &TokenKey,
         asked: &AtomicBool,
     ) -> Result<CachedToken, BrokerError> {
-        match self.inner.rejections.get(key).await {
-            Some(Remembered::Rejected { status, code }) => {
-                return Err(IdpError::Rejected { status, code }.into());
-            }
-            Some(Remembered::TooShort { lifetime }) => {
-                return Err(BrokerError::LifetimeBelowMinimum {
-                    lifetime,
-                    min_remaining: self.inner.settings.min_remaining,
-                });
-            }
-            None => {}
+        if let Some(remembered) = self.inner.rejections.get(key).await {
+            return Err(self.remembered_error(remembered));
         }
         let upstream = self.upstream(environment);
         let deadline = Instant::now() + environment.timeout;

@@ -153,6 +153,7 @@ impl Broker {
         }
         let Starter { budget, new_key } = starter;
         if new_key && !budget.take_key() {
+            budget.record_refused_keys();
             tracing::warn!(
                 caller = budget.caller(),
                 tenant = %key.tenant,
@@ -168,6 +169,7 @@ impl Broker {
             if new_key {
                 budget.release_key();
             }
+            budget.record_refused_budget();
             tracing::warn!(
                 caller = budget.caller(),
                 tenant = %key.tenant,

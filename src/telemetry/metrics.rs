@@ -44,6 +44,9 @@ pub const IDP_RATE_LIMIT_REMAINING: &str = "token_broker_idp_rate_limit_remainin
 pub const IDP_QUOTA_REMAINING: &str = "token_broker_idp_quota_remaining";
 /// IdP requests that callers' requests started, by `caller`.
 pub const CALLER_IDP_REQUESTS: &str = "token_broker_caller_idp_requests_total";
+/// Requests refused for a caller's own limits, by `caller` and `reason` (`rate_limit`,
+/// `idp_budget`, `max_keys`).
+pub const CALLER_REFUSALS: &str = "token_broker_caller_refusals_total";
 /// Gauge: 1 while calls to the shared cache succeed, 0 while it is marked down.
 pub const SHARED_CACHE_UP: &str = "token_broker_shared_cache_up";
 /// Gauge: 1 while the shared cache's invalidation subscription is live.
@@ -216,6 +219,10 @@ impl Metrics {
                 "IdP requests that a caller's requests started (charged to its idp_requests_per_minute).",
             ),
             (
+                CALLER_REFUSALS,
+                "Requests refused with 429 for the caller's own limits, by reason (rate_limit, idp_budget, max_keys).",
+            ),
+            (
                 SHARED_CACHE_ERRORS,
                 "Failed calls to the shared cache (Redis).",
             ),
@@ -307,6 +314,19 @@ impl Metrics {
         let key = Key::from_parts(
             CALLER_IDP_REQUESTS,
             vec![Label::new("caller", caller.to_owned())],
+        );
+        self.inner.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// The counter of `caller`'s requests refused for `reason` (`rate_limit`, `idp_budget` or
+    /// `max_keys`), registered so that it shows at zero.
+    pub fn caller_refusals(&self, caller: &str, reason: &'static str) -> Counter {
+        let key = Key::from_parts(
+            CALLER_REFUSALS,
+            vec![
+                Label::new("caller", caller.to_owned()),
+                Label::from_static_parts("reason", reason),
+            ],
         );
         self.inner.recorder.register_counter(&key, &METADATA)
     }

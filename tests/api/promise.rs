@@ -201,6 +201,12 @@ async fn a_caller_over_its_idp_budget_gets_429_and_spends_nobody_elses() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"token_broker_caller_idp_requests_total{caller="reports"} 1"#));
+    assert!(
+        metrics.contains(
+            r#"token_broker_caller_refusals_total{caller="billing",reason="idp_budget"} 1"#
+        ),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -237,6 +243,13 @@ async fn a_caller_cannot_create_more_than_max_keys_keys() {
     );
     assert_eq!(app.billing("acme/production?scope=a").await.status, 200);
     assert_eq!(issuer.issued(), 3);
+    let metrics = app.scrape().await;
+    assert!(
+        metrics.contains(
+            r#"token_broker_caller_refusals_total{caller="billing",reason="max_keys"} 1"#
+        ),
+        "{metrics}"
+    );
 
     // A key that leaves the cache frees its slot.
     app.forget("acme/production?scope=a", None).await;
@@ -304,5 +317,22 @@ async fn outlandish_lifetimes_and_pauses_are_capped_not_crashes() {
     assert_eq!(paused.status, 503, "{}", paused.body);
     let wait: u64 = paused.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=3600).contains(&wait), "{wait}");
+    app.idp.verify().await;
+}
+
+#[tokio::test]
+async fn a_remembered_rejection_is_answered_without_charging_the_budget() {
+    let app = spawn_app_with("[callers.billing]\nidp_requests_per_minute = 1").await;
+    Mock::given(method("POST"))
+        .and(path("/acme/oauth/token"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": "access_denied"})))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    for _ in 0..5 {
+        let refused = app.billing("acme/production").await;
+        assert_eq!(refused.status, 502, "{}", refused.body);
+        assert_eq!(refused.body["upstream_error"], "access_denied");
+    }
     app.idp.verify().await;
 }
