@@ -25,6 +25,7 @@ mod oauth_requests;
 mod open_start;
 mod openapi;
 mod process;
+mod prometheus;
 mod promise;
 mod rate_limit;
 mod refresh;
