@@ -44,6 +44,9 @@ min_remaining = "$3"
 [callers.bench]
 key_sha256 = "$HASH"
 allow = ["*/*"]
+# The cold fill creates many keys at once: lift the caller's IdP bounds for it.
+idp_requests_per_minute = 4000000000
+max_keys = 200000
 [tenants.bench.environments.production]
 token_url = "http://127.0.0.1:$2/oauth/token"
 client_id = "bench"
