@@ -113,9 +113,6 @@ struct Inner {
     /// What the IdP answered recently per key that is not worth asking again: a rejection, or a
     /// token too short to serve. Forgotten after `cache.negative_ttl`.
     rejections: Cache<TokenKey, Remembered, KeyHasher>,
-    /// The lifetime of each key's last fresh token, so that a `min_ttl` above it is refused
-    /// without an IdP request. Replaced by the next fetch, forgotten on reload.
-    lifetimes: Cache<TokenKey, Duration, KeyHasher>,
     /// The fetches under way, one per key, each owned by the broker (not by a request).
     flights: Flights,
     /// Per (tenant, environment): bumped when a reload changes how it talks to its IdP, so a
@@ -180,15 +177,10 @@ impl Broker {
             .time_to_live(settings.negative_ttl.max(Duration::from_millis(1)))
             .support_invalidation_closures()
             .build_with_hasher(KeyHasher::default());
-        let lifetimes = Cache::builder()
-            .max_capacity(settings.max_entries)
-            .support_invalidation_closures()
-            .build_with_hasher(KeyHasher::default());
         Self {
             inner: Arc::new(Inner {
                 tokens,
                 rejections,
-                lifetimes,
                 flights: Flights::default(),
                 generations: Mutex::new(HashMap::new()),
                 upstreams: Mutex::new(HashMap::new()),

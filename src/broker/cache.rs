@@ -1,8 +1,8 @@
 //! The cache and its leases (DESIGN.md, "Cache semantics"): a hit is a moka lookup and a
 //! pre-built body; anything else is one flight per key ([`super::flight`]). Each entry expires
 //! `min_remaining` before its token does, and refreshes in the background inside its servable
-//! life. What the broker learns is kept: a key's last lifetime (a `min_ttl` above it is refused
-//! without asking the IdP), and a `DELETE` within `min_refetch_interval` of the key's last fetch
+//! life. What the broker learns is kept: the cached token tells how long the key's tokens live (a
+//! `min_ttl` above that is refused without asking the IdP), and a `DELETE` within `min_refetch_interval` of the key's last fetch
 //! marks the entry rather than forgetting it, so no caller can turn `DELETE` + `GET` into an IdP
 //! request per loop.
 
@@ -150,10 +150,13 @@ impl Broker {
     ) -> Result<Lease, Arc<BrokerError>> {
         let settings = &self.inner.settings;
         let min_remaining = settings.min_remaining;
+        // The cached token says how long this key's tokens live: a min_ttl above that is refused
+        // without asking the IdP for another token just as short.
         if required > min_remaining
-            && let Some(lifetime) = self.inner.lifetimes.get(key).await
-            && required > lifetime
+            && let Some(token) = &cached
+            && required > token.lifetime()
         {
+            let lifetime = token.lifetime();
             return Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }));
         }
         // What the IdP answered recently is answered again, before any budget is charged.
@@ -235,8 +238,9 @@ impl Broker {
     }
 
     /// Forgets everything learnt about the given environments, as after a reload that changed
-    /// how they talk to their IdP (`changed`, their settings before it): cached tokens,
-    /// remembered rejections and lifetimes, and the IdP client's pause after a 429. Fetches under
+    /// how they talk to their IdP (`changed`, their settings before it): cached tokens (and with
+    /// them the lifetimes they teach), remembered rejections, and the IdP client's pause after a
+    /// 429. Fetches under
     /// way for them are not installed when they land.
     pub fn forget_environments(&self, changed: &[Arc<EnvironmentSettings>]) {
         if changed.is_empty() {
@@ -264,7 +268,7 @@ impl Broker {
                 .any(|(t, e)| *key.tenant == **t && *key.environment == **e)
         };
         self.inner.flights.detach(&of_changed);
-        let (tokens, rejections, lifetimes) = (of_changed.clone(), of_changed.clone(), of_changed);
+        let (tokens, rejections) = (of_changed.clone(), of_changed);
         let invalidated = [
             self.inner
                 .tokens
@@ -273,10 +277,6 @@ impl Broker {
             self.inner
                 .rejections
                 .invalidate_entries_if(move |key, _| rejections(key))
-                .map(drop),
-            self.inner
-                .lifetimes
-                .invalidate_entries_if(move |key, _| lifetimes(key))
                 .map(drop),
         ];
         for error in invalidated.into_iter().filter_map(Result::err) {
@@ -287,11 +287,10 @@ impl Broker {
         }
     }
 
-    /// Forgets remembered rejections and lifetimes of every key (after a reload, which may have
-    /// fixed credentials or changed what the IdP issues).
+    /// Forgets remembered rejections of every key (after a reload, which may have fixed
+    /// credentials or changed what the IdP issues).
     pub fn forget_remembered(&self) {
         self.inner.rejections.invalidate_all();
-        self.inner.lifetimes.invalidate_all();
     }
 
     /// Removes `stale` from the cache if it is still the token of `key`.

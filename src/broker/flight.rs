@@ -294,7 +294,6 @@ impl Broker {
         }
         let settings = &self.inner.settings;
         let lifetime = token.lifetime();
-        self.inner.lifetimes.insert(key.clone(), lifetime).await;
         if lifetime < settings.min_remaining {
             tracing::warn!(
                 tenant = %key.tenant,
