@@ -9,7 +9,7 @@
 
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -98,6 +98,8 @@ pub struct App {
     reloader: Option<Reloader>,
     /// Serialises reloads so two cannot interleave their compare-and-drop.
     reloading: std::sync::Mutex<()>,
+    /// Reloads so far: the generation the next changed environments get.
+    reloads: AtomicU64,
     ready: AtomicBool,
 }
 
@@ -147,6 +149,7 @@ impl AppState {
             started: snapshot,
             reloader,
             reloading: std::sync::Mutex::new(()),
+            reloads: AtomicU64::new(0),
             ready: AtomicBool::new(true),
         })))
     }
@@ -175,8 +178,10 @@ impl AppState {
             .reloading
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let settings = reloader()?;
+        let mut settings = reloader()?;
         let old = self.current.load_full();
+        let generation = self.reloads.fetch_add(1, Ordering::Relaxed) + 1;
+        stamp_generations(&mut settings, &old.settings, generation);
         let dropped: Vec<Arc<EnvironmentSettings>> = old
             .settings
             .environments()
@@ -203,7 +208,7 @@ impl AppState {
         // bump below stops any that began under the old ones from installing its token.
         self.current
             .store(Arc::new(Snapshot::new(settings, &self.metrics, Some(&old))));
-        self.broker.forget_environments(&dropped);
+        self.broker.forget_environments(&dropped, generation);
         self.broker.forget_remembered();
         if !report.restart_required.is_empty() {
             tracing::warn!(
@@ -219,6 +224,23 @@ impl AppState {
             "configuration reloaded"
         );
         Ok(report)
+    }
+}
+
+/// Gives each environment of freshly loaded `settings` its generation: the running one's when
+/// it talks to its IdP the same way, else `generation` (this reload's).
+fn stamp_generations(settings: &mut Settings, running: &Settings, generation: u64) {
+    for (tenant, t) in &mut settings.tenants {
+        for (name, environment) in &mut t.environments {
+            let kept = running
+                .environment(tenant, name)
+                .filter(|before| before.same_identity(environment))
+                .map(|before| before.generation);
+            // Freshly loaded settings are not shared yet.
+            if let Some(environment) = Arc::get_mut(environment) {
+                environment.generation = kept.unwrap_or(generation);
+            }
+        }
     }
 }
 

@@ -41,7 +41,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use moka::future::Cache;
-use moka::notification::RemovalCause;
 
 use crate::idp::IdpClient;
 use crate::telemetry::metrics::Metrics;
@@ -163,14 +162,6 @@ impl Broker {
                 min_remaining: settings.min_remaining,
             })
             .support_invalidation_closures()
-            .eviction_listener(|_key, token: Arc<CachedToken>, cause| {
-                // A replaced token hands its key slot to its successor; any other removal frees it.
-                if cause != RemovalCause::Replaced
-                    && let Some(owner) = token.owner()
-                {
-                    owner.release_key();
-                }
-            })
             .build_with_hasher(KeyHasher::default());
         let rejections = Cache::builder()
             .max_capacity(settings.max_entries)

@@ -273,28 +273,45 @@ fn describe_at(error: &config::ConfigError, at: &str) -> String {
     }
 }
 
-/// `text` with every double-quoted part replaced by `"…"`: serde's messages quote the value
-/// they could not read (`invalid value: string "…", expected a duration`). A missing file's
-/// name is kept.
+/// A reading error's message without the value it could not read. serde and config quote the
+/// value (`invalid value: string "…", expected a duration`, `` integer `5` ``, or, for an enum,
+/// unquoted after "variant constructor"): every quoted part is replaced by `…`, and backticks
+/// are kept only in messages that name fields (`unknown field `x`, expected one of …`). A missing
+/// file's name is kept.
 fn without_quoted_values(text: &str) -> String {
     if text.starts_with("configuration file ") {
         return text.to_owned();
     }
+    if text.contains("does not have variant constructor") || text.contains("unknown variant") {
+        return "not one of the values this setting takes".to_owned();
+    }
+    let names_fields = text.starts_with("unknown field") || text.starts_with("missing field");
     let mut out = String::with_capacity(text.len());
-    let mut quoted = false;
+    let mut quote = None;
+    let mut escaped = false;
     for c in text.chars() {
-        match (c, quoted) {
-            ('"', false) => {
-                out.push_str("\"…");
-                quoted = true;
+        match quote {
+            Some(open) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == open {
+                    out.push(c);
+                    quote = None;
+                }
             }
-            ('"', true) => {
-                out.push('"');
-                quoted = false;
+            None if c == '"' || (c == '`' && !names_fields) => {
+                out.push(c);
+                out.push('…');
+                quote = Some(c);
             }
-            (_, false) => out.push(c),
-            (_, true) => {}
+            None => out.push(c),
         }
+    }
+    // An unterminated quote leaves nothing of what followed it.
+    if quote.is_some() {
+        out.push('…');
     }
     out
 }
@@ -749,6 +766,42 @@ mod tests {
                 .unwrap(),
             None,
             &mut Vec::new(),
+        );
+    }
+
+    #[test]
+    fn reading_errors_never_carry_the_value() {
+        for (message, secret) in [
+            (
+                "invalid value: string \"a\\\"hunter2\", expected a duration",
+                "hunter2",
+            ),
+            (
+                "invalid type: integer `123456`, expected a string",
+                "123456",
+            ),
+            (
+                "enum ClientAuth does not have variant constructor hunter2",
+                "hunter2",
+            ),
+            (
+                "unknown variant `hunter2`, expected one of `post`, `basic`",
+                "hunter2",
+            ),
+            ("invalid value: string \"unterminated hunter2", "hunter2"),
+        ] {
+            let cleaned = super::without_quoted_values(message);
+            assert!(!cleaned.contains(secret), "{message} -> {cleaned}");
+        }
+        let fields = super::without_quoted_values("unknown field `listenn`, expected `listen`");
+        assert_eq!(fields, "unknown field `listenn`, expected `listen`");
+        let all = problems(
+            "[auth]\nallow_anonymous = true\n[server]\nlisten = \"127.0.0.1:1\"\n[tenants.acme.environments.production]\ntoken_url = \"https://x\"\nclient_id = \"i\"\nclient_secret = \"s\"\nclient_auth = \"hunter2\"\n",
+            &no_env,
+        );
+        assert!(
+            all.contains("client_auth") && !all.contains("hunter2"),
+            "{all}"
         );
     }
 }

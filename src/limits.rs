@@ -10,7 +10,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A token bucket of `rate` requests per period with a burst of `rate`.
@@ -172,6 +172,15 @@ impl IdpBudget {
         self.counters.refused_keys.increment(1);
     }
 
+    /// Takes one of the caller's `max_keys` key slots, given back when the slot is dropped;
+    /// `None` when all are taken.
+    pub fn key_slot(self: &Arc<Self>) -> Option<KeySlot> {
+        self.take_key().then(|| KeySlot {
+            budget: Arc::clone(self),
+            held: AtomicBool::new(true),
+        })
+    }
+
     /// Takes one of the caller's `max_keys` key slots; false when all are taken.
     pub fn take_key(&self) -> bool {
         self.keys
@@ -203,6 +212,30 @@ impl IdpBudget {
     /// Key slots in use.
     pub fn keys(&self) -> usize {
         self.keys.load(Ordering::Acquire)
+    }
+}
+
+/// One of a caller's `max_keys` slots, held by the cached tokens of the key it created (each
+/// token of the key shares it) and given back when the last of them is dropped, however the key
+/// leaves the cache, or at once when the key is forgotten.
+#[derive(Debug)]
+pub struct KeySlot {
+    budget: Arc<IdpBudget>,
+    held: AtomicBool,
+}
+
+impl KeySlot {
+    /// Gives the slot back now (the key was forgotten); later calls and the drop do nothing.
+    pub fn release(&self) {
+        if self.held.swap(false, Ordering::AcqRel) {
+            self.budget.release_key();
+        }
+    }
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -264,7 +297,14 @@ mod tests {
         budget.release_key();
         budget.release_key();
         assert_eq!(budget.keys(), 0);
-        assert!(budget.take_key());
+        let budget = Arc::new(budget);
+        let slot = Arc::new(budget.key_slot().expect("a free slot"));
+        assert!(budget.key_slot().is_none());
+        let shared = Arc::clone(&slot);
+        drop(slot);
+        assert_eq!(budget.keys(), 1, "a successor still holds it");
+        drop(shared);
+        assert_eq!(budget.keys(), 0);
     }
 
     #[test]

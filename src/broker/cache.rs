@@ -231,7 +231,10 @@ impl Broker {
             })
             .await;
         match removed {
-            CompResult::Removed(_) => Forgot::Forgotten,
+            CompResult::Removed(entry) => {
+                release_slot(entry.value());
+                Forgot::Forgotten
+            }
             _ if only.is_some() => Forgot::NotMatched,
             _ => Forgot::NothingCached,
         }
@@ -241,8 +244,8 @@ impl Broker {
     /// how they talk to their IdP (`changed`, their settings before it): cached tokens (and with
     /// them the lifetimes they teach), remembered rejections, and the IdP client's pause after a
     /// 429. Fetches under
-    /// way for them are not installed when they land.
-    pub fn forget_environments(&self, changed: &[Arc<EnvironmentSettings>]) {
+    /// way for them, or started later with settings older than `generation`, are not installed.
+    pub fn forget_environments(&self, changed: &[Arc<EnvironmentSettings>], generation: u64) {
         if changed.is_empty() {
             return;
         }
@@ -253,8 +256,8 @@ impl Broker {
                     Box::from(environment.tenant.as_str()),
                     Box::from(environment.environment.as_str()),
                 );
-                let generation = generations.entry(name).or_insert(0);
-                *generation = generation.wrapping_add(1);
+                let current = generations.entry(name).or_insert(0);
+                *current = (*current).max(generation);
             }
         }
         let names: HashSet<(String, String)> = changed
@@ -295,7 +298,8 @@ impl Broker {
 
     /// Removes `stale` from the cache if it is still the token of `key`.
     pub(super) async fn forget_entry(&self, key: &TokenKey, stale: &Arc<CachedToken>) {
-        self.inner
+        let removed = self
+            .inner
             .tokens
             .entry_by_ref(key)
             .and_compute_with(|entry| async move {
@@ -305,6 +309,17 @@ impl Broker {
                 }
             })
             .await;
+        if let CompResult::Removed(entry) = removed {
+            release_slot(entry.value());
+        }
+    }
+}
+
+/// Gives back the `max_keys` slot of a token whose key was forgotten, without waiting for the
+/// cache to drop it.
+pub(super) fn release_slot(token: &CachedToken) {
+    if let Some(slot) = token.owner() {
+        slot.release();
     }
 }
 

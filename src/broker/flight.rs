@@ -26,7 +26,7 @@ use super::failure::Remembered;
 use super::replicas::Wanted;
 use super::{Broker, BrokerError, CachedToken, KeyHasher, TokenKey, lock};
 use crate::idp::EnvironmentSettings;
-use crate::limits::IdpBudget;
+use crate::limits::{IdpBudget, KeySlot};
 
 /// What a flight hands its waiters.
 pub(super) type Outcome = Result<Arc<CachedToken>, Arc<BrokerError>>;
@@ -66,21 +66,24 @@ pub(super) struct Starter<'a> {
 /// What a started flight charged, settled when it lands.
 struct Charge {
     budget: Arc<IdpBudget>,
-    key_slot: bool,
+    /// The key slot a start for a key not cached took: the new token holds it, else dropping it
+    /// gives it back.
+    key_slot: Mutex<Option<KeySlot>>,
 }
 
 impl Charge {
-    /// Keeps what the flight used and gives back the rest: the IdP request when none was sent,
-    /// the key slot unless the flight created the key.
-    fn settle(self, asked_idp: bool, created_key: bool) {
+    /// Keeps the IdP request when one was sent, else gives it back.
+    fn settle(self, asked_idp: bool) {
         if asked_idp {
             self.budget.record_idp_request();
         } else {
             self.budget.refund();
         }
-        if self.key_slot && !created_key {
-            self.budget.release_key();
-        }
+    }
+
+    /// The key slot, for the token that creates the key.
+    fn take_slot(&self) -> Option<KeySlot> {
+        lock(&self.key_slot).take()
     }
 }
 
@@ -126,6 +129,9 @@ impl Broker {
     ) {
         let mut flights = lock(&self.inner.flights.0);
         if flights.contains_key(key) {
+            // That flight lands a token, or fails and backs this one off; either way a later
+            // request may claim the refresh again.
+            current.release_refresh();
             return;
         }
         self.inner
@@ -152,7 +158,8 @@ impl Broker {
             return Ok(flight.clone());
         }
         let Starter { budget, new_key } = starter;
-        if new_key && !budget.take_key() {
+        let key_slot = if new_key { budget.key_slot() } else { None };
+        if new_key && key_slot.is_none() {
             budget.record_refused_keys();
             tracing::warn!(
                 caller = budget.caller(),
@@ -166,9 +173,7 @@ impl Broker {
             }));
         }
         if let Err(retry_after) = budget.spend(Instant::now()) {
-            if new_key {
-                budget.release_key();
-            }
+            drop(key_slot);
             budget.record_refused_budget();
             tracing::warn!(
                 caller = budget.caller(),
@@ -180,7 +185,7 @@ impl Broker {
         }
         let charge = Some(Charge {
             budget: Arc::clone(budget),
-            key_slot: new_key,
+            key_slot: Mutex::new(key_slot),
         });
         let (done, receiver) = watch::channel(None);
         flights.insert(key.clone(), receiver.clone());
@@ -199,58 +204,66 @@ impl Broker {
         done: watch::Sender<Option<Outcome>>,
     ) {
         let broker = self.clone();
-        let generation = self.generation(&key);
+        // The settings this flight fetches with, not the broker's latest: a request that read
+        // them before a reload must not install what they fetch after it.
+        let generation = environment.generation;
         let own = done.subscribe();
         tokio::spawn(async move {
-            let asked = Arc::new(AtomicBool::new(false));
-            // A second task, so that a panic in the fetch is a `JoinError` here, not a flight
-            // that never lands.
-            let fetch = tokio::spawn({
-                let (broker, environment, key, asked) = (
-                    broker.clone(),
-                    Arc::clone(&environment),
-                    key.clone(),
-                    Arc::clone(&asked),
-                );
-                async move { broker.find(&environment, &key, wanted, &asked).await }
-            });
-            let (outcome, created) = match fetch.await {
-                Ok(Ok(Found::Cached(token))) => (Ok(token), false),
-                Ok(Ok(Found::New(token))) => match broker
-                    .install(&key, token, generation, charge.as_ref())
-                    .await
-                {
-                    Ok((token, created)) => (Ok(token), created),
-                    Err(error) => (Err(error), false),
-                },
-                Ok(Err(error)) => (Err(Arc::new(error)), false),
-                Err(error) => {
-                    tracing::error!(
-                        tenant = %key.tenant,
-                        environment = %key.environment,
-                        %error,
-                        "a token fetch failed unexpectedly"
-                    );
-                    (Err(Arc::new(BrokerError::Internal)), false)
+            // The work in a task of its own, so that a panic anywhere in it is a `JoinError`
+            // here: the flight is unregistered and its waiters answered whatever happens.
+            let landed = tokio::spawn({
+                let (broker, key) = (broker.clone(), key.clone());
+                async move {
+                    broker
+                        .land(&environment, &key, wanted, charge, generation)
+                        .await
                 }
-            };
-            match charge {
-                Some(charge) => charge.settle(asked.load(Ordering::Relaxed), created),
-                // Only background refreshes start a flight on nobody's behalf.
-                None if outcome.is_err() => broker
-                    .inner
-                    .metrics
-                    .cache_refresh_failed(&environment.tenant, &environment.environment),
-                None => {}
-            }
-            if outcome.is_err()
-                && let Some(current) = broker.inner.tokens.get(&key).await
-            {
-                current.refresh_failed(SystemTime::now(), rand::rng().random());
-            }
+            })
+            .await;
+            let outcome = landed.unwrap_or_else(|error| {
+                tracing::error!(
+                    tenant = %key.tenant,
+                    environment = %key.environment,
+                    %error,
+                    "a token fetch failed unexpectedly"
+                );
+                Err(Arc::new(BrokerError::Internal))
+            });
             broker.inner.flights.remove(&key, &own);
             let _ = done.send(Some(outcome));
         });
+    }
+
+    /// One flight's work: find a token, install it, settle the charge, and record a failure.
+    async fn land(
+        &self,
+        environment: &EnvironmentSettings,
+        key: &TokenKey,
+        wanted: Wanted,
+        charge: Option<Charge>,
+        generation: u64,
+    ) -> Outcome {
+        let asked = AtomicBool::new(false);
+        let outcome = match self.find(environment, key, wanted, &asked).await {
+            Ok(Found::Cached(token)) => Ok(token),
+            Ok(Found::New(token)) => self.install(key, token, generation, charge.as_ref()).await,
+            Err(error) => Err(Arc::new(error)),
+        };
+        match charge {
+            Some(charge) => charge.settle(asked.load(Ordering::Relaxed)),
+            // Only background refreshes start a flight on nobody's behalf.
+            None if outcome.is_err() => self
+                .inner
+                .metrics
+                .cache_refresh_failed(&environment.tenant, &environment.environment),
+            None => {}
+        }
+        if outcome.is_err()
+            && let Some(current) = self.inner.tokens.get(key).await
+        {
+            current.refresh_failed(SystemTime::now(), rand::rng().random());
+        }
+        outcome
     }
 
     /// The token a flight lands: one already cached that serves it (another flight may have
@@ -280,16 +293,15 @@ impl Broker {
     }
 
     /// Caches a new token for `key` unless a reload changed its environment since the flight
-    /// began (`generation`) or it lives too short to serve; remembers its lifetime. Returns the
-    /// token in the cache and whether the flight created the key.
+    /// began (`generation`) or it lives too short to serve. Returns the token in the cache.
     async fn install(
         &self,
         key: &TokenKey,
         token: Arc<CachedToken>,
         generation: u64,
         charge: Option<&Charge>,
-    ) -> Result<(Arc<CachedToken>, bool), Arc<BrokerError>> {
-        if self.generation(key) != generation {
+    ) -> Result<Arc<CachedToken>, Arc<BrokerError>> {
+        if self.generation(key) > generation {
             return Err(Arc::new(BrokerError::SettingsChanged));
         }
         let settings = &self.inner.settings;
@@ -311,7 +323,6 @@ impl Broker {
                 min_remaining: settings.min_remaining,
             }));
         }
-        let owner = charge.map(|charge| Arc::clone(&charge.budget));
         let candidate = Arc::clone(&token);
         let installed = self
             .inner
@@ -328,31 +339,33 @@ impl Broker {
                         Op::Put(candidate)
                     }
                     None => {
-                        if let Some(owner) = owner {
-                            candidate.set_owner(owner);
+                        if let Some(slot) = charge.and_then(Charge::take_slot) {
+                            candidate.set_owner(Arc::new(slot));
                         }
                         Op::Put(candidate)
                     }
                 }
             })
             .await;
-        let (installed, created) = match installed {
-            CompResult::Inserted(entry) => (entry.into_value(), true),
-            CompResult::ReplacedWith(entry) | CompResult::Unchanged(entry) => {
-                (entry.into_value(), false)
-            }
-            CompResult::StillNone(_) | CompResult::Removed(_) => (token, false),
+        let installed = match installed {
+            CompResult::Inserted(entry)
+            | CompResult::ReplacedWith(entry)
+            | CompResult::Unchanged(entry) => entry.into_value(),
+            CompResult::StillNone(_) | CompResult::Removed(_) => Arc::clone(&token),
         };
         // A reload that bumped the generation after the check above invalidates entries after
-        // bumping; this second check catches the one inserted in between.
-        if self.generation(key) != generation {
-            self.forget_entry(key, &installed).await;
+        // bumping; this second check catches this flight's token inserted in between (and leaves
+        // alone a newer one that was there).
+        if self.generation(key) > generation {
+            if Arc::ptr_eq(&installed, &token) {
+                self.forget_entry(key, &installed).await;
+            }
             return Err(Arc::new(BrokerError::SettingsChanged));
         }
-        Ok((installed, created))
+        Ok(installed)
     }
 
-    /// The generation of `key`'s environment (see `Inner::generations`).
+    /// The latest generation of `key`'s environment (see `Inner::generations`).
     pub(super) fn generation(&self, key: &TokenKey) -> u64 {
         let generations = lock(&self.inner.generations);
         generations

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
-use moka::ops::compute::Op;
+use moka::ops::compute::{CompResult, Op};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
@@ -240,28 +240,45 @@ impl Broker {
             .collect();
         for key in keys {
             match &event {
-                Invalidation::Deleted { token: None, .. } => {
-                    self.inner.tokens.invalidate(&*key).await;
-                }
-                Invalidation::Deleted {
-                    token: Some(digest),
-                    ..
-                } => {
-                    self.inner
-                        .tokens
-                        .entry_by_ref(&*key)
-                        .and_compute_with(|entry| async move {
-                            match entry {
-                                Some(entry) if entry.value().digest() == *digest => Op::Remove,
-                                _ => Op::Nop,
-                            }
-                        })
-                        .await;
+                Invalidation::Deleted { token: only, .. } => {
+                    self.apply_delete(&key, *only).await;
                 }
                 Invalidation::Stored { token: digest, .. } => {
                     self.replace_with_shared(&key, shared_key, digest).await;
                 }
             }
+        }
+    }
+
+    /// Applies another replica's `DELETE` of `key` (only where it holds the token of digest
+    /// `only`, when given) as a local one would: within `cache.min_refetch_interval` of the
+    /// token's fetch it is marked, else forgotten. So a caller cannot turn `DELETE` on one replica
+    /// and `GET` on another into an IdP request per loop.
+    async fn apply_delete(&self, key: &TokenKey, only: Option<TokenDigest>) {
+        let interval = self.inner.settings.min_refetch_interval;
+        let removed = self
+            .inner
+            .tokens
+            .entry_by_ref(key)
+            .and_compute_with(|entry| async move {
+                match entry {
+                    Some(entry) if only.is_none_or(|digest| entry.value().digest() == digest) => {
+                        if entry
+                            .value()
+                            .within_refetch_interval(SystemTime::now(), interval)
+                        {
+                            entry.value().request_refetch();
+                            Op::Nop
+                        } else {
+                            Op::Remove
+                        }
+                    }
+                    _ => Op::Nop,
+                }
+            })
+            .await;
+        if let CompResult::Removed(entry) = removed {
+            super::cache::release_slot(entry.value());
         }
     }
 

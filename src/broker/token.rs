@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq as _;
 
 use crate::broker::shared::{SharedKey, TokenDigest};
 use crate::idp::{AccessToken, IssuedToken};
-use crate::limits::IdpBudget;
+use crate::limits::KeySlot;
 
 /// First wait before a failed refresh is tried again; doubled per failure, before jitter.
 const REFRESH_BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -44,8 +44,9 @@ pub struct CachedToken {
     refresh_not_before_ms: AtomicU64,
     /// A `DELETE` asked for a new token within `min_refetch_interval` of this one's fetch.
     refetch_requested: AtomicBool,
-    /// The caller whose request created the key, whose `max_keys` slot it holds.
-    owner: OnceLock<Arc<IdpBudget>>,
+    /// The `max_keys` slot of the caller whose request created the key, shared by the key's
+    /// later tokens.
+    owner: OnceLock<Arc<KeySlot>>,
     /// Where the token lives in the shared level, when there is one (so that an invalidation
     /// from another replica finds it).
     shared_key: Option<SharedKey>,
@@ -170,6 +171,11 @@ impl CachedToken {
         !self.refreshing.swap(true, Ordering::AcqRel)
     }
 
+    /// Releases the refresh claim without a failure (another flight of the key is under way).
+    pub fn release_refresh(&self) {
+        self.refreshing.store(false, Ordering::Release);
+    }
+
     /// Whether a refresh may start at `now`: not before the backoff of a failed one has passed.
     pub fn refresh_allowed(&self, now: SystemTime) -> bool {
         let not_before = self.refresh_not_before_ms.load(Ordering::Relaxed);
@@ -212,13 +218,13 @@ impl CachedToken {
             .is_some_and(|due| now < due)
     }
 
-    /// The caller whose request created this key, when known.
-    pub fn owner(&self) -> Option<&Arc<IdpBudget>> {
+    /// The `max_keys` slot this key holds, when a caller's request created it.
+    pub fn owner(&self) -> Option<&Arc<KeySlot>> {
         self.owner.get()
     }
 
-    /// Records the caller that holds this key's `max_keys` slot (once).
-    pub fn set_owner(&self, owner: Arc<IdpBudget>) {
+    /// Records the `max_keys` slot the key holds (once).
+    pub fn set_owner(&self, owner: Arc<KeySlot>) {
         let _ = self.owner.set(owner);
     }
 

@@ -105,6 +105,7 @@ impl RawEnvironment {
             max_fetches_per_hour: self.max_fetches_per_hour,
             max_concurrent_fetches: self.max_concurrent_fetches,
             max_response_bytes: self.max_response_bytes,
+            generation: 0,
             user_login,
         })
     }

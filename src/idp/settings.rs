@@ -112,6 +112,10 @@ pub struct EnvironmentSettings {
     pub max_response_bytes: usize,
     /// The authorization-code flow, when user tokens are configured.
     pub user_login: Option<UserLoginSettings>,
+    /// The reload that last changed how this environment talks to its IdP (0: none since
+    /// start). A fetch under settings older than the broker's latest for the environment is
+    /// never installed.
+    pub generation: u64,
 }
 
 impl EnvironmentSettings {
@@ -141,6 +145,7 @@ impl EnvironmentSettings {
             max_concurrent_fetches: DEFAULT_MAX_CONCURRENT_FETCHES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             user_login: None,
+            generation: 0,
         }
     }
 
