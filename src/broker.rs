@@ -37,6 +37,7 @@ mod token;
 mod upstream;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -117,6 +118,9 @@ struct Inner {
     /// Per (tenant, environment): bumped when a reload changes how it talks to its IdP, so a
     /// fetch that began before is not installed after.
     generations: Mutex<HashMap<EnvironmentName, u64>>,
+    /// Reloads so far: a rejection answered to a fetch that began before the latest reload is
+    /// not remembered (the reload may have fixed what was rejected).
+    reloads: AtomicU64,
     /// Per (token URL, client id) state; a plain map because it only grows with configuration.
     upstreams: Mutex<HashMap<(String, String), Arc<Upstream>>>,
     idp: IdpClient,
@@ -174,6 +178,7 @@ impl Broker {
                 rejections,
                 flights: Flights::default(),
                 generations: Mutex::new(HashMap::new()),
+                reloads: AtomicU64::new(0),
                 upstreams: Mutex::new(HashMap::new()),
                 idp,
                 settings,

@@ -239,9 +239,9 @@ pub(super) fn broker_status_and_code(error: &BrokerError) -> (StatusCode, &'stat
         | BrokerError::RateLimited { .. }
         | BrokerError::QuotaExhausted { .. }
         | BrokerError::SettingsChanged => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
-        BrokerError::CallerOverBudget { .. } | BrokerError::TooManyKeys { .. } => {
-            (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
-        }
+        BrokerError::CallerOverBudget { .. }
+        | BrokerError::TooManyKeys { .. }
+        | BrokerError::RefetchTooSoon { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         BrokerError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }

@@ -159,6 +159,19 @@ impl Broker {
             let lifetime = token.lifetime();
             return Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }));
         }
+        // A token fetched moments ago that is too short for this caller is not replaced before
+        // `min_refetch_interval`: a min_ttl just under the lifetime cannot make a fetch a second.
+        let now = SystemTime::now();
+        if let Some(token) = &cached
+            && token.remaining(now) < required
+            && token.within_refetch_interval(now, settings.min_refetch_interval)
+        {
+            let since = now.duration_since(token.fetched_at).unwrap_or_default();
+            return Err(Arc::new(BrokerError::RefetchTooSoon {
+                required,
+                retry_after: settings.min_refetch_interval.saturating_sub(since),
+            }));
+        }
         // What the IdP answered recently is answered again, before any budget is charged.
         if let Some(remembered) = self.inner.rejections.get(key).await {
             return Err(Arc::new(self.remembered_error(remembered)));
@@ -293,6 +306,9 @@ impl Broker {
     /// Forgets remembered rejections of every key (after a reload, which may have fixed
     /// credentials or changed what the IdP issues).
     pub fn forget_remembered(&self) {
+        self.inner
+            .reloads
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.inner.rejections.invalidate_all();
     }
 

@@ -82,6 +82,18 @@ pub enum BrokerError {
         /// The caller's `max_keys`.
         max_keys: usize,
     },
+    /// The cached token was fetched less than `cache.min_refetch_interval` ago and has less
+    /// validity left than this request needs.
+    #[error(
+        "the cached token was fetched less than cache.min_refetch_interval ago and has less than the {}s min_ttl asks for; retry after the seconds in Retry-After, or ask for less",
+        required.as_secs()
+    )]
+    RefetchTooSoon {
+        /// What the caller required.
+        required: Duration,
+        /// When a new token may be fetched.
+        retry_after: Duration,
+    },
     /// A reload changed this environment's IdP settings while its token was being fetched.
     #[error("the environment's IdP settings changed while its token was fetched; retry")]
     SettingsChanged,
@@ -106,7 +118,8 @@ impl BrokerError {
             Self::RateLimited { retry_after }
             | Self::QuotaExhausted { retry_after, .. }
             | Self::Unavailable { retry_after, .. }
-            | Self::CallerOverBudget { retry_after } => Some(*retry_after),
+            | Self::CallerOverBudget { retry_after }
+            | Self::RefetchTooSoon { retry_after, .. } => Some(*retry_after),
             Self::TooManyKeys { .. } => Some(RETRY_AFTER_TOO_MANY_KEYS),
             Self::SettingsChanged | Self::Internal => Some(RETRY_AFTER_TRANSIENT),
             _ => None,

@@ -113,6 +113,7 @@ impl Broker {
         if let Some(remembered) = self.inner.rejections.get(key).await {
             return Err(self.remembered_error(remembered));
         }
+        let reloads = self.inner.reloads.load(Ordering::Acquire);
         let upstream = self.upstream(environment);
         let deadline = Instant::now() + environment.timeout;
         let mut attempt = 1;
@@ -195,7 +196,8 @@ impl Broker {
                     log(
                         "the IdP rejected the token request; remembering it for cache.negative_ttl",
                     );
-                    if !self.inner.settings.negative_ttl.is_zero() {
+                    let reloaded = self.inner.reloads.load(Ordering::Acquire) != reloads;
+                    if !self.inner.settings.negative_ttl.is_zero() && !reloaded {
                         let remembered = Remembered::Rejected {
                             status: *status,
                             code: code.clone(),

@@ -336,3 +336,48 @@ async fn a_remembered_rejection_is_answered_without_charging_the_budget() {
     }
     app.idp.verify().await;
 }
+
+#[tokio::test]
+async fn a_min_ttl_just_under_the_lifetime_cannot_refetch_before_the_interval() {
+    let app = spawn_app_with("[cache]\nmin_refetch_interval = \"1h\"").await;
+    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    assert_eq!(app.billing("acme/production").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        let refused = app.billing("acme/production?min_ttl=3599").await;
+        assert_eq!(refused.status, 429, "{}", refused.body);
+        assert!(refused.header("retry-after").is_some());
+    }
+    assert_eq!(
+        app.billing("acme/production").await.header("x-cache"),
+        Some("hit")
+    );
+    assert_eq!(issuer.issued(), 1);
+}
+
+#[tokio::test]
+async fn a_delete_on_another_replica_marks_a_token_fetched_moments_ago() {
+    let redis = RedisServer::start().await;
+    let fleet = spawn_fleet(2, &redis, "[cache]\nmin_refetch_interval = \"1h\"").await;
+    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    fleet[0].wait_for_shared_cache(true).await;
+    fleet[1].wait_for_shared_cache(true).await;
+    for _ in 0..10 {
+        assert_eq!(fleet[0].billing("acme/production").await.token(), "token-1");
+        assert_eq!(fleet[1].forget("acme/production", None).await.status, 204);
+    }
+    // Wait until replica 0 has received the announcements, then look again.
+    for _ in 0..250 {
+        let scrape = fleet[0].scrape().await;
+        if scrape.contains("token_broker_shared_cache_invalidations_total 10") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = fleet[0].billing("acme/production").await;
+    assert_eq!(
+        (after.token(), after.header("x-cache")),
+        ("token-1", Some("hit"))
+    );
+    assert_eq!(issuer.issued(), 1);
+}
