@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
 
@@ -342,6 +343,24 @@ impl RawSettings {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
         server::check(&self.server, &mut problems);
+        for (path, value) in [
+            ("server.request_timeout", self.server.request_timeout),
+            ("server.drain_delay", self.server.drain_delay),
+            ("server.shutdown_grace", self.server.shutdown_grace),
+        ] {
+            at_most(path, value, HOUR, &mut problems);
+        }
+        for (path, value, max) in [
+            ("shared_cache.timeout", self.shared_cache.timeout, HOUR),
+            ("shared_cache.lock_ttl", self.shared_cache.lock_ttl, HOUR),
+            (
+                "shared_cache.wait_for_peer",
+                self.shared_cache.wait_for_peer,
+                HOUR,
+            ),
+        ] {
+            at_most(path, value, max, &mut problems);
+        }
         check_cache(&self.cache, &mut problems);
         check_users(&self.users, &mut problems);
         let auth = callers::auth(&self.auth, &mut problems);
@@ -428,16 +447,20 @@ fn check_timings(
         return;
     };
     let show = |d: std::time::Duration| humantime::format_duration(d).to_string();
-    if shared.lock_ttl <= longest {
+    // The lock holder looks in Redis, asks the IdP, then stores: two Redis calls besides.
+    let fetch = longest.saturating_add(shared.timeout.saturating_mul(2));
+    if shared.lock_ttl <= fetch {
         problems.push(format!(
-            "shared_cache.lock_ttl: must be longer than the longest environment timeout ({} at {at}), or a slow fetch outlives its lock and another replica asks the IdP too",
-            show(longest)
+            "shared_cache.lock_ttl: must be longer than the longest environment timeout ({} at {at}) plus two shared_cache.timeout ({} in all), or a slow fetch outlives its lock and another replica asks the IdP too",
+            show(longest),
+            show(fetch)
         ));
     }
-    if shared.wait_for_peer < longest {
+    if shared.wait_for_peer < fetch {
         problems.push(format!(
-            "shared_cache.wait_for_peer: must be at least the longest environment timeout ({} at {at}), or replicas stop waiting for a fetch still under way and ask the IdP too",
-            show(longest)
+            "shared_cache.wait_for_peer: must be at least the longest environment timeout ({} at {at}) plus two shared_cache.timeout ({} in all), or replicas stop waiting for a fetch still under way and ask the IdP too",
+            show(longest),
+            show(fetch)
         ));
     }
     let needed = shared.wait_for_peer.saturating_add(longest);
@@ -468,8 +491,32 @@ fn check_anonymous(server: &ServerSettings, has_callers: bool, problems: &mut Ve
     }
 }
 
+/// An hour, a day and a year, the bounds of durations in the configuration: far beyond any
+/// sensible value, and far from where time arithmetic could overflow.
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A problem when the duration at `path` is above `max`.
+fn at_most(path: &str, value: Duration, max: Duration, problems: &mut Vec<String>) {
+    if value > max {
+        problems.push(format!(
+            "{path}: must be at most {}",
+            humantime::format_duration(max)
+        ));
+    }
+}
+
 /// Every problem of `[cache]`.
 fn check_cache(cache: &CacheSettings, problems: &mut Vec<String>) {
+    at_most("cache.min_remaining", cache.min_remaining, YEAR, problems);
+    at_most("cache.negative_ttl", cache.negative_ttl, DAY, problems);
+    at_most(
+        "cache.min_refetch_interval",
+        cache.min_refetch_interval,
+        DAY,
+        problems,
+    );
     if cache.max_entries == 0 {
         problems.push("cache.max_entries: must be at least 1".to_owned());
     }
@@ -482,6 +529,13 @@ fn check_cache(cache: &CacheSettings, problems: &mut Vec<String>) {
 
 /// Every problem of `[users]`.
 fn check_users(users: &UserSettings, problems: &mut Vec<String>) {
+    at_most(
+        "users.authorization_timeout",
+        users.authorization_timeout,
+        DAY,
+        problems,
+    );
+    at_most("users.idle_timeout", users.idle_timeout, YEAR, problems);
     if users.max_sessions == 0 {
         problems.push("users.max_sessions: must be at least 1".to_owned());
     }
@@ -654,13 +708,13 @@ mod tests {
         "#;
         let all = problems(base, &env);
         for expected in [
-            "shared_cache.lock_ttl: must be longer than the longest environment timeout (25s at tenants.acme.environments.production.timeout)",
+            "shared_cache.lock_ttl: must be longer than the longest environment timeout (25s at tenants.acme.environments.production.timeout) plus two shared_cache.timeout (25s 400ms in all)",
             "shared_cache.wait_for_peer: must be at least the longest environment timeout",
-            "server.request_timeout: must be at least shared_cache.wait_for_peer plus the longest environment timeout (35s)",
+            "server.request_timeout: must be at least shared_cache.wait_for_peer plus the longest environment timeout (36s)",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
-        let fixed = "[shared_cache]\nlock_ttl = \"30s\"\nwait_for_peer = \"25s\"\n[server]\nrequest_timeout = \"50s\"\n";
+        let fixed = "[shared_cache]\nlock_ttl = \"30s\"\nwait_for_peer = \"26s\"\n[server]\nrequest_timeout = \"51s\"\n";
         assert!(Settings::from_toml_layers(&[base, fixed], &env).is_ok());
     }
 
@@ -803,5 +857,31 @@ mod tests {
             all.contains("client_auth") && !all.contains("hunter2"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn durations_are_bounded_far_from_overflow() {
+        let toml = r#"
+            [server]
+            listen = "127.0.0.1:1"
+            request_timeout = "1000years"
+            [cache]
+            negative_ttl = "400days"
+            [auth]
+            allow_anonymous = true
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "id"
+            client_secret = "s"
+            timeout = "2h"
+        "#;
+        let all = problems(toml, &no_env);
+        for expected in [
+            "server.request_timeout: must be at most 1h",
+            "cache.negative_ttl: must be at most 1day",
+            "tenants.acme.environments.production.timeout: must be at most 1h",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
     }
 }

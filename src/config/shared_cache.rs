@@ -162,7 +162,7 @@ mod tests {
         assert_eq!(shared.key_prefix, "token-broker:");
         assert_eq!(shared.timeout, Duration::from_millis(50));
         assert_eq!(shared.lock_ttl, Duration::from_secs(15));
-        assert_eq!(shared.wait_for_peer, Duration::from_secs(10));
+        assert_eq!(shared.wait_for_peer, Duration::from_secs(11));
         assert_eq!(shared.encryption_key.expose_secret(), &[7u8; 32]);
         let previous = shared.previous_encryption_key.as_ref().expect("set");
         assert_eq!(previous.expose_secret(), &[8u8; 32]);
