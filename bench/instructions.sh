@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Instructions per cache hit, counted by valgrind's callgrind (repeatable where wall-clock time is
+# not): the bare-axum ceiling of examples/bench.rs, and the broker at RUST_LOG=warn and at the
+# default level, with 1 caller and with 1,000 callers whose keys the requests rotate over.
+#   bash bench/instructions.sh
+# Environment: SECONDS_PER_RUN (default 10) of load per measurement, after a warm-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
+for tool in valgrind wrk; do
+    if ! command -v $tool >/dev/null; then
+        if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $tool
+        else sudo apt-get update -qq && sudo apt-get install -y -qq $tool; fi
+    fi
+done
+cargo build --release --locked --bin token-broker --example bench
+BROKER=target/release/token-broker
+HELPER=target/release/examples/bench
+KEY=tbk_bench-caller-key
+export BENCH_KEY=$KEY
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+wait_for() { # URL: any HTTP answer
+    for _ in $(seq 600); do
+        if curl -s -o /dev/null "$1"; then return 0; fi
+        sleep 0.1
+    done
+    echo "not answering: $1" >&2; exit 1
+}
+hash_of() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+
+config() { # PORT CALLERS
+    printf '[server]\nlisten = "127.0.0.1:%s"\n' "$1"
+    printf '[tenants.bench.environments.production]\ntoken_url = "http://127.0.0.1:9110/oauth/token"\n'
+    printf 'client_id = "bench"\nclient_secret = "bench-secret"\naudience = "urn:bench"\n'
+    printf '[callers.bench]\nkey_sha256 = "%s"\nallow = ["*/*"]\n' "$(hash_of "$KEY")"
+    for i in $(seq "$2"); do
+        printf '[callers.c%s]\nkey_sha256 = "%s"\nallow = ["*/*"]\n' "$i" "$(hash_of "tbk_bench-caller-$i")"
+    done
+}
+
+# Zeroes the counts after a warm-up, loads for SECONDS_PER_RUN, dumps, and prints Ir per answer.
+measure() { # NAME PID URL KEYS
+    local name=$1 pid=$2 url=$3
+    BENCH_KEYS=$4 wrk -t1 -c4 -d3s -s bench/count.lua "$url" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    local out
+    out=$(BENCH_KEYS=$4 wrk -t1 -c4 -d"${SECONDS_PER_RUN}s" -s bench/count.lua "$url" | grep '^REQUESTS')
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 1
+    local requests=${out#REQUESTS }; requests=${requests%% *}
+    local dump
+    dump=$(ls -t "$WORK"/callgrind.out.$pid.* | head -1)
+    local total
+    total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+    printf '| %s | %s | %s | %.1fk |\n' "$name" "$requests" "$total" \
+        "$(awk -v t="$total" -v r="$requests" 'BEGIN { print t / r / 1000 }')"
+}
+
+under_callgrind() { # NAME PORT LOG_LEVEL -- COMMAND...
+    local name=$1 port=$2 level=$3; shift 4
+    RUST_LOG=$level valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind.out.%p" "$@" \
+        2>"$WORK/$name.log" &
+    PIDS+=($!)
+    echo $! >"$WORK/$name.pid"
+}
+
+"$HELPER" idp --listen 127.0.0.1:9110 --delay-ms 1 --lifetime 3600 & PIDS+=($!)
+wait_for http://127.0.0.1:9110/count
+
+echo "| server | answers | instructions | per answer |"
+echo "| --- | --- | --- | --- |"
+
+under_callgrind ceiling 9210 warn -- "$HELPER" ceiling --listen 127.0.0.1:9210 --key-sha256 "$(hash_of "$KEY")"
+wait_for http://127.0.0.1:9210/v1/tokens/bench/production
+measure "ceiling (bare axum, one key)" "$(cat "$WORK/ceiling.pid")" http://127.0.0.1:9210/v1/tokens/bench/production 0
+
+for run in "warn 0" "info 0" "info 1000"; do
+    set -- $run
+    level=$1 callers=$2
+    port=$((9310 + callers / 1000 + ${#level}))
+    config "$port" "$callers" >"$WORK/broker-$level-$callers.toml"
+    under_callgrind "broker-$level-$callers" "$port" "$level" -- "$BROKER" serve --config "$WORK/broker-$level-$callers.toml"
+    wait_for "http://127.0.0.1:$port/livez"
+    url="http://127.0.0.1:$port/v1/tokens/bench/production"
+    curl -fs -o /dev/null -H "Authorization: Bearer $KEY" "$url"
+    keys=$callers
+    measure "broker, RUST_LOG=$level, $((callers > 0 ? callers : 1)) caller(s)" "$(cat "$WORK/broker-$level-$callers.pid")" "$url" "$keys"
+    kill "$(cat "$WORK/broker-$level-$callers.pid")" 2>/dev/null || true
+done
