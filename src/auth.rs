@@ -1,14 +1,17 @@
 //! Callers: their keys, their allow rules, and the extractor that authenticates a request.
 //!
 //! A caller presents `Authorization: Bearer <key>`, or, at the OAuth2 facade, its name and key as
-//! client id and secret; configuration holds only the SHA-256 of each key. The presented key is
-//! hashed once and compared with every configured hash in constant time (no early exit), so
-//! timing reveals neither which caller nor how much of a hash matched.
+//! client id and secret; configuration holds only the SHA-256 of each key. A key seen before is
+//! found in the verified keys (a keyed fast hash, then the whole key compared in constant time:
+//! [`verified`]); a new one is hashed with SHA-256 and looked up by its digest, so the cost of
+//! authentication does not grow with the number of callers and its timing reveals nothing about
+//! how close a wrong key came.
 //! Authentication (401) comes first, then authorisation against `tenant/environment[/audience]`
 //! rules (403), and only then does a request reach the broker. An authenticated caller with a
 //! `rate_limit` is then held to it ([`crate::limits`]), before any other work is done for it.
 
 mod settings;
+mod verified;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -238,7 +241,10 @@ pub enum AuthError {
 
 /// The configured callers, ready to authenticate requests.
 pub struct CallerRegistry {
-    callers: Vec<(KeyHash, Arc<Caller>)>,
+    /// The callers by the SHA-256 of their key: one lookup, whatever their number.
+    by_hash: std::collections::HashMap<[u8; 32], Arc<Caller>, foldhash::quality::RandomState>,
+    /// Keys that verified already: a hit looks here first.
+    verified: verified::VerifiedKeys,
     /// Every caller's IdP budget by name, for the next reload to carry over.
     budgets: std::collections::HashMap<Arc<str>, Arc<IdpBudget>>,
     anonymous: Option<Arc<Caller>>,
@@ -309,8 +315,13 @@ impl CallerRegistry {
             .chain(&anonymous)
             .map(|caller| (Arc::clone(&caller.name), Arc::clone(&caller.idp_budget)))
             .collect();
+        let by_hash = callers
+            .iter()
+            .map(|(hash, caller)| (hash.0, Arc::clone(caller)))
+            .collect();
         Self {
-            callers,
+            by_hash,
+            verified: verified::VerifiedKeys::default(),
             anonymous,
             budgets,
             admin: auth.admin_key_sha256,
@@ -326,29 +337,38 @@ impl CallerRegistry {
                 _ => Err(AuthError::MissingKey),
             };
         };
-        let presented = KeyHash::of(key);
-        let mut found = None;
-        for (hash, caller) in &self.callers {
-            if bool::from(hash.matches(&presented)) {
-                found = Some(caller);
-            }
+        if let Some(caller) = self.verified.get(key) {
+            return Ok(caller);
         }
-        found.map(Arc::clone).ok_or(AuthError::InvalidKey)
+        let caller = self.by_key(key).ok_or(AuthError::InvalidKey)?;
+        self.verified.insert(key, &caller);
+        Ok(caller)
     }
 
-    /// Authenticates a caller by name and key (OAuth2 client id and secret). Every configured
-    /// key is compared in constant time whatever the name, so timing does not reveal whether a
-    /// name exists; a right key under another caller's name fails.
+    /// The caller whose key hash is that of `key`: one map lookup by the SHA-256 of the
+    /// presented key, whatever the number of callers. Its timing depends on the digest only,
+    /// which says nothing usable about how close a wrong key came to a right one.
+    fn by_key(&self, key: &str) -> Option<Arc<Caller>> {
+        self.by_hash.get(&KeyHash::of(key).0).cloned()
+    }
+
+    /// Authenticates a caller by name and key (OAuth2 client id and secret). The key is looked
+    /// up first and the name compared only then, so timing does not reveal whether a name
+    /// exists; a right key under another caller's name fails.
     pub fn authenticate_client(&self, name: &str, key: &str) -> Result<Arc<Caller>, AuthError> {
-        let presented = KeyHash::of(key);
-        let mut found = None;
-        for (hash, caller) in &self.callers {
-            let key_matches = hash.matches(&presented);
-            if bool::from(key_matches) && *caller.name == *name {
-                found = Some(caller);
+        let caller = match self.verified.get(key) {
+            Some(caller) => caller,
+            None => {
+                let caller = self.by_key(key).ok_or(AuthError::InvalidKey)?;
+                self.verified.insert(key, &caller);
+                caller
             }
+        };
+        if *caller.name == *name {
+            Ok(caller)
+        } else {
+            Err(AuthError::InvalidKey)
         }
-        found.map(Arc::clone).ok_or(AuthError::InvalidKey)
     }
 
     /// The anonymous caller, when `auth.allow_anonymous` is on.
@@ -537,5 +557,55 @@ mod tests {
         assert_eq!(bearer_key(b"bearer  abc "), Some("abc"));
         assert_eq!(bearer_key(b"Basic abc"), None);
         assert_eq!(bearer_key(b"Bearer "), None);
+    }
+
+    #[test]
+    fn keys_are_found_among_many_callers_and_remembered_only_when_right() {
+        let settings = |key: String| CallerSettings {
+            key_sha256: KeyHash::of(&key),
+            allow: vec!["acme/*".parse().unwrap()],
+            rate_limit: None,
+            idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
+            max_keys: DEFAULT_MAX_KEYS,
+        };
+        let callers: BTreeMap<String, CallerSettings> = (0..1000)
+            .map(|i| (format!("c{i}"), settings(format!("tbk_key-{i}"))))
+            .collect();
+        let auth = AuthSettings {
+            admin_key_sha256: None,
+            metrics_key_sha256: None,
+            allow_anonymous: false,
+            default_idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
+        };
+        let registry = CallerRegistry::from_settings(&auth, &callers, &Metrics::new(), None);
+        let header = |key: &str| format!("Bearer {key}");
+        for _ in 0..2 {
+            let caller = registry
+                .authenticate(Some(header("tbk_key-737").as_bytes()))
+                .unwrap();
+            assert_eq!(&*caller.name, "c737");
+        }
+        for wrong in [
+            "tbk_key-737x",
+            "tbk_key-7370",
+            "xtbk_key-737",
+            "tbk_key-1000",
+        ] {
+            assert_eq!(
+                registry
+                    .authenticate(Some(header(wrong).as_bytes()))
+                    .unwrap_err(),
+                AuthError::InvalidKey,
+                "{wrong}"
+            );
+        }
+        assert_eq!(
+            &*registry
+                .authenticate_client("c5", "tbk_key-5")
+                .unwrap()
+                .name,
+            "c5"
+        );
+        assert!(registry.authenticate_client("c6", "tbk_key-5").is_err());
     }
 }
