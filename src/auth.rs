@@ -59,6 +59,11 @@ impl KeyHash {
         Ok(Self(bytes))
     }
 
+    /// The 32 bytes of the hash.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The hash as 64 lower-case hex digits.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
