@@ -368,9 +368,8 @@ impl RawSettings {
         if auth.allow_anonymous {
             check_anonymous(&self.server, !callers.is_empty(), &mut problems);
         }
-        // Unless a caller is only unreadable (its problem is listed already).
-        let unreadable_caller = problems.iter().any(|p| p.starts_with("callers."));
-        if callers.is_empty() && !auth.allow_anonymous && !unreadable_caller {
+        // A caller that is only unreadable has its problem listed already.
+        if callers.is_empty() && !auth.allow_anonymous && self.unreadable_callers == 0 {
             problems.push(
                 "callers: none configured, so nobody could get a token; add [callers.NAME] with a key from `token-broker hash-key`, or set auth.allow_anonymous = true for a sidecar bound to localhost".to_owned(),
             );

@@ -232,24 +232,10 @@ impl Broker {
         if !matches(&token) {
             return Forgot::NotMatched;
         }
-        let removed = self
-            .inner
-            .tokens
-            .entry_by_ref(key)
-            .and_compute_with(|entry| async move {
-                match entry {
-                    Some(entry) if matches(entry.value()) => Op::Remove,
-                    _ => Op::Nop,
-                }
-            })
-            .await;
-        match removed {
-            CompResult::Removed(entry) => {
-                release_slot(entry.value());
-                Forgot::Forgotten
-            }
-            _ if only.is_some() => Forgot::NotMatched,
-            _ => Forgot::NothingCached,
+        match self.remove_if(key, matches).await {
+            true => Forgot::Forgotten,
+            false if only.is_some() => Forgot::NotMatched,
+            false => Forgot::NothingCached,
         }
     }
 
@@ -314,19 +300,34 @@ impl Broker {
 
     /// Removes `stale` from the cache if it is still the token of `key`.
     pub(super) async fn forget_entry(&self, key: &TokenKey, stale: &Arc<CachedToken>) {
+        self.remove_if(key, |token| std::ptr::eq(token, &**stale))
+            .await;
+    }
+
+    /// Removes the token of `key` if `remove` says so (it sees the entry under the key's lock,
+    /// so it may also mark it), giving its `max_keys` slot back at once; true when removed.
+    pub(super) async fn remove_if(
+        &self,
+        key: &TokenKey,
+        remove: impl FnOnce(&CachedToken) -> bool,
+    ) -> bool {
         let removed = self
             .inner
             .tokens
             .entry_by_ref(key)
             .and_compute_with(|entry| async move {
                 match entry {
-                    Some(entry) if Arc::ptr_eq(entry.value(), stale) => Op::Remove,
+                    Some(entry) if remove(entry.value()) => Op::Remove,
                     _ => Op::Nop,
                 }
             })
             .await;
-        if let CompResult::Removed(entry) = removed {
-            release_slot(entry.value());
+        match removed {
+            CompResult::Removed(entry) => {
+                release_slot(entry.value());
+                true
+            }
+            _ => false,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng as _;
 
 use super::upstream::Upstream;
-use super::{Broker, BrokerError, CachedToken, TokenKey};
+use super::{Broker, BrokerError, CachedToken, TokenKey, lock};
 use crate::idp::{EnvironmentSettings, IdpError, RateLimitHeaders};
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics::IdpOutcome;
@@ -68,11 +68,7 @@ impl Broker {
             environment.token_url.as_str().to_owned(),
             environment.client_id.clone(),
         );
-        let mut upstreams = self
-            .inner
-            .upstreams
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut upstreams = lock(&self.inner.upstreams);
         Arc::clone(
             upstreams
                 .entry(id)

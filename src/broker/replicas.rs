@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, SystemTime};
 
-use moka::ops::compute::{CompResult, Op};
+use moka::ops::compute::Op;
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
@@ -256,30 +256,17 @@ impl Broker {
     /// and `GET` on another into an IdP request per loop.
     async fn apply_delete(&self, key: &TokenKey, only: Option<TokenDigest>) {
         let interval = self.inner.settings.min_refetch_interval;
-        let removed = self
-            .inner
-            .tokens
-            .entry_by_ref(key)
-            .and_compute_with(|entry| async move {
-                match entry {
-                    Some(entry) if only.is_none_or(|digest| entry.value().digest() == digest) => {
-                        if entry
-                            .value()
-                            .within_refetch_interval(SystemTime::now(), interval)
-                        {
-                            entry.value().request_refetch();
-                            Op::Nop
-                        } else {
-                            Op::Remove
-                        }
-                    }
-                    _ => Op::Nop,
-                }
-            })
-            .await;
-        if let CompResult::Removed(entry) = removed {
-            super::cache::release_slot(entry.value());
-        }
+        self.remove_if(key, |token| {
+            if only.is_some_and(|digest| token.digest() != digest) {
+                return false;
+            }
+            if token.within_refetch_interval(SystemTime::now(), interval) {
+                token.request_refetch();
+                return false;
+            }
+            true
+        })
+        .await;
     }
 
     /// Replaces the cached token of `key` with the newer one another replica stored.

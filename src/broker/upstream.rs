@@ -12,16 +12,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use super::lock;
 use crate::idp::RateLimitHeaders;
 
 /// The window of the quota guard.
 const QUOTA_WINDOW: Duration = Duration::from_secs(3600);
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// State of one (token URL, client id).
 pub struct Upstream {

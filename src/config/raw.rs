@@ -36,6 +36,9 @@ pub(super) struct RawSettings {
     #[serde(default)]
     pub(super) tenants: BTreeMap<String, RawTenant>,
     pub(super) shared_cache: RawSharedCache,
+    /// Callers that could not be read (their problems are listed already).
+    #[serde(skip)]
+    pub(super) unreadable_callers: usize,
 }
 
 #[derive(Deserialize)]
@@ -195,8 +198,11 @@ impl RawSettings {
         );
         for (name, value) in table(section("callers"), "callers", problems) {
             let at = format!("callers.{name}");
-            if let Some(caller) = read_one(value, &at, problems) {
-                raw.callers.insert(name, caller);
+            match read_one(value, &at, problems) {
+                Some(caller) => {
+                    raw.callers.insert(name, caller);
+                }
+                None => raw.unreadable_callers += 1,
             }
         }
         for (tenant, value) in table(section("tenants"), "tenants", problems) {
