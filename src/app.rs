@@ -18,6 +18,7 @@ use crate::broker::Broker;
 use crate::config::{ConfigError, Settings};
 use crate::idp::{EnvironmentSettings, IdpClient};
 use crate::shared_cache::{RedisCache, RedisCacheError};
+use crate::telemetry::audit::AuditTrail;
 use crate::telemetry::metrics::Metrics;
 use crate::user_tokens::UserTokens;
 
@@ -92,6 +93,8 @@ pub struct App {
     pub metrics: Metrics,
     /// User tokens (authorization-code flow).
     pub user_tokens: UserTokens,
+    /// Who was handed which token.
+    pub audit: AuditTrail,
     current: ArcSwap<Snapshot>,
     /// The configuration the process started with: what settings read only at start still hold.
     started: Arc<Snapshot>,
@@ -140,11 +143,13 @@ impl AppState {
             ),
             None => Broker::new(cache, idp, metrics.clone()),
         };
+        let audit = AuditTrail::new(settings.telemetry.audit_max_counters);
         let snapshot = Arc::new(Snapshot::new(settings, &metrics, None));
         Ok(Self(Arc::new(App {
             broker,
             metrics,
             user_tokens,
+            audit,
             current: ArcSwap::new(Arc::clone(&snapshot)),
             started: snapshot,
             reloader,

@@ -40,6 +40,15 @@ const ANONYMOUS: &str = "anonymous";
 /// Prefix of generated caller keys, so a leaked key is recognisable in a secret scanner.
 const KEY_PREFIX: &str = "tbk_";
 
+/// The next [`Caller::id`].
+fn next_caller_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The caller name of admin requests in the logs.
+static ADMIN_NAME: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from("admin"));
+
 /// The SHA-256 of a caller or admin key.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct KeyHash([u8; 32]);
@@ -185,6 +194,9 @@ impl AllowRule {
 pub struct Caller {
     /// The caller's configured name (`anonymous` when anonymous access is on).
     pub name: Arc<str>,
+    /// A number no other caller of this process has had, for the audit trail's counters (a
+    /// reload makes new callers, with new numbers).
+    pub id: u64,
     allow: Vec<AllowRule>,
     rate_limit: Option<RateLimiter>,
     /// The IdP requests and cache keys this caller's requests may cost.
@@ -290,6 +302,7 @@ impl CallerRegistry {
             .map(|(name, settings)| {
                 let caller = Caller {
                     name: Arc::from(name.as_str()),
+                    id: next_caller_id(),
                     allow: settings.allow.clone(),
                     rate_limit: settings
                         .rate_limit
@@ -304,6 +317,7 @@ impl CallerRegistry {
         let anonymous = auth.allow_anonymous.then(|| {
             Arc::new(Caller {
                 name: Arc::from(ANONYMOUS),
+                id: next_caller_id(),
                 allow: vec![AllowRule::any()],
                 rate_limit: None,
                 idp_budget: budget(
@@ -426,10 +440,10 @@ pub trait CallerSource {
     fn caller_registry(&self) -> Arc<CallerRegistry>;
 }
 
-/// Admits an authenticated caller: names it in the request's span, then holds it to its
+/// Admits an authenticated caller: names it in the request's log context, then holds it to its
 /// `rate_limit` (429). Every way in (the extractor, the OAuth2 facade) ends here.
 pub fn admit(caller: Arc<Caller>) -> Result<Arc<Caller>, AuthError> {
-    tracing::Span::current().record("caller", &*caller.name);
+    crate::telemetry::request::set_caller(&caller.name);
     if let Err(retry_after) = caller.admit() {
         caller.refused_rate.increment(1);
         return Err(AuthError::RateLimited { retry_after });
@@ -438,7 +452,7 @@ pub fn admit(caller: Arc<Caller>) -> Result<Arc<Caller>, AuthError> {
 }
 
 /// Extracts the authenticated [`Caller`] of a request, or rejects it with 401, or with 429 when
-/// the caller is over its rate limit. Names the caller in the request's span.
+/// the caller is over its rate limit. Names the caller in the request's log context.
 pub struct Authenticated(pub Arc<Caller>);
 
 impl<S> FromRequestParts<S> for Authenticated
@@ -466,7 +480,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
         state.caller_registry().authenticate_admin(header)?;
-        tracing::Span::current().record("caller", "admin");
+        crate::telemetry::request::set_caller(&ADMIN_NAME);
         Ok(Admin)
     }
 }

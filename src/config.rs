@@ -28,6 +28,7 @@ use crate::auth::{AuthSettings, CallerSettings, is_valid_name};
 use crate::broker::CacheSettings;
 use crate::idp::EnvironmentSettings;
 use crate::shared_cache::SharedCacheSettings;
+use crate::telemetry::audit::TelemetrySettings;
 use crate::user_tokens::UserSettings;
 
 use raw::RawSettings;
@@ -74,6 +75,8 @@ pub struct Settings {
     pub tenants: BTreeMap<String, TenantSettings>,
     /// The Redis level shared by replicas, when `shared_cache.url` is set.
     pub shared_cache: Option<SharedCacheSettings>,
+    /// The audit trail.
+    pub telemetry: TelemetrySettings,
 }
 
 /// `[tenants.NAME]`: one tenant and its environments.
@@ -183,6 +186,9 @@ impl Settings {
         }
         if self.users != running.users {
             changed.push("users".to_owned());
+        }
+        if self.telemetry != running.telemetry {
+            changed.push("telemetry".to_owned());
         }
         let same_shared = match (&self.shared_cache, &running.shared_cache) {
             (None, None) => true,
@@ -363,6 +369,7 @@ impl RawSettings {
         }
         check_cache(&self.cache, &mut problems);
         check_users(&self.users, &mut problems);
+        check_telemetry(&self.telemetry, &mut problems);
         let auth = callers::auth(&self.auth, &mut problems);
         let callers = callers::callers(self.callers, &auth, &mut problems);
         if auth.allow_anonymous {
@@ -419,6 +426,7 @@ impl RawSettings {
             callers,
             tenants,
             shared_cache,
+            telemetry: self.telemetry,
         })
     }
 }
@@ -544,6 +552,22 @@ fn check_users(users: &UserSettings, problems: &mut Vec<String>) {
     if users.authorization_timeout.is_zero() || users.idle_timeout.is_zero() {
         problems
             .push("users.authorization_timeout and users.idle_timeout: must be above 0".to_owned());
+    }
+}
+
+/// Every problem of `[telemetry]`.
+fn check_telemetry(telemetry: &TelemetrySettings, problems: &mut Vec<String>) {
+    at_most(
+        "telemetry.audit_interval",
+        telemetry.audit_interval,
+        DAY,
+        problems,
+    );
+    if telemetry.audit_interval < Duration::from_secs(1) {
+        problems.push(
+            "telemetry.audit_interval: must be at least 1s (it is how often counted hand-outs are written)"
+                .to_owned(),
+        );
     }
 }
 

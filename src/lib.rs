@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //!
-//! - [`telemetry`]: logging setup, the cause-chain formatter and the Prometheus metrics.
+//! - [`telemetry`]: logging setup and formats, the request's log context, the audit trail's
+//!   counters, the cause-chain formatter and the Prometheus metrics.
 //! - [`limits`]: rate limiters and each caller's IdP budget.
 //! - [`idp`]: the IdP token endpoint client and the environment settings it consumes.
 //! - [`broker`]: cache, single flight, refresh ahead, failure policy, replicas; no HTTP.
@@ -28,7 +29,7 @@
 //! | `startup` | `api`, `app`, `config`, `telemetry` |
 //! | `api` | `app`, `config`, `auth`, `user_tokens`, `broker`, `limits`, `idp`, `telemetry` |
 //! | `app` | `config`, `auth`, `user_tokens`, `shared_cache`, `broker`, `limits`, `idp`, `telemetry` |
-//! | `config` | `auth`, `user_tokens`, `shared_cache`, `broker`, `idp` |
+//! | `config` | `auth`, `user_tokens`, `shared_cache`, `broker`, `idp`, `telemetry` |
 //! | `auth` | `limits`, `idp`, `telemetry` |
 //! | `shared_cache` | `user_tokens`, `broker`, `idp`, `telemetry` |
 //! | `user_tokens` | `broker`, `idp`, `telemetry` |

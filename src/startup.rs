@@ -184,6 +184,8 @@ impl Application {
         };
         let _stop_reloading = AbortOnDrop(tokio::spawn(reload_on_hangup(state.clone())));
         let _stop_upkeep = AbortOnDrop(tokio::spawn(metrics_upkeep(state.metrics.clone())));
+        let audit_interval = state.current().settings.telemetry.audit_interval;
+        let _stop_audit = AbortOnDrop(tokio::spawn(audit_summaries(state.clone(), audit_interval)));
         if self.tls.is_some() {
             tracing::info!("serving HTTPS (server.tls)");
         }
@@ -245,7 +247,19 @@ impl Application {
         if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("shutdown grace elapsed; closing the remaining connections");
         }
+        // The hand-outs counted since the last summary, so that none is missing from the trail.
+        state.audit.flush();
         Ok(())
+    }
+}
+
+/// Writes the audit trail's summary lines every `interval`.
+async fn audit_summaries(state: AppState, interval: std::time::Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        state.audit.flush();
     }
 }
 

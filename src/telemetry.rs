@@ -9,7 +9,10 @@
 //! thread, so a slow or blocked stderr never stalls a request; keep the guard [`init`] returns
 //! until exit so the last lines are flushed.
 
+pub mod audit;
+pub mod format;
 pub mod metrics;
+pub mod request;
 
 use std::io::IsTerminal as _;
 
@@ -54,14 +57,9 @@ pub fn init() -> LogGuard {
         .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .init();
+        builder.event_format(format::Json).init();
     } else {
-        builder.init();
+        builder.event_format(format::Text).init();
     }
     LogGuard { _writer: guard }
 }

@@ -1,21 +1,36 @@
-//! The audit trail: one line on the `audit` target per token handed to a caller and per forget
-//! on request, naming the caller and the key, never the token.
+//! The audit trail of the API (see [`crate::telemetry::audit`]): tokens handed to callers, forgets
+//! on request and refusals, naming the caller, the key and the token's digest, never the token.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
 
 use crate::auth::Caller;
-use crate::broker::{CacheStatus, Forgot, TokenKey};
+use crate::broker::{CacheStatus, Forgot, Lease, TokenKey};
 use crate::telemetry::AUDIT;
+use crate::telemetry::audit::{AuditTrail, Served, Subject};
+use crate::telemetry::request;
 
-/// Logs one token handed to `caller` for `key`.
-pub fn handed_out(caller: &Caller, key: &TokenKey, status: CacheStatus) {
-    tracing::info!(
-        target: AUDIT,
-        caller = %caller.name,
-        tenant = %key.tenant,
-        environment = %key.environment,
-        audience = %key.audience,
-        scope = key.scope.as_str(),
-        cache = status.as_str(),
-        "token handed out"
+/// Records one token handed to `caller` for `key`: counted when it is a hit on a token the caller
+/// had before, else a line of its own.
+pub fn handed_out(trail: &AuditTrail, caller: &Caller, key: &TokenKey, lease: &Lease) {
+    let served = match lease.status {
+        CacheStatus::Hit => Served::Hit,
+        CacheStatus::Miss => Served::Miss,
+    };
+    trail.hand_out(
+        lease.token.hand_outs(),
+        caller.id,
+        served,
+        lease.token.access_token().expose(),
+        |token| Subject {
+            caller: Arc::clone(&caller.name),
+            tenant: key.tenant.clone(),
+            environment: key.environment.clone(),
+            audience: key.audience.clone(),
+            scope: key.scope.as_str().into(),
+            token,
+        },
     );
 }
 
@@ -32,5 +47,27 @@ pub fn forgotten(caller: &Caller, key: &TokenKey, compare: bool, outcome: Forgot
         compare,
         outcome = outcome.as_str(),
         "forget requested"
+    );
+}
+
+/// Whether an answer refuses the caller for who it is or what it may do (401, 403, 429), which the
+/// audit trail records.
+pub fn is_refusal(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+    )
+}
+
+/// Logs a refused request with its status and why (the error's message, which names no secret);
+/// the caller is named when it was authenticated.
+pub fn refused(status: StatusCode, error: &dyn std::error::Error) {
+    let caller = request::with_current(|log| log.caller().map(Arc::<str>::from)).flatten();
+    tracing::info!(
+        target: AUDIT,
+        caller = caller.as_deref(),
+        status = status.as_u16(),
+        error = %error,
+        "request refused"
     );
 }

@@ -29,11 +29,6 @@ pub(super) const TIMED_OUT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a caller with too many pending authorizations is asked to wait.
 const PENDING_RETRY_AFTER: Duration = Duration::from_secs(60);
 
-tokio::task_local! {
-    /// The id of the request being served, for error bodies.
-    pub static REQUEST_ID: Arc<str>;
-}
-
 /// An error answer of the `/v1` API.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -260,11 +255,14 @@ pub(super) fn broker_retry_after(error: &BrokerError) -> Option<Duration> {
 }
 
 /// Logs a failed request once, where it becomes a response: server errors with their cause
-/// chain at WARN, refusals at DEBUG.
+/// chain at WARN, refusals of the caller (401, 403, 429) on the audit trail, other client errors
+/// at DEBUG.
 pub(super) fn log_failure(error: &dyn std::error::Error, status: StatusCode) {
     if status.is_server_error() {
         let cause = error_chain(error);
         tracing::warn!(status = status.as_u16(), error = %error, %cause, "request failed");
+    } else if super::audit::is_refusal(status) {
+        super::audit::refused(status, error);
     } else {
         tracing::debug!(status = status.as_u16(), error = %error, "request refused");
     }
@@ -272,9 +270,7 @@ pub(super) fn log_failure(error: &dyn std::error::Error, status: StatusCode) {
 
 /// The id of the request being served (empty outside a request).
 pub(super) fn request_id() -> Arc<str> {
-    REQUEST_ID
-        .try_with(Arc::clone)
-        .unwrap_or_else(|_| Arc::from(""))
+    crate::telemetry::request::current_id()
 }
 
 /// A `Retry-After` value in whole seconds, rounded up so a caller never retries before the

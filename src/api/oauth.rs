@@ -251,7 +251,7 @@ pub async fn token(
             &caller.idp_budget,
         )
         .await?;
-    audit::handed_out(&caller, &authorised.key, lease.status);
+    audit::handed_out(&state.audit, &caller, &authorised.key, &lease);
     Ok(response::oauth_token(&lease))
 }
 

@@ -197,7 +197,7 @@ pub async fn get_token(
             &caller.idp_budget,
         )
         .await?;
-    audit::handed_out(&caller, &request.key, lease.status);
+    audit::handed_out(&state.audit, &caller, &request.key, &lease);
     Ok(response::token(&lease))
 }
 

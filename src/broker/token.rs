@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq as _;
 use crate::broker::shared::{SharedKey, TokenDigest};
 use crate::idp::{AccessToken, IssuedToken};
 use crate::limits::KeySlot;
+use crate::telemetry::audit::HandOuts;
 
 /// First wait before a failed refresh is tried again; doubled per failure, before jitter.
 const REFRESH_BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -50,6 +51,8 @@ pub struct CachedToken {
     /// Where the token lives in the shared level, when there is one (so that an invalidation
     /// from another replica finds it).
     shared_key: Option<SharedKey>,
+    /// Who was handed this token, for the audit trail.
+    hand_outs: HandOuts,
 }
 
 impl CachedToken {
@@ -99,6 +102,7 @@ impl CachedToken {
             refetch_requested: AtomicBool::new(false),
             owner: OnceLock::new(),
             shared_key: None,
+            hand_outs: HandOuts::default(),
         }
     }
 
@@ -106,6 +110,11 @@ impl CachedToken {
     pub fn with_shared_key(mut self, key: SharedKey) -> Self {
         self.shared_key = Some(key);
         self
+    }
+
+    /// Who was handed this token, for the audit trail.
+    pub fn hand_outs(&self) -> &HandOuts {
+        &self.hand_outs
     }
 
     /// Where the token lives in the shared level, when there is one.

@@ -3,7 +3,7 @@
 //! Every table denies unknown fields, so a misspelled setting is an error rather than silently
 //! ignored. [`RawSettings::read`] reads each table on its own (each caller, each environment),
 //! so one wrong value is reported without hiding the problems of the others. Sections whose validated form is the same as their raw form (`[server]`, `[cache]`,
-//! `[users]`) are deserialised into their owners' types directly.
+//! `[users]`, `[telemetry]`) are deserialised into their owners' types directly.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use crate::idp::{
     AudienceParam, ClientAuth, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES,
     DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, RequestFormat,
 };
+use crate::telemetry::audit::TelemetrySettings;
 use crate::user_tokens::UserSettings;
 
 #[derive(Deserialize)]
@@ -36,6 +37,7 @@ pub(super) struct RawSettings {
     #[serde(default)]
     pub(super) tenants: BTreeMap<String, RawTenant>,
     pub(super) shared_cache: RawSharedCache,
+    pub(super) telemetry: TelemetrySettings,
     /// Callers that could not be read (their problems are listed already).
     #[serde(skip)]
     pub(super) unreadable_callers: usize,
@@ -145,7 +147,7 @@ fn default_lifetime() -> Duration {
 }
 
 /// The top-level tables.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "server",
     "cache",
     "auth",
@@ -153,6 +155,7 @@ const SECTIONS: [&str; 7] = [
     "callers",
     "tenants",
     "shared_cache",
+    "telemetry",
 ];
 
 impl RawSettings {
@@ -194,6 +197,12 @@ impl RawSettings {
             &mut raw.shared_cache,
             section("shared_cache"),
             "shared_cache",
+            problems,
+        );
+        read_into(
+            &mut raw.telemetry,
+            section("telemetry"),
+            "telemetry",
             problems,
         );
         for (name, value) in table(section("callers"), "callers", problems) {

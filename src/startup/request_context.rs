@@ -1,10 +1,11 @@
-//! The outermost per-route middleware: a request id, a span, the id on the answer, the request
-//! counter and the access-log line.
+//! The outermost per-route middleware: a request id, the request's log context, the id on the
+//! answer, the request counter and the access-log line.
 //!
 //! It is a hand-written tower [`Layer`] rather than `axum::middleware::from_fn`, which clones and
 //! boxes the inner service on every request; [`RequestContext`] calls the inner service directly
 //! and finishes in its own future, without boxing. Made request ids are a per-process random
-//! prefix and a counter, 32 hex digits, so making one costs an atomic increment.
+//! prefix and a counter, 32 hex digits, so making one costs an atomic increment. The request's
+//! context is a task-local [`RequestLog`], not a span: it is read only by lines that are written.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -14,16 +15,16 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderValue, Method, Response};
+use axum::http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
-use tracing::instrument::Instrumented;
-use tracing::{Instrument as _, Level};
+use tracing::Level;
 
-use crate::api::error::{REQUEST_ID, X_REQUEST_ID};
+use crate::api::error::X_REQUEST_ID;
 use crate::telemetry::ACCESS;
 use crate::telemetry::metrics::HttpMetrics;
+use crate::telemetry::request::{self, RequestLog};
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -57,7 +58,7 @@ impl<S> Layer<S> for RequestContextLayer {
     }
 }
 
-/// Gives each request an id (the caller's own when it is sane), a span, and the id on the answer;
+/// Gives each request an id (the caller's own when it is sane), a log context, and the id on the answer;
 /// counts it by route, method and status, and logs it once on the `access` target.
 #[derive(Clone)]
 pub struct RequestContext<S> {
@@ -80,38 +81,22 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         // The clock is read only when the access line will be written.
         let started = tracing::enabled!(target: ACCESS, Level::DEBUG).then(Instant::now);
-        let (id, header) = match request
-            .headers()
-            .get(&X_REQUEST_ID)
-            .and_then(|v| Some((v.to_str().ok()?, v)))
-            .filter(|(v, _)| {
-                !v.is_empty()
-                    && v.len() <= MAX_REQUEST_ID_LEN
-                    && v.bytes().all(|b| b.is_ascii_graphic())
-            }) {
-            Some((id, header)) => (Arc::from(id), header.clone()),
+        let id = match request.headers().get(&X_REQUEST_ID).filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_REQUEST_ID_LEN
+                && v.as_bytes().iter().all(u8::is_ascii_graphic)
+        }) {
+            Some(id) => id.clone(),
             None => new_request_id(),
         };
         let route = request.extensions().get::<MatchedPath>().cloned();
         let method = request.method().clone();
-        let span = tracing::info_span!(
-            "request",
-            method = %method,
-            route = route.as_ref().map(MatchedPath::as_str),
-            request_id = %id,
-            caller = tracing::field::Empty,
-        );
-        // The inner service's `call` may already do work (axum's own services do not, but a
-        // layer might): it runs in the request's span and id scope too.
-        let inner =
-            span.in_scope(|| REQUEST_ID.sync_scope(Arc::clone(&id), || self.inner.call(request)));
+        // Axum's services and the layers below do no work in `call`, only in the future, which
+        // runs in the request's context.
         RequestContextFuture {
-            inner: REQUEST_ID.scope(id, inner).instrument(span),
+            inner: request::scope(RequestLog::new(id, method, route), self.inner.call(request)),
             finish: Some(Finish {
                 started,
-                header,
-                route,
-                method,
                 metrics: Arc::clone(&self.metrics),
             }),
         }
@@ -119,33 +104,26 @@ where
 }
 
 /// A made request id: the process prefix and the next count, as 32 hex digits.
-fn new_request_id() -> (Arc<str>, HeaderValue) {
+fn new_request_id() -> HeaderValue {
     let count = ID_COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut digits = [0u8; 32];
     hex::encode_to_slice(ID_PREFIX.to_be_bytes(), &mut digits[..16]).expect("16 digits");
     hex::encode_to_slice(count.to_be_bytes(), &mut digits[16..]).expect("16 digits");
-    let id = std::str::from_utf8(&digits).expect("hex digits are ASCII");
-    (
-        Arc::from(id),
-        HeaderValue::from_str(id).expect("hex digits are a valid header value"),
-    )
+    HeaderValue::from_bytes(&digits).expect("hex digits are a valid header value")
 }
 
 /// What is left to do once the inner service has answered.
 struct Finish {
     started: Option<Instant>,
-    header: HeaderValue,
-    route: Option<MatchedPath>,
-    method: Method,
     metrics: Arc<HttpMetrics>,
 }
 
 pin_project! {
-    /// The answer of [`RequestContext`]: the inner answer inside the request's span and id scope,
-    /// then the id header, the count and the access line.
+    /// The answer of [`RequestContext`]: the inner answer inside the request's context, then
+    /// the id header, the count and the access line.
     pub struct RequestContextFuture<F> {
         #[pin]
-        inner: Instrumented<TaskLocalFuture<Arc<str>, F>>,
+        inner: TaskLocalFuture<RequestLog, F>,
         finish: Option<Finish>,
     }
 }
@@ -163,21 +141,26 @@ where
             .finish
             .take()
             .expect("a request context future is not polled after it completed");
+        let log = this
+            .inner
+            .take_value()
+            .expect("the context is taken once, when the answer is ready");
         response
             .headers_mut()
-            .insert(X_REQUEST_ID.clone(), finish.header);
-        let route = finish.route.as_ref().map(MatchedPath::as_str);
+            .insert(X_REQUEST_ID.clone(), log.id_header().clone());
         let status = response.status();
-        finish.metrics.record(route, &finish.method, status);
+        finish.metrics.record(log.route(), log.method(), status);
         if let Some(started) = finish.started {
-            tracing::debug!(
-                target: ACCESS,
-                parent: this.inner.span(),
-                status = status.as_u16(),
-                // Whole microseconds, so the line shows `0.412` rather than binary float noise.
-                took_ms = started.elapsed().as_micros() as f64 / 1000.0,
-                "request served"
-            );
+            request::sync_scope(log, || {
+                tracing::debug!(
+                    target: ACCESS,
+                    status = status.as_u16(),
+                    // Whole microseconds, so the line shows `0.412` rather than binary float
+                    // noise.
+                    took_ms = started.elapsed().as_micros() as f64 / 1000.0,
+                    "request served"
+                );
+            });
         }
         Poll::Ready(Ok(response))
     }
@@ -189,11 +172,11 @@ mod tests {
 
     #[test]
     fn made_ids_are_32_hex_digits_and_distinct() {
-        let (one, header) = new_request_id();
-        let (other, _) = new_request_id();
+        let one = new_request_id();
+        let other = new_request_id();
+        let (one, other) = (one.to_str().unwrap(), other.to_str().unwrap());
         assert_eq!(one.len(), 32);
         assert!(one.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(header.to_str().unwrap(), &*one);
         assert_ne!(one, other);
         assert_eq!(one[..16], other[..16]);
     }

@@ -9,22 +9,38 @@ use wiremock::MockServer;
 use crate::helpers::*;
 use crate::process::{BIN, spawn};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_have_an_audit_line_per_token_and_access_lines_at_debug() {
-    let idp = MockServer::start().await;
-    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+/// The first 16 hex digits of the SHA-256 of `token`: how the audit trail names it.
+fn token_sha256(token: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))[..16].to_owned()
+}
+
+/// Starts the broker with JSON logs at `rust_log` and `extra` appended to the base config.
+fn json_broker(
+    idp: &str,
+    rust_log: &str,
+    extra: &str,
+) -> (crate::process::Running, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("broker.toml");
-    std::fs::write(&config, base_config(&idp.uri())).unwrap();
+    std::fs::write(&config, format!("{}\n{extra}", base_config(idp))).unwrap();
     let server = spawn(
         Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config)
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "info,access=debug"),
+            .env("RUST_LOG", rust_log),
         false,
     );
     let url = listening_url(&server.wait_for(r#""message":"listening""#));
+    (server, url, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_writes_misses_first_hand_outs_and_refusals_and_counts_the_rest() {
+    let idp = MockServer::start().await;
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let (server, url, _dir) = json_broker(&idp.uri(), "info,access=debug", "");
     let http = reqwest::Client::new();
     let get = |path: &str, key: Option<&str>| {
         let mut request = http
@@ -35,53 +51,92 @@ async fn json_logs_have_an_audit_line_per_token_and_access_lines_at_debug() {
         }
         request.send()
     };
-    for (path, key, status) in [
+    let mut requests = vec![
         ("/v1/tokens/acme/production", Some(BILLING_KEY), 200),
         (
             "/v1/tokens/acme/production?scope=read",
             Some(BILLING_KEY),
             200,
         ),
-        ("/v1/tokens/acme/production", Some(REPORTS_KEY), 200),
+    ];
+    // Three more hits for billing and two for reports: counted, not written one by one.
+    requests.extend([("/v1/tokens/acme/production", Some(BILLING_KEY), 200); 3]);
+    requests.extend([("/v1/tokens/acme/production", Some(REPORTS_KEY), 200); 2]);
+    requests.extend([
         ("/v1/tokens/acme/production", Some("tbk_wrong"), 401),
+        ("/v1/tokens/other/production", Some(BILLING_KEY), 403),
         ("/livez", None, 200),
         ("/readyz", None, 200),
         ("/metrics", None, 200),
-    ] {
+    ]);
+    for (path, key, status) in requests {
         assert_eq!(get(path, key).await.unwrap().status(), status, "{path}");
     }
+    // Shutdown writes the counts gathered since the last summary.
     let (status, lines) = server.terminate();
     assert!(status.success());
+    for line in &lines {
+        assert!(
+            !line.contains("token-1") && !line.contains("token-2"),
+            "{line}"
+        );
+    }
 
     let lines: Vec<Value> = lines
         .iter()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
         .collect();
-    let audit: Vec<&Value> = lines.iter().filter(|l| l["target"] == "audit").collect();
-    let summary: Vec<(&str, &str, &str)> = audit
+    let audit = |message: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["target"] == "audit" && l["message"] == message)
+            .collect()
+    };
+    let handed: Vec<(&str, &str, &str, String)> = audit("token handed out")
         .iter()
         .map(|l| {
             (
                 l["caller"].as_str().unwrap(),
                 l["scope"].as_str().unwrap(),
                 l["cache"].as_str().unwrap(),
+                l["token_sha256"].as_str().unwrap().to_owned(),
             )
         })
         .collect();
     assert_eq!(
-        summary,
+        handed,
         [
-            ("billing", "", "miss"),
-            ("billing", "read", "miss"),
-            ("reports", "", "hit")
+            ("billing", "", "miss", token_sha256("token-1")),
+            ("billing", "read", "miss", token_sha256("token-2")),
+            ("reports", "", "hit", token_sha256("token-1")),
         ]
     );
-    for line in &audit {
+    let counted: Vec<(&str, u64, String)> = audit("tokens handed out from the cache")
+        .iter()
+        .map(|l| {
+            (
+                l["caller"].as_str().unwrap(),
+                l["count"].as_u64().unwrap(),
+                l["token_sha256"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut counted = counted;
+    counted.sort();
+    assert_eq!(
+        counted,
+        [
+            ("billing", 3, token_sha256("token-1")),
+            ("reports", 1, token_sha256("token-1")),
+        ]
+    );
+    for line in audit("token handed out") {
         assert_eq!(line["level"], "INFO");
         assert_eq!(line["tenant"], "acme");
         assert_eq!(line["environment"], "production");
         assert_eq!(line["audience"], ACME_AUDIENCE);
         assert!(line.get("access_token").is_none());
+        assert!(line.get("jti").is_none(), "opaque tokens have no jti");
         assert_eq!(line["span"]["route"], "/v1/tokens/{tenant}/{environment}");
         assert_eq!(line["span"]["caller"], line["caller"]);
         assert!(
@@ -91,6 +146,11 @@ async fn json_logs_have_an_audit_line_per_token_and_access_lines_at_debug() {
                 .starts_with("/v1/tokens/acme/production")
         );
     }
+    let refused: Vec<(Option<&str>, u64)> = audit("request refused")
+        .iter()
+        .map(|l| (l["caller"].as_str(), l["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(refused, [(None, 401), (Some("billing"), 403)]);
 
     let access = |request_id: &str| -> &Value {
         lines
@@ -112,6 +172,56 @@ async fn json_logs_have_an_audit_line_per_token_and_access_lines_at_debug() {
         .find(|l| l["target"] == "access" && l["status"] == 401)
         .expect("an access line for the 401");
     assert_eq!(refused["level"], "DEBUG");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counted_hand_outs_are_summarised_every_audit_interval_and_name_the_jti() {
+    use base64::Engine as _;
+    let encode = |json: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json);
+    let jwt = format!(
+        "{}.{}.c2lnbmF0dXJl",
+        encode(r#"{"alg":"RS256","typ":"JWT"}"#),
+        encode(r#"{"jti":"jti-7f3a","sub":"billing@clients"}"#)
+    );
+    let idp = MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": jwt, "token_type": "Bearer", "expires_in": 3600,
+            })),
+        )
+        .expect(1)
+        .mount(&idp)
+        .await;
+    let (server, url, _dir) =
+        json_broker(&idp.uri(), "info", "[telemetry]\naudit_interval = \"1s\"\n");
+    let http = reqwest::Client::new();
+    for _ in 0..4 {
+        let got = http
+            .get(format!("{url}/v1/tokens/acme/production"))
+            .bearer_auth(BILLING_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), 200);
+    }
+    // Written by the interval, not by shutdown: the broker is still running.
+    let summary: Value =
+        serde_json::from_str(&server.wait_for("tokens handed out from the cache")).unwrap();
+    assert_eq!(summary["count"], 3);
+    assert_eq!(summary["caller"], "billing");
+    assert_eq!(summary["jti"], "jti-7f3a");
+    assert_eq!(summary["token_sha256"], token_sha256(&jwt));
+    assert!(summary["since"].as_str().unwrap().ends_with('Z'));
+    let (_, lines) = server.terminate();
+    // Nothing new since that summary: shutdown adds no line for the token.
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("tokens handed out from the cache")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains(&jwt)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,391 @@
+//! The audit trail: who was handed which token, and when, at the cost of a counter per hit.
+//!
+//! Lines go to the [`AUDIT`](super::AUDIT) target at INFO. A miss, a refusal and the first
+//! hand-out of each token to each caller are each a line of their own. Later hand-outs of that
+//! token to that caller add one to a counter held with the token ([`HandOuts`]), and every
+//! `telemetry.audit_interval` [`AuditTrail::flush`] writes one summary line per counter that
+//! moved, with the count; shutdown flushes once more, so no hand-out vanishes from the trail.
+//!
+//! A token is named by `token_sha256` (the first 16 hex digits of the SHA-256 of its value) and,
+//! when it is a JWT with one, by its `jti`; never by its value. At most `capacity` counters are
+//! kept (about 200 bytes each, see the README); a hand-out that finds the trail full is written
+//! as a line of its own instead of being counted, so the bound costs log volume, never entries.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use super::AUDIT;
+
+/// Most (caller, token) counters kept by default.
+pub const DEFAULT_CAPACITY: usize = 100_000;
+/// Longest `jti` written; a longer one is left out rather than logged at any length.
+const MAX_JTI_LEN: usize = 128;
+/// Longest JWT payload decoded for its `jti`.
+const MAX_PAYLOAD_LEN: usize = 16 * 1024;
+
+/// `[telemetry]`: the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// How often the counted hand-outs of each (caller, token) are written as a summary line.
+    #[serde(with = "humantime_serde")]
+    pub audit_interval: Duration,
+    /// Most (caller, token) counters kept at once; beyond, hand-outs are written one by one.
+    pub audit_max_counters: usize,
+}
+
+/// How an audit line names a token.
+#[derive(Debug)]
+pub struct TokenName {
+    /// The first 16 hex digits of the SHA-256 of the token's value.
+    sha256: [u8; 16],
+    /// The token's `jti` claim, when it is a JWT with one.
+    jti: Option<Box<str>>,
+}
+
+impl TokenName {
+    /// Names `access_token`: the start of its SHA-256 and, for a JWT, its `jti`.
+    pub fn of(access_token: &str) -> Self {
+        let digest = Sha256::digest(access_token.as_bytes());
+        let mut sha256 = [0u8; 16];
+        // 8 bytes are 16 hex digits, which always fit.
+        let _ = hex::encode_to_slice(digest.get(..8).unwrap_or_default(), &mut sha256);
+        Self {
+            sha256,
+            jti: jwt_id(access_token),
+        }
+    }
+
+    /// `token_sha256`: 16 lower-case hex digits.
+    pub fn sha256(&self) -> &str {
+        std::str::from_utf8(&self.sha256).unwrap_or_default()
+    }
+
+    /// The token's `jti`, when it has one.
+    pub fn jti(&self) -> Option<&str> {
+        self.jti.as_deref()
+    }
+}
+
+/// The `jti` of a JWT's payload, when `token` is a JWT and has one of sane length.
+fn jwt_id(token: &str) -> Option<Box<str>> {
+    #[derive(Deserialize)]
+    struct Claims {
+        jti: Option<String>,
+    }
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > MAX_PAYLOAD_LEN {
+        return None;
+    }
+    let json = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let jti = serde_json::from_slice::<Claims>(&json).ok()?.jti?;
+    (!jti.is_empty() && jti.len() <= MAX_JTI_LEN && !jti.chars().any(char::is_control))
+        .then(|| jti.into_boxed_str())
+}
+
+/// Who was handed which token: what an audit line says besides its counts.
+#[derive(Debug)]
+pub struct Subject {
+    /// The caller's configured name.
+    pub caller: Arc<str>,
+    /// The token's tenant.
+    pub tenant: Box<str>,
+    /// The token's environment.
+    pub environment: Box<str>,
+    /// The token's audience.
+    pub audience: Box<str>,
+    /// The token's scopes, canonical.
+    pub scope: Box<str>,
+    /// The token.
+    pub token: Arc<TokenName>,
+}
+
+/// Hand-outs of one token to one caller since the last summary.
+#[derive(Debug)]
+struct Counter {
+    count: AtomicU64,
+    subject: Subject,
+}
+
+/// The audit state a cached token carries: its name, once needed, and a counter per caller it
+/// was handed to. Caller ids are the broker's own numbers, so a fixed hash is enough.
+#[derive(Default)]
+pub struct HandOuts {
+    name: OnceLock<Arc<TokenName>>,
+    by_caller: RwLock<HashMap<u64, Arc<Counter>, foldhash::fast::FixedState>>,
+}
+
+impl std::fmt::Debug for HandOuts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandOuts").finish_non_exhaustive()
+    }
+}
+
+impl HandOuts {
+    /// The token's name, computed from `access_token` the first time.
+    fn name(&self, access_token: &str) -> Arc<TokenName> {
+        Arc::clone(
+            self.name
+                .get_or_init(|| Arc::new(TokenName::of(access_token))),
+        )
+    }
+}
+
+/// How a caller came by a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// From the cache.
+    Hit,
+    /// After waiting on the IdP.
+    Miss,
+}
+
+impl Served {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+        }
+    }
+}
+
+/// The counters of the trail and when their period began.
+pub struct AuditTrail {
+    counters: Mutex<Vec<Arc<Counter>>>,
+    capacity: usize,
+    /// When the counts being gathered began (the last flush).
+    since: Mutex<SystemTime>,
+    /// Hand-outs written one by one because the trail was full, since the last flush.
+    unaggregated: AtomicU64,
+}
+
+impl AuditTrail {
+    /// An empty trail keeping at most `capacity` counters.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            counters: Mutex::new(Vec::new()),
+            capacity,
+            since: Mutex::new(SystemTime::now()),
+            unaggregated: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that the token whose audit state is `hand_outs` and whose value is
+    /// `access_token` was handed to caller `caller_id`: a counter added to when that caller had
+    /// it before from the cache, else a line of its own. `subject` is called only for a line.
+    pub fn hand_out(
+        &self,
+        hand_outs: &HandOuts,
+        caller_id: u64,
+        served: Served,
+        access_token: &str,
+        subject: impl FnOnce(Arc<TokenName>) -> Subject,
+    ) {
+        if served == Served::Hit && count(hand_outs, caller_id) {
+            return;
+        }
+        let subject = subject(hand_outs.name(access_token));
+        let mut by_caller = hand_outs
+            .by_caller
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let aggregated = match by_caller.get(&caller_id) {
+            // Another request of this caller was first.
+            Some(counter) if served == Served::Hit => {
+                counter.count.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            // A miss is always a line of its own; later hits are counted already.
+            Some(_) => true,
+            None => {
+                let counter = Arc::new(Counter {
+                    count: AtomicU64::new(0),
+                    subject,
+                });
+                if self.register(&counter) {
+                    by_caller.insert(caller_id, Arc::clone(&counter));
+                }
+                drop(by_caller);
+                let registered = Arc::strong_count(&counter) > 1;
+                if !registered {
+                    self.unaggregated.fetch_add(1, Ordering::Relaxed);
+                }
+                log_hand_out(&counter.subject, served, registered);
+                return;
+            }
+        };
+        drop(by_caller);
+        log_hand_out(&subject, served, aggregated);
+    }
+
+    /// Adds `counter` to the trail; false when the trail is full.
+    fn register(&self, counter: &Arc<Counter>) -> bool {
+        let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        if counters.len() >= self.capacity {
+            return false;
+        }
+        counters.push(Arc::clone(counter));
+        true
+    }
+
+    /// Writes a summary line for every counter that moved since the last flush, and forgets the
+    /// counters of tokens no longer cached. Called every `audit_interval` and at shutdown.
+    pub fn flush(&self) {
+        let now = SystemTime::now();
+        let since = std::mem::replace(
+            &mut *self.since.lock().unwrap_or_else(PoisonError::into_inner),
+            now,
+        );
+        let mut moved = Vec::new();
+        {
+            let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+            counters.retain(|counter| {
+                // Read before the count: once the token is gone nothing can add to it, so the
+                // count taken next is its last.
+                let token_gone = Arc::strong_count(counter) == 1;
+                let count = counter.count.swap(0, Ordering::Relaxed);
+                if count > 0 {
+                    moved.push((Arc::clone(counter), count));
+                }
+                !token_gone
+            });
+        }
+        let since = humantime::format_rfc3339_seconds(since).to_string();
+        for (counter, count) in moved {
+            let subject = &counter.subject;
+            tracing::info!(
+                target: AUDIT,
+                caller = &*subject.caller,
+                tenant = &*subject.tenant,
+                environment = &*subject.environment,
+                audience = &*subject.audience,
+                scope = &*subject.scope,
+                token_sha256 = subject.token.sha256(),
+                jti = subject.token.jti(),
+                count,
+                since = since.as_str(),
+                "tokens handed out from the cache"
+            );
+        }
+        let unaggregated = self.unaggregated.swap(0, Ordering::Relaxed);
+        if unaggregated > 0 {
+            tracing::warn!(
+                unaggregated,
+                capacity = self.capacity,
+                "the audit trail was full: hand-outs were written one line each; raise \
+                 telemetry.audit_max_counters"
+            );
+        }
+    }
+
+    /// Counters kept now, for tests and the README's figures.
+    pub fn counters(&self) -> usize {
+        self.counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Adds one to `caller_id`'s counter of a token; false when it has none yet.
+fn count(hand_outs: &HandOuts, caller_id: u64) -> bool {
+    let by_caller = hand_outs
+        .by_caller
+        .read()
+        .unwrap_or_else(PoisonError::into_inner);
+    match by_caller.get(&caller_id) {
+        Some(counter) => {
+            counter.count.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The line of one hand-out; `aggregated`: whether later hits from the cache are counted
+/// rather than written.
+fn log_hand_out(subject: &Subject, served: Served, aggregated: bool) {
+    tracing::info!(
+        target: AUDIT,
+        caller = &*subject.caller,
+        tenant = &*subject.tenant,
+        environment = &*subject.environment,
+        audience = &*subject.audience,
+        scope = &*subject.scope,
+        cache = served.as_str(),
+        token_sha256 = subject.token.sha256(),
+        jti = subject.token.jti(),
+        aggregated,
+        "token handed out"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(name: Arc<TokenName>) -> Subject {
+        Subject {
+            caller: Arc::from("billing"),
+            tenant: "acme".into(),
+            environment: "production".into(),
+            audience: "https://api".into(),
+            scope: "".into(),
+            token: name,
+        }
+    }
+
+    #[test]
+    fn tokens_are_named_by_digest_and_jti() {
+        let payload = URL_SAFE_NO_PAD.encode(br#"{"jti":"abc-123","sub":"x"}"#);
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln");
+        let name = TokenName::of(&jwt);
+        assert_eq!(name.jti(), Some("abc-123"));
+        assert_eq!(name.sha256().len(), 16);
+        assert!(name.sha256().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(
+            name.sha256(),
+            &hex::encode(Sha256::digest(jwt.as_bytes()))[..16]
+        );
+        for opaque in ["opaque", "a.b.c", "a.b", "a.e30.c.d", ""] {
+            assert_eq!(TokenName::of(opaque).jti(), None, "{opaque}");
+        }
+        let long = URL_SAFE_NO_PAD.encode(format!(r#"{{"jti":"{}"}}"#, "j".repeat(200)));
+        assert_eq!(TokenName::of(&format!("h.{long}.s")).jti(), None);
+    }
+
+    #[test]
+    fn hits_are_counted_after_the_first_and_a_full_trail_counts_nothing() {
+        let trail = AuditTrail::new(1);
+        let token = HandOuts::default();
+        trail.hand_out(&token, 1, Served::Miss, "t", subject);
+        for _ in 0..5 {
+            trail.hand_out(&token, 1, Served::Hit, "t", subject);
+        }
+        assert_eq!(trail.counters(), 1);
+        let counted = |token: &HandOuts, caller| {
+            token.by_caller.read().unwrap()[&caller]
+                .count
+                .load(Ordering::Relaxed)
+        };
+        assert_eq!(counted(&token, 1), 5);
+        // Full: a second caller's hand-outs are lines, not counters.
+        trail.hand_out(&token, 2, Served::Hit, "t", subject);
+        assert!(!token.by_caller.read().unwrap().contains_key(&2));
+        trail.flush();
+        assert_eq!(counted(&token, 1), 0);
+        assert_eq!(trail.counters(), 1);
+        // The token leaves the cache: its counter goes at the next flush.
+        drop(token);
+        trail.flush();
+        assert_eq!(trail.counters(), 0);
+    }
+}
