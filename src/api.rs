@@ -74,7 +74,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 /// The routes of one listener, with their OpenAPI description.
 pub fn routes_for(surface: Surface) -> OpenApiRouter<AppState> {
-    let document = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi()).merge(probe_routes());
+    let document = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .merge(probe_routes())
+        .merge(openapi_route(surface));
     match surface {
         Surface::All => document.merge(caller_routes()).merge(operator_routes()),
         Surface::Main => document.merge(caller_routes()),
@@ -120,12 +122,20 @@ fn user_routes() -> OpenApiRouter<AppState> {
         ))
 }
 
-/// Probes and the OpenAPI document (API.md §3), on every listener.
+/// Probes (API.md §3), on every listener.
 fn probe_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health::livez))
         .routes(routes!(health::readyz))
+}
+
+/// The OpenAPI document of `surface`, on every listener. Only this route needs to know which
+/// listener it answers on, so only it carries the `Surface` extension (an extension on every
+/// route costs every request an insert).
+fn openapi_route(surface: Surface) -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .routes(routes!(openapi::openapi_json))
+        .layer(axum::Extension(surface))
 }
 
 /// The admin API behind the admin key (API.md §3).

@@ -428,10 +428,13 @@ impl CallerRegistry {
 
 /// The key of `Bearer <key>` (scheme case-insensitive), when well formed.
 fn bearer_key(header: &[u8]) -> Option<&str> {
-    let header = std::str::from_utf8(header).ok()?;
-    let (scheme, key) = header.split_once(' ')?;
-    let key = key.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+    let space = header.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = header.split_at(space);
+    let key = rest.trim_ascii();
+    if !scheme.eq_ignore_ascii_case(b"bearer") || key.is_empty() {
+        return None;
+    }
+    std::str::from_utf8(key).ok()
 }
 
 /// Where extractors find the current caller registry (it changes on reload).

@@ -62,7 +62,7 @@ pub use token::CachedToken;
 pub use upstream::Upstream;
 
 /// (tenant, environment), as in a [`TokenKey`].
-type EnvironmentName = (Box<str>, Box<str>);
+type EnvironmentName = (Arc<str>, Arc<str>);
 
 /// Locks a std mutex that guards a few instructions of bookkeeping (never held across an await);
 /// a panic elsewhere cannot leave that state inconsistent, so a poisoned lock is used as is.

@@ -20,13 +20,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Router};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::api::{self, Surface};
 use crate::app::{AppError, AppState, Reloader};
@@ -78,22 +76,13 @@ pub fn router(state: AppState, surface: Surface) -> Router {
     // every route again, which costs a clone, a box and a boxed future per request and layer.
     let layers = ServiceBuilder::new()
         .layer(RequestContextLayer::new(http_metrics))
-        .layer(CatchPanicLayer::custom(internal_error))
         .layer(RequestTimeoutLayer::new(timeout))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(Extension(surface));
+        .layer(DefaultBodyLimit::max(body_limit));
     router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(layers)
         .with_state(state)
-}
-
-/// The answer to a handler that panicked: the documented 500 body (with the request id, as the
-/// request's scope is still entered here).
-fn internal_error(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    tracing::error!("a request handler panicked");
-    api::ApiError::Internal.into_response()
 }
 
 /// A built application: state plus a bound listener, ready to serve.

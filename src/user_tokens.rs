@@ -304,7 +304,7 @@ fn user_login(environment: &EnvironmentSettings) -> Result<&UserLoginSettings, U
         .user_login
         .as_ref()
         .ok_or_else(|| UserError::NotEnabled {
-            tenant: environment.tenant.clone(),
-            environment: environment.environment.clone(),
+            tenant: environment.tenant.to_string(),
+            environment: environment.environment.to_string(),
         })
 }

@@ -152,7 +152,7 @@ fn environment_report(
         name: name.to_owned(),
         token_url: token_url.into(),
         client_id: environment.client_id.clone(),
-        audience: environment.audience.clone(),
+        audience: environment.audience.as_deref().map(str::to_owned),
         request_format: match environment.request_format {
             RequestFormat::Json => "json",
             RequestFormat::Form => "form",

@@ -22,7 +22,7 @@ pub fn handed_out(trail: &AuditTrail, caller: &Caller, key: &TokenKey, lease: &L
         lease.token.hand_outs(),
         caller.id,
         served,
-        lease.token.access_token().expose(),
+        || lease.token.access_token().expose(),
         |token| Subject {
             caller: Arc::clone(&caller.name),
             tenant: key.tenant.clone(),

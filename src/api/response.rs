@@ -7,6 +7,7 @@
 
 use std::time::SystemTime;
 
+use axum::body::Body;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, PRAGMA};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -46,17 +47,15 @@ fn x_cache(status: CacheStatus) -> (HeaderName, HeaderValue) {
 
 /// A 200 with the token body of API.md §1, `Cache-Control: no-store` and `x-cache`.
 pub fn token(lease: &Lease) -> Response {
-    let [cache_control] = no_store();
-    (
-        StatusCode::OK,
-        [
-            (CONTENT_TYPE, JSON.clone()),
-            cache_control,
-            x_cache(lease.status),
-        ],
-        lease.token.body(SystemTime::now()),
-    )
-        .into_response()
+    let mut response = Response::new(Body::from(lease.token.body(SystemTime::now())));
+    let headers = response.headers_mut();
+    // Room for these three, `content-length` and `x-request-id`, so no insert grows the map.
+    headers.reserve(5);
+    headers.insert(CONTENT_TYPE, JSON.clone());
+    headers.insert(CACHE_CONTROL, NO_STORE.clone());
+    let (name, value) = x_cache(lease.status);
+    headers.insert(name, value);
+    response
 }
 
 /// The RFC 6749 §5.1 success body.

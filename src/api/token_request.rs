@@ -97,10 +97,20 @@ pub fn authorise(
             "no audience: send audience=... or configure a default audience for {tenant}/{environment}"
         )));
     };
-    let key = TokenKey::new(tenant, environment, audience, &request.scope);
+    let audience = match (&request.audience, settings.as_ref()) {
+        // The configured default is shared with the key, not copied.
+        (None, Some(settings)) => settings.audience.clone().unwrap_or_else(|| audience.into()),
+        _ => Arc::from(audience),
+    };
     let Some(settings) = settings else {
         return Err(not_configured(tenant, environment));
     };
+    let key = TokenKey::shared(
+        Arc::clone(&settings.tenant),
+        Arc::clone(&settings.environment),
+        audience,
+        &request.scope,
+    );
     Ok(Authorised {
         environment: settings,
         key,

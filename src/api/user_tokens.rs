@@ -186,8 +186,8 @@ pub async fn create_session(
     let configured = token_request::authorise_environment(&state, &caller, &tenant, &environment)?;
     if configured.user_login.is_none() {
         return Err(UserError::NotEnabled {
-            tenant: configured.tenant.clone(),
-            environment: configured.environment.clone(),
+            tenant: configured.tenant.to_string(),
+            environment: configured.environment.to_string(),
         }
         .into());
     }

@@ -252,14 +252,14 @@ impl Broker {
             let mut generations = lock(&self.inner.generations);
             for environment in changed {
                 let name = (
-                    Box::from(environment.tenant.as_str()),
-                    Box::from(environment.environment.as_str()),
+                    Arc::clone(&environment.tenant),
+                    Arc::clone(&environment.environment),
                 );
                 let current = generations.entry(name).or_insert(0);
                 *current = (*current).max(generation);
             }
         }
-        let names: HashSet<(String, String)> = changed
+        let names: HashSet<(Arc<str>, Arc<str>)> = changed
             .iter()
             .map(|e| (e.tenant.clone(), e.environment.clone()))
             .collect();

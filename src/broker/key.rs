@@ -5,6 +5,7 @@
 //! part of the key, so `b a a` and `a b` are one entry and one IdP request.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// A normalised set of OAuth2 scopes, stored as its canonical space-separated form.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
@@ -37,14 +38,18 @@ impl fmt::Debug for ScopeSet {
 }
 
 /// Identifies one cached token: tenant, environment, audience and scope set.
+///
+/// The names are shared (`Arc<str>`) so that a key built for a request from the configured
+/// names costs reference counts rather than allocations, and the keys of the cache share one
+/// copy of each name.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TokenKey {
     /// Configured tenant name.
-    pub tenant: Box<str>,
+    pub tenant: Arc<str>,
     /// Configured environment name.
-    pub environment: Box<str>,
+    pub environment: Arc<str>,
     /// The API the token is for.
-    pub audience: Box<str>,
+    pub audience: Arc<str>,
     /// The scopes asked for.
     pub scope: ScopeSet,
 }
@@ -52,10 +57,20 @@ pub struct TokenKey {
 impl TokenKey {
     /// Builds a key; `scope` is normalised here.
     pub fn new(tenant: &str, environment: &str, audience: &str, scope: &str) -> Self {
+        Self::shared(tenant.into(), environment.into(), audience.into(), scope)
+    }
+
+    /// Builds a key from names already shared (the configured ones); `scope` is normalised here.
+    pub fn shared(
+        tenant: Arc<str>,
+        environment: Arc<str>,
+        audience: Arc<str>,
+        scope: &str,
+    ) -> Self {
         Self {
-            tenant: tenant.into(),
-            environment: environment.into(),
-            audience: audience.into(),
+            tenant,
+            environment,
+            audience,
             scope: ScopeSet::parse(scope),
         }
     }

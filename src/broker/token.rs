@@ -240,12 +240,30 @@ impl CachedToken {
     /// The caller-facing JSON body (API.md §1) with `expires_in` computed for `now`.
     pub fn body(&self, now: SystemTime) -> Bytes {
         let (head, tail) = self.body.split_at(self.expires_in_at);
-        let mut body = BytesMut::with_capacity(self.body.len() + 20);
+        let mut digits = [0u8; 20];
+        let expires_in = decimal(self.remaining(now).as_secs(), &mut digits);
+        let mut body = BytesMut::with_capacity(self.body.len() + expires_in.len());
         body.put_slice(head);
-        write!(body, "{}", self.remaining(now).as_secs()).expect("writing to memory");
+        body.put_slice(expires_in);
         body.put_slice(tail);
         body.freeze()
     }
+}
+
+/// `n` in decimal, written at the end of `digits` (20 digits hold any `u64`); cheaper than the
+/// formatting machinery on the hot path.
+fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+    let mut start = digits.len();
+    for slot in digits.iter_mut().rev() {
+        // `n % 10` is below 10, so the cast is exact.
+        *slot = b'0' + (n % 10) as u8;
+        start -= 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    digits.get(start..).unwrap_or_default()
 }
 
 impl fmt::Debug for CachedToken {
@@ -298,6 +316,14 @@ fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals() {
+        let mut digits = [0u8; 20];
+        for n in [0, 7, 10, 3599, 31_536_000, u64::MAX] {
+            assert_eq!(decimal(n, &mut digits), n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn body_is_the_documented_json_with_live_expires_in() {

@@ -99,12 +99,12 @@ impl RawEnvironment {
             return None;
         }
         Some(EnvironmentSettings {
-            tenant: tenant.to_owned(),
-            environment: environment.to_owned(),
+            tenant: tenant.into(),
+            environment: environment.into(),
             token_url: token_url?,
             client_id: client_id?,
             credential: credential?,
-            audience: self.audience,
+            audience: self.audience.map(Arc::from),
             request_format: self.request_format,
             client_auth: self.client_auth,
             audience_param: self.audience_param,

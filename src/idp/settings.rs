@@ -80,18 +80,19 @@ pub enum AudienceParam {
 
 /// `[tenants.T.environments.E]`: the IdP client of one tenant in one environment.
 pub struct EnvironmentSettings {
-    /// Tenant name, for logs and metrics.
-    pub tenant: String,
-    /// Environment name, for logs and metrics.
-    pub environment: String,
+    /// Tenant name, for logs, metrics and cache keys (shared with the keys, so a key costs no
+    /// copy of it).
+    pub tenant: Arc<str>,
+    /// Environment name, for logs, metrics and cache keys.
+    pub environment: Arc<str>,
     /// The IdP's token endpoint.
     pub token_url: reqwest::Url,
     /// OAuth2 client id.
     pub client_id: String,
     /// Client secret or private key; used only where the request is built.
     pub credential: ClientCredential,
-    /// Audience used when the caller names none.
-    pub audience: Option<String>,
+    /// Audience used when the caller names none (shared with the keys that use it).
+    pub audience: Option<Arc<str>>,
     /// Body encoding of the token request.
     pub request_format: RequestFormat,
     /// Where the credentials go.
@@ -129,8 +130,8 @@ impl EnvironmentSettings {
         credential: ClientCredential,
     ) -> Self {
         Self {
-            tenant: tenant.to_owned(),
-            environment: environment.to_owned(),
+            tenant: tenant.into(),
+            environment: environment.into(),
             token_url,
             client_id: client_id.to_owned(),
             credential,

@@ -1,26 +1,33 @@
-//! The outermost per-route middleware: a request id, the request's log context, the id on the
-//! answer, the request counter and the access-log line.
+//! The outermost per-route middleware: a request id, the request's log context, panic safety,
+//! the id on the answer, the request counter and the access-log line.
 //!
 //! It is a hand-written tower [`Layer`] rather than `axum::middleware::from_fn`, which clones and
 //! boxes the inner service on every request; [`RequestContext`] calls the inner service directly
 //! and finishes in its own future, without boxing. Made request ids are a per-process random
 //! prefix and a counter, 32 hex digits, so making one costs an atomic increment. The request's
 //! context is a task-local [`RequestLog`], not a span: it is read only by lines that are written.
+//! A handler that panics is answered the documented 500 from inside that context (so its body
+//! carries the request id); catching it here rather than in a layer of its own saves a layer's
+//! future and a move of the request on every hit.
 
 use std::convert::Infallible;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, Response};
+use axum::response::IntoResponse as _;
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 use tracing::Level;
 
+use crate::api::ApiError;
 use crate::api::error::X_REQUEST_ID;
 use crate::telemetry::ACCESS;
 use crate::telemetry::metrics::HttpMetrics;
@@ -66,11 +73,11 @@ pub struct RequestContext<S> {
     metrics: Arc<HttpMetrics>,
 }
 
-impl<S, B> Service<Request> for RequestContext<S>
+impl<S> Service<Request> for RequestContext<S>
 where
-    S: Service<Request, Response = Response<B>, Error = Infallible>,
+    S: Service<Request, Response = Response<Body>, Error = Infallible>,
 {
-    type Response = Response<B>;
+    type Response = Response<Body>;
     type Error = Infallible;
     type Future = RequestContextFuture<S::Future>;
 
@@ -94,7 +101,12 @@ where
         // Axum's services and the layers below do no work in `call`, only in the future, which
         // runs in the request's context.
         RequestContextFuture {
-            inner: request::scope(RequestLog::new(id, method, route), self.inner.call(request)),
+            inner: request::scope(
+                RequestLog::new(id, method, route),
+                Unwinding {
+                    inner: self.inner.call(request),
+                },
+            ),
             finish: Some(Finish {
                 started,
                 metrics: Arc::clone(&self.metrics),
@@ -123,16 +135,44 @@ pin_project! {
     /// the id header, the count and the access line.
     pub struct RequestContextFuture<F> {
         #[pin]
-        inner: TaskLocalFuture<RequestLog, F>,
+        inner: TaskLocalFuture<RequestLog, Unwinding<F>>,
         finish: Option<Finish>,
     }
 }
 
-impl<F, B> Future for RequestContextFuture<F>
+pin_project! {
+    /// The inner answer, or the documented 500 when the handler panics.
+    pub struct Unwinding<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Future for Unwinding<F>
 where
-    F: Future<Output = Result<Response<B>, Infallible>>,
+    F: Future<Output = Result<Response<Body>, Infallible>>,
 {
-    type Output = Result<Response<B>, Infallible>;
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        // A panicked future is answered at once and never polled again, so what the panic left
+        // half-done in it is not observed.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                tracing::error!("a request handler panicked");
+                Poll::Ready(Ok(ApiError::Internal.into_response()))
+            }
+        }
+    }
+}
+
+impl<F> Future for RequestContextFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -169,6 +209,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::metrics::Metrics;
+
+    #[tokio::test]
+    async fn a_handler_that_panics_is_answered_the_documented_500_with_its_request_id() {
+        let handler = tower::service_fn(|_: Request| async {
+            if true {
+                panic!("handler bug");
+            }
+            Ok::<Response<Body>, Infallible>(Response::new(Body::empty()))
+        });
+        let metrics = Arc::new(Metrics::new().http(["/"]));
+        let mut service = RequestContextLayer::new(metrics).layer(handler);
+        let request = Request::builder()
+            .header("x-request-id", "req-42")
+            .body(Body::empty())
+            .unwrap();
+        let Ok(response) = service.call(request).await;
+        assert_eq!(response.status(), 500);
+        assert_eq!(response.headers()[&X_REQUEST_ID], "req-42");
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "internal_error");
+        assert_eq!(body["request_id"], "req-42");
+    }
 
     #[test]
     fn made_ids_are_32_hex_digits_and_distinct() {

@@ -4,6 +4,10 @@
 //! tower-http's `TimeoutLayer` answers with an empty body, which callers cannot tell from a
 //! broken proxy. Dropping the handler's future cancels nothing others wait on: an IdP request it
 //! waited for belongs to the broker, goes on, and its token is cached.
+//!
+//! The timer starts when the handler first has to wait: a cache hit answers in its first poll
+//! and so never reads the clock nor makes a timer (what it ran before that first wait is
+//! microseconds of CPU, which the timeout does not need to count).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -69,7 +73,7 @@ where
             .is_some_and(|route| api::is_oauth_facade(route.as_str()));
         RequestTimeoutFuture {
             inner: self.inner.call(request),
-            sleep: tokio::time::sleep(self.timeout),
+            sleep: None,
             timeout: self.timeout,
             facade,
         }
@@ -81,8 +85,7 @@ pin_project! {
     pub struct RequestTimeoutFuture<F> {
         #[pin]
         inner: F,
-        #[pin]
-        sleep: Sleep,
+        sleep: Option<Pin<Box<Sleep>>>,
         timeout: Duration,
         facade: bool,
     }
@@ -99,8 +102,12 @@ where
         if let Poll::Ready(answer) = this.inner.poll(cx) {
             return Poll::Ready(answer);
         }
-        match this.sleep.poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Ok(api::timed_out(*this.facade, *this.timeout))),
+        let timeout = *this.timeout;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Ok(api::timed_out(*this.facade, timeout))),
             Poll::Pending => Poll::Pending,
         }
     }

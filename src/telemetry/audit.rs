@@ -97,11 +97,11 @@ pub struct Subject {
     /// The caller's configured name.
     pub caller: Arc<str>,
     /// The token's tenant.
-    pub tenant: Box<str>,
+    pub tenant: Arc<str>,
     /// The token's environment.
-    pub environment: Box<str>,
+    pub environment: Arc<str>,
     /// The token's audience.
-    pub audience: Box<str>,
+    pub audience: Arc<str>,
     /// The token's scopes, canonical.
     pub scope: Box<str>,
     /// The token.
@@ -130,11 +130,11 @@ impl std::fmt::Debug for HandOuts {
 }
 
 impl HandOuts {
-    /// The token's name, computed from `access_token` the first time.
-    fn name(&self, access_token: &str) -> Arc<TokenName> {
+    /// The token's name, computed from its value the first time.
+    fn name<'t>(&self, access_token: impl FnOnce() -> &'t str) -> Arc<TokenName> {
         Arc::clone(
             self.name
-                .get_or_init(|| Arc::new(TokenName::of(access_token))),
+                .get_or_init(|| Arc::new(TokenName::of(access_token()))),
         )
     }
 }
@@ -178,15 +178,16 @@ impl AuditTrail {
         }
     }
 
-    /// Records that the token whose audit state is `hand_outs` and whose value is
-    /// `access_token` was handed to caller `caller_id`: a counter added to when that caller had
-    /// it before from the cache, else a line of its own. `subject` is called only for a line.
-    pub fn hand_out(
+    /// Records that the token whose audit state is `hand_outs` and whose value `access_token`
+    /// gives was handed to caller `caller_id`: a counter added to when that caller had it before
+    /// from the cache, else a line of its own. `access_token` and `subject` are called only for
+    /// a line, so a counted hit reads neither.
+    pub fn hand_out<'t>(
         &self,
         hand_outs: &HandOuts,
         caller_id: u64,
         served: Served,
-        access_token: &str,
+        access_token: impl FnOnce() -> &'t str,
         subject: impl FnOnce(Arc<TokenName>) -> Subject,
     ) {
         if served == Served::Hit && count(hand_outs, caller_id) {
@@ -335,9 +336,9 @@ mod tests {
     fn subject(name: Arc<TokenName>) -> Subject {
         Subject {
             caller: Arc::from("billing"),
-            tenant: "acme".into(),
-            environment: "production".into(),
-            audience: "https://api".into(),
+            tenant: Arc::from("acme"),
+            environment: Arc::from("production"),
+            audience: Arc::from("https://api"),
             scope: "".into(),
             token: name,
         }
@@ -366,9 +367,9 @@ mod tests {
     fn hits_are_counted_after_the_first_and_a_full_trail_counts_nothing() {
         let trail = AuditTrail::new(1);
         let token = HandOuts::default();
-        trail.hand_out(&token, 1, Served::Miss, "t", subject);
+        trail.hand_out(&token, 1, Served::Miss, || "t", subject);
         for _ in 0..5 {
-            trail.hand_out(&token, 1, Served::Hit, "t", subject);
+            trail.hand_out(&token, 1, Served::Hit, || "t", subject);
         }
         assert_eq!(trail.counters(), 1);
         let counted = |token: &HandOuts, caller| {
@@ -378,7 +379,7 @@ mod tests {
         };
         assert_eq!(counted(&token, 1), 5);
         // Full: a second caller's hand-outs are lines, not counters.
-        trail.hand_out(&token, 2, Served::Hit, "t", subject);
+        trail.hand_out(&token, 2, Served::Hit, || "t", subject);
         assert!(!token.by_caller.read().unwrap().contains_key(&2));
         trail.flush();
         assert_eq!(counted(&token, 1), 0);
