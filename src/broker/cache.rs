@@ -105,9 +105,11 @@ impl Broker {
                 && !token.refetch_due(now, settings.min_refetch_interval)
             {
                 token.record_hit();
-                self.inner
-                    .metrics
-                    .cache_hit(&environment.tenant, &environment.environment);
+                self.inner.metrics.cache_hit(
+                    &environment.metrics,
+                    &environment.tenant,
+                    &environment.environment,
+                );
                 if now >= token.refresh_at && token.refresh_allowed(now) && token.claim_refresh() {
                     self.start_refresh(environment, key, token);
                 }
@@ -127,10 +129,11 @@ impl Broker {
             Ok(Lease {
                 status: CacheStatus::Hit,
                 ..
-            }) => self
-                .inner
-                .metrics
-                .cache_hit(&environment.tenant, &environment.environment),
+            }) => self.inner.metrics.cache_hit(
+                &environment.metrics,
+                &environment.tenant,
+                &environment.environment,
+            ),
             _ => self
                 .inner
                 .metrics

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::raw::RawEnvironment;
 use super::secrets;
 use crate::idp::{ClientAuth, ClientCredential, ClientKey, EnvironmentSettings, UserLoginSettings};
+use crate::telemetry::metrics::EnvironmentHandles;
 
 /// Longest `timeout` of one token request, retries included.
 const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -101,6 +102,7 @@ impl RawEnvironment {
         Some(EnvironmentSettings {
             tenant: tenant.into(),
             environment: environment.into(),
+            metrics: EnvironmentHandles::default(),
             token_url: token_url?,
             client_id: client_id?,
             credential: credential?,

@@ -14,6 +14,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::ClientKey;
+use crate::telemetry::metrics::EnvironmentHandles;
 
 /// Bound on one token request, retries included, when the environment sets none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,6 +94,8 @@ pub struct EnvironmentSettings {
     pub credential: ClientCredential,
     /// Audience used when the caller names none (shared with the keys that use it).
     pub audience: Option<Arc<str>>,
+    /// Where its metrics' handles are kept once found, for the hot path.
+    pub metrics: EnvironmentHandles,
     /// Body encoding of the token request.
     pub request_format: RequestFormat,
     /// Where the credentials go.
@@ -132,6 +135,7 @@ impl EnvironmentSettings {
         Self {
             tenant: tenant.into(),
             environment: environment.into(),
+            metrics: EnvironmentHandles::default(),
             token_url,
             client_id: client_id.to_owned(),
             credential,

@@ -30,14 +30,19 @@ use tracing::Level;
 use crate::api::ApiError;
 use crate::api::error::X_REQUEST_ID;
 use crate::telemetry::ACCESS;
-use crate::telemetry::metrics::HttpMetrics;
+use crate::telemetry::metrics::{HttpMetrics, RouteMemo};
 use crate::telemetry::request::{self, RequestLog};
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// The random half of made request ids, chosen once per process.
-static ID_PREFIX: LazyLock<u64> = LazyLock::new(rand::random);
+/// The random half of made request ids, chosen once per process, as 16 hex digits.
+static ID_PREFIX: LazyLock<[u8; 16]> = LazyLock::new(|| {
+    let mut digits = [0u8; 16];
+    // 8 bytes are 16 hex digits.
+    let _ = hex::encode_to_slice(rand::random::<u64>().to_be_bytes(), &mut digits);
+    digits
+});
 /// The counting half of made request ids.
 static ID_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -61,6 +66,7 @@ impl<S> Layer<S> for RequestContextLayer {
         RequestContext {
             inner,
             metrics: Arc::clone(&self.metrics),
+            route: Arc::default(),
         }
     }
 }
@@ -71,6 +77,8 @@ impl<S> Layer<S> for RequestContextLayer {
 pub struct RequestContext<S> {
     inner: S,
     metrics: Arc<HttpMetrics>,
+    /// The route this instance serves, once counted.
+    route: Arc<RouteMemo>,
 }
 
 impl<S> Service<Request> for RequestContext<S>
@@ -110,6 +118,7 @@ where
             finish: Some(Finish {
                 started,
                 metrics: Arc::clone(&self.metrics),
+                route: Arc::clone(&self.route),
             }),
         }
     }
@@ -119,7 +128,7 @@ where
 fn new_request_id() -> HeaderValue {
     let count = ID_COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut digits = [0u8; 32];
-    hex::encode_to_slice(ID_PREFIX.to_be_bytes(), &mut digits[..16]).expect("16 digits");
+    digits[..16].copy_from_slice(&*ID_PREFIX);
     hex::encode_to_slice(count.to_be_bytes(), &mut digits[16..]).expect("16 digits");
     HeaderValue::from_bytes(&digits).expect("hex digits are a valid header value")
 }
@@ -128,6 +137,7 @@ fn new_request_id() -> HeaderValue {
 struct Finish {
     started: Option<Instant>,
     metrics: Arc<HttpMetrics>,
+    route: Arc<RouteMemo>,
 }
 
 pin_project! {
@@ -189,7 +199,9 @@ where
             .headers_mut()
             .insert(X_REQUEST_ID.clone(), log.id_header().clone());
         let status = response.status();
-        finish.metrics.record(log.route(), log.method(), status);
+        finish
+            .metrics
+            .record_remembered(&finish.route, log.route(), log.method(), status);
         if let Some(started) = finish.started {
             request::sync_scope(log, || {
                 tracing::debug!(

@@ -13,9 +13,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::http::{Method, StatusCode};
 use foldhash::HashMap;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
+mod http;
+
+pub use http::{HttpMetrics, RouteMemo};
+
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -62,25 +65,6 @@ pub const BUILD_INFO: &str = "token_broker_build_info";
 const IDP_DURATION_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-/// Methods that get their own `method` label value; any other is `other`.
-const METHODS: [Method; 7] = [
-    Method::GET,
-    Method::HEAD,
-    Method::POST,
-    Method::PUT,
-    Method::PATCH,
-    Method::DELETE,
-    Method::OPTIONS,
-];
-
-/// Statuses whose request counters are kept ready; others are registered when they occur.
-const STATUSES: [u16; 17] = [
-    200, 204, 400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 431, 500, 502, 503, 504,
-];
-
-/// The `route` label of requests that matched no route.
-const UNMATCHED: &str = "unmatched";
 
 /// The `metrics` metadata of every handle registered here (the Prometheus recorder ignores it).
 static METADATA: Metadata<'static> =
@@ -150,8 +134,13 @@ impl IdpOutcome {
     }
 }
 
+/// Where the settings of an environment keep the handles of its metrics once found (with the
+/// [`Metrics`] they belong to), so that counting a cache hit needs no lookup by name.
+#[derive(Default)]
+pub struct EnvironmentHandles(OnceLock<(usize, Arc<EnvironmentMetrics>)>);
+
 /// The handles of one (tenant, environment).
-struct EnvironmentMetrics {
+pub struct EnvironmentMetrics {
     cache_hits: Counter,
     cache_misses: Counter,
     cache_refreshes: Counter,
@@ -331,9 +320,19 @@ impl Metrics {
         self.inner.recorder.register_counter(&key, &METADATA)
     }
 
-    /// Counts a token request served from the cache.
-    pub fn cache_hit(&self, tenant: &str, environment: &str) {
-        self.with_environment(tenant, environment, |m| m.cache_hits.increment(1));
+    /// Counts a token request served from the cache. `handles` (kept with the environment's
+    /// settings) remembers where its counters are, so that a hit does not look them up by name.
+    pub fn cache_hit(&self, handles: &EnvironmentHandles, tenant: &str, environment: &str) {
+        let owner = Arc::as_ptr(&self.inner) as usize;
+        if let Some((of, metrics)) = handles.0.get()
+            && *of == owner
+        {
+            metrics.cache_hits.increment(1);
+            return;
+        }
+        let metrics = self.environment(tenant, environment);
+        metrics.cache_hits.increment(1);
+        let _ = handles.0.set((owner, metrics));
     }
 
     /// Counts a token request that waits on an IdP request.
@@ -427,40 +426,11 @@ impl Metrics {
             .set(remaining as f64);
     }
 
-    /// Request counters for a router with these route templates.
-    pub fn http<'a>(&self, routes: impl IntoIterator<Item = &'a str>) -> HttpMetrics {
-        let mut names: Vec<Box<str>> = routes.into_iter().map(Box::from).collect();
-        names.sort();
-        names.dedup();
-        names.push(Box::from(UNMATCHED));
-        let routes = names
-            .iter()
-            .enumerate()
-            .map(|(index, name)| (name.clone(), index))
-            .collect();
-        let slots = names.len() * (METHODS.len() + 1) * STATUSES.len();
-        HttpMetrics {
-            metrics: self.clone(),
-            routes,
-            names,
-            counters: (0..slots).map(|_| OnceLock::new()).collect(),
-        }
-    }
-
-    /// Runs `record` on the handles of (tenant, environment), registering them the first time.
-    fn with_environment(
-        &self,
-        tenant: &str,
-        environment: &str,
-        record: impl FnOnce(&EnvironmentMetrics),
-    ) {
+    /// The handles of (tenant, environment), registering them the first time.
+    fn environment(&self, tenant: &str, environment: &str) -> Arc<EnvironmentMetrics> {
         let found = |map: &EnvironmentMap| map.get(tenant)?.get(environment).cloned();
-        {
-            let environments = self.inner.environments.load();
-            if let Some(metrics) = environments.get(tenant).and_then(|e| e.get(environment)) {
-                record(metrics);
-                return;
-            }
+        if let Some(metrics) = found(&self.inner.environments.load()) {
+            return metrics;
         }
         let _adding = self
             .inner
@@ -468,7 +438,7 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let current = self.inner.environments.load_full();
-        let metrics = match found(&current) {
+        match found(&current) {
             Some(metrics) => metrics,
             None => {
                 let metrics = Arc::new(self.register(tenant, environment));
@@ -479,8 +449,17 @@ impl Metrics {
                 self.inner.environments.store(Arc::new(map));
                 metrics
             }
-        };
-        record(&metrics);
+        }
+    }
+
+    /// Runs `record` on the handles of (tenant, environment), registering them the first time.
+    fn with_environment(
+        &self,
+        tenant: &str,
+        environment: &str,
+        record: impl FnOnce(&EnvironmentMetrics),
+    ) {
+        record(&self.environment(tenant, environment));
     }
 
     fn register(&self, tenant: &str, environment: &str) -> EnvironmentMetrics {
@@ -512,59 +491,21 @@ fn environment_labels(tenant: &str, environment: &str) -> Vec<Label> {
     ]
 }
 
-/// Request counters of one router: a ready slot per (route, method, status) in the lists above.
-pub struct HttpMetrics {
-    metrics: Metrics,
-    /// Route template → index; foldhash, as it is looked up on every request.
-    routes: HashMap<Box<str>, usize>,
-    names: Vec<Box<str>>,
-    counters: Box<[OnceLock<Counter>]>,
-}
-
-impl HttpMetrics {
-    /// Counts one answered request; `route` is the matched template, `None` when none matched.
-    pub fn record(&self, route: Option<&str>, method: &Method, status: StatusCode) {
-        let route = route
-            .and_then(|route| self.routes.get(route).copied())
-            .unwrap_or(self.names.len() - 1);
-        let method = METHODS
-            .iter()
-            .position(|known| known == method)
-            .unwrap_or(METHODS.len());
-        let Some(status_slot) = STATUSES.iter().position(|s| *s == status.as_u16()) else {
-            self.register(route, method, status).increment(1);
-            return;
-        };
-        let slot = (route * (METHODS.len() + 1) + method) * STATUSES.len() + status_slot;
-        self.counters[slot]
-            .get_or_init(|| self.register(route, method, status))
-            .increment(1);
-    }
-
-    fn register(&self, route: usize, method: usize, status: StatusCode) -> Counter {
-        let method = METHODS.get(method).map_or("other", Method::as_str);
-        let labels = vec![
-            Label::new("route", self.names[route].to_string()),
-            Label::new("method", method.to_owned()),
-            Label::new("status", status.as_str().to_owned()),
-        ];
-        self.metrics
-            .inner
-            .recorder
-            .register_counter(&Key::from_parts(HTTP_REQUESTS, labels), &METADATA)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use axum::http::{Method, StatusCode};
+
     use super::*;
 
     #[test]
     fn each_registry_counts_alone_and_renders_labels() {
         let one = Metrics::new();
         let other = Metrics::new();
-        one.cache_hit("acme", "production");
-        one.cache_hit("acme", "production");
+        // Handles remembered for one registry are not used for another.
+        let handles = EnvironmentHandles::default();
+        one.cache_hit(&handles, "acme", "production");
+        one.cache_hit(&handles, "acme", "production");
+        other.cache_hit(&handles, "beta", "staging");
         one.idp_request(
             "acme",
             "production",
@@ -592,5 +533,10 @@ mod tests {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
         assert!(!other.render().contains("acme"));
+        assert!(
+            other.render().contains(
+                r#"token_broker_cache_hits_total{tenant="beta",environment="staging"} 1"#
+            )
+        );
     }
 }
