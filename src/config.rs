@@ -613,6 +613,17 @@ mod tests {
     use crate::idp::RequestFormat;
 
     #[test]
+    fn the_audit_interval_is_bounded() {
+        for (interval, problem) in [("0s", "at least 1s"), ("2d", "telemetry.audit_interval")] {
+            let toml = format!("[telemetry]\naudit_interval = \"{interval}\"\n");
+            let problems = problems(&toml, &no_env);
+            assert!(problems.contains(problem), "{interval}: {problems}");
+        }
+        let problems = problems("[telemetry]\naudit_every = \"1m\"\n", &no_env);
+        assert!(problems.contains("audit_every"), "{problems}");
+    }
+
+    #[test]
     fn defaults_alone_are_refused_without_callers() {
         let Err(ConfigError::Invalid(problems)) = Settings::from_toml("", &no_env) else {
             panic!("expected a validation error");
