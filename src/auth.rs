@@ -32,7 +32,9 @@ use subtle::ConstantTimeEq;
 use crate::limits::{BudgetCounters, IdpBudget, RateLimiter};
 use crate::telemetry::metrics::Metrics;
 
-pub use settings::{AuthSettings, CallerSettings, DEFAULT_MAX_KEYS};
+pub use settings::{
+    AuthSettings, CallerSettings, DEFAULT_MAX_KEYS, OrganizationRule, is_organization_id,
+};
 
 /// The name of the caller served when `auth.allow_anonymous` is on.
 const ANONYMOUS: &str = "anonymous";
@@ -194,10 +196,11 @@ impl AllowRule {
 pub struct Caller {
     /// The caller's configured name (`anonymous` when anonymous access is on).
     pub name: Arc<str>,
-    /// A number no other caller of this process has had, for the audit trail's counters (a
-    /// reload makes new callers, with new numbers).
+    /// A number no other caller of this process has, for the audit trail's counters (kept by
+    /// name across reloads).
     pub id: u64,
     allow: Vec<AllowRule>,
+    organizations: Vec<OrganizationRule>,
     rate_limit: Option<RateLimiter>,
     /// The IdP requests and cache keys this caller's requests may cost.
     pub idp_budget: Arc<IdpBudget>,
@@ -220,6 +223,14 @@ impl Caller {
         self.allow
             .iter()
             .any(|rule| rule.tenant.matches(tenant) && rule.environment.matches(environment))
+    }
+
+    /// Whether the caller may name organization `id` for a token of `tenant` (it may use the
+    /// tenant already).
+    pub fn may_use_organization(&self, tenant: &str, id: &str) -> bool {
+        self.organizations
+            .iter()
+            .any(|rule| rule.allows(tenant, id))
     }
 
     /// Whether the caller may receive tokens of this tenant, environment and audience.
@@ -264,6 +275,9 @@ pub struct CallerRegistry {
     verified: verified::VerifiedKeys,
     /// Every caller's IdP budget by name, for the next reload to carry over.
     budgets: std::collections::HashMap<Arc<str>, Arc<IdpBudget>>,
+    /// Every caller's [`Caller::id`] by name, for the next reload to carry over (so that the
+    /// audit trail keeps counting a caller's hand-outs where it was).
+    ids: std::collections::HashMap<Arc<str>, u64>,
     anonymous: Option<Arc<Caller>>,
     admin: Option<KeyHash>,
     metrics: Option<KeyHash>,
@@ -297,13 +311,19 @@ impl CallerRegistry {
                 )),
             }
         };
+        let id_of = |name: &str| {
+            previous
+                .and_then(|registry| registry.ids.get(name).copied())
+                .unwrap_or_else(next_caller_id)
+        };
         let callers: Vec<(KeyHash, Arc<Caller>)> = callers
             .iter()
             .map(|(name, settings)| {
                 let caller = Caller {
                     name: Arc::from(name.as_str()),
-                    id: next_caller_id(),
+                    id: id_of(name),
                     allow: settings.allow.clone(),
+                    organizations: settings.organizations.clone(),
                     rate_limit: settings
                         .rate_limit
                         .and_then(NonZeroU32::new)
@@ -317,8 +337,9 @@ impl CallerRegistry {
         let anonymous = auth.allow_anonymous.then(|| {
             Arc::new(Caller {
                 name: Arc::from(ANONYMOUS),
-                id: next_caller_id(),
+                id: id_of(ANONYMOUS),
                 allow: vec![AllowRule::any()],
+                organizations: vec![OrganizationRule::Any],
                 rate_limit: None,
                 idp_budget: budget(
                     ANONYMOUS,
@@ -334,6 +355,12 @@ impl CallerRegistry {
             .chain(&anonymous)
             .map(|caller| (Arc::clone(&caller.name), Arc::clone(&caller.idp_budget)))
             .collect();
+        let ids = callers
+            .iter()
+            .map(|(_, caller)| caller)
+            .chain(&anonymous)
+            .map(|caller| (Arc::clone(&caller.name), caller.id))
+            .collect();
         let by_hash = callers
             .iter()
             .map(|(hash, caller)| (hash.0, Arc::clone(caller)))
@@ -343,6 +370,7 @@ impl CallerRegistry {
             verified: verified::VerifiedKeys::default(),
             anonymous,
             budgets,
+            ids,
             admin: auth.admin_key_sha256,
             metrics: auth.metrics_key_sha256,
         }
@@ -525,6 +553,29 @@ mod tests {
     }
 
     #[test]
+    fn organization_rules() {
+        let any: OrganizationRule = "*".parse().unwrap();
+        let id: OrganizationRule = "org_abc".parse().unwrap();
+        let in_acme: OrganizationRule = "acme/org_def".parse().unwrap();
+        assert!(any.allows("globex", "org_x"));
+        assert!(id.allows("acme", "org_abc") && id.allows("globex", "org_abc"));
+        assert!(!id.allows("acme", "org_ABC"));
+        assert!(in_acme.allows("acme", "org_def") && !in_acme.allows("globex", "org_def"));
+        for bad in [
+            "",
+            "org_",
+            "ORG_abc",
+            "org-abc",
+            "acme/",
+            "Acme/org_a",
+            "a/b/org_c",
+            "acme/*",
+        ] {
+            assert!(bad.parse::<OrganizationRule>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn generated_keys_hash_to_what_configuration_holds() {
         let (key, hash) = generate_key();
         assert!(key.starts_with(KEY_PREFIX));
@@ -540,6 +591,7 @@ mod tests {
         let caller = |key: &str| CallerSettings {
             key_sha256: KeyHash::of(key),
             allow: vec!["acme/*".parse().unwrap()],
+            organizations: Vec::new(),
             rate_limit: None,
             idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
             max_keys: DEFAULT_MAX_KEYS,
@@ -586,6 +638,7 @@ mod tests {
         let settings = |key: String| CallerSettings {
             key_sha256: KeyHash::of(&key),
             allow: vec!["acme/*".parse().unwrap()],
+            organizations: Vec::new(),
             rate_limit: None,
             idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
             max_keys: DEFAULT_MAX_KEYS,

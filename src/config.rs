@@ -563,6 +563,12 @@ fn check_telemetry(telemetry: &TelemetrySettings, problems: &mut Vec<String>) {
         DAY,
         problems,
     );
+    if telemetry.audit_max_counters > crate::telemetry::audit::MAX_COUNTERS {
+        problems.push(format!(
+            "telemetry.audit_max_counters: at most {} (about 200 bytes each); 0 writes every hand-out as a line",
+            crate::telemetry::audit::MAX_COUNTERS
+        ));
+    }
     if telemetry.audit_interval < Duration::from_secs(1) {
         problems.push(
             "telemetry.audit_interval: must be at least 1s (it is how often counted hand-outs are written)"

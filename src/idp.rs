@@ -170,12 +170,14 @@ impl IdpClient {
         Ok(Self { http })
     }
 
-    /// Requests one token for `audience` and `scope` (space-separated, may be empty).
+    /// Requests one token for `audience` and `scope` (space-separated, may be empty), for
+    /// `organization` when one is given (Auth0's `organization` parameter).
     pub async fn fetch(
         &self,
         environment: &EnvironmentSettings,
         audience: &str,
         scope: &str,
+        organization: Option<&str>,
     ) -> Result<Fetched, IdpError> {
         let audience_name = match environment.audience_param {
             AudienceParam::Audience => "audience",
@@ -184,6 +186,9 @@ impl IdpClient {
         let mut params = vec![(audience_name, audience)];
         if !scope.is_empty() {
             params.push(("scope", scope));
+        }
+        if let Some(organization) = organization {
+            params.push(("organization", organization));
         }
         let answer = self
             .send(

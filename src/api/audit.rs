@@ -29,6 +29,7 @@ pub fn handed_out(trail: &AuditTrail, caller: &Caller, key: &TokenKey, lease: &L
             environment: key.environment.clone(),
             audience: key.audience.clone(),
             scope: key.scope.as_str().into(),
+            organization: key.organization.clone(),
             token,
         },
     );
@@ -44,6 +45,7 @@ pub fn forgotten(caller: &Caller, key: &TokenKey, compare: bool, outcome: Forgot
         environment = %key.environment,
         audience = %key.audience,
         scope = key.scope.as_str(),
+        organization = key.organization.as_deref(),
         compare,
         outcome = outcome.as_str(),
         "forget requested"

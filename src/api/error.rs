@@ -48,6 +48,9 @@ pub enum ApiError {
         /// The environment asked for.
         environment: String,
     },
+    /// The caller may not name this organization.
+    #[error("{0}")]
+    ForbiddenOrganization(String),
     /// An unknown path, or an allowed tenant / environment that is not configured.
     #[error("{0}")]
     NotFound(String),
@@ -96,6 +99,9 @@ impl From<AccessError> for ApiError {
                 tenant,
                 environment,
             },
+            AccessError::OrganizationForbidden { .. } => {
+                Self::ForbiddenOrganization(error.to_string())
+            }
             AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
         }
     }
@@ -183,7 +189,9 @@ impl ApiError {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Forbidden { .. } | Self::ForbiddenOrganization(_) => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

@@ -26,7 +26,9 @@ use crate::api::error::{
     TIMED_OUT_RETRY_AFTER, broker_retry_after, broker_status_and_code, log_failure, request_id,
     retry_after_value, upstream_error,
 };
-use crate::api::token_request::{self, AccessError, TokenRequest, check_value, printable};
+use crate::api::token_request::{
+    self, AccessError, TokenRequest, check_organization, check_value, printable,
+};
 use crate::api::{audit, response};
 use crate::app::AppState;
 use crate::auth::{self, AuthError, Caller, CallerRegistry, CallerSource as _};
@@ -51,6 +53,9 @@ pub enum OAuthError {
         /// The environment asked for.
         environment: String,
     },
+    /// The client may not name this organization (the facade's mapping of a 403).
+    #[error("{0}")]
+    UnauthorizedOrganization(String),
     /// A grant type other than `client_credentials`.
     #[error("grant_type '{0}' is not supported here; use client_credentials")]
     UnsupportedGrantType(String),
@@ -90,6 +95,9 @@ impl From<AccessError> for OAuthError {
                 tenant,
                 environment,
             },
+            AccessError::OrganizationForbidden { .. } => {
+                Self::UnauthorizedOrganization(error.to_string())
+            }
             AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
         }
     }
@@ -121,7 +129,9 @@ impl OAuthError {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::InvalidClient(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
-            Self::UnauthorizedClient { .. } => (StatusCode::BAD_REQUEST, "unauthorized_client"),
+            Self::UnauthorizedClient { .. } | Self::UnauthorizedOrganization(_) => {
+                (StatusCode::BAD_REQUEST, "unauthorized_client")
+            }
             Self::UnsupportedGrantType(_) => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
             Self::InvalidScope(_) => (StatusCode::BAD_REQUEST, "invalid_scope"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -240,6 +250,7 @@ pub async fn token(
         audience,
         scope: params.scope.unwrap_or_default(),
         min_ttl: None,
+        organization: params.organization,
     };
     let authorised = token_request::authorise(&state, &caller, &tenant, &environment, request)?;
     let lease = state
@@ -277,6 +288,10 @@ pub struct OAuthTokenRequest {
     /// Space-separated scopes (RFC 6749 §3.3).
     #[schema(max_length = 1024, pattern = "^[\\x20\\x21\\x23-\\x5B\\x5D-\\x7E]*$")]
     pub scope: Option<String>,
+    /// An Auth0 Organization id (`org_…`): a token for that organization, sent to the IdP as
+    /// `organization`; the caller's `organizations` must list it.
+    #[schema(max_length = 64, pattern = "^org_[A-Za-z0-9]{1,60}$")]
+    pub organization: Option<String>,
 }
 
 /// The parameters the facade reads; others are ignored (RFC 6749 §3.2), and an empty value is
@@ -289,6 +304,7 @@ struct Params {
     audience: Option<String>,
     resource: Option<String>,
     scope: Option<String>,
+    organization: Option<String>,
 }
 
 impl Params {
@@ -332,6 +348,7 @@ impl Params {
                 "audience" => &mut params.audience,
                 "resource" => &mut params.resource,
                 "scope" => &mut params.scope,
+                "organization" => &mut params.organization,
                 "client_secret" => {
                     if params.client_secret.is_some() {
                         return Err(repeated("client_secret"));
@@ -355,6 +372,7 @@ impl Params {
             &mut self.audience,
             &mut self.resource,
             &mut self.scope,
+            &mut self.organization,
         ] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *value = None;
@@ -385,6 +403,9 @@ impl Params {
         }
         if let Some(scope) = &self.scope {
             check_scope(scope)?;
+        }
+        if let Some(organization) = &self.organization {
+            check_organization(organization)?;
         }
         Ok(self)
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::AppState;
-use crate::auth::Caller;
+use crate::auth::{Caller, is_organization_id};
 use crate::broker::TokenKey;
 use crate::idp::EnvironmentSettings;
 
@@ -40,6 +40,18 @@ pub enum AccessError {
         /// The environment asked for.
         environment: String,
     },
+    /// The caller may not name this organization (`[callers.NAME] organizations`).
+    #[error(
+        "caller '{caller}' may not use organization {organization} of tenant {tenant}: it is not in callers.{caller}.organizations"
+    )]
+    OrganizationForbidden {
+        /// The authenticated caller.
+        caller: Arc<str>,
+        /// The tenant asked for.
+        tenant: String,
+        /// The organization asked for.
+        organization: String,
+    },
     /// Allowed, but no such tenant / environment is configured.
     #[error("no environment {tenant}/{environment} is configured")]
     NotConfigured {
@@ -59,6 +71,18 @@ pub struct TokenRequest {
     pub scope: String,
     /// Validity the caller needs left on the token.
     pub min_ttl: Option<Duration>,
+    /// The organization the token is for, already checked by [`check_organization`].
+    pub organization: Option<String>,
+}
+
+/// Refuses a value that is not an organization id (`org_` and letters or digits).
+pub fn check_organization(value: &str) -> Result<(), AccessError> {
+    if is_organization_id(value) {
+        return Ok(());
+    }
+    Err(AccessError::InvalidRequest(
+        "organization must be an organization id: org_ followed by letters and digits (at most 64 characters), as the IdP shows it".into(),
+    ))
 }
 
 /// A request that passed authentication, validation and authorisation.
@@ -89,6 +113,15 @@ pub fn authorise(
     if !caller.may_use(tenant, environment, audience) {
         return Err(forbidden(caller, tenant, environment));
     }
+    if let Some(organization) = &request.organization
+        && !caller.may_use_organization(tenant, organization)
+    {
+        return Err(AccessError::OrganizationForbidden {
+            caller: Arc::clone(&caller.name),
+            tenant: tenant.to_owned(),
+            organization: organization.clone(),
+        });
+    }
     let Some(audience) = audience else {
         if settings.is_none() {
             return Err(not_configured(tenant, environment));
@@ -110,7 +143,8 @@ pub fn authorise(
         Arc::clone(&settings.environment),
         audience,
         &request.scope,
-    );
+    )
+    .for_organization(request.organization.as_deref().map(Arc::from));
     Ok(Authorised {
         environment: settings,
         key,

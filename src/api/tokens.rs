@@ -17,25 +17,28 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::api::error::ErrorBody;
-use crate::api::token_request::{self, Authorised, TokenRequest, check_value, printable};
+use crate::api::token_request::{
+    self, Authorised, TokenRequest, check_organization, check_value, printable,
+};
 use crate::api::{ApiError, audit, response};
 use crate::app::AppState;
 use crate::auth::{Authenticated, Caller};
 use crate::idp::MAX_LIFETIME;
 
-/// Parses and bounds the query of a token request: `audience`, `scope` and `min_ttl`, each at
-/// most once.
+/// Parses and bounds the query of a token request: `audience`, `scope`, `min_ttl` and
+/// `organization`, each at most once.
 pub(super) fn parse_query(raw: Option<&str>) -> Result<TokenRequest, ApiError> {
     let mut query = TokenRequest::default();
-    let mut seen = [false; 3];
+    let mut seen = [false; 4];
     for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         let index = match name.as_ref() {
             "audience" => 0,
             "scope" => 1,
             "min_ttl" => 2,
+            "organization" => 3,
             other => {
                 return Err(ApiError::InvalidRequest(format!(
-                    "unknown query parameter '{}'; expected audience, scope or min_ttl",
+                    "unknown query parameter '{}'; expected audience, scope, min_ttl or organization",
                     printable(other)
                 )));
             }
@@ -54,7 +57,11 @@ pub(super) fn parse_query(raw: Option<&str>) -> Result<TokenRequest, ApiError> {
             }
             0 => query.audience = Some(value.into_owned()),
             1 => query.scope = value.into_owned(),
-            _ => query.min_ttl = Some(parse_min_ttl(&value)?),
+            2 => query.min_ttl = Some(parse_min_ttl(&value)?),
+            _ => {
+                check_organization(&value)?;
+                query.organization = Some(value.into_owned());
+            }
         }
     }
     Ok(query)
@@ -133,6 +140,10 @@ pub struct TokenParams {
     /// Seconds of validity the caller needs left on the token (at most a year).
     #[param(minimum = 0, maximum = 31536000)]
     pub min_ttl: Option<u64>,
+    /// An Auth0 Organization id (`org_…`): the token is for that organization (sent to the IdP
+    /// as `organization`, its own cache entry); the caller's `organizations` must list it.
+    #[param(max_length = 64, pattern = "^org_[A-Za-z0-9]{1,60}$")]
+    pub organization: Option<String>,
 }
 
 /// The optional body of `DELETE /v1/tokens/{tenant}/{environment}`: forget the cached token only

@@ -91,6 +91,7 @@ pub async fn authorize(
         audience,
         scope,
         min_ttl: None,
+        organization: None,
     };
     let authorised = token_request::authorise(&state, &caller, &tenant, &environment, request)?;
     let authorization = state

@@ -134,7 +134,12 @@ impl Broker {
                 let answer = self
                     .inner
                     .idp
-                    .fetch(environment, &key.audience, key.scope.as_str())
+                    .fetch(
+                        environment,
+                        &key.audience,
+                        key.scope.as_str(),
+                        key.organization.as_deref(),
+                    )
                     .await;
                 self.record_idp(environment, outcome(&answer), Some(sent.elapsed()));
                 answer.map_err(BrokerError::from)

@@ -37,7 +37,9 @@ impl fmt::Debug for ScopeSet {
     }
 }
 
-/// Identifies one cached token: tenant, environment, audience and scope set.
+/// Identifies one cached token: tenant, environment, audience, scope set and, for Auth0
+/// Organizations, the organization (whose tokens carry its `org_id`, so they never share an entry
+/// with the tenant-wide token).
 ///
 /// The names are shared (`Arc<str>`) so that a key built for a request from the configured
 /// names costs reference counts rather than allocations, and the keys of the cache share one
@@ -52,6 +54,8 @@ pub struct TokenKey {
     pub audience: Arc<str>,
     /// The scopes asked for.
     pub scope: ScopeSet,
+    /// The organization the token is for (`org_…`), sent to the IdP as `organization`.
+    pub organization: Option<Arc<str>>,
 }
 
 impl TokenKey {
@@ -72,7 +76,14 @@ impl TokenKey {
             environment,
             audience,
             scope: ScopeSet::parse(scope),
+            organization: None,
         }
+    }
+
+    /// The same key for `organization`'s token.
+    pub fn for_organization(mut self, organization: Option<Arc<str>>) -> Self {
+        self.organization = organization;
+        self
     }
 }
 
@@ -85,7 +96,11 @@ impl fmt::Debug for TokenKey {
             self.environment,
             self.audience,
             self.scope.as_str()
-        )
+        )?;
+        match &self.organization {
+            Some(organization) => write!(f, " organization={organization:?}"),
+            None => Ok(()),
+        }
     }
 }
 

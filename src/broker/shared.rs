@@ -50,6 +50,11 @@ impl SharedKey {
         field(&key.environment);
         field(&key.audience);
         field(key.scope.as_str());
+        // Only when set, so that the keys of tenant-wide tokens stay what they were.
+        if let Some(organization) = &key.organization {
+            field("organization");
+            field(organization);
+        }
         Self(hash.finalize().into())
     }
 

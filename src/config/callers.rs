@@ -6,7 +6,8 @@ use std::num::NonZeroU32;
 
 use super::raw::{RawAuth, RawCaller};
 use crate::auth::{
-    AllowRule, AuthSettings, CallerSettings, DEFAULT_MAX_KEYS, KeyHash, is_valid_name,
+    AllowRule, AuthSettings, CallerSettings, DEFAULT_MAX_KEYS, KeyHash, OrganizationRule,
+    is_valid_name,
 };
 
 /// Validates `[auth]`; problems go to `problems`.
@@ -75,6 +76,13 @@ pub(super) fn callers(
                 Err(e) => problems.push(format!("{at}.allow[{index}]: {e}")),
             }
         }
+        let mut organizations = Vec::with_capacity(raw.organizations.len());
+        for (index, rule) in raw.organizations.iter().enumerate() {
+            match rule.parse::<OrganizationRule>() {
+                Ok(rule) => organizations.push(rule),
+                Err(e) => problems.push(format!("{at}.organizations[{index}]: {e}")),
+            }
+        }
         if raw.rate_limit == Some(0) {
             problems.push(format!("{at}.rate_limit: must be above 0, or left out"));
         }
@@ -97,6 +105,7 @@ pub(super) fn callers(
                 CallerSettings {
                     key_sha256,
                     allow,
+                    organizations,
                     rate_limit: raw.rate_limit,
                     idp_requests_per_minute,
                     max_keys,

@@ -22,6 +22,7 @@ const RESERVED_PARAMS: &[&str] = &[
     "audience",
     "resource",
     "scope",
+    "organization",
     "client_assertion",
     "client_assertion_type",
     "code",

@@ -73,6 +73,8 @@ pub(super) struct RawCaller {
     pub(super) key_sha256: Option<String>,
     #[serde(default)]
     pub(super) allow: Vec<String>,
+    #[serde(default)]
+    pub(super) organizations: Vec<String>,
     pub(super) rate_limit: Option<u32>,
     pub(super) idp_requests_per_minute: Option<u32>,
     pub(super) max_keys: Option<usize>,

@@ -23,8 +23,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::AUDIT;
 
-/// Most (caller, token) counters kept by default.
-pub const DEFAULT_CAPACITY: usize = 100_000;
+/// Most (caller, token) counters that may be configured (about 200 MB of counters).
+pub const MAX_COUNTERS: usize = 1_000_000;
 /// Longest `jti` written; a longer one is left out rather than logged at any length.
 const MAX_JTI_LEN: usize = 128;
 /// Longest JWT payload decoded for its `jti`.
@@ -104,6 +104,8 @@ pub struct Subject {
     pub audience: Arc<str>,
     /// The token's scopes, canonical.
     pub scope: Box<str>,
+    /// The organization the token is for, if any.
+    pub organization: Option<Arc<str>>,
     /// The token.
     pub token: Arc<TokenName>,
 }
@@ -211,11 +213,11 @@ impl AuditTrail {
                     count: AtomicU64::new(0),
                     subject,
                 });
-                if self.register(&counter) {
+                let registered = self.register(&counter);
+                if registered {
                     by_caller.insert(caller_id, Arc::clone(&counter));
                 }
                 drop(by_caller);
-                let registered = Arc::strong_count(&counter) > 1;
                 if !registered {
                     self.unaggregated.fetch_add(1, Ordering::Relaxed);
                 }
@@ -250,8 +252,11 @@ impl AuditTrail {
             let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
             counters.retain(|counter| {
                 // Read before the count: once the token is gone nothing can add to it, so the
-                // count taken next is its last.
+                // count taken next is its last. The fence orders the two reads (the count could
+                // otherwise be read first, and a last hit missed) and pairs with the release of
+                // the token's drop.
                 let token_gone = Arc::strong_count(counter) == 1;
+                std::sync::atomic::fence(Ordering::Acquire);
                 let count = counter.count.swap(0, Ordering::Relaxed);
                 if count > 0 {
                     moved.push((Arc::clone(counter), count));
@@ -269,6 +274,7 @@ impl AuditTrail {
                 environment = &*subject.environment,
                 audience = &*subject.audience,
                 scope = &*subject.scope,
+                organization = subject.organization.as_deref(),
                 token_sha256 = subject.token.sha256(),
                 jti = subject.token.jti(),
                 count,
@@ -293,6 +299,14 @@ impl AuditTrail {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+}
+
+impl Drop for AuditTrail {
+    /// Writes what is still counted: hits served after the shutdown flush (connections that
+    /// outlived the grace period) are not lost either.
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -321,6 +335,7 @@ fn log_hand_out(subject: &Subject, served: Served, aggregated: bool) {
         environment = &*subject.environment,
         audience = &*subject.audience,
         scope = &*subject.scope,
+        organization = subject.organization.as_deref(),
         cache = served.as_str(),
         token_sha256 = subject.token.sha256(),
         jti = subject.token.jti(),
@@ -340,6 +355,7 @@ mod tests {
             environment: Arc::from("production"),
             audience: Arc::from("https://api"),
             scope: "".into(),
+            organization: None,
             token: name,
         }
     }

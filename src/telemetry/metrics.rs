@@ -137,7 +137,7 @@ impl IdpOutcome {
 /// Where the settings of an environment keep the handles of its metrics once found (with the
 /// [`Metrics`] they belong to), so that counting a cache hit needs no lookup by name.
 #[derive(Default)]
-pub struct EnvironmentHandles(OnceLock<(usize, Arc<EnvironmentMetrics>)>);
+pub struct EnvironmentHandles(OnceLock<(u64, Arc<EnvironmentMetrics>)>);
 
 /// The handles of one (tenant, environment).
 pub struct EnvironmentMetrics {
@@ -160,6 +160,9 @@ pub struct Metrics {
 }
 
 struct Inner {
+    /// A number no other registry of this process has, so that [`EnvironmentHandles`] kept for
+    /// one are never used for another.
+    id: u64,
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     environments: ArcSwap<EnvironmentMap>,
@@ -272,6 +275,11 @@ impl Metrics {
         let handle = recorder.handle();
         Self {
             inner: Arc::new(Inner {
+                id: {
+                    static NEXT: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                },
                 recorder,
                 handle,
                 environments: ArcSwap::default(),
@@ -323,7 +331,7 @@ impl Metrics {
     /// Counts a token request served from the cache. `handles` (kept with the environment's
     /// settings) remembers where its counters are, so that a hit does not look them up by name.
     pub fn cache_hit(&self, handles: &EnvironmentHandles, tenant: &str, environment: &str) {
-        let owner = Arc::as_ptr(&self.inner) as usize;
+        let owner = self.inner.id;
         if let Some((of, metrics)) = handles.0.get()
             && *of == owner
         {

@@ -24,6 +24,7 @@ mod oauth_errors;
 mod oauth_requests;
 mod open_start;
 mod openapi;
+mod organizations;
 mod process;
 mod prometheus;
 mod promise;
