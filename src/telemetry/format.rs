@@ -7,6 +7,7 @@ use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime as _, SystemTime};
@@ -28,7 +29,9 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let metadata = event.metadata();
+        // Records of the `log` crate (rustls, reqwest) carry their real target in fields.
+        let normalized = event.normalized_metadata();
+        let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
         SystemTime.format_time(&mut writer)?;
         write!(writer, " {:>5} ", metadata.level())?;
         request::with_current(|log| write_request_text(&mut writer, log)).unwrap_or(Ok(()))?;
@@ -66,7 +69,9 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let metadata = event.metadata();
+        // Records of the `log` crate (rustls, reqwest) carry their real target in fields.
+        let normalized = event.normalized_metadata();
+        let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let mut line = String::with_capacity(256);
         line.push_str("{\"timestamp\":\"");
         SystemTime.format_time(&mut Writer::new(&mut line))?;
@@ -110,16 +115,25 @@ struct JsonFields<'a> {
 }
 
 impl JsonFields<'_> {
-    fn key(&mut self, field: &Field) {
+    /// Starts `,"name":`; false for the fields a `log` record's metadata travels in (shown as
+    /// `target` already) and for names the line itself uses, which are skipped.
+    fn key(&mut self, field: &Field) -> bool {
+        let name = field.name();
+        if name.starts_with("log.") || matches!(name, "timestamp" | "level" | "target" | "span") {
+            return false;
+        }
         self.line.push(',');
-        push_json_str(self.line, field.name());
+        push_json_str(self.line, name);
         self.line.push(':');
+        true
     }
 }
 
 impl Visit for JsonFields<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         match serde_json::Number::from_f64(value) {
             Some(number) => {
                 let _ = write!(self.line, "{number}");
@@ -129,32 +143,44 @@ impl Visit for JsonFields<'_> {
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         let _ = write!(self.line, "{value}");
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         let _ = write!(self.line, "{value}");
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         self.line.push_str(if value { "true" } else { "false" });
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         push_json_str(self.line, value);
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         push_json_str(self.line, &value.to_string());
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.key(field);
+        if !self.key(field) {
+            return;
+        }
         push_json_str(self.line, &format!("{value:?}"));
     }
 }
