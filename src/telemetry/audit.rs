@@ -380,6 +380,27 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_first_hand_outs_leave_one_counter_and_lose_no_hit() {
+        let trail = AuditTrail::new(100);
+        let token = HandOuts::default();
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        trail.hand_out(&token, 7, Served::Hit, || "t", subject);
+                    }
+                });
+            }
+        });
+        let counted = token.by_caller.read().unwrap()[&7]
+            .count
+            .load(Ordering::Relaxed);
+        // The first hand-out is a line, every other one is counted.
+        assert_eq!(counted, 7999);
+        assert_eq!(trail.counters(), 1);
+    }
+
+    #[test]
     fn hits_are_counted_after_the_first_and_a_full_trail_counts_nothing() {
         let trail = AuditTrail::new(1);
         let token = HandOuts::default();

@@ -289,3 +289,43 @@ async fn the_audit_line_of_a_delete_says_what_it_did() {
         .collect();
     assert_eq!(outcomes, ["nothing_cached", "not_matched", "marked"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_counting_a_callers_hand_outs_where_it_was() {
+    let idp = MockServer::start().await;
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let (server, url, _dir) = json_broker(&idp.uri(), "info", "");
+    let http = reqwest::Client::new();
+    let get = || {
+        http.get(format!("{url}/v1/tokens/acme/production"))
+            .bearer_auth(BILLING_KEY)
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    assert_eq!(get().await.unwrap().status(), 200);
+    let reloaded = http
+        .post(format!("{url}/v1/admin/reload"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    assert_eq!(get().await.unwrap().status(), 200);
+    let (_, lines) = server.terminate();
+    let audit: Vec<Value> = lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "audit")
+        .collect();
+    let first: Vec<&Value> = audit
+        .iter()
+        .filter(|l| l["message"] == "token handed out")
+        .collect();
+    assert_eq!(first.len(), 1, "{audit:?}");
+    let counted: u64 = audit
+        .iter()
+        .filter(|l| l["message"] == "tokens handed out from the cache")
+        .map(|l| l["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 2, "{audit:?}");
+}
