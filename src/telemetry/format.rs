@@ -6,7 +6,7 @@
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Subscriber};
 use tracing_log::NormalizeEvent as _;
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
@@ -33,7 +33,19 @@ where
         let normalized = event.normalized_metadata();
         let metadata = normalized.as_ref().unwrap_or_else(|| event.metadata());
         SystemTime.format_time(&mut writer)?;
-        write!(writer, " {:>5} ", metadata.level())?;
+        if writer.has_ansi_escapes() {
+            // On a terminal, the level in its usual colour.
+            let colour = match *metadata.level() {
+                Level::ERROR => "31",
+                Level::WARN => "33",
+                Level::INFO => "32",
+                Level::DEBUG => "34",
+                Level::TRACE => "35",
+            };
+            write!(writer, " \x1b[{colour}m{:>5}\x1b[0m ", metadata.level())?;
+        } else {
+            write!(writer, " {:>5} ", metadata.level())?;
+        }
         request::with_current(|log| write_request_text(&mut writer, log)).unwrap_or(Ok(()))?;
         write!(writer, "{}: ", metadata.target())?;
         ctx.field_format().format_fields(writer.by_ref(), event)?;
