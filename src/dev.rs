@@ -105,6 +105,8 @@ pub async fn run(
         client_id = "demo-production"
         client_secret_env = "DEMO_PRODUCTION_CLIENT_SECRET"
         audience = "{DEMO_AUDIENCE}"
+        authorize_url = "{authorize_url}"
+        redirect_uri = "{callback_url}"
 
         [tenants.demo.environments.staging]
         token_url = "{token_url}"
@@ -116,6 +118,8 @@ pub async fn run(
         "#,
         hash = caller_hash.to_hex(),
         token_url = idp.token_url(),
+        authorize_url = idp.authorize_url(),
+        callback_url = idp.callback_url(),
         min_remaining = humantime::format_duration(min_remaining_for(token_lifetime)),
     );
     // The listen address of the command line wins over a file's; variables win over both.
@@ -137,6 +141,7 @@ pub async fn run(
     let reloader: Option<Reloader> = reloadable.then(|| Box::new(load) as Reloader);
     let app = Application::build(settings, reloader).await?;
     let url = format!("http://{}", reachable(app.local_addr()));
+    idp.set_sessions_url(format!("{url}/v1/users/demo/production/sessions"));
     let servable = token_lifetime.saturating_sub(cache.min_remaining);
     let refresh_from = servable.mul_f64(1.0 - cache.refresh_ahead);
 
@@ -157,6 +162,18 @@ pub async fn run(
     println!();
     println!("Get a token:");
     println!("  curl -s -H 'Authorization: Bearer {caller_key}' '{url}/v1/tokens/demo/production'");
+    println!();
+    println!(
+        "Get a user token (authorization-code flow; the development IdP signs in 'dev-user' at once):"
+    );
+    println!(
+        "  curl -s -X POST -H 'Authorization: Bearer {caller_key}' -H 'Content-Type: application/json' -d '{{\"scope\":\"offline_access\"}}' '{url}/v1/users/demo/production/authorize'"
+    );
+    println!("  then open its authorization_url in a browser: the IdP's /callback page shows the");
+    println!("  request that redeems the code for a handle, and GET {url}/v1/users/handles/HANDLE");
+    println!(
+        "  with the same key gives the user's token, refreshed (with rotation) as it expires."
+    );
     println!();
     println!("Press Ctrl-C to stop.");
 

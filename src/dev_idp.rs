@@ -1,6 +1,7 @@
 //! The built-in development IdP: a small Auth0-style `POST /oauth/token` endpoint for the
 //! client-credentials grant that signs real RS256 JWTs and publishes its key at
-//! `GET /.well-known/jwks.json`.
+//! `GET /.well-known/jwks.json`, and the authorization-code flow with PKCE and refresh-token
+//! rotation ([`authorization`]: `GET /authorize`, `GET /callback`).
 //!
 //! It backs `token-broker dev`, docker-compose and the integration tests, so the broker talks
 //! to a real HTTP IdP whose tokens callers can verify. It is deliberately strict about the
@@ -36,6 +37,8 @@ use tokio::task::JoinHandle;
 
 use crate::idp::pkcs1_from_pkcs8;
 
+mod authorization;
+
 /// Token request bodies are a few hundred bytes; anything far larger is a mistake.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -68,6 +71,9 @@ pub struct DevIdp {
     clients: HashMap<String, SecretString>,
     lifetime: Duration,
     token_requests: AtomicU64,
+    grants: authorization::Grants,
+    /// The broker's `POST …/sessions` URL, for the `/callback` page's redeem line.
+    sessions_url: std::sync::OnceLock<String>,
 }
 
 /// A running dev IdP; the server stops when the handle is dropped.
@@ -133,13 +139,18 @@ impl DevIdp {
             clients,
             lifetime: settings.token_lifetime,
             token_requests: AtomicU64::new(0),
+            grants: authorization::Grants::default(),
+            sessions_url: std::sync::OnceLock::new(),
         })
     }
 
-    /// The routes `POST /oauth/token` and `GET /.well-known/jwks.json`.
+    /// The routes `POST /oauth/token`, `GET /authorize`, `GET /callback` and
+    /// `GET /.well-known/jwks.json`.
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route("/oauth/token", post(token))
+            .route("/authorize", get(authorization::authorize))
+            .route("/callback", get(authorization::callback))
             .route("/.well-known/jwks.json", get(jwks))
             .with_state(self)
     }
@@ -187,8 +198,13 @@ impl DevIdp {
     fn issue(&self, headers: &HeaderMap, body: &[u8]) -> Result<TokenResponse, OAuthError> {
         let request = TokenRequest::parse(headers, body)?;
         let basic = basic_credentials(headers)?;
-        if request.grant_type.as_deref() != Some("client_credentials") {
-            let description = "grant_type must be client_credentials";
+        let grant_type = request.grant_type.clone();
+        if !matches!(
+            grant_type.as_deref(),
+            Some("client_credentials" | "authorization_code" | "refresh_token")
+        ) {
+            let description =
+                "grant_type must be client_credentials, authorization_code or refresh_token";
             let error = "unsupported_grant_type";
             return Err(OAuthError::new(StatusCode::BAD_REQUEST, error, description));
         }
@@ -202,6 +218,48 @@ impl DevIdp {
             .find(|candidate| self.authenticate(candidate))
             .map(|(id, _)| id)
             .ok_or_else(OAuthError::denied)?;
+        let granted = match grant_type.as_deref() {
+            Some("authorization_code") => {
+                let code = request
+                    .code
+                    .as_deref()
+                    .ok_or_else(|| OAuthError::invalid("code is required"))?;
+                Some(self.grants.redeem(
+                    &client_id,
+                    code,
+                    request.redirect_uri.as_deref(),
+                    request.code_verifier.as_deref(),
+                )?)
+            }
+            Some("refresh_token") => {
+                let refresh_token = request
+                    .refresh_token
+                    .as_ref()
+                    .ok_or_else(|| OAuthError::invalid("refresh_token is required"))?;
+                Some(
+                    self.grants
+                        .rotate(&client_id, refresh_token.expose_secret())?,
+                )
+            }
+            _ => None,
+        };
+        if let Some(granted) = granted {
+            let authorization::Granted {
+                audience,
+                scope,
+                refresh_token,
+            } = granted;
+            let mut token = self.sign(
+                headers,
+                "dev-user",
+                &audience,
+                &client_id,
+                scope,
+                "authorization_code",
+            )?;
+            token.refresh_token = Some(refresh_token);
+            return Ok(token);
+        }
         if request.audience.is_some() && request.resource.is_some() {
             return Err(OAuthError::invalid("send audience or resource, not both"));
         }
@@ -216,6 +274,26 @@ impl DevIdp {
             .map(|scope| scope.split_whitespace().collect::<Vec<_>>().join(" "))
             .filter(|scope| !scope.is_empty());
 
+        self.sign(
+            headers,
+            &format!("{client_id}@clients"),
+            &audience,
+            &client_id,
+            scope,
+            "client-credentials",
+        )
+    }
+
+    /// Signs an access token for `subject` and wraps it in a token answer.
+    fn sign(
+        &self,
+        headers: &HeaderMap,
+        subject: &str,
+        audience: &str,
+        client_id: &str,
+        scope: Option<String>,
+        grant: &'static str,
+    ) -> Result<TokenResponse, OAuthError> {
         // Only a router that is not `serve`d can lack an issuer; its callers reach it by Host.
         let host = headers.get(HOST).and_then(|host| host.to_str().ok());
         let issuer = match self.issuer.as_str() {
@@ -225,13 +303,13 @@ impl DevIdp {
         let iat = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             iss: &issuer,
-            sub: format!("{client_id}@clients"),
-            aud: &audience,
+            sub: subject.to_owned(),
+            aud: audience,
             iat,
             exp: iat + self.lifetime.as_secs(),
             jti: format!("{:032x}", rand::random::<u128>()),
-            gty: "client-credentials",
-            azp: &client_id,
+            gty: grant,
+            azp: client_id,
             scope: scope.as_deref(),
         };
         let access_token =
@@ -243,13 +321,14 @@ impl DevIdp {
                     "internal error",
                 )
             })?;
-        tracing::debug!(%client_id, %audience, ?scope, "dev IdP issued a token");
+        tracing::debug!(%client_id, %audience, ?scope, grant, "dev IdP issued a token");
         let expires_in = self.lifetime.as_secs();
         Ok(TokenResponse {
             access_token,
             token_type: "Bearer",
             expires_in,
             scope,
+            refresh_token: None,
         })
     }
 }
@@ -273,6 +352,21 @@ impl DevIdpHandle {
     /// How many token requests the server has answered, whatever the outcome.
     pub fn token_requests(&self) -> u64 {
         self.idp.token_requests()
+    }
+
+    /// The broker URL that `/callback` shows for redeeming a code (known once the broker is up).
+    pub fn set_sessions_url(&self, url: String) {
+        let _ = self.idp.sessions_url.set(url);
+    }
+
+    /// The authorization endpoint, `{base_url}/authorize`.
+    pub fn authorize_url(&self) -> String {
+        format!("{}/authorize", self.base_url)
+    }
+
+    /// The page the authorization endpoint redirects browsers to, `{base_url}/callback`.
+    pub fn callback_url(&self) -> String {
+        format!("{}/callback", self.base_url)
     }
 }
 
@@ -317,6 +411,10 @@ struct TokenRequest {
     audience: Option<String>,
     resource: Option<String>,
     scope: Option<String>,
+    code: Option<String>,
+    redirect_uri: Option<String>,
+    code_verifier: Option<String>,
+    refresh_token: Option<SecretString>,
 }
 
 impl TokenRequest {
@@ -404,6 +502,8 @@ struct TokenResponse {
     expires_in: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
 }
 
 /// An RFC 6749 §5.2 error response.
@@ -444,6 +544,7 @@ impl IntoResponse for OAuthError {
 mod tests {
     use super::*;
     use axum::body::Body;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use jsonwebtoken::{DecodingKey, Validation};
     use serde_json::json;
     use tower::ServiceExt;
@@ -490,6 +591,86 @@ mod tests {
         let json: Value = serde_json::from_slice(&body.unwrap()).unwrap();
         assert!(!json.to_string().contains(SECRET));
         (status, json)
+    }
+
+    /// `GET path` through the router: status and `Location`.
+    async fn get(idp: &Arc<DevIdp>, path: &str) -> (u16, Option<String>) {
+        let request = Request::get(path).body(Body::empty()).unwrap();
+        let response = Arc::clone(idp).router().oneshot(request).await.unwrap();
+        let location = response
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap().to_owned());
+        (response.status().as_u16(), location)
+    }
+
+    #[tokio::test]
+    async fn the_code_flow_rotates_refresh_tokens_and_a_reused_one_revokes_the_grant() {
+        let idp = Arc::new(DevIdp::new(settings("https://idp.test/")).unwrap());
+        let verifier = "a-verifier-of-at-least-43-characters-aaaaaaaaaaa";
+        let challenge = URL_SAFE_NO_PAD.encode(<sha2::Sha256 as sha2::Digest>::digest(verifier));
+        let authorize = format!(
+            "/authorize?response_type=code&client_id={ID}&redirect_uri=https%3A%2F%2Fapp.test%2Fcb&audience=api.test&scope=offline_access&state=s1&code_challenge={challenge}&code_challenge_method=S256"
+        );
+        for bad in [
+            authorize.replace("S256", "plain"),
+            authorize.replace("client_id=svc", "client_id=nobody"),
+            authorize.replace("&state=s1", ""),
+        ] {
+            assert_eq!(get(&idp, &bad).await.0, 400, "{bad}");
+        }
+        let (status, location) = get(&idp, &authorize).await;
+        assert_eq!(status, 302);
+        let location = reqwest::Url::parse(&location.unwrap()).unwrap();
+        assert_eq!(location.host_str(), Some("app.test"));
+        let query: HashMap<String, String> = location.query_pairs().into_owned().collect();
+        assert_eq!(query["state"], "s1");
+        let code = &query["code"];
+
+        let secret: String = form_urlencoded::byte_serialize(SECRET.as_bytes()).collect();
+        let client = format!("client_id={ID}&client_secret={secret}");
+        let redeem = |verifier: &str| {
+            format!(
+                "grant_type=authorization_code&{client}&code={code}&redirect_uri=https%3A%2F%2Fapp.test%2Fcb&code_verifier={verifier}"
+            )
+        };
+        let (status, json) = post(&idp, FORM, None, &redeem("wrong-verifier")).await;
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+        // The failed attempt used the code up, as a real IdP does: start again.
+        let (_, location) = get(&idp, &authorize).await;
+        let location = reqwest::Url::parse(&location.unwrap()).unwrap();
+        let query: HashMap<String, String> = location.query_pairs().into_owned().collect();
+        let code = &query["code"];
+        let redeem = format!(
+            "grant_type=authorization_code&{client}&code={code}&redirect_uri=https%3A%2F%2Fapp.test%2Fcb&code_verifier={verifier}"
+        );
+        let (status, json) = post(&idp, FORM, None, &redeem).await;
+        assert_eq!(status, 200, "{json}");
+        let first = json["refresh_token"].as_str().unwrap().to_owned();
+        assert!(json["access_token"].as_str().is_some());
+        let (status, _) = post(&idp, FORM, None, &redeem).await;
+        assert_eq!(status, 400, "a code is redeemed once");
+
+        let refresh =
+            |token: &str| format!("grant_type=refresh_token&{client}&refresh_token={token}");
+        let (status, json) = post(&idp, FORM, None, &refresh(&first)).await;
+        assert_eq!(status, 200, "{json}");
+        let second = json["refresh_token"].as_str().unwrap().to_owned();
+        assert_ne!(second, first);
+        // The rotated token again: refused, and the grant is revoked, so the new one fails too.
+        let (status, json) = post(&idp, FORM, None, &refresh(&first)).await;
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+        let (status, json) = post(&idp, FORM, None, &refresh(&second)).await;
+        assert_eq!(
+            (status, json["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
     }
 
     #[tokio::test]

@@ -370,3 +370,77 @@ async fn dev_mode_layers_config_and_variables_and_fits_min_remaining_to_the_life
     assert_eq!(reload.status(), 409);
     dev.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_shows_the_user_token_flow_end_to_end() {
+    let dev = spawn(
+        Command::new(BIN)
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn"),
+        true,
+    );
+    let key = dev
+        .wait_for("caller key:")
+        .split_whitespace()
+        .nth(2)
+        .expect("the caller key")
+        .to_owned();
+    let authorize_line = dev.wait_for("/authorize'").trim().to_owned();
+    let run = |line: String| async move {
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new("sh").args(["-c", &line]).output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON")
+    };
+    let authorization = run(authorize_line).await;
+    let url = authorization["authorization_url"].as_str().unwrap();
+
+    // The browser's part: the IdP redirects at once to its /callback page.
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let redirect = browser.get(url).send().await.unwrap();
+    assert_eq!(redirect.status(), 302);
+    let callback = redirect.headers()["location"].to_str().unwrap().to_owned();
+    assert!(callback.contains("/callback?code="), "{callback}");
+    let page = browser
+        .get(&callback)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let redeem = page
+        .split("<pre>")
+        .nth(1)
+        .and_then(|rest| rest.split("</pre>").next())
+        .expect("the redeem line")
+        .replace("&#39;", "'")
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+        .replace("$CALLER_KEY", &key);
+    let sessions = redeem.rsplit('\'').nth(1).unwrap().to_owned();
+    let base = sessions.split("/v1/").next().unwrap().to_owned();
+    let session = run(redeem).await;
+    let handle = session["handle"].as_str().expect("a handle");
+
+    let token = reqwest::Client::new()
+        .get(format!("{base}/v1/users/handles/{handle}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(token.status(), 200);
+    let token: serde_json::Value = serde_json::from_str(&token.text().await.unwrap()).unwrap();
+    assert_eq!(
+        token["access_token"].as_str().unwrap().split('.').count(),
+        3
+    );
+}
