@@ -273,11 +273,9 @@ pub struct CallerRegistry {
     by_hash: std::collections::HashMap<[u8; 32], Arc<Caller>, foldhash::quality::RandomState>,
     /// Keys that verified already: a hit looks here first.
     verified: verified::VerifiedKeys,
-    /// Every caller's IdP budget by name, for the next reload to carry over.
-    budgets: std::collections::HashMap<Arc<str>, Arc<IdpBudget>>,
-    /// Every caller's [`Caller::id`] by name, for the next reload to carry over (so that the
-    /// audit trail keeps counting a caller's hand-outs where it was).
-    ids: std::collections::HashMap<Arc<str>, u64>,
+    /// Every caller (the anonymous one included) by name, for the next reload to carry over
+    /// its IdP budget and its [`Caller::id`] (so the audit trail keeps counting where it was).
+    by_name: std::collections::HashMap<Arc<str>, Arc<Caller>>,
     anonymous: Option<Arc<Caller>>,
     admin: Option<KeyHash>,
     metrics: Option<KeyHash>,
@@ -295,7 +293,8 @@ impl CallerRegistry {
     ) -> Self {
         let budget = |name: &str, per_minute: NonZeroU32, max_keys: usize| {
             let kept = previous
-                .and_then(|registry| registry.budgets.get(name))
+                .and_then(|registry| registry.by_name.get(name))
+                .map(|caller| &caller.idp_budget)
                 .filter(|budget| budget.limits() == (per_minute, max_keys));
             match kept {
                 Some(budget) => Arc::clone(budget),
@@ -313,7 +312,8 @@ impl CallerRegistry {
         };
         let id_of = |name: &str| {
             previous
-                .and_then(|registry| registry.ids.get(name).copied())
+                .and_then(|registry| registry.by_name.get(name))
+                .map(|caller| caller.id)
                 .unwrap_or_else(next_caller_id)
         };
         let callers: Vec<(KeyHash, Arc<Caller>)> = callers
@@ -349,17 +349,11 @@ impl CallerRegistry {
                 refused_rate: metrics::Counter::noop(),
             })
         });
-        let budgets = callers
+        let by_name = callers
             .iter()
             .map(|(_, caller)| caller)
             .chain(&anonymous)
-            .map(|caller| (Arc::clone(&caller.name), Arc::clone(&caller.idp_budget)))
-            .collect();
-        let ids = callers
-            .iter()
-            .map(|(_, caller)| caller)
-            .chain(&anonymous)
-            .map(|caller| (Arc::clone(&caller.name), caller.id))
+            .map(|caller| (Arc::clone(&caller.name), Arc::clone(caller)))
             .collect();
         let by_hash = callers
             .iter()
@@ -369,8 +363,7 @@ impl CallerRegistry {
             by_hash,
             verified: verified::VerifiedKeys::default(),
             anonymous,
-            budgets,
-            ids,
+            by_name,
             admin: auth.admin_key_sha256,
             metrics: auth.metrics_key_sha256,
         }

@@ -21,6 +21,7 @@ use crate::auth::AuthError;
 use crate::broker::BrokerError;
 use crate::config::ConfigError;
 use crate::telemetry::error_chain;
+use crate::telemetry::request::current_id;
 use crate::user_tokens::UserError;
 
 /// How long a caller whose request timed out is asked to wait.
@@ -276,11 +277,6 @@ pub(super) fn log_failure(error: &dyn std::error::Error, status: StatusCode) {
     }
 }
 
-/// The id of the request being served (empty outside a request).
-pub(super) fn request_id() -> Arc<str> {
-    crate::telemetry::request::current_id()
-}
-
 /// A `Retry-After` value in whole seconds, rounded up so a caller never retries before the
 /// broker would try again, and at least 1.
 pub(super) fn retry_after_value(wait: Duration) -> HeaderValue {
@@ -292,7 +288,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         log_failure(&self, status);
-        let request_id = request_id();
+        let request_id = current_id();
         let authorization = match &self {
             Self::Users(UserError::ReauthorizationRequired(authorization)) => Some(authorization),
             _ => None,

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::error::BodyError;
 use crate::api::error::{
-    TIMED_OUT_RETRY_AFTER, broker_retry_after, broker_status_and_code, log_failure, request_id,
+    TIMED_OUT_RETRY_AFTER, broker_retry_after, broker_status_and_code, log_failure,
     retry_after_value, upstream_error,
 };
 use crate::api::token_request::{
@@ -33,6 +33,7 @@ use crate::api::{audit, response};
 use crate::app::AppState;
 use crate::auth::{self, AuthError, Caller, CallerRegistry, CallerSource as _};
 use crate::broker::BrokerError;
+use crate::telemetry::request::current_id;
 
 /// A failed facade request, as an RFC 6749 §5.2 error.
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +157,7 @@ impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         log_failure(&self, status);
-        let request_id = request_id();
+        let request_id = current_id();
         let body = ErrorBody {
             error: code,
             error_description: self.to_string(),

@@ -201,7 +201,7 @@ where
         let status = response.status();
         finish
             .metrics
-            .record_remembered(&finish.route, log.route(), log.method(), status);
+            .record(&finish.route, log.route(), log.method(), status);
         if let Some(started) = finish.started {
             request::sync_scope(log, || {
                 tracing::debug!(

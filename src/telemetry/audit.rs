@@ -23,6 +23,26 @@ use sha2::{Digest as _, Sha256};
 
 use super::AUDIT;
 
+/// An audit line about a [`Subject`]: who, which key, which token, then `$fields`.
+macro_rules! subject_line {
+    ($subject:expr, $message:literal, $($fields:tt)*) => {{
+        let subject: &Subject = $subject;
+        tracing::info!(
+            target: AUDIT,
+            caller = &*subject.caller,
+            tenant = &*subject.tenant,
+            environment = &*subject.environment,
+            audience = &*subject.audience,
+            scope = &*subject.scope,
+            organization = subject.organization.as_deref(),
+            token_sha256 = subject.token.sha256(),
+            jti = subject.token.jti(),
+            $($fields)*
+            $message
+        )
+    }};
+}
+
 /// Most (caller, token) counters that may be configured (about 200 MB of counters).
 pub const MAX_COUNTERS: usize = 1_000_000;
 /// Longest `jti` written; a longer one is left out rather than logged at any length.
@@ -266,20 +286,11 @@ impl AuditTrail {
         }
         let since = humantime::format_rfc3339_seconds(since).to_string();
         for (counter, count) in moved {
-            let subject = &counter.subject;
-            tracing::info!(
-                target: AUDIT,
-                caller = &*subject.caller,
-                tenant = &*subject.tenant,
-                environment = &*subject.environment,
-                audience = &*subject.audience,
-                scope = &*subject.scope,
-                organization = subject.organization.as_deref(),
-                token_sha256 = subject.token.sha256(),
-                jti = subject.token.jti(),
+            subject_line!(
+                &counter.subject,
+                "tokens handed out from the cache",
                 count,
                 since = since.as_str(),
-                "tokens handed out from the cache"
             );
         }
         let unaggregated = self.unaggregated.swap(0, Ordering::Relaxed);
@@ -328,19 +339,11 @@ fn count(hand_outs: &HandOuts, caller_id: u64) -> bool {
 /// The line of one hand-out; `aggregated`: whether later hits from the cache are counted
 /// rather than written.
 fn log_hand_out(subject: &Subject, served: Served, aggregated: bool) {
-    tracing::info!(
-        target: AUDIT,
-        caller = &*subject.caller,
-        tenant = &*subject.tenant,
-        environment = &*subject.environment,
-        audience = &*subject.audience,
-        scope = &*subject.scope,
-        organization = subject.organization.as_deref(),
+    subject_line!(
+        subject,
+        "token handed out",
         cache = served.as_str(),
-        token_sha256 = subject.token.sha256(),
-        jti = subject.token.jti(),
         aggregated,
-        "token handed out"
     );
 }
 

@@ -302,7 +302,7 @@ impl Metrics {
 
     /// Registers the metrics of an environment, so they show (at zero) before its first request.
     pub fn register_environment(&self, tenant: &str, environment: &str) {
-        self.with_environment(tenant, environment, |_| ());
+        self.environment(tenant, environment);
     }
 
     /// The counter of IdP requests charged to `caller` (a configured name), registered so that
@@ -345,14 +345,16 @@ impl Metrics {
 
     /// Counts a token request that waits on an IdP request.
     pub fn cache_miss(&self, tenant: &str, environment: &str) {
-        self.with_environment(tenant, environment, |m| m.cache_misses.increment(1));
+        self.environment(tenant, environment)
+            .cache_misses
+            .increment(1);
     }
 
     /// Counts a background refresh that ended without a new token.
     pub fn cache_refresh_failed(&self, tenant: &str, environment: &str) {
-        self.with_environment(tenant, environment, |m| {
-            m.cache_refresh_failures.increment(1)
-        });
+        self.environment(tenant, environment)
+            .cache_refresh_failures
+            .increment(1);
     }
 
     /// Sets whether the broker is ready (at scrape time).
@@ -366,7 +368,9 @@ impl Metrics {
 
     /// Counts a background refresh started.
     pub fn cache_refresh(&self, tenant: &str, environment: &str) {
-        self.with_environment(tenant, environment, |m| m.cache_refreshes.increment(1));
+        self.environment(tenant, environment)
+            .cache_refreshes
+            .increment(1);
     }
 
     /// Counts one token request to an IdP and, when it was answered, how long that took.
@@ -377,12 +381,11 @@ impl Metrics {
         outcome: IdpOutcome,
         took: Option<Duration>,
     ) {
-        self.with_environment(tenant, environment, |m| {
-            m.idp_requests[outcome.index()].increment(1);
-            if let Some(took) = took {
-                m.idp_duration.record(took.as_secs_f64());
-            }
-        });
+        let metrics = self.environment(tenant, environment);
+        metrics.idp_requests[outcome.index()].increment(1);
+        if let Some(took) = took {
+            metrics.idp_duration.record(took.as_secs_f64());
+        }
     }
 
     /// Sets the shared cache's state (at scrape time): up and subscribed as 1/0, and its error
@@ -460,16 +463,6 @@ impl Metrics {
         }
     }
 
-    /// Runs `record` on the handles of (tenant, environment), registering them the first time.
-    fn with_environment(
-        &self,
-        tenant: &str,
-        environment: &str,
-        record: impl FnOnce(&EnvironmentMetrics),
-    ) {
-        record(&self.environment(tenant, environment));
-    }
-
     fn register(&self, tenant: &str, environment: &str) -> EnvironmentMetrics {
         let recorder = &self.inner.recorder;
         let labels = || environment_labels(tenant, environment);
@@ -521,8 +514,14 @@ mod tests {
             Some(Duration::from_millis(20)),
         );
         let http = one.http(["/livez", "/v1/tokens/{tenant}/{environment}"]);
-        http.record(Some("/livez"), &Method::GET, StatusCode::OK);
         http.record(
+            &RouteMemo::default(),
+            Some("/livez"),
+            &Method::GET,
+            StatusCode::OK,
+        );
+        http.record(
+            &RouteMemo::default(),
             Some("/raw/path"),
             &Method::from_bytes(b"BREW").unwrap(),
             StatusCode::IM_A_TEAPOT,

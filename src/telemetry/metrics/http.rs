@@ -66,13 +66,9 @@ pub struct HttpMetrics {
 pub struct RouteMemo(OnceLock<(usize, usize, usize)>);
 
 impl HttpMetrics {
-    /// Counts one answered request; `route` is the matched template, `None` when none matched.
-    pub fn record(&self, route: Option<&str>, method: &Method, status: StatusCode) {
-        self.record_remembered(&RouteMemo::default(), route, method, status);
-    }
-
-    /// [`HttpMetrics::record`], finding `route` through `memo` when it saw it before.
-    pub fn record_remembered(
+    /// Counts one answered request; `route` is the matched template, `None` when none matched,
+    /// found through `memo` when it saw it before.
+    pub fn record(
         &self,
         memo: &RouteMemo,
         route: Option<&str>,
@@ -135,10 +131,10 @@ mod tests {
         let memo = RouteMemo::default();
         let a = String::from("/a/{x}");
         for _ in 0..2 {
-            http.record_remembered(&memo, Some(&a), &Method::GET, StatusCode::OK);
+            http.record(&memo, Some(&a), &Method::GET, StatusCode::OK);
         }
         // Another string (another route) through the same memo is looked up, not taken for it.
-        http.record_remembered(&memo, Some("/b/{y}"), &Method::GET, StatusCode::OK);
+        http.record(&memo, Some("/b/{y}"), &Method::GET, StatusCode::OK);
         let text = http.metrics.render();
         assert!(
             text.contains(r#"route="/a/{x}",method="GET",status="200"} 2"#),
