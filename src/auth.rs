@@ -6,12 +6,16 @@
 //! [`verified`]); a new one is hashed with SHA-256 and looked up by its digest, so the cost of
 //! authentication does not grow with the number of callers and its timing reveals nothing about
 //! how close a wrong key came.
+//! A caller may instead present a workload token (a JWT from a configured issuer: [`workload`]),
+//! which is verified once and then remembered until it expires.
 //! Authentication (401) comes first, then authorisation against `tenant/environment[/audience]`
 //! rules (403), and only then does a request reach the broker. An authenticated caller with a
 //! `rate_limit` is then held to it ([`crate::limits`]), before any other work is done for it.
 
+mod jwks;
 mod settings;
 mod verified;
+mod workload;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,9 +36,13 @@ use subtle::ConstantTimeEq;
 use crate::limits::{BudgetCounters, IdpBudget, RateLimiter};
 use crate::telemetry::metrics::Metrics;
 
+pub use jwks::JwksError;
 pub use settings::{
-    AuthSettings, CallerSettings, DEFAULT_MAX_KEYS, OrganizationRule, is_organization_id,
+    AuthSettings, CallerSettings, DEFAULT_JWKS_REFRESH_INTERVAL, DEFAULT_LEEWAY, DEFAULT_MAX_KEYS,
+    DEFAULT_MAX_REMEMBERED, IssuerSettings, KeySource, OrganizationRule, SubjectPattern,
+    WorkloadRule, WorkloadSettings, is_organization_id,
 };
+pub use workload::{JWKS_MAX_AGE, WorkloadRejection};
 
 /// The name of the caller served when `auth.allow_anonymous` is on.
 const ANONYMOUS: &str = "anonymous";
@@ -265,6 +273,29 @@ pub enum AuthError {
         /// How long until the caller's next request is allowed.
         retry_after: Duration,
     },
+    /// A workload token failed a check; the message says which.
+    #[error(transparent)]
+    Workload(#[from] WorkloadRejection),
+    /// The keys of the workload token's issuer were never fetched, or cannot be fetched now.
+    #[error(
+        "the keys of the workload token's issuer cannot be fetched now; retry after the seconds in Retry-After (the broker's log has the cause)"
+    )]
+    WorkloadKeysUnavailable {
+        /// When the broker will try to fetch them again.
+        retry_after: Duration,
+    },
+}
+
+impl AuthError {
+    /// How long to wait before asking again, for a rate limit or unavailable issuer keys.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } | Self::WorkloadKeysUnavailable { retry_after } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The configured callers, ready to authenticate requests.
@@ -273,6 +304,8 @@ pub struct CallerRegistry {
     by_hash: std::collections::HashMap<[u8; 32], Arc<Caller>, foldhash::quality::RandomState>,
     /// Keys that verified already: a hit looks here first.
     verified: verified::VerifiedKeys,
+    /// Workload token verification, when `[auth.workload]` is configured.
+    workload: Option<Arc<workload::WorkloadVerifier>>,
     /// Every caller (the anonymous one included) by name, for the next reload to carry over
     /// its IdP budget and its [`Caller::id`] (so the audit trail keeps counting where it was).
     by_name: std::collections::HashMap<Arc<str>, Arc<Caller>>,
@@ -316,7 +349,7 @@ impl CallerRegistry {
                 .map(|caller| caller.id)
                 .unwrap_or_else(next_caller_id)
         };
-        let callers: Vec<(KeyHash, Arc<Caller>)> = callers
+        let callers: Vec<(&CallerSettings, Arc<Caller>)> = callers
             .iter()
             .map(|(name, settings)| {
                 let caller = Caller {
@@ -331,7 +364,7 @@ impl CallerRegistry {
                     idp_budget: budget(name, settings.idp_requests_per_minute, settings.max_keys),
                     refused_rate: metrics.caller_refusals(name, "rate_limit"),
                 };
-                (settings.key_sha256, Arc::new(caller))
+                (settings, Arc::new(caller))
             })
             .collect();
         let anonymous = auth.allow_anonymous.then(|| {
@@ -357,11 +390,32 @@ impl CallerRegistry {
             .collect();
         let by_hash = callers
             .iter()
-            .map(|(hash, caller)| (hash.0, Arc::clone(caller)))
+            .filter_map(|(settings, caller)| Some((settings.key_sha256?.0, Arc::clone(caller))))
             .collect();
+        let workload = auth.workload.as_ref().map(|workload| {
+            let rules: Vec<_> = callers
+                .iter()
+                .flat_map(|(settings, caller)| {
+                    settings.workload.iter().map(move |rule| {
+                        (
+                            (rule.issuer.clone(), rule.subject.clone()),
+                            Arc::clone(caller),
+                        )
+                    })
+                })
+                .collect();
+            let verifier = Arc::new(workload::WorkloadVerifier::new(
+                workload,
+                |issuer| issuer_keys(issuer, previous),
+                &rules,
+            ));
+            refresh_in_background(&verifier, workload.jwks_refresh_interval);
+            verifier
+        });
         Self {
             by_hash,
             verified: verified::VerifiedKeys::default(),
+            workload,
             anonymous,
             by_name,
             admin: auth.admin_key_sha256,
@@ -369,8 +423,13 @@ impl CallerRegistry {
         }
     }
 
-    /// Authenticates the value of an `Authorization` header.
-    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Arc<Caller>, AuthError> {
+    /// Authenticates the value of an `Authorization` header: a caller key, or a workload token
+    /// when `[auth.workload]` is configured. Only a workload token that is not remembered yet
+    /// waits (on its signature check, and on its issuer's keys when they must be fetched).
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+    ) -> Result<Arc<Caller>, AuthError> {
         let Some(key) = authorization.and_then(bearer_key) else {
             return match (&self.anonymous, authorization) {
                 (Some(anonymous), None) => Ok(Arc::clone(anonymous)),
@@ -380,9 +439,38 @@ impl CallerRegistry {
         if let Some(caller) = self.verified.get(key) {
             return Ok(caller);
         }
+        if let Some(workload) = self.workload_for(key) {
+            if let Some(caller) = workload.remembered(key) {
+                return Ok(caller);
+            }
+            if let Some(caller) = self.by_key(key) {
+                self.verified.insert(key, &caller);
+                return Ok(caller);
+            }
+            return workload.verify(key).await;
+        }
         let caller = self.by_key(key).ok_or(AuthError::InvalidKey)?;
         self.verified.insert(key, &caller);
         Ok(caller)
+    }
+
+    /// The workload verifier, when one is configured and `value` has the shape of a JWT.
+    fn workload_for(&self, value: &str) -> Option<&workload::WorkloadVerifier> {
+        self.workload
+            .as_deref()
+            .filter(|_| workload::looks_like_jwt(value))
+    }
+
+    /// Authenticates an RFC 7523 client assertion at the OAuth2 facade: a workload token,
+    /// verified exactly as a bearer one.
+    pub async fn authenticate_assertion(&self, assertion: &str) -> Result<Arc<Caller>, AuthError> {
+        let Some(workload) = self.workload.as_deref() else {
+            return Err(AuthError::Workload(WorkloadRejection::UnknownIssuer));
+        };
+        if let Some(caller) = workload.remembered(assertion) {
+            return Ok(caller);
+        }
+        workload.verify(assertion).await
     }
 
     /// The caller whose key hash is that of `key`: one map lookup by the SHA-256 of the
@@ -447,6 +535,52 @@ impl CallerRegistry {
     }
 }
 
+/// The keys of `issuer`: those of the registry before the reload when its settings are the same
+/// (so a reload neither refetches nor forgets them), else new ones.
+fn issuer_keys(
+    issuer: &IssuerSettings,
+    previous: Option<&CallerRegistry>,
+) -> Arc<jwks::IssuerKeys> {
+    let kept = previous
+        .and_then(|registry| registry.workload.as_deref())
+        .and_then(|workload| {
+            workload
+                .keys()
+                .find(|keys| keys.settings() == issuer)
+                .cloned()
+        });
+    kept.unwrap_or_else(|| Arc::new(jwks::IssuerKeys::new(issuer.clone())))
+}
+
+/// Fetches every issuer's keys now and then on a period ([`JWKS_MAX_AGE`] for URLs,
+/// `jwks_refresh_interval` for files), for as long as the verifier is in use. Without a runtime
+/// (unit tests) nothing is started and keys are fetched on first use.
+fn refresh_in_background(verifier: &Arc<workload::WorkloadVerifier>, file_period: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    for keys in verifier.keys() {
+        let period = match keys.settings().keys {
+            KeySource::File(_) => file_period,
+            KeySource::Uri(_) | KeySource::Discovery => JWKS_MAX_AGE,
+        };
+        let owner = Arc::downgrade(verifier);
+        let keys = Arc::downgrade(keys);
+        runtime.spawn(async move {
+            loop {
+                {
+                    let (Some(_owner), Some(keys)) = (owner.upgrade(), keys.upgrade()) else {
+                        break;
+                    };
+                    // A failure is logged there, and the last good keys stay.
+                    let _ = keys.refetch(Duration::ZERO).await;
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
+}
+
 /// The key of `Bearer <key>` (scheme case-insensitive), when well formed.
 fn bearer_key(header: &[u8]) -> Option<&str> {
     let space = header.iter().position(|&b| b == b' ')?;
@@ -487,7 +621,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
-        let caller = state.caller_registry().authenticate(header)?;
+        let caller = state.caller_registry().authenticate(header).await?;
         admit(caller).map(Authenticated)
     }
 }
@@ -582,7 +716,8 @@ mod tests {
     #[test]
     fn clients_authenticate_by_name_and_key_together() {
         let caller = |key: &str| CallerSettings {
-            key_sha256: KeyHash::of(key),
+            key_sha256: Some(KeyHash::of(key)),
+            workload: Vec::new(),
             allow: vec!["acme/*".parse().unwrap()],
             organizations: Vec::new(),
             rate_limit: None,
@@ -598,6 +733,7 @@ mod tests {
             metrics_key_sha256: None,
             allow_anonymous: false,
             default_idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
+            workload: None,
         };
         let registry = CallerRegistry::from_settings(&auth, &callers, &Metrics::new(), None);
         let caller = registry
@@ -626,10 +762,11 @@ mod tests {
         assert_eq!(bearer_key(b"Bearer "), None);
     }
 
-    #[test]
-    fn keys_are_found_among_many_callers_and_remembered_only_when_right() {
+    #[tokio::test]
+    async fn keys_are_found_among_many_callers_and_remembered_only_when_right() {
         let settings = |key: String| CallerSettings {
-            key_sha256: KeyHash::of(&key),
+            key_sha256: Some(KeyHash::of(&key)),
+            workload: Vec::new(),
             allow: vec!["acme/*".parse().unwrap()],
             organizations: Vec::new(),
             rate_limit: None,
@@ -644,12 +781,14 @@ mod tests {
             metrics_key_sha256: None,
             allow_anonymous: false,
             default_idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
+            workload: None,
         };
         let registry = CallerRegistry::from_settings(&auth, &callers, &Metrics::new(), None);
         let header = |key: &str| format!("Bearer {key}");
         for _ in 0..2 {
             let caller = registry
                 .authenticate(Some(header("tbk_key-737").as_bytes()))
+                .await
                 .unwrap();
             assert_eq!(&*caller.name, "c737");
         }
@@ -662,6 +801,7 @@ mod tests {
             assert_eq!(
                 registry
                     .authenticate(Some(header(wrong).as_bytes()))
+                    .await
                     .unwrap_err(),
                 AuthError::InvalidKey,
                 "{wrong}"

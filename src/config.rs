@@ -15,6 +15,7 @@ mod raw;
 mod secrets;
 mod server;
 mod shared_cache;
+mod workload;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

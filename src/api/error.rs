@@ -36,9 +36,12 @@ pub enum ApiError {
     /// A malformed request; the message says which part.
     #[error("{0}")]
     InvalidRequest(String),
-    /// No caller key, or a wrong one.
+    /// No caller key, or a wrong one, or a workload token that failed a check.
     #[error(transparent)]
     Unauthorized(AuthError),
+    /// The keys of a workload token's issuer cannot be fetched now.
+    #[error(transparent)]
+    IssuerUnavailable(AuthError),
     /// The caller may not use this tenant / environment / audience.
     #[error("caller '{caller}' may not use {tenant}/{environment}")]
     Forbidden {
@@ -112,6 +115,7 @@ impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         match error {
             AuthError::RateLimited { retry_after } => Self::RateLimited { retry_after },
+            AuthError::WorkloadKeysUnavailable { .. } => Self::IssuerUnavailable(error),
             other => Self::Unauthorized(other),
         }
     }
@@ -196,7 +200,9 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
-            Self::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+            Self::TimedOut(_) | Self::IssuerUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+            }
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Reload(ReloadError::NotReloadable) => (StatusCode::CONFLICT, "not_reloadable"),
@@ -224,6 +230,7 @@ impl ApiError {
         match self {
             Self::RateLimited { retry_after } => Some(*retry_after),
             Self::TimedOut(_) => Some(TIMED_OUT_RETRY_AFTER),
+            Self::IssuerUnavailable(error) => error.retry_after(),
             Self::Broker(error) => broker_retry_after(error),
             Self::Users(UserError::Token(error)) => broker_retry_after(error),
             Self::Users(UserError::TooManyPending { .. }) => Some(PENDING_RETRY_AFTER),

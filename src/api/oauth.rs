@@ -31,7 +31,7 @@ use crate::api::token_request::{
 };
 use crate::api::{audit, response};
 use crate::app::AppState;
-use crate::auth::{self, AuthError, Caller, CallerRegistry, CallerSource as _};
+use crate::auth::{self, AuthError, Caller, CallerRegistry, CallerSource as _, WorkloadRejection};
 use crate::broker::BrokerError;
 use crate::telemetry::request::current_id;
 
@@ -44,6 +44,14 @@ pub enum OAuthError {
     /// No client credentials, or wrong ones.
     #[error("{0}")]
     InvalidClient(&'static str),
+    /// A client assertion (workload token) that failed a check.
+    #[error(transparent)]
+    InvalidAssertion(WorkloadRejection),
+    /// The keys of the client assertion's issuer cannot be fetched now.
+    #[error(
+        "the keys of the client assertion's issuer cannot be fetched now; retry after the seconds in Retry-After"
+    )]
+    IssuerUnavailable(std::time::Duration),
     /// The caller may not use this tenant / environment / audience.
     #[error("caller '{caller}' may not use {tenant}/{environment}")]
     UnauthorizedClient {
@@ -129,7 +137,9 @@ impl OAuthError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Self::InvalidClient(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
+            Self::InvalidClient(_) | Self::InvalidAssertion(_) => {
+                (StatusCode::UNAUTHORIZED, "invalid_client")
+            }
             Self::UnauthorizedClient { .. } | Self::UnauthorizedOrganization(_) => {
                 (StatusCode::BAD_REQUEST, "unauthorized_client")
             }
@@ -139,7 +149,9 @@ impl OAuthError {
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Broker(error) => broker_status_and_code(error),
-            Self::TimedOut(_) => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+            Self::TimedOut(_) | Self::IssuerUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+            }
         }
     }
 }
@@ -175,7 +187,7 @@ impl IntoResponse for OAuthError {
         }
         let wait = match &self {
             Self::Broker(error) => broker_retry_after(error),
-            Self::RateLimited(wait) => Some(*wait),
+            Self::RateLimited(wait) | Self::IssuerUnavailable(wait) => Some(*wait),
             Self::TimedOut(_) => Some(TIMED_OUT_RETRY_AFTER),
             _ => None,
         };
@@ -201,7 +213,7 @@ impl IntoResponse for OAuthError {
             (OAuthTokenRequest = "application/x-www-form-urlencoded"),
             (OAuthTokenRequest = "application/json"),
         ),
-        description = "The client id and secret go in the body or in HTTP Basic (one of them)"
+        description = "The client id and secret go in the body or in HTTP Basic (one of them), or a workload token goes in client_assertion"
     ),
     responses(
         (status = 200, description = "RFC 6749 §5.1: access_token, token_type, expires_in, scope"),
@@ -224,7 +236,7 @@ pub async fn token(
 ) -> Result<Response, OAuthError> {
     let body = body.map_err(BodyError::from)?;
     let params = Params::parse(&headers, &body)?;
-    let caller = authenticate(&state.caller_registry(), &headers, &params)?;
+    let caller = authenticate(&state.caller_registry(), &headers, &params).await?;
     let caller = auth::admit(caller).map_err(|error| match error {
         AuthError::RateLimited { retry_after } => OAuthError::RateLimited(retry_after),
         _ => OAuthError::InvalidClient(WRONG_CLIENT),
@@ -280,6 +292,12 @@ pub struct OAuthTokenRequest {
     /// The caller's key, unless HTTP Basic carries it.
     #[schema(max_length = 1024)]
     pub client_secret: Option<String>,
+    /// With `client_assertion`: `urn:ietf:params:oauth:client-assertion-type:jwt-bearer`.
+    #[schema(pattern = "^urn:ietf:params:oauth:client-assertion-type:jwt-bearer$")]
+    pub client_assertion_type: Option<String>,
+    /// A workload token (JWT) from an issuer of `[auth.workload]`, in place of a client secret.
+    #[schema(max_length = 16384)]
+    pub client_assertion: Option<String>,
     /// The API the token is for; defaults to the environment's `audience`.
     #[schema(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     pub audience: Option<String>,
@@ -302,6 +320,8 @@ struct Params {
     grant_type: Option<String>,
     client_id: Option<String>,
     client_secret: Option<SecretString>,
+    client_assertion_type: Option<String>,
+    client_assertion: Option<SecretString>,
     audience: Option<String>,
     resource: Option<String>,
     scope: Option<String>,
@@ -350,11 +370,17 @@ impl Params {
                 "resource" => &mut params.resource,
                 "scope" => &mut params.scope,
                 "organization" => &mut params.organization,
-                "client_secret" => {
-                    if params.client_secret.is_some() {
-                        return Err(repeated("client_secret"));
+                "client_assertion_type" => &mut params.client_assertion_type,
+                "client_secret" | "client_assertion" => {
+                    let slot = if name == "client_secret" {
+                        &mut params.client_secret
+                    } else {
+                        &mut params.client_assertion
+                    };
+                    if slot.is_some() {
+                        return Err(repeated(&name));
                     }
-                    params.client_secret = Some(SecretString::from(value.into_owned()));
+                    *slot = Some(SecretString::from(value.into_owned()));
                     continue;
                 }
                 _ => continue,
@@ -370,6 +396,7 @@ impl Params {
         for value in [
             &mut self.grant_type,
             &mut self.client_id,
+            &mut self.client_assertion_type,
             &mut self.audience,
             &mut self.resource,
             &mut self.scope,
@@ -379,12 +406,13 @@ impl Params {
                 *value = None;
             }
         }
-        if self
-            .client_secret
-            .as_ref()
-            .is_some_and(|secret| secret.expose_secret().is_empty())
-        {
-            self.client_secret = None;
+        for secret in [&mut self.client_secret, &mut self.client_assertion] {
+            if secret
+                .as_ref()
+                .is_some_and(|secret| secret.expose_secret().is_empty())
+            {
+                *secret = None;
+            }
         }
         self
     }
@@ -439,13 +467,48 @@ fn check_scope(scope: &str) -> Result<(), OAuthError> {
 /// What a failed client authentication says.
 const WRONG_CLIENT: &str = "client authentication failed: use the caller name as client_id and the caller key as client_secret";
 
-/// Authenticates the caller from HTTP Basic or body credentials, never both; with anonymous
-/// access on, a request with neither is the anonymous caller.
-fn authenticate(
+/// RFC 7523's `client_assertion_type` of a JWT client assertion.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Authenticates the caller from a client assertion (a workload token), HTTP Basic or body
+/// credentials, one of them only; with anonymous access on, a request with none is the
+/// anonymous caller.
+async fn authenticate(
     registry: &CallerRegistry,
     headers: &HeaderMap,
     params: &Params,
 ) -> Result<Arc<Caller>, OAuthError> {
+    match (&params.client_assertion, &params.client_assertion_type) {
+        (None, None) => {}
+        (Some(assertion), Some(kind)) if kind == JWT_BEARER => {
+            if headers.contains_key(AUTHORIZATION) || params.client_secret.is_some() {
+                return Err(OAuthError::InvalidRequest(
+                    "a client assertion and a client secret are both given; use one method (RFC 6749 §2.3)".into(),
+                ));
+            }
+            let caller = registry
+                .authenticate_assertion(assertion.expose_secret())
+                .await
+                .map_err(|error| match error {
+                    AuthError::Workload(rejection) => OAuthError::InvalidAssertion(rejection),
+                    AuthError::WorkloadKeysUnavailable { retry_after } => {
+                        OAuthError::IssuerUnavailable(retry_after)
+                    }
+                    _ => OAuthError::InvalidClient(WRONG_CLIENT),
+                })?;
+            return match &params.client_id {
+                Some(id) if *id != *caller.name => Err(OAuthError::InvalidClient(
+                    "client_id is not the caller that the client assertion proves; leave it out or send that caller's name",
+                )),
+                _ => Ok(caller),
+            };
+        }
+        _ => {
+            return Err(OAuthError::InvalidRequest(format!(
+                "a client assertion needs client_assertion and client_assertion_type = {JWT_BEARER}"
+            )));
+        }
+    }
     let wrong = |_: AuthError| OAuthError::InvalidClient(WRONG_CLIENT);
     let basic = match headers.get(AUTHORIZATION) {
         Some(value) => Some(basic_credentials(value)?),

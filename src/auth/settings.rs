@@ -82,13 +82,17 @@ pub struct AuthSettings {
     pub allow_anonymous: bool,
     /// IdP requests per minute a caller's requests may start, unless the caller sets its own.
     pub default_idp_requests_per_minute: NonZeroU32,
+    /// `[auth.workload]`, when callers may present workload tokens.
+    pub workload: Option<WorkloadSettings>,
 }
 
 /// `[callers.NAME]`: one calling service.
 #[derive(Debug, Clone)]
 pub struct CallerSettings {
-    /// Hash of the caller's key.
-    pub key_sha256: KeyHash,
+    /// Hash of the caller's key (none: the caller presents a workload token only).
+    pub key_sha256: Option<KeyHash>,
+    /// The workload identities that prove this caller.
+    pub workload: Vec<WorkloadRule>,
     /// What the caller may ask for.
     pub allow: Vec<AllowRule>,
     /// The organizations the caller may name (none: only tenant-wide tokens).
@@ -104,3 +108,97 @@ pub struct CallerSettings {
 
 /// Keys a caller may create unless it sets `max_keys`.
 pub const DEFAULT_MAX_KEYS: usize = 1000;
+
+/// `[auth.workload]`: how workload tokens (JWTs from the platform's issuers) are verified.
+#[derive(Debug, Clone)]
+pub struct WorkloadSettings {
+    /// The `aud` every workload token must carry.
+    pub audience: String,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    pub leeway: std::time::Duration,
+    /// Least time between two refetches of an issuer's keys caused by an unknown `kid`.
+    pub jwks_refresh_interval: std::time::Duration,
+    /// Most verified tokens remembered, so that a hit pays no signature check.
+    pub max_remembered: usize,
+    /// The trusted issuers.
+    pub issuers: Vec<IssuerSettings>,
+}
+
+/// Default of `auth.workload.leeway`.
+pub const DEFAULT_LEEWAY: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default of `auth.workload.jwks_refresh_interval`.
+pub const DEFAULT_JWKS_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Default of `auth.workload.max_remembered`.
+pub const DEFAULT_MAX_REMEMBERED: usize = 10_000;
+
+/// One `[[auth.workload.issuers]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerSettings {
+    /// Must equal the token's `iss`.
+    pub issuer: String,
+    /// Where its keys are.
+    pub keys: KeySource,
+    /// The CA of the issuer's HTTPS, in place of the system roots (`ca_file`, read and checked
+    /// at load).
+    pub ca_pem: Option<Vec<u8>>,
+    /// A file whose content is sent as `Authorization: Bearer` to discovery and JWKS (read at
+    /// every fetch: the kubelet rotates it).
+    pub bearer_token_file: Option<std::path::PathBuf>,
+}
+
+/// Where an issuer's JWKS comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// OIDC discovery: `{issuer}/.well-known/openid-configuration` names the `jwks_uri`.
+    Discovery,
+    /// `jwks_uri`.
+    Uri(String),
+    /// `jwks_file`: a JWKS on disk, read again when it changes.
+    File(std::path::PathBuf),
+}
+
+/// One entry of `[callers.NAME] workload`: the issuer and the subjects it proves this caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadRule {
+    /// The issuer, as configured in `[[auth.workload.issuers]]`.
+    pub issuer: String,
+    /// The `sub` the token must carry.
+    pub subject: SubjectPattern,
+}
+
+/// A `subject`: exact, or a prefix when it ends in one `*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SubjectPattern {
+    /// The whole subject.
+    Exact(String),
+    /// A subject starting with this (the `*` removed).
+    Prefix(String),
+}
+
+impl FromStr for SubjectPattern {
+    type Err = &'static str;
+
+    fn from_str(subject: &str) -> Result<Self, Self::Err> {
+        if subject.is_empty() || subject == "*" {
+            return Err("empty, or only *: name the subject, or a prefix of it followed by *");
+        }
+        match subject.strip_suffix('*') {
+            Some(prefix) if prefix.contains('*') => {
+                Err("a * may only end the subject (a prefix), once")
+            }
+            Some(prefix) => Ok(Self::Prefix(prefix.to_owned())),
+            None if subject.contains('*') => Err("a * may only end the subject (a prefix), once"),
+            None => Ok(Self::Exact(subject.to_owned())),
+        }
+    }
+}
+
+impl SubjectPattern {
+    /// Whether `subject` matches.
+    pub fn matches(&self, subject: &str) -> bool {
+        match self {
+            Self::Exact(exact) => exact == subject,
+            Self::Prefix(prefix) => subject.starts_with(prefix.as_str()),
+        }
+    }
+}

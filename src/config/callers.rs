@@ -28,11 +28,16 @@ pub(super) fn auth(raw: &RawAuth, problems: &mut Vec<String>) -> AuthSettings {
             );
             NonZeroU32::MIN
         });
+    let workload = raw
+        .workload
+        .as_ref()
+        .and_then(|workload| super::workload::workload(workload, problems));
     AuthSettings {
         admin_key_sha256,
         metrics_key_sha256,
         allow_anonymous: raw.allow_anonymous,
         default_idp_requests_per_minute,
+        workload,
     }
 }
 
@@ -51,15 +56,17 @@ pub(super) fn callers(
                 "{at}: caller names are lower-case [a-z0-9_-], 1-64 long"
             ));
         }
+        let workload = super::workload::rules(&raw.workload, auth.workload.as_ref(), &at, problems);
         let key_sha256 = match raw.key_sha256.as_deref().map(KeyHash::from_hex) {
-            Some(Ok(hash)) => Some(hash),
+            Some(Ok(hash)) => Some(Some(hash)),
             Some(Err(e)) => {
                 problems.push(format!("{at}.key_sha256: {e}"));
                 None
             }
+            None if !raw.workload.is_empty() => Some(None),
             None => {
                 problems.push(format!(
-                    "{at}.key_sha256: missing; make one with `token-broker hash-key`"
+                    "{at}.key_sha256: missing; make one with `token-broker hash-key`, or give the caller a workload identity"
                 ));
                 None
             }
@@ -104,6 +111,7 @@ pub(super) fn callers(
                 name,
                 CallerSettings {
                     key_sha256,
+                    workload,
                     allow,
                     organizations,
                     rate_limit: raw.rate_limit,
@@ -113,6 +121,12 @@ pub(super) fn callers(
             );
         }
     }
+    super::workload::check_ties(
+        callers
+            .iter()
+            .map(|(name, caller)| (name.as_str(), caller.workload.as_slice())),
+        problems,
+    );
     callers
 }
 

@@ -65,6 +65,49 @@ pub(super) struct RawAuth {
     pub(super) metrics_key_sha256: Option<String>,
     pub(super) allow_anonymous: bool,
     pub(super) default_idp_requests_per_minute: u32,
+    #[serde(default)]
+    pub(super) workload: Option<RawWorkload>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkload {
+    pub(super) audience: Option<String>,
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub(super) leeway: Duration,
+    #[serde(default = "default_jwks_refresh_interval", with = "humantime_serde")]
+    pub(super) jwks_refresh_interval: Duration,
+    #[serde(default = "default_max_remembered")]
+    pub(super) max_remembered: usize,
+    #[serde(default)]
+    pub(super) issuers: Vec<RawIssuer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIssuer {
+    pub(super) issuer: String,
+    pub(super) jwks_uri: Option<String>,
+    pub(super) jwks_file: Option<PathBuf>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) bearer_token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkloadRule {
+    pub(super) issuer: String,
+    pub(super) subject: String,
+}
+
+fn default_leeway() -> Duration {
+    crate::auth::DEFAULT_LEEWAY
+}
+fn default_jwks_refresh_interval() -> Duration {
+    crate::auth::DEFAULT_JWKS_REFRESH_INTERVAL
+}
+fn default_max_remembered() -> usize {
+    crate::auth::DEFAULT_MAX_REMEMBERED
 }
 
 #[derive(Deserialize)]
@@ -75,6 +118,8 @@ pub(super) struct RawCaller {
     pub(super) allow: Vec<String>,
     #[serde(default)]
     pub(super) organizations: Vec<String>,
+    #[serde(default)]
+    pub(super) workload: Vec<RawWorkloadRule>,
     pub(super) rate_limit: Option<u32>,
     pub(super) idp_requests_per_minute: Option<u32>,
     pub(super) max_keys: Option<usize>,

@@ -1,0 +1,467 @@
+//! Workload tokens: JWTs that the platform gives each workload (a Kubernetes service-account
+//! token, a SPIFFE JWT-SVID, a CI job's OIDC token), accepted in place of a caller key.
+//!
+//! A token is checked in this order: its shape and algorithm (RS, PS, ES256/384 and EdDSA only:
+//! never `none`, never an HMAC), its issuer (`iss`, one of `[[auth.workload.issuers]]`), its
+//! times (`exp` required; `nbf` and `iat` when present; each within `leeway`) and audience
+//! (`aud`, a string or an array holding `auth.workload.audience`), its signature against the
+//! issuer's keys ([`super::jwks`]; an unknown `kid` fetches them again, at most once per
+//! `jwks_refresh_interval`), and last its subject (`sub`), which names the caller: an exact
+//! subject beats a prefix, and a longer prefix a shorter one. A token that verified is
+//! remembered until its `exp` (with the leeway) in [`Remembered`], so the next request with it
+//! is one lookup; it is forgotten on reload and when its key leaves the issuer's JWKS.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher as _;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, Validation};
+use secrecy::{ExposeSecret as _, SecretSlice};
+use subtle::ConstantTimeEq as _;
+
+use super::jwks::{IssuerKeys, KeySet, VerifyingKey};
+use super::settings::{SubjectPattern, WorkloadSettings};
+use super::{AuthError, Caller};
+
+/// Longest workload token read.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// How often a request may try again to fetch the keys of an issuer that has none yet.
+const NO_KEYS_RETRY: Duration = Duration::from_secs(1);
+
+/// How often keys from a URL are fetched in the background, so a key that leaves the JWKS
+/// stops verifying even when no unknown `kid` arrives. Files are looked at every
+/// `jwks_refresh_interval`.
+pub const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+
+/// Which check a workload token failed: the `error_description` of its 401. None of them quotes
+/// the token, the configured issuers, audience or subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WorkloadRejection {
+    /// Not three base64url parts with a JSON header and JSON claims, or too long.
+    #[error(
+        "the workload token is not a well-formed JWT (three base64url parts, a JSON header and JSON claims of the registered types, at most 16384 bytes)"
+    )]
+    Malformed,
+    /// `alg` is `none`, an HMAC, or another algorithm that is not accepted.
+    #[error(
+        "the workload token's algorithm (alg) is not accepted; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"
+    )]
+    Algorithm,
+    /// `iss` is missing or not a configured issuer.
+    #[error("the workload token's issuer (iss) is not a configured workload issuer")]
+    UnknownIssuer,
+    /// `exp` is missing.
+    #[error("the workload token has no expiry (exp); workload tokens must expire")]
+    NoExpiry,
+    /// `exp` is past, beyond the leeway.
+    #[error("the workload token has expired (exp), beyond the allowed clock skew; get a fresh one")]
+    Expired,
+    /// `nbf` is ahead, beyond the leeway.
+    #[error("the workload token is not valid yet (nbf), beyond the allowed clock skew")]
+    NotYetValid,
+    /// `iat` is ahead, beyond the leeway.
+    #[error("the workload token was issued in the future (iat), beyond the allowed clock skew")]
+    IssuedInFuture,
+    /// `aud` does not hold `auth.workload.audience`.
+    #[error(
+        "the workload token's audience (aud) does not include the broker's (auth.workload.audience); set that audience where the token is made"
+    )]
+    Audience,
+    /// The `kid` is not among the issuer's keys, also after fetching them again.
+    #[error(
+        "the workload token's key id (kid) is not among its issuer's keys, also after fetching them again"
+    )]
+    UnknownKey,
+    /// The key named by `kid` is of another type than `alg` needs.
+    #[error("the workload token's algorithm (alg) does not fit the type of the key it names (kid)")]
+    KeyMismatch,
+    /// The signature does not verify.
+    #[error("the workload token's signature does not verify with its issuer's keys")]
+    Signature,
+    /// No caller is configured for `sub` (or `sub` is missing).
+    #[error("no caller is configured for the workload token's subject (sub)")]
+    UnknownSubject,
+}
+
+/// A token's header, as far as it matters here.
+#[derive(serde::Deserialize)]
+struct Header {
+    alg: String,
+    kid: Option<String>,
+}
+
+/// `aud`: one audience or several.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The registered claims that are checked.
+#[derive(serde::Deserialize)]
+struct Claims {
+    iss: Option<String>,
+    sub: Option<String>,
+    aud: Option<Audience>,
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    iat: Option<f64>,
+}
+
+/// The accepted algorithm named `alg`.
+fn accepted_algorithm(alg: &str) -> Option<Algorithm> {
+    Some(match alg {
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        _ => return None,
+    })
+}
+
+/// Whether a bearer value has the shape of a JWT (`eyJ…` and two dots), so that it is worth
+/// verifying as a workload token.
+pub(super) fn looks_like_jwt(value: &str) -> bool {
+    value.starts_with("eyJ") && value.bytes().filter(|&b| b == b'.').count() == 2
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
+}
+
+/// One trusted issuer: its keys and the callers its subjects name.
+struct Issuer {
+    keys: Arc<IssuerKeys>,
+    exact: HashMap<String, Arc<Caller>>,
+    /// Longest prefix first.
+    prefixes: Vec<(String, Arc<Caller>)>,
+}
+
+impl Issuer {
+    /// The caller `subject` names: exact first, then the longest prefix.
+    fn caller(&self, subject: &str) -> Option<&Arc<Caller>> {
+        self.exact.get(subject).or_else(|| {
+            self.prefixes
+                .iter()
+                .find(|(prefix, _)| subject.starts_with(prefix.as_str()))
+                .map(|(_, caller)| caller)
+        })
+    }
+}
+
+/// Verifies workload tokens for one caller registry.
+pub(super) struct WorkloadVerifier {
+    audience: String,
+    leeway: f64,
+    refresh_interval: Duration,
+    issuers: Vec<Issuer>,
+    by_issuer: HashMap<String, usize>,
+    remembered: Remembered,
+}
+
+impl WorkloadVerifier {
+    /// Builds the verifier; `keys_of` gives each issuer's keys (kept from the registry before a
+    /// reload when its settings are the same), `callers` each caller's workload rules.
+    pub(super) fn new(
+        settings: &WorkloadSettings,
+        keys_of: impl Fn(&super::settings::IssuerSettings) -> Arc<IssuerKeys>,
+        callers: &[(SubjectRuleOf, Arc<Caller>)],
+    ) -> Self {
+        let mut issuers: Vec<Issuer> = settings
+            .issuers
+            .iter()
+            .map(|issuer| Issuer {
+                keys: keys_of(issuer),
+                exact: HashMap::new(),
+                prefixes: Vec::new(),
+            })
+            .collect();
+        let by_issuer: HashMap<String, usize> = settings
+            .issuers
+            .iter()
+            .enumerate()
+            .map(|(index, issuer)| (issuer.issuer.clone(), index))
+            .collect();
+        for ((issuer, subject), caller) in callers {
+            let Some(issuer) = by_issuer.get(issuer).and_then(|&i| issuers.get_mut(i)) else {
+                continue;
+            };
+            match subject {
+                SubjectPattern::Exact(exact) => {
+                    issuer.exact.insert(exact.clone(), Arc::clone(caller));
+                }
+                SubjectPattern::Prefix(prefix) => {
+                    issuer.prefixes.push((prefix.clone(), Arc::clone(caller)));
+                }
+            }
+        }
+        for issuer in &mut issuers {
+            issuer
+                .prefixes
+                .sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        }
+        Self {
+            audience: settings.audience.clone(),
+            leeway: settings.leeway.as_secs_f64(),
+            refresh_interval: settings.jwks_refresh_interval,
+            issuers,
+            by_issuer,
+            remembered: Remembered::new(settings.max_remembered),
+        }
+    }
+
+    /// Every issuer's keys, for the next reload to keep and the background refresh to fetch.
+    pub(super) fn keys(&self) -> impl Iterator<Item = &Arc<IssuerKeys>> {
+        self.issuers.iter().map(|issuer| &issuer.keys)
+    }
+
+    /// The caller a remembered token proved, while it is valid and its key is still published.
+    pub(super) fn remembered(&self, token: &str) -> Option<Arc<Caller>> {
+        self.remembered
+            .get(token, unix_now(), |issuer, thumbprint| {
+                self.issuers
+                    .get(issuer)
+                    .is_some_and(|issuer| issuer.keys.still_has(thumbprint))
+            })
+    }
+
+    /// Verifies a token that is not remembered, and remembers it when it verifies.
+    pub(super) async fn verify(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
+        let reject = AuthError::Workload;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(reject(WorkloadRejection::Malformed));
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(reject(WorkloadRejection::Malformed));
+        };
+        let header: Header = decode_part(header).ok_or(reject(WorkloadRejection::Malformed))?;
+        let algorithm =
+            accepted_algorithm(&header.alg).ok_or(reject(WorkloadRejection::Algorithm))?;
+        let claims: Claims = decode_part(payload).ok_or(reject(WorkloadRejection::Malformed))?;
+        let issuer_index = claims
+            .iss
+            .as_deref()
+            .and_then(|iss| self.by_issuer.get(iss))
+            .copied()
+            .ok_or(reject(WorkloadRejection::UnknownIssuer))?;
+        let issuer = self
+            .issuers
+            .get(issuer_index)
+            .ok_or(reject(WorkloadRejection::UnknownIssuer))?;
+        let expires = self.check_claims(&claims, unix_now()).map_err(reject)?;
+
+        let candidates = self
+            .candidates(&issuer.keys, header.kid.as_deref(), algorithm)
+            .await?;
+        let key = verify_signature(token, algorithm, &candidates).map_err(reject)?;
+
+        let caller = claims
+            .sub
+            .as_deref()
+            .and_then(|subject| issuer.caller(subject))
+            .ok_or(reject(WorkloadRejection::UnknownSubject))?;
+        self.remembered.insert(
+            token,
+            Arc::clone(caller),
+            expires,
+            issuer_index,
+            Arc::clone(&key.thumbprint),
+        );
+        Ok(Arc::clone(caller))
+    }
+
+    /// Checks `exp`, `nbf`, `iat` and `aud`; the instant (Unix seconds) until which the token
+    /// may be remembered.
+    fn check_claims(&self, claims: &Claims, now: f64) -> Result<f64, WorkloadRejection> {
+        let finite = |value: Option<f64>| match value {
+            Some(value) if !value.is_finite() => Err(WorkloadRejection::Malformed),
+            other => Ok(other),
+        };
+        let exp = finite(claims.exp)?.ok_or(WorkloadRejection::NoExpiry)?;
+        if exp + self.leeway < now {
+            return Err(WorkloadRejection::Expired);
+        }
+        if finite(claims.nbf)?.is_some_and(|nbf| nbf > now + self.leeway) {
+            return Err(WorkloadRejection::NotYetValid);
+        }
+        if finite(claims.iat)?.is_some_and(|iat| iat > now + self.leeway) {
+            return Err(WorkloadRejection::IssuedInFuture);
+        }
+        let audience_matches = match &claims.aud {
+            Some(Audience::One(audience)) => *audience == self.audience,
+            Some(Audience::Many(audiences)) => audiences.contains(&self.audience),
+            None => false,
+        };
+        if !audience_matches {
+            return Err(WorkloadRejection::Audience);
+        }
+        Ok(exp + self.leeway)
+    }
+
+    /// The keys that may have signed a token with `kid`: from the last good set, or after one
+    /// refetch when that set has none (or there is no set yet).
+    async fn candidates(
+        &self,
+        keys: &Arc<IssuerKeys>,
+        kid: Option<&str>,
+        algorithm: Algorithm,
+    ) -> Result<Vec<Arc<VerifyingKey>>, AuthError> {
+        let current = keys.current();
+        if let Some(found) = current
+            .as_deref()
+            .map(|set| set.candidates(kid, algorithm))
+            .filter(|found| !found.is_empty())
+        {
+            return Ok(found);
+        }
+        let interval = match current {
+            Some(_) => self.refresh_interval,
+            None => NO_KEYS_RETRY,
+        };
+        let set: Arc<KeySet> = keys.refetch(interval).await.map_err(|unavailable| {
+            AuthError::WorkloadKeysUnavailable {
+                retry_after: unavailable.retry_after.max(NO_KEYS_RETRY),
+            }
+        })?;
+        let found = set.candidates(kid, algorithm);
+        if found.is_empty() {
+            return Err(AuthError::Workload(WorkloadRejection::UnknownKey));
+        }
+        Ok(found)
+    }
+}
+
+/// The issuer and subject of one workload rule.
+pub(super) type SubjectRuleOf = (String, SubjectPattern);
+
+/// A base64url part decoded and read as JSON.
+fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
+    let bytes = URL_SAFE_NO_PAD.decode(part).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The key among `candidates` whose signature over `token` verifies.
+fn verify_signature<'k>(
+    token: &str,
+    algorithm: Algorithm,
+    candidates: &'k [Arc<VerifyingKey>],
+) -> Result<&'k VerifyingKey, WorkloadRejection> {
+    let mut validation = Validation::new(algorithm);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    let mut fitting = false;
+    for key in candidates.iter().filter(|key| key.accepts(algorithm)) {
+        fitting = true;
+        if jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key.key, &validation).is_ok() {
+            return Ok(key);
+        }
+    }
+    Err(if fitting {
+        WorkloadRejection::Signature
+    } else {
+        WorkloadRejection::KeyMismatch
+    })
+}
+
+/// A token that verified and what it proved.
+struct RememberedToken {
+    token: SecretSlice<u8>,
+    caller: Arc<Caller>,
+    /// Unix seconds after which it is no longer accepted (`exp` plus the leeway).
+    until: f64,
+    issuer: usize,
+    thumbprint: Arc<str>,
+}
+
+/// Tokens that verified, by keyed hash (as [`super::verified`] keeps keys): at most `max`, the
+/// whole token compared in constant time. The tokens are credentials: never printed.
+struct Remembered {
+    seed: foldhash::quality::RandomState,
+    tokens: RwLock<HashMap<u64, RememberedToken, foldhash::quality::RandomState>>,
+    max: usize,
+}
+
+impl Remembered {
+    fn new(max: usize) -> Self {
+        Self {
+            seed: foldhash::quality::RandomState::default(),
+            tokens: RwLock::new(HashMap::default()),
+            max,
+        }
+    }
+
+    /// The caller `token` proved, while it is valid at `now` and `published(issuer,
+    /// thumbprint)` says its key is still in the JWKS; a stale entry is dropped.
+    fn get(
+        &self,
+        token: &str,
+        now: f64,
+        published: impl Fn(usize, &str) -> bool,
+    ) -> Option<Arc<Caller>> {
+        let slot = self.seed.hash_one(token.as_bytes());
+        {
+            let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
+            let entry = tokens.get(&slot)?;
+            let same: bool = entry.token.expose_secret().ct_eq(token.as_bytes()).into();
+            if !same {
+                return None;
+            }
+            if now <= entry.until && published(entry.issuer, &entry.thumbprint) {
+                return Some(Arc::clone(&entry.caller));
+            }
+        }
+        self.tokens
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&slot);
+        None
+    }
+
+    /// Remembers a verified token; when full, expired tokens make room, else it is not kept.
+    fn insert(
+        &self,
+        token: &str,
+        caller: Arc<Caller>,
+        until: f64,
+        issuer: usize,
+        thumbprint: Arc<str>,
+    ) {
+        let slot = self.seed.hash_one(token.as_bytes());
+        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        if tokens.len() >= self.max && !tokens.contains_key(&slot) {
+            let now = unix_now();
+            tokens.retain(|_, entry| entry.until >= now);
+            if tokens.len() >= self.max {
+                return;
+            }
+        }
+        tokens.insert(
+            slot,
+            RememberedToken {
+                token: SecretSlice::from(token.as_bytes().to_vec()),
+                caller,
+                until,
+                issuer,
+                thumbprint,
+            },
+        );
+    }
+}
