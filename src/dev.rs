@@ -1,5 +1,7 @@
 //! `token-broker dev`: the broker, a built-in development IdP and a demo tenant in one process.
 //!
+//! The development IdP is also the demo's workload issuer: a workload token for the demo caller
+//! is printed too, so a caller without a key can be tried.
 //! The demo tenant `demo` has two environments that talk to the development IdP in its two
 //! request styles: `production` as Auth0 does (JSON body, credentials in the body) and `staging`
 //! as RFC 6749 does (form body, HTTP Basic). A fresh caller key is made at every start and printed
@@ -23,6 +25,15 @@ use crate::startup::{Application, StartupError, shutdown_signal};
 
 /// The demo tenant's default audience.
 pub const DEMO_AUDIENCE: &str = "https://api.demo.example";
+
+/// The `auth.workload.audience` of dev mode, which the printed workload token carries.
+pub const WORKLOAD_AUDIENCE: &str = "token-broker";
+
+/// The subject of the printed workload token: the demo caller as a Kubernetes service account.
+pub const WORKLOAD_SUBJECT: &str = "system:serviceaccount:demo:app";
+
+/// How long the printed workload token is valid.
+const WORKLOAD_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// Why dev mode could not run.
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +107,14 @@ pub async fn run(
         [cache]
         min_remaining = "{min_remaining}"
 
+        [auth.workload]
+        audience = "{WORKLOAD_AUDIENCE}"
+        [[auth.workload.issuers]]
+        issuer = "{issuer}"
+
         [callers.demo]
         key_sha256 = "{hash}"
+        workload = [{{ issuer = "{issuer}", subject = "{WORKLOAD_SUBJECT}" }}]
         allow = ["demo/*"]
 
         [tenants.demo.environments.production]
@@ -117,6 +134,7 @@ pub async fn run(
         client_auth = "basic"
         "#,
         hash = caller_hash.to_hex(),
+        issuer = idp.issuer(),
         token_url = idp.token_url(),
         authorize_url = idp.authorize_url(),
         callback_url = idp.callback_url(),
@@ -141,6 +159,8 @@ pub async fn run(
     let reloader: Option<Reloader> = reloadable.then(|| Box::new(load) as Reloader);
     let app = Application::build(settings, reloader).await?;
     let url = format!("http://{}", reachable(app.local_addr()));
+    let workload_token =
+        idp.workload_token(WORKLOAD_SUBJECT, WORKLOAD_AUDIENCE, WORKLOAD_TOKEN_LIFETIME)?;
     idp.set_sessions_url(format!("{url}/v1/users/demo/production/sessions"));
     let servable = token_lifetime.saturating_sub(cache.min_remaining);
     let refresh_from = servable.mul_f64(1.0 - cache.refresh_ahead);
@@ -159,9 +179,19 @@ pub async fn run(
         humantime::format_duration(Duration::from_secs(refresh_from.as_secs()))
     );
     println!("  caller key:      {caller_key} (caller 'demo', allowed demo/*)");
+    println!(
+        "  workload:        caller 'demo' is also {WORKLOAD_SUBJECT} of issuer {}",
+        idp.issuer()
+    );
     println!();
     println!("Get a token:");
     println!("  curl -s -H 'Authorization: Bearer {caller_key}' '{url}/v1/tokens/demo/production'");
+    println!();
+    println!(
+        "Get one without a key, with a workload token (the development IdP signed it as a cluster signs a pod's service-account token; valid {}):",
+        humantime::format_duration(WORKLOAD_TOKEN_LIFETIME)
+    );
+    println!("  curl -s -H 'Authorization: Bearer {workload_token}' '{url}/v1/tokens/demo/production'");
     println!();
     println!(
         "Get a user token (authorization-code flow; the development IdP signs in 'dev-user' at once):"

@@ -144,14 +144,15 @@ impl DevIdp {
         })
     }
 
-    /// The routes `POST /oauth/token`, `GET /authorize`, `GET /callback` and
-    /// `GET /.well-known/jwks.json`.
+    /// The routes `POST /oauth/token`, `GET /authorize`, `GET /callback`,
+    /// `GET /.well-known/jwks.json` and `GET /.well-known/openid-configuration`.
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route("/oauth/token", post(token))
             .route("/authorize", get(authorization::authorize))
             .route("/callback", get(authorization::callback))
             .route("/.well-known/jwks.json", get(jwks))
+            .route("/.well-known/openid-configuration", get(discovery))
             .with_state(self)
     }
 
@@ -186,6 +187,53 @@ impl DevIdp {
             idp,
             task,
         })
+    }
+
+    /// The `iss` of its tokens: the configured issuer, else the served base URL and `/` (from
+    /// the request's `Host` when the router is not `serve`d).
+    fn issuer_for(&self, headers: &HeaderMap) -> String {
+        match self.issuer.as_str() {
+            "" => {
+                let host = headers.get(HOST).and_then(|host| host.to_str().ok());
+                format!("http://{}/", host.unwrap_or("localhost"))
+            }
+            issuer => issuer.to_owned(),
+        }
+    }
+
+    /// Signs a workload token, as a cluster's service-account issuer gives a pod: `sub`, `aud`,
+    /// `iat`, `nbf` and `exp` (`lifetime` from now), with the same key as every other token.
+    pub fn workload_token(
+        &self,
+        subject: &str,
+        audience: &str,
+        lifetime: Duration,
+    ) -> Result<String, DevIdpError> {
+        #[derive(Serialize)]
+        struct WorkloadClaims<'a> {
+            iss: &'a str,
+            sub: &'a str,
+            aud: &'a str,
+            iat: u64,
+            nbf: u64,
+            exp: u64,
+            jti: String,
+        }
+        let iat = jsonwebtoken::get_current_timestamp();
+        let claims = WorkloadClaims {
+            iss: &self.issuer,
+            sub: subject,
+            aud: audience,
+            iat,
+            nbf: iat,
+            exp: iat.saturating_add(lifetime.as_secs()),
+            jti: format!("{:032x}", rand::random::<u128>()),
+        };
+        Ok(jsonwebtoken::encode(
+            &self.header,
+            &claims,
+            &self.signing_key,
+        )?)
     }
 
     fn authenticate(&self, (id, secret): &(String, SecretString)) -> bool {
@@ -294,12 +342,7 @@ impl DevIdp {
         scope: Option<String>,
         grant: &'static str,
     ) -> Result<TokenResponse, OAuthError> {
-        // Only a router that is not `serve`d can lack an issuer; its callers reach it by Host.
-        let host = headers.get(HOST).and_then(|host| host.to_str().ok());
-        let issuer = match self.issuer.as_str() {
-            "" => format!("http://{}/", host.unwrap_or("localhost")),
-            issuer => issuer.to_owned(),
-        };
+        let issuer = self.issuer_for(headers);
         let iat = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
             iss: &issuer,
@@ -359,6 +402,22 @@ impl DevIdpHandle {
         let _ = self.idp.sessions_url.set(url);
     }
 
+    /// The `iss` of its tokens, workload tokens included.
+    pub fn issuer(&self) -> &str {
+        &self.idp.issuer
+    }
+
+    /// A workload token for `subject` and `audience`, signed with the IdP's key
+    /// ([`DevIdp::workload_token`]).
+    pub fn workload_token(
+        &self,
+        subject: &str,
+        audience: &str,
+        lifetime: Duration,
+    ) -> Result<String, DevIdpError> {
+        self.idp.workload_token(subject, audience, lifetime)
+    }
+
     /// The authorization endpoint, `{base_url}/authorize`.
     pub fn authorize_url(&self) -> String {
         format!("{}/authorize", self.base_url)
@@ -400,6 +459,19 @@ async fn token(State(idp): State<Arc<DevIdp>>, request: Request) -> Response {
 
 async fn jwks(State(idp): State<Arc<DevIdp>>) -> impl IntoResponse {
     ([(CONTENT_TYPE, "application/json")], idp.jwks.clone())
+}
+
+/// OIDC discovery, so the IdP can be configured as a workload issuer by its `issuer` alone.
+async fn discovery(State(idp): State<Arc<DevIdp>>, headers: HeaderMap) -> impl IntoResponse {
+    let issuer = idp.issuer_for(&headers);
+    let base = issuer.trim_end_matches('/');
+    Json(serde_json::json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        "token_endpoint": format!("{base}/oauth/token"),
+        "authorization_endpoint": format!("{base}/authorize"),
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }))
 }
 
 /// The token request fields the dev IdP reads; others are ignored, as Auth0 does.
