@@ -191,7 +191,9 @@ pub async fn run(
         "Get one without a key, with a workload token (the development IdP signed it as a cluster signs a pod's service-account token; valid {}):",
         humantime::format_duration(WORKLOAD_TOKEN_LIFETIME)
     );
-    println!("  curl -s -H 'Authorization: Bearer {workload_token}' '{url}/v1/tokens/demo/production'");
+    println!(
+        "  curl -s -H 'Authorization: Bearer {workload_token}' '{url}/v1/tokens/demo/production'"
+    );
     println!();
     println!(
         "Get a user token (authorization-code flow; the development IdP signs in 'dev-user' at once):"

@@ -158,6 +158,60 @@ mod tests {
     }
 
     #[test]
+    fn workload_callers_need_a_configured_issuer_and_distinct_subjects() {
+        let toml = r#"
+            [auth.workload]
+            audience = "token-broker"
+            leeway = "10m"
+            [[auth.workload.issuers]]
+            issuer = "https://kubernetes.default.svc"
+            [[auth.workload.issuers]]
+            issuer = "http://ci.example"
+            [[auth.workload.issuers]]
+            issuer = "https://both.example"
+            jwks_uri = "https://both.example/keys"
+            jwks_file = "/etc/keys.json"
+            [callers.billing]
+            workload = [{ issuer = "https://kubernetes.default.svc", subject = "system:serviceaccount:billing:*" }]
+            allow = ["acme/*"]
+            [callers.payments]
+            workload = [
+                { issuer = "https://kubernetes.default.svc", subject = "system:serviceaccount:billing:*" },
+                { issuer = "https://elsewhere.example", subject = "x" },
+                { issuer = "https://kubernetes.default.svc", subject = "a*b" },
+            ]
+            allow = ["acme/*"]
+        "#;
+        let all = problems(toml, &no_env);
+        for expected in [
+            "auth.workload.leeway: at most 5m",
+            "auth.workload.issuers[1].issuer: must be an https URL",
+            "auth.workload.issuers[2]: both jwks_uri and jwks_file",
+            "callers.payments.workload: the same issuer and subject as callers.billing",
+            "callers.payments.workload[1].issuer: not one of [[auth.workload.issuers]]",
+            "callers.payments.workload[2].subject: a * may only end the subject",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        assert!(
+            !all.contains("key_sha256"),
+            "a workload caller needs no key:\n{all}"
+        );
+
+        let without_issuers = r#"
+            [callers.billing]
+            workload = [{ issuer = "https://kubernetes.default.svc", subject = "x" }]
+            allow = ["acme/*"]
+        "#;
+        assert!(
+            problems(without_issuers, &no_env)
+                .contains("callers.billing.workload[0]: no [auth.workload] is configured")
+        );
+        let no_audience = "[auth.workload]\n[[auth.workload.issuers]]\nissuer = \"https://k8s\"\n";
+        assert!(problems(no_audience, &no_env).contains("auth.workload.audience: missing"));
+    }
+
+    #[test]
     fn admin_and_metrics_keys_are_hashes() {
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nallow_anonymous = true\nadmin_key_sha256 = \"{HASH}\"\nmetrics_key_sha256 = \"xyz\""

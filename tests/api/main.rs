@@ -40,3 +40,4 @@ mod upstream_errors;
 mod user_login;
 mod user_refresh;
 mod user_round_trip;
+mod workload;

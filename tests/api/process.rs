@@ -173,20 +173,35 @@ async fn dev_mode_prints_a_curl_line_that_works_as_printed() {
         .nth(1)
         .expect("the curl line ends with a quoted URL")
         .to_owned();
+    // The second line uses the printed workload token instead of the key.
+    let workload_line = dev.wait_for("curl ").trim().to_owned();
+    assert!(
+        workload_line.contains("Bearer eyJ") && !workload_line.contains("tbk_"),
+        "{workload_line}"
+    );
 
-    let printed = tokio::task::spawn_blocking(move || {
-        Command::new("sh")
-            .args(["-c", &curl_line])
-            .output()
-            .expect("run the printed curl line")
-    })
-    .await
-    .unwrap();
-    assert!(printed.status.success(), "{printed:?}");
-    let body: serde_json::Value = serde_json::from_slice(&printed.stdout).expect("JSON");
+    let run = |line: String| async move {
+        let printed = tokio::task::spawn_blocking(move || {
+            Command::new("sh")
+                .args(["-c", &line])
+                .output()
+                .expect("run the printed curl line")
+        })
+        .await
+        .unwrap();
+        assert!(printed.status.success(), "{printed:?}");
+        let body: serde_json::Value = serde_json::from_slice(&printed.stdout).expect("JSON");
+        body
+    };
+    let body = run(curl_line).await;
     let token = body["access_token"].as_str().expect("a token");
     assert_eq!(token.split('.').count(), 3, "a JWT");
     assert_eq!(body["token_type"], "Bearer");
+    let by_workload = run(workload_line).await;
+    assert_eq!(
+        by_workload["access_token"], body["access_token"],
+        "the workload caller is the same caller and gets the cached token: {by_workload}"
+    );
 
     let livez = url.split("/v1/").next().unwrap().to_owned() + "/livez";
     let health = Command::new(BIN)
