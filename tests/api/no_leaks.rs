@@ -10,9 +10,12 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 use crate::process::{BIN, spawn};
+use crate::workload::{POD, Signer, TestIssuer, workload_config};
 
 const METRICS_KEY: &str = "tbk_test-metrics-key";
 const ACCESS_TOKEN: &str = "eyJhbGciOiJub25lIn0.very-secret-access-token.sig";
+/// The broker's own token for fetching workload keys (`bearer_token_file`).
+const KEYS_BEARER_TOKEN: &str = "very-secret-service-account-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
@@ -34,7 +37,33 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         })))
         .mount(&idp)
         .await;
+    let signer = Signer::rsa("k1", jsonwebtoken::Algorithm::RS256);
+    let issuer = TestIssuer::start(&[&signer]).await;
+    let workload_token = signer.sign(&issuer.claims(POD));
+    let mut forged = issuer.claims(POD);
+    forged["sub"] = json!("system:serviceaccount:other:app");
+    let refused_token = signer.sign(&forged);
     let dir = tempfile::tempdir().unwrap();
+    let bearer_file = dir.path().join("token");
+    std::fs::write(&bearer_file, KEYS_BEARER_TOKEN).unwrap();
+    // Only the `pods` caller: `billing` is in the base configuration already (one file).
+    let workload = workload_config(&issuer.uri(), "30s");
+    let workload = workload
+        .replace(
+            &format!("issuer = \"{}\"\n\n", issuer.uri()),
+            &format!(
+                "issuer = \"{}\"\nbearer_token_file = \"{}\"\n\n",
+                issuer.uri(),
+                bearer_file.display()
+            ),
+        )
+        .split("[callers.billing]")
+        .next()
+        .unwrap()
+        .to_owned()
+        + "[callers.pods]"
+        + workload.split("[callers.pods]").nth(1).unwrap();
+    assert!(workload.contains("bearer_token_file"));
     let config = dir.path().join("broker.toml");
     let toml = base_config(&idp.uri())
         .replace(
@@ -44,7 +73,8 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
                 KeyHash::of(METRICS_KEY).to_hex()
             ),
         )
-        .replace("[callers.reports]\n", "[callers.reports]\nrate_limit = 1\n");
+        .replace("[callers.reports]\n", "[callers.reports]\nrate_limit = 1\n")
+        + &workload;
     std::fs::write(&config, toml).unwrap();
     let server = spawn(
         Command::new(BIN)
@@ -79,6 +109,8 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         (reqwest::Method::GET, "/v1/admin/cache", BILLING_KEY, 401),
         (reqwest::Method::GET, "/metrics", METRICS_KEY, 200),
         (reqwest::Method::GET, "/metrics", ADMIN_KEY, 401),
+        (reqwest::Method::GET, tokens, &workload_token, 200),
+        (reqwest::Method::GET, tokens, &refused_token, 401),
     ] {
         let response = send(method, path, key).await.unwrap();
         assert_eq!(response.status(), status, "{path} with a key");
@@ -102,6 +134,12 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         .unwrap();
     assert_eq!(compare_and_delete.status(), 204);
 
+    assert_eq!(
+        issuer.authorizations().await,
+        vec![format!("Bearer {KEYS_BEARER_TOKEN}"); 2],
+        "discovery and JWKS carry the broker's own token"
+    );
+
     let (status, lines) = server.terminate();
     assert!(status.success());
     let log = lines.join("\n");
@@ -120,12 +158,16 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         "tbk_a-wrong-key",
         ACCESS_TOKEN,
         "very-secret-access-token",
+        KEYS_BEARER_TOKEN,
+        // The signatures: what makes a workload token a credential.
+        workload_token.rsplit('.').next().unwrap(),
+        refused_token.rsplit('.').next().unwrap(),
     ];
     for secret in leaks {
         assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
     }
     // Token answers to callers are the one place a token belongs.
-    for (index, answer) in answers.iter().enumerate().skip(2) {
+    for (index, answer) in answers.iter().enumerate().skip(2).filter(|(i, _)| *i != 10) {
         for secret in leaks {
             assert!(
                 !answer.contains(secret),

@@ -159,6 +159,16 @@ impl TestIssuer {
         *self.keys.published.lock().unwrap() = Some(json!({ "keys": keys }));
     }
 
+    /// The `Authorization` headers the issuer received (discovery and JWKS).
+    pub async fn authorizations(&self) -> Vec<String> {
+        let requests = self.server.received_requests().await.unwrap_or_default();
+        requests
+            .iter()
+            .filter_map(|request| request.headers.get("authorization"))
+            .map(|value| value.to_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// Makes the JWKS answer 503 from now on.
     fn fail(&self) {
         *self.keys.published.lock().unwrap() = None;
