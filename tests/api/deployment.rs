@@ -143,13 +143,45 @@ fn the_kubernetes_example_has_probes_and_a_configuration_that_passes_check_confi
             .to_owned();
         toml.replacen(PLACEHOLDER, &hash, 1)
     });
-    check_config(&hashed, &env);
+    // The service-account files exist in the pod; here they are made in a directory of their own.
+    let pod = tempfile::tempdir().unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["kubernetes.default.svc".to_owned()]).unwrap();
+    std::fs::write(pod.path().join("ca.crt"), ca.cert.pem()).unwrap();
+    std::fs::write(pod.path().join("token"), "the broker's own token").unwrap();
+    let mounted = hashed.replace(
+        "/var/run/secrets/kubernetes.io/serviceaccount/",
+        &format!("{}/", pod.path().display()),
+    );
+    check_config(&mounted, &env);
+
+    // The calling pod's projected token is for the broker's audience, and its service account
+    // is the subject that the configuration names.
+    let calling = yaml("deploy/kubernetes/calling-pod.yaml");
+    let caller = calling
+        .iter()
+        .find(|m| m["kind"].as_str() == Some("Deployment"))
+        .expect("a calling Deployment");
+    let spec = &caller["spec"]["template"]["spec"];
+    let projected = &spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"];
+    let audience = projected["audience"].as_str().expect("a projected token");
+    assert!(toml.contains(&format!("audience = \"{audience}\"")), "{audience}");
+    let subject = format!(
+        "system:serviceaccount:{}:{}",
+        caller["metadata"]["namespace"].as_str().unwrap(),
+        spec["serviceAccountName"].as_str().unwrap()
+    );
+    assert!(toml.contains(&format!("subject = \"{subject}\"")), "{subject}");
 
     let manifests = yaml("deploy/kubernetes/deployment.yaml");
     let deployment = manifests
         .iter()
         .find(|m| m["kind"].as_str() == Some("Deployment"))
         .expect("a Deployment");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"].as_str(),
+        Some("token-broker"),
+        "the broker reads the cluster's JWKS as its own service account"
+    );
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         container["livenessProbe"]["httpGet"]["path"].as_str(),
