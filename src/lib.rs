@@ -12,7 +12,8 @@
 //! - [`broker`]: cache, single flight, refresh ahead, failure policy, replicas; no HTTP.
 //! - [`user_tokens`]: user tokens through the authorization-code flow: state, PKCE, handles.
 //! - [`shared_cache`]: Redis as the cache level shared by replicas, tokens encrypted at rest.
-//! - [`auth`]: caller keys, allow rules, the authenticating extractors.
+//! - [`auth`]: caller keys and workload tokens (with their issuers' JWKS), allow rules, the
+//!   authenticating extractors.
 //! - [`config`]: loads, layers and validates the configuration into each component's settings.
 //! - [`app`]: the state every handler shares, the configuration snapshot and reload.
 //! - [`api`]: the route list, the handlers and the one mapping of errors to HTTP.
@@ -40,7 +41,7 @@
 //! | `telemetry` | |
 //!
 //! Room is left for what is planned: a session-store trait in `user_tokens` that `shared_cache`
-//! implements, and a JWKS client in `auth` built on `idp`'s HTTP client.
+//! implements.
 //!
 //! No file is longer than 600 lines before its `#[cfg(test)]` module (the same test checks it).
 

@@ -50,7 +50,10 @@ impl Modify for SecuritySchemes {
             ),
         );
         for (name, description) in [
-            ("caller_key", "A caller key from `token-broker hash-key`"),
+            (
+                "caller_key",
+                "A caller key from `token-broker hash-key`, or a workload token (a JWT of an issuer in [auth.workload])",
+            ),
             ("admin_key", "The key whose hash is auth.admin_key_sha256"),
             (
                 "metrics_key",

@@ -164,13 +164,19 @@ fn the_kubernetes_example_has_probes_and_a_configuration_that_passes_check_confi
     let spec = &caller["spec"]["template"]["spec"];
     let projected = &spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"];
     let audience = projected["audience"].as_str().expect("a projected token");
-    assert!(toml.contains(&format!("audience = \"{audience}\"")), "{audience}");
+    assert!(
+        toml.contains(&format!("audience = \"{audience}\"")),
+        "{audience}"
+    );
     let subject = format!(
         "system:serviceaccount:{}:{}",
         caller["metadata"]["namespace"].as_str().unwrap(),
         spec["serviceAccountName"].as_str().unwrap()
     );
-    assert!(toml.contains(&format!("subject = \"{subject}\"")), "{subject}");
+    assert!(
+        toml.contains(&format!("subject = \"{subject}\"")),
+        "{subject}"
+    );
 
     let manifests = yaml("deploy/kubernetes/deployment.yaml");
     let deployment = manifests
