@@ -20,7 +20,6 @@ mod workload;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,9 +37,9 @@ use crate::telemetry::metrics::Metrics;
 
 pub use jwks::JwksError;
 pub use settings::{
-    AuthSettings, CallerSettings, DEFAULT_JWKS_REFRESH_INTERVAL, DEFAULT_LEEWAY, DEFAULT_MAX_KEYS,
-    DEFAULT_MAX_REMEMBERED, IssuerSettings, KeySource, OrganizationRule, SubjectPattern,
-    WorkloadRule, WorkloadSettings, is_organization_id,
+    AllowRule, AuthSettings, CallerSettings, DEFAULT_JWKS_REFRESH_INTERVAL, DEFAULT_LEEWAY,
+    DEFAULT_MAX_KEYS, DEFAULT_MAX_REMEMBERED, IssuerSettings, KeySource, OrganizationRule,
+    SubjectPattern, WorkloadRule, WorkloadSettings, is_organization_id,
 };
 pub use workload::{JWKS_MAX_AGE, WorkloadRejection};
 
@@ -118,87 +117,6 @@ pub fn generate_key() -> (String, KeyHash) {
     (key, hash)
 }
 
-/// One part of an allow rule: a name, or `*` for any.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
-    Any,
-    Exact(String),
-}
-
-impl Pattern {
-    fn parse(part: &str) -> Self {
-        if part == "*" {
-            Self::Any
-        } else {
-            Self::Exact(part.to_owned())
-        }
-    }
-
-    fn matches(&self, value: &str) -> bool {
-        match self {
-            Self::Any => true,
-            Self::Exact(expected) => expected == value,
-        }
-    }
-}
-
-/// `tenant/environment` or `tenant/environment/audience`, where `*` matches a whole part and the
-/// audience is everything after the second `/` (audiences are often URLs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowRule {
-    tenant: Pattern,
-    environment: Pattern,
-    audience: Option<Pattern>,
-}
-
-impl FromStr for AllowRule {
-    type Err = &'static str;
-
-    fn from_str(rule: &str) -> Result<Self, Self::Err> {
-        let mut parts = rule.splitn(3, '/');
-        let tenant = parts.next().unwrap_or_default();
-        let Some(environment) = parts.next() else {
-            return Err("expected tenant/environment or tenant/environment/audience");
-        };
-        let audience = parts.next();
-        if tenant.is_empty() || environment.is_empty() || audience == Some("") {
-            return Err("a part is empty; use * to match anything");
-        }
-        for part in [tenant, environment] {
-            if part != "*" && !is_valid_name(part) {
-                return Err("tenant and environment are lower-case [a-z0-9_-] names or *");
-            }
-        }
-        Ok(Self {
-            tenant: Pattern::parse(tenant),
-            environment: Pattern::parse(environment),
-            audience: audience.map(Pattern::parse),
-        })
-    }
-}
-
-impl AllowRule {
-    /// `*/*`: everything.
-    fn any() -> Self {
-        Self {
-            tenant: Pattern::Any,
-            environment: Pattern::Any,
-            audience: None,
-        }
-    }
-
-    /// Whether the rule allows this tenant, environment and audience (`None`: not yet known).
-    pub fn allows(&self, tenant: &str, environment: &str, audience: Option<&str>) -> bool {
-        self.tenant.matches(tenant)
-            && self.environment.matches(environment)
-            && match (&self.audience, audience) {
-                (None, _) | (Some(Pattern::Any), _) => true,
-                (Some(pattern), Some(audience)) => pattern.matches(audience),
-                (Some(_), None) => false,
-            }
-    }
-}
-
 /// An authenticated calling service.
 #[derive(Debug)]
 pub struct Caller {
@@ -230,7 +148,7 @@ impl Caller {
     pub fn may_use_environment(&self, tenant: &str, environment: &str) -> bool {
         self.allow
             .iter()
-            .any(|rule| rule.tenant.matches(tenant) && rule.environment.matches(environment))
+            .any(|rule| rule.allows_environment(tenant, environment))
     }
 
     /// Whether the caller may name organization `id` for a token of `tenant` (it may use the
@@ -406,10 +324,15 @@ impl CallerRegistry {
                 .collect();
             let verifier = Arc::new(workload::WorkloadVerifier::new(
                 workload,
-                |issuer| issuer_keys(issuer, previous),
+                |issuer| {
+                    workload::issuer_keys(
+                        issuer,
+                        previous.and_then(|registry| registry.workload.as_deref()),
+                    )
+                },
                 &rules,
             ));
-            refresh_in_background(&verifier, workload.jwks_refresh_interval);
+            workload::refresh_in_background(&verifier, workload.jwks_refresh_interval);
             verifier
         });
         Self {
@@ -532,52 +455,6 @@ impl CallerRegistry {
         } else {
             Err(AuthError::InvalidKey)
         }
-    }
-}
-
-/// The keys of `issuer`: those of the registry before the reload when its settings are the same
-/// (so a reload neither refetches nor forgets them), else new ones.
-fn issuer_keys(
-    issuer: &IssuerSettings,
-    previous: Option<&CallerRegistry>,
-) -> Arc<jwks::IssuerKeys> {
-    let kept = previous
-        .and_then(|registry| registry.workload.as_deref())
-        .and_then(|workload| {
-            workload
-                .keys()
-                .find(|keys| keys.settings() == issuer)
-                .cloned()
-        });
-    kept.unwrap_or_else(|| Arc::new(jwks::IssuerKeys::new(issuer.clone())))
-}
-
-/// Fetches every issuer's keys now and then on a period ([`JWKS_MAX_AGE`] for URLs,
-/// `jwks_refresh_interval` for files), for as long as the verifier is in use. Without a runtime
-/// (unit tests) nothing is started and keys are fetched on first use.
-fn refresh_in_background(verifier: &Arc<workload::WorkloadVerifier>, file_period: Duration) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    for keys in verifier.keys() {
-        let period = match keys.settings().keys {
-            KeySource::File(_) => file_period,
-            KeySource::Uri(_) | KeySource::Discovery => JWKS_MAX_AGE,
-        };
-        let owner = Arc::downgrade(verifier);
-        let keys = Arc::downgrade(keys);
-        runtime.spawn(async move {
-            loop {
-                {
-                    let (Some(_owner), Some(keys)) = (owner.upgrade(), keys.upgrade()) else {
-                        break;
-                    };
-                    // A failure is logged there, and the last good keys stay.
-                    let _ = keys.refetch(Duration::ZERO).await;
-                }
-                tokio::time::sleep(period).await;
-            }
-        });
     }
 }
 

@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use crate::idp::pkcs1_from_pkcs8;
 
 mod authorization;
+mod workload;
 
 /// Token request bodies are a few hundred bytes; anything far larger is a mistake.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -152,7 +153,10 @@ impl DevIdp {
             .route("/authorize", get(authorization::authorize))
             .route("/callback", get(authorization::callback))
             .route("/.well-known/jwks.json", get(jwks))
-            .route("/.well-known/openid-configuration", get(discovery))
+            .route(
+                "/.well-known/openid-configuration",
+                get(workload::discovery),
+            )
             .with_state(self)
     }
 
@@ -199,41 +203,6 @@ impl DevIdp {
             }
             issuer => issuer.to_owned(),
         }
-    }
-
-    /// Signs a workload token, as a cluster's service-account issuer gives a pod: `sub`, `aud`,
-    /// `iat`, `nbf` and `exp` (`lifetime` from now), with the same key as every other token.
-    pub fn workload_token(
-        &self,
-        subject: &str,
-        audience: &str,
-        lifetime: Duration,
-    ) -> Result<String, DevIdpError> {
-        #[derive(Serialize)]
-        struct WorkloadClaims<'a> {
-            iss: &'a str,
-            sub: &'a str,
-            aud: &'a str,
-            iat: u64,
-            nbf: u64,
-            exp: u64,
-            jti: String,
-        }
-        let iat = jsonwebtoken::get_current_timestamp();
-        let claims = WorkloadClaims {
-            iss: &self.issuer,
-            sub: subject,
-            aud: audience,
-            iat,
-            nbf: iat,
-            exp: iat.saturating_add(lifetime.as_secs()),
-            jti: format!("{:032x}", rand::random::<u128>()),
-        };
-        Ok(jsonwebtoken::encode(
-            &self.header,
-            &claims,
-            &self.signing_key,
-        )?)
     }
 
     fn authenticate(&self, (id, secret): &(String, SecretString)) -> bool {
@@ -459,19 +428,6 @@ async fn token(State(idp): State<Arc<DevIdp>>, request: Request) -> Response {
 
 async fn jwks(State(idp): State<Arc<DevIdp>>) -> impl IntoResponse {
     ([(CONTENT_TYPE, "application/json")], idp.jwks.clone())
-}
-
-/// OIDC discovery, so the IdP can be configured as a workload issuer by its `issuer` alone.
-async fn discovery(State(idp): State<Arc<DevIdp>>, headers: HeaderMap) -> impl IntoResponse {
-    let issuer = idp.issuer_for(&headers);
-    let base = issuer.trim_end_matches('/');
-    Json(serde_json::json!({
-        "issuer": issuer,
-        "jwks_uri": format!("{base}/.well-known/jwks.json"),
-        "token_endpoint": format!("{base}/oauth/token"),
-        "authorization_endpoint": format!("{base}/authorize"),
-        "id_token_signing_alg_values_supported": ["RS256"],
-    }))
 }
 
 /// The token request fields the dev IdP reads; others are ignored, as Auth0 does.

@@ -4,7 +4,7 @@
 use std::num::NonZeroU32;
 use std::str::FromStr;
 
-use super::{AllowRule, KeyHash, is_valid_name};
+use super::{KeyHash, is_valid_name};
 
 /// Longest organization id accepted (Auth0's are `org_` and 16 characters).
 const MAX_ORGANIZATION_LEN: usize = 64;
@@ -200,5 +200,91 @@ impl SubjectPattern {
             Self::Exact(exact) => exact == subject,
             Self::Prefix(prefix) => subject.starts_with(prefix.as_str()),
         }
+    }
+}
+
+/// One part of an allow rule: a name, or `*` for any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Any,
+    Exact(String),
+}
+
+impl Pattern {
+    fn parse(part: &str) -> Self {
+        if part == "*" {
+            Self::Any
+        } else {
+            Self::Exact(part.to_owned())
+        }
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Exact(expected) => expected == value,
+        }
+    }
+}
+
+/// `tenant/environment` or `tenant/environment/audience`, where `*` matches a whole part and the
+/// audience is everything after the second `/` (audiences are often URLs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    tenant: Pattern,
+    environment: Pattern,
+    audience: Option<Pattern>,
+}
+
+impl FromStr for AllowRule {
+    type Err = &'static str;
+
+    fn from_str(rule: &str) -> Result<Self, Self::Err> {
+        let mut parts = rule.splitn(3, '/');
+        let tenant = parts.next().unwrap_or_default();
+        let Some(environment) = parts.next() else {
+            return Err("expected tenant/environment or tenant/environment/audience");
+        };
+        let audience = parts.next();
+        if tenant.is_empty() || environment.is_empty() || audience == Some("") {
+            return Err("a part is empty; use * to match anything");
+        }
+        for part in [tenant, environment] {
+            if part != "*" && !is_valid_name(part) {
+                return Err("tenant and environment are lower-case [a-z0-9_-] names or *");
+            }
+        }
+        Ok(Self {
+            tenant: Pattern::parse(tenant),
+            environment: Pattern::parse(environment),
+            audience: audience.map(Pattern::parse),
+        })
+    }
+}
+
+impl AllowRule {
+    /// `*/*`: everything.
+    pub(super) fn any() -> Self {
+        Self {
+            tenant: Pattern::Any,
+            environment: Pattern::Any,
+            audience: None,
+        }
+    }
+
+    /// Whether the rule allows this tenant and environment, for some audience.
+    pub(super) fn allows_environment(&self, tenant: &str, environment: &str) -> bool {
+        self.tenant.matches(tenant) && self.environment.matches(environment)
+    }
+
+    /// Whether the rule allows this tenant, environment and audience (`None`: not yet known).
+    pub fn allows(&self, tenant: &str, environment: &str, audience: Option<&str>) -> bool {
+        self.tenant.matches(tenant)
+            && self.environment.matches(environment)
+            && match (&self.audience, audience) {
+                (None, _) | (Some(Pattern::Any), _) => true,
+                (Some(pattern), Some(audience)) => pattern.matches(audience),
+                (Some(_), None) => false,
+            }
     }
 }

@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret as _, SecretSlice};
 use subtle::ConstantTimeEq as _;
 
 use super::jwks::{IssuerKeys, KeySet, VerifyingKey};
-use super::settings::{SubjectPattern, WorkloadSettings};
+use super::settings::{IssuerSettings, KeySource, SubjectPattern, WorkloadSettings};
 use super::{AuthError, Caller};
 
 /// Longest workload token read.
@@ -463,5 +463,49 @@ impl Remembered {
                 thumbprint,
             },
         );
+    }
+}
+
+/// The keys of `issuer`: those of the registry before the reload when its settings are the same
+/// (so a reload neither refetches nor forgets them), else new ones.
+pub(super) fn issuer_keys(
+    issuer: &IssuerSettings,
+    previous: Option<&WorkloadVerifier>,
+) -> Arc<IssuerKeys> {
+    let kept = previous.and_then(|workload| {
+        workload
+            .keys()
+            .find(|keys| keys.settings() == issuer)
+            .cloned()
+    });
+    kept.unwrap_or_else(|| Arc::new(IssuerKeys::new(issuer.clone())))
+}
+
+/// Fetches every issuer's keys now and then on a period ([`JWKS_MAX_AGE`] for URLs,
+/// `jwks_refresh_interval` for files), for as long as the verifier is in use. Without a runtime
+/// (unit tests) nothing is started and keys are fetched on first use.
+pub(super) fn refresh_in_background(verifier: &Arc<WorkloadVerifier>, file_period: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    for keys in verifier.keys() {
+        let period = match keys.settings().keys {
+            KeySource::File(_) => file_period,
+            KeySource::Uri(_) | KeySource::Discovery => JWKS_MAX_AGE,
+        };
+        let owner = Arc::downgrade(verifier);
+        let keys = Arc::downgrade(keys);
+        runtime.spawn(async move {
+            loop {
+                {
+                    let (Some(_owner), Some(keys)) = (owner.upgrade(), keys.upgrade()) else {
+                        break;
+                    };
+                    // A failure is logged there, and the last good keys stay.
+                    let _ = keys.refetch(Duration::ZERO).await;
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
     }
 }
