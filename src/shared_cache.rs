@@ -39,7 +39,9 @@ use crate::broker::{
 };
 
 pub use cipher::{OpenError, TokenCipher};
-pub use settings::{ENCRYPTION_KEY_LEN, EncryptionKey, SharedCacheSettings};
+pub use settings::{
+    ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTls, SharedCacheSettings,
+};
 
 /// How often the health probe `PING`s Redis.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -127,8 +129,7 @@ impl RedisCache {
     /// Connects lazily (a Redis that is down at start is used once it answers) and starts the
     /// health probe.
     pub fn new(settings: &SharedCacheSettings) -> Result<Self, RedisCacheError> {
-        let client =
-            redis::Client::open(settings.url.expose_secret()).map_err(RedisCacheError::Client)?;
+        let client = client(settings).map_err(RedisCacheError::Client)?;
         // Few, short reconnection attempts per call: the probe keeps calling every second.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
@@ -167,6 +168,36 @@ impl RedisCache {
         );
         tokio::spawn(probe(Arc::downgrade(&inner)));
         Ok(Self { inner })
+    }
+}
+
+/// The client of `settings`: the URL, with the ACL user and password of the settings when the
+/// URL names none, and TLS with `[shared_cache.tls]`'s CA and client certificate when set
+/// (`rediss://` alone uses the system roots).
+fn client(settings: &SharedCacheSettings) -> RedisResult<redis::Client> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.expose_secret())?;
+    if settings.username.is_some() || settings.password.is_some() {
+        let mut redis = info.redis_settings().clone();
+        if let Some(username) = &settings.username {
+            redis = redis.set_username(username);
+        }
+        if let Some(password) = &settings.password {
+            redis = redis.set_password(password.expose_secret());
+        }
+        info = info.set_redis_settings(redis);
+    }
+    match &settings.tls {
+        None => redis::Client::open(info),
+        Some(tls) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: tls.client.as_ref().map(|client| redis::ClientTlsConfig {
+                    client_cert: client.certificate_pem.clone(),
+                    client_key: client.key_pem.expose_secret().to_vec(),
+                }),
+                root_cert: tls.ca_pem.clone(),
+            },
+        ),
     }
 }
 

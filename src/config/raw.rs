@@ -56,6 +56,20 @@ pub(super) struct RawSharedCache {
     pub(super) lock_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub(super) wait_for_peer: Duration,
+    #[serde(default)]
+    pub(super) tls: Option<RawRedisTls>,
+    #[serde(default)]
+    pub(super) username: Option<String>,
+    #[serde(default)]
+    pub(super) password_env: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedisTls {
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) certificate_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

@@ -4,10 +4,17 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use secrecy::{ExposeSecret as _, SecretBox, SecretString};
+use secrecy::{ExposeSecret as _, SecretBox, SecretSlice, SecretString};
 
-use super::raw::RawSharedCache;
-use crate::shared_cache::{ENCRYPTION_KEY_LEN, EncryptionKey, SharedCacheSettings};
+use std::path::Path;
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::raw::{RawRedisTls, RawSharedCache};
+use crate::shared_cache::{
+    ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTls, SharedCacheSettings,
+};
 
 impl RawSharedCache {
     /// The validated settings; `None` when no URL is set (the shared level is off); problems go to `problems`.
@@ -20,20 +27,60 @@ impl RawSharedCache {
             .url
             .filter(|url| !url.expose_secret().trim().is_empty())?;
         let before = problems.len();
-        let accepted = url
+        let scheme = url
             .expose_secret()
             .split_once("://")
-            .is_some_and(|(scheme, _)| {
-                matches!(
-                    scheme,
-                    "redis" | "valkey" | "redis+unix" | "unix" | "valkey+unix"
-                )
-            });
-        if !accepted || redis::Client::open(url.expose_secret()).is_err() {
+            .map(|(scheme, _)| scheme.to_owned())
+            .unwrap_or_default();
+        let accepted = matches!(
+            scheme.as_str(),
+            "redis" | "valkey" | "rediss" | "valkeys" | "redis+unix" | "unix" | "valkey+unix"
+        );
+        let parsed = redis::IntoConnectionInfo::into_connection_info(url.expose_secret());
+        if !accepted || parsed.is_err() {
             // The URL itself is not repeated: it may carry a password.
             problems.push(
-                "shared_cache.url: not a usable Redis URL; expected redis://[user:password@]host:port[/db] (TLS, rediss://, is not supported)".to_owned(),
+                "shared_cache.url: not a usable Redis URL; expected redis://[user:password@]host:port[/db], or rediss:// for TLS".to_owned(),
             );
+        }
+        let in_url = parsed.ok().map(|info| {
+            let redis = info.redis_settings();
+            (redis.username().is_some(), redis.password().is_some())
+        });
+        let tls_scheme = matches!(scheme.as_str(), "rediss" | "valkeys");
+        let tls = self.tls.as_ref().and_then(|tls| read_tls(tls, problems));
+        if self.tls.is_some() && accepted && !tls_scheme {
+            problems.push(
+                "shared_cache.tls: set, but shared_cache.url is not rediss://; use rediss://host:port for TLS".to_owned(),
+            );
+        }
+        let (user_in_url, password_in_url) = in_url.unwrap_or_default();
+        if user_in_url && self.username.is_some() {
+            problems.push(
+                "shared_cache.username: the URL names a user already; keep one of them".to_owned(),
+            );
+        }
+        let password = match self.password_env.as_deref() {
+            Some(_) if password_in_url => {
+                problems.push(
+                    "shared_cache.password_env: the URL carries a password already; keep one of them (preferably password_env)".to_owned(),
+                );
+                None
+            }
+            Some(name) => match env(name).filter(|value| !value.is_empty()) {
+                Some(value) => Some(SecretString::from(value)),
+                None => {
+                    problems.push(format!(
+                        "shared_cache.password_env: environment variable {name} is not set or empty"
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        if self.username.as_deref().is_some_and(str::is_empty) {
+            problems
+                .push("shared_cache.username: empty; leave it out for the default user".to_owned());
         }
         if self.key_prefix.is_empty() || self.key_prefix.chars().any(char::is_whitespace) {
             problems.push(
@@ -79,8 +126,69 @@ impl RawSharedCache {
             timeout: self.timeout,
             lock_ttl: self.lock_ttl,
             wait_for_peer: self.wait_for_peer,
+            tls,
+            username: self.username,
+            password,
         })
     }
+}
+
+/// Reads `[shared_cache.tls]`: each file must exist and hold PEM of the right kind.
+fn read_tls(raw: &RawRedisTls, problems: &mut Vec<String>) -> Option<RedisTls> {
+    let before = problems.len();
+    let read = |name: &str, path: &Path, problems: &mut Vec<String>| {
+        std::fs::read(path)
+            .map_err(|error| {
+                problems.push(format!(
+                    "shared_cache.tls.{name}: cannot read {}: {error}",
+                    path.display()
+                ));
+            })
+            .ok()
+    };
+    let certificates = |name: &str, pem: &[u8], problems: &mut Vec<String>| {
+        let found = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .is_ok_and(|certificates| !certificates.is_empty());
+        if !found {
+            problems.push(format!("shared_cache.tls.{name}: holds no PEM certificate"));
+        }
+    };
+    let ca_pem = raw.ca_file.as_deref().and_then(|path| {
+        let pem = read("ca_file", path, problems)?;
+        certificates("ca_file", &pem, problems);
+        Some(pem)
+    });
+    let client = match (&raw.certificate_file, &raw.key_file) {
+        (None, None) => None,
+        (Some(certificate), Some(key)) => {
+            let certificate_pem = read("certificate_file", certificate, problems);
+            if let Some(pem) = &certificate_pem {
+                certificates("certificate_file", pem, problems);
+            }
+            let key_pem = read("key_file", key, problems);
+            if key_pem
+                .as_deref()
+                .is_some_and(|pem| PrivateKeyDer::from_pem_slice(pem).is_err())
+            {
+                problems.push(
+                    "shared_cache.tls.key_file: holds no PEM private key (PKCS#8, PKCS#1 or SEC1)"
+                        .to_owned(),
+                );
+            }
+            Some(ClientIdentity {
+                certificate_pem: certificate_pem?,
+                key_pem: SecretSlice::from(key_pem?),
+            })
+        }
+        _ => {
+            problems.push(
+                "shared_cache.tls: certificate_file and key_file go together (mutual TLS); set both or neither".to_owned(),
+            );
+            None
+        }
+    };
+    (problems.len() == before).then_some(RedisTls { ca_pem, client })
 }
 
 /// Reads and decodes a 32-byte base64 key from the environment variable `name`.

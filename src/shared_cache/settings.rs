@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use secrecy::{ExposeSecret as _, SecretBox, SecretString};
+use secrecy::{ExposeSecret as _, SecretBox, SecretSlice, SecretString};
 
 /// Length of a shared cache encryption key: AES-256.
 pub const ENCRYPTION_KEY_LEN: usize = 32;
@@ -28,6 +28,43 @@ pub struct SharedCacheSettings {
     pub lock_ttl: Duration,
     /// How long a replica waits for a peer's IdP request before making its own.
     pub wait_for_peer: Duration,
+    /// `[shared_cache.tls]`: the CA and client certificate of a `rediss://` connection.
+    pub tls: Option<RedisTls>,
+    /// The ACL user, when the URL names none (`shared_cache.username`).
+    pub username: Option<String>,
+    /// The ACL password, when the URL carries none (from `shared_cache.password_env`).
+    pub password: Option<SecretString>,
+}
+
+/// `[shared_cache.tls]`, read from its files: PEM bytes.
+pub struct RedisTls {
+    /// The CA that signed the server's certificate, in place of the system roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The client certificate chain and its private key, for mutual TLS.
+    pub client: Option<ClientIdentity>,
+}
+
+/// A client certificate and its key (secret), for mutual TLS.
+pub struct ClientIdentity {
+    /// The certificate chain, PEM.
+    pub certificate_pem: Vec<u8>,
+    /// The private key, PEM.
+    pub key_pem: SecretSlice<u8>,
+}
+
+impl RedisTls {
+    /// Whether `other` holds the same CA, certificate and key.
+    fn same_as(&self, other: &Self) -> bool {
+        let client = |tls: &Self| {
+            tls.client.as_ref().map(|client| {
+                (
+                    client.certificate_pem.clone(),
+                    client.key_pem.expose_secret().to_vec(),
+                )
+            })
+        };
+        self.ca_pem == other.ca_pem && client(self) == client(other)
+    }
 }
 
 impl SharedCacheSettings {
@@ -49,6 +86,17 @@ impl SharedCacheSettings {
             && self.timeout == other.timeout
             && self.lock_ttl == other.lock_ttl
             && self.wait_for_peer == other.wait_for_peer
+            && self.username == other.username
+            && self.password.as_ref().map(|p| p.expose_secret().to_owned())
+                == other
+                    .password
+                    .as_ref()
+                    .map(|p| p.expose_secret().to_owned())
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_as(b),
+                _ => false,
+            }
     }
 }
 
@@ -60,6 +108,8 @@ impl fmt::Debug for SharedCacheSettings {
             .field("timeout", &self.timeout)
             .field("lock_ttl", &self.lock_ttl)
             .field("wait_for_peer", &self.wait_for_peer)
+            .field("tls", &self.tls.is_some())
+            .field("username", &self.username)
             .finish_non_exhaustive()
     }
 }
