@@ -39,9 +39,9 @@ pub use jwks::JwksError;
 pub use settings::{
     AllowRule, AuthSettings, CallerSettings, DEFAULT_JWKS_REFRESH_INTERVAL, DEFAULT_LEEWAY,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_REMEMBERED, IssuerSettings, KeySource, OrganizationRule,
-    SubjectPattern, WorkloadRule, WorkloadSettings, is_organization_id,
+    SubjectPattern, WorkloadRule, WorkloadSettings, is_fetchable_url, is_organization_id,
 };
-pub use workload::{JWKS_MAX_AGE, WorkloadRejection};
+pub use workload::{JWKS_BACKGROUND_REFRESH, WorkloadRejection};
 
 /// The name of the caller served when `auth.allow_anonymous` is on.
 const ANONYMOUS: &str = "anonymous";
@@ -314,12 +314,10 @@ impl CallerRegistry {
             let rules: Vec<_> = callers
                 .iter()
                 .flat_map(|(settings, caller)| {
-                    settings.workload.iter().map(move |rule| {
-                        (
-                            (rule.issuer.clone(), rule.subject.clone()),
-                            Arc::clone(caller),
-                        )
-                    })
+                    settings
+                        .workload
+                        .iter()
+                        .map(move |rule| (rule.clone(), Arc::clone(caller)))
                 })
                 .collect();
             let verifier = Arc::new(workload::WorkloadVerifier::new(
@@ -388,7 +386,7 @@ impl CallerRegistry {
     /// verified exactly as a bearer one.
     pub async fn authenticate_assertion(&self, assertion: &str) -> Result<Arc<Caller>, AuthError> {
         let Some(workload) = self.workload.as_deref() else {
-            return Err(AuthError::Workload(WorkloadRejection::UnknownIssuer));
+            return Err(AuthError::Workload(WorkloadRejection::NotEnabled));
         };
         if let Some(caller) = workload.remembered(assertion) {
             return Ok(caller);

@@ -1,10 +1,11 @@
 //! The keys of one workload issuer: its JWKS, found by OIDC discovery, at a `jwks_uri` or in a
 //! file, kept as the last good set.
 //!
-//! A fetch is single flight: callers queue on one lock, and the one that finds no attempt within
-//! the interval it was given starts the fetch in a task of its own (so a caller that goes away
-//! cancels nothing); the others take that attempt's outcome. A failed fetch keeps the last good
-//! keys. Only signature keys of the algorithms [`super::workload`] accepts are kept: RSA, EC
+//! A fetch is single flight: callers queue on one lock; a caller that finds an attempt finished
+//! while it waited takes that attempt's outcome, and fetches on demand (for an unknown `kid`)
+//! are at most one per interval, whatever the background fetches do. A fetch runs in a task of
+//! its own, so a caller that goes away cancels nothing. A failed fetch keeps the last good keys.
+//! Keys come over HTTPS, or HTTP from a loopback address only, discovered URLs included. Only signature keys of the algorithms [`super::workload`] accepts are kept: RSA, EC
 //! P-256 and P-384, and Ed25519; symmetric keys never are.
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +30,15 @@ const MAX_KEYS: usize = 100;
 
 /// Bound on one discovery or JWKS request.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest `bearer_token_file` read (service-account tokens are about 1 KiB).
+const MAX_BEARER_TOKEN_BYTES: usize = 64 * 1024;
+
+/// Least `Retry-After` of a 503 for keys that cannot be fetched now.
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Most keys tried for a token that names no `kid`.
+const MAX_KIDLESS_CANDIDATES: usize = 8;
 
 /// Why an issuer's keys could not be fetched. Never carries a body or the bearer token.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +168,8 @@ fn algorithm_of(declared: &KeyAlgorithm) -> Option<Algorithm> {
 /// The usable keys of one fetch of a JWKS.
 #[derive(Debug)]
 pub(super) struct KeySet {
-    by_kid: HashMap<Arc<str>, Arc<VerifyingKey>>,
+    /// Several keys may share a `kid`; each is tried.
+    by_kid: HashMap<Arc<str>, Vec<Arc<VerifyingKey>>>,
     all: Vec<Arc<VerifyingKey>>,
     thumbprints: HashSet<Arc<str>>,
 }
@@ -186,10 +197,15 @@ impl KeySet {
                 "no signature key of type RSA, EC P-256/P-384 or Ed25519",
             ));
         }
-        let by_kid = all
-            .iter()
-            .filter_map(|key| Some((Arc::clone(key.kid.as_ref()?), Arc::clone(key))))
-            .collect();
+        let mut by_kid: HashMap<Arc<str>, Vec<Arc<VerifyingKey>>> = HashMap::new();
+        for key in &all {
+            if let Some(kid) = &key.kid {
+                by_kid
+                    .entry(Arc::clone(kid))
+                    .or_default()
+                    .push(Arc::clone(key));
+            }
+        }
         let thumbprints = all.iter().map(|key| Arc::clone(&key.thumbprint)).collect();
         Ok(Self {
             by_kid,
@@ -198,19 +214,21 @@ impl KeySet {
         })
     }
 
-    /// The keys that may verify a token with this `kid` and algorithm: the key of that id, or,
-    /// for a token without `kid`, every key that accepts the algorithm.
+    /// The keys that may verify a token with this `kid` and algorithm: the keys of that id, or,
+    /// for a token without `kid`, the first [`MAX_KIDLESS_CANDIDATES`] that accept the
+    /// algorithm (so an unauthenticated token costs a bounded number of signature checks).
     pub(super) fn candidates(
         &self,
         kid: Option<&str>,
         algorithm: Algorithm,
     ) -> Vec<Arc<VerifyingKey>> {
         match kid {
-            Some(kid) => self.by_kid.get(kid).into_iter().cloned().collect(),
+            Some(kid) => self.by_kid.get(kid).cloned().unwrap_or_default(),
             None => self
                 .all
                 .iter()
                 .filter(|key| key.accepts(algorithm))
+                .take(MAX_KIDLESS_CANDIDATES)
                 .cloned()
                 .collect(),
         }
@@ -234,10 +252,30 @@ pub(super) struct Unavailable {
     pub(super) retry_after: Duration,
 }
 
-/// The last fetch attempt.
-struct Attempt {
-    at: Instant,
-    failure: Option<Arc<JwksError>>,
+/// Why keys are fetched.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Refetch {
+    /// On a period: always fetched, and counted against no limit.
+    Background,
+    /// A token names a key the set lacks: at most one such fetch per `interval`, and none when
+    /// an attempt finished after the caller read `seen` ([`IssuerKeys::generation`]).
+    OnDemand {
+        /// Least time between two fetches on demand.
+        interval: Duration,
+        /// The generation the caller saw before it found the key missing.
+        seen: u64,
+    },
+}
+
+/// The attempts so far.
+#[derive(Default)]
+struct Attempts {
+    /// How many attempts have finished.
+    generation: u64,
+    /// Whether the latest finished attempt failed.
+    failed: bool,
+    /// When the latest fetch on demand started.
+    on_demand: Option<Instant>,
 }
 
 /// One issuer's keys, shared by the registries of successive reloads while its settings stay.
@@ -246,10 +284,10 @@ pub(super) struct IssuerKeys {
     /// `None` when it could not be built (then every fetch fails, saying so).
     http: Option<reqwest::Client>,
     keys: ArcSwapOption<KeySet>,
-    last: Mutex<Option<Attempt>>,
+    attempts: Mutex<Attempts>,
     /// Held for the duration of a fetch: the single flight.
     fetching: Arc<tokio::sync::Mutex<()>>,
-    /// Modification time and length of `jwks_file` when last read.
+    /// Modification time and length of `jwks_file` when last read and found good.
     file_stamp: Mutex<Option<(SystemTime, u64)>>,
 }
 
@@ -268,7 +306,7 @@ impl IssuerKeys {
             settings,
             http,
             keys: ArcSwapOption::empty(),
-            last: Mutex::new(None),
+            attempts: Mutex::new(Attempts::default()),
             fetching: Arc::new(tokio::sync::Mutex::new(())),
             file_stamp: Mutex::new(None),
         }
@@ -296,6 +334,12 @@ impl IssuerKeys {
         self.keys.load_full()
     }
 
+    /// How many fetch attempts have finished; read before looking for a key, and given to
+    /// [`Refetch::OnDemand`], so that a caller that queued behind a fetch takes its outcome.
+    pub(super) fn generation(&self) -> u64 {
+        self.lock_attempts().generation
+    }
+
     /// Whether the key of `thumbprint` is in the last good set: a remembered token whose key
     /// left the JWKS is no longer served.
     pub(super) fn still_has(&self, thumbprint: &str) -> bool {
@@ -305,77 +349,65 @@ impl IssuerKeys {
             .is_some_and(|set| set.has(thumbprint))
     }
 
-    /// Fetches the keys again unless an attempt was made less than `interval` ago, in which case
-    /// that attempt's outcome is the answer. Waits for a fetch in flight first.
+    fn lock_attempts(&self) -> std::sync::MutexGuard<'_, Attempts> {
+        self.attempts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fetches the keys, unless [`Refetch::OnDemand`] finds that another attempt answers it
+    /// already; then that attempt's outcome is the answer. Waits for a fetch in flight first.
     pub(super) async fn refetch(
         self: &Arc<Self>,
-        interval: Duration,
+        why: Refetch,
     ) -> Result<Arc<KeySet>, Unavailable> {
         let guard = Arc::clone(&self.fetching).lock_owned().await;
-        let now = Instant::now();
-        if let Some(outcome) = self.recent_outcome(now, interval) {
-            return outcome;
+        if let Refetch::OnDemand { interval, seen } = why {
+            let now = Instant::now();
+            let mut attempts = self.lock_attempts();
+            let next = attempts.on_demand.and_then(|at| at.checked_add(interval));
+            let answered = attempts.generation != seen;
+            if answered || next.is_some_and(|next| now < next) {
+                let retry_after = next
+                    .map_or(Duration::ZERO, |next| next.saturating_duration_since(now))
+                    .max(MIN_RETRY_AFTER);
+                return match (attempts.failed, self.current()) {
+                    (false, Some(set)) => Ok(set),
+                    _ => Err(Unavailable { retry_after }),
+                };
+            }
+            attempts.on_demand = Some(now);
         }
         let keys = Arc::clone(self);
         let task = tokio::spawn(async move {
             let _single_flight = guard;
             keys.fetch_and_store().await
         });
+        let retry_after = match why {
+            Refetch::OnDemand { interval, .. } => interval.max(MIN_RETRY_AFTER),
+            Refetch::Background => MIN_RETRY_AFTER,
+        };
         match task.await {
-            Ok(Ok(set)) => Ok(set),
-            Ok(Err(_)) | Err(_) => Err(Unavailable {
-                retry_after: interval,
-            }),
+            Ok(Some(set)) => Ok(set),
+            Ok(None) | Err(_) => Err(Unavailable { retry_after }),
         }
     }
 
-    /// The outcome of an attempt made less than `interval` before `now`, if there is one.
-    fn recent_outcome(
-        &self,
-        now: Instant,
-        interval: Duration,
-    ) -> Option<Result<Arc<KeySet>, Unavailable>> {
-        let last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        let attempt = last.as_ref()?;
-        let next = attempt.at.checked_add(interval)?;
-        if now >= next {
-            return None;
-        }
-        Some(match (&attempt.failure, self.current()) {
-            (None, Some(set)) => Ok(set),
-            _ => Err(Unavailable {
-                retry_after: next.saturating_duration_since(now),
-            }),
-        })
-    }
-
-    /// One fetch: records the attempt, keeps the new set when it is good, and logs a failure
-    /// (the last good keys stay).
-    async fn fetch_and_store(&self) -> Result<Arc<KeySet>, Arc<JwksError>> {
-        let at = Instant::now();
-        let outcome = self.fetch().await.map_err(Arc::new);
-        let failure = match &outcome {
-            Ok(set) => {
-                let set = match set {
-                    Some(set) => Arc::clone(set),
-                    None => self.current().ok_or_else(|| {
-                        Arc::new(JwksError::Invalid(
-                            "the file is unchanged but was never read",
-                        ))
-                    })?,
-                };
-                let old = self.keys.swap(Some(Arc::clone(&set)));
-                if old.as_ref().is_none_or(|old| !Arc::ptr_eq(old, &set)) {
-                    tracing::info!(
-                        issuer = %self.settings.issuer,
-                        keys = set.len(),
-                        "workload issuer keys loaded"
-                    );
-                }
-                None
+    /// One fetch: keeps the new set when it is good, logs a failure (the last good keys stay),
+    /// and counts the attempt. The set now in force, unless the fetch failed.
+    async fn fetch_and_store(&self) -> Option<Arc<KeySet>> {
+        let outcome = self.fetch().await;
+        let kept = match outcome {
+            Ok(Some(set)) => {
+                self.keys.store(Some(Arc::clone(&set)));
+                tracing::info!(
+                    issuer = %self.settings.issuer,
+                    keys = set.len(),
+                    "workload issuer keys loaded"
+                );
+                Some(set)
             }
+            Ok(None) => self.current(),
             Err(error) => {
-                let cause = crate::telemetry::error_chain(error.as_ref());
+                let cause = crate::telemetry::error_chain(&error);
                 tracing::warn!(
                     issuer = %self.settings.issuer,
                     error = %error,
@@ -383,29 +415,20 @@ impl IssuerKeys {
                     kept = self.current().is_some(),
                     "cannot fetch the keys of a workload issuer"
                 );
-                Some(Arc::clone(error))
+                None
             }
         };
-        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Attempt {
-            at,
-            failure: failure.clone(),
-        });
-        match failure {
-            None => self
-                .current()
-                .ok_or_else(|| Arc::new(JwksError::Invalid("no keys"))),
-            Some(error) => Err(error),
-        }
+        let mut attempts = self.lock_attempts();
+        attempts.generation = attempts.generation.wrapping_add(1);
+        attempts.failed = kept.is_none();
+        kept
     }
 
     /// Reads the JWKS from its source; `Ok(None)` when the file has not changed since it was
-    /// last read.
+    /// last read and found good.
     async fn fetch(&self) -> Result<Option<Arc<KeySet>>, JwksError> {
         let body = match &self.settings.keys {
-            KeySource::File(path) => match self.read_file(path).await? {
-                Some(body) => body,
-                None => return Ok(None),
-            },
+            KeySource::File(path) => return self.read_file(path).await,
             KeySource::Uri(uri) => self.get(uri, "the JWKS").await?,
             KeySource::Discovery => {
                 let discovery = format!(
@@ -415,12 +438,24 @@ impl IssuerKeys {
                 let document = self.get(&discovery, "the discovery document").await?;
                 #[derive(serde::Deserialize)]
                 struct Discovery {
+                    issuer: Option<String>,
                     jwks_uri: Option<String>,
                 }
-                let jwks_uri = serde_json::from_slice::<Discovery>(&document)
-                    .ok()
-                    .and_then(|document| document.jwks_uri)
-                    .filter(|uri| uri.starts_with("https://") || uri.starts_with("http://"))
+                let document: Discovery = serde_json::from_slice(&document)
+                    .map_err(|_| JwksError::Invalid("the discovery document is not JSON"))?;
+                if document
+                    .issuer
+                    .is_some_and(|issuer| issuer != self.settings.issuer)
+                {
+                    return Err(JwksError::Invalid(
+                        "the discovery document names another issuer (OIDC Discovery §4.3)",
+                    ));
+                }
+                // The same rule as configured URLs: keys and the bearer token never travel in
+                // the clear beyond this host.
+                let jwks_uri = document
+                    .jwks_uri
+                    .filter(|uri| super::settings::is_fetchable_url(uri).is_ok())
                     .ok_or(JwksError::NoJwksUri)?;
                 self.get(&jwks_uri, "the JWKS").await?
             }
@@ -428,9 +463,9 @@ impl IssuerKeys {
         KeySet::parse(&body).map(|set| Some(Arc::new(set)))
     }
 
-    /// The file's bytes, or `None` when its modification time and length are those of the last
-    /// read and a set is loaded.
-    async fn read_file(&self, path: &Path) -> Result<Option<Vec<u8>>, JwksError> {
+    /// The keys of `jwks_file`, or `None` when its modification time and length are those of
+    /// the last good read.
+    async fn read_file(&self, path: &Path) -> Result<Option<Arc<KeySet>>, JwksError> {
         let unreadable = |source| JwksError::File {
             what: "jwks_file",
             source,
@@ -449,15 +484,16 @@ impl IssuerKeys {
         if unchanged {
             return Ok(None);
         }
-        if metadata.len() > MAX_BODY_BYTES as u64 {
-            return Err(JwksError::TooLarge { what: "jwks_file" });
-        }
-        let body = tokio::fs::read(path).await.map_err(unreadable)?;
+        let body = read_bounded(path, MAX_BODY_BYTES)
+            .await
+            .map_err(unreadable)?
+            .ok_or(JwksError::TooLarge { what: "jwks_file" })?;
+        let set = KeySet::parse(&body)?;
         *self
             .file_stamp
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(stamp);
-        Ok(Some(body))
+        Ok(Some(Arc::new(set)))
     }
 
     /// GETs a JSON document, with the bearer token when one is configured, reading at most
@@ -471,13 +507,16 @@ impl IssuerKeys {
             .get(url)
             .header(ACCEPT, HeaderValue::from_static("application/json"));
         if let Some(path) = &self.settings.bearer_token_file {
-            let token =
-                tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|source| JwksError::File {
-                        what: "bearer_token_file",
-                        source,
-                    })?;
+            let unreadable = |source| JwksError::File {
+                what: "bearer_token_file",
+                source,
+            };
+            let token = read_bounded(path, MAX_BEARER_TOKEN_BYTES)
+                .await
+                .map_err(unreadable)?
+                .ok_or(JwksError::Invalid("bearer_token_file is over 64 KiB"))?;
+            let token = String::from_utf8(token)
+                .map_err(|_| JwksError::Invalid("bearer_token_file holds no usable token"))?;
             let mut value = HeaderValue::try_from(format!("Bearer {}", token.trim()))
                 .map_err(|_| JwksError::Invalid("bearer_token_file holds no usable token"))?;
             value.set_sensitive(true);
@@ -497,6 +536,22 @@ impl IssuerKeys {
         }
         Ok(body)
     }
+}
+
+/// A file's bytes, or `None` when it holds more than `limit` (never more than that is read).
+async fn read_bounded(path: &Path, limit: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    let path = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut body = Vec::new();
+        let bound = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+        std::fs::File::open(path)?
+            .take(bound)
+            .read_to_end(&mut body)?;
+        Ok((body.len() <= limit).then_some(body))
+    });
+    read.await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the read task failed")))
 }
 
 #[cfg(test)]

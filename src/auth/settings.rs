@@ -288,3 +288,38 @@ impl AllowRule {
             }
     }
 }
+
+/// Whether the broker may fetch keys from `url`: https, or http to a loopback address only
+/// (a test or the development IdP), since keys over plain HTTP could be swapped on the way.
+pub fn is_fetchable_url(url: &str) -> Result<(), &'static str> {
+    let url = reqwest::Url::parse(url).map_err(|_| "not an absolute URL")?;
+    let loopback = match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err("must be an https URL (http only to a loopback address)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_fetched_over_https_or_from_loopback() {
+        assert!(is_fetchable_url("https://kubernetes.default.svc").is_ok());
+        assert!(is_fetchable_url("http://127.0.0.1:8080/jwks").is_ok());
+        assert!(is_fetchable_url("http://localhost/jwks").is_ok());
+        assert!(is_fetchable_url("http://issuer.example/jwks").is_err());
+        assert!(is_fetchable_url("spiffe://example.org").is_err());
+        assert!(is_fetchable_url("not a url").is_err());
+    }
+}

@@ -8,22 +8,23 @@
 //! issuer's keys ([`super::jwks`]; an unknown `kid` fetches them again, at most once per
 //! `jwks_refresh_interval`), and last its subject (`sub`), which names the caller: an exact
 //! subject beats a prefix, and a longer prefix a shorter one. A token that verified is
-//! remembered until its `exp` (with the leeway) in [`Remembered`], so the next request with it
-//! is one lookup; it is forgotten on reload and when its key leaves the issuer's JWKS.
+//! remembered until its `exp` (with the leeway) in [`Remembered`], by its SHA-256, so the next
+//! request with it is a hash and a lookup; it is forgotten on reload and when its key leaves the
+//! issuer's JWKS.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, Validation};
-use secrecy::{ExposeSecret as _, SecretSlice};
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
-use super::jwks::{IssuerKeys, KeySet, VerifyingKey};
-use super::settings::{IssuerSettings, KeySource, SubjectPattern, WorkloadSettings};
+use super::jwks::{IssuerKeys, KeySet, Refetch, VerifyingKey};
+use super::settings::{IssuerSettings, KeySource, SubjectPattern, WorkloadRule, WorkloadSettings};
 use super::{AuthError, Caller};
 
 /// Longest workload token read.
@@ -33,14 +34,22 @@ const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const NO_KEYS_RETRY: Duration = Duration::from_secs(1);
 
 /// How often keys from a URL are fetched in the background, so a key that leaves the JWKS
-/// stops verifying even when no unknown `kid` arrives. Files are looked at every
-/// `jwks_refresh_interval`.
-pub const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+/// stops verifying even when no unknown `kid` arrives (the last good keys stay in use while
+/// fetches fail). Files are looked at every `jwks_refresh_interval`.
+pub const JWKS_BACKGROUND_REFRESH: Duration = Duration::from_secs(300);
+
+/// How often a full set of remembered tokens is swept for expired ones, at most.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Which check a workload token failed: the `error_description` of its 401. None of them quotes
 /// the token, the configured issuers, audience or subjects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WorkloadRejection {
+    /// No `[auth.workload]` is configured, so no workload token is accepted.
+    #[error(
+        "workload tokens are not accepted here: the broker has no [auth.workload]; use a caller key"
+    )]
+    NotEnabled,
     /// Not three base64url parts with a JSON header and JSON claims, or too long.
     #[error(
         "the workload token is not a well-formed JWT (three base64url parts, a JSON header and JSON claims of the registered types, at most 16384 bytes)"
@@ -71,14 +80,22 @@ pub enum WorkloadRejection {
         "the workload token's audience (aud) does not include the broker's (auth.workload.audience); set that audience where the token is made"
     )]
     Audience,
-    /// The `kid` is not among the issuer's keys, also after fetching them again.
+    /// The `kid` is not among the issuer's keys, fetched again on demand at most once per
+    /// `jwks_refresh_interval`.
     #[error(
-        "the workload token's key id (kid) is not among its issuer's keys, also after fetching them again"
+        "the workload token's key id (kid) is not among its issuer's keys (fetched again for unknown key ids at most once per auth.workload.jwks_refresh_interval)"
     )]
     UnknownKey,
-    /// The key named by `kid` is of another type than `alg` needs.
-    #[error("the workload token's algorithm (alg) does not fit the type of the key it names (kid)")]
+    /// The key named by `kid` (or, without `kid`, every key) is of another type than `alg` needs.
+    #[error(
+        "the workload token's algorithm (alg) does not fit the type of the key it names (kid), or of any of its issuer's keys when it names none"
+    )]
     KeyMismatch,
+    /// The header lists critical extensions (`crit`), which the broker does not implement.
+    #[error(
+        "the workload token has critical header parameters (crit) that the broker does not understand (RFC 7515 §4.1.11)"
+    )]
+    Critical,
     /// The signature does not verify.
     #[error("the workload token's signature does not verify with its issuer's keys")]
     Signature,
@@ -92,6 +109,7 @@ pub enum WorkloadRejection {
 struct Header {
     alg: String,
     kid: Option<String>,
+    crit: Option<serde::de::IgnoredAny>,
 }
 
 /// `aud`: one audience or several.
@@ -178,7 +196,7 @@ impl WorkloadVerifier {
     pub(super) fn new(
         settings: &WorkloadSettings,
         keys_of: impl Fn(&super::settings::IssuerSettings) -> Arc<IssuerKeys>,
-        callers: &[(SubjectRuleOf, Arc<Caller>)],
+        callers: &[(WorkloadRule, Arc<Caller>)],
     ) -> Self {
         let mut issuers: Vec<Issuer> = settings
             .issuers
@@ -195,11 +213,14 @@ impl WorkloadVerifier {
             .enumerate()
             .map(|(index, issuer)| (issuer.issuer.clone(), index))
             .collect();
-        for ((issuer, subject), caller) in callers {
-            let Some(issuer) = by_issuer.get(issuer).and_then(|&i| issuers.get_mut(i)) else {
+        for (rule, caller) in callers {
+            let Some(issuer) = by_issuer
+                .get(&rule.issuer)
+                .and_then(|&i| issuers.get_mut(i))
+            else {
                 continue;
             };
-            match subject {
+            match &rule.subject {
                 SubjectPattern::Exact(exact) => {
                     issuer.exact.insert(exact.clone(), Arc::clone(caller));
                 }
@@ -251,6 +272,9 @@ impl WorkloadVerifier {
             return Err(reject(WorkloadRejection::Malformed));
         };
         let header: Header = decode_part(header).ok_or(reject(WorkloadRejection::Malformed))?;
+        if header.crit.is_some() {
+            return Err(reject(WorkloadRejection::Critical));
+        }
         let algorithm =
             accepted_algorithm(&header.alg).ok_or(reject(WorkloadRejection::Algorithm))?;
         let claims: Claims = decode_part(payload).ok_or(reject(WorkloadRejection::Malformed))?;
@@ -266,10 +290,9 @@ impl WorkloadVerifier {
             .ok_or(reject(WorkloadRejection::UnknownIssuer))?;
         let expires = self.check_claims(&claims, unix_now()).map_err(reject)?;
 
-        let candidates = self
-            .candidates(&issuer.keys, header.kid.as_deref(), algorithm)
+        let key = self
+            .verified_key(token, &issuer.keys, header.kid.as_deref(), algorithm)
             .await?;
-        let key = verify_signature(token, algorithm, &candidates).map_err(reject)?;
 
         let caller = claims
             .sub
@@ -314,41 +337,48 @@ impl WorkloadVerifier {
         Ok(exp + self.leeway)
     }
 
-    /// The keys that may have signed a token with `kid`: from the last good set, or after one
-    /// refetch when that set has none (or there is no set yet).
-    async fn candidates(
+    /// The key whose signature over `token` verifies: from the last good set, else after one
+    /// fetch on demand (an unknown `kid`, no keys yet, or a token without `kid` that none of the
+    /// known keys verifies, which may be of a key published since).
+    async fn verified_key(
         &self,
+        token: &str,
         keys: &Arc<IssuerKeys>,
         kid: Option<&str>,
         algorithm: Algorithm,
-    ) -> Result<Vec<Arc<VerifyingKey>>, AuthError> {
+    ) -> Result<Arc<VerifyingKey>, AuthError> {
+        let seen = keys.generation();
         let current = keys.current();
-        if let Some(found) = current
-            .as_deref()
-            .map(|set| set.candidates(kid, algorithm))
-            .filter(|found| !found.is_empty())
-        {
-            return Ok(found);
+        if let Some(set) = &current {
+            let found = set.candidates(kid, algorithm);
+            if !found.is_empty() {
+                match verify_signature(token, algorithm, &found) {
+                    Ok(key) => return Ok(key),
+                    Err(WorkloadRejection::Signature) if kid.is_none() => {}
+                    Err(rejection) => return Err(rejection.into()),
+                }
+            }
         }
         let interval = match current {
             Some(_) => self.refresh_interval,
             None => NO_KEYS_RETRY,
         };
-        let set: Arc<KeySet> = keys.refetch(interval).await.map_err(|unavailable| {
-            AuthError::WorkloadKeysUnavailable {
-                retry_after: unavailable.retry_after.max(NO_KEYS_RETRY),
-            }
-        })?;
+        let set: Arc<KeySet> = keys
+            .refetch(Refetch::OnDemand { interval, seen })
+            .await
+            .map_err(|unavailable| AuthError::WorkloadKeysUnavailable {
+                retry_after: unavailable.retry_after,
+            })?;
         let found = set.candidates(kid, algorithm);
         if found.is_empty() {
-            return Err(AuthError::Workload(WorkloadRejection::UnknownKey));
+            return Err(AuthError::Workload(match kid {
+                Some(_) => WorkloadRejection::UnknownKey,
+                None => WorkloadRejection::KeyMismatch,
+            }));
         }
-        Ok(found)
+        verify_signature(token, algorithm, &found).map_err(AuthError::from)
     }
 }
-
-/// The issuer and subject of one workload rule.
-pub(super) type SubjectRuleOf = (String, SubjectPattern);
 
 /// A base64url part decoded and read as JSON.
 fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
@@ -357,11 +387,11 @@ fn decode_part<T: serde::de::DeserializeOwned>(part: &str) -> Option<T> {
 }
 
 /// The key among `candidates` whose signature over `token` verifies.
-fn verify_signature<'k>(
+fn verify_signature(
     token: &str,
     algorithm: Algorithm,
-    candidates: &'k [Arc<VerifyingKey>],
-) -> Result<&'k VerifyingKey, WorkloadRejection> {
+    candidates: &[Arc<VerifyingKey>],
+) -> Result<Arc<VerifyingKey>, WorkloadRejection> {
     let mut validation = Validation::new(algorithm);
     validation.required_spec_claims.clear();
     validation.validate_exp = false;
@@ -371,7 +401,7 @@ fn verify_signature<'k>(
     for key in candidates.iter().filter(|key| key.accepts(algorithm)) {
         fitting = true;
         if jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key.key, &validation).is_ok() {
-            return Ok(key);
+            return Ok(Arc::clone(key));
         }
     }
     Err(if fitting {
@@ -383,7 +413,8 @@ fn verify_signature<'k>(
 
 /// A token that verified and what it proved.
 struct RememberedToken {
-    token: SecretSlice<u8>,
+    /// SHA-256 of the token: 32 bytes per entry, whatever the token's length.
+    digest: [u8; 32],
     caller: Arc<Caller>,
     /// Unix seconds after which it is no longer accepted (`exp` plus the leeway).
     until: f64,
@@ -391,11 +422,17 @@ struct RememberedToken {
     thumbprint: Arc<str>,
 }
 
-/// Tokens that verified, by keyed hash (as [`super::verified`] keeps keys): at most `max`, the
-/// whole token compared in constant time. The tokens are credentials: never printed.
+/// The tokens, and when expired ones were last swept out.
+struct RememberedTokens {
+    by_slot: HashMap<u64, RememberedToken, foldhash::quality::RandomState>,
+    swept: Option<Instant>,
+}
+
+/// Tokens that verified, by keyed hash (as [`super::verified`] keeps keys), each checked by
+/// its SHA-256 in constant time: at most `max`.
 struct Remembered {
     seed: foldhash::quality::RandomState,
-    tokens: RwLock<HashMap<u64, RememberedToken, foldhash::quality::RandomState>>,
+    tokens: RwLock<RememberedTokens>,
     max: usize,
 }
 
@@ -403,7 +440,10 @@ impl Remembered {
     fn new(max: usize) -> Self {
         Self {
             seed: foldhash::quality::RandomState::default(),
-            tokens: RwLock::new(HashMap::default()),
+            tokens: RwLock::new(RememberedTokens {
+                by_slot: HashMap::default(),
+                swept: None,
+            }),
             max,
         }
     }
@@ -417,25 +457,30 @@ impl Remembered {
         published: impl Fn(usize, &str) -> bool,
     ) -> Option<Arc<Caller>> {
         let slot = self.seed.hash_one(token.as_bytes());
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         {
             let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
-            let entry = tokens.get(&slot)?;
-            let same: bool = entry.token.expose_secret().ct_eq(token.as_bytes()).into();
-            if !same {
+            let entry = tokens.by_slot.get(&slot)?;
+            if !bool::from(entry.digest.ct_eq(&digest)) {
                 return None;
             }
             if now <= entry.until && published(entry.issuer, &entry.thumbprint) {
                 return Some(Arc::clone(&entry.caller));
             }
         }
-        self.tokens
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&slot);
+        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
+        let stale = tokens.by_slot.get(&slot).is_some_and(|entry| {
+            bool::from(entry.digest.ct_eq(&digest))
+                && !(now <= entry.until && published(entry.issuer, &entry.thumbprint))
+        });
+        if stale {
+            tokens.by_slot.remove(&slot);
+        }
         None
     }
 
-    /// Remembers a verified token; when full, expired tokens make room, else it is not kept.
+    /// Remembers a verified token; when full, expired tokens make room (looked for at most
+    /// every [`SWEEP_INTERVAL`]), else it is not kept and is verified again next time.
     fn insert(
         &self,
         token: &str,
@@ -446,17 +491,23 @@ impl Remembered {
     ) {
         let slot = self.seed.hash_one(token.as_bytes());
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
-        if tokens.len() >= self.max && !tokens.contains_key(&slot) {
-            let now = unix_now();
-            tokens.retain(|_, entry| entry.until >= now);
-            if tokens.len() >= self.max {
+        if tokens.by_slot.len() >= self.max && !tokens.by_slot.contains_key(&slot) {
+            let due = tokens
+                .swept
+                .is_none_or(|swept| swept.elapsed() >= SWEEP_INTERVAL);
+            if due {
+                let now = unix_now();
+                tokens.by_slot.retain(|_, entry| entry.until >= now);
+                tokens.swept = Some(Instant::now());
+            }
+            if tokens.by_slot.len() >= self.max {
                 return;
             }
         }
-        tokens.insert(
+        tokens.by_slot.insert(
             slot,
             RememberedToken {
-                token: SecretSlice::from(token.as_bytes().to_vec()),
+                digest: Sha256::digest(token.as_bytes()).into(),
                 caller,
                 until,
                 issuer,
@@ -467,7 +518,7 @@ impl Remembered {
 }
 
 /// The keys of `issuer`: those of the registry before the reload when its settings are the same
-/// (so a reload neither refetches nor forgets them), else new ones.
+/// (so a reload neither forgets nor refetches them), else new ones.
 pub(super) fn issuer_keys(
     issuer: &IssuerSettings,
     previous: Option<&WorkloadVerifier>,
@@ -481,7 +532,8 @@ pub(super) fn issuer_keys(
     kept.unwrap_or_else(|| Arc::new(IssuerKeys::new(issuer.clone())))
 }
 
-/// Fetches every issuer's keys now and then on a period ([`JWKS_MAX_AGE`] for URLs,
+/// Fetches every issuer's keys now (unless kept from before a reload) and then on a period
+/// ([`JWKS_BACKGROUND_REFRESH`] for URLs,
 /// `jwks_refresh_interval` for files), for as long as the verifier is in use. Without a runtime
 /// (unit tests) nothing is started and keys are fetched on first use.
 pub(super) fn refresh_in_background(verifier: &Arc<WorkloadVerifier>, file_period: Duration) {
@@ -491,19 +543,24 @@ pub(super) fn refresh_in_background(verifier: &Arc<WorkloadVerifier>, file_perio
     for keys in verifier.keys() {
         let period = match keys.settings().keys {
             KeySource::File(_) => file_period,
-            KeySource::Uri(_) | KeySource::Discovery => JWKS_MAX_AGE,
+            KeySource::Uri(_) | KeySource::Discovery => JWKS_BACKGROUND_REFRESH,
         };
         let owner = Arc::downgrade(verifier);
         let keys = Arc::downgrade(keys);
         runtime.spawn(async move {
+            let mut first = true;
             loop {
                 {
                     let (Some(_owner), Some(keys)) = (owner.upgrade(), keys.upgrade()) else {
                         break;
                     };
-                    // A failure is logged there, and the last good keys stay.
-                    let _ = keys.refetch(Duration::ZERO).await;
+                    // Keys kept over a reload are not fetched again at once. A failure is logged
+                    // there, and the last good keys stay.
+                    if !(first && keys.current().is_some()) {
+                        let _ = keys.refetch(Refetch::Background).await;
+                    }
                 }
+                first = false;
                 tokio::time::sleep(period).await;
             }
         });

@@ -9,7 +9,9 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 
 use super::raw::{RawIssuer, RawWorkload, RawWorkloadRule};
-use crate::auth::{IssuerSettings, KeySource, SubjectPattern, WorkloadRule, WorkloadSettings};
+use crate::auth::{
+    IssuerSettings, KeySource, SubjectPattern, WorkloadRule, WorkloadSettings, is_fetchable_url,
+};
 
 /// Most clock skew `leeway` may allow.
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
@@ -93,7 +95,7 @@ fn issuer(raw: &RawIssuer, at: &str, problems: &mut Vec<String>) -> Option<Issue
             KeySource::Discovery
         }
         (Some(uri), None) => {
-            if let Err(problem) = fetchable(uri) {
+            if let Err(problem) = is_fetchable_url(uri) {
                 problems.push(format!("{at}.jwks_uri: {problem}"));
             }
             KeySource::Uri(uri.clone())
@@ -108,7 +110,12 @@ fn issuer(raw: &RawIssuer, at: &str, problems: &mut Vec<String>) -> Option<Issue
             KeySource::File(file.clone())
         }
         (None, None) => {
-            if let Err(problem) = fetchable(&raw.issuer) {
+            if raw.issuer.contains(['?', '#']) {
+                problems.push(format!(
+                    "{at}.issuer: has a query or fragment, so its discovery document cannot be found; set jwks_uri"
+                ));
+            }
+            if let Err(problem) = is_fetchable_url(&raw.issuer) {
                 problems.push(format!(
                     "{at}.issuer: {problem}; its keys are found by OIDC discovery at the issuer unless jwks_uri or jwks_file is set"
                 ));
@@ -139,26 +146,6 @@ fn issuer(raw: &RawIssuer, at: &str, problems: &mut Vec<String>) -> Option<Issue
         ca_pem,
         bearer_token_file: raw.bearer_token_file.clone(),
     })
-}
-
-/// Whether the broker may fetch keys from `url`: https, or http to a loopback address only
-/// (a test or the development IdP), since keys over plain HTTP could be swapped on the way.
-fn fetchable(url: &str) -> Result<(), &'static str> {
-    let url = reqwest::Url::parse(url).map_err(|_| "not an absolute URL")?;
-    let loopback = match url.host_str() {
-        Some("localhost") => true,
-        Some(host) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    };
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        _ => Err("must be an https URL (http only to a loopback address)"),
-    }
 }
 
 /// The PEM of `ca_file`, checked to hold at least one certificate.
@@ -234,20 +221,5 @@ pub(super) fn check_ties<'a>(
                 _ => {}
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_fetched_over_https_or_from_loopback() {
-        assert!(fetchable("https://kubernetes.default.svc").is_ok());
-        assert!(fetchable("http://127.0.0.1:8080/jwks").is_ok());
-        assert!(fetchable("http://localhost/jwks").is_ok());
-        assert!(fetchable("http://issuer.example/jwks").is_err());
-        assert!(fetchable("spiffe://example.org").is_err());
-        assert!(fetchable("not a url").is_err());
     }
 }

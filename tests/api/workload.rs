@@ -346,6 +346,16 @@ async fn every_bad_token_is_a_401_that_names_the_failed_check_and_costs_no_idp_r
             "no expiry (exp)",
         ),
         ("alg none", unsigned, "algorithm (alg)"),
+        (
+            "a critical header",
+            {
+                let mut header = Header::new(Algorithm::RS256);
+                header.kid = Some("k1".into());
+                header.crit = Some(vec!["exp".into()]);
+                jsonwebtoken::encode(&header, &issuer.claims(POD), &signer.key).unwrap()
+            },
+            "critical header parameters (crit)",
+        ),
         ("HS256 with the public key", confused, "algorithm (alg)"),
         (
             "unknown kid",
@@ -384,6 +394,20 @@ async fn every_bad_token_is_a_401_that_names_the_failed_check_and_costs_no_idp_r
             assert!(!description.contains(secret), "{case}: {description}");
         }
     }
+
+    // A token that names no key is checked against the issuer's keys.
+    let kidless = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &issuer.claims(POD),
+        &signer.key,
+    )
+    .unwrap();
+    assert_eq!(
+        app.get_token("acme/production", Some(&kidless))
+            .await
+            .status,
+        200
+    );
 
     // Within the leeway (30 s by default), a just-expired token still works.
     let late = signer.sign(&with(json!({"exp": now() - 10})));
@@ -470,8 +494,8 @@ async fn unknown_key_ids_refetch_the_keys_at_most_once_per_interval() {
     }
     assert_eq!(
         issuer.fetches(),
-        1,
-        "the keys fetched at start are fresh for an hour, whatever kids arrive"
+        2,
+        "the fetch at start and one on demand, whatever kids arrive within the interval"
     );
 }
 
