@@ -295,8 +295,9 @@ pub struct OAuthTokenRequest {
     /// With `client_assertion`: `urn:ietf:params:oauth:client-assertion-type:jwt-bearer`.
     #[schema(pattern = "^urn:ietf:params:oauth:client-assertion-type:jwt-bearer$")]
     pub client_assertion_type: Option<String>,
-    /// A workload token (JWT) from an issuer of `[auth.workload]`, in place of a client secret.
-    #[schema(max_length = 16384)]
+    /// A workload token (JWT) from an issuer of `[auth.workload]`, in place of a client secret
+    /// (the whole body is bounded by `server.max_body_bytes`, 16 KiB by default).
+    #[schema(max_length = 8192)]
     pub client_assertion: Option<String>,
     /// The API the token is for; defaults to the environment's `audience`.
     #[schema(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
@@ -482,8 +483,9 @@ async fn authenticate(
         (None, None) => {}
         (Some(assertion), Some(kind)) if kind == JWT_BEARER => {
             if headers.contains_key(AUTHORIZATION) || params.client_secret.is_some() {
-                return Err(OAuthError::InvalidRequest(
-                    "a client assertion and a client secret are both given; use one method (RFC 6749 §2.3)".into(),
+                // Which of the two should authenticate is unknowable, so neither does.
+                return Err(OAuthError::InvalidClient(
+                    "a client assertion and a client secret are both given; authenticate with one of them (RFC 6749 §2.3)",
                 ));
             }
             let caller = registry
@@ -504,9 +506,9 @@ async fn authenticate(
             };
         }
         _ => {
-            return Err(OAuthError::InvalidRequest(format!(
-                "a client assertion needs client_assertion and client_assertion_type = {JWT_BEARER}"
-            )));
+            return Err(OAuthError::InvalidClient(
+                "client authentication failed: a client assertion needs both client_assertion and client_assertion_type = urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ));
         }
     }
     let wrong = |_: AuthError| OAuthError::InvalidClient(WRONG_CLIENT);

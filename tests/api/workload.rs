@@ -635,13 +635,19 @@ async fn the_facade_takes_a_workload_token_as_a_client_assertion() {
     );
     assert!(refused.header("www-authenticate").is_some());
 
-    for fields in [
-        vec![
+    let both = facade(
+        &app,
+        &[
             grant,
             kind,
             ("client_assertion", &pod),
             ("client_secret", "x"),
         ],
+    )
+    .await;
+    assert_eq!(both.status, 401, "{}", both.body);
+    assert_eq!(both.body["error"], "invalid_client");
+    for fields in [
         vec![grant, ("client_assertion", &pod)],
         vec![
             grant,
@@ -650,8 +656,8 @@ async fn the_facade_takes_a_workload_token_as_a_client_assertion() {
         ],
     ] {
         let answer = facade(&app, &fields).await;
-        assert_eq!(answer.status, 400, "{fields:?}: {}", answer.body);
-        assert_eq!(answer.body["error"], "invalid_request");
+        assert_eq!(answer.status, 401, "{fields:?}: {}", answer.body);
+        assert_eq!(answer.body["error"], "invalid_client");
     }
     assert_eq!(acme.issued(), 1);
 }
