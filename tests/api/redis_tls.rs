@@ -1,0 +1,267 @@
+//! The shared cache over TLS, as managed Redis requires: a `redis-server` of the test's own with
+//! `--tls-port` and certificates made here (the server's with an IP SAN for 127.0.0.1), with
+//! and without client certificates, and an ACL user. A wrong CA or password leaves the broker
+//! serving from memory and the IdP.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use wiremock::MockServer;
+
+use crate::helpers::*;
+
+const REDIS_USER: &str = "broker";
+const REDIS_PASSWORD: &str = "redis-acl-password-for-tests";
+const PASSWORD_ENV: &str = "TEST_REDIS_PASSWORD";
+
+/// A CA and the server and client certificates it signed, as PEM files in a directory.
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "token-broker test CA");
+        let ca = write("ca.crt", ca_params.self_signed(&ca_key).unwrap().pem());
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.extended_key_usages = vec![usage];
+            let certificate = params.signed_by(&key, &issuer).unwrap();
+            (
+                write(&format!("{name}.crt"), certificate.pem()),
+                write(&format!("{name}.key"), key.serialize_pem()),
+            )
+        };
+        let server = leaf(
+            "server",
+            vec!["127.0.0.1".to_owned()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let client = leaf(
+            "client",
+            vec!["broker".to_owned()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Self {
+            _dir: dir,
+            ca,
+            server,
+            client,
+        }
+    }
+}
+
+/// A `redis-server` that speaks only TLS, with ACL user [`REDIS_USER`]; killed on drop.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    async fn start(pki: &Pki, client_certificates: bool) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let path = |path: &Path| path.display().to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--tls-cert-file", &path(&pki.server.0)])
+            .args(["--tls-key-file", &path(&pki.server.1)])
+            .args(["--tls-ca-cert-file", &path(&pki.ca)])
+            .args([
+                "--tls-auth-clients",
+                if client_certificates { "yes" } else { "no" },
+            ])
+            .args(["--user", REDIS_USER, "on", &format!(">{REDIS_PASSWORD}")])
+            .args(["~*", "&*", "+@all"])
+            .args(["--user", "default", "off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (built with TLS, as Debian's is)");
+        let server = Self { child, port };
+        server.wait_until_ready(pki).await;
+        server
+    }
+
+    async fn wait_until_ready(&self, pki: &Pki) {
+        let read = |path: &Path| std::fs::read(path).unwrap();
+        let client = redis::Client::build_with_tls(
+            format!(
+                "rediss://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{}",
+                self.port
+            ),
+            redis::TlsCertificates {
+                client_tls: Some(redis::ClientTlsConfig {
+                    client_cert: read(&pki.client.0),
+                    client_key: read(&pki.client.1),
+                }),
+                root_cert: Some(read(&pki.ca)),
+            },
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let error = client.get_multiplexed_async_connection().await.err();
+                panic!("TLS redis-server does not answer: {error:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `[shared_cache]` layer for `redis`, with `tls` lines for `[shared_cache.tls]`.
+fn tls_cache_config(redis: &TlsRedis, password_env: &str, tls: &str) -> String {
+    format!(
+        r#"
+        [shared_cache]
+        url = "rediss://127.0.0.1:{port}"
+        encryption_key_env = "{CACHE_KEY_ENV}"
+        username = "{REDIS_USER}"
+        password_env = "{password_env}"
+        [shared_cache.tls]
+        {tls}
+        "#,
+        port = redis.port,
+    )
+}
+
+fn env(name: &str) -> Option<String> {
+    use base64::Engine as _;
+    match name {
+        CACHE_KEY_ENV => Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32])),
+        PASSWORD_ENV => Some(REDIS_PASSWORD.to_owned()),
+        "WRONG_PASSWORD" => Some("not-the-password".to_owned()),
+        _ => None,
+    }
+}
+
+/// A broker of the standard configuration whose IdP is `idp`, plus `cache`.
+async fn replica(idp: &MockServer, cache: &str) -> TestApp {
+    let base = base_config(&idp.uri());
+    spawn_with_env(MockServer::start().await, &[&base, cache], &env).await
+}
+
+#[tokio::test]
+async fn replicas_sharing_mutual_tls_redis_make_one_idp_request_per_key() {
+    let pki = Pki::new();
+    let redis = TlsRedis::start(&pki, true).await;
+    let idp = MockServer::start().await;
+    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let tls = format!(
+        "ca_file = \"{}\"\ncertificate_file = \"{}\"\nkey_file = \"{}\"",
+        pki.ca.display(),
+        pki.client.0.display(),
+        pki.client.1.display()
+    );
+    let cache = tls_cache_config(&redis, PASSWORD_ENV, &tls);
+    let first = replica(&idp, &cache).await;
+    let second = replica(&idp, &cache).await;
+    first.wait_for_shared_cache(true).await;
+    second.wait_for_shared_cache(true).await;
+
+    let token = first.billing("acme/production").await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    let shared = second.billing("acme/production").await;
+    assert_eq!(shared.token(), token.token());
+    assert_eq!(issuer.issued(), 1, "one IdP request for the fleet");
+}
+
+#[tokio::test]
+async fn tls_without_client_certificates_needs_only_the_ca() {
+    let pki = Pki::new();
+    let redis = TlsRedis::start(&pki, false).await;
+    let idp = MockServer::start().await;
+    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let cache = tls_cache_config(
+        &redis,
+        PASSWORD_ENV,
+        &format!("ca_file = \"{}\"", pki.ca.display()),
+    );
+    let first = replica(&idp, &cache).await;
+    let second = replica(&idp, &cache).await;
+    first.wait_for_shared_cache(true).await;
+    second.wait_for_shared_cache(true).await;
+    let token = first.billing("acme/production").await;
+    assert_eq!(
+        second.billing("acme/production").await.token(),
+        token.token()
+    );
+    assert_eq!(issuer.issued(), 1);
+}
+
+#[tokio::test]
+async fn a_wrong_ca_or_password_leaves_the_broker_serving_with_no_failed_request() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let redis = TlsRedis::start(&pki, false).await;
+    let idp = MockServer::start().await;
+    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let wrong_ca = tls_cache_config(
+        &redis,
+        PASSWORD_ENV,
+        &format!("ca_file = \"{}\"", other.ca.display()),
+    );
+    let wrong_password = tls_cache_config(
+        &redis,
+        "WRONG_PASSWORD",
+        &format!("ca_file = \"{}\"", pki.ca.display()),
+    );
+    for cache in [wrong_ca, wrong_password] {
+        let app = replica(&idp, &cache).await;
+        app.wait_for_shared_cache(false).await;
+        for _ in 0..5 {
+            let answer = app.billing("acme/production").await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+        }
+    }
+    assert_eq!(
+        issuer.issued(),
+        2,
+        "each broker fetched once and served the rest from memory"
+    );
+}
