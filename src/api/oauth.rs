@@ -296,8 +296,8 @@ pub struct OAuthTokenRequest {
     #[schema(pattern = "^urn:ietf:params:oauth:client-assertion-type:jwt-bearer$")]
     pub client_assertion_type: Option<String>,
     /// A workload token (JWT) from an issuer of `[auth.workload]`, in place of a client secret
-    /// (the whole body is bounded by `server.max_body_bytes`, 16 KiB by default).
-    #[schema(max_length = 8192)]
+    /// (a JWT: base64url parts and dots; the whole body is bounded by `server.max_body_bytes`).
+    #[schema(max_length = 4096, pattern = "^[A-Za-z0-9_.-]*$")]
     pub client_assertion: Option<String>,
     /// The API the token is for; defaults to the environment's `audience`.
     #[schema(max_length = 1024, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
