@@ -72,9 +72,13 @@ impl Upstream {
         {
             recent.pop_front();
         }
-        if recent.len() >= max as usize {
-            let oldest = *recent.front().expect("a full window is not empty");
-            return Err(QUOTA_WINDOW.saturating_sub(now.duration_since(oldest)));
+        if recent.len() >= usize::try_from(max).unwrap_or(usize::MAX) {
+            // The oldest counted request leaves the window first (none: a limit of 0, which
+            // configuration refuses, waits the whole window).
+            let counted = recent
+                .front()
+                .map_or(Duration::ZERO, |oldest| now.duration_since(*oldest));
+            return Err(QUOTA_WINDOW.saturating_sub(counted));
         }
         recent.push_back(now);
         Ok(())
