@@ -251,7 +251,7 @@ fn stamp_generations(settings: &mut Settings, running: &Settings, generation: u6
 
 /// Shows every configured environment in the metrics from the start, at zero.
 fn register_environments(metrics: &Metrics, settings: &Settings) {
-    for (tenant, environment, _) in settings.environments() {
-        metrics.register_environment(tenant, environment);
+    for (tenant, environment, settings) in settings.environments() {
+        metrics.register_environment(tenant, environment, &settings.metrics);
     }
 }

@@ -35,13 +35,12 @@ use subtle::ConstantTimeEq;
 use crate::limits::{BudgetCounters, IdpBudget, RateLimiter};
 use crate::telemetry::metrics::Metrics;
 
-pub use jwks::JwksError;
 pub use settings::{
     AllowRule, AuthSettings, CallerSettings, DEFAULT_JWKS_REFRESH_INTERVAL, DEFAULT_LEEWAY,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_REMEMBERED, IssuerSettings, KeySource, OrganizationRule,
     SubjectPattern, WorkloadRule, WorkloadSettings, is_fetchable_url, is_organization_id,
 };
-pub use workload::{JWKS_BACKGROUND_REFRESH, WorkloadRejection};
+pub use workload::WorkloadRejection;
 
 /// The name of the caller served when `auth.allow_anonymous` is on.
 const ANONYMOUS: &str = "anonymous";
@@ -204,18 +203,6 @@ pub enum AuthError {
     },
 }
 
-impl AuthError {
-    /// How long to wait before asking again, for a rate limit or unavailable issuer keys.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Self::RateLimited { retry_after } | Self::WorkloadKeysUnavailable { retry_after } => {
-                Some(*retry_after)
-            }
-            _ => None,
-        }
-    }
-}
-
 /// The configured callers, ready to authenticate requests.
 pub struct CallerRegistry {
     /// The callers by the SHA-256 of their key: one lookup, whatever their number.
@@ -357,22 +344,28 @@ impl CallerRegistry {
                 _ => Err(AuthError::MissingKey),
             };
         };
-        if let Some(caller) = self.verified.get(key) {
+        let workload = self.workload_for(key);
+        if let Some(caller) = workload.and_then(|workload| workload.remembered(key)) {
             return Ok(caller);
         }
-        if let Some(workload) = self.workload_for(key) {
-            if let Some(caller) = workload.remembered(key) {
-                return Ok(caller);
-            }
-            if let Some(caller) = self.by_key(key) {
-                self.verified.insert(key, &caller);
-                return Ok(caller);
-            }
-            return workload.verify(key).await;
+        if let Some(caller) = self.key_caller(key) {
+            return Ok(caller);
         }
-        let caller = self.by_key(key).ok_or(AuthError::InvalidKey)?;
+        match workload {
+            Some(workload) => workload.verify(key).await,
+            None => Err(AuthError::InvalidKey),
+        }
+    }
+
+    /// The caller `key` proves: from the keys verified before, else by one lookup by its
+    /// SHA-256 (and then remembered).
+    fn key_caller(&self, key: &str) -> Option<Arc<Caller>> {
+        if let Some(caller) = self.verified.get(key) {
+            return Some(caller);
+        }
+        let caller = self.by_key(key)?;
         self.verified.insert(key, &caller);
-        Ok(caller)
+        Some(caller)
     }
 
     /// The workload verifier, when one is configured and `value` has the shape of a JWT.
@@ -385,13 +378,10 @@ impl CallerRegistry {
     /// Authenticates an RFC 7523 client assertion at the OAuth2 facade: a workload token,
     /// verified exactly as a bearer one.
     pub async fn authenticate_assertion(&self, assertion: &str) -> Result<Arc<Caller>, AuthError> {
-        let Some(workload) = self.workload.as_deref() else {
-            return Err(AuthError::Workload(WorkloadRejection::NotEnabled));
-        };
-        if let Some(caller) = workload.remembered(assertion) {
-            return Ok(caller);
+        match self.workload.as_deref() {
+            Some(workload) => workload.authenticate(assertion).await,
+            None => Err(AuthError::Workload(WorkloadRejection::NotEnabled)),
         }
-        workload.verify(assertion).await
     }
 
     /// The caller whose key hash is that of `key`: one map lookup by the SHA-256 of the
@@ -405,14 +395,7 @@ impl CallerRegistry {
     /// up first and the name compared only then, so timing does not reveal whether a name
     /// exists; a right key under another caller's name fails.
     pub fn authenticate_client(&self, name: &str, key: &str) -> Result<Arc<Caller>, AuthError> {
-        let caller = match self.verified.get(key) {
-            Some(caller) => caller,
-            None => {
-                let caller = self.by_key(key).ok_or(AuthError::InvalidKey)?;
-                self.verified.insert(key, &caller);
-                caller
-            }
-        };
+        let caller = self.key_caller(key).ok_or(AuthError::InvalidKey)?;
         if *caller.name == *name {
             Ok(caller)
         } else {
@@ -540,6 +523,30 @@ where
 mod tests {
     use super::*;
 
+    /// A caller with `key`, allowed `acme/*`.
+    fn key_caller(key: &str) -> CallerSettings {
+        CallerSettings {
+            key_sha256: Some(KeyHash::of(key)),
+            workload: Vec::new(),
+            allow: vec!["acme/*".parse().unwrap()],
+            organizations: Vec::new(),
+            rate_limit: None,
+            idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+
+    /// `[auth]` with no admin or metrics key, anonymous access or workload issuers.
+    fn keys_only() -> AuthSettings {
+        AuthSettings {
+            admin_key_sha256: None,
+            metrics_key_sha256: None,
+            allow_anonymous: false,
+            default_idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
+            workload: None,
+        }
+    }
+
     #[test]
     fn rules_match_whole_parts_and_url_audiences() {
         let rule: AllowRule = "acme/production/https://api.example/v1".parse().unwrap();
@@ -590,27 +597,11 @@ mod tests {
 
     #[test]
     fn clients_authenticate_by_name_and_key_together() {
-        let caller = |key: &str| CallerSettings {
-            key_sha256: Some(KeyHash::of(key)),
-            workload: Vec::new(),
-            allow: vec!["acme/*".parse().unwrap()],
-            organizations: Vec::new(),
-            rate_limit: None,
-            idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
-            max_keys: DEFAULT_MAX_KEYS,
-        };
         let callers = BTreeMap::from([
-            ("billing".to_owned(), caller("billing-key")),
-            ("reports".to_owned(), caller("reports-key")),
+            ("billing".to_owned(), key_caller("billing-key")),
+            ("reports".to_owned(), key_caller("reports-key")),
         ]);
-        let auth = AuthSettings {
-            admin_key_sha256: None,
-            metrics_key_sha256: None,
-            allow_anonymous: false,
-            default_idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
-            workload: None,
-        };
-        let registry = CallerRegistry::from_settings(&auth, &callers, &Metrics::new(), None);
+        let registry = CallerRegistry::from_settings(&keys_only(), &callers, &Metrics::new(), None);
         let caller = registry
             .authenticate_client("billing", "billing-key")
             .unwrap();
@@ -639,26 +630,10 @@ mod tests {
 
     #[tokio::test]
     async fn keys_are_found_among_many_callers_and_remembered_only_when_right() {
-        let settings = |key: String| CallerSettings {
-            key_sha256: Some(KeyHash::of(&key)),
-            workload: Vec::new(),
-            allow: vec!["acme/*".parse().unwrap()],
-            organizations: Vec::new(),
-            rate_limit: None,
-            idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
-            max_keys: DEFAULT_MAX_KEYS,
-        };
         let callers: BTreeMap<String, CallerSettings> = (0..1000)
-            .map(|i| (format!("c{i}"), settings(format!("tbk_key-{i}"))))
+            .map(|i| (format!("c{i}"), key_caller(&format!("tbk_key-{i}"))))
             .collect();
-        let auth = AuthSettings {
-            admin_key_sha256: None,
-            metrics_key_sha256: None,
-            allow_anonymous: false,
-            default_idp_requests_per_minute: NonZeroU32::new(60).unwrap(),
-            workload: None,
-        };
-        let registry = CallerRegistry::from_settings(&auth, &callers, &Metrics::new(), None);
+        let registry = CallerRegistry::from_settings(&keys_only(), &callers, &Metrics::new(), None);
         let header = |key: &str| format!("Bearer {key}");
         for _ in 0..2 {
             let caller = registry

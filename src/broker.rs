@@ -100,6 +100,9 @@ pub struct Lease {
     pub token: Arc<CachedToken>,
     /// Hit or miss.
     pub status: CacheStatus,
+    /// When the broker found the token good for the caller: the instant its answer's
+    /// `expires_in` counts from (read once per request).
+    pub at: std::time::SystemTime,
 }
 
 /// Fetches, caches and refreshes tokens; cheap to clone.

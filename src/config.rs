@@ -11,6 +11,7 @@
 
 mod callers;
 mod environments;
+mod pem;
 mod raw;
 mod secrets;
 mod server;
@@ -354,19 +355,14 @@ impl RawSettings {
             ("server.request_timeout", self.server.request_timeout),
             ("server.drain_delay", self.server.drain_delay),
             ("server.shutdown_grace", self.server.shutdown_grace),
-        ] {
-            at_most(path, value, HOUR, &mut problems);
-        }
-        for (path, value, max) in [
-            ("shared_cache.timeout", self.shared_cache.timeout, HOUR),
-            ("shared_cache.lock_ttl", self.shared_cache.lock_ttl, HOUR),
+            ("shared_cache.timeout", self.shared_cache.timeout),
+            ("shared_cache.lock_ttl", self.shared_cache.lock_ttl),
             (
                 "shared_cache.wait_for_peer",
                 self.shared_cache.wait_for_peer,
-                HOUR,
             ),
         ] {
-            at_most(path, value, max, &mut problems);
+            at_most(path, value, HOUR, &mut problems);
         }
         check_cache(&self.cache, &mut problems);
         check_users(&self.users, &mut problems);

@@ -376,17 +376,6 @@ impl DevIdpHandle {
         &self.idp.issuer
     }
 
-    /// A workload token for `subject` and `audience`, signed with the IdP's key
-    /// ([`DevIdp::workload_token`]).
-    pub fn workload_token(
-        &self,
-        subject: &str,
-        audience: &str,
-        lifetime: Duration,
-    ) -> Result<String, DevIdpError> {
-        self.idp.workload_token(subject, audience, lifetime)
-    }
-
     /// The authorization endpoint, `{base_url}/authorize`.
     pub fn authorize_url(&self) -> String {
         format!("{}/authorize", self.base_url)

@@ -152,6 +152,37 @@ struct Answer {
     rate_limit: RateLimitHeaders,
 }
 
+/// How the broker's HTTP clients start: rustls, the broker's user agent, a bounded connect, and
+/// no redirects (a redirect would resend credentials).
+pub fn http_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+}
+
+/// A response's body, read in chunks and never more than `limit` bytes (an endless body costs
+/// `limit`); `None` when it is longer.
+pub async fn read_bounded(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > u64::try_from(limit).unwrap_or(u64::MAX))
+    {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len().saturating_add(chunk.len()) > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 /// Sends token requests to any OAuth2 token endpoint.
 #[derive(Clone)]
 pub struct IdpClient {
@@ -159,12 +190,9 @@ pub struct IdpClient {
 }
 
 impl IdpClient {
-    /// Builds the shared HTTP client (rustls, no redirects: a redirect would resend credentials).
+    /// Builds the shared HTTP client.
     pub fn new() -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
+        let http = http_client()
             .pool_idle_timeout(Duration::from_secs(60))
             .build()?;
         Ok(Self { http })
@@ -262,20 +290,10 @@ impl IdpClient {
         let headers = response.headers().clone();
         let rate_limit = RateLimitHeaders::from_headers(&headers);
         let limit = environment.max_response_bytes;
-        if response
-            .content_length()
-            .is_some_and(|length| length > limit as u64)
-        {
-            return Err(IdpError::ResponseTooLarge { limit });
-        }
-        // Read in chunks, never more than the limit: an endless body costs `limit` bytes.
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| classify(e, timeout))? {
-            if body.len().saturating_add(chunk.len()) > limit {
-                return Err(IdpError::ResponseTooLarge { limit });
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_bounded(&mut response, limit)
+            .await
+            .map_err(|e| classify(e, timeout))?
+            .ok_or(IdpError::ResponseTooLarge { limit })?;
 
         if status.is_success() {
             let (token, refresh_token) =

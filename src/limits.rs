@@ -182,7 +182,7 @@ impl IdpBudget {
     }
 
     /// Takes one of the caller's `max_keys` key slots; false when all are taken.
-    pub fn take_key(&self) -> bool {
+    fn take_key(&self) -> bool {
         self.keys
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |keys| {
                 (keys < self.max_keys).then_some(keys + 1)
@@ -191,7 +191,7 @@ impl IdpBudget {
     }
 
     /// Gives back a key slot (the key left the cache, or was never created).
-    pub fn release_key(&self) {
+    fn release_key(&self) {
         let _ = self
             .keys
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |keys| {

@@ -212,11 +212,13 @@ impl UserTokens {
         let min_remaining = self.inner.min_remaining;
         let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
         let mut grant = session.grant().await;
-        if grant.access.remaining(SystemTime::now()) >= required {
+        let now = SystemTime::now();
+        if grant.access.remaining(now) >= required {
             grant.access.record_hit();
             return Ok(Lease {
                 token: Arc::clone(&grant.access),
                 status: CacheStatus::Hit,
+                at: now,
             });
         }
         let Some(refresh_token) = &grant.refresh_token else {
@@ -274,6 +276,7 @@ impl UserTokens {
         Ok(Lease {
             token: access,
             status: CacheStatus::Miss,
+            at: SystemTime::now(),
         })
     }
 

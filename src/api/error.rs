@@ -39,9 +39,9 @@ pub enum ApiError {
     /// No caller key, or a wrong one, or a workload token that failed a check.
     #[error(transparent)]
     Unauthorized(AuthError),
-    /// The keys of a workload token's issuer cannot be fetched now.
-    #[error(transparent)]
-    IssuerUnavailable(AuthError),
+    /// The keys of a workload token's issuer cannot be fetched now; retry after the duration.
+    #[error("{}", AuthError::WorkloadKeysUnavailable { retry_after: *.0 })]
+    IssuerUnavailable(Duration),
     /// The caller may not use this tenant / environment / audience.
     #[error("caller '{caller}' may not use {tenant}/{environment}")]
     Forbidden {
@@ -115,7 +115,9 @@ impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         match error {
             AuthError::RateLimited { retry_after } => Self::RateLimited { retry_after },
-            AuthError::WorkloadKeysUnavailable { .. } => Self::IssuerUnavailable(error),
+            AuthError::WorkloadKeysUnavailable { retry_after } => {
+                Self::IssuerUnavailable(retry_after)
+            }
             other => Self::Unauthorized(other),
         }
     }
@@ -230,7 +232,7 @@ impl ApiError {
         match self {
             Self::RateLimited { retry_after } => Some(*retry_after),
             Self::TimedOut(_) => Some(TIMED_OUT_RETRY_AFTER),
-            Self::IssuerUnavailable(error) => error.retry_after(),
+            Self::IssuerUnavailable(wait) => Some(*wait),
             Self::Broker(error) => broker_retry_after(error),
             Self::Users(UserError::Token(error)) => broker_retry_after(error),
             Self::Users(UserError::TooManyPending { .. }) => Some(PENDING_RETRY_AFTER),

@@ -5,8 +5,6 @@
 //! The `/v1` body is pre-serialised in the cache entry, so a hit copies bytes and writes one
 //! number; the facade's body is smaller and serialised per request.
 
-use std::time::SystemTime;
-
 use axum::body::Body;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, PRAGMA};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
@@ -47,7 +45,7 @@ fn x_cache(status: CacheStatus) -> (HeaderName, HeaderValue) {
 
 /// A 200 with the token body of API.md §1, `Cache-Control: no-store` and `x-cache`.
 pub fn token(lease: &Lease) -> Response {
-    let mut response = Response::new(Body::from(lease.token.body(SystemTime::now())));
+    let mut response = Response::new(Body::from(lease.token.body(lease.at)));
     let headers = response.headers_mut();
     // Room for these three, `content-length` and `x-request-id`, so no insert grows the map.
     headers.reserve(5);
@@ -74,7 +72,7 @@ pub fn oauth_token(lease: &Lease) -> Response {
     let body = OAuthTokenBody {
         access_token: token.access_token().expose(),
         token_type: token.token_type(),
-        expires_in: token.remaining(SystemTime::now()).as_secs(),
+        expires_in: token.remaining(lease.at).as_secs(),
         scope: token.scope(),
     };
     let [cache_control, pragma] = no_store_oauth();

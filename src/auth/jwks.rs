@@ -313,11 +313,7 @@ impl IssuerKeys {
     }
 
     fn client(settings: &IssuerSettings) -> Result<reqwest::Client, reqwest::Error> {
-        let mut http = reqwest::Client::builder()
-            .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(FETCH_TIMEOUT)
-            .timeout(FETCH_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none());
+        let mut http = crate::idp::http_client().timeout(FETCH_TIMEOUT);
         if let Some(pem) = &settings.ca_pem {
             http = http.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem)?);
         }
@@ -527,14 +523,10 @@ impl IssuerKeys {
         if status != 200 {
             return Err(JwksError::Status { what, status });
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(failed)? {
-            if body.len().saturating_add(chunk.len()) > MAX_BODY_BYTES {
-                return Err(JwksError::TooLarge { what });
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        crate::idp::read_bounded(&mut response, MAX_BODY_BYTES)
+            .await
+            .map_err(failed)?
+            .ok_or(JwksError::TooLarge { what })
     }
 }
 

@@ -193,16 +193,6 @@ impl FromStr for SubjectPattern {
     }
 }
 
-impl SubjectPattern {
-    /// Whether `subject` matches.
-    pub fn matches(&self, subject: &str) -> bool {
-        match self {
-            Self::Exact(exact) => exact == subject,
-            Self::Prefix(prefix) => subject.starts_with(prefix.as_str()),
-        }
-    }
-}
-
 /// One part of an allow rule: a name, or `*` for any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pattern {

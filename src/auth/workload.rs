@@ -259,6 +259,14 @@ impl WorkloadVerifier {
             })
     }
 
+    /// The caller a workload token proves: remembered, else verified (and then remembered).
+    pub(super) async fn authenticate(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
+        match self.remembered(token) {
+            Some(caller) => Ok(caller),
+            None => self.verify(token).await,
+        }
+    }
+
     /// Verifies a token that is not remembered, and remembers it when it verifies.
     pub(super) async fn verify(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
         let reject = AuthError::Workload;

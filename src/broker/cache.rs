@@ -116,6 +116,7 @@ impl Broker {
                 return Ok(Lease {
                     token: Arc::clone(token),
                     status: CacheStatus::Hit,
+                    at: now,
                 });
             }
         }
@@ -268,9 +269,7 @@ impl Broker {
             .collect();
         let names = Arc::new(names);
         let of_changed = move |key: &TokenKey| {
-            names
-                .iter()
-                .any(|(t, e)| *key.tenant == **t && *key.environment == **e)
+            names.contains(&(Arc::clone(&key.tenant), Arc::clone(&key.environment)))
         };
         self.inner.flights.detach(&of_changed);
         let (tokens, rejections) = (of_changed.clone(), of_changed);
@@ -356,14 +355,19 @@ fn lease(
     // An older one was already there (found in the shared level, say): a hit.
     let lifetime = token.lifetime();
     let fresh = token.fetched_at >= started;
-    if token.remaining(SystemTime::now()) >= required || (fresh && lifetime >= required) {
+    let now = SystemTime::now();
+    if token.remaining(now) >= required || (fresh && lifetime >= required) {
         token.record_hit();
         let status = if fresh {
             CacheStatus::Miss
         } else {
             CacheStatus::Hit
         };
-        return Ok(Some(Lease { token, status }));
+        return Ok(Some(Lease {
+            token,
+            status,
+            at: now,
+        }));
     }
     if fresh {
         return Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }));

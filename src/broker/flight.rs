@@ -68,7 +68,7 @@ struct Charge {
     budget: Arc<IdpBudget>,
     /// The key slot a start for a key not cached took: the new token holds it, else dropping it
     /// gives it back.
-    key_slot: Mutex<Option<KeySlot>>,
+    key_slot: Option<KeySlot>,
 }
 
 impl Charge {
@@ -79,11 +79,6 @@ impl Charge {
         } else {
             self.budget.refund();
         }
-    }
-
-    /// The key slot, for the token that creates the key.
-    fn take_slot(&self) -> Option<KeySlot> {
-        lock(&self.key_slot).take()
     }
 }
 
@@ -185,7 +180,7 @@ impl Broker {
         }
         let charge = Some(Charge {
             budget: Arc::clone(budget),
-            key_slot: Mutex::new(key_slot),
+            key_slot,
         });
         let (done, receiver) = watch::channel(None);
         flights.insert(key.clone(), receiver.clone());
@@ -240,13 +235,14 @@ impl Broker {
         environment: &EnvironmentSettings,
         key: &TokenKey,
         wanted: Wanted,
-        charge: Option<Charge>,
+        mut charge: Option<Charge>,
         generation: u64,
     ) -> Outcome {
         let asked = AtomicBool::new(false);
+        let key_slot = charge.as_mut().and_then(|charge| charge.key_slot.take());
         let outcome = match self.find(environment, key, wanted, &asked).await {
             Ok(Found::Cached(token)) => Ok(token),
-            Ok(Found::New(token)) => self.install(key, token, generation, charge.as_ref()).await,
+            Ok(Found::New(token)) => self.install(key, token, generation, key_slot).await,
             Err(error) => Err(Arc::new(error)),
         };
         match charge {
@@ -293,13 +289,14 @@ impl Broker {
     }
 
     /// Caches a new token for `key` unless a reload changed its environment since the flight
-    /// began (`generation`) or it lives too short to serve. Returns the token in the cache.
+    /// began (`generation`) or it lives too short to serve. Returns the token in the cache. A
+    /// token that creates the key holds `key_slot`; otherwise dropping it gives it back.
     async fn install(
         &self,
         key: &TokenKey,
         token: Arc<CachedToken>,
         generation: u64,
-        charge: Option<&Charge>,
+        key_slot: Option<KeySlot>,
     ) -> Result<Arc<CachedToken>, Arc<BrokerError>> {
         if self.generation(key) > generation {
             return Err(Arc::new(BrokerError::SettingsChanged));
@@ -339,7 +336,7 @@ impl Broker {
                         Op::Put(candidate)
                     }
                     None => {
-                        if let Some(slot) = charge.and_then(Charge::take_slot) {
+                        if let Some(slot) = key_slot {
                             candidate.set_owner(Arc::new(slot));
                         }
                         Op::Put(candidate)

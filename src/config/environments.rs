@@ -8,9 +8,6 @@ use super::secrets;
 use crate::idp::{ClientAuth, ClientCredential, ClientKey, EnvironmentSettings, UserLoginSettings};
 use crate::telemetry::metrics::EnvironmentHandles;
 
-/// Longest `timeout` of one token request, retries included.
-const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
-
 /// Least `max_response_bytes`: below it even a short opaque token's answer would not fit.
 const MIN_RESPONSE_BYTES: usize = 1024;
 
@@ -75,9 +72,12 @@ impl RawEnvironment {
         if self.timeout.is_zero() {
             problems.push(format!("{at}.timeout: must be above 0"));
         }
-        if self.timeout > MAX_TIMEOUT {
-            problems.push(format!("{at}.timeout: must be at most 1h"));
-        }
+        super::at_most(
+            &format!("{at}.timeout"),
+            self.timeout,
+            super::HOUR,
+            problems,
+        );
         if self.default_lifetime > crate::idp::MAX_LIFETIME {
             problems.push(format!("{at}.default_lifetime: must be at most a year"));
         }

@@ -4,13 +4,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use secrecy::{ExposeSecret as _, SecretBox, SecretSlice, SecretString};
+use secrecy::{ExposeSecret as _, SecretBox, SecretString};
 
-use std::path::Path;
-
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
+use super::pem;
 use super::raw::{RawRedisTls, RawSharedCache};
 use crate::shared_cache::{
     ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTls, SharedCacheSettings,
@@ -136,49 +132,19 @@ impl RawSharedCache {
 /// Reads `[shared_cache.tls]`: each file must exist and hold PEM of the right kind.
 fn read_tls(raw: &RawRedisTls, problems: &mut Vec<String>) -> Option<RedisTls> {
     let before = problems.len();
-    let read = |name: &str, path: &Path, problems: &mut Vec<String>| {
-        std::fs::read(path)
-            .map_err(|error| {
-                problems.push(format!(
-                    "shared_cache.tls.{name}: cannot read {}: {error}",
-                    path.display()
-                ));
-            })
-            .ok()
-    };
-    let certificates = |name: &str, pem: &[u8], problems: &mut Vec<String>| {
-        let found = CertificateDer::pem_slice_iter(pem)
-            .collect::<Result<Vec<_>, _>>()
-            .is_ok_and(|certificates| !certificates.is_empty());
-        if !found {
-            problems.push(format!("shared_cache.tls.{name}: holds no PEM certificate"));
-        }
-    };
-    let ca_pem = raw.ca_file.as_deref().and_then(|path| {
-        let pem = read("ca_file", path, problems)?;
-        certificates("ca_file", &pem, problems);
-        Some(pem)
-    });
+    let ca_pem = raw
+        .ca_file
+        .as_deref()
+        .and_then(|path| pem::certificates("shared_cache.tls.ca_file", path, problems));
     let client = match (&raw.certificate_file, &raw.key_file) {
         (None, None) => None,
         (Some(certificate), Some(key)) => {
-            let certificate_pem = read("certificate_file", certificate, problems);
-            if let Some(pem) = &certificate_pem {
-                certificates("certificate_file", pem, problems);
-            }
-            let key_pem = read("key_file", key, problems);
-            if key_pem
-                .as_deref()
-                .is_some_and(|pem| PrivateKeyDer::from_pem_slice(pem).is_err())
-            {
-                problems.push(
-                    "shared_cache.tls.key_file: holds no PEM private key (PKCS#8, PKCS#1 or SEC1)"
-                        .to_owned(),
-                );
-            }
+            let certificate_pem =
+                pem::certificates("shared_cache.tls.certificate_file", certificate, problems);
+            let key_pem = pem::private_key("shared_cache.tls.key_file", key, problems);
             Some(ClientIdentity {
                 certificate_pem: certificate_pem?,
-                key_pem: SecretSlice::from(key_pem?),
+                key_pem: key_pem?,
             })
         }
         _ => {

@@ -2,11 +2,7 @@
 //! validated into the settings `auth` consumes.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 use std::time::Duration;
-
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
 
 use super::raw::{RawIssuer, RawWorkload, RawWorkloadRule};
 use crate::auth::{
@@ -131,7 +127,7 @@ fn issuer(raw: &RawIssuer, at: &str, problems: &mut Vec<String>) -> Option<Issue
     let ca_pem = raw
         .ca_file
         .as_deref()
-        .and_then(|path| read_ca(path, at, problems));
+        .and_then(|path| super::pem::certificates(&format!("{at}.ca_file"), path, problems));
     if let Some(path) = &raw.bearer_token_file
         && let Err(error) = std::fs::metadata(path)
     {
@@ -146,29 +142,6 @@ fn issuer(raw: &RawIssuer, at: &str, problems: &mut Vec<String>) -> Option<Issue
         ca_pem,
         bearer_token_file: raw.bearer_token_file.clone(),
     })
-}
-
-/// The PEM of `ca_file`, checked to hold at least one certificate.
-fn read_ca(path: &Path, at: &str, problems: &mut Vec<String>) -> Option<Vec<u8>> {
-    let pem = std::fs::read(path)
-        .map_err(|error| {
-            problems.push(format!(
-                "{at}.ca_file: cannot read {}: {error}",
-                path.display()
-            ));
-        })
-        .ok()?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap_or_default();
-    if certificates.is_empty() {
-        problems.push(format!(
-            "{at}.ca_file: {} holds no PEM certificate",
-            path.display()
-        ));
-        return None;
-    }
-    Some(pem)
 }
 
 /// Validates one caller's `workload` rules against the configured issuers.

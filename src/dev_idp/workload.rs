@@ -10,9 +10,9 @@ use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use serde::Serialize;
 
-use super::{DevIdp, DevIdpError};
+use super::{DevIdp, DevIdpError, DevIdpHandle};
 
-impl DevIdp {
+impl DevIdpHandle {
     /// Signs a workload token, as a cluster's service-account issuer gives a pod: `sub`, `aud`,
     /// `iat`, `nbf` and `exp` (`lifetime` from now), with the same key as every other token.
     pub fn workload_token(
@@ -33,7 +33,7 @@ impl DevIdp {
         }
         let iat = jsonwebtoken::get_current_timestamp();
         let claims = WorkloadClaims {
-            iss: &self.issuer,
+            iss: &self.idp.issuer,
             sub: subject,
             aud: audience,
             iat,
@@ -42,9 +42,9 @@ impl DevIdp {
             jti: format!("{:032x}", rand::random::<u128>()),
         };
         Ok(jsonwebtoken::encode(
-            &self.header,
+            &self.idp.header,
             &claims,
-            &self.signing_key,
+            &self.idp.signing_key,
         )?)
     }
 }

@@ -55,14 +55,14 @@ pub struct ClientIdentity {
 impl RedisTls {
     /// Whether `other` holds the same CA, certificate and key.
     fn same_as(&self, other: &Self) -> bool {
-        let client = |tls: &Self| {
+        fn client(tls: &RedisTls) -> Option<(&[u8], &[u8])> {
             tls.client.as_ref().map(|client| {
                 (
-                    client.certificate_pem.clone(),
-                    client.key_pem.expose_secret().to_vec(),
+                    client.certificate_pem.as_slice(),
+                    client.key_pem.expose_secret(),
                 )
             })
-        };
+        }
         self.ca_pem == other.ca_pem && client(self) == client(other)
     }
 }
@@ -87,11 +87,8 @@ impl SharedCacheSettings {
             && self.lock_ttl == other.lock_ttl
             && self.wait_for_peer == other.wait_for_peer
             && self.username == other.username
-            && self.password.as_ref().map(|p| p.expose_secret().to_owned())
-                == other
-                    .password
-                    .as_ref()
-                    .map(|p| p.expose_secret().to_owned())
+            && self.password.as_ref().map(|p| p.expose_secret())
+                == other.password.as_ref().map(|p| p.expose_secret())
             && match (&self.tls, &other.tls) {
                 (None, None) => true,
                 (Some(a), Some(b)) => a.same_as(b),

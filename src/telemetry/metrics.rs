@@ -134,10 +134,10 @@ impl IdpOutcome {
     }
 }
 
-/// Where the settings of an environment keep the handles of its metrics once found (with the
-/// [`Metrics`] they belong to), so that counting a cache hit needs no lookup by name.
+/// Where the settings of an environment keep the handles of its metrics, filled when the
+/// application registers the environment, so that counting a cache hit needs no lookup by name.
 #[derive(Default)]
-pub struct EnvironmentHandles(OnceLock<(u64, Arc<EnvironmentMetrics>)>);
+pub struct EnvironmentHandles(OnceLock<Arc<EnvironmentMetrics>>);
 
 /// The handles of one (tenant, environment).
 pub struct EnvironmentMetrics {
@@ -160,9 +160,6 @@ pub struct Metrics {
 }
 
 struct Inner {
-    /// A number no other registry of this process has, so that [`EnvironmentHandles`] kept for
-    /// one are never used for another.
-    id: u64,
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     environments: ArcSwap<EnvironmentMap>,
@@ -275,11 +272,6 @@ impl Metrics {
         let handle = recorder.handle();
         Self {
             inner: Arc::new(Inner {
-                id: {
-                    static NEXT: std::sync::atomic::AtomicU64 =
-                        std::sync::atomic::AtomicU64::new(0);
-                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                },
                 recorder,
                 handle,
                 environments: ArcSwap::default(),
@@ -300,9 +292,15 @@ impl Metrics {
         self.inner.handle.run_upkeep();
     }
 
-    /// Registers the metrics of an environment, so they show (at zero) before its first request.
-    pub fn register_environment(&self, tenant: &str, environment: &str) {
-        self.environment(tenant, environment);
+    /// Registers the metrics of an environment, so they show (at zero) before its first request,
+    /// and keeps their handles in `handles`, the environment's settings.
+    pub fn register_environment(
+        &self,
+        tenant: &str,
+        environment: &str,
+        handles: &EnvironmentHandles,
+    ) {
+        let _ = handles.0.set(self.environment(tenant, environment));
     }
 
     /// The counter of IdP requests charged to `caller` (a configured name), registered so that
@@ -328,19 +326,17 @@ impl Metrics {
         self.inner.recorder.register_counter(&key, &METADATA)
     }
 
-    /// Counts a token request served from the cache. `handles` (kept with the environment's
-    /// settings) remembers where its counters are, so that a hit does not look them up by name.
+    /// Counts a token request served from the cache: through `handles` when
+    /// [`Metrics::register_environment`] filled them, so that a hit does not look its counters
+    /// up by name, else by name.
     pub fn cache_hit(&self, handles: &EnvironmentHandles, tenant: &str, environment: &str) {
-        let owner = self.inner.id;
-        if let Some((of, metrics)) = handles.0.get()
-            && *of == owner
-        {
-            metrics.cache_hits.increment(1);
-            return;
+        match handles.0.get() {
+            Some(metrics) => metrics.cache_hits.increment(1),
+            None => self
+                .environment(tenant, environment)
+                .cache_hits
+                .increment(1),
         }
-        let metrics = self.environment(tenant, environment);
-        metrics.cache_hits.increment(1);
-        let _ = handles.0.set((owner, metrics));
     }
 
     /// Counts a token request that waits on an IdP request.

@@ -504,23 +504,36 @@ pub const CACHE_KEY_ENV: &str = "TEST_SHARED_CACHE_KEY";
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// How the test reaches it (plain, or TLS with the test's certificates).
+    client: redis::Client,
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl RedisServer {
     /// Starts one on a free port and waits until it answers `PING`.
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
-        Self::start_on(port).await
+        Self::start_on(free_port()).await
     }
 
     /// Starts one on `port` (to restart a stopped one where its clients expect it).
     pub async fn start_on(port: u16) -> Self {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        Self::start_with(port, &["--port", &port.to_string()], client).await
+    }
+
+    /// Starts one on `port` with `args` (which say where it listens), and waits until `client`
+    /// gets an answer to `PING`.
+    pub async fn start_with(port: u16, args: &[&str], client: redis::Client) -> Self {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -533,6 +546,7 @@ impl RedisServer {
         let mut server = Self {
             child: Some(child),
             port,
+            client,
         };
         server.wait_until_ready().await;
         server
@@ -566,9 +580,7 @@ impl RedisServer {
     }
 
     async fn try_connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
+        self.client.get_multiplexed_async_connection().await
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -654,5 +666,14 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Polls `check` until it says yes, for at most ten seconds.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -4,8 +4,6 @@
 //! serving from memory and the IdP.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -77,85 +75,54 @@ impl Pki {
     }
 }
 
-/// A `redis-server` that speaks only TLS, with ACL user [`REDIS_USER`]; killed on drop.
-struct TlsRedis {
-    child: Child,
-    port: u16,
-}
-
-impl TlsRedis {
-    async fn start(pki: &Pki, client_certificates: bool) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .unwrap()
-            .port();
-        let path = |path: &Path| path.display().to_string();
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--tls-cert-file", &path(&pki.server.0)])
-            .args(["--tls-key-file", &path(&pki.server.1)])
-            .args(["--tls-ca-cert-file", &path(&pki.ca)])
-            .args([
-                "--tls-auth-clients",
-                if client_certificates { "yes" } else { "no" },
-            ])
-            .args(["--user", REDIS_USER, "on", &format!(">{REDIS_PASSWORD}")])
-            .args(["~*", "&*", "+@all"])
-            .args(["--user", "default", "off"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (built with TLS, as Debian's is)");
-        let server = Self { child, port };
-        server.wait_until_ready(pki).await;
-        server
-    }
-
-    async fn wait_until_ready(&self, pki: &Pki) {
-        let read = |path: &Path| std::fs::read(path).unwrap();
-        let client = redis::Client::build_with_tls(
-            format!(
-                "rediss://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{}",
-                self.port
-            ),
-            redis::TlsCertificates {
-                client_tls: Some(redis::ClientTlsConfig {
-                    client_cert: read(&pki.client.0),
-                    client_key: read(&pki.client.1),
-                }),
-                root_cert: Some(read(&pki.ca)),
-            },
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut connection) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut connection)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            if Instant::now() >= deadline {
-                let error = client.get_multiplexed_async_connection().await.err();
-                panic!("TLS redis-server does not answer: {error:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `redis-server` that speaks only TLS (client certificates required when
+/// `client_certificates`), with ACL user [`REDIS_USER`] and no default user.
+async fn tls_redis(pki: &Pki, client_certificates: bool) -> RedisServer {
+    let port = free_port();
+    let read = |path: &Path| std::fs::read(path).unwrap();
+    let client = redis::Client::build_with_tls(
+        format!("rediss://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{port}"),
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: read(&pki.client.0),
+                client_key: read(&pki.client.1),
+            }),
+            root_cert: Some(read(&pki.ca)),
+        },
+    )
+    .unwrap();
+    let path = |path: &Path| path.display().to_string();
+    let (port_arg, password) = (port.to_string(), format!(">{REDIS_PASSWORD}"));
+    let (certificate, key, ca) = (path(&pki.server.0), path(&pki.server.1), path(&pki.ca));
+    let args = [
+        "--port",
+        "0",
+        "--tls-port",
+        &port_arg,
+        "--tls-cert-file",
+        &certificate,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        if client_certificates { "yes" } else { "no" },
+        "--user",
+        REDIS_USER,
+        "on",
+        &password,
+        "~*",
+        "&*",
+        "+@all",
+        "--user",
+        "default",
+        "off",
+    ];
+    RedisServer::start_with(port, &args, client).await
 }
 
 /// The `[shared_cache]` layer for `redis`, with `tls` lines for `[shared_cache.tls]`.
-fn tls_cache_config(redis: &TlsRedis, password_env: &str, tls: &str) -> String {
+fn tls_cache_config(redis: &RedisServer, password_env: &str, tls: &str) -> String {
     format!(
         r#"
         [shared_cache]
@@ -166,7 +133,7 @@ fn tls_cache_config(redis: &TlsRedis, password_env: &str, tls: &str) -> String {
         [shared_cache.tls]
         {tls}
         "#,
-        port = redis.port,
+        port = redis.port(),
     )
 }
 
@@ -189,7 +156,7 @@ async fn replica(idp: &MockServer, cache: &str) -> TestApp {
 #[tokio::test]
 async fn replicas_sharing_mutual_tls_redis_make_one_idp_request_per_key() {
     let pki = Pki::new();
-    let redis = TlsRedis::start(&pki, true).await;
+    let redis = tls_redis(&pki, true).await;
     let idp = MockServer::start().await;
     let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let tls = format!(
@@ -214,7 +181,7 @@ async fn replicas_sharing_mutual_tls_redis_make_one_idp_request_per_key() {
 #[tokio::test]
 async fn tls_without_client_certificates_needs_only_the_ca() {
     let pki = Pki::new();
-    let redis = TlsRedis::start(&pki, false).await;
+    let redis = tls_redis(&pki, false).await;
     let idp = MockServer::start().await;
     let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let cache = tls_cache_config(
@@ -238,7 +205,7 @@ async fn tls_without_client_certificates_needs_only_the_ca() {
 async fn a_wrong_ca_or_password_leaves_the_broker_serving_with_no_failed_request() {
     let pki = Pki::new();
     let other = Pki::new();
-    let redis = TlsRedis::start(&pki, false).await;
+    let redis = tls_redis(&pki, false).await;
     let idp = MockServer::start().await;
     let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let wrong_ca = tls_cache_config(

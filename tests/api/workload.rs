@@ -221,15 +221,6 @@ pub fn workload_config(issuer: &str, refresh: &str) -> String {
     )
 }
 
-/// Polls `check` until it says yes, for at most ten seconds.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_workload_token_proves_its_caller_and_is_verified_once() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
