@@ -55,8 +55,8 @@ pub use error::BrokerError;
 pub use key::{ScopeSet, TokenKey};
 pub use settings::CacheSettings;
 pub use shared::{
-    Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus, SharedFuture,
-    SharedKey, SharedToken, TokenDigest,
+    Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus, SharedEntry,
+    SharedFuture, SharedKey, SharedToken, TokenDigest,
 };
 pub use token::CachedToken;
 pub use upstream::Upstream;

@@ -5,6 +5,9 @@
 //!
 //! - `P token:K`: the encrypted token ([`TokenCipher`]), expiring with `PX` when the broker would
 //!   stop handing it out (`expires_at - cache.min_remaining`);
+//! - `P deleted:K`: the digest of a token a `DELETE` forgot, for as long as that token would
+//!   have lived, so a replica that missed the announcement can tell a deletion from a store it
+//!   missed;
 //! - `P lock:K`: the cross-replica fetch lock, `SET NX PX shared_cache.lock_ttl` with a random
 //!   value, released only by its holder (compare-and-delete in Lua);
 //! - channel `P invalidate`: one line per change, `stored <origin> K <digest>` or
@@ -12,12 +15,13 @@
 //!   subscribes and ignores its own lines (`origin` is a random id per process).
 //!
 //! Failure handling: every call is bounded by `shared_cache.timeout`. The first failure marks the
-//! level down (one log line) and later calls fail at once without touching the network, so a
-//! dead or slow Redis costs requests nothing; a probe `PING`s every second and marks it up again
-//! (one log line). The connection manager reconnects by itself; the subscriber reconnects with
-//! backoff and checks its connection with `PING`s, since a half-open one would otherwise stay
-//! silent. Invalidations sent while a replica is not subscribed are lost to it: its copy then
-//! lives until its own expiry, as without a shared level.
+//! level down (one log line with the cause, repeated once a minute while it stays down) and later
+//! calls fail at once without touching the network, so a dead or slow Redis costs requests
+//! nothing; a probe `PING`s every second and marks it up again (one log line). The connection
+//! manager reconnects by itself; the subscriber reconnects with backoff and checks its
+//! connection with `PING`s, since a half-open one would otherwise stay silent. Announcements sent
+//! while a replica is not subscribed are lost to it, so after every subscription it checks its
+//! cached entries against the level by digest ([`Invalidation::Resubscribed`]).
 
 mod cipher;
 mod settings;
@@ -35,7 +39,7 @@ use tokio::sync::mpsc;
 
 use crate::broker::{
     CachedToken, Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus,
-    SharedFuture, SharedKey, SharedToken, TokenDigest,
+    SharedEntry, SharedFuture, SharedKey, SharedToken, TokenDigest,
 };
 
 pub use cipher::{OpenError, TokenCipher};
@@ -50,6 +54,8 @@ const SUBSCRIBER_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// First and longest wait between two subscription attempts.
 const RESUBSCRIBE_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(5));
+/// While the level stays down, how often its cause is logged again.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Announcements buffered between the subscriber and the broker.
 const INVALIDATION_QUEUE: usize = 1024;
 
@@ -66,13 +72,19 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 ";
 
-/// Deletes a value (only if it holds the token with digest ARGV[1], when not empty) and
-/// announces the deletion either way. KEYS: token key. ARGV: digest or '', channel, message.
+/// Deletes a value (only if it holds the token with digest ARGV[1], when not empty), leaves
+/// the deleted token's digest in a tombstone that lives as long as the value would have, and
+/// announces the deletion either way. KEYS: token key, tombstone key. ARGV: digest or '',
+/// channel, message.
 const DELETE_SCRIPT: &str = r"
 local deleted = 0
 local old = redis.call('GET', KEYS[1])
 if old and (ARGV[1] == '' or string.sub(old, 4, 67) == ARGV[1]) then
+  local ttl = redis.call('PTTL', KEYS[1])
   deleted = redis.call('DEL', KEYS[1])
+  if ttl > 0 then
+    redis.call('SET', KEYS[2], string.sub(old, 4, 67), 'PX', ttl)
+  end
 end
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return deleted
@@ -116,6 +128,8 @@ struct Inner {
     delete: Script,
     unlock: Script,
     up: AtomicBool,
+    /// When a failure was last logged, so a level that stays down is reported once a minute.
+    failure_logged: std::sync::Mutex<Option<std::time::Instant>>,
     subscribed: AtomicBool,
     errors: AtomicU64,
     invalidations: AtomicU64,
@@ -157,6 +171,7 @@ impl RedisCache {
             delete: Script::new(DELETE_SCRIPT),
             unlock: Script::new(UNLOCK_SCRIPT),
             up: AtomicBool::new(true),
+            failure_logged: std::sync::Mutex::new(None),
             subscribed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
@@ -206,6 +221,10 @@ impl Inner {
         format!("{}token:{}", self.prefix, key.to_hex())
     }
 
+    fn tombstone_key(&self, key: &SharedKey) -> String {
+        format!("{}deleted:{}", self.prefix, key.to_hex())
+    }
+
     fn lock_key(&self, key: &SharedKey) -> String {
         format!("{}lock:{}", self.prefix, key.to_hex())
     }
@@ -229,12 +248,25 @@ impl Inner {
 
     fn fail(&self, error: &SharedCacheError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let mut logged = self
+            .failure_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.up.swap(false, Ordering::Relaxed) {
             tracing::warn!(
                 endpoint = %self.endpoint,
                 %error,
                 "shared cache (Redis) degraded: serving from memory and the IdP until it answers again"
             );
+            *logged = Some(now);
+        } else if logged.is_none_or(|at| now.duration_since(at) >= FAILURE_LOG_INTERVAL) {
+            tracing::warn!(
+                endpoint = %self.endpoint,
+                %error,
+                "shared cache (Redis) still unreachable: serving from memory and the IdP"
+            );
+            *logged = Some(now);
         }
     }
 
@@ -344,6 +376,7 @@ impl Inner {
         let message = format!("deleted {} {} {digest}", self.origin, key.to_hex());
         let mut connection = self.connection.clone();
         let mut invocation = self.delete.key(self.token_key(key));
+        invocation.key(self.tombstone_key(key));
         invocation
             .arg(digest)
             .arg(&self.channel)
@@ -351,6 +384,36 @@ impl Inner {
         self.call(invocation.invoke_async::<i64>(&mut connection))
             .await
             .map(drop)
+    }
+
+    /// What the level holds for `key`: the digest of the stored token, else of a token deleted
+    /// while it would still be valid. Read from the stored values without opening them.
+    async fn entry(&self, key: &SharedKey) -> Result<SharedEntry, SharedCacheError> {
+        let mut connection = self.connection.clone();
+        let (stored, deleted): (Option<Vec<u8>>, Option<Vec<u8>>) = self
+            .call(
+                redis::cmd("MGET")
+                    .arg(self.token_key(key))
+                    .arg(self.tombstone_key(key))
+                    .query_async(&mut connection),
+            )
+            .await?;
+        let digest = |hex: &[u8]| {
+            std::str::from_utf8(hex)
+                .ok()
+                .and_then(TokenDigest::from_hex)
+        };
+        Ok(match (stored, deleted) {
+            (Some(value), _) => match value.get(cipher::DIGEST_RANGE).and_then(digest) {
+                Some(token) => SharedEntry::Stored(token),
+                None => SharedEntry::Absent,
+            },
+            (None, Some(tombstone)) => match digest(&tombstone) {
+                Some(token) => SharedEntry::Deleted(token),
+                None => SharedEntry::Absent,
+            },
+            (None, None) => SharedEntry::Absent,
+        })
     }
 
     /// Parses an announcement; `None` for this process's own and for unknown lines.
@@ -419,6 +482,10 @@ async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidation>) {
             Ok((sink, stream)) => {
                 strong.set_subscribed(true, "");
                 backoff = RESUBSCRIBE_BACKOFF.0;
+                // Announcements sent before this subscription may have been missed.
+                if events.send(Invalidation::Resubscribed).await.is_err() {
+                    return;
+                }
                 let lost = forward(&strong, sink, stream, &events).await;
                 if events.is_closed() {
                     return;
@@ -475,6 +542,10 @@ async fn forward(
 impl SharedCache for RedisCache {
     fn load<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<SharedToken>> {
         Box::pin(self.inner.load(key))
+    }
+
+    fn entry<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, SharedEntry> {
+        Box::pin(self.inner.entry(key))
     }
 
     fn store<'a>(

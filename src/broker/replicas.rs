@@ -12,9 +12,12 @@ use tokio::sync::mpsc;
 
 use super::{
     Broker, BrokerError, CachedToken, Invalidation, LockToken, SharedCache, SharedCacheError,
-    SharedKey, TokenDigest, TokenKey,
+    SharedEntry, SharedKey, TokenDigest, TokenKey,
 };
 use crate::idp::EnvironmentSettings;
+
+/// How long a check after a new subscription waits for the level to take calls.
+const RESYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// How often a replica looks for the token another replica is fetching.
 const PEER_POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -230,7 +233,13 @@ impl Broker {
         }
         | Invalidation::Deleted {
             key: shared_key, ..
-        }) = &event;
+        }) = &event
+        else {
+            // In a task of its own, so that announcements keep flowing while it waits.
+            let broker = self.clone();
+            tokio::spawn(async move { broker.resync().await });
+            return;
+        };
         let keys: Vec<Arc<TokenKey>> = self
             .inner
             .tokens
@@ -246,6 +255,53 @@ impl Broker {
                 Invalidation::Stored { token: digest, .. } => {
                     self.replace_with_shared(&key, shared_key, digest).await;
                 }
+                Invalidation::Resubscribed => {}
+            }
+        }
+    }
+
+    /// Checks every cached token that has a shared key against the level, after a (re)made
+    /// subscription, so that changes announced while this replica was not listening do not
+    /// linger until expiry: a token deleted there is forgotten as an announced `DELETE` would
+    /// forget it, a different token there replaces it, and a token the level lacks altogether
+    /// (its store was lost while the level was down) is stored again, so the other replicas
+    /// share it rather than fetch their own. A subscription can come back before calls do (the
+    /// health probe marks the level up within a second), so it waits for that, up to
+    /// [`RESYNC_WAIT`]; it stops at a failing call, and the next subscription checks again.
+    async fn resync(&self) {
+        let Some(shared) = self.inner.shared.as_deref() else {
+            return;
+        };
+        let deadline = Instant::now() + RESYNC_WAIT;
+        while !shared.status().up {
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(PEER_POLL_INTERVAL * 5).await;
+        }
+        let cached: Vec<(Arc<TokenKey>, Arc<CachedToken>)> = self
+            .inner
+            .tokens
+            .iter()
+            .filter(|(_, token)| token.shared_key().is_some())
+            .collect();
+        for (key, token) in cached {
+            let Some(shared_key) = token.shared_key() else {
+                continue;
+            };
+            let digest = token.digest();
+            match shared.entry(shared_key).await {
+                Ok(SharedEntry::Stored(stored)) if stored != digest => {
+                    self.replace_with_shared(&key, shared_key, &stored).await;
+                }
+                Ok(SharedEntry::Stored(_)) => {}
+                Ok(SharedEntry::Deleted(deleted)) if deleted == digest => {
+                    self.apply_delete(&key, Some(deleted)).await;
+                }
+                Ok(SharedEntry::Deleted(_) | SharedEntry::Absent) => {
+                    self.store_shared(shared, shared_key, &token).await;
+                }
+                Err(_) => return,
             }
         }
     }

@@ -146,6 +146,20 @@ pub enum Invalidation {
         /// The token that was rejected, for a compare-and-delete.
         token: Option<TokenDigest>,
     },
+    /// The subscription was made (again): announcements sent before it may have been missed, so
+    /// every cached entry is checked against the level.
+    Resubscribed,
+}
+
+/// What the shared level holds for a key, for a replica that may have missed announcements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedEntry {
+    /// A token of this digest is stored.
+    Stored(TokenDigest),
+    /// Nothing is stored; a token of this digest was deleted while it would still be valid.
+    Deleted(TokenDigest),
+    /// Neither (never stored, or expired).
+    Absent,
 }
 
 /// The holder's proof of a cross-replica fetch lock; only it releases the lock.
@@ -194,6 +208,9 @@ pub type SharedFuture<'a, T> =
 pub trait SharedCache: Send + Sync {
     /// The token stored under `key`, if any (an entry that cannot be decrypted is none).
     fn load<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<SharedToken>>;
+
+    /// What is stored, or was deleted, under `key`, by digest: cheaper than [`SharedCache::load`].
+    fn entry<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, SharedEntry>;
 
     /// Stores `token` under `key` for `ttl` unless a newer token is already there, and tells
     /// the other replicas.
