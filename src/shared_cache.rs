@@ -24,6 +24,7 @@
 //! cached entries against the level by digest ([`Invalidation::Resubscribed`]).
 
 mod cipher;
+mod connection;
 mod settings;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,9 +33,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use rand::Rng as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::aio::{ConnectionManager, PubSubSink, PubSubStream};
 use redis::{RedisResult, Script};
-use secrecy::ExposeSecret as _;
 use tokio::sync::mpsc;
 
 use crate::broker::{
@@ -44,8 +44,11 @@ use crate::broker::{
 
 pub use cipher::{OpenError, TokenCipher};
 pub use settings::{
-    ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTls, SharedCacheSettings,
+    ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTarget, RedisTls, SentinelSettings,
+    SharedCacheSettings,
 };
+
+use connection::Connections;
 
 /// How often the health probe `PING`s Redis.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -113,8 +116,7 @@ pub struct RedisCache {
 }
 
 struct Inner {
-    client: redis::Client,
-    connection: ConnectionManager,
+    connections: Connections,
     cipher: TokenCipher,
     prefix: String,
     channel: String,
@@ -143,20 +145,10 @@ impl RedisCache {
     /// Connects lazily (a Redis that is down at start is used once it answers) and starts the
     /// health probe.
     pub fn new(settings: &SharedCacheSettings) -> Result<Self, RedisCacheError> {
-        let client = client(settings).map_err(RedisCacheError::Client)?;
-        // Few, short reconnection attempts per call: the probe keeps calling every second.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(RedisCacheError::Client)?;
+        let connections = Connections::new(settings).map_err(RedisCacheError::Client)?;
         let prefix = settings.key_prefix.clone();
         let inner = Arc::new(Inner {
-            client,
-            connection,
+            connections,
             cipher: TokenCipher::new(
                 &settings.encryption_key,
                 settings.previous_encryption_key.as_ref(),
@@ -170,7 +162,8 @@ impl RedisCache {
             store: Script::new(STORE_SCRIPT),
             delete: Script::new(DELETE_SCRIPT),
             unlock: Script::new(UNLOCK_SCRIPT),
-            up: AtomicBool::new(true),
+            // Behind Sentinel the level takes calls once the master is known.
+            up: AtomicBool::new(matches!(settings.target, RedisTarget::Url(_))),
             failure_logged: std::sync::Mutex::new(None),
             subscribed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
@@ -186,37 +179,16 @@ impl RedisCache {
     }
 }
 
-/// The client of `settings`: the URL, with the ACL user and password of the settings when the
-/// URL names none, and TLS with `[shared_cache.tls]`'s CA and client certificate when set
-/// (`rediss://` alone uses the system roots).
-fn client(settings: &SharedCacheSettings) -> RedisResult<redis::Client> {
-    let mut info = redis::IntoConnectionInfo::into_connection_info(settings.url.expose_secret())?;
-    if settings.username.is_some() || settings.password.is_some() {
-        let mut redis = info.redis_settings().clone();
-        if let Some(username) = &settings.username {
-            redis = redis.set_username(username);
-        }
-        if let Some(password) = &settings.password {
-            redis = redis.set_password(password.expose_secret());
-        }
-        info = info.set_redis_settings(redis);
-    }
-    match &settings.tls {
-        None => redis::Client::open(info),
-        Some(tls) => redis::Client::build_with_tls(
-            info,
-            redis::TlsCertificates {
-                client_tls: tls.client.as_ref().map(|client| redis::ClientTlsConfig {
-                    client_cert: client.certificate_pem.clone(),
-                    client_key: client.key_pem.expose_secret().to_vec(),
-                }),
-                root_cert: tls.ca_pem.clone(),
-            },
-        ),
-    }
-}
-
 impl Inner {
+    /// The connection manager of the server in force; the level counts as down until the
+    /// sentinels have named a master.
+    fn connection(&self) -> Result<ConnectionManager, SharedCacheError> {
+        self.connections
+            .current()
+            .map(|endpoint| endpoint.connection.clone())
+            .ok_or(SharedCacheError::Down)
+    }
+
     fn token_key(&self, key: &SharedKey) -> String {
         format!("{}token:{}", self.prefix, key.to_hex())
     }
@@ -292,7 +264,7 @@ impl Inner {
 
     async fn load(&self, key: &SharedKey) -> Result<Option<SharedToken>, SharedCacheError> {
         let redis_key = self.token_key(key);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection()?;
         let value: Option<Vec<u8>> = self
             .call(
                 redis::cmd("GET")
@@ -327,7 +299,7 @@ impl Inner {
             token.digest().to_hex()
         );
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection()?;
         let mut invocation = self.store.key(&redis_key);
         invocation
             .arg(value)
@@ -343,7 +315,7 @@ impl Inner {
     async fn try_lock(&self, key: &SharedKey) -> Result<Option<LockToken>, SharedCacheError> {
         let holder = random_hex();
         let ttl_ms = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection()?;
         let taken: Option<String> = self
             .call(
                 redis::cmd("SET")
@@ -359,7 +331,7 @@ impl Inner {
     }
 
     async fn unlock(&self, key: &SharedKey, lock: LockToken) -> Result<(), SharedCacheError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection()?;
         let mut invocation = self.unlock.key(self.lock_key(key));
         invocation.arg(lock.0);
         self.call(invocation.invoke_async::<i64>(&mut connection))
@@ -374,7 +346,7 @@ impl Inner {
     ) -> Result<(), SharedCacheError> {
         let digest = only.map(|d| d.to_hex()).unwrap_or_default();
         let message = format!("deleted {} {} {digest}", self.origin, key.to_hex());
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection()?;
         let mut invocation = self.delete.key(self.token_key(key));
         invocation.key(self.tombstone_key(key));
         invocation
@@ -389,7 +361,7 @@ impl Inner {
     /// What the level holds for `key`: the digest of the stored token, else of a token deleted
     /// while it would still be valid. Read from the stored values without opening them.
     async fn entry(&self, key: &SharedKey) -> Result<SharedEntry, SharedCacheError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection()?;
         let (stored, deleted): (Option<Vec<u8>>, Option<Vec<u8>>) = self
             .call(
                 redis::cmd("MGET")
@@ -439,7 +411,10 @@ impl Inner {
 
     async fn connect_subscriber(&self) -> Result<(PubSubSink, PubSubStream), SharedCacheError> {
         let subscribe = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let endpoint = self.connections.current().ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::Io, "the master is not known yet"))
+            })?;
+            let mut pubsub = endpoint.client.get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
             Ok::<_, redis::RedisError>(pubsub.split())
         };
@@ -460,7 +435,13 @@ async fn probe(inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let mut connection = inner.connection.clone();
+        if let Err(error) = inner.connections.follow_master().await {
+            inner.fail(&SharedCacheError::Backend(error));
+            continue;
+        }
+        let Ok(mut connection) = inner.connection() else {
+            continue;
+        };
         let ping = redis::cmd("PING");
         match tokio::time::timeout(inner.timeout, ping.query_async::<()>(&mut connection)).await {
             Ok(Ok(())) => inner.recover(),
@@ -478,6 +459,8 @@ async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidation>) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        // Taken before subscribing, so a master change during the subscription is not missed.
+        let switches = strong.connections.switches();
         match strong.connect_subscriber().await {
             Ok((sink, stream)) => {
                 strong.set_subscribed(true, "");
@@ -486,7 +469,7 @@ async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidation>) {
                 if events.send(Invalidation::Resubscribed).await.is_err() {
                     return;
                 }
-                let lost = forward(&strong, sink, stream, &events).await;
+                let lost = forward(&strong, sink, stream, switches, &events).await;
                 if events.is_closed() {
                     return;
                 }
@@ -511,6 +494,7 @@ async fn forward(
     inner: &Inner,
     mut sink: PubSubSink,
     mut stream: PubSubStream,
+    mut switches: tokio::sync::watch::Receiver<u64>,
     events: &mpsc::Sender<Invalidation>,
 ) -> &'static str {
     let mut pings = tokio::time::interval(SUBSCRIBER_PING_INTERVAL);
@@ -518,6 +502,7 @@ async fn forward(
     loop {
         tokio::select! {
             () = events.closed() => return "shutting down",
+            _ = switches.changed() => return "the master moved (a failover)",
             message = stream.next() => {
                 let Some(message) = message else {
                     return "connection closed";
@@ -581,6 +566,7 @@ impl SharedCache for RedisCache {
             subscribed: self.inner.subscribed.load(Ordering::Relaxed),
             errors: self.inner.errors.load(Ordering::Relaxed),
             invalidations: self.inner.invalidations.load(Ordering::Relaxed),
+            master_changes: self.inner.connections.master_changes(),
         }
     }
 }

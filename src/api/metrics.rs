@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use crate::api::error::ErrorBody;
 use crate::app::AppState;
 use crate::auth::MetricsReader;
+use crate::telemetry::metrics::SharedCacheFigures;
 
 /// The content type of the Prometheus text exposition format.
 static PROMETHEUS_TEXT: HeaderValue =
@@ -33,12 +34,13 @@ pub async fn metrics(State(state): State<AppState>, _: MetricsReader) -> Respons
     metrics.set_cache_entries(state.broker.entries().len());
     metrics.set_ready(state.is_ready());
     if let Some(shared) = state.broker.shared_cache_status() {
-        metrics.set_shared_cache(
-            shared.up,
-            shared.subscribed,
-            shared.errors,
-            shared.invalidations,
-        );
+        metrics.set_shared_cache(SharedCacheFigures {
+            up: shared.up,
+            subscribed: shared.subscribed,
+            errors: shared.errors,
+            invalidations: shared.invalidations,
+            master_changes: shared.master_changes,
+        });
     }
     for (tenant, name, environment) in state.current().settings.environments() {
         let seen = state.broker.rate_limit(environment);

@@ -190,6 +190,8 @@ pub struct SharedCacheStatus {
     pub errors: u64,
     /// Other replicas' announcements received since start.
     pub invalidations: u64,
+    /// Masters moved to since start (behind Sentinel: the first one found included).
+    pub master_changes: u64,
 }
 
 impl SharedCacheStatus {

@@ -62,6 +62,14 @@ pub(super) struct RawSharedCache {
     pub(super) username: Option<String>,
     #[serde(default)]
     pub(super) password_env: Option<String>,
+    #[serde(default)]
+    pub(super) sentinels: Vec<String>,
+    #[serde(default)]
+    pub(super) master_name: Option<String>,
+    #[serde(default)]
+    pub(super) sentinel_username: Option<String>,
+    #[serde(default)]
+    pub(super) sentinel_password_env: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -9,47 +9,37 @@ use secrecy::{ExposeSecret as _, SecretBox, SecretString};
 use super::pem;
 use super::raw::{RawRedisTls, RawSharedCache};
 use crate::shared_cache::{
-    ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTls, SharedCacheSettings,
+    ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTarget, RedisTls, SentinelSettings,
+    SharedCacheSettings,
 };
 
 impl RawSharedCache {
-    /// The validated settings; `None` when no URL is set (the shared level is off); problems go to `problems`.
+    /// The validated settings; `None` when neither a URL nor sentinels are set (the shared level
+    /// is off); problems go to `problems`.
     pub(super) fn validate(
-        self,
+        mut self,
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Vec<String>,
     ) -> Option<SharedCacheSettings> {
         let url = self
             .url
-            .filter(|url| !url.expose_secret().trim().is_empty())?;
+            .take()
+            .filter(|url| !url.expose_secret().trim().is_empty());
+        if url.is_none() && self.sentinels.is_empty() {
+            return None;
+        }
         let before = problems.len();
-        let scheme = url
-            .expose_secret()
-            .split_once("://")
-            .map(|(scheme, _)| scheme.to_owned())
-            .unwrap_or_default();
-        let accepted = matches!(
-            scheme.as_str(),
-            "redis" | "valkey" | "rediss" | "valkeys" | "redis+unix" | "unix" | "valkey+unix"
-        );
-        let parsed = redis::IntoConnectionInfo::into_connection_info(url.expose_secret());
-        if !accepted || parsed.is_err() {
-            // The URL itself is not repeated: it may carry a password.
-            problems.push(
-                "shared_cache.url: not a usable Redis URL; expected redis://[user:password@]host:port[/db], or rediss:// for TLS".to_owned(),
-            );
-        }
-        let in_url = parsed.ok().map(|info| {
-            let redis = info.redis_settings();
-            (redis.username().is_some(), redis.password().is_some())
-        });
-        let tls_scheme = matches!(scheme.as_str(), "rediss" | "valkeys");
         let tls = self.tls.as_ref().and_then(|tls| read_tls(tls, problems));
-        if self.tls.is_some() && accepted && !tls_scheme {
-            problems.push(
-                "shared_cache.tls: set, but shared_cache.url is not rediss://; use rediss://host:port for TLS".to_owned(),
-            );
-        }
+        let (target, in_url) = match url {
+            Some(_) if !self.sentinels.is_empty() => {
+                problems.push(
+                    "shared_cache.sentinels: set together with shared_cache.url; use url for one server, or sentinels and master_name for Sentinel".to_owned(),
+                );
+                (None, None)
+            }
+            Some(url) => url_target(url, self.tls.is_some(), problems),
+            None => (self.sentinel_target(env, problems), None),
+        };
         let (user_in_url, password_in_url) = in_url.unwrap_or_default();
         if user_in_url && self.username.is_some() {
             problems.push(
@@ -115,7 +105,7 @@ impl RawSharedCache {
             return None;
         }
         Some(SharedCacheSettings {
-            url,
+            target: target?,
             key_prefix: self.key_prefix,
             encryption_key: encryption_key?,
             previous_encryption_key,
@@ -125,6 +115,88 @@ impl RawSharedCache {
             tls,
             username: self.username,
             password,
+        })
+    }
+}
+
+/// Validates `shared_cache.url`: the target, and whether the URL names a user and a password.
+fn url_target(
+    url: SecretString,
+    tls: bool,
+    problems: &mut Vec<String>,
+) -> (Option<RedisTarget>, Option<(bool, bool)>) {
+    let scheme = url
+        .expose_secret()
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_owned())
+        .unwrap_or_default();
+    let accepted = matches!(
+        scheme.as_str(),
+        "redis" | "valkey" | "rediss" | "valkeys" | "redis+unix" | "unix" | "valkey+unix"
+    );
+    let parsed = redis::IntoConnectionInfo::into_connection_info(url.expose_secret());
+    if !accepted || parsed.is_err() {
+        // The URL itself is not repeated: it may carry a password.
+        problems.push(
+            "shared_cache.url: not a usable Redis URL; expected redis://[user:password@]host:port[/db], or rediss:// for TLS".to_owned(),
+        );
+    }
+    if tls && accepted && !matches!(scheme.as_str(), "rediss" | "valkeys") {
+        problems.push(
+            "shared_cache.tls: set, but shared_cache.url is not rediss://; use rediss://host:port for TLS".to_owned(),
+        );
+    }
+    let in_url = parsed.ok().map(|info| {
+        let redis = info.redis_settings();
+        (redis.username().is_some(), redis.password().is_some())
+    });
+    (Some(RedisTarget::Url(url)), in_url)
+}
+
+impl RawSharedCache {
+    /// Validates `shared_cache.sentinels`, `master_name`, `sentinel_username` and
+    /// `sentinel_password_env`.
+    fn sentinel_target(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+        problems: &mut Vec<String>,
+    ) -> Option<RedisTarget> {
+        let before = problems.len();
+        for (index, sentinel) in self.sentinels.iter().enumerate() {
+            let valid = sentinel.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0)
+            });
+            if !valid {
+                problems.push(format!(
+                    "shared_cache.sentinels[{index}]: expected host:port, such as \"10.0.0.5:26379\""
+                ));
+            }
+        }
+        let master_name = self
+            .master_name
+            .clone()
+            .filter(|name| !name.trim().is_empty());
+        if master_name.is_none() {
+            problems.push(
+                "shared_cache.master_name: missing; name the master as the sentinels monitor it (`sentinel monitor NAME …`)".to_owned(),
+            );
+        }
+        let password = self.sentinel_password_env.as_deref().and_then(|name| {
+            let value = env(name).filter(|value| !value.is_empty());
+            if value.is_none() {
+                problems.push(format!(
+                    "shared_cache.sentinel_password_env: environment variable {name} is not set or empty"
+                ));
+            }
+            value.map(SecretString::from)
+        });
+        (problems.len() == before).then(|| {
+            RedisTarget::Sentinel(SentinelSettings {
+                sentinels: self.sentinels.clone(),
+                master_name: master_name.unwrap_or_default(),
+                username: self.sentinel_username.clone(),
+                password,
+            })
         })
     }
 }

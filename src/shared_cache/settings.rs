@@ -14,8 +14,8 @@ pub type EncryptionKey = SecretBox<[u8; ENCRYPTION_KEY_LEN]>;
 
 /// `[shared_cache]`: Redis as a second cache level shared by every replica.
 pub struct SharedCacheSettings {
-    /// `redis://[user:password@]host:port[/db]`; secret because it may carry a password.
-    pub url: SecretString,
+    /// Where Redis is: a URL, or the master that sentinels name.
+    pub target: RedisTarget,
     /// Prefix of every Redis key and of the invalidation channel.
     pub key_prefix: String,
     /// The key new entries are encrypted with.
@@ -34,6 +34,47 @@ pub struct SharedCacheSettings {
     pub username: Option<String>,
     /// The ACL password, when the URL carries none (from `shared_cache.password_env`).
     pub password: Option<SecretString>,
+}
+
+/// Where the shared level's Redis is.
+pub enum RedisTarget {
+    /// `shared_cache.url`, `redis://[user:password@]host:port[/db]` (or `rediss://`); secret
+    /// because it may carry a password.
+    Url(SecretString),
+    /// `shared_cache.sentinels` and `master_name`: the master is asked of the sentinels, and
+    /// followed when they fail over.
+    Sentinel(SentinelSettings),
+}
+
+/// High-availability Redis behind Sentinel.
+pub struct SentinelSettings {
+    /// `host:port` of each sentinel, asked in order.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under.
+    pub master_name: String,
+    /// The sentinels' ACL user, when they require one.
+    pub username: Option<String>,
+    /// The sentinels' password (from `shared_cache.sentinel_password_env`).
+    pub password: Option<SecretString>,
+}
+
+impl RedisTarget {
+    /// Whether `other` is the same place reached the same way.
+    fn same_as(&self, other: &Self) -> bool {
+        fn secret(secret: &Option<SecretString>) -> Option<&str> {
+            secret.as_ref().map(|secret| secret.expose_secret())
+        }
+        match (self, other) {
+            (Self::Url(a), Self::Url(b)) => a.expose_secret() == b.expose_secret(),
+            (Self::Sentinel(a), Self::Sentinel(b)) => {
+                a.sentinels == b.sentinels
+                    && a.master_name == b.master_name
+                    && a.username == b.username
+                    && secret(&a.password) == secret(&b.password)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// `[shared_cache.tls]`, read from its files: PEM bytes.
@@ -68,9 +109,17 @@ impl RedisTls {
 }
 
 impl SharedCacheSettings {
-    /// `host:port` of the Redis server, for logs (never the password).
+    /// Where the Redis server is, for logs (never a password): `host:port`, or the master's
+    /// name and the sentinels.
     pub fn endpoint(&self) -> String {
-        redis_endpoint(self.url.expose_secret())
+        match &self.target {
+            RedisTarget::Url(url) => redis_endpoint(url.expose_secret()),
+            RedisTarget::Sentinel(sentinel) => format!(
+                "master {} of sentinels {}",
+                sentinel.master_name,
+                sentinel.sentinels.join(",")
+            ),
+        }
     }
 }
 
@@ -78,7 +127,7 @@ impl SharedCacheSettings {
     /// Whether `other` is the same level reached the same way (URL, prefix, keys, timings).
     pub fn same_as(&self, other: &Self) -> bool {
         let key = |key: &EncryptionKey| *key.expose_secret();
-        self.url.expose_secret() == other.url.expose_secret()
+        self.target.same_as(&other.target)
             && self.key_prefix == other.key_prefix
             && key(&self.encryption_key) == key(&other.encryption_key)
             && self.previous_encryption_key.as_ref().map(key)

@@ -58,6 +58,23 @@ pub const SHARED_CACHE_SUBSCRIBED: &str = "token_broker_shared_cache_subscribed"
 pub const SHARED_CACHE_ERRORS: &str = "token_broker_shared_cache_errors_total";
 /// Other replicas' announcements received through the shared cache.
 pub const SHARED_CACHE_INVALIDATIONS: &str = "token_broker_shared_cache_invalidations_total";
+/// Times the broker moved to another Redis master named by the sentinels.
+pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_changes_total";
+/// What `/metrics` shows of the shared cache.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedCacheFigures {
+    /// Calls succeed.
+    pub up: bool,
+    /// The invalidation subscription is live.
+    pub subscribed: bool,
+    /// Failed calls since start.
+    pub errors: u64,
+    /// Announcements received since start.
+    pub invalidations: u64,
+    /// Masters moved to since start (behind Sentinel).
+    pub master_changes: u64,
+}
+
 /// Always 1, labelled with the running `version`.
 pub const BUILD_INFO: &str = "token_broker_build_info";
 
@@ -218,6 +235,10 @@ impl Metrics {
             (
                 SHARED_CACHE_INVALIDATIONS,
                 "Other replicas' announcements received through the shared cache.",
+            ),
+            (
+                SHARED_CACHE_MASTER_CHANGES,
+                "Redis masters the broker moved to, as the sentinels named them (the first included).",
             ),
         ] {
             recorder.describe_counter(KeyName::from(name), None, SharedString::from(help));
@@ -384,9 +405,16 @@ impl Metrics {
         }
     }
 
-    /// Sets the shared cache's state (at scrape time): up and subscribed as 1/0, and its error
-    /// and invalidation counts since start.
-    pub fn set_shared_cache(&self, up: bool, subscribed: bool, errors: u64, invalidations: u64) {
+    /// Sets the shared cache's state (at scrape time): up and subscribed as 1/0, and its error,
+    /// invalidation and master-change counts since start.
+    pub fn set_shared_cache(&self, state: SharedCacheFigures) {
+        let SharedCacheFigures {
+            up,
+            subscribed,
+            errors,
+            invalidations,
+            master_changes,
+        } = state;
         let recorder = &self.inner.recorder;
         let gauge = |name: &'static str| recorder.register_gauge(&Key::from_name(name), &METADATA);
         let counter =
@@ -395,6 +423,7 @@ impl Metrics {
         gauge(SHARED_CACHE_SUBSCRIBED).set(f64::from(u8::from(subscribed)));
         counter(SHARED_CACHE_ERRORS).absolute(errors);
         counter(SHARED_CACHE_INVALIDATIONS).absolute(invalidations);
+        counter(SHARED_CACHE_MASTER_CHANGES).absolute(master_changes);
     }
 
     /// Sets the number of cached tokens.

@@ -504,16 +504,26 @@ pub const CACHE_KEY_ENV: &str = "TEST_SHARED_CACHE_KEY";
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// Its working directory: replication writes an RDB file there even without `save`, and a
+    /// server started later must not load another's.
+    _dir: tempfile::TempDir,
     /// How the test reaches it (plain, or TLS with the test's certificates).
     client: redis::Client,
 }
 
-/// A free loopback port.
+/// A free loopback port for a server a test starts itself (`redis-server`), never handed out
+/// twice by this process: taken below the kernel's ephemeral range, so no port-0 listener of
+/// another test can take it while its server is down for a restart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = 20_000 + std::process::id() % 5_000;
+    loop {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(20_000 + (start - 20_000 + offset) % 12_000).expect("below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl RedisServer {
@@ -531,9 +541,12 @@ impl RedisServer {
     /// Starts one on `port` with `args` (which say where it listens), and waits until `client`
     /// gets an answer to `PING`.
     pub async fn start_with(port: u16, args: &[&str], client: redis::Client) -> Self {
+        let dir = tempfile::tempdir().expect("a directory for redis-server");
         let child = Command::new("redis-server")
             .args(args)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -546,6 +559,7 @@ impl RedisServer {
         let mut server = Self {
             child: Some(child),
             port,
+            _dir: dir,
             client,
         };
         server.wait_until_ready().await;
@@ -627,21 +641,28 @@ pub fn shared_cache_config(redis: &RedisServer) -> String {
     )
 }
 
-fn test_env(name: &str) -> Option<String> {
+/// The environment of shared-cache tests: [`CACHE_KEY_ENV`] holds a key.
+pub fn test_env(name: &str) -> Option<String> {
     (name == CACHE_KEY_ENV).then(|| base64::engine::general_purpose::STANDARD.encode([42u8; 32]))
 }
 
 /// Starts one broker replica on the standard configuration plus `extra`, sharing `idp` and
 /// `redis`, and waits until its shared level is up and subscribed.
 pub async fn spawn_replica(idp: &Arc<MockServer>, redis: &RedisServer, extra: &str) -> TestApp {
-    init_tracing();
     let base = base_config(&idp.uri());
     let shared = shared_cache_config(redis);
-    let settings = Settings::from_toml_layers(&[&base, &shared, extra], &test_env)
-        .expect("test configuration is valid");
-    let app = start(Arc::clone(idp), settings, None).await;
+    let app = spawn_sharing(idp, &[&base, &shared, extra]).await;
     app.wait_for_shared_cache(true).await;
     app
+}
+
+/// Starts one broker replica from TOML `layers` (read with [`test_env`]) that shares `idp` with
+/// the other replicas.
+pub async fn spawn_sharing(idp: &Arc<MockServer>, layers: &[&str]) -> TestApp {
+    init_tracing();
+    let settings =
+        Settings::from_toml_layers(layers, &test_env).expect("test configuration is valid");
+    start(Arc::clone(idp), settings, None).await
 }
 
 /// Starts `replicas` brokers that share one new fake IdP and `redis`.

@@ -29,6 +29,7 @@ mod process;
 mod prometheus;
 mod promise;
 mod rate_limit;
+mod redis_sentinel;
 mod redis_tls;
 mod refresh;
 mod reload;

@@ -1,0 +1,278 @@
+//! The connection to Redis: a client and a connection manager for `shared_cache.url`, or, behind
+//! Sentinel, for the master the sentinels name, replaced when they name another.
+//!
+//! The redis crate's connection manager reconnects to the address it was made for; after a
+//! failover that is a read-only replica, so following the master is done here: the health probe
+//! asks the sentinels every second ([`Connections::follow_master`]), and when the master moved,
+//! a new client and manager take the old ones' place and the subscriber is told to subscribe
+//! again (then every cached entry is checked against the new master). Until the master is
+//! known, calls fail as if the level were down, and the broker serves from memory and the IdP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionInfo, IntoConnectionInfo as _, RedisResult};
+use secrecy::{ExposeSecret as _, SecretString};
+use tokio::sync::watch;
+
+use super::settings::{RedisTarget, RedisTls, SharedCacheSettings};
+
+/// One Redis server and how to reach it.
+pub(super) struct Endpoint {
+    /// For new connections (the subscriber's).
+    pub(super) client: redis::Client,
+    /// For calls.
+    pub(super) connection: ConnectionManager,
+    /// `host:port`, for logs.
+    pub(super) address: String,
+}
+
+/// The sentinels and how to ask them.
+struct Sentinels {
+    master_name: String,
+    /// One lazily connected manager per sentinel, asked in order.
+    sentinels: Vec<(String, ConnectionManager)>,
+}
+
+/// The Redis connection in force, and where to find the next one.
+pub(super) struct Connections {
+    current: ArcSwapOption<Endpoint>,
+    sentinels: Option<Sentinels>,
+    /// To build a client for another master: TLS, user and password.
+    tls: Option<TlsMaterial>,
+    username: Option<String>,
+    password: Option<SecretString>,
+    timeout: Duration,
+    /// Counts master changes; the subscriber watches it.
+    switched: watch::Sender<u64>,
+}
+
+/// `[shared_cache.tls]` as the redis crate takes it.
+#[derive(Clone)]
+struct TlsMaterial {
+    ca_pem: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsMaterial {
+    fn of(tls: &RedisTls) -> Self {
+        Self {
+            ca_pem: tls.ca_pem.clone(),
+            client: tls.client.as_ref().map(|client| {
+                (
+                    client.certificate_pem.clone(),
+                    client.key_pem.expose_secret().to_vec(),
+                )
+            }),
+        }
+    }
+}
+
+impl Connections {
+    /// Prepares the connection (nothing is connected yet): to the URL, or to no server until
+    /// the sentinels name the master.
+    pub(super) fn new(settings: &SharedCacheSettings) -> RedisResult<Self> {
+        let tls = settings.tls.as_ref().map(TlsMaterial::of);
+        let (switched, _) = watch::channel(0);
+        let mut connections = Self {
+            current: ArcSwapOption::empty(),
+            sentinels: None,
+            tls,
+            username: settings.username.clone(),
+            password: settings.password.clone(),
+            timeout: settings.timeout,
+            switched,
+        };
+        match &settings.target {
+            RedisTarget::Url(url) => {
+                let info = url.expose_secret().into_connection_info()?;
+                let endpoint = connections.endpoint(info, settings.endpoint())?;
+                connections.current.store(Some(Arc::new(endpoint)));
+            }
+            RedisTarget::Sentinel(sentinel) => {
+                let sentinels = sentinel
+                    .sentinels
+                    .iter()
+                    .map(|address| {
+                        let mut info = connections.address_info(address)?;
+                        info = with_credentials(
+                            info,
+                            sentinel.username.as_deref(),
+                            sentinel.password.as_ref(),
+                        );
+                        let client = connections.client_for(info)?;
+                        let manager = ConnectionManager::new_lazy_with_config(
+                            client,
+                            manager_config(connections.timeout),
+                        )?;
+                        Ok((address.clone(), manager))
+                    })
+                    .collect::<RedisResult<Vec<_>>>()?;
+                connections.sentinels = Some(Sentinels {
+                    master_name: sentinel.master_name.clone(),
+                    sentinels,
+                });
+            }
+        }
+        Ok(connections)
+    }
+
+    /// The server in force, unless the master is not known yet.
+    pub(super) fn current(&self) -> Option<Arc<Endpoint>> {
+        self.current.load_full()
+    }
+
+    /// Masters moved to so far (the first one found included).
+    pub(super) fn master_changes(&self) -> u64 {
+        *self.switched.borrow()
+    }
+
+    /// Changes of master, for the subscriber to subscribe again on each.
+    pub(super) fn switches(&self) -> watch::Receiver<u64> {
+        self.switched.subscribe()
+    }
+
+    /// Asks the sentinels (in order, the first that answers) where the master is, and moves to
+    /// it when it is not the one in force. Nothing to do without sentinels. The error says what
+    /// to fix: no sentinel answers, or none knows the master's name.
+    pub(super) async fn follow_master(&self) -> Result<(), String> {
+        let Some(sentinels) = &self.sentinels else {
+            return Ok(());
+        };
+        let mut last_error = String::from("no sentinel is configured");
+        for (address, manager) in &sentinels.sentinels {
+            let mut manager = manager.clone();
+            let mut ask = redis::cmd("SENTINEL");
+            ask.arg("get-master-addr-by-name")
+                .arg(&sentinels.master_name);
+            let ask = ask.query_async::<Option<(String, u16)>>(&mut manager);
+            match tokio::time::timeout(self.timeout, ask).await {
+                Ok(Ok(Some((host, port)))) => return self.move_to(&host, port),
+                Ok(Ok(None)) => {
+                    return Err(format!(
+                        "sentinel {address} knows no master named {}; check shared_cache.master_name",
+                        sentinels.master_name
+                    ));
+                }
+                Ok(Err(error)) => last_error = format!("sentinel {address}: {error}"),
+                Err(_) => last_error = format!("sentinel {address} did not answer in time"),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Makes `host:port` the server in force, unless it is already.
+    fn move_to(&self, host: &str, port: u16) -> Result<(), String> {
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        if self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|current| current.address == address)
+        {
+            return Ok(());
+        }
+        let endpoint = self
+            .address_info(&address)
+            .map(|info| with_credentials(info, self.username.as_deref(), self.password.as_ref()))
+            .and_then(|info| self.endpoint(info, address.clone()))
+            .map_err(|error| format!("cannot use the master at {address}: {error}"))?;
+        let first = self.current.swap(Some(Arc::new(endpoint))).is_none();
+        tracing::info!(
+            master = %address,
+            "{}",
+            if first {
+                "shared cache (Redis) master found through the sentinels"
+            } else {
+                "shared cache (Redis) master moved (a failover); following it"
+            }
+        );
+        self.switched.send_modify(|switches| *switches += 1);
+        Ok(())
+    }
+
+    /// The connection details of `host:port`: TLS when `[shared_cache.tls]` is set.
+    fn address_info(&self, address: &str) -> RedisResult<ConnectionInfo> {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{address}").into_connection_info()
+    }
+
+    /// A client and a lazy connection manager for `info`, with the settings' user and password
+    /// when the URL named none.
+    fn endpoint(&self, info: ConnectionInfo, address: String) -> RedisResult<Endpoint> {
+        let info = if info.redis_settings().username().is_none()
+            && info.redis_settings().password().is_none()
+        {
+            with_credentials(info, self.username.as_deref(), self.password.as_ref())
+        } else {
+            info
+        };
+        let client = self.client_for(info)?;
+        let connection =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_config(self.timeout))?;
+        Ok(Endpoint {
+            client,
+            connection,
+            address,
+        })
+    }
+
+    /// A client for `info`, with `[shared_cache.tls]`'s CA and client certificate when set
+    /// (`rediss://` alone uses the system roots).
+    fn client_for(&self, info: ConnectionInfo) -> RedisResult<redis::Client> {
+        match &self.tls {
+            None => redis::Client::open(info),
+            Some(tls) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: tls.client.clone().map(|(client_cert, client_key)| {
+                        redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        }
+                    }),
+                    root_cert: tls.ca_pem.clone(),
+                },
+            ),
+        }
+    }
+}
+
+/// Few, short reconnection attempts per call: the probe keeps calling every second.
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
+}
+
+/// `info` with this user and password, where given.
+fn with_credentials(
+    info: ConnectionInfo,
+    username: Option<&str>,
+    password: Option<&SecretString>,
+) -> ConnectionInfo {
+    if username.is_none() && password.is_none() {
+        return info;
+    }
+    let mut redis = info.redis_settings().clone();
+    if let Some(username) = username {
+        redis = redis.set_username(username);
+    }
+    if let Some(password) = password {
+        redis = redis.set_password(password.expose_secret());
+    }
+    info.set_redis_settings(redis)
+}
