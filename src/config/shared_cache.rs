@@ -287,6 +287,77 @@ mod tests {
     }
 
     #[test]
+    fn tls_acl_and_sentinel_problems_are_listed_without_secrets() {
+        let base = "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nallow_anonymous = true\n";
+        let problems_of = |shared: &str| {
+            let toml =
+                format!("{base}[shared_cache]\nencryption_key_env = \"CACHE_KEY\"\n{shared}");
+            match Settings::from_toml(&toml, &cache_key_env) {
+                Ok(_) => String::new(),
+                Err(error) => error.to_string(),
+            }
+        };
+        for (shared, expected) in [
+            (
+                "url = \"redis://redis:6379\"\n[shared_cache.tls]\nca_file = \"/nonexistent/ca.crt\"\n",
+                "shared_cache.tls: set, but shared_cache.url is not rediss://",
+            ),
+            (
+                "url = \"rediss://redis:6380\"\n[shared_cache.tls]\ncertificate_file = \"/nonexistent/c.crt\"\n",
+                "shared_cache.tls: certificate_file and key_file go together",
+            ),
+            (
+                "url = \"rediss://redis:6380\"\n[shared_cache.tls]\nca_file = \"/nonexistent/ca.crt\"\n",
+                "shared_cache.tls.ca_file: cannot read /nonexistent/ca.crt",
+            ),
+            (
+                "url = \"redis://:hunter2@redis:6379\"\npassword_env = \"CACHE_KEY\"\n",
+                "shared_cache.password_env: the URL carries a password already",
+            ),
+            (
+                "url = \"redis://broker@redis:6379\"\nusername = \"other\"\n",
+                "shared_cache.username: the URL names a user already",
+            ),
+            (
+                "url = \"redis://redis:6379\"\npassword_env = \"UNSET\"\n",
+                "shared_cache.password_env: environment variable UNSET is not set",
+            ),
+            (
+                "url = \"redis://redis:6379\"\nsentinels = [\"s1:26379\"]\nmaster_name = \"m\"\n",
+                "shared_cache.sentinels: set together with shared_cache.url",
+            ),
+            (
+                "sentinels = [\"s1:26379\", \"s2\"]\n",
+                "shared_cache.sentinels[1]: expected host:port",
+            ),
+            (
+                "sentinels = [\"s1:26379\"]\n",
+                "shared_cache.master_name: missing",
+            ),
+            (
+                "sentinels = [\"s1:26379\"]\nmaster_name = \"m\"\nsentinel_password_env = \"UNSET\"\n",
+                "shared_cache.sentinel_password_env: environment variable UNSET is not set",
+            ),
+        ] {
+            let problems = problems_of(shared);
+            assert!(problems.contains(expected), "{shared}: {problems}");
+            assert!(!problems.contains("hunter2"), "{problems}");
+        }
+        let sentinel = format!(
+            "{base}[shared_cache]\nencryption_key_env = \"CACHE_KEY\"\nsentinels = [\"10.0.0.5:26379\", \"10.0.0.6:26379\"]\nmaster_name = \"tokens\"\n"
+        );
+        let settings = Settings::from_toml(&sentinel, &cache_key_env).expect("valid");
+        let shared = settings.shared_cache.expect("on");
+        assert!(
+            matches!(&shared.target, RedisTarget::Sentinel(s) if s.master_name == "tokens" && s.sentinels.len() == 2)
+        );
+        assert_eq!(
+            shared.endpoint(),
+            "master tokens of sentinels 10.0.0.5:26379,10.0.0.6:26379"
+        );
+    }
+
+    #[test]
     fn the_shared_cache_is_off_without_a_url_and_configured_with_one() {
         let off = Settings::from_toml(
             "[server]\nlisten = \"127.0.0.1:8080\"\n[auth]\nallow_anonymous = true",
