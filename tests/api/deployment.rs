@@ -148,9 +148,17 @@ fn the_kubernetes_example_has_probes_and_a_configuration_that_passes_check_confi
     let ca = rcgen::generate_simple_self_signed(vec!["kubernetes.default.svc".to_owned()]).unwrap();
     std::fs::write(pod.path().join("ca.crt"), ca.cert.pem()).unwrap();
     std::fs::write(pod.path().join("token"), "the broker's own token").unwrap();
-    let mounted = hashed.replace(
-        "/var/run/secrets/kubernetes.io/serviceaccount/",
-        &format!("{}/", pod.path().display()),
+    let mounted = hashed
+        .replace(
+            "/var/run/secrets/kubernetes.io/serviceaccount/",
+            &format!("{}/", pod.path().display()),
+        )
+        .replace("/etc/redis-tls/", &format!("{}/", pod.path().display()));
+    // A real cache key where the Secret ships a placeholder.
+    let mut env = env;
+    env.insert(
+        "TOKEN_BROKER_CACHE_KEY".to_owned(),
+        "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_owned(),
     );
     check_config(&mounted, &env);
 
