@@ -25,6 +25,7 @@
 
 mod cipher;
 mod connection;
+mod scripts;
 mod settings;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,6 +50,7 @@ pub use settings::{
 };
 
 use connection::Connections;
+use scripts::{DELETE_SCRIPT, STORE_SCRIPT, UNLOCK_SCRIPT};
 
 /// How often the health probe `PING`s Redis.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
@@ -62,50 +64,17 @@ const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Announcements buffered between the subscriber and the broker.
 const INVALIDATION_QUEUE: usize = 1024;
 
-/// Stores a value unless a newer token (by the `fetched_at` field of the value) is there, with
-/// its expiry, and announces it. KEYS: token key. ARGV: value, fetched_at field, ttl ms, channel,
-/// message.
-const STORE_SCRIPT: &str = r"
-local old = redis.call('GET', KEYS[1])
-if old and string.sub(old, 69, 84) > ARGV[2] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
-";
+/// How long the tombstone of a deletion lives when Redis held no token to take the time from.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
-/// Deletes a value (only if it holds the token with digest ARGV[1], when not empty), leaves
-/// the deleted token's digest in a tombstone that lives as long as the value would have, and
-/// announces the deletion either way. KEYS: token key, tombstone key. ARGV: digest or '',
-/// channel, message.
-const DELETE_SCRIPT: &str = r"
-local deleted = 0
-local old = redis.call('GET', KEYS[1])
-if old and (ARGV[1] == '' or string.sub(old, 4, 67) == ARGV[1]) then
-  local ttl = redis.call('PTTL', KEYS[1])
-  deleted = redis.call('DEL', KEYS[1])
-  if ttl > 0 then
-    redis.call('SET', KEYS[2], string.sub(old, 4, 67), 'PX', ttl)
-  end
-end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return deleted
-";
-
-/// Releases a lock if it still holds the holder's value. KEYS: lock key. ARGV: lock value.
-const UNLOCK_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
+/// Cached entries checked against Redis in one call after a subscription.
+const ENTRY_BATCH: usize = 200;
 
 /// Why the shared cache could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisCacheError {
     /// The URL was accepted by validation but not by the client.
-    #[error("shared_cache.url cannot be used: {0}")]
+    #[error("the shared cache cannot be set up (shared_cache.url, sentinels or tls): {0}")]
     Client(#[source] redis::RedisError),
 }
 
@@ -132,6 +101,8 @@ struct Inner {
     up: AtomicBool,
     /// When a failure was last logged, so a level that stays down is reported once a minute.
     failure_logged: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When the sentinels' failure was last logged.
+    sentinels_logged: std::sync::Mutex<Option<std::time::Instant>>,
     subscribed: AtomicBool,
     errors: AtomicU64,
     invalidations: AtomicU64,
@@ -165,6 +136,7 @@ impl RedisCache {
             // Behind Sentinel the level takes calls once the master is known.
             up: AtomicBool::new(matches!(settings.target, RedisTarget::Url(_))),
             failure_logged: std::sync::Mutex::new(None),
+            sentinels_logged: std::sync::Mutex::new(None),
             subscribed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
@@ -237,6 +209,22 @@ impl Inner {
                 endpoint = %self.endpoint,
                 %error,
                 "shared cache (Redis) still unreachable: serving from memory and the IdP"
+            );
+            *logged = Some(now);
+        }
+    }
+
+    /// Logs that the sentinels cannot say where the master is, at most once a minute.
+    fn sentinels_failing(&self, error: &str) {
+        let now = std::time::Instant::now();
+        let mut logged = self
+            .sentinels_logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if logged.is_none_or(|at| now.duration_since(at) >= FAILURE_LOG_INTERVAL) {
+            tracing::warn!(
+                %error,
+                "the sentinels cannot say where the Redis master is; keeping the one in use"
             );
             *logged = Some(now);
         }
@@ -352,40 +340,47 @@ impl Inner {
         invocation
             .arg(digest)
             .arg(&self.channel)
-            .arg(message.trim_end());
+            .arg(message.trim_end())
+            .arg(TOMBSTONE_TTL.as_millis().to_string());
         self.call(invocation.invoke_async::<i64>(&mut connection))
             .await
             .map(drop)
     }
 
-    /// What the level holds for `key`: the digest of the stored token, else of a token deleted
-    /// while it would still be valid. Read from the stored values without opening them.
-    async fn entry(&self, key: &SharedKey) -> Result<SharedEntry, SharedCacheError> {
-        let mut connection = self.connection()?;
-        let (stored, deleted): (Option<Vec<u8>>, Option<Vec<u8>>) = self
-            .call(
-                redis::cmd("MGET")
-                    .arg(self.token_key(key))
-                    .arg(self.tombstone_key(key))
-                    .query_async(&mut connection),
-            )
-            .await?;
-        let digest = |hex: &[u8]| {
-            std::str::from_utf8(hex)
-                .ok()
-                .and_then(TokenDigest::from_hex)
-        };
-        Ok(match (stored, deleted) {
-            (Some(value), _) => match value.get(cipher::DIGEST_RANGE).and_then(digest) {
-                Some(token) => SharedEntry::Stored(token),
-                None => SharedEntry::Absent,
-            },
-            (None, Some(tombstone)) => match digest(&tombstone) {
-                Some(token) => SharedEntry::Deleted(token),
-                None => SharedEntry::Absent,
-            },
-            (None, None) => SharedEntry::Absent,
-        })
+    /// What the level holds for each of `keys` (at most [`ENTRY_BATCH`] per call): the digest
+    /// of the stored token, else what a deletion named. Read without opening the values.
+    async fn entries(&self, keys: &[SharedKey]) -> Result<Vec<SharedEntry>, SharedCacheError> {
+        let mut all = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(ENTRY_BATCH) {
+            let mut mget = redis::cmd("MGET");
+            for key in batch {
+                mget.arg(self.token_key(key)).arg(self.tombstone_key(key));
+            }
+            let mut connection = self.connection()?;
+            let values: Vec<Option<Vec<u8>>> = self.call(mget.query_async(&mut connection)).await?;
+            let digest = |hex: &[u8]| {
+                std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(TokenDigest::from_hex)
+            };
+            for pair in values.chunks(2) {
+                all.push(match pair {
+                    [Some(value), _] => value
+                        .get(cipher::DIGEST_RANGE)
+                        .and_then(digest)
+                        .map_or(SharedEntry::Absent, SharedEntry::Stored),
+                    [None, Some(tombstone)] if tombstone.as_slice() == b"*" => {
+                        SharedEntry::Deleted(None)
+                    }
+                    [None, Some(tombstone)] => digest(tombstone)
+                        .map_or(SharedEntry::Absent, |token| {
+                            SharedEntry::Deleted(Some(token))
+                        }),
+                    _ => SharedEntry::Absent,
+                });
+            }
+        }
+        Ok(all)
     }
 
     /// Parses an announcement; `None` for this process's own and for unknown lines.
@@ -436,8 +431,13 @@ async fn probe(inner: Weak<Inner>) {
             return;
         };
         if let Err(error) = inner.connections.follow_master().await {
-            inner.fail(&SharedCacheError::Backend(error));
-            continue;
+            // With a master known, sentinels that do not answer (a rolling restart) are no
+            // reason to stop using it: logged, and the master is probed as usual.
+            if inner.connections.current().is_none() {
+                inner.fail(&SharedCacheError::Backend(error));
+                continue;
+            }
+            inner.sentinels_failing(&error);
         }
         let Ok(mut connection) = inner.connection() else {
             continue;
@@ -529,8 +529,8 @@ impl SharedCache for RedisCache {
         Box::pin(self.inner.load(key))
     }
 
-    fn entry<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, SharedEntry> {
-        Box::pin(self.inner.entry(key))
+    fn entries<'a>(&'a self, keys: &'a [SharedKey]) -> SharedFuture<'a, Vec<SharedEntry>> {
+        Box::pin(self.inner.entries(keys))
     }
 
     fn store<'a>(

@@ -235,10 +235,7 @@ impl Broker {
             key: shared_key, ..
         }) = &event
         else {
-            // In a task of its own, so that announcements keep flowing while it waits.
-            let broker = self.clone();
-            tokio::spawn(async move { broker.resync().await });
-            return;
+            return self.resync().await;
         };
         let keys: Vec<Arc<TokenKey>> = self
             .inner
@@ -262,12 +259,13 @@ impl Broker {
 
     /// Checks every cached token that has a shared key against the level, after a (re)made
     /// subscription, so that changes announced while this replica was not listening do not
-    /// linger until expiry: a token deleted there is forgotten as an announced `DELETE` would
-    /// forget it, a different token there replaces it, and a token the level lacks altogether
-    /// (its store was lost while the level was down) is stored again, so the other replicas
-    /// share it rather than fetch their own. A subscription can come back before calls do (the
-    /// health probe marks the level up within a second), so it waits for that, up to
-    /// [`RESYNC_WAIT`]; it stops at a failing call, and the next subscription checks again.
+    /// linger until expiry: a token a `DELETE` forgot there is forgotten here as an announced
+    /// `DELETE` would forget it, and a different token stored there replaces this one. A token
+    /// the level lacks is left alone (it is never written back: it may be one a `DELETE` forgot).
+    /// It runs in the announcement loop, so it and the announcements apply in order, and reads
+    /// the level in batches. A subscription can come back before calls do (the health probe
+    /// marks the level up within a second), so it waits for that, up to [`RESYNC_WAIT`]; it
+    /// stops at a failing call, and the next subscription checks again.
     async fn resync(&self) {
         let Some(shared) = self.inner.shared.as_deref() else {
             return;
@@ -279,29 +277,26 @@ impl Broker {
             }
             tokio::time::sleep(PEER_POLL_INTERVAL * 5).await;
         }
-        let cached: Vec<(Arc<TokenKey>, Arc<CachedToken>)> = self
+        let cached: Vec<(Arc<TokenKey>, SharedKey, TokenDigest)> = self
             .inner
             .tokens
             .iter()
-            .filter(|(_, token)| token.shared_key().is_some())
+            .filter_map(|(key, token)| Some((key, *token.shared_key()?, token.digest())))
             .collect();
-        for (key, token) in cached {
-            let Some(shared_key) = token.shared_key() else {
-                continue;
-            };
-            let digest = token.digest();
-            match shared.entry(shared_key).await {
-                Ok(SharedEntry::Stored(stored)) if stored != digest => {
-                    self.replace_with_shared(&key, shared_key, &stored).await;
+        let shared_keys: Vec<SharedKey> = cached.iter().map(|(_, key, _)| *key).collect();
+        let Ok(entries) = shared.entries(&shared_keys).await else {
+            return;
+        };
+        for ((key, shared_key, digest), entry) in cached.iter().zip(entries) {
+            match entry {
+                SharedEntry::Stored(stored) if stored != *digest => {
+                    self.replace_with_shared(key, shared_key, &stored).await;
                 }
-                Ok(SharedEntry::Stored(_)) => {}
-                Ok(SharedEntry::Deleted(deleted)) if deleted == digest => {
-                    self.apply_delete(&key, Some(deleted)).await;
+                SharedEntry::Deleted(None) => self.apply_delete(key, None).await,
+                SharedEntry::Deleted(Some(deleted)) if deleted == *digest => {
+                    self.apply_delete(key, Some(deleted)).await;
                 }
-                Ok(SharedEntry::Deleted(_) | SharedEntry::Absent) => {
-                    self.store_shared(shared, shared_key, &token).await;
-                }
-                Err(_) => return,
+                SharedEntry::Stored(_) | SharedEntry::Deleted(Some(_)) | SharedEntry::Absent => {}
             }
         }
     }

@@ -156,8 +156,9 @@ pub enum Invalidation {
 pub enum SharedEntry {
     /// A token of this digest is stored.
     Stored(TokenDigest),
-    /// Nothing is stored; a token of this digest was deleted while it would still be valid.
-    Deleted(TokenDigest),
+    /// Nothing is stored; a `DELETE` forgot the token of this digest (`None`: whatever token a
+    /// replica holds, as Redis held none) while it would still be valid.
+    Deleted(Option<TokenDigest>),
     /// Neither (never stored, or expired).
     Absent,
 }
@@ -211,8 +212,9 @@ pub trait SharedCache: Send + Sync {
     /// The token stored under `key`, if any (an entry that cannot be decrypted is none).
     fn load<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<SharedToken>>;
 
-    /// What is stored, or was deleted, under `key`, by digest: cheaper than [`SharedCache::load`].
-    fn entry<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, SharedEntry>;
+    /// What is stored, or was deleted, under each of `keys`, by digest, in order: cheaper than
+    /// [`SharedCache::load`].
+    fn entries<'a>(&'a self, keys: &'a [SharedKey]) -> SharedFuture<'a, Vec<SharedEntry>>;
 
     /// Stores `token` under `key` for `ttl` unless a newer token is already there, and tells
     /// the other replicas.

@@ -37,7 +37,24 @@ impl RawSharedCache {
                 );
                 (None, None)
             }
-            Some(url) => url_target(url, self.tls.is_some(), problems),
+            Some(url) => {
+                let sentinel_only = [
+                    ("master_name", self.master_name.is_some()),
+                    ("sentinel_username", self.sentinel_username.is_some()),
+                    (
+                        "sentinel_password_env",
+                        self.sentinel_password_env.is_some(),
+                    ),
+                ];
+                for (name, set) in sentinel_only {
+                    if set {
+                        problems.push(format!(
+                            "shared_cache.{name}: only for Sentinel (shared_cache.sentinels), not with shared_cache.url"
+                        ));
+                    }
+                }
+                url_target(url, self.tls.is_some(), problems)
+            }
             None => (self.sentinel_target(env, problems), None),
         };
         let (user_in_url, password_in_url) = in_url.unwrap_or_default();
@@ -163,8 +180,12 @@ impl RawSharedCache {
     ) -> Option<RedisTarget> {
         let before = problems.len();
         for (index, sentinel) in self.sentinels.iter().enumerate() {
+            // An IPv6 address goes in brackets, as in a URL: [::1]:26379.
             let valid = sentinel.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0)
+                let bracketed = host.starts_with('[') && host.ends_with(']');
+                !host.is_empty()
+                    && (bracketed || !host.contains(':'))
+                    && port.parse::<u16>().is_ok_and(|port| port > 0)
             });
             if !valid {
                 problems.push(format!(

@@ -14,7 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionInfo, IntoConnectionInfo as _, RedisResult};
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::{ExposeSecret as _, SecretSlice, SecretString};
 use tokio::sync::watch;
 
 use super::settings::{RedisTarget, RedisTls, SharedCacheSettings};
@@ -49,11 +49,10 @@ pub(super) struct Connections {
     switched: watch::Sender<u64>,
 }
 
-/// `[shared_cache.tls]` as the redis crate takes it.
-#[derive(Clone)]
+/// `[shared_cache.tls]` as the redis crate takes it (the key kept secret until a client is made).
 struct TlsMaterial {
     ca_pem: Option<Vec<u8>>,
-    client: Option<(Vec<u8>, Vec<u8>)>,
+    client: Option<(Vec<u8>, SecretSlice<u8>)>,
 }
 
 impl TlsMaterial {
@@ -63,7 +62,7 @@ impl TlsMaterial {
             client: tls.client.as_ref().map(|client| {
                 (
                     client.certificate_pem.clone(),
-                    client.key_pem.expose_secret().to_vec(),
+                    SecretSlice::from(client.key_pem.expose_secret().to_vec()),
                 )
             }),
         }
@@ -134,14 +133,14 @@ impl Connections {
         self.switched.subscribe()
     }
 
-    /// Asks the sentinels (in order, the first that answers) where the master is, and moves to
-    /// it when it is not the one in force. Nothing to do without sentinels. The error says what
-    /// to fix: no sentinel answers, or none knows the master's name.
+    /// Asks the sentinels (in order, the first that names a master) where the master is, and
+    /// moves to it when it is not the one in force. Nothing to do without sentinels. The error
+    /// says what each sentinel answered: unreachable, or no master of that name.
     pub(super) async fn follow_master(&self) -> Result<(), String> {
         let Some(sentinels) = &self.sentinels else {
             return Ok(());
         };
-        let mut last_error = String::from("no sentinel is configured");
+        let mut errors = Vec::new();
         for (address, manager) in &sentinels.sentinels {
             let mut manager = manager.clone();
             let mut ask = redis::cmd("SENTINEL");
@@ -150,17 +149,15 @@ impl Connections {
             let ask = ask.query_async::<Option<(String, u16)>>(&mut manager);
             match tokio::time::timeout(self.timeout, ask).await {
                 Ok(Ok(Some((host, port)))) => return self.move_to(&host, port),
-                Ok(Ok(None)) => {
-                    return Err(format!(
-                        "sentinel {address} knows no master named {}; check shared_cache.master_name",
-                        sentinels.master_name
-                    ));
-                }
-                Ok(Err(error)) => last_error = format!("sentinel {address}: {error}"),
-                Err(_) => last_error = format!("sentinel {address} did not answer in time"),
+                Ok(Ok(None)) => errors.push(format!(
+                    "sentinel {address} knows no master named {} (check shared_cache.master_name)",
+                    sentinels.master_name
+                )),
+                Ok(Err(error)) => errors.push(format!("sentinel {address}: {error}")),
+                Err(_) => errors.push(format!("sentinel {address} did not answer in time")),
             }
         }
-        Err(last_error)
+        Err(errors.join("; "))
     }
 
     /// Makes `host:port` the server in force, unless it is already.
@@ -210,13 +207,9 @@ impl Connections {
     /// A client and a lazy connection manager for `info`, with the settings' user and password
     /// when the URL named none.
     fn endpoint(&self, info: ConnectionInfo, address: String) -> RedisResult<Endpoint> {
-        let info = if info.redis_settings().username().is_none()
-            && info.redis_settings().password().is_none()
-        {
-            with_credentials(info, self.username.as_deref(), self.password.as_ref())
-        } else {
-            info
-        };
+        // Configuration refuses a user or password both in the URL and in the settings, so
+        // those of the settings complete the URL's.
+        let info = with_credentials(info, self.username.as_deref(), self.password.as_ref());
         let client = self.client_for(info)?;
         let connection =
             ConnectionManager::new_lazy_with_config(client.clone(), manager_config(self.timeout))?;
@@ -235,10 +228,10 @@ impl Connections {
             Some(tls) => redis::Client::build_with_tls(
                 info,
                 redis::TlsCertificates {
-                    client_tls: tls.client.clone().map(|(client_cert, client_key)| {
+                    client_tls: tls.client.as_ref().map(|(client_cert, client_key)| {
                         redis::ClientTlsConfig {
-                            client_cert,
-                            client_key,
+                            client_cert: client_cert.clone(),
+                            client_key: client_key.expose_secret().to_vec(),
                         }
                     }),
                     root_cert: tls.ca_pem.clone(),

@@ -58,7 +58,8 @@ pub const SHARED_CACHE_SUBSCRIBED: &str = "token_broker_shared_cache_subscribed"
 pub const SHARED_CACHE_ERRORS: &str = "token_broker_shared_cache_errors_total";
 /// Other replicas' announcements received through the shared cache.
 pub const SHARED_CACHE_INVALIDATIONS: &str = "token_broker_shared_cache_invalidations_total";
-/// Times the broker moved to another Redis master named by the sentinels.
+/// Redis masters the broker moved to as the sentinels named them (the first one found at start
+/// included, so a failover shows as an increase beyond 1).
 pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_changes_total";
 /// What `/metrics` shows of the shared cache.
 #[derive(Debug, Clone, Copy)]

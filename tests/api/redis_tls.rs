@@ -232,3 +232,32 @@ async fn a_wrong_ca_or_password_leaves_the_broker_serving_with_no_failed_request
         "each broker fetched once and served the rest from memory"
     );
 }
+
+#[tokio::test]
+async fn a_user_in_the_url_takes_its_password_from_password_env() {
+    let pki = Pki::new();
+    let redis = tls_redis(&pki, false).await;
+    let idp = MockServer::start().await;
+    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let cache = tls_cache_config(
+        &redis,
+        PASSWORD_ENV,
+        &format!("ca_file = \"{}\"", pki.ca.display()),
+    )
+    .replace(
+        "rediss://127.0.0.1:",
+        &format!("rediss://{REDIS_USER}@127.0.0.1:"),
+    )
+    .replace(&format!("username = \"{REDIS_USER}\"\n"), "");
+    assert!(!cache.contains("username"), "{cache}");
+    let first = replica(&idp, &cache).await;
+    let second = replica(&idp, &cache).await;
+    first.wait_for_shared_cache(true).await;
+    second.wait_for_shared_cache(true).await;
+    let token = first.billing("acme/production").await;
+    assert_eq!(
+        second.billing("acme/production").await.token(),
+        token.token()
+    );
+    assert_eq!(issuer.issued(), 1);
+}
