@@ -224,3 +224,31 @@ async fn spawn_sentinel_fleet(ha: &Ha) -> Vec<TestApp> {
     }
     fleet
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_going_away_leave_the_known_master_in_use() {
+    let mut ha = Ha::start().await;
+    let fleet = spawn_sentinel_fleet(&ha).await;
+    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+
+    // A rolling restart of the sentinels: the master is healthy and stays in use, through
+    // three probes or more.
+    ha.sentinel.kill();
+    for _ in 0..30 {
+        for app in &fleet {
+            assert_eq!(app.state.broker.shared_cache_healthy(), Some(true));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let token = fleet[0].billing("acme/production").await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    assert_eq!(
+        fleet[1].billing("acme/production").await.token(),
+        token.token()
+    );
+    assert_eq!(
+        issuer.issued(),
+        1,
+        "the brokers still share through the master"
+    );
+}
