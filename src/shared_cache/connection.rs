@@ -148,7 +148,7 @@ impl Connections {
                 .arg(&sentinels.master_name);
             let ask = ask.query_async::<Option<(String, u16)>>(&mut manager);
             match tokio::time::timeout(self.timeout, ask).await {
-                Ok(Ok(Some((host, port)))) => return self.move_to(&host, port),
+                Ok(Ok(Some((host, port)))) => return self.move_to(&host, port).await,
                 Ok(Ok(None)) => errors.push(format!(
                     "sentinel {address} knows no master named {} (check shared_cache.master_name)",
                     sentinels.master_name
@@ -160,8 +160,10 @@ impl Connections {
         Err(errors.join("; "))
     }
 
-    /// Makes `host:port` the server in force, unless it is already.
-    fn move_to(&self, host: &str, port: u16) -> Result<(), String> {
+    /// Makes `host:port` the server in force, unless it is already, or unless it says it is not
+    /// a master (a sentinel that has not seen the failover yet names the demoted one). A server
+    /// that does not answer `ROLE` (an ACL without it) is taken at the sentinels' word.
+    async fn move_to(&self, host: &str, port: u16) -> Result<(), String> {
         let address = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -177,9 +179,19 @@ impl Connections {
         }
         let endpoint = self
             .address_info(&address)
-            .map(|info| with_credentials(info, self.username.as_deref(), self.password.as_ref()))
             .and_then(|info| self.endpoint(info, address.clone()))
             .map_err(|error| format!("cannot use the master at {address}: {error}"))?;
+        let mut connection = endpoint.connection.clone();
+        let ask = redis::cmd("ROLE");
+        let role = ask.query_async::<Vec<redis::Value>>(&mut connection);
+        if let Ok(Ok(role)) = tokio::time::timeout(self.timeout, role).await
+            && let Some(role) = role_of(&role)
+            && role != "master"
+        {
+            return Err(format!(
+                "the sentinels name {address} as the master, but it says it is a {role}"
+            ));
+        }
         let first = self.current.swap(Some(Arc::new(endpoint))).is_none();
         tracing::info!(
             master = %address,
@@ -238,6 +250,15 @@ impl Connections {
                 },
             ),
         }
+    }
+}
+
+/// The role a `ROLE` reply names first (`master`, `slave`, `sentinel`), when it names one.
+fn role_of(reply: &[redis::Value]) -> Option<String> {
+    match reply.first()? {
+        redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        redis::Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
     }
 }
 
