@@ -313,9 +313,11 @@ impl CallerRegistry {
                     workload::issuer_keys(
                         issuer,
                         previous.and_then(|registry| registry.workload.as_deref()),
+                        metrics,
                     )
                 },
                 &rules,
+                metrics,
             ));
             workload::refresh_in_background(&verifier, workload.jwks_refresh_interval);
             verifier

@@ -21,6 +21,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 
 use super::settings::{IssuerSettings, KeySource};
+use crate::telemetry::metrics::Metrics;
 
 /// Largest discovery document or JWKS read.
 const MAX_BODY_BYTES: usize = 512 * 1024;
@@ -289,12 +290,14 @@ pub(super) struct IssuerKeys {
     fetching: Arc<tokio::sync::Mutex<()>>,
     /// Modification time and length of `jwks_file` when last read and found good.
     file_stamp: Mutex<Option<(SystemTime, u64)>>,
+    /// `token_broker_workload_key_fetches_total` of this issuer: ok, failed.
+    fetches: [metrics::Counter; 2],
 }
 
 impl IssuerKeys {
     /// Prepares the issuer's HTTP client (its `ca_file` as the only root, when set); fetches
     /// nothing yet.
-    pub(super) fn new(settings: IssuerSettings) -> Self {
+    pub(super) fn new(settings: IssuerSettings, metrics: &Metrics) -> Self {
         let http = Self::client(&settings)
             .map_err(|error| {
                 // `config` read the CA already, so this is not expected; the fetches then fail
@@ -302,7 +305,10 @@ impl IssuerKeys {
                 tracing::warn!(issuer = %settings.issuer, %error, "cannot build the HTTP client of a workload issuer");
             })
             .ok();
+        let fetches =
+            ["ok", "failed"].map(|outcome| metrics.workload_key_fetches(&settings.issuer, outcome));
         Self {
+            fetches,
             settings,
             http,
             keys: ArcSwapOption::empty(),
@@ -414,6 +420,7 @@ impl IssuerKeys {
                 None
             }
         };
+        self.fetches[usize::from(kept.is_none())].increment(1);
         let mut attempts = self.lock_attempts();
         attempts.generation = attempts.generation.wrapping_add(1);
         attempts.failed = kept.is_none();

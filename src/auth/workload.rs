@@ -26,6 +26,7 @@ use subtle::ConstantTimeEq as _;
 use super::jwks::{IssuerKeys, KeySet, Refetch, VerifyingKey};
 use super::settings::{IssuerSettings, KeySource, SubjectPattern, WorkloadRule, WorkloadSettings};
 use super::{AuthError, Caller};
+use crate::telemetry::metrics::Metrics;
 
 /// Longest workload token read.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -102,6 +103,28 @@ pub enum WorkloadRejection {
     /// No caller is configured for `sub` (or `sub` is missing).
     #[error("no caller is configured for the workload token's subject (sub)")]
     UnknownSubject,
+}
+
+impl WorkloadRejection {
+    /// The `check` label of `token_broker_workload_rejections_total`.
+    pub fn check(self) -> &'static str {
+        match self {
+            Self::NotEnabled => "not_enabled",
+            Self::Malformed => "malformed",
+            Self::Algorithm => "algorithm",
+            Self::UnknownIssuer => "issuer",
+            Self::NoExpiry => "no_expiry",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::IssuedInFuture => "issued_in_future",
+            Self::Audience => "audience",
+            Self::UnknownKey => "unknown_key",
+            Self::KeyMismatch => "key_mismatch",
+            Self::Critical => "critical_header",
+            Self::Signature => "signature",
+            Self::UnknownSubject => "subject",
+        }
+    }
 }
 
 /// A token's header, as far as it matters here.
@@ -188,6 +211,8 @@ pub(super) struct WorkloadVerifier {
     issuers: Vec<Issuer>,
     by_issuer: HashMap<String, usize>,
     remembered: Remembered,
+    /// For `token_broker_workload_rejections_total`.
+    metrics: Metrics,
 }
 
 impl WorkloadVerifier {
@@ -197,6 +222,7 @@ impl WorkloadVerifier {
         settings: &WorkloadSettings,
         keys_of: impl Fn(&super::settings::IssuerSettings) -> Arc<IssuerKeys>,
         callers: &[(WorkloadRule, Arc<Caller>)],
+        metrics: &Metrics,
     ) -> Self {
         let mut issuers: Vec<Issuer> = settings
             .issuers
@@ -241,6 +267,7 @@ impl WorkloadVerifier {
             issuers,
             by_issuer,
             remembered: Remembered::new(settings.max_remembered),
+            metrics: metrics.clone(),
         }
     }
 
@@ -267,8 +294,20 @@ impl WorkloadVerifier {
         }
     }
 
-    /// Verifies a token that is not remembered, and remembers it when it verifies.
+    /// Verifies a token that is not remembered, and remembers it when it verifies; a refusal
+    /// is counted by the check it failed.
     pub(super) async fn verify(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
+        let verified = self.check(token).await;
+        if let Err(AuthError::Workload(rejection)) = &verified {
+            self.metrics
+                .workload_rejections(rejection.check())
+                .increment(1);
+        }
+        verified
+    }
+
+    /// [`WorkloadVerifier::verify`] without the counting.
+    async fn check(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
         let reject = AuthError::Workload;
         if token.len() > MAX_TOKEN_BYTES {
             return Err(reject(WorkloadRejection::Malformed));
@@ -530,6 +569,7 @@ impl Remembered {
 pub(super) fn issuer_keys(
     issuer: &IssuerSettings,
     previous: Option<&WorkloadVerifier>,
+    metrics: &Metrics,
 ) -> Arc<IssuerKeys> {
     let kept = previous.and_then(|workload| {
         workload
@@ -537,7 +577,7 @@ pub(super) fn issuer_keys(
             .find(|keys| keys.settings() == issuer)
             .cloned()
     });
-    kept.unwrap_or_else(|| Arc::new(IssuerKeys::new(issuer.clone())))
+    kept.unwrap_or_else(|| Arc::new(IssuerKeys::new(issuer.clone(), metrics)))
 }
 
 /// Fetches every issuer's keys now (unless kept from before a reload) and then on a period

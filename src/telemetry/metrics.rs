@@ -61,6 +61,11 @@ pub const SHARED_CACHE_INVALIDATIONS: &str = "token_broker_shared_cache_invalida
 /// Redis masters the broker moved to as the sentinels named them (the first one found at start
 /// included, so a failover shows as an increase beyond 1).
 pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_changes_total";
+/// Workload tokens refused, by the `check` they failed.
+pub const WORKLOAD_REJECTIONS: &str = "token_broker_workload_rejections_total";
+/// Fetches of a workload issuer's keys, by `issuer` and `outcome` (`ok`, `failed`).
+pub const WORKLOAD_KEY_FETCHES: &str = "token_broker_workload_key_fetches_total";
+
 /// What `/metrics` shows of the shared cache.
 #[derive(Debug, Clone, Copy)]
 pub struct SharedCacheFigures {
@@ -238,6 +243,14 @@ impl Metrics {
                 "Other replicas' announcements received through the shared cache.",
             ),
             (
+                WORKLOAD_REJECTIONS,
+                "Workload tokens refused with 401, by the check they failed.",
+            ),
+            (
+                WORKLOAD_KEY_FETCHES,
+                "Fetches of a workload issuer's JWKS, by issuer and outcome (ok, failed).",
+            ),
+            (
                 SHARED_CACHE_MASTER_CHANGES,
                 "Redis masters the broker moved to, as the sentinels named them (the first included).",
             ),
@@ -343,6 +356,27 @@ impl Metrics {
             vec![
                 Label::new("caller", caller.to_owned()),
                 Label::from_static_parts("reason", reason),
+            ],
+        );
+        self.inner.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// The counter of workload tokens refused for `check` (one of a closed list).
+    pub fn workload_rejections(&self, check: &'static str) -> Counter {
+        let key = Key::from_parts(
+            WORKLOAD_REJECTIONS,
+            vec![Label::from_static_parts("check", check)],
+        );
+        self.inner.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// The counter of fetches of `issuer`'s keys (a configured issuer) with `outcome`.
+    pub fn workload_key_fetches(&self, issuer: &str, outcome: &'static str) -> Counter {
+        let key = Key::from_parts(
+            WORKLOAD_KEY_FETCHES,
+            vec![
+                Label::new("issuer", issuer.to_owned()),
+                Label::from_static_parts("outcome", outcome),
             ],
         );
         self.inner.recorder.register_counter(&key, &METADATA)

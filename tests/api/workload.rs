@@ -400,6 +400,25 @@ async fn every_bad_token_is_a_401_that_names_the_failed_check_and_costs_no_idp_r
         200
     );
 
+    let scrape = app.scrape().await;
+    for check in [
+        "issuer",
+        "audience",
+        "expired",
+        "algorithm",
+        "unknown_key",
+        "signature",
+    ] {
+        let line = format!("token_broker_workload_rejections_total{{check=\"{check}\"}}");
+        assert!(metric(&scrape, &line) >= Some(1.0), "{line} in:\n{scrape}");
+    }
+    let fetched = format!(
+        "token_broker_workload_key_fetches_total{{issuer=\"{}\",outcome=\"ok\"}}",
+        issuer.uri()
+    );
+    // The fetch at start, and one on demand for the unknown kid.
+    assert_eq!(metric(&scrape, &fetched), Some(2.0), "{scrape}");
+
     // Within the leeway (30 s by default), a just-expired token still works.
     let late = signer.sign(&with(json!({"exp": now() - 10})));
     assert_eq!(
