@@ -13,6 +13,7 @@
 //! `rate_limit` is then held to it ([`crate::limits`]), before any other work is done for it.
 
 mod jwks;
+mod remembered;
 mod settings;
 mod verified;
 mod workload;

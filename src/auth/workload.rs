@@ -8,22 +8,20 @@
 //! issuer's keys ([`super::jwks`]; an unknown `kid` fetches them again, at most once per
 //! `jwks_refresh_interval`), and last its subject (`sub`), which names the caller: an exact
 //! subject beats a prefix, and a longer prefix a shorter one. A token that verified is
-//! remembered until its `exp` (with the leeway) in [`Remembered`], by its SHA-256, so the next
+//! remembered until its `exp` (with the leeway) in [`super::remembered`], by its SHA-256, so the next
 //! request with it is a hash and a lookup; it is forgotten on reload and when its key leaves the
 //! issuer's JWKS.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher as _;
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, Validation};
-use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq as _;
 
 use super::jwks::{IssuerKeys, KeySet, Refetch, VerifyingKey};
+use super::remembered::Remembered;
 use super::settings::{IssuerSettings, KeySource, SubjectPattern, WorkloadRule, WorkloadSettings};
 use super::{AuthError, Caller};
 use crate::telemetry::metrics::Metrics;
@@ -38,9 +36,6 @@ const NO_KEYS_RETRY: Duration = Duration::from_secs(1);
 /// stops verifying even when no unknown `kid` arrives (the last good keys stay in use while
 /// fetches fail). Files are looked at every `jwks_refresh_interval`.
 pub const JWKS_BACKGROUND_REFRESH: Duration = Duration::from_secs(300);
-
-/// How often a full set of remembered tokens is swept for expired ones, at most.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Which check a workload token failed: the `error_description` of its 401. None of them quotes
 /// the token, the configured issuers, audience or subjects.
@@ -456,112 +451,6 @@ fn verify_signature(
     } else {
         WorkloadRejection::KeyMismatch
     })
-}
-
-/// A token that verified and what it proved.
-struct RememberedToken {
-    /// SHA-256 of the token: 32 bytes per entry, whatever the token's length.
-    digest: [u8; 32],
-    caller: Arc<Caller>,
-    /// Unix seconds after which it is no longer accepted (`exp` plus the leeway).
-    until: f64,
-    issuer: usize,
-    thumbprint: Arc<str>,
-}
-
-/// The tokens, and when expired ones were last swept out.
-struct RememberedTokens {
-    by_slot: HashMap<u64, RememberedToken, foldhash::quality::RandomState>,
-    swept: Option<Instant>,
-}
-
-/// Tokens that verified, by keyed hash (as [`super::verified`] keeps keys), each checked by
-/// its SHA-256 in constant time: at most `max`.
-struct Remembered {
-    seed: foldhash::quality::RandomState,
-    tokens: RwLock<RememberedTokens>,
-    max: usize,
-}
-
-impl Remembered {
-    fn new(max: usize) -> Self {
-        Self {
-            seed: foldhash::quality::RandomState::default(),
-            tokens: RwLock::new(RememberedTokens {
-                by_slot: HashMap::default(),
-                swept: None,
-            }),
-            max,
-        }
-    }
-
-    /// The caller `token` proved, while it is valid at `now` and `published(issuer,
-    /// thumbprint)` says its key is still in the JWKS; a stale entry is dropped.
-    fn get(
-        &self,
-        token: &str,
-        now: f64,
-        published: impl Fn(usize, &str) -> bool,
-    ) -> Option<Arc<Caller>> {
-        let slot = self.seed.hash_one(token.as_bytes());
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        {
-            let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
-            let entry = tokens.by_slot.get(&slot)?;
-            if !bool::from(entry.digest.ct_eq(&digest)) {
-                return None;
-            }
-            if now <= entry.until && published(entry.issuer, &entry.thumbprint) {
-                return Some(Arc::clone(&entry.caller));
-            }
-        }
-        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
-        let stale = tokens.by_slot.get(&slot).is_some_and(|entry| {
-            bool::from(entry.digest.ct_eq(&digest))
-                && !(now <= entry.until && published(entry.issuer, &entry.thumbprint))
-        });
-        if stale {
-            tokens.by_slot.remove(&slot);
-        }
-        None
-    }
-
-    /// Remembers a verified token; when full, expired tokens make room (looked for at most
-    /// every [`SWEEP_INTERVAL`]), else it is not kept and is verified again next time.
-    fn insert(
-        &self,
-        token: &str,
-        caller: Arc<Caller>,
-        until: f64,
-        issuer: usize,
-        thumbprint: Arc<str>,
-    ) {
-        let slot = self.seed.hash_one(token.as_bytes());
-        let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
-        if tokens.by_slot.len() >= self.max && !tokens.by_slot.contains_key(&slot) {
-            let due = tokens
-                .swept
-                .is_none_or(|swept| swept.elapsed() >= SWEEP_INTERVAL);
-            if due {
-                let now = unix_now();
-                tokens.by_slot.retain(|_, entry| entry.until >= now);
-                tokens.swept = Some(Instant::now());
-            }
-            if tokens.by_slot.len() >= self.max {
-                return;
-            }
-        }
-        tokens.by_slot.insert(
-            slot,
-            RememberedToken {
-                digest: Sha256::digest(token.as_bytes()).into(),
-                caller,
-                until,
-                issuer,
-                thumbprint,
-            },
-        );
-    }
 }
 
 /// The keys of `issuer`: those of the registry before the reload when its settings are the same
