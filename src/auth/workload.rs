@@ -308,11 +308,15 @@ impl WorkloadVerifier {
             return Err(reject(WorkloadRejection::Malformed));
         }
         let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(_), None) =
+        let (Some(header), Some(payload), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(reject(WorkloadRejection::Malformed));
         };
+        // Canonical base64url only (no stray trailing bits), so one signature has one spelling.
+        if URL_SAFE_NO_PAD.decode(signature).is_err() {
+            return Err(reject(WorkloadRejection::Malformed));
+        }
         let header: Header = decode_part(header).ok_or(reject(WorkloadRejection::Malformed))?;
         if header.crit.is_some() {
             return Err(reject(WorkloadRejection::Critical));

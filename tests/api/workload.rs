@@ -364,6 +364,22 @@ async fn every_bad_token_is_a_401_that_names_the_failed_check_and_costs_no_idp_r
             "well-formed",
         ),
         (
+            "a second spelling of a valid signature (stray trailing bits)",
+            {
+                // A 2048-bit signature is 342 base64url characters; the last carries 2 bits,
+                // and canonical encoding leaves its 4 low bits zero.
+                let token = signer.sign(&issuer.claims(POD));
+                let (rest, last) = token.split_at(token.len() - 1);
+                let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+                let value = alphabet
+                    .iter()
+                    .position(|c| *c == last.as_bytes()[0])
+                    .unwrap();
+                format!("{rest}{}", alphabet[value | 1] as char)
+            },
+            "well-formed",
+        ),
+        (
             "a subject of no caller",
             signer.sign(&with(json!({"sub": "system:serviceaccount:other:app"}))),
             "subject (sub)",
