@@ -20,7 +20,7 @@ use crate::idp::{EnvironmentSettings, IdpClient};
 use crate::shared_cache::{RedisCache, RedisCacheError};
 use crate::telemetry::audit::AuditTrail;
 use crate::telemetry::metrics::Metrics;
-use crate::user_tokens::UserTokens;
+use crate::user_tokens::{SharedSessions, UserTokens};
 
 /// Why the application state could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -130,19 +130,24 @@ impl AppState {
         let idp = IdpClient::new()?;
         let metrics = Metrics::new();
         register_environments(&metrics, &settings);
-        let user_tokens =
-            UserTokens::new(&settings.users, settings.cache.min_remaining, idp.clone());
         let cache = settings.cache.clone();
-        let broker = match &settings.shared_cache {
-            Some(shared) => Broker::with_shared_cache(
-                cache,
-                idp,
-                metrics.clone(),
-                Arc::new(RedisCache::new(shared)?),
-                shared.wait_for_peer,
-            ),
-            None => Broker::new(cache, idp, metrics.clone()),
+        let min_remaining = cache.min_remaining;
+        let (broker, sessions) = match &settings.shared_cache {
+            Some(shared) => {
+                // One Redis client for tokens and user sessions: one probe, one health.
+                let redis = RedisCache::new(shared)?;
+                let broker = Broker::with_shared_cache(
+                    cache,
+                    idp.clone(),
+                    metrics.clone(),
+                    Arc::new(redis.clone()),
+                    shared.wait_for_peer,
+                );
+                (broker, Some(Arc::new(redis) as Arc<dyn SharedSessions>))
+            }
+            None => (Broker::new(cache, idp.clone(), metrics.clone()), None),
         };
+        let user_tokens = UserTokens::new(&settings.users, min_remaining, idp, sessions);
         let audit = AuditTrail::new(settings.telemetry.audit_max_counters);
         let snapshot = Arc::new(Snapshot::new(settings, &metrics, None));
         Ok(Self(Arc::new(App {

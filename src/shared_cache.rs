@@ -1,5 +1,6 @@
 //! Redis (or Valkey) as the cache level shared by every replica: [`RedisCache`] implements the
-//! broker's [`SharedCache`].
+//! broker's [`SharedCache`], and user tokens'
+//! [`SharedSessions`](crate::user_tokens::SharedSessions) (in [`sessions`]).
 //!
 //! Keys (`P` is `shared_cache.key_prefix`, `K` the hex [`SharedKey`]):
 //!
@@ -26,6 +27,7 @@
 mod cipher;
 mod connection;
 mod scripts;
+mod sessions;
 mod settings;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,6 +100,9 @@ struct Inner {
     store: Script,
     delete: Script,
     unlock: Script,
+    session_scripts: sessions::SessionScripts,
+    /// `shared_cache.wait_for_peer`, for user sessions' refreshes.
+    wait_for_peer: Duration,
     up: AtomicBool,
     /// When a failure was last logged, so a level that stays down is reported once a minute.
     failure_logged: std::sync::Mutex<Option<std::time::Instant>>,
@@ -133,6 +138,8 @@ impl RedisCache {
             store: Script::new(STORE_SCRIPT),
             delete: Script::new(DELETE_SCRIPT),
             unlock: Script::new(UNLOCK_SCRIPT),
+            session_scripts: sessions::SessionScripts::new(),
+            wait_for_peer: settings.wait_for_peer,
             // Behind Sentinel the level takes calls once the master is known.
             up: AtomicBool::new(matches!(settings.target, RedisTarget::Url(_))),
             failure_logged: std::sync::Mutex::new(None),

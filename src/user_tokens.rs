@@ -11,24 +11,35 @@
 //! revoked, token expired) the session is forgotten and the answer carries a new authorization
 //! URL for the same user token.
 //!
+//! With a shared level ([`shared`]), sessions and pending authorizations live there, so any
+//! replica serves any handle and a restart keeps them; [`fleet`] keeps this replica's copies in
+//! step and makes a refresh single flight across replicas. Code exchanges and refreshes run in
+//! tasks of their own: a caller that goes away does not lose a rotated refresh token.
+//!
 //! Like the broker, this module knows nothing about HTTP routes; `api` maps [`UserError`].
 
+mod fleet;
 pub mod pending;
 mod settings;
+pub mod shared;
 pub mod store;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::broker::{BrokerError, CacheStatus, CachedToken, Lease, TokenKey};
+use crate::broker::{BrokerError, CacheStatus, Lease, TokenKey};
 use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
 
 pub use pending::{Authorization, PendingAuthorization};
 pub use settings::UserSettings;
+pub use shared::{PendingId, SessionLookup, SessionRecord, SessionWrite, SharedSessions};
 pub use store::Session;
 
 use pending::PendingAuthorizations;
 use store::{Grant, HandleId, SessionStore};
+
+/// How long a caller is told to wait when the shared level cannot answer for a session.
+const SHARED_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// Why a user-token request failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +84,38 @@ pub enum UserError {
         /// The configured bound.
         max: usize,
     },
+    /// The shared level cannot be reached, and this replica does not hold the handle or state.
+    #[error(
+        "the shared cache (Redis) that holds user sessions cannot be reached and this replica does not hold this one; retry after the seconds in Retry-After"
+    )]
+    SharedUnavailable {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// Another replica is refreshing this session and did not finish in time.
+    #[error(
+        "another replica is refreshing this user token and did not finish within shared_cache.wait_for_peer; retry after the seconds in Retry-After"
+    )]
+    PeerRefreshing {
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// A token could not be handed out, for the same reasons as a broker token.
     #[error(transparent)]
     Token(#[from] BrokerError),
+}
+
+impl UserError {
+    /// How long the caller should wait before retrying, for the errors that are worth a retry.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::SharedUnavailable { retry_after } | Self::PeerRefreshing { retry_after } => {
+                Some(*retry_after)
+            }
+            Self::Token(error) => error.retry_after(),
+            _ => None,
+        }
+    }
 }
 
 /// The user-token service: pending authorizations and sessions; cheap to clone.
@@ -88,20 +128,32 @@ struct Inner {
     idp: IdpClient,
     pending: PendingAuthorizations,
     sessions: SessionStore,
+    shared: Option<Arc<dyn SharedSessions>>,
     min_remaining: Duration,
     max_pending_per_caller: usize,
+    authorization_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl UserTokens {
-    /// An empty service; tokens are handed out with at least `min_remaining` left, as the broker's.
-    pub fn new(settings: &UserSettings, min_remaining: Duration, idp: IdpClient) -> Self {
+    /// An empty service; tokens are handed out with at least `min_remaining` left, as the
+    /// broker's. With `shared`, sessions and authorizations are kept there.
+    pub fn new(
+        settings: &UserSettings,
+        min_remaining: Duration,
+        idp: IdpClient,
+        shared: Option<Arc<dyn SharedSessions>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 idp,
                 pending: PendingAuthorizations::new(settings),
                 sessions: SessionStore::new(settings),
+                shared,
                 min_remaining,
                 max_pending_per_caller: settings.max_pending_per_caller,
+                authorization_timeout: settings.authorization_timeout,
+                idle_timeout: settings.idle_timeout,
             }),
         }
     }
@@ -114,13 +166,34 @@ impl UserTokens {
         environment: &EnvironmentSettings,
     ) -> Result<Authorization, UserError> {
         let login = user_login(environment)?;
-        self.inner
-            .pending
-            .start(owner, key, environment, login)
-            .await
-            .ok_or(UserError::TooManyPending {
-                max: self.inner.max_pending_per_caller,
-            })
+        let timeout = self.inner.authorization_timeout;
+        let too_many = UserError::TooManyPending {
+            max: self.inner.max_pending_per_caller,
+        };
+        let (authorization, pending) = pending::prepare(owner, key, environment, login, timeout);
+        if let Some(shared) = &self.inner.shared {
+            let id = PendingId::new(
+                &authorization.state,
+                &pending.owner,
+                &pending.key.tenant,
+                &pending.key.environment,
+            );
+            let max = self.inner.max_pending_per_caller;
+            match shared.start_pending(&id, &pending, timeout, max).await {
+                Ok(true) => return Ok(authorization),
+                Ok(false) => return Err(too_many),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "an authorization could not be kept in the shared cache; keeping it in this replica's memory, so its code must be redeemed here"
+                ),
+            }
+        }
+        let state = authorization.state.clone();
+        if self.inner.pending.insert(state, pending).await {
+            Ok(authorization)
+        } else {
+            Err(too_many)
+        }
     }
 
     /// Redeems `state`: the authorization `owner` started for `tenant`/`environment`, once.
@@ -131,21 +204,52 @@ impl UserTokens {
         environment: &str,
         state: &str,
     ) -> Result<Arc<PendingAuthorization>, UserError> {
-        self.inner
+        let local = self
+            .inner
             .pending
             .take(state, owner, tenant, environment)
-            .await
-            .ok_or(UserError::UnknownState)
+            .await;
+        if let Some(pending) = local {
+            return Ok(pending);
+        }
+        let Some(shared) = &self.inner.shared else {
+            return Err(UserError::UnknownState);
+        };
+        let id = PendingId::new(state, owner, tenant, environment);
+        match shared.take_pending(&id, owner).await {
+            Ok(Some(pending)) => Ok(Arc::new(pending)),
+            Ok(None) => Err(UserError::UnknownState),
+            Err(error) => {
+                tracing::warn!(%error, "an authorization could not be looked up in the shared cache");
+                Err(UserError::SharedUnavailable {
+                    retry_after: SHARED_RETRY_AFTER,
+                })
+            }
+        }
     }
 
-    /// Exchanges the code of a redeemed authorization and returns the new session's handle.
+    /// Exchanges the code of a redeemed authorization and returns the new session's handle. The
+    /// exchange runs in a task of its own, so a caller that goes away does not lose the session.
     pub async fn exchange(
+        &self,
+        pending: Arc<PendingAuthorization>,
+        environment: Arc<EnvironmentSettings>,
+        code: String,
+    ) -> Result<String, UserError> {
+        user_login(&environment)?;
+        let this = self.clone();
+        let task =
+            tokio::spawn(async move { this.exchange_now(&pending, &environment, &code).await });
+        task.await
+            .unwrap_or(Err(UserError::Token(BrokerError::Internal)))
+    }
+
+    async fn exchange_now(
         &self,
         pending: &PendingAuthorization,
         environment: &EnvironmentSettings,
         code: &str,
     ) -> Result<String, UserError> {
-        user_login(environment)?;
         let grant = self
             .inner
             .idp
@@ -165,21 +269,12 @@ impl UserTokens {
             })?;
         let refreshable = grant.refresh_token.is_some();
         let (handle, id) = store::new_handle();
-        let session = Session::new(
+        let session = Arc::new(Session::new(
             id,
             Arc::clone(&pending.owner),
             pending.key.clone(),
-            Grant {
-                access: Arc::new(CachedToken::new(
-                    grant.token,
-                    SystemTime::now(),
-                    0.0,
-                    Duration::ZERO,
-                    0.0,
-                )),
-                refresh_token: grant.refresh_token,
-            },
-        );
+            Grant::issued(grant.token, grant.refresh_token, 1),
+        ));
         tracing::info!(
             caller = %pending.owner,
             tenant = %pending.key.tenant,
@@ -187,40 +282,64 @@ impl UserTokens {
             refreshable,
             "user session created"
         );
-        self.inner.sessions.insert(Arc::new(session)).await;
+        self.inner.sessions.insert(Arc::clone(&session)).await;
+        if self.inner.shared.is_some() {
+            let grant = session.grant().await;
+            self.save(&session, &grant, None).await;
+        }
         Ok(handle)
     }
 
     /// The session of `handle`, if `owner` created it.
     pub async fn session(&self, owner: &str, handle: &str) -> Result<Arc<Session>, UserError> {
-        self.inner
-            .sessions
-            .get(&HandleId::of(handle))
-            .await
-            .filter(|session| session.owner() == owner)
+        let id = HandleId::of(handle);
+        let local = self.inner.sessions.get(&id).await;
+        let found = match &self.inner.shared {
+            None => local,
+            Some(shared) => self.look_up(shared.as_ref(), id, owner, local).await?,
+        };
+        found
+            .filter(|session| session.owner() == owner && !session.is_forgotten())
             .ok_or(UserError::UnknownHandle)
     }
 
     /// An access token of `session` with at least `max(min_ttl, cache.min_remaining)` left,
-    /// refreshed when the current one has less.
+    /// refreshed when the current one has less. The refresh runs in a task of its own, so a
+    /// caller that goes away does not lose a rotated refresh token.
     pub async fn token(
         &self,
-        session: &Session,
-        environment: &EnvironmentSettings,
+        session: &Arc<Session>,
+        environment: &Arc<EnvironmentSettings>,
         min_ttl: Option<Duration>,
     ) -> Result<Lease, UserError> {
         let min_remaining = self.inner.min_remaining;
         let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
-        let mut grant = session.grant().await;
-        let now = SystemTime::now();
-        if grant.access.remaining(now) >= required {
-            grant.access.record_hit();
-            return Ok(Lease {
-                token: Arc::clone(&grant.access),
-                status: CacheStatus::Hit,
-                at: now,
-            });
+        let started = SystemTime::now();
+        if let Some(lease) = servable(&*session.grant().await, required, started, CacheStatus::Hit)
+        {
+            return Ok(lease);
         }
+        let this = self.clone();
+        let session = Arc::clone(session);
+        let environment = Arc::clone(environment);
+        let task =
+            tokio::spawn(
+                async move { this.renew(&session, &environment, required, started).await },
+            );
+        task.await
+            .unwrap_or(Err(UserError::Token(BrokerError::Internal)))
+    }
+
+    /// Refreshes the access token of `grant` (which `session` holds) with the IdP, keeping a
+    /// rotated refresh token; the generation goes up when the IdP answered with tokens.
+    async fn refresh_with_idp(
+        &self,
+        session: &Session,
+        grant: &mut Grant,
+        environment: &EnvironmentSettings,
+        required: Duration,
+    ) -> Result<Lease, UserError> {
+        let min_remaining = self.inner.min_remaining;
         let Some(refresh_token) = &grant.refresh_token else {
             return Err(self.reauthorize(session, environment).await);
         };
@@ -242,18 +361,14 @@ impl UserTokens {
             }
             Err(error) => return Err(UserError::Token(error.into())),
         };
-        let access = Arc::new(CachedToken::new(
-            fresh.token,
-            SystemTime::now(),
-            0.0,
-            Duration::ZERO,
-            0.0,
-        ));
-        grant.access = Arc::clone(&access);
         let rotated = fresh.refresh_token.is_some();
-        if let Some(refresh_token) = fresh.refresh_token {
-            grant.refresh_token = Some(refresh_token);
-        }
+        let refresh_token = fresh.refresh_token.or_else(|| grant.refresh_token.take());
+        *grant = Grant::issued(
+            fresh.token,
+            refresh_token,
+            grant.generation.saturating_add(1),
+        );
+        let access = Arc::clone(&grant.access);
         tracing::info!(
             tenant = %session.key().tenant,
             environment = %session.key().environment,
@@ -280,26 +395,52 @@ impl UserTokens {
         })
     }
 
-    /// Forgets the session of `handle` if `owner` created it; otherwise does nothing.
-    pub async fn forget(&self, owner: &str, handle: &str) -> bool {
-        match self.session(owner, handle).await {
-            Ok(session) => {
-                self.inner.sessions.remove(&session.id()).await;
-                true
-            }
-            Err(_) => false,
-        }
+    /// Forgets the session of `handle` if `owner` created it, here and in the shared level;
+    /// `false` when there was none.
+    pub async fn forget(&self, owner: &str, handle: &str) -> Result<bool, UserError> {
+        let session = match self.session(owner, handle).await {
+            Ok(session) => session,
+            Err(UserError::UnknownHandle) => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        self.forget_session(&session).await?;
+        Ok(true)
     }
 
     /// Forgets `session` and starts a new authorization for the same caller and user token.
     async fn reauthorize(&self, session: &Session, environment: &EnvironmentSettings) -> UserError {
-        self.inner.sessions.remove(&session.id()).await;
+        if let Err(error) = self.forget_session(session).await {
+            tracing::warn!(%error, "a refused session could not be deleted from the shared cache");
+        }
         let owner = Arc::from(session.owner());
         match self.start(owner, session.key().clone(), environment).await {
             Ok(authorization) => UserError::ReauthorizationRequired(Box::new(authorization)),
             Err(error) => error,
         }
     }
+}
+
+/// A lease on the access token of `grant` when it serves a request for `required` validity
+/// that started at `started`: it has that much left, or it was fetched since the request
+/// started with that much lifetime (a refresh the request waited for is as good as its own).
+fn servable(
+    grant: &Grant,
+    required: Duration,
+    started: SystemTime,
+    status: CacheStatus,
+) -> Option<Lease> {
+    let access = &grant.access;
+    let now = SystemTime::now();
+    let fresh = access.remaining(now) >= required
+        || (access.fetched_at >= started && access.lifetime() >= required);
+    fresh.then(|| {
+        access.record_hit();
+        Lease {
+            token: Arc::clone(access),
+            status,
+            at: now,
+        }
+    })
 }
 
 fn user_login(environment: &EnvironmentSettings) -> Result<&UserLoginSettings, UserError> {

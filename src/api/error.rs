@@ -222,6 +222,9 @@ impl ApiError {
                 UserError::ReauthorizationRequired(_) => {
                     (StatusCode::UNAUTHORIZED, "reauthorization_required")
                 }
+                UserError::SharedUnavailable { .. } | UserError::PeerRefreshing { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
+                }
                 UserError::Token(error) => broker_status_and_code(error),
             },
         }
@@ -234,8 +237,8 @@ impl ApiError {
             Self::TimedOut(_) => Some(TIMED_OUT_RETRY_AFTER),
             Self::IssuerUnavailable(wait) => Some(*wait),
             Self::Broker(error) => broker_retry_after(error),
-            Self::Users(UserError::Token(error)) => broker_retry_after(error),
             Self::Users(UserError::TooManyPending { .. }) => Some(PENDING_RETRY_AFTER),
+            Self::Users(error) => error.retry_after(),
             _ => None,
         }
     }

@@ -197,10 +197,7 @@ pub async fn create_session(
         .redeem(&caller.name, &tenant, &environment, &oauth_state)
         .await?;
     let settings = token_request::authorise_key(&state, &caller, &pending.key)?;
-    let handle = state
-        .user_tokens
-        .exchange(&pending, &settings, &code)
-        .await?;
+    let handle = state.user_tokens.exchange(pending, settings, code).await?;
     let body = HandleBody { handle: &handle };
     Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
 }
@@ -259,22 +256,24 @@ pub async fn get_user_token(
         (status = 204, description = "Forgotten, or nothing to forget"),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`upstream_unavailable`: the shared cache that holds sessions cannot be reached, so the handle is not forgotten everywhere yet; retry after Retry-After", body = ErrorBody),
     ),
     security(("caller_key" = [])),
 )]
-/// `DELETE /v1/users/handles/{handle}`: forgets the session and its refresh token. 204 in every
-/// case, so a caller cannot probe for other callers' handles.
+/// `DELETE /v1/users/handles/{handle}`: forgets the session and its refresh token on every
+/// replica. 204 whether there was one or not, so a caller cannot probe for other callers'
+/// handles; 503 when the shared level that holds it cannot be reached.
 pub async fn delete_user_token(
     State(state): State<AppState>,
     Authenticated(caller): Authenticated,
     Path(handle): Path<String>,
-) -> StatusCode {
+) -> Result<StatusCode, ApiError> {
     if let Ok(handle) = known_form(&handle)
-        && state.user_tokens.forget(&caller.name, handle).await
+        && state.user_tokens.forget(&caller.name, handle).await?
     {
         tracing::info!(caller = %caller.name, "user session forgotten on request");
     }
-    StatusCode::NO_CONTENT
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The handle when it could be one of ours; a 404 otherwise, without a lookup.

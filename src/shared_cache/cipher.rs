@@ -12,6 +12,9 @@
 //! `fetched_at`. They, and the Redis key, are the associated data of the encryption, so a value
 //! moved to another key or with an edited header does not decrypt. The ciphertext holds the
 //! token, its type and scope, `fetched_at` and `expires_at`.
+//!
+//! User sessions and pending authorizations ([`super::sessions`]) are sealed the same way
+//! ([`TokenCipher::seal_bytes`]) behind clear fields of their own.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,10 +38,10 @@ const VERSION: &str = "v1";
 pub const DIGEST_RANGE: std::ops::Range<usize> = 3..67;
 /// Byte range of `fetched_at` in a value (Lua: `string.sub(value, 69, 84)`).
 pub const FETCHED_AT_RANGE: std::ops::Range<usize> = 68..84;
-/// Byte range of the key id in a value.
-const KEY_ID_RANGE: std::ops::Range<usize> = 85..93;
-/// Length of everything before the ciphertext, separator included.
-const HEADER_LEN: usize = 94;
+/// Length of a token value's clear fields before the key id, separators included.
+const TOKEN_FIELDS_LEN: usize = 85;
+/// Length of a key id: 8 hex digits.
+const KEY_ID_LEN: usize = 8;
 /// AES-GCM nonce length: 96 bits.
 const NONCE_LEN: usize = 12;
 
@@ -136,12 +139,11 @@ impl TokenCipher {
     /// The value that stores `token` under the Redis key `redis_key`.
     pub fn seal(&self, redis_key: &str, token: &CachedToken) -> String {
         let header = format!(
-            "{VERSION}:{}:{}:{}:",
+            "{VERSION}:{}:{}:",
             token.digest().to_hex(),
             fetched_at_field(token.fetched_at),
-            self.current.id
         );
-        debug_assert_eq!(header.len(), HEADER_LEN);
+        debug_assert_eq!(header.len(), TOKEN_FIELDS_LEN);
         let plaintext = serde_json::to_vec(&Sealed {
             access_token: token.access_token().expose().to_owned(),
             token_type: token.token_type().to_owned(),
@@ -150,6 +152,15 @@ impl TokenCipher {
             expires_at_ms: unix_millis(token.expires_at),
         })
         .expect("a token serialises");
+        self.seal_bytes(redis_key, &header, &plaintext)
+    }
+
+    /// Encrypts `plaintext` for the Redis key `redis_key` behind `fields`, the clear fields the
+    /// scripts read (ending with `:`): the value is `fields`, the key id, `:`, and
+    /// `base64(nonce | ciphertext | tag)`, and everything before the ciphertext is authenticated
+    /// with the key.
+    pub fn seal_bytes(&self, redis_key: &str, fields: &str, plaintext: &[u8]) -> String {
+        let header = format!("{fields}{}:", self.current.id);
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let aad = associated_data(redis_key, &header);
@@ -159,11 +170,11 @@ impl TokenCipher {
             .encrypt(
                 &nonce.into(),
                 Payload {
-                    msg: &plaintext,
+                    msg: plaintext,
                     aad: &aad,
                 },
             )
-            .expect("AES-GCM encrypts any token-sized message");
+            .expect("AES-GCM encrypts any message under 64 GiB");
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&ciphertext);
         let mut value = header;
@@ -171,15 +182,25 @@ impl TokenCipher {
         value
     }
 
-    /// Reads a value stored under `redis_key`.
-    pub fn open(&self, redis_key: &str, value: &[u8]) -> Result<SharedToken, OpenError> {
+    /// The clear fields (the first `fields_len` bytes) and the plaintext of a value that
+    /// [`TokenCipher::seal_bytes`] wrote under `redis_key`.
+    pub fn open_bytes<'v>(
+        &self,
+        redis_key: &str,
+        value: &'v [u8],
+        fields_len: usize,
+    ) -> Result<(&'v str, Vec<u8>), OpenError> {
         let value = std::str::from_utf8(value).map_err(|_| OpenError::Malformed)?;
-        // ASCII, so that every fixed field below is sliced on character boundaries.
-        if value.len() <= HEADER_LEN || !value.is_ascii() || !value.starts_with(VERSION) {
+        let header_len = fields_len + KEY_ID_LEN + 1;
+        // ASCII, so that every fixed field is sliced on character boundaries.
+        if value.len() <= header_len || !value.is_ascii() {
             return Err(OpenError::Malformed);
         }
-        let (header, body) = value.split_at(HEADER_LEN);
-        let key_id = &header[KEY_ID_RANGE];
+        let (header, body) = value.split_at(header_len);
+        let (fields, key_id) = header.split_at(fields_len);
+        let Some(key_id) = key_id.strip_suffix(':') else {
+            return Err(OpenError::Malformed);
+        };
         let keyed = [Some(&self.current), self.previous.as_ref()]
             .into_iter()
             .flatten()
@@ -204,6 +225,15 @@ impl TokenCipher {
                 },
             )
             .map_err(|_| OpenError::Inauthentic)?;
+        Ok((fields, plaintext))
+    }
+
+    /// Reads a value stored under `redis_key`.
+    pub fn open(&self, redis_key: &str, value: &[u8]) -> Result<SharedToken, OpenError> {
+        if !value.starts_with(VERSION.as_bytes()) {
+            return Err(OpenError::Malformed);
+        }
+        let (header, plaintext) = self.open_bytes(redis_key, value, TOKEN_FIELDS_LEN)?;
         let sealed: Sealed =
             serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
         let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
@@ -219,8 +249,8 @@ impl TokenCipher {
             return Err(OpenError::Malformed);
         }
         // The scripts act on the clear fields: they must describe the sealed token.
-        if header[DIGEST_RANGE] != TokenDigest::of(&sealed.access_token).to_hex()
-            || header[FETCHED_AT_RANGE] != fetched_at_field(fetched_at)
+        if header.get(DIGEST_RANGE) != Some(TokenDigest::of(&sealed.access_token).to_hex().as_str())
+            || header.get(FETCHED_AT_RANGE) != Some(fetched_at_field(fetched_at).as_str())
         {
             return Err(OpenError::Malformed);
         }
@@ -276,7 +306,10 @@ mod tests {
             TokenDigest::of("eyJ.secret.sig").to_hex()
         );
         assert_eq!(&value[FETCHED_AT_RANGE], "0001800000000123");
-        assert_eq!(&value[KEY_ID_RANGE], cipher.key_id());
+        assert_eq!(
+            &value[TOKEN_FIELDS_LEN..TOKEN_FIELDS_LEN + KEY_ID_LEN],
+            cipher.key_id()
+        );
 
         let opened = cipher.open("p:token:k", value.as_bytes()).unwrap();
         assert_eq!(opened.issued.access_token.expose(), "eyJ.secret.sig");
@@ -306,7 +339,10 @@ mod tests {
             "t1"
         );
         let written_after = rotated.seal("k", &token("t2"));
-        assert_eq!(&written_after[KEY_ID_RANGE], rotated.key_id());
+        assert_eq!(
+            &written_after[TOKEN_FIELDS_LEN..TOKEN_FIELDS_LEN + KEY_ID_LEN],
+            rotated.key_id()
+        );
         assert_ne!(rotated.key_id(), old.key_id());
         assert!(matches!(
             old.open("k", written_after.as_bytes()),

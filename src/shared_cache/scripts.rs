@@ -45,3 +45,46 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
+
+/// Stores a session unless its tombstone is there (then -1) or the same or a higher generation
+/// (the 16 digits after `s1:`; then 0), for the idle timeout. KEYS: session key. ARGV: value,
+/// generation field, ttl ms.
+pub(super) const SESSION_STORE_SCRIPT: &str = r"
+local old = redis.call('GET', KEYS[1])
+if old == 'deleted' then
+  return -1
+end
+if old and string.sub(old, 4, 19) >= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+";
+
+/// Keeps a pending authorization unless its owner has ARGV[3] pending already (0). The owner's
+/// sorted set scores each of its authorizations by expiry (Redis' own clock, so replicas'
+/// clocks do not matter). KEYS: pending key, owner's set. ARGV: value, ttl ms, most pending,
+/// member.
+pub(super) const PENDING_START_SCRIPT: &str = r"
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ms)
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[2]), ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+";
+
+/// Takes a pending authorization: returns its value and deletes it, and frees its owner's slot.
+/// KEYS: pending key, owner's set. ARGV: member.
+pub(super) const PENDING_TAKE_SCRIPT: &str = r"
+local value = redis.call('GET', KEYS[1])
+if value then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return value
+";

@@ -56,10 +56,10 @@ impl fmt::Debug for PendingAuthorization {
     }
 }
 
-/// Authorizations by `state`, each forgotten after `users.authorization_timeout`.
+/// Authorizations by `state`, in this replica's memory, each forgotten after
+/// `users.authorization_timeout`.
 pub struct PendingAuthorizations {
     by_state: Cache<String, Arc<PendingAuthorization>>,
-    timeout: Duration,
     /// Pending authorizations per caller, so one caller cannot fill the set.
     per_owner: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     max_per_owner: usize,
@@ -87,47 +87,27 @@ impl PendingAuthorizations {
             .build();
         Self {
             by_state,
-            timeout: settings.authorization_timeout,
             per_owner,
             max_per_owner: settings.max_pending_per_caller,
         }
     }
 
-    /// Remembers a new authorization for `owner` and `key` and builds its URL; `None` when
-    /// `owner` has `users.max_pending_per_caller` authorizations pending already.
-    pub async fn start(
-        &self,
-        owner: Arc<str>,
-        key: TokenKey,
-        environment: &EnvironmentSettings,
-        login: &UserLoginSettings,
-    ) -> Option<Authorization> {
+    /// Remembers `pending` under `state`; `false` when its owner has
+    /// `users.max_pending_per_caller` authorizations pending already.
+    pub async fn insert(&self, state: String, pending: PendingAuthorization) -> bool {
         {
             let mut counts = self
                 .per_owner
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let count = counts.entry(Arc::clone(&owner)).or_insert(0);
+            let count = counts.entry(Arc::clone(&pending.owner)).or_insert(0);
             if *count >= self.max_per_owner {
-                return None;
+                return false;
             }
             *count += 1;
         }
-        let state = random_token();
-        let code_verifier = random_token();
-        let url = authorization_url(environment, login, &key, &state, &code_verifier);
-        let pending = PendingAuthorization {
-            owner,
-            key,
-            code_verifier: SecretString::from(code_verifier),
-            redirect_uri: login.redirect_uri.to_string(),
-        };
-        self.by_state.insert(state.clone(), Arc::new(pending)).await;
-        Some(Authorization {
-            url,
-            state,
-            expires_in: self.timeout,
-        })
+        self.by_state.insert(state, Arc::new(pending)).await;
+        true
     }
 
     /// Takes the authorization of `state` if `owner` started it for `tenant`/`environment`.
@@ -159,6 +139,32 @@ impl PendingAuthorizations {
             _ => None,
         }
     }
+}
+
+/// A new authorization for `owner` and the user token `key`: its URL (with a new `state` and
+/// PKCE challenge) and what the broker must remember to redeem it.
+pub fn prepare(
+    owner: Arc<str>,
+    key: TokenKey,
+    environment: &EnvironmentSettings,
+    login: &UserLoginSettings,
+    expires_in: Duration,
+) -> (Authorization, PendingAuthorization) {
+    let state = random_token();
+    let code_verifier = random_token();
+    let url = authorization_url(environment, login, &key, &state, &code_verifier);
+    let pending = PendingAuthorization {
+        owner,
+        key,
+        code_verifier: SecretString::from(code_verifier),
+        redirect_uri: login.redirect_uri.to_string(),
+    };
+    let authorization = Authorization {
+        url,
+        state,
+        expires_in,
+    };
+    (authorization, pending)
 }
 
 /// 256 random bits, base64url: a `state`, and a PKCE verifier of 43 characters (RFC 7636 §4.1).
@@ -206,6 +212,21 @@ fn authorization_url(
 }
 
 impl PendingAuthorization {
+    /// An authorization read back from the shared level.
+    pub fn new(
+        owner: Arc<str>,
+        key: TokenKey,
+        code_verifier: SecretString,
+        redirect_uri: String,
+    ) -> Self {
+        Self {
+            owner,
+            key,
+            code_verifier,
+            redirect_uri,
+        }
+    }
+
     /// The verifier, for the code exchange request only.
     pub fn expose_code_verifier(&self) -> &str {
         self.code_verifier.expose_secret()

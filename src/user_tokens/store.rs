@@ -1,18 +1,19 @@
-//! User sessions behind their handles, in memory.
+//! User sessions behind their handles, in this replica's memory.
 //!
 //! A session holds one user's current access token and refresh token. It is found by the
 //! SHA-256 of its handle, so the store never holds the handles themselves. Each session has its
 //! own async mutex around its tokens: whoever finds the access token too old refreshes it while
-//! the others wait and then take the new one (single flight per handle). Sessions are bounded
-//! (`users.max_sessions`, least recently used first) and forgotten after `users.idle_timeout`
-//! without a request.
+//! the others wait and then take the new one (single flight per handle in this replica). Sessions
+//! are bounded (`users.max_sessions`, least recently used first) and forgotten after
+//! `users.idle_timeout` without a request.
 //!
-//! Sessions live in this replica's memory only: a caller must reach the replica that created its
-//! handle, and a restart forgets every session. [`SessionStore`] is the one place sessions are
-//! created, found and forgotten, so a shared level can later go behind it.
+//! Without a shared level this is where sessions live. With one ([`super::shared`]) it holds the
+//! sessions this replica has served, as they were last seen, so that they can still be served
+//! and refreshed while the shared level is unreachable.
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -23,7 +24,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::UserSettings;
-use crate::broker::{CachedToken, TokenKey};
+use super::shared::SessionRecord;
+use crate::broker::{CachedToken, SharedToken, TokenKey};
+use crate::idp::{AccessToken, IssuedToken};
 
 /// Prefix of handles, so a leaked one is recognisable in a secret scanner.
 const HANDLE_PREFIX: &str = "uth_";
@@ -36,6 +39,11 @@ impl HandleId {
     /// The id of a presented handle.
     pub fn of(handle: &str) -> Self {
         Self(Sha256::digest(handle.as_bytes()).into())
+    }
+
+    /// Lower-case hex, as it appears in Redis keys.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
     }
 }
 
@@ -60,6 +68,29 @@ pub struct Grant {
     pub access: Arc<CachedToken>,
     /// The refresh token; `None` when the IdP gave none or refused it.
     pub refresh_token: Option<SecretString>,
+    /// 1 at the code exchange, raised by each refresh (see [`super::shared`]).
+    pub generation: u64,
+}
+
+impl Grant {
+    /// The tokens of a code exchange or a refresh, received now.
+    pub fn issued(
+        issued: IssuedToken,
+        refresh_token: Option<SecretString>,
+        generation: u64,
+    ) -> Self {
+        Self {
+            access: Arc::new(CachedToken::new(
+                issued,
+                std::time::SystemTime::now(),
+                0.0,
+                std::time::Duration::ZERO,
+                0.0,
+            )),
+            refresh_token,
+            generation,
+        }
+    }
 }
 
 /// One user session, bound to the caller that created it.
@@ -68,6 +99,12 @@ pub struct Session {
     owner: Arc<str>,
     key: TokenKey,
     grant: Mutex<Grant>,
+    /// The highest generation known to be in the shared level.
+    saved: AtomicU64,
+    /// A task is retrying the write of this session to the shared level.
+    saving: AtomicBool,
+    /// Forgotten on request or refused by the IdP: no write may bring it back.
+    forgotten: AtomicBool,
 }
 
 impl Session {
@@ -78,7 +115,78 @@ impl Session {
             owner,
             key,
             grant: Mutex::new(grant),
+            saved: AtomicU64::new(0),
+            saving: AtomicBool::new(false),
+            forgotten: AtomicBool::new(false),
         }
+    }
+
+    /// A session read from the shared level, where it is stored at its generation.
+    pub fn from_record(id: HandleId, record: SessionRecord) -> Self {
+        let generation = record.generation;
+        let session = Self::new(
+            id,
+            record.owner,
+            record.key,
+            grant_of(record.access, record.refresh_token, generation),
+        );
+        session.saved.store(generation, Ordering::Relaxed);
+        session
+    }
+
+    /// The record that stores `grant` (this session's tokens) in the shared level.
+    pub fn record(&self, grant: &Grant) -> SessionRecord {
+        let access = &grant.access;
+        SessionRecord {
+            owner: Arc::clone(&self.owner),
+            key: self.key.clone(),
+            access: SharedToken {
+                issued: IssuedToken {
+                    access_token: AccessToken::new(access.access_token().expose()),
+                    token_type: access.token_type().to_owned(),
+                    lifetime: access.lifetime(),
+                    scope: access.scope().map(str::to_owned),
+                },
+                fetched_at: access.fetched_at,
+            },
+            refresh_token: grant.refresh_token.clone(),
+            generation: grant.generation,
+        }
+    }
+
+    /// Records that generation `generation` is in the shared level.
+    pub fn mark_saved(&self, generation: u64) {
+        self.saved.fetch_max(generation, Ordering::Relaxed);
+    }
+
+    /// Forgets what was written, so that the next write stores the session again.
+    pub fn mark_unsaved(&self) {
+        self.saved.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether generation `generation` still has to be written to the shared level.
+    pub fn unsaved(&self, generation: u64) -> bool {
+        self.saved.load(Ordering::Relaxed) < generation
+    }
+
+    /// Claims the one retry task of this session; `false` when one runs already.
+    pub fn claim_saving(&self) -> bool {
+        !self.saving.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends the retry task's claim.
+    pub fn release_saving(&self) {
+        self.saving.store(false, Ordering::Release);
+    }
+
+    /// Marks the session forgotten, so that no later write stores it again.
+    pub fn mark_forgotten(&self) {
+        self.forgotten.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the session was forgotten.
+    pub fn is_forgotten(&self) -> bool {
+        self.forgotten.load(Ordering::Relaxed)
     }
 
     /// The id of the session's handle.
@@ -108,6 +216,25 @@ impl fmt::Debug for Session {
             .field("owner", &self.owner)
             .field("key", &self.key)
             .finish_non_exhaustive()
+    }
+}
+
+/// The tokens of a record read from the shared level.
+pub fn grant_of(
+    access: SharedToken,
+    refresh_token: Option<SecretString>,
+    generation: u64,
+) -> Grant {
+    Grant {
+        access: Arc::new(CachedToken::new(
+            access.issued,
+            access.fetched_at,
+            0.0,
+            std::time::Duration::ZERO,
+            0.0,
+        )),
+        refresh_token,
+        generation,
     }
 }
 

@@ -1,0 +1,412 @@
+//! User sessions and pending authorizations in Redis: [`RedisCache`] implements
+//! [`SharedSessions`].
+//!
+//! Keys (`P` is `shared_cache.key_prefix`):
+//!
+//! - `P session:H`, `H` the hex SHA-256 of the handle: the encrypted session, expiring after
+//!   `users.idle_timeout` without a request (each read sets the expiry again, `GETEX`), or
+//!   `deleted` for as long once it was deleted, so no late write brings it back;
+//! - `P session-lock:H`: the refresh lock, as `P lock:K` is for M2M fetches;
+//! - `P pending:S`, `S` the hex SHA-256 of the state with the caller, tenant and environment it
+//!   is for: the encrypted pending authorization, for `users.authorization_timeout`, taken by
+//!   the first redemption;
+//! - `P pending-by:O`, `O` the hex SHA-256 of the caller: a sorted set of that caller's pending
+//!   authorizations by expiry, which bounds them (`users.max_pending_per_caller`) in the fleet.
+//!
+//! Values are sealed like tokens ([`TokenCipher::seal_bytes`]), bound to their Redis key:
+//! `s1:<generation, 16 digits>:<key id>:<ciphertext>` for a session (the store script keeps the
+//! highest generation), `p1:<key id>:<ciphertext>` for an authorization. The ciphertext holds
+//! the owner, the user token's key, the access and refresh tokens or the PKCE verifier.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::Script;
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::cipher::OpenError;
+use super::scripts::{PENDING_START_SCRIPT, PENDING_TAKE_SCRIPT, SESSION_STORE_SCRIPT};
+use super::{Inner, RedisCache, random_hex};
+use crate::broker::{LockToken, SharedCacheError, SharedFuture, SharedToken, TokenKey};
+use crate::idp::{AccessToken, IssuedToken, MAX_LIFETIME};
+use crate::user_tokens::store::HandleId;
+use crate::user_tokens::{
+    PendingAuthorization, PendingId, SessionLookup, SessionRecord, SessionWrite, SharedSessions,
+};
+
+/// The value of a deleted session's key.
+const TOMBSTONE: &[u8] = b"deleted";
+/// Clear fields of a session value before the key id: `s1:` and 16 digits and `:`.
+const SESSION_FIELDS_LEN: usize = 20;
+/// Clear fields of a pending authorization's value before the key id: `p1:`.
+const PENDING_FIELDS_LEN: usize = 3;
+/// Largest value read back; ours are a few kilobytes (tokens are bounded by the IdP client).
+const MAX_VALUE_BYTES: usize = 256 * 1024;
+
+/// The scripts of sessions and pending authorizations, hashed once.
+pub(super) struct SessionScripts {
+    store: Script,
+    start_pending: Script,
+    take_pending: Script,
+}
+
+impl SessionScripts {
+    pub(super) fn new() -> Self {
+        Self {
+            store: Script::new(SESSION_STORE_SCRIPT),
+            start_pending: Script::new(PENDING_START_SCRIPT),
+            take_pending: Script::new(PENDING_TAKE_SCRIPT),
+        }
+    }
+}
+
+/// The encrypted part of a session. No `Debug`: it holds the tokens.
+#[derive(Serialize, Deserialize)]
+struct SealedSession {
+    owner: String,
+    key: SealedKey,
+    access_token: String,
+    token_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_scope: Option<String>,
+    fetched_at_ms: u64,
+    expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    generation: u64,
+}
+
+/// The encrypted part of a pending authorization. No `Debug`: it holds the PKCE verifier.
+#[derive(Serialize, Deserialize)]
+struct SealedPending {
+    owner: String,
+    key: SealedKey,
+    code_verifier: String,
+    redirect_uri: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SealedKey {
+    tenant: String,
+    environment: String,
+    audience: String,
+    scope: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    organization: Option<String>,
+}
+
+impl SealedKey {
+    fn of(key: &TokenKey) -> Self {
+        Self {
+            tenant: key.tenant.to_string(),
+            environment: key.environment.to_string(),
+            audience: key.audience.to_string(),
+            scope: key.scope.as_str().to_owned(),
+            organization: key.organization.as_deref().map(str::to_owned),
+        }
+    }
+
+    fn into_key(self) -> TokenKey {
+        TokenKey::new(&self.tenant, &self.environment, &self.audience, &self.scope)
+            .for_organization(self.organization.map(Arc::from))
+    }
+}
+
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl Inner {
+    fn session_key(&self, id: &HandleId) -> String {
+        format!("{}session:{}", self.prefix, id.to_hex())
+    }
+
+    fn pending_key(&self, id: &PendingId) -> String {
+        format!("{}pending:{}", self.prefix, id.to_hex())
+    }
+
+    fn pending_owner_key(&self, owner: &str) -> String {
+        let owner = hex::encode(Sha256::digest(owner.as_bytes()));
+        format!("{}pending-by:{owner}", self.prefix)
+    }
+
+    fn seal_session(&self, redis_key: &str, record: &SessionRecord) -> String {
+        let access = &record.access;
+        let sealed = SealedSession {
+            owner: record.owner.to_string(),
+            key: SealedKey::of(&record.key),
+            access_token: access.issued.access_token.expose().to_owned(),
+            token_type: access.issued.token_type.clone(),
+            token_scope: access.issued.scope.clone(),
+            fetched_at_ms: unix_millis(access.fetched_at),
+            expires_at_ms: unix_millis(access.expires_at()),
+            refresh_token: record
+                .refresh_token
+                .as_ref()
+                .map(|token| token.expose_secret().to_owned()),
+            generation: record.generation,
+        };
+        let plaintext = serde_json::to_vec(&sealed).expect("a session serialises");
+        let fields = format!("s1:{:016}:", record.generation);
+        self.cipher.seal_bytes(redis_key, &fields, &plaintext)
+    }
+
+    fn open_session(&self, redis_key: &str, value: &[u8]) -> Result<SessionRecord, OpenError> {
+        if value.len() > MAX_VALUE_BYTES || !value.starts_with(b"s1:") {
+            return Err(OpenError::Malformed);
+        }
+        let (fields, plaintext) = self
+            .cipher
+            .open_bytes(redis_key, value, SESSION_FIELDS_LEN)?;
+        let sealed: SealedSession =
+            serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
+        // The script compares the clear generation: it must be the sealed one.
+        if fields != format!("s1:{:016}:", sealed.generation) {
+            return Err(OpenError::Malformed);
+        }
+        let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
+        let (Some(fetched_at), Some(expires_at)) =
+            (at(sealed.fetched_at_ms), at(sealed.expires_at_ms))
+        else {
+            return Err(OpenError::Malformed);
+        };
+        let lifetime = expires_at
+            .duration_since(fetched_at)
+            .unwrap_or(Duration::ZERO);
+        if lifetime > MAX_LIFETIME {
+            return Err(OpenError::Malformed);
+        }
+        Ok(SessionRecord {
+            owner: Arc::from(sealed.owner),
+            key: sealed.key.into_key(),
+            access: SharedToken {
+                issued: IssuedToken {
+                    access_token: AccessToken::new(sealed.access_token),
+                    token_type: sealed.token_type,
+                    lifetime,
+                    scope: sealed.token_scope,
+                },
+                fetched_at,
+            },
+            refresh_token: sealed.refresh_token.map(SecretString::from),
+            generation: sealed.generation,
+        })
+    }
+
+    fn open_pending(
+        &self,
+        redis_key: &str,
+        value: &[u8],
+    ) -> Result<PendingAuthorization, OpenError> {
+        if value.len() > MAX_VALUE_BYTES || !value.starts_with(b"p1:") {
+            return Err(OpenError::Malformed);
+        }
+        let (_, plaintext) = self
+            .cipher
+            .open_bytes(redis_key, value, PENDING_FIELDS_LEN)?;
+        let sealed: SealedPending =
+            serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
+        Ok(PendingAuthorization::new(
+            Arc::from(sealed.owner),
+            sealed.key.into_key(),
+            SecretString::from(sealed.code_verifier),
+            sealed.redirect_uri,
+        ))
+    }
+
+    async fn load_session(
+        &self,
+        id: &HandleId,
+        idle: Duration,
+    ) -> Result<SessionLookup, SharedCacheError> {
+        let redis_key = self.session_key(id);
+        let mut connection = self.connection()?;
+        let mut getex = redis::cmd("GETEX");
+        getex.arg(&redis_key).arg("PX").arg(millis(idle));
+        let value: Option<Vec<u8>> = self.call(getex.query_async(&mut connection)).await?;
+        Ok(match value {
+            None => SessionLookup::Absent,
+            Some(value) if value == TOMBSTONE => SessionLookup::Deleted,
+            Some(value) => match self.open_session(&redis_key, &value) {
+                Ok(record) => SessionLookup::Found(Box::new(record)),
+                Err(error) => {
+                    tracing::warn!(%error, "ignoring an unreadable user session in the shared cache");
+                    SessionLookup::Absent
+                }
+            },
+        })
+    }
+
+    async fn store_session(
+        &self,
+        id: &HandleId,
+        record: &SessionRecord,
+        idle: Duration,
+    ) -> Result<SessionWrite, SharedCacheError> {
+        let redis_key = self.session_key(id);
+        let value = self.seal_session(&redis_key, record);
+        let mut invocation = self.session_scripts.store.key(&redis_key);
+        invocation
+            .arg(value)
+            .arg(format!("{:016}", record.generation))
+            .arg(millis(idle));
+        let mut connection = self.connection()?;
+        let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        Ok(match written {
+            1 => SessionWrite::Stored,
+            -1 => SessionWrite::Deleted,
+            _ => SessionWrite::Superseded,
+        })
+    }
+
+    async fn delete_session(&self, id: &HandleId, idle: Duration) -> Result<(), SharedCacheError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.session_key(id))
+            .arg(TOMBSTONE)
+            .arg("PX")
+            .arg(millis(idle));
+        let mut connection = self.connection()?;
+        self.call(set.query_async::<()>(&mut connection)).await
+    }
+
+    async fn lock_session(&self, id: &HandleId) -> Result<Option<LockToken>, SharedCacheError> {
+        let holder = random_hex();
+        let mut set = redis::cmd("SET");
+        set.arg(format!("{}session-lock:{}", self.prefix, id.to_hex()))
+            .arg(&holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(self.lock_ttl));
+        let mut connection = self.connection()?;
+        let taken: Option<String> = self.call(set.query_async(&mut connection)).await?;
+        Ok(taken.map(|_| LockToken(holder)))
+    }
+
+    async fn unlock_session(&self, id: &HandleId, lock: LockToken) -> Result<(), SharedCacheError> {
+        let mut invocation =
+            self.unlock
+                .key(format!("{}session-lock:{}", self.prefix, id.to_hex()));
+        invocation.arg(lock.0);
+        let mut connection = self.connection()?;
+        self.call(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(drop)
+    }
+
+    async fn start_pending(
+        &self,
+        id: &PendingId,
+        pending: &PendingAuthorization,
+        ttl: Duration,
+        max_per_owner: usize,
+    ) -> Result<bool, SharedCacheError> {
+        let redis_key = self.pending_key(id);
+        let sealed = SealedPending {
+            owner: pending.owner.to_string(),
+            key: SealedKey::of(&pending.key),
+            code_verifier: pending.expose_code_verifier().to_owned(),
+            redirect_uri: pending.redirect_uri.clone(),
+        };
+        let plaintext = serde_json::to_vec(&sealed).expect("an authorization serialises");
+        let value = self.cipher.seal_bytes(&redis_key, "p1:", &plaintext);
+        let mut invocation = self.session_scripts.start_pending.key(&redis_key);
+        invocation
+            .key(self.pending_owner_key(&pending.owner))
+            .arg(value)
+            .arg(millis(ttl))
+            .arg(max_per_owner)
+            .arg(id.to_hex());
+        let mut connection = self.connection()?;
+        let kept: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        Ok(kept == 1)
+    }
+
+    async fn take_pending(
+        &self,
+        id: &PendingId,
+        owner: &str,
+    ) -> Result<Option<PendingAuthorization>, SharedCacheError> {
+        let redis_key = self.pending_key(id);
+        let mut invocation = self.session_scripts.take_pending.key(&redis_key);
+        invocation
+            .key(self.pending_owner_key(owner))
+            .arg(id.to_hex());
+        let mut connection = self.connection()?;
+        let value: Option<Vec<u8>> = self.call(invocation.invoke_async(&mut connection)).await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        match self.open_pending(&redis_key, &value) {
+            Ok(pending) => Ok(Some(pending)),
+            Err(error) => {
+                tracing::warn!(%error, "ignoring an unreadable pending authorization in the shared cache");
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl SharedSessions for RedisCache {
+    fn load_session<'a>(
+        &'a self,
+        id: &'a HandleId,
+        idle: Duration,
+    ) -> SharedFuture<'a, SessionLookup> {
+        Box::pin(self.inner.load_session(id, idle))
+    }
+
+    fn store_session<'a>(
+        &'a self,
+        id: &'a HandleId,
+        record: &'a SessionRecord,
+        idle: Duration,
+    ) -> SharedFuture<'a, SessionWrite> {
+        Box::pin(self.inner.store_session(id, record, idle))
+    }
+
+    fn delete_session<'a>(&'a self, id: &'a HandleId, idle: Duration) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.delete_session(id, idle))
+    }
+
+    fn lock_session<'a>(&'a self, id: &'a HandleId) -> SharedFuture<'a, Option<LockToken>> {
+        Box::pin(self.inner.lock_session(id))
+    }
+
+    fn unlock_session<'a>(&'a self, id: &'a HandleId, lock: LockToken) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.unlock_session(id, lock))
+    }
+
+    fn start_pending<'a>(
+        &'a self,
+        id: &'a PendingId,
+        pending: &'a PendingAuthorization,
+        ttl: Duration,
+        max_per_owner: usize,
+    ) -> SharedFuture<'a, bool> {
+        Box::pin(self.inner.start_pending(id, pending, ttl, max_per_owner))
+    }
+
+    fn take_pending<'a>(
+        &'a self,
+        id: &'a PendingId,
+        owner: &'a str,
+    ) -> SharedFuture<'a, Option<PendingAuthorization>> {
+        Box::pin(self.inner.take_pending(id, owner))
+    }
+
+    fn wait_for_peer(&self) -> Duration {
+        self.inner.wait_for_peer
+    }
+}
