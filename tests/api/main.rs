@@ -36,6 +36,7 @@ mod reload;
 mod request_styles;
 mod resilience;
 mod shared_cache;
+mod shared_sessions;
 mod single_flight;
 mod tls;
 mod upstream_errors;

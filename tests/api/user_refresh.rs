@@ -53,6 +53,43 @@ async fn concurrent_requests_on_a_handle_make_one_refresh() {
 }
 
 #[tokio::test]
+async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    Mock::given(method("POST"))
+        .and(ExactForm::of(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", "acme-production-id"),
+            ("client_secret", ACME_PRODUCTION_SECRET),
+            ("refresh_token", "rt-1"),
+        ]))
+        .respond_with(
+            user_token_body("user-2", 3600, Some("rt-2")).set_delay(Duration::from_millis(300)),
+        )
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    // The caller gives up while the IdP is still answering the refresh.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .get(format!("{}/v1/users/handles/{handle}", app.url))
+        .bearer_auth(BILLING_KEY)
+        .send()
+        .await;
+    assert!(gone.is_err(), "the request should time out");
+    // The refresh went on without it: the rotated token is kept and rt-1 is never sent again.
+    eventually("the refreshed token is served", async || {
+        let answer = app.user_token(&handle, BILLING_KEY).await;
+        answer.status == 200 && answer.token() == "user-2"
+    })
+    .await;
+    app.idp.verify().await;
+}
+
+#[tokio::test]
 async fn a_401_on_refresh_asks_for_reauthorization() {
     let app = spawn_user_app().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;

@@ -1,0 +1,320 @@
+//! User sessions in the shared level: replicas that share a `redis-server` share handles and
+//! pending authorizations, refresh one session once between them, survive a restart, and keep
+//! serving the handles they hold while Redis is down. The IdP is the built-in development IdP,
+//! which rotates refresh tokens and revokes the whole grant when a rotated one is presented again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_json::json;
+use token_broker::dev_idp::{DevClient, DevIdp, DevIdpHandle, DevIdpSettings};
+use tokio::net::TcpListener;
+use wiremock::MockServer;
+
+use crate::helpers::*;
+
+/// The development IdP with acme/production's client, issuing hour-long tokens.
+async fn dev_idp() -> DevIdpHandle {
+    let idp = DevIdp::new(DevIdpSettings {
+        issuer: String::new(),
+        token_lifetime: Duration::from_secs(3600),
+        clients: vec![DevClient {
+            client_id: "acme-production-id".into(),
+            client_secret: SecretString::from(ACME_PRODUCTION_SECRET),
+        }],
+    })
+    .expect("dev IdP settings");
+    idp.serve(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        .await
+        .expect("dev IdP")
+}
+
+/// A stand-in for the wiremock IdP that [`TestApp`] carries; these tests never call it.
+async fn unused_mock() -> Arc<MockServer> {
+    Arc::new(MockServer::start().await)
+}
+
+/// One replica: the standard configuration with acme/production on the dev IdP, user tokens on,
+/// sharing `redis`, plus `extra`.
+async fn replica(
+    idp: &DevIdpHandle,
+    redis: &RedisServer,
+    mock: &Arc<MockServer>,
+    extra: &str,
+) -> TestApp {
+    let base = base_config(&mock.uri());
+    let users = format!(
+        r#"
+        [tenants.acme.environments.production]
+        token_url = "{}"
+        authorize_url = "{}"
+        redirect_uri = "{}"
+        "#,
+        idp.token_url(),
+        idp.authorize_url(),
+        idp.callback_url()
+    );
+    let shared = shared_cache_config(redis);
+    let app = spawn_sharing(mock, &[&base, &users, &shared, extra]).await;
+    app.wait_for_shared_cache(true).await;
+    app
+}
+
+/// Starts an authorization on `starts`, lets the dev IdP answer it, and redeems the code on
+/// `redeems`: the new handle, and the state.
+async fn log_in(starts: &TestApp, redeems: &TestApp) -> (String, String) {
+    let body = json!({ "scope": "offline_access" });
+    let started = starts.authorize("acme/production", BILLING_KEY, body).await;
+    assert_eq!(started.status, 200, "{}", started.body);
+    let url = started.body["authorization_url"].as_str().unwrap();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let answer = browser.get(url).send().await.expect("authorize");
+    assert_eq!(answer.status(), 302);
+    let location = answer.headers()["location"].to_str().unwrap().to_owned();
+    let query = query_fields(&location);
+    let value = |name: &str| {
+        query
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let (code, state) = (value("code"), value("state"));
+    let created = redeems
+        .create_session("acme/production", BILLING_KEY, &code, &state)
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    (created.body["handle"].as_str().unwrap().to_owned(), state)
+}
+
+/// `GET` on the handle asking for more validity than a two-second-old token has left, so
+/// that it is refreshed, while a token refreshed since is enough.
+fn aged(handle: &str) -> String {
+    format!("{handle}?min_ttl=3598")
+}
+
+/// Lets the tokens of a login or refresh age past [`aged`]'s threshold.
+async fn age_tokens() {
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+}
+
+#[tokio::test]
+async fn two_replicas_refreshing_one_session_at_once_make_one_refresh_and_the_grant_survives() {
+    let redis = RedisServer::start().await;
+    let idp = dev_idp().await;
+    let mock = unused_mock().await;
+    let a = replica(&idp, &redis, &mock, "").await;
+    let b = replica(&idp, &redis, &mock, "").await;
+    let (handle, _) = log_in(&a, &b).await;
+    assert_eq!(idp.token_requests(), 1, "the code exchange");
+
+    for round in 1..=2 {
+        age_tokens().await;
+        let before = idp.token_requests();
+        let path = aged(&handle);
+        let (a1, b1, a2, b2) = tokio::join!(
+            a.user_token(&path, BILLING_KEY),
+            b.user_token(&path, BILLING_KEY),
+            a.user_token(&path, BILLING_KEY),
+            b.user_token(&path, BILLING_KEY),
+        );
+        for answer in [&a1, &b1, &a2, &b2] {
+            assert_eq!(answer.status, 200, "round {round}: {}", answer.body);
+        }
+        assert_eq!(
+            idp.token_requests() - before,
+            1,
+            "round {round}: one refresh for four requests on two replicas"
+        );
+        let tokens: Vec<&str> = [&a1, &b1, &a2, &b2].iter().map(|a| a.token()).collect();
+        assert!(
+            tokens.iter().all(|t| *t == tokens[0]),
+            "round {round}: one token"
+        );
+        let misses = [&a1, &b1, &a2, &b2]
+            .iter()
+            .filter(|a| a.header("x-cache") == Some("miss"))
+            .count();
+        assert_eq!(
+            misses, 1,
+            "round {round}: the refresh is one request's miss"
+        );
+    }
+    // A rotated refresh token presented twice would have revoked the grant: it still works.
+    age_tokens().await;
+    let again = b.user_token(&aged(&handle), BILLING_KEY).await;
+    assert_eq!(again.status, 200, "the grant survives: {}", again.body);
+    assert_eq!(idp.token_requests(), 4, "1 exchange and 3 refreshes");
+}
+
+#[tokio::test]
+async fn a_replica_restarted_between_login_and_token_request_serves_the_handle() {
+    let redis = RedisServer::start().await;
+    let idp = dev_idp().await;
+    let mock = unused_mock().await;
+    let first = replica(&idp, &redis, &mock, "").await;
+    let (handle, _) = log_in(&first, &first).await;
+    let before = first.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(before.status, 200, "{}", before.body);
+    drop(first);
+
+    let restarted = replica(&idp, &redis, &mock, "").await;
+    let after = restarted.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(after.status, 200, "{}", after.body);
+    assert_eq!(after.token(), before.token());
+    assert_eq!(after.header("x-cache"), Some("hit"));
+    assert_eq!(idp.token_requests(), 1, "no new login, no refresh");
+    // And its refresh token came along.
+    age_tokens().await;
+    let refreshed = restarted.user_token(&aged(&handle), BILLING_KEY).await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert_ne!(refreshed.token(), before.token());
+    assert_eq!(idp.token_requests(), 2);
+}
+
+#[tokio::test]
+async fn replicas_share_authorizations_handles_and_deletions_and_redis_holds_no_secret() {
+    let redis = RedisServer::start().await;
+    let idp = dev_idp().await;
+    let mock = unused_mock().await;
+    let extra = "[users]\nmax_pending_per_caller = 2\n";
+    let a = replica(&idp, &redis, &mock, extra).await;
+    let b = replica(&idp, &redis, &mock, extra).await;
+
+    // Started on one replica, redeemed on the other; the state is good once, anywhere.
+    let (handle, state) = log_in(&a, &b).await;
+    let reused = a
+        .create_session("acme/production", BILLING_KEY, "any-code", &state)
+        .await;
+    assert_eq!(reused.status, 400, "{}", reused.body);
+    let from_a = a.user_token(&handle, BILLING_KEY).await;
+    let from_b = b.user_token(&handle, BILLING_KEY).await;
+    assert_eq!((from_a.status, from_b.status), (200, 200));
+    assert_eq!(from_a.token(), from_b.token());
+    let other_caller = a.user_token(&handle, REPORTS_KEY).await;
+    assert_eq!(other_caller.status, 404, "a handle is its owner's only");
+
+    // users.max_pending_per_caller counts the fleet's pending authorizations.
+    let body = json!({ "scope": "offline_access" });
+    for app in [&a, &b] {
+        let started = app
+            .authorize("acme/production", BILLING_KEY, body.clone())
+            .await;
+        assert_eq!(started.status, 200, "{}", started.body);
+    }
+    let third = a.authorize("acme/production", BILLING_KEY, body).await;
+    assert_eq!(third.status, 429, "{}", third.body);
+
+    // Nothing in Redis names the handle, a state or a token.
+    let mut redis_connection = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut redis_connection)
+        .await
+        .unwrap();
+    assert!(keys.iter().any(|k| k.contains("session:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains("pending:")), "{keys:?}");
+    for key in &keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut redis_connection)
+            .await
+            .unwrap();
+        let value = if kind == "string" {
+            let value: Vec<u8> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut redis_connection)
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&value).into_owned()
+        } else {
+            let members: Vec<String> = redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut redis_connection)
+                .await
+                .unwrap();
+            members.join(" ")
+        };
+        for secret in [handle.as_str(), state.as_str(), from_a.token(), "billing"] {
+            assert!(
+                !key.contains(secret) && !value.contains(secret),
+                "{key} shows a secret or the caller"
+            );
+        }
+    }
+
+    // Deleted on one replica, gone on both.
+    let deleted = b.forget_user(&handle, BILLING_KEY).await;
+    assert_eq!(deleted.status, 204);
+    for app in [&a, &b] {
+        let gone = app.user_token(&handle, BILLING_KEY).await;
+        assert_eq!(gone.status, 404, "{}", gone.body);
+    }
+}
+
+#[tokio::test]
+async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_are_503() {
+    let mut redis = RedisServer::start().await;
+    let port = redis.port();
+    let idp = dev_idp().await;
+    let mock = unused_mock().await;
+    let a = replica(&idp, &redis, &mock, "").await;
+    let b = replica(&idp, &redis, &mock, "").await;
+    let (handle, _) = log_in(&a, &a).await;
+    assert_eq!(a.user_token(&handle, BILLING_KEY).await.status, 200);
+
+    redis.kill();
+    a.wait_for_shared_cache(false).await;
+    let held = a.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(held.status, 200, "held in memory: {}", held.body);
+    age_tokens().await;
+    let refreshed = a.user_token(&aged(&handle), BILLING_KEY).await;
+    assert_eq!(
+        refreshed.status, 200,
+        "refreshed from memory: {}",
+        refreshed.body
+    );
+    assert_eq!(idp.token_requests(), 2);
+    let elsewhere = b.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(elsewhere.status, 503, "never a 404: {}", elsewhere.body);
+    assert_eq!(elsewhere.body["error"], "upstream_unavailable");
+    assert!(elsewhere.header("retry-after").is_some());
+    let not_forgotten = b.forget_user(&handle, BILLING_KEY).await;
+    assert_eq!(
+        not_forgotten.status, 503,
+        "a DELETE that cannot reach Redis says so"
+    );
+
+    // Redis comes back empty: the replica that refreshed writes the rotated refresh token
+    // back, and the other one then serves the handle and refreshes it with that token.
+    let redis = RedisServer::start_on(port).await;
+    a.wait_for_shared_cache(true).await;
+    let mut connection = redis.connection().await;
+    eventually("the session is written back to Redis", async || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*session:*")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        !keys.is_empty()
+    })
+    .await;
+    b.wait_for_shared_cache(true).await;
+    let served = b.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert_eq!(served.token(), refreshed.token());
+    age_tokens().await;
+    let again = b.user_token(&aged(&handle), BILLING_KEY).await;
+    assert_eq!(
+        again.status, 200,
+        "the rotated refresh token was kept: {}",
+        again.body
+    );
+    assert_eq!(idp.token_requests(), 3);
+}
