@@ -11,7 +11,8 @@
 //! - [`idp`]: the IdP token endpoint client and the environment settings it consumes.
 //! - [`broker`]: cache, single flight, refresh ahead, failure policy, replicas; no HTTP.
 //! - [`user_tokens`]: user tokens through the authorization-code flow: state, PKCE, handles.
-//! - [`shared_cache`]: Redis as the cache level shared by replicas, tokens encrypted at rest.
+//! - [`shared_cache`]: Redis as the level shared by replicas (tokens, user sessions), encrypted at
+//!   rest.
 //! - [`auth`]: caller keys and workload tokens (with their issuers' JWKS), allow rules, the
 //!   authenticating extractors.
 //! - [`config`]: loads, layers and validates the configuration into each component's settings.
@@ -40,8 +41,8 @@
 //! | `limits` | |
 //! | `telemetry` | |
 //!
-//! Room is left for what is planned: a session-store trait in `user_tokens` that `shared_cache`
-//! implements.
+//! The shared level is reached through traits of the modules that use it (`broker::SharedCache`,
+//! `user_tokens::SharedSessions`), which `shared_cache` implements, so neither knows Redis.
 //!
 //! No file is longer than 600 lines before its `#[cfg(test)]` module (the same test checks it).
 

@@ -7,6 +7,10 @@
 //! code can be exchanged once; a redemption by anyone else leaves it in place, so another caller
 //! cannot burn it. The PKCE verifier (RFC 7636, S256) never leaves the broker; only its challenge
 //! goes into the URL.
+//!
+//! [`PendingAuthorizations`] keeps them in this replica's memory; with a shared level they are
+//! kept there instead (under a hash of the state and what it is bound to, [`super::shared`]) and
+//! here only while that level cannot be reached.
 
 use std::collections::HashMap;
 use std::fmt;
