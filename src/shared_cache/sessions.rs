@@ -26,6 +26,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::TokenCipher;
 use super::cipher::OpenError;
 use super::scripts::{PENDING_START_SCRIPT, PENDING_TAKE_SCRIPT, SESSION_STORE_SCRIPT};
 use super::{Inner, RedisCache, random_hex};
@@ -141,70 +142,75 @@ impl Inner {
         let owner = hex::encode(Sha256::digest(owner.as_bytes()));
         format!("{}pending-by:{owner}", self.prefix)
     }
+}
 
-    fn seal_session(&self, redis_key: &str, record: &SessionRecord) -> String {
-        let access = &record.access;
-        let sealed = SealedSession {
-            owner: record.owner.to_string(),
-            key: SealedKey::of(&record.key),
-            access_token: access.issued.access_token.expose().to_owned(),
-            token_type: access.issued.token_type.clone(),
-            token_scope: access.issued.scope.clone(),
-            fetched_at_ms: unix_millis(access.fetched_at),
-            expires_at_ms: unix_millis(access.expires_at()),
-            refresh_token: record
-                .refresh_token
-                .as_ref()
-                .map(|token| token.expose_secret().to_owned()),
-            generation: record.generation,
-        };
-        let plaintext = serde_json::to_vec(&sealed).expect("a session serialises");
-        let fields = format!("s1:{:016}:", record.generation);
-        self.cipher.seal_bytes(redis_key, &fields, &plaintext)
+/// The value that stores `record` under the Redis key `redis_key`.
+fn seal_session(cipher: &TokenCipher, redis_key: &str, record: &SessionRecord) -> String {
+    let access = &record.access;
+    let sealed = SealedSession {
+        owner: record.owner.to_string(),
+        key: SealedKey::of(&record.key),
+        access_token: access.issued.access_token.expose().to_owned(),
+        token_type: access.issued.token_type.clone(),
+        token_scope: access.issued.scope.clone(),
+        fetched_at_ms: unix_millis(access.fetched_at),
+        expires_at_ms: unix_millis(access.expires_at()),
+        refresh_token: record
+            .refresh_token
+            .as_ref()
+            .map(|token| token.expose_secret().to_owned()),
+        generation: record.generation,
+    };
+    let plaintext = serde_json::to_vec(&sealed).expect("a session serialises");
+    let fields = format!("s1:{:016}:", record.generation);
+    cipher.seal_bytes(redis_key, &fields, &plaintext)
+}
+
+/// Reads a session value stored under `redis_key`.
+fn open_session(
+    cipher: &TokenCipher,
+    redis_key: &str,
+    value: &[u8],
+) -> Result<SessionRecord, OpenError> {
+    if value.len() > MAX_VALUE_BYTES || !value.starts_with(b"s1:") {
+        return Err(OpenError::Malformed);
     }
-
-    fn open_session(&self, redis_key: &str, value: &[u8]) -> Result<SessionRecord, OpenError> {
-        if value.len() > MAX_VALUE_BYTES || !value.starts_with(b"s1:") {
-            return Err(OpenError::Malformed);
-        }
-        let (fields, plaintext) = self
-            .cipher
-            .open_bytes(redis_key, value, SESSION_FIELDS_LEN)?;
-        let sealed: SealedSession =
-            serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
-        // The script compares the clear generation: it must be the sealed one.
-        if fields != format!("s1:{:016}:", sealed.generation) {
-            return Err(OpenError::Malformed);
-        }
-        let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
-        let (Some(fetched_at), Some(expires_at)) =
-            (at(sealed.fetched_at_ms), at(sealed.expires_at_ms))
-        else {
-            return Err(OpenError::Malformed);
-        };
-        let lifetime = expires_at
-            .duration_since(fetched_at)
-            .unwrap_or(Duration::ZERO);
-        if lifetime > MAX_LIFETIME {
-            return Err(OpenError::Malformed);
-        }
-        Ok(SessionRecord {
-            owner: Arc::from(sealed.owner),
-            key: sealed.key.into_key(),
-            access: SharedToken {
-                issued: IssuedToken {
-                    access_token: AccessToken::new(sealed.access_token),
-                    token_type: sealed.token_type,
-                    lifetime,
-                    scope: sealed.token_scope,
-                },
-                fetched_at,
+    let (fields, plaintext) = cipher.open_bytes(redis_key, value, SESSION_FIELDS_LEN)?;
+    let sealed: SealedSession =
+        serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
+    // The script compares the clear generation: it must be the sealed one.
+    if fields != format!("s1:{:016}:", sealed.generation) {
+        return Err(OpenError::Malformed);
+    }
+    let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
+    let (Some(fetched_at), Some(expires_at)) = (at(sealed.fetched_at_ms), at(sealed.expires_at_ms))
+    else {
+        return Err(OpenError::Malformed);
+    };
+    let lifetime = expires_at
+        .duration_since(fetched_at)
+        .unwrap_or(Duration::ZERO);
+    if lifetime > MAX_LIFETIME {
+        return Err(OpenError::Malformed);
+    }
+    Ok(SessionRecord {
+        owner: Arc::from(sealed.owner),
+        key: sealed.key.into_key(),
+        access: SharedToken {
+            issued: IssuedToken {
+                access_token: AccessToken::new(sealed.access_token),
+                token_type: sealed.token_type,
+                lifetime,
+                scope: sealed.token_scope,
             },
-            refresh_token: sealed.refresh_token.map(SecretString::from),
-            generation: sealed.generation,
-        })
-    }
+            fetched_at,
+        },
+        refresh_token: sealed.refresh_token.map(SecretString::from),
+        generation: sealed.generation,
+    })
+}
 
+impl Inner {
     fn open_pending(
         &self,
         redis_key: &str,
@@ -239,7 +245,7 @@ impl Inner {
         Ok(match value {
             None => SessionLookup::Absent,
             Some(value) if value == TOMBSTONE => SessionLookup::Deleted,
-            Some(value) => match self.open_session(&redis_key, &value) {
+            Some(value) => match open_session(&self.cipher, &redis_key, &value) {
                 Ok(record) => SessionLookup::Found(Box::new(record)),
                 Err(error) => {
                     tracing::warn!(%error, "ignoring an unreadable user session in the shared cache");
@@ -256,7 +262,7 @@ impl Inner {
         idle: Duration,
     ) -> Result<SessionWrite, SharedCacheError> {
         let redis_key = self.session_key(id);
-        let value = self.seal_session(&redis_key, record);
+        let value = seal_session(&self.cipher, &redis_key, record);
         let mut invocation = self.session_scripts.store.key(&redis_key);
         invocation
             .arg(value)
@@ -408,5 +414,83 @@ impl SharedSessions for RedisCache {
 
     fn wait_for_peer(&self) -> Duration {
         self.inner.wait_for_peer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretBox;
+
+    use super::*;
+    use crate::shared_cache::TokenCipher;
+
+    fn cipher() -> TokenCipher {
+        TokenCipher::new(&SecretBox::new(Box::new([7u8; 32])), None)
+    }
+
+    fn record(generation: u64) -> SessionRecord {
+        let key = TokenKey::new("acme", "production", "https://api", "openid offline_access")
+            .for_organization(Some(Arc::from("org_1")));
+        SessionRecord {
+            owner: Arc::from("billing"),
+            key,
+            access: SharedToken {
+                issued: IssuedToken {
+                    access_token: AccessToken::new("user-access-token"),
+                    token_type: "Bearer".into(),
+                    lifetime: Duration::from_secs(3600),
+                    scope: Some("openid".into()),
+                },
+                fetched_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            },
+            refresh_token: Some(SecretString::from("user-refresh-token")),
+            generation,
+        }
+    }
+
+    #[test]
+    fn a_session_value_is_sealed_bound_to_its_key_and_shows_only_its_generation() {
+        let cipher = cipher();
+        let value = seal_session(&cipher, "tb:session:aa", &record(42));
+        assert!(value.starts_with("s1:0000000000000042:"), "{value}");
+        for secret in [
+            "user-access-token",
+            "user-refresh-token",
+            "billing",
+            "acme",
+            "org_1",
+        ] {
+            assert!(!value.contains(secret), "{secret} in {value}");
+        }
+        // The store script reads the generation at string.sub(old, 4, 19).
+        assert!(SESSION_STORE_SCRIPT.contains("string.sub(old, 4, 19)"));
+        assert_eq!(value.get(3..19), Some("0000000000000042"));
+
+        let opened = open_session(&cipher, "tb:session:aa", value.as_bytes()).unwrap();
+        assert_eq!(opened.generation, 42);
+        assert_eq!(&*opened.owner, "billing");
+        assert_eq!(opened.key, record(42).key);
+        assert_eq!(
+            opened.access.issued.access_token.expose(),
+            "user-access-token"
+        );
+        assert_eq!(opened.access.issued.lifetime, Duration::from_secs(3600));
+        assert_eq!(opened.access.fetched_at, record(42).access.fetched_at);
+        let refresh = opened.refresh_token.as_ref().map(|t| t.expose_secret());
+        assert_eq!(refresh, Some("user-refresh-token"));
+        assert!(!format!("{opened:?}").contains("user-"), "{opened:?}");
+
+        // Moved to another session's key, or with its generation edited: not readable.
+        assert!(matches!(
+            open_session(&cipher, "tb:session:bb", value.as_bytes()),
+            Err(OpenError::Inauthentic)
+        ));
+        let edited = value.replacen("s1:0000000000000042", "s1:0000000000000099", 1);
+        assert!(matches!(
+            open_session(&cipher, "tb:session:aa", edited.as_bytes()),
+            Err(OpenError::Inauthentic)
+        ));
+        assert!(open_session(&cipher, "tb:session:aa", b"deleted").is_err());
+        assert!(open_session(&cipher, "tb:session:aa", b"s1:").is_err());
     }
 }

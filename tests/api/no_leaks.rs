@@ -1,5 +1,6 @@
-//! No client secret, caller key, admin or metrics key, or access token reaches a log line (even at
-//! DEBUG, as JSON), the metrics, or an admin answer, whatever traffic went before.
+//! No client secret, caller key, admin or metrics key, access or refresh token, user handle or
+//! state reaches a log line (even at DEBUG, as JSON), the metrics, or an admin answer, whatever
+//! traffic went before, user sessions in the shared cache included.
 
 use std::process::Command;
 
@@ -16,6 +17,8 @@ const METRICS_KEY: &str = "tbk_test-metrics-key";
 const ACCESS_TOKEN: &str = "eyJhbGciOiJub25lIn0.very-secret-access-token.sig";
 /// The broker's own token for fetching workload keys (`bearer_token_file`).
 const KEYS_BEARER_TOKEN: &str = "very-secret-service-account-token";
+/// The refresh token of user sessions.
+const REFRESH_TOKEN: &str = "very-secret-refresh-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
@@ -25,7 +28,11 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         .respond_with(
             ResponseTemplate::new(200)
                 .insert_header("x-ratelimit-remaining", "99")
-                .set_body_json(json!({"access_token": ACCESS_TOKEN, "expires_in": 3600})),
+                .set_body_json(json!({
+                    "access_token": ACCESS_TOKEN,
+                    "expires_in": 3600,
+                    "refresh_token": REFRESH_TOKEN,
+                })),
         )
         .mount(&idp)
         .await;
@@ -75,11 +82,21 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         )
         .replace("[callers.reports]\n", "[callers.reports]\nrate_limit = 1\n")
         + &workload;
+    // User tokens in acme/production, their sessions in Redis.
+    let redis = RedisServer::start().await;
+    let production_secret = format!("client_secret = \"{ACME_PRODUCTION_SECRET}\"\n");
+    let toml = toml.replace(
+        &production_secret,
+        &format!(
+            "{production_secret}authorize_url = \"{AUTHORIZE_URL}\"\nredirect_uri = \"{REDIRECT_URI}\"\n"
+        ),
+    ) + &shared_cache_config(&redis);
     std::fs::write(&config, toml).unwrap();
     let server = spawn(
         Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config)
+            .env(CACHE_KEY_ENV, test_env(CACHE_KEY_ENV).unwrap())
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "debug"),
         false,
@@ -134,6 +151,55 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         .unwrap();
     assert_eq!(compare_and_delete.status(), 204);
 
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("{url}{path}"))
+            .bearer_auth(BILLING_KEY)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let started = answer(
+        post(
+            "/v1/users/acme/production/authorize",
+            json!({"scope": "offline_access"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(started.status, 200, "{}", started.body);
+    let state = started.body["state"].as_str().unwrap().to_owned();
+    let created = answer(
+        post(
+            "/v1/users/acme/production/sessions",
+            json!({"code": "a-code", "state": state}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let handle = created.body["handle"].as_str().unwrap().to_owned();
+    let on_handle = |method: reqwest::Method, query: &str| {
+        send(
+            method,
+            &format!("/v1/users/handles/{handle}{query}"),
+            BILLING_KEY,
+        )
+    };
+    for query in ["", "?min_ttl=3600"] {
+        let token = answer(on_handle(reqwest::Method::GET, query).await.unwrap()).await;
+        assert_eq!(
+            (token.status, token.token()),
+            (200, ACCESS_TOKEN),
+            "{query}"
+        );
+    }
+    let forgotten = on_handle(reqwest::Method::DELETE, "").await.unwrap();
+    assert_eq!(forgotten.status(), 204);
+    let gone = on_handle(reqwest::Method::GET, "").await.unwrap();
+    assert_eq!(gone.status(), 404);
+
     assert_eq!(
         issuer.authorizations().await,
         vec![format!("Bearer {KEYS_BEARER_TOKEN}"); 2],
@@ -147,6 +213,8 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         log.contains(r#""level":"DEBUG""#),
         "logs were at debug level"
     );
+    assert!(log.contains("user session created"), "{log}");
+    assert!(log.contains("refreshed a user token"), "{log}");
     let leaks = [
         ACME_PRODUCTION_SECRET,
         ACME_STAGING_SECRET,
@@ -159,6 +227,9 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         ACCESS_TOKEN,
         "very-secret-access-token",
         KEYS_BEARER_TOKEN,
+        REFRESH_TOKEN,
+        &handle,
+        &state,
         // The signatures: what makes a workload token a credential.
         workload_token.rsplit('.').next().unwrap(),
         refused_token.rsplit('.').next().unwrap(),
