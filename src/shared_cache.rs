@@ -308,26 +308,32 @@ impl Inner {
     }
 
     async fn try_lock(&self, key: &SharedKey) -> Result<Option<LockToken>, SharedCacheError> {
+        self.take_lock(self.lock_key(key)).await
+    }
+
+    /// `SET lock_key <random> NX PX lock_ttl`: the lock, unless another replica holds it.
+    async fn take_lock(&self, lock_key: String) -> Result<Option<LockToken>, SharedCacheError> {
         let holder = random_hex();
         let ttl_ms = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut set = redis::cmd("SET");
+        set.arg(lock_key)
+            .arg(&holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms);
         let mut connection = self.connection()?;
-        let taken: Option<String> = self
-            .call(
-                redis::cmd("SET")
-                    .arg(self.lock_key(key))
-                    .arg(&holder)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .query_async(&mut connection),
-            )
-            .await?;
+        let taken: Option<String> = self.call(set.query_async(&mut connection)).await?;
         Ok(taken.map(|_| LockToken(holder)))
     }
 
-    async fn unlock(&self, key: &SharedKey, lock: LockToken) -> Result<(), SharedCacheError> {
+    /// Releases a lock if it still holds `lock`'s value.
+    async fn release_lock(
+        &self,
+        lock_key: String,
+        lock: LockToken,
+    ) -> Result<(), SharedCacheError> {
         let mut connection = self.connection()?;
-        let mut invocation = self.unlock.key(self.lock_key(key));
+        let mut invocation = self.unlock.key(lock_key);
         invocation.arg(lock.0);
         self.call(invocation.invoke_async::<i64>(&mut connection))
             .await
@@ -554,7 +560,7 @@ impl SharedCache for RedisCache {
     }
 
     fn unlock<'a>(&'a self, key: &'a SharedKey, lock: LockToken) -> SharedFuture<'a, ()> {
-        Box::pin(self.inner.unlock(key, lock))
+        Box::pin(self.inner.release_lock(self.inner.lock_key(key), lock))
     }
 
     fn delete<'a>(&'a self, key: &'a SharedKey, only: Option<TokenDigest>) -> SharedFuture<'a, ()> {

@@ -114,7 +114,8 @@ struct Sealed {
     expires_at_ms: u64,
 }
 
-fn unix_millis(at: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch, as sealed values hold times.
+pub fn unix_millis(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_millis()
@@ -236,18 +237,7 @@ impl TokenCipher {
         let (header, plaintext) = self.open_bytes(redis_key, value, TOKEN_FIELDS_LEN)?;
         let sealed: Sealed =
             serde_json::from_slice(&plaintext).map_err(|_| OpenError::Malformed)?;
-        let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
-        let (Some(fetched_at), Some(expires_at)) =
-            (at(sealed.fetched_at_ms), at(sealed.expires_at_ms))
-        else {
-            return Err(OpenError::Malformed);
-        };
-        let lifetime = expires_at
-            .duration_since(fetched_at)
-            .unwrap_or(Duration::ZERO);
-        if lifetime > MAX_LIFETIME {
-            return Err(OpenError::Malformed);
-        }
+        let (fetched_at, lifetime) = times(sealed.fetched_at_ms, sealed.expires_at_ms)?;
         // The scripts act on the clear fields: they must describe the sealed token.
         if header.get(DIGEST_RANGE) != Some(TokenDigest::of(&sealed.access_token).to_hex().as_str())
             || header.get(FETCHED_AT_RANGE) != Some(fetched_at_field(fetched_at).as_str())
@@ -264,6 +254,22 @@ impl TokenCipher {
             fetched_at,
         })
     }
+}
+
+/// `fetched_at` and the lifetime of a sealed token from its two times, refused when they are
+/// out of range or the lifetime is longer than the IdP client accepts.
+pub fn times(fetched_at_ms: u64, expires_at_ms: u64) -> Result<(SystemTime, Duration), OpenError> {
+    let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
+    let (Some(fetched_at), Some(expires_at)) = (at(fetched_at_ms), at(expires_at_ms)) else {
+        return Err(OpenError::Malformed);
+    };
+    let lifetime = expires_at
+        .duration_since(fetched_at)
+        .unwrap_or(Duration::ZERO);
+    if lifetime > MAX_LIFETIME {
+        return Err(OpenError::Malformed);
+    }
+    Ok((fetched_at, lifetime))
 }
 
 /// What the encryption authenticates besides the plaintext: the Redis key and the clear header.

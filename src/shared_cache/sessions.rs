@@ -19,7 +19,7 @@
 //! the owner, the user token's key, the access and refresh tokens or the PKCE verifier.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::Script;
 use secrecy::{ExposeSecret as _, SecretString};
@@ -27,11 +27,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::TokenCipher;
-use super::cipher::OpenError;
+use super::cipher::{self, OpenError, unix_millis};
 use super::scripts::{PENDING_START_SCRIPT, PENDING_TAKE_SCRIPT, SESSION_STORE_SCRIPT};
-use super::{Inner, RedisCache, random_hex};
+use super::{Inner, RedisCache};
 use crate::broker::{LockToken, SharedCacheError, SharedFuture, SharedToken, TokenKey};
-use crate::idp::{AccessToken, IssuedToken, MAX_LIFETIME};
+use crate::idp::{AccessToken, IssuedToken};
 use crate::user_tokens::store::HandleId;
 use crate::user_tokens::{
     PendingAuthorization, PendingId, SessionLookup, SessionRecord, SessionWrite, SharedSessions,
@@ -115,14 +115,6 @@ impl SealedKey {
     }
 }
 
-fn unix_millis(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis()
-        .try_into()
-        .unwrap_or(u64::MAX)
-}
-
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
@@ -182,17 +174,7 @@ fn open_session(
     if fields != format!("s1:{:016}:", sealed.generation) {
         return Err(OpenError::Malformed);
     }
-    let at = |ms: u64| UNIX_EPOCH.checked_add(Duration::from_millis(ms));
-    let (Some(fetched_at), Some(expires_at)) = (at(sealed.fetched_at_ms), at(sealed.expires_at_ms))
-    else {
-        return Err(OpenError::Malformed);
-    };
-    let lifetime = expires_at
-        .duration_since(fetched_at)
-        .unwrap_or(Duration::ZERO);
-    if lifetime > MAX_LIFETIME {
-        return Err(OpenError::Malformed);
-    }
+    let (fetched_at, lifetime) = cipher::times(sealed.fetched_at_ms, sealed.expires_at_ms)?;
     Ok(SessionRecord {
         owner: Arc::from(sealed.owner),
         key: sealed.key.into_key(),
@@ -287,28 +269,8 @@ impl Inner {
         self.call(set.query_async::<()>(&mut connection)).await
     }
 
-    async fn lock_session(&self, id: &HandleId) -> Result<Option<LockToken>, SharedCacheError> {
-        let holder = random_hex();
-        let mut set = redis::cmd("SET");
-        set.arg(format!("{}session-lock:{}", self.prefix, id.to_hex()))
-            .arg(&holder)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(self.lock_ttl));
-        let mut connection = self.connection()?;
-        let taken: Option<String> = self.call(set.query_async(&mut connection)).await?;
-        Ok(taken.map(|_| LockToken(holder)))
-    }
-
-    async fn unlock_session(&self, id: &HandleId, lock: LockToken) -> Result<(), SharedCacheError> {
-        let mut invocation =
-            self.unlock
-                .key(format!("{}session-lock:{}", self.prefix, id.to_hex()));
-        invocation.arg(lock.0);
-        let mut connection = self.connection()?;
-        self.call(invocation.invoke_async::<i64>(&mut connection))
-            .await
-            .map(drop)
+    fn session_lock_key(&self, id: &HandleId) -> String {
+        format!("{}session-lock:{}", self.prefix, id.to_hex())
     }
 
     async fn start_pending(
@@ -387,11 +349,14 @@ impl SharedSessions for RedisCache {
     }
 
     fn lock_session<'a>(&'a self, id: &'a HandleId) -> SharedFuture<'a, Option<LockToken>> {
-        Box::pin(self.inner.lock_session(id))
+        Box::pin(self.inner.take_lock(self.inner.session_lock_key(id)))
     }
 
     fn unlock_session<'a>(&'a self, id: &'a HandleId, lock: LockToken) -> SharedFuture<'a, ()> {
-        Box::pin(self.inner.unlock_session(id, lock))
+        Box::pin(
+            self.inner
+                .release_lock(self.inner.session_lock_key(id), lock),
+        )
     }
 
     fn start_pending<'a>(
@@ -441,7 +406,7 @@ mod tests {
                     lifetime: Duration::from_secs(3600),
                     scope: Some("openid".into()),
                 },
-                fetched_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+                fetched_at: std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
             },
             refresh_token: Some(SecretString::from("user-refresh-token")),
             generation,
