@@ -29,14 +29,14 @@ mod connection;
 mod scripts;
 mod sessions;
 mod settings;
+mod subscriber;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use rand::Rng as _;
-use redis::aio::{ConnectionManager, PubSubSink, PubSubStream};
+use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 use tokio::sync::mpsc;
 
@@ -56,11 +56,6 @@ use scripts::{DELETE_SCRIPT, STORE_SCRIPT, UNLOCK_SCRIPT};
 
 /// How often the health probe `PING`s Redis.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the subscriber checks its connection.
-const SUBSCRIBER_PING_INTERVAL: Duration = Duration::from_secs(5);
-/// First and longest wait between two subscription attempts.
-const RESUBSCRIBE_BACKOFF: (Duration, Duration) =
-    (Duration::from_millis(100), Duration::from_secs(5));
 /// While the level stays down, how often its cause is logged again.
 const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Announcements buffered between the subscriber and the broker.
@@ -103,6 +98,8 @@ struct Inner {
     session_scripts: sessions::SessionScripts,
     /// `shared_cache.wait_for_peer`, for user sessions' refreshes.
     wait_for_peer: Duration,
+    /// Bumped each time the level answers again after being down.
+    recoveries: tokio::sync::watch::Sender<u64>,
     up: AtomicBool,
     /// When a failure was last logged, so a level that stays down is reported once a minute.
     failure_logged: std::sync::Mutex<Option<std::time::Instant>>,
@@ -111,6 +108,15 @@ struct Inner {
     subscribed: AtomicBool,
     errors: AtomicU64,
     invalidations: AtomicU64,
+}
+
+/// Whether a call is made while the level is marked down.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// Fail at once while marked down (every call but one).
+    UnlessDown,
+    /// Try anyway: a session's refresh lock, whose absence risks more than a timeout costs.
+    EvenIfDown,
 }
 
 fn random_hex() -> String {
@@ -140,6 +146,7 @@ impl RedisCache {
             unlock: Script::new(UNLOCK_SCRIPT),
             session_scripts: sessions::SessionScripts::new(),
             wait_for_peer: settings.wait_for_peer,
+            recoveries: tokio::sync::watch::Sender::new(0),
             // Behind Sentinel the level takes calls once the master is known.
             up: AtomicBool::new(matches!(settings.target, RedisTarget::Url(_))),
             failure_logged: std::sync::Mutex::new(None),
@@ -185,7 +192,17 @@ impl Inner {
         &self,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, SharedCacheError> {
-        if !self.up.load(Ordering::Relaxed) {
+        self.call_as(Attempt::UnlessDown, call).await
+    }
+
+    /// Runs one Redis call within the timeout, even while the level is marked down if `attempt`
+    /// says so.
+    async fn call_as<T>(
+        &self,
+        attempt: Attempt,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, SharedCacheError> {
+        if attempt == Attempt::UnlessDown && !self.up.load(Ordering::Relaxed) {
             return Err(SharedCacheError::Down);
         }
         let error = match tokio::time::timeout(self.timeout, call).await {
@@ -240,20 +257,8 @@ impl Inner {
     fn recover(&self) {
         if !self.up.swap(true, Ordering::Relaxed) {
             tracing::info!(endpoint = %self.endpoint, "shared cache (Redis) answers again; using it");
-        }
-    }
-
-    fn set_subscribed(&self, subscribed: bool, why: &str) {
-        if self.subscribed.swap(subscribed, Ordering::Relaxed) != subscribed {
-            if subscribed {
-                tracing::info!(endpoint = %self.endpoint, channel = %self.channel, "subscribed to shared cache invalidations");
-            } else {
-                tracing::warn!(
-                    endpoint = %self.endpoint,
-                    reason = why,
-                    "not subscribed to shared cache invalidations: other replicas' changes reach this one only at expiry until it resubscribes"
-                );
-            }
+            self.recoveries
+                .send_modify(|count| *count = count.wrapping_add(1));
         }
     }
 
@@ -308,11 +313,16 @@ impl Inner {
     }
 
     async fn try_lock(&self, key: &SharedKey) -> Result<Option<LockToken>, SharedCacheError> {
-        self.take_lock(self.lock_key(key)).await
+        self.take_lock(self.lock_key(key), Attempt::UnlessDown)
+            .await
     }
 
     /// `SET lock_key <random> NX PX lock_ttl`: the lock, unless another replica holds it.
-    async fn take_lock(&self, lock_key: String) -> Result<Option<LockToken>, SharedCacheError> {
+    async fn take_lock(
+        &self,
+        lock_key: String,
+        attempt: Attempt,
+    ) -> Result<Option<LockToken>, SharedCacheError> {
         let holder = random_hex();
         let ttl_ms = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut set = redis::cmd("SET");
@@ -322,7 +332,9 @@ impl Inner {
             .arg("PX")
             .arg(ttl_ms);
         let mut connection = self.connection()?;
-        let taken: Option<String> = self.call(set.query_async(&mut connection)).await?;
+        let taken: Option<String> = self
+            .call_as(attempt, set.query_async(&mut connection))
+            .await?;
         Ok(taken.map(|_| LockToken(holder)))
     }
 
@@ -395,43 +407,6 @@ impl Inner {
         }
         Ok(all)
     }
-
-    /// Parses an announcement; `None` for this process's own and for unknown lines.
-    fn parse(&self, message: &[u8]) -> Option<Invalidation> {
-        let text = std::str::from_utf8(message).ok()?;
-        let mut fields = text.split(' ');
-        let (kind, origin, key) = (fields.next()?, fields.next()?, fields.next()?);
-        if origin == self.origin {
-            return None;
-        }
-        let key = SharedKey::from_hex(key)?;
-        let digest = fields.next().map(TokenDigest::from_hex);
-        match (kind, digest) {
-            ("stored", Some(Some(token))) => Some(Invalidation::Stored { key, token }),
-            ("deleted", None) => Some(Invalidation::Deleted { key, token: None }),
-            ("deleted", Some(Some(token))) => Some(Invalidation::Deleted {
-                key,
-                token: Some(token),
-            }),
-            _ => None,
-        }
-    }
-
-    async fn connect_subscriber(&self) -> Result<(PubSubSink, PubSubStream), SharedCacheError> {
-        let subscribe = async {
-            let endpoint = self.connections.current().ok_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::Io, "the master is not known yet"))
-            })?;
-            let mut pubsub = endpoint.client.get_async_pubsub().await?;
-            pubsub.subscribe(&self.channel).await?;
-            Ok::<_, redis::RedisError>(pubsub.split())
-        };
-        match tokio::time::timeout(self.timeout, subscribe).await {
-            Ok(Ok(split)) => Ok(split),
-            Ok(Err(error)) => Err(SharedCacheError::Backend(error.to_string())),
-            Err(_) => Err(SharedCacheError::Timeout(self.timeout)),
-        }
-    }
 }
 
 /// `PING`s Redis every second to mark the level up or down, until the cache is dropped.
@@ -460,79 +435,6 @@ async fn probe(inner: Weak<Inner>) {
             Ok(Ok(())) => inner.recover(),
             Ok(Err(error)) => inner.fail(&SharedCacheError::Backend(error.to_string())),
             Err(_) => inner.fail(&SharedCacheError::Timeout(inner.timeout)),
-        }
-    }
-}
-
-/// Keeps a subscription to the invalidation channel and forwards other replicas' announcements
-/// to `events`, reconnecting with backoff, until the receiver is dropped.
-async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidation>) {
-    let mut backoff = RESUBSCRIBE_BACKOFF.0;
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        // Taken before subscribing, so a master change during the subscription is not missed.
-        let switches = strong.connections.switches();
-        match strong.connect_subscriber().await {
-            Ok((sink, stream)) => {
-                strong.set_subscribed(true, "");
-                backoff = RESUBSCRIBE_BACKOFF.0;
-                // Announcements sent before this subscription may have been missed.
-                if events.send(Invalidation::Resubscribed).await.is_err() {
-                    return;
-                }
-                let lost = forward(&strong, sink, stream, switches, &events).await;
-                if events.is_closed() {
-                    return;
-                }
-                strong.set_subscribed(false, lost);
-            }
-            Err(error) => strong.set_subscribed(false, &error.to_string()),
-        }
-        drop(strong);
-        // Full jitter, so replicas do not reconnect in step after a Redis restart.
-        let wait = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
-        tokio::select! {
-            () = events.closed() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        backoff = (backoff * 2).min(RESUBSCRIBE_BACKOFF.1);
-    }
-}
-
-/// Forwards announcements until the connection is lost (the reason is returned) or the
-/// receiver is dropped.
-async fn forward(
-    inner: &Inner,
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
-    mut switches: tokio::sync::watch::Receiver<u64>,
-    events: &mpsc::Sender<Invalidation>,
-) -> &'static str {
-    let mut pings = tokio::time::interval(SUBSCRIBER_PING_INTERVAL);
-    pings.tick().await;
-    loop {
-        tokio::select! {
-            () = events.closed() => return "shutting down",
-            _ = switches.changed() => return "the master moved (a failover)",
-            message = stream.next() => {
-                let Some(message) = message else {
-                    return "connection closed";
-                };
-                if let Some(event) = inner.parse(message.get_payload_bytes()) {
-                    inner.invalidations.fetch_add(1, Ordering::Relaxed);
-                    if events.send(event).await.is_err() {
-                        return "shutting down";
-                    }
-                }
-            }
-            _ = pings.tick() => {
-                let ping = sink.ping::<redis::Value>();
-                if !matches!(tokio::time::timeout(inner.timeout, ping).await, Ok(Ok(_))) {
-                    return "no answer to PING";
-                }
-            }
         }
     }
 }
@@ -569,7 +471,7 @@ impl SharedCache for RedisCache {
 
     fn subscribe(&self) -> mpsc::Receiver<Invalidation> {
         let (sender, receiver) = mpsc::channel(INVALIDATION_QUEUE);
-        tokio::spawn(subscribe(Arc::downgrade(&self.inner), sender));
+        tokio::spawn(subscriber::subscribe(Arc::downgrade(&self.inner), sender));
         receiver
     }
 

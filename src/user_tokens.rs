@@ -84,9 +84,10 @@ pub enum UserError {
         /// The configured bound.
         max: usize,
     },
-    /// The shared level cannot be reached, and this replica does not hold the handle or state.
+    /// The shared level cannot be reached, and this replica cannot answer without it (it does
+    /// not hold the handle or state, or the request changes what the level holds).
     #[error(
-        "the shared cache (Redis) that holds user sessions cannot be reached and this replica does not hold this one; retry after the seconds in Retry-After"
+        "the shared cache (Redis) that holds user sessions cannot be reached; retry after the seconds in Retry-After"
     )]
     SharedUnavailable {
         /// When to try again.
@@ -137,25 +138,29 @@ struct Inner {
 
 impl UserTokens {
     /// An empty service; tokens are handed out with at least `min_remaining` left, as the
-    /// broker's. With `shared`, sessions and authorizations are kept there.
+    /// broker's. With `shared`, sessions and authorizations are kept there (and this must run
+    /// inside a Tokio runtime).
     pub fn new(
         settings: &UserSettings,
         min_remaining: Duration,
         idp: IdpClient,
         shared: Option<Arc<dyn SharedSessions>>,
     ) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                idp,
-                pending: PendingAuthorizations::new(settings),
-                sessions: SessionStore::new(settings),
-                shared,
-                min_remaining,
-                max_pending_per_caller: settings.max_pending_per_caller,
-                authorization_timeout: settings.authorization_timeout,
-                idle_timeout: settings.idle_timeout,
-            }),
+        let with_shared = shared.is_some();
+        let inner = Arc::new(Inner {
+            idp,
+            pending: PendingAuthorizations::new(settings),
+            sessions: SessionStore::new(settings),
+            shared,
+            min_remaining,
+            max_pending_per_caller: settings.max_pending_per_caller,
+            authorization_timeout: settings.authorization_timeout,
+            idle_timeout: settings.idle_timeout,
+        });
+        if with_shared {
+            tokio::spawn(fleet::write_back_on_recovery(Arc::downgrade(&inner)));
         }
+        Self { inner }
     }
 
     /// Starts an authorization for `owner` and the user token `key`.
@@ -400,7 +405,10 @@ impl UserTokens {
     pub async fn forget(&self, owner: &str, handle: &str) -> Result<bool, UserError> {
         let session = match self.session(owner, handle).await {
             Ok(session) => session,
-            Err(UserError::UnknownHandle) => return Ok(false),
+            Err(UserError::UnknownHandle) => {
+                self.forget_absent(&HandleId::of(handle)).await?;
+                return Ok(false);
+            }
             Err(error) => return Err(error),
         };
         self.forget_session(&session).await?;
@@ -409,8 +417,10 @@ impl UserTokens {
 
     /// Forgets `session` and starts a new authorization for the same caller and user token.
     async fn reauthorize(&self, session: &Session, environment: &EnvironmentSettings) -> UserError {
-        if let Err(error) = self.forget_session(session).await {
-            tracing::warn!(%error, "a refused session could not be deleted from the shared cache");
+        if self.forget_session(session).await.is_err() {
+            // Its refresh token is dead anyway: forgotten here, and refused everywhere else.
+            session.mark_forgotten();
+            self.inner.sessions.remove(&session.id()).await;
         }
         let owner = Arc::from(session.owner());
         match self.start(owner, session.key().clone(), environment).await {

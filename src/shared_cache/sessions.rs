@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 use super::TokenCipher;
 use super::cipher::{self, OpenError, unix_millis};
 use super::scripts::{PENDING_START_SCRIPT, PENDING_TAKE_SCRIPT, SESSION_STORE_SCRIPT};
-use super::{Inner, RedisCache};
+use super::{Attempt, Inner, RedisCache};
 use crate::broker::{LockToken, SharedCacheError, SharedFuture, SharedToken, TokenKey};
 use crate::idp::{AccessToken, IssuedToken};
 use crate::user_tokens::store::HandleId;
@@ -259,14 +259,24 @@ impl Inner {
         })
     }
 
-    async fn delete_session(&self, id: &HandleId, idle: Duration) -> Result<(), SharedCacheError> {
+    async fn delete_session(
+        &self,
+        id: &HandleId,
+        idle: Duration,
+        if_absent: bool,
+    ) -> Result<(), SharedCacheError> {
         let mut set = redis::cmd("SET");
         set.arg(self.session_key(id))
             .arg(TOMBSTONE)
             .arg("PX")
             .arg(millis(idle));
+        if if_absent {
+            set.arg("NX");
+        }
         let mut connection = self.connection()?;
-        self.call(set.query_async::<()>(&mut connection)).await
+        self.call(set.query_async::<redis::Value>(&mut connection))
+            .await
+            .map(drop)
     }
 
     fn session_lock_key(&self, id: &HandleId) -> String {
@@ -344,12 +354,20 @@ impl SharedSessions for RedisCache {
         Box::pin(self.inner.store_session(id, record, idle))
     }
 
-    fn delete_session<'a>(&'a self, id: &'a HandleId, idle: Duration) -> SharedFuture<'a, ()> {
-        Box::pin(self.inner.delete_session(id, idle))
+    fn delete_session<'a>(
+        &'a self,
+        id: &'a HandleId,
+        idle: Duration,
+        if_absent: bool,
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.delete_session(id, idle, if_absent))
     }
 
     fn lock_session<'a>(&'a self, id: &'a HandleId) -> SharedFuture<'a, Option<LockToken>> {
-        Box::pin(self.inner.take_lock(self.inner.session_lock_key(id)))
+        Box::pin(
+            self.inner
+                .take_lock(self.inner.session_lock_key(id), Attempt::EvenIfDown),
+        )
     }
 
     fn unlock_session<'a>(&'a self, id: &'a HandleId, lock: LockToken) -> SharedFuture<'a, ()> {
@@ -379,6 +397,10 @@ impl SharedSessions for RedisCache {
 
     fn wait_for_peer(&self) -> Duration {
         self.inner.wait_for_peer
+    }
+
+    fn recoveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.recoveries.subscribe()
     }
 }
 

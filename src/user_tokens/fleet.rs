@@ -6,26 +6,39 @@
 //! session's lock in the shared level, reads the session again (another replica may have just
 //! refreshed it), asks the IdP only when the token is still too old, and writes the rotated
 //! refresh token before the new access token is handed out. A replica that finds the lock taken
-//! waits for the holder's write (at most `shared_cache.wait_for_peer`) instead of presenting the
-//! same refresh token a second time, which the IdP would take for reuse.
+//! waits for the holder's write (at most `shared_cache.wait_for_peer`) and never refreshes on
+//! its own after that, since it would present the refresh token the holder is rotating, which
+//! the IdP takes for reuse.
 //!
 //! While the level does not answer, a session this replica holds is served and refreshed from
-//! memory, and its writes are retried in the background until they land; a session it does not
-//! hold is a 503, never a 404, since the caller would log its user out.
+//! memory; the tokens a write could not store are kept (beyond the store's bounds) and written
+//! again by a task of the session's own, and every session held is written back as soon as the
+//! level answers again, so that the others read the rotated refresh token, and a level that lost
+//! its data (a restart without persistence) gets it back. A session this replica does not hold
+//! is a 503 meanwhile, never a 404, since the caller would log its user out.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::shared::{SessionLookup, SessionWrite, SharedSessions};
+use super::shared::{SessionLookup, SessionRecord, SessionWrite, SharedSessions};
 use super::store::{Grant, HandleId, Session, grant_of};
-use super::{SHARED_RETRY_AFTER, UserError, UserTokens, servable};
+use super::{Inner, SHARED_RETRY_AFTER, UserError, UserTokens, servable};
 use crate::broker::{CacheStatus, Lease, LockToken};
 use crate::idp::EnvironmentSettings;
 
 /// How often a replica waiting for another one's refresh looks again.
 const PEER_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// First and longest wait between two attempts to write a session that could not be written.
-const SAVE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+/// Short: the other replicas read the older refresh token until the write lands.
+const WRITE_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
+/// How long the tombstone of a `DELETE` of a handle the shared level did not hold lives.
+const ABSENT_TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+
+fn unavailable() -> UserError {
+    UserError::SharedUnavailable {
+        retry_after: SHARED_RETRY_AFTER,
+    }
+}
 
 impl UserTokens {
     fn shared(&self) -> Option<&Arc<dyn SharedSessions>> {
@@ -48,23 +61,21 @@ impl UserTokens {
                 }
                 let Some(session) = local else {
                     let session = Arc::new(Session::from_record(id, *record));
-                    self.inner.sessions.insert(Arc::clone(&session)).await;
-                    return Ok(Some(session));
+                    return Ok(Some(self.inner.sessions.insert_or_get(session).await));
                 };
                 let mut grant = session.grant().await;
                 if record.generation > grant.generation {
                     let generation = record.generation;
                     *grant = grant_of(record.access, record.refresh_token, generation);
                     session.mark_saved(generation);
-                    drop(grant);
                 } else if record.generation < grant.generation {
-                    // This replica refreshed while its write failed: write it again.
-                    drop(grant);
-                    self.retry_save(Arc::clone(&session), None);
+                    // This replica refreshed while its write failed: write it now, before any
+                    // other replica refreshes with the older refresh token.
+                    self.save(&session, &grant, None).await;
                 } else {
                     session.mark_saved(record.generation);
-                    drop(grant);
                 }
+                drop(grant);
                 Ok(Some(session))
             }
             Ok(SessionLookup::Deleted) => {
@@ -100,9 +111,7 @@ impl UserTokens {
                 }
                 None => {
                     tracing::warn!(%error, "a user session could not be looked up in the shared cache");
-                    Err(UserError::SharedUnavailable {
-                        retry_after: SHARED_RETRY_AFTER,
-                    })
+                    Err(unavailable())
                 }
             },
         }
@@ -131,16 +140,20 @@ impl UserTokens {
         };
         let id = session.id();
         let deadline = Instant::now() + shared.wait_for_peer();
+        // Once another replica is seen refreshing, this one never refreshes without the lock.
+        let mut peer_refreshing = false;
         loop {
             let lock = match shared.lock_session(&id).await {
                 Ok(lock) => lock,
-                Err(error) => {
+                Err(error) if !peer_refreshing => {
                     tracing::debug!(%error, "shared cache unreachable; refreshing a user token from memory");
                     return self
                         .refresh_and_save(session, &mut grant, environment, required, None)
                         .await;
                 }
+                Err(_) => None,
             };
+            peer_refreshing |= lock.is_none();
             match shared.load_session(&id, self.inner.idle_timeout).await {
                 Ok(SessionLookup::Found(record)) if record.generation > grant.generation => {
                     let generation = record.generation;
@@ -154,13 +167,15 @@ impl UserTokens {
                     return Err(UserError::UnknownHandle);
                 }
                 Ok(_) => {}
-                Err(error) if lock.is_none() => {
-                    tracing::debug!(%error, "shared cache unreachable; refreshing a user token from memory");
-                    return self
-                        .refresh_and_save(session, &mut grant, environment, required, None)
-                        .await;
+                Err(error) => {
+                    // A refresh could not tell whether another replica rotated the refresh
+                    // token meanwhile: not worth the grant.
+                    tracing::debug!(%error, "a user session could not be read again before its refresh");
+                    if lock.is_some() {
+                        self.release(&shared, &id, lock).await;
+                        return Err(unavailable());
+                    }
                 }
-                Err(_) => {}
             }
             // Another replica's refresh counts as a hit: this one did not ask the IdP.
             if let Some(lease) = servable(&grant, required, started, CacheStatus::Hit) {
@@ -211,8 +226,9 @@ impl UserTokens {
     }
 
     /// Writes `grant` (which `session` holds) to the shared level and then releases `lock`;
-    /// on failure keeps it in memory and retries in the background, releasing `lock` after the
-    /// write. `false` when the session was deleted there meanwhile (it is forgotten here too).
+    /// on failure keeps the tokens to write them again in the background (releasing `lock` only
+    /// once they are written: until then it expires by itself). `false` when the session was
+    /// deleted there meanwhile (it is forgotten here too).
     pub(super) async fn save(
         &self,
         session: &Arc<Session>,
@@ -223,13 +239,13 @@ impl UserTokens {
             return true;
         };
         let id = session.id();
-        let record = session.record(grant);
+        let record = Arc::new(session.record(grant));
         match shared
             .store_session(&id, &record, self.inner.idle_timeout)
             .await
         {
             Ok(SessionWrite::Stored | SessionWrite::Superseded) => {
-                session.mark_saved(grant.generation);
+                session.mark_saved(record.generation);
                 self.release(&shared, &id, lock).await;
                 true
             }
@@ -244,62 +260,104 @@ impl UserTokens {
                     %error,
                     tenant = %session.key().tenant,
                     environment = %session.key().environment,
-                    "a user session could not be written to the shared cache; this replica keeps it and retries"
+                    "a user session could not be written to the shared cache; this replica keeps it and writes it again"
                 );
-                self.retry_save(Arc::clone(session), lock);
+                session.keep_unwritten(record);
+                self.inner.sessions.hold_unwritten(session);
+                self.write_later(Arc::clone(session), lock);
                 true
             }
         }
     }
 
-    /// Retries writing `session` until the write lands, a newer write or a deletion makes it
-    /// moot, or the session would have gone idle; then releases `lock`. One task per session.
-    pub(super) fn retry_save(&self, session: Arc<Session>, lock: Option<LockToken>) {
+    /// Writes the session's unwritten tokens until they land, a newer write or a deletion makes
+    /// them moot, or the session would have gone idle; then releases `lock`. One task per
+    /// session; it never waits for the session's grant, so a refresh never waits for it.
+    fn write_later(&self, session: Arc<Session>, lock: Option<LockToken>) {
         let Some(shared) = self.shared().cloned() else {
             return;
         };
-        if !session.claim_saving() {
-            // The running task writes the latest tokens; this lock simply expires.
+        if !session.claim_writing() {
+            // The running task writes the latest tokens; this lock expires by itself.
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
             let give_up = Instant::now() + this.inner.idle_timeout;
-            let mut wait = SAVE_BACKOFF.0;
-            while Instant::now() < give_up && !session.is_forgotten() {
+            let mut wait = WRITE_BACKOFF.0;
+            loop {
                 tokio::time::sleep(wait).await;
-                let record = {
-                    let grant = session.grant().await;
-                    if !session.unsaved(grant.generation) {
-                        break;
+                if this.write_unwritten(&shared, &session).await.is_err() {
+                    if Instant::now() < give_up && !session.is_forgotten() {
+                        wait = (wait * 2).min(WRITE_BACKOFF.1);
+                        continue;
                     }
-                    session.record(&grant)
-                };
-                let id = session.id();
-                match shared
-                    .store_session(&id, &record, this.inner.idle_timeout)
-                    .await
-                {
-                    Ok(SessionWrite::Stored | SessionWrite::Superseded) => {
-                        session.mark_saved(record.generation);
-                        tracing::info!(
-                            tenant = %session.key().tenant,
-                            environment = %session.key().environment,
-                            "a user session kept in memory is written to the shared cache again"
-                        );
-                        break;
-                    }
-                    Ok(SessionWrite::Deleted) => {
-                        session.mark_forgotten();
-                        this.inner.sessions.remove(&id).await;
-                        break;
-                    }
-                    Err(_) => wait = (wait * 2).min(SAVE_BACKOFF.1),
+                    tracing::warn!(
+                        tenant = %session.key().tenant,
+                        environment = %session.key().environment,
+                        "gave up writing a user session to the shared cache after users.idle_timeout"
+                    );
+                    session.release_writing();
+                    break;
                 }
+                session.release_writing();
+                // Tokens kept after the last look, before the claim was released, are this
+                // task's still: nobody else would write them.
+                if session.unwritten().is_none()
+                    || session.is_forgotten()
+                    || !session.claim_writing()
+                {
+                    break;
+                }
+                wait = WRITE_BACKOFF.0;
             }
-            session.release_saving();
+            this.inner.sessions.written(&session.id());
             this.release(&shared, &session.id(), lock).await;
         });
+    }
+
+    /// Writes the latest unwritten tokens of `session`, and any newer that arrive meanwhile;
+    /// `Err` while the level does not take them.
+    async fn write_unwritten(
+        &self,
+        shared: &Arc<dyn SharedSessions>,
+        session: &Arc<Session>,
+    ) -> Result<(), ()> {
+        while let Some(record) = session.unwritten() {
+            if session.is_forgotten() {
+                return Ok(());
+            }
+            match self.write_record(shared, session, &record).await {
+                Some(()) => {}
+                None => return Err(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `record` of `session`; `None` when the level did not answer.
+    async fn write_record(
+        &self,
+        shared: &Arc<dyn SharedSessions>,
+        session: &Session,
+        record: &SessionRecord,
+    ) -> Option<()> {
+        let id = session.id();
+        match shared
+            .store_session(&id, record, self.inner.idle_timeout)
+            .await
+        {
+            Ok(SessionWrite::Stored | SessionWrite::Superseded) => {
+                session.mark_saved(record.generation);
+                Some(())
+            }
+            Ok(SessionWrite::Deleted) => {
+                session.mark_forgotten();
+                self.inner.sessions.remove(&id).await;
+                Some(())
+            }
+            Err(_) => None,
+        }
     }
 
     /// Releases `lock` when there is one; a failure only means it expires by itself.
@@ -316,21 +374,85 @@ impl UserTokens {
         }
     }
 
-    /// Forgets `session` here and deletes it from the shared level, so no replica serves it.
+    /// Deletes `session` from the shared level (a tombstone, so no replica serves it and no
+    /// late write brings it back), then forgets it here. When the level cannot be reached it is
+    /// kept here and the caller gets a 503 to retry.
     pub(super) async fn forget_session(&self, session: &Session) -> Result<(), UserError> {
+        if let Some(shared) = self.shared() {
+            let id = session.id();
+            shared
+                .delete_session(&id, self.inner.idle_timeout, false)
+                .await
+                .map_err(|error| {
+                    tracing::warn!(%error, "a user session could not be deleted from the shared cache");
+                    unavailable()
+                })?;
+        }
         session.mark_forgotten();
         self.inner.sessions.remove(&session.id()).await;
+        Ok(())
+    }
+
+    /// Leaves a tombstone for a handle the shared level holds nothing for (not for another
+    /// caller's session), so that a replica's first write of it, still to land, cannot create
+    /// it after its owner deleted it. For an hour only: any caller can ask for these.
+    pub(super) async fn forget_absent(&self, id: &HandleId) -> Result<(), UserError> {
         let Some(shared) = self.shared() else {
             return Ok(());
         };
-        shared
-            .delete_session(&session.id(), self.inner.idle_timeout)
-            .await
-            .map_err(|error| {
-                tracing::warn!(%error, "a user session could not be deleted from the shared cache");
-                UserError::SharedUnavailable {
-                    retry_after: SHARED_RETRY_AFTER,
-                }
-            })
+        let ttl = ABSENT_TOMBSTONE_TTL.min(self.inner.idle_timeout);
+        shared.delete_session(id, ttl, true).await.map_err(|error| {
+            tracing::warn!(%error, "a user session could not be deleted from the shared cache");
+            unavailable()
+        })
+    }
+}
+
+/// Writes back every session this replica holds each time the shared level answers again, until
+/// the service is dropped: the level may have lost them, or missed this replica's refreshes.
+pub(super) async fn write_back_on_recovery(inner: Weak<Inner>) {
+    let Some(mut recoveries) = inner
+        .upgrade()
+        .and_then(|inner| inner.shared.as_ref().map(|shared| shared.recoveries()))
+    else {
+        return;
+    };
+    while recoveries.changed().await.is_ok() {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let this = UserTokens { inner };
+        let Some(shared) = this.shared().cloned() else {
+            return;
+        };
+        let (mut written, mut unreachable) = (0u64, false);
+        for session in this.inner.sessions.all() {
+            if session.is_forgotten() {
+                continue;
+            }
+            // The latest tokens: those a failed write kept, else the grant's (unless a refresh
+            // holds it: that refresh writes its own).
+            let record = match session.unwritten() {
+                Some(record) => record,
+                None => match session.try_grant() {
+                    Some(grant) => Arc::new(session.record(&grant)),
+                    None => continue,
+                },
+            };
+            if this
+                .write_record(&shared, &session, &record)
+                .await
+                .is_none()
+            {
+                unreachable = true;
+                break;
+            }
+            written = written.saturating_add(1);
+        }
+        tracing::info!(
+            sessions = written,
+            complete = !unreachable,
+            "user sessions held in memory written back to the shared cache"
+        );
     }
 }

@@ -112,11 +112,18 @@ pub trait SharedSessions: Send + Sync {
         idle: Duration,
     ) -> SharedFuture<'a, SessionWrite>;
 
-    /// Deletes the session of `id`, leaving a tombstone for `idle`.
-    fn delete_session<'a>(&'a self, id: &'a HandleId, idle: Duration) -> SharedFuture<'a, ()>;
+    /// Deletes the session of `id`, leaving a tombstone for `ttl`; with `if_absent`, only
+    /// when nothing is stored under `id` (so that a write still to land cannot create it).
+    fn delete_session<'a>(
+        &'a self,
+        id: &'a HandleId,
+        ttl: Duration,
+        if_absent: bool,
+    ) -> SharedFuture<'a, ()>;
 
     /// Takes the refresh lock of `id` for at most `shared_cache.lock_ttl`; `None` when another
-    /// replica holds it.
+    /// replica holds it. Tried even while the level is marked down after a failure: a refresh
+    /// without the lock is a risk worth one more timeout.
     fn lock_session<'a>(&'a self, id: &'a HandleId) -> SharedFuture<'a, Option<LockToken>>;
 
     /// Releases a refresh lock this replica holds.
@@ -141,4 +148,8 @@ pub trait SharedSessions: Send + Sync {
 
     /// How long to wait for another replica's refresh (`shared_cache.wait_for_peer`).
     fn wait_for_peer(&self) -> Duration;
+
+    /// Counts the times the level answered again after being down: each is a moment to write
+    /// back what it may have lost, or never received.
+    fn recoveries(&self) -> tokio::sync::watch::Receiver<u64>;
 }

@@ -11,6 +11,7 @@
 //! sessions this replica has served, as they were last seen, so that they can still be served
 //! and refreshed while the shared level is unreachable.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -101,8 +102,11 @@ pub struct Session {
     grant: Mutex<Grant>,
     /// The highest generation known to be in the shared level.
     saved: AtomicU64,
+    /// The latest record whose write to the shared level failed, until a write lands. Kept
+    /// outside the grant's mutex, so that the task retrying it never waits for a refresh.
+    unwritten: std::sync::Mutex<Option<Arc<SessionRecord>>>,
     /// A task is retrying the write of this session to the shared level.
-    saving: AtomicBool,
+    writing: AtomicBool,
     /// Forgotten on request or refused by the IdP: no write may bring it back.
     forgotten: AtomicBool,
 }
@@ -116,7 +120,8 @@ impl Session {
             key,
             grant: Mutex::new(grant),
             saved: AtomicU64::new(0),
-            saving: AtomicBool::new(false),
+            unwritten: std::sync::Mutex::new(None),
+            writing: AtomicBool::new(false),
             forgotten: AtomicBool::new(false),
         }
     }
@@ -154,9 +159,22 @@ impl Session {
         }
     }
 
-    /// Records that generation `generation` is in the shared level.
+    /// Records that `generation` is in the shared level; a record still to be written that
+    /// is no newer is then moot.
     pub fn mark_saved(&self, generation: u64) {
         self.saved.fetch_max(generation, Ordering::Relaxed);
+        let mut unwritten = self.unwritten_slot();
+        if unwritten
+            .as_ref()
+            .is_some_and(|record| record.generation <= generation)
+        {
+            *unwritten = None;
+        }
+    }
+
+    /// Whether generation `generation` is known to be in the shared level.
+    pub fn is_saved(&self, generation: u64) -> bool {
+        self.saved.load(Ordering::Relaxed) >= generation
     }
 
     /// Forgets what was written, so that the next write stores the session again.
@@ -164,19 +182,36 @@ impl Session {
         self.saved.store(0, Ordering::Relaxed);
     }
 
-    /// Whether generation `generation` still has to be written to the shared level.
-    pub fn unsaved(&self, generation: u64) -> bool {
-        self.saved.load(Ordering::Relaxed) < generation
+    /// Keeps `record` to be written again, unless a newer one is kept already.
+    pub fn keep_unwritten(&self, record: Arc<SessionRecord>) {
+        let mut unwritten = self.unwritten_slot();
+        if unwritten
+            .as_ref()
+            .is_none_or(|kept| kept.generation <= record.generation)
+        {
+            *unwritten = Some(record);
+        }
     }
 
-    /// Claims the one retry task of this session; `false` when one runs already.
-    pub fn claim_saving(&self) -> bool {
-        !self.saving.swap(true, Ordering::AcqRel)
+    /// The latest record still to be written.
+    pub fn unwritten(&self) -> Option<Arc<SessionRecord>> {
+        self.unwritten_slot().clone()
     }
 
-    /// Ends the retry task's claim.
-    pub fn release_saving(&self) {
-        self.saving.store(false, Ordering::Release);
+    fn unwritten_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<SessionRecord>>> {
+        self.unwritten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Claims the one task that writes this session again; `false` when one runs already.
+    pub fn claim_writing(&self) -> bool {
+        !self.writing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Ends the writing task's claim.
+    pub fn release_writing(&self) {
+        self.writing.store(false, Ordering::Release);
     }
 
     /// Marks the session forgotten, so that no later write stores it again.
@@ -207,6 +242,11 @@ impl Session {
     /// The tokens, locked: one holder at a time, so one refresh at a time.
     pub async fn grant(&self) -> tokio::sync::MutexGuard<'_, Grant> {
         self.grant.lock().await
+    }
+
+    /// The tokens, if nobody holds them now (a refresh under way).
+    pub fn try_grant(&self) -> Option<tokio::sync::MutexGuard<'_, Grant>> {
+        self.grant.try_lock().ok()
     }
 }
 
@@ -241,6 +281,9 @@ pub fn grant_of(
 /// Sessions by handle id, in memory.
 pub struct SessionStore {
     sessions: Cache<HandleId, Arc<Session>>,
+    /// Sessions whose latest tokens are not in the shared level yet, kept even when `sessions`
+    /// forgets them, so that this replica never goes back to an older refresh token.
+    unwritten: std::sync::Mutex<HashMap<HandleId, Arc<Session>>>,
 }
 
 impl SessionStore {
@@ -250,7 +293,10 @@ impl SessionStore {
             .max_capacity(settings.max_sessions)
             .time_to_idle(settings.idle_timeout)
             .build();
-        Self { sessions }
+        Self {
+            sessions,
+            unwritten: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 
     /// Keeps a new session.
@@ -258,13 +304,55 @@ impl SessionStore {
         self.sessions.insert(session.id, session).await;
     }
 
+    /// Keeps `session` unless one with its id is kept already, and returns the one kept.
+    pub async fn insert_or_get(&self, session: Arc<Session>) -> Arc<Session> {
+        self.sessions
+            .entry(session.id)
+            .or_insert(session)
+            .await
+            .into_value()
+    }
+
     /// The session of a handle id, if kept.
     pub async fn get(&self, id: &HandleId) -> Option<Arc<Session>> {
-        self.sessions.get(id).await
+        match self.sessions.get(id).await {
+            Some(session) => Some(session),
+            None => self.unwritten_map().get(id).cloned(),
+        }
     }
 
     /// Forgets a session (its refresh token with it).
     pub async fn remove(&self, id: &HandleId) {
         self.sessions.invalidate(id).await;
+        self.unwritten_map().remove(id);
+    }
+
+    /// Keeps `session` until [`SessionStore::written`], whatever the bounds of the store.
+    pub fn hold_unwritten(&self, session: &Arc<Session>) {
+        self.unwritten_map().insert(session.id, Arc::clone(session));
+    }
+
+    /// The session's latest tokens are in the shared level (or moot).
+    pub fn written(&self, id: &HandleId) {
+        self.unwritten_map().remove(id);
+    }
+
+    /// Every session kept, for writing them back to a shared level that lost them.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        let mut all: Vec<Arc<Session>> = self.sessions.iter().map(|(_, session)| session).collect();
+        let unwritten = self.unwritten_map();
+        all.extend(
+            unwritten
+                .values()
+                .filter(|session| !self.sessions.contains_key(&session.id))
+                .cloned(),
+        );
+        all
+    }
+
+    fn unwritten_map(&self) -> std::sync::MutexGuard<'_, HashMap<HandleId, Arc<Session>>> {
+        self.unwritten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
