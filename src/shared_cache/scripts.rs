@@ -63,8 +63,8 @@ return 1
 
 /// Keeps a pending authorization unless its owner has ARGV[3] pending already (0). The owner's
 /// sorted set scores each of its authorizations by expiry (Redis' own clock, so replicas'
-/// clocks do not matter). KEYS: pending key, owner's set. ARGV: value, ttl ms, most pending,
-/// member.
+/// clocks do not matter) and lives as long as the last of them. KEYS: pending key, owner's
+/// set. ARGV: value, ttl ms, most pending, member.
 pub(super) const PENDING_START_SCRIPT: &str = r"
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -74,7 +74,8 @@ if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], ms + tonumber(ARGV[2]), ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[2], last[2])
 return 1
 ";
 

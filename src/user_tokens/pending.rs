@@ -29,8 +29,9 @@ use super::UserSettings;
 use crate::broker::TokenKey;
 use crate::idp::{AudienceParam, EnvironmentSettings, UserLoginSettings};
 
-/// An authorization URL for a user to open, and the `state` it carries.
-#[derive(Debug, Clone)]
+/// An authorization URL for a user to open, and the `state` it carries. `Debug` shows neither
+/// the state nor the URL's query, which carries it.
+#[derive(Clone)]
 pub struct Authorization {
     /// The IdP's authorization endpoint with every parameter of the request.
     pub url: reqwest::Url,
@@ -38,6 +39,17 @@ pub struct Authorization {
     pub state: String,
     /// How long the state can be redeemed.
     pub expires_in: Duration,
+}
+
+impl fmt::Debug for Authorization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut endpoint = self.url.clone();
+        endpoint.set_query(None);
+        f.debug_struct("Authorization")
+            .field("endpoint", &endpoint.as_str())
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the broker remembers about an authorization URL it handed out.
@@ -240,6 +252,18 @@ impl PendingAuthorization {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_no_state() {
+        let authorization = Authorization {
+            url: reqwest::Url::parse("https://idp.test/authorize?state=s3cr3t&x=1").unwrap(),
+            state: "s3cr3t".into(),
+            expires_in: Duration::from_secs(600),
+        };
+        let shown = format!("{authorization:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("https://idp.test/authorize"), "{shown}");
+    }
 
     #[test]
     fn challenge_is_the_rfc7636_example() {

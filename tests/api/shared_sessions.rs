@@ -200,11 +200,13 @@ async fn replicas_share_authorizations_handles_and_deletions_and_redis_holds_no_
 
     // users.max_pending_per_caller counts the fleet's pending authorizations.
     let body = json!({ "scope": "offline_access" });
+    let mut states = vec![state.clone()];
     for app in [&a, &b] {
         let started = app
             .authorize("acme/production", BILLING_KEY, body.clone())
             .await;
         assert_eq!(started.status, 200, "{}", started.body);
+        states.push(started.body["state"].as_str().unwrap().to_owned());
     }
     let third = a.authorize("acme/production", BILLING_KEY, body).await;
     assert_eq!(third.status, 429, "{}", third.body);
@@ -241,10 +243,15 @@ async fn replicas_share_authorizations_handles_and_deletions_and_redis_holds_no_
                 .unwrap();
             members.join(" ")
         };
-        for secret in [handle.as_str(), state.as_str(), from_a.token(), "billing"] {
+        let secrets = [handle.as_str(), from_a.token(), "billing", "acme"];
+        for secret in secrets
+            .iter()
+            .copied()
+            .chain(states.iter().map(String::as_str))
+        {
             assert!(
                 !key.contains(secret) && !value.contains(secret),
-                "{key} shows a secret or the caller"
+                "{key} shows a secret, the caller or the tenant"
             );
         }
     }
@@ -268,6 +275,8 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
     let b = replica(&idp, &redis, &mock, "").await;
     let (handle, _) = log_in(&a, &a).await;
     assert_eq!(a.user_token(&handle, BILLING_KEY).await.status, 200);
+    // A second session that nobody asks for during the outage.
+    let (quiet, _) = log_in(&a, &a).await;
 
     redis.kill();
     a.wait_for_shared_cache(false).await;
@@ -280,7 +289,7 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
         "refreshed from memory: {}",
         refreshed.body
     );
-    assert_eq!(idp.token_requests(), 2);
+    assert_eq!(idp.token_requests(), 3);
     let elsewhere = b.user_token(&handle, BILLING_KEY).await;
     assert_eq!(elsewhere.status, 503, "never a 404: {}", elsewhere.body);
     assert_eq!(elsewhere.body["error"], "upstream_unavailable");
@@ -291,18 +300,19 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
         "a DELETE that cannot reach Redis says so"
     );
 
-    // Redis comes back empty: the replica that refreshed writes the rotated refresh token
-    // back, and the other one then serves the handle and refreshes it with that token.
+    // Redis comes back empty: the replica that holds the sessions writes them back (the
+    // rotated refresh token included) without being asked, and the other one then serves
+    // both handles and refreshes with that token.
     let redis = RedisServer::start_on(port).await;
     a.wait_for_shared_cache(true).await;
     let mut connection = redis.connection().await;
-    eventually("the session is written back to Redis", async || {
+    eventually("both sessions are written back to Redis", async || {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("*session:*")
             .query_async(&mut connection)
             .await
             .unwrap();
-        !keys.is_empty()
+        keys.len() == 2
     })
     .await;
     b.wait_for_shared_cache(true).await;
@@ -316,5 +326,11 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
         "the rotated refresh token was kept: {}",
         again.body
     );
-    assert_eq!(idp.token_requests(), 3);
+    assert_eq!(
+        idp.token_requests(),
+        4,
+        "2 exchanges, a refresh on each side"
+    );
+    let quiet_on_b = b.user_token(&quiet, BILLING_KEY).await;
+    assert_eq!(quiet_on_b.status, 200, "{}", quiet_on_b.body);
 }
