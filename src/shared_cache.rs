@@ -206,7 +206,13 @@ impl Inner {
             return Err(SharedCacheError::Down);
         }
         let error = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => return Ok(value),
+            Ok(Ok(value)) => {
+                if attempt == Attempt::EvenIfDown {
+                    // It answered: the calls that follow need not wait for the probe.
+                    self.recover();
+                }
+                return Ok(value);
+            }
             Ok(Err(error)) => SharedCacheError::Backend(error.to_string()),
             Err(_) => SharedCacheError::Timeout(self.timeout),
         };

@@ -373,6 +373,7 @@ impl UserTokens {
             refresh_token,
             grant.generation.saturating_add(1),
         );
+        session.mark_produced(grant.generation);
         let access = Arc::clone(&grant.access);
         tracing::info!(
             tenant = %session.key().tenant,
@@ -403,16 +404,23 @@ impl UserTokens {
     /// Forgets the session of `handle` if `owner` created it, here and in the shared level;
     /// `false` when there was none.
     pub async fn forget(&self, owner: &str, handle: &str) -> Result<bool, UserError> {
-        let session = match self.session(owner, handle).await {
-            Ok(session) => session,
-            Err(UserError::UnknownHandle) => {
-                self.forget_absent(&HandleId::of(handle)).await?;
-                return Ok(false);
+        // A session written by another replica between the look-up and the tombstone is looked
+        // up again, a few times.
+        for _ in 0..3 {
+            match self.session(owner, handle).await {
+                Ok(session) => {
+                    self.forget_session(&session).await?;
+                    return Ok(true);
+                }
+                Err(UserError::UnknownHandle) => {
+                    if self.forget_absent(&HandleId::of(handle)).await? {
+                        return Ok(false);
+                    }
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
-        };
-        self.forget_session(&session).await?;
-        Ok(true)
+        }
+        Ok(false)
     }
 
     /// Forgets `session` and starts a new authorization for the same caller and user token.

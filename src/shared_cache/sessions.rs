@@ -264,7 +264,7 @@ impl Inner {
         id: &HandleId,
         idle: Duration,
         if_absent: bool,
-    ) -> Result<(), SharedCacheError> {
+    ) -> Result<bool, SharedCacheError> {
         let mut set = redis::cmd("SET");
         set.arg(self.session_key(id))
             .arg(TOMBSTONE)
@@ -274,9 +274,8 @@ impl Inner {
             set.arg("NX");
         }
         let mut connection = self.connection()?;
-        self.call(set.query_async::<redis::Value>(&mut connection))
-            .await
-            .map(drop)
+        let written: Option<String> = self.call(set.query_async(&mut connection)).await?;
+        Ok(written.is_some())
     }
 
     fn session_lock_key(&self, id: &HandleId) -> String {
@@ -359,7 +358,7 @@ impl SharedSessions for RedisCache {
         id: &'a HandleId,
         idle: Duration,
         if_absent: bool,
-    ) -> SharedFuture<'a, ()> {
+    ) -> SharedFuture<'a, bool> {
         Box::pin(self.inner.delete_session(id, idle, if_absent))
     }
 

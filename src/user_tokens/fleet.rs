@@ -71,7 +71,7 @@ impl UserTokens {
                 } else if record.generation < grant.generation {
                     // This replica refreshed while its write failed: write it now, before any
                     // other replica refreshes with the older refresh token.
-                    self.save(&session, &grant, None).await;
+                    self.write_back(&session, &grant);
                 } else {
                     session.mark_saved(record.generation);
                 }
@@ -99,8 +99,7 @@ impl UserTokens {
                         "a user session this replica holds is missing from the shared cache; writing it back"
                     );
                     let grant = session.grant().await;
-                    session.mark_unsaved();
-                    self.save(session, &grant, None).await;
+                    self.write_back(session, &grant);
                 }
                 Ok(local)
             }
@@ -263,8 +262,8 @@ impl UserTokens {
                     "a user session could not be written to the shared cache; this replica keeps it and writes it again"
                 );
                 session.keep_unwritten(record);
-                self.inner.sessions.hold_unwritten(session);
-                self.write_later(Arc::clone(session), lock);
+                self.inner.sessions.hold_unwritten(session).await;
+                self.write_later(Arc::clone(session), lock, WRITE_BACKOFF.0);
                 true
             }
         }
@@ -273,7 +272,7 @@ impl UserTokens {
     /// Writes the session's unwritten tokens until they land, a newer write or a deletion makes
     /// them moot, or the session would have gone idle; then releases `lock`. One task per
     /// session; it never waits for the session's grant, so a refresh never waits for it.
-    fn write_later(&self, session: Arc<Session>, lock: Option<LockToken>) {
+    fn write_later(&self, session: Arc<Session>, lock: Option<LockToken>, first_wait: Duration) {
         let Some(shared) = self.shared().cloned() else {
             return;
         };
@@ -283,13 +282,13 @@ impl UserTokens {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let give_up = Instant::now() + this.inner.idle_timeout;
-            let mut wait = WRITE_BACKOFF.0;
-            loop {
+            let mut give_up = Instant::now() + this.inner.idle_timeout;
+            let mut wait = first_wait;
+            let gave_up = loop {
                 tokio::time::sleep(wait).await;
                 if this.write_unwritten(&shared, &session).await.is_err() {
                     if Instant::now() < give_up && !session.is_forgotten() {
-                        wait = (wait * 2).min(WRITE_BACKOFF.1);
+                        wait = (wait * 2).clamp(WRITE_BACKOFF.0, WRITE_BACKOFF.1);
                         continue;
                     }
                     tracing::warn!(
@@ -298,7 +297,7 @@ impl UserTokens {
                         "gave up writing a user session to the shared cache after users.idle_timeout"
                     );
                     session.release_writing();
-                    break;
+                    break true;
                 }
                 session.release_writing();
                 // Tokens kept after the last look, before the claim was released, are this
@@ -307,13 +306,26 @@ impl UserTokens {
                     || session.is_forgotten()
                     || !session.claim_writing()
                 {
-                    break;
+                    break false;
                 }
                 wait = WRITE_BACKOFF.0;
-            }
-            this.inner.sessions.written(&session.id());
+                give_up = Instant::now() + this.inner.idle_timeout;
+            };
+            this.inner.sessions.written(&session, gave_up);
             this.release(&shared, &session.id(), lock).await;
         });
+    }
+
+    /// Writes `session` back in a task of its own (nothing a caller's going away could cancel),
+    /// when this replica received its current tokens from the IdP: a copy read from the shared
+    /// level may be older than one another replica holds.
+    fn write_back(&self, session: &Arc<Session>, grant: &Grant) {
+        if !session.produced(grant.generation) && session.unwritten().is_none() {
+            return;
+        }
+        session.mark_unsaved();
+        session.keep_unwritten(Arc::new(session.record(grant)));
+        self.write_later(Arc::clone(session), None, Duration::ZERO);
     }
 
     /// Writes the latest unwritten tokens of `session`, and any newer that arrive meanwhile;
@@ -395,10 +407,11 @@ impl UserTokens {
 
     /// Leaves a tombstone for a handle the shared level holds nothing for (not for another
     /// caller's session), so that a replica's first write of it, still to land, cannot create
-    /// it after its owner deleted it. For an hour only: any caller can ask for these.
-    pub(super) async fn forget_absent(&self, id: &HandleId) -> Result<(), UserError> {
+    /// it after its owner deleted it. For an hour only: any caller can ask for these. `false`
+    /// when something was stored there meanwhile.
+    pub(super) async fn forget_absent(&self, id: &HandleId) -> Result<bool, UserError> {
         let Some(shared) = self.shared() else {
-            return Ok(());
+            return Ok(true);
         };
         let ttl = ABSENT_TOMBSTONE_TTL.min(self.inner.idle_timeout);
         shared.delete_session(id, ttl, true).await.map_err(|error| {
@@ -430,13 +443,16 @@ pub(super) async fn write_back_on_recovery(inner: Weak<Inner>) {
             if session.is_forgotten() {
                 continue;
             }
-            // The latest tokens: those a failed write kept, else the grant's (unless a refresh
-            // holds it: that refresh writes its own).
+            // The latest tokens: those a failed write kept, else the grant's when this replica
+            // received them from the IdP (unless a refresh holds it: that refresh writes its
+            // own). Copies read from the level may be older than another replica's.
             let record = match session.unwritten() {
                 Some(record) => record,
                 None => match session.try_grant() {
-                    Some(grant) => Arc::new(session.record(&grant)),
-                    None => continue,
+                    Some(grant) if session.produced(grant.generation) => {
+                        Arc::new(session.record(&grant))
+                    }
+                    _ => continue,
                 },
             };
             if this

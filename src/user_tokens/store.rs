@@ -102,6 +102,10 @@ pub struct Session {
     grant: Mutex<Grant>,
     /// The highest generation known to be in the shared level.
     saved: AtomicU64,
+    /// The generation of the tokens this replica received from the IdP (a code exchange or a
+    /// refresh); 0 for tokens read from the shared level. Only those are worth writing back to
+    /// a level that lost them: another replica may hold newer ones.
+    produced: AtomicU64,
     /// The latest record whose write to the shared level failed, until a write lands. Kept
     /// outside the grant's mutex, so that the task retrying it never waits for a refresh.
     unwritten: std::sync::Mutex<Option<Arc<SessionRecord>>>,
@@ -114,12 +118,14 @@ pub struct Session {
 impl Session {
     /// A session for `owner` with the tokens of a code exchange.
     pub fn new(id: HandleId, owner: Arc<str>, key: TokenKey, grant: Grant) -> Self {
+        let produced = grant.generation;
         Self {
             id,
             owner,
             key,
             grant: Mutex::new(grant),
             saved: AtomicU64::new(0),
+            produced: AtomicU64::new(produced),
             unwritten: std::sync::Mutex::new(None),
             writing: AtomicBool::new(false),
             forgotten: AtomicBool::new(false),
@@ -136,7 +142,18 @@ impl Session {
             grant_of(record.access, record.refresh_token, generation),
         );
         session.saved.store(generation, Ordering::Relaxed);
+        session.produced.store(0, Ordering::Relaxed);
         session
+    }
+
+    /// Records that this replica received generation `generation` from the IdP.
+    pub fn mark_produced(&self, generation: u64) {
+        self.produced.fetch_max(generation, Ordering::Relaxed);
+    }
+
+    /// Whether this replica received the tokens of `generation` from the IdP itself.
+    pub fn produced(&self, generation: u64) -> bool {
+        self.produced.load(Ordering::Relaxed) == generation
     }
 
     /// The record that stores `grant` (this session's tokens) in the shared level.
@@ -306,6 +323,9 @@ impl SessionStore {
 
     /// Keeps `session` unless one with its id is kept already, and returns the one kept.
     pub async fn insert_or_get(&self, session: Arc<Session>) -> Arc<Session> {
+        if let Some(held) = self.held(&session.id) {
+            return held;
+        }
         self.sessions
             .entry(session.id)
             .or_insert(session)
@@ -313,12 +333,17 @@ impl SessionStore {
             .into_value()
     }
 
-    /// The session of a handle id, if kept.
+    /// The session of a handle id, if kept. One whose latest tokens are still to be written
+    /// comes first: it is newer than any other copy.
     pub async fn get(&self, id: &HandleId) -> Option<Arc<Session>> {
-        match self.sessions.get(id).await {
-            Some(session) => Some(session),
-            None => self.unwritten_map().get(id).cloned(),
+        match self.held(id) {
+            Some(held) => Some(held),
+            None => self.sessions.get(id).await,
         }
+    }
+
+    fn held(&self, id: &HandleId) -> Option<Arc<Session>> {
+        self.unwritten_map().get(id).cloned()
     }
 
     /// Forgets a session (its refresh token with it).
@@ -327,26 +352,36 @@ impl SessionStore {
         self.unwritten_map().remove(id);
     }
 
-    /// Keeps `session` until [`SessionStore::written`], whatever the bounds of the store.
-    pub fn hold_unwritten(&self, session: &Arc<Session>) {
+    /// Keeps `session` until [`SessionStore::written`], whatever the bounds of the store, and
+    /// makes it the one found for its handle.
+    pub async fn hold_unwritten(&self, session: &Arc<Session>) {
         self.unwritten_map().insert(session.id, Arc::clone(session));
+        self.sessions.insert(session.id, Arc::clone(session)).await;
     }
 
-    /// The session's latest tokens are in the shared level (or moot).
-    pub fn written(&self, id: &HandleId) {
-        self.unwritten_map().remove(id);
+    /// `session`'s latest tokens are in the shared level (or given up on, with `give_up`): it
+    /// no longer needs holding, unless newer ones are still to be written.
+    pub fn written(&self, session: &Arc<Session>, give_up: bool) {
+        let mut held = self.unwritten_map();
+        if held
+            .get(&session.id)
+            .is_some_and(|kept| Arc::ptr_eq(kept, session))
+            && (give_up || session.unwritten().is_none())
+        {
+            held.remove(&session.id);
+        }
     }
 
     /// Every session kept, for writing them back to a shared level that lost them.
     pub fn all(&self) -> Vec<Arc<Session>> {
-        let mut all: Vec<Arc<Session>> = self.sessions.iter().map(|(_, session)| session).collect();
-        let unwritten = self.unwritten_map();
-        all.extend(
-            unwritten
-                .values()
-                .filter(|session| !self.sessions.contains_key(&session.id))
-                .cloned(),
-        );
+        let held: Vec<Arc<Session>> = self.unwritten_map().values().cloned().collect();
+        let mut all: Vec<Arc<Session>> = self
+            .sessions
+            .iter()
+            .map(|(_, session)| session)
+            .filter(|session| !held.iter().any(|h| Arc::ptr_eq(h, session)))
+            .collect();
+        all.extend(held);
         all
     }
 
