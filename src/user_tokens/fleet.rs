@@ -91,6 +91,7 @@ impl UserTokens {
                 if let Some(session) = &local
                     && session.owner() == owner
                     && !session.is_forgotten()
+                    && self.write_back(session, &*session.grant().await)
                 {
                     tracing::info!(
                         caller = %session.owner(),
@@ -98,8 +99,6 @@ impl UserTokens {
                         environment = %session.key().environment,
                         "a user session this replica holds is missing from the shared cache; writing it back"
                     );
-                    let grant = session.grant().await;
-                    self.write_back(session, &grant);
                 }
                 Ok(local)
             }
@@ -317,15 +316,17 @@ impl UserTokens {
     }
 
     /// Writes `session` back in a task of its own (nothing a caller's going away could cancel),
-    /// when this replica received its current tokens from the IdP: a copy read from the shared
-    /// level may be older than one another replica holds.
-    fn write_back(&self, session: &Arc<Session>, grant: &Grant) {
+    /// when this replica received its current tokens from the IdP (or could not write them): a
+    /// copy read from the shared level may be older than one another replica holds. `false`
+    /// when it is not written.
+    fn write_back(&self, session: &Arc<Session>, grant: &Grant) -> bool {
         if !session.produced(grant.generation) && session.unwritten().is_none() {
-            return;
+            return false;
         }
         session.mark_unsaved();
         session.keep_unwritten(Arc::new(session.record(grant)));
         self.write_later(Arc::clone(session), None, Duration::ZERO);
+        true
     }
 
     /// Writes the latest unwritten tokens of `session`, and any newer that arrive meanwhile;
