@@ -320,9 +320,17 @@ impl UserTokens {
         let min_remaining = self.inner.min_remaining;
         let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
         let started = SystemTime::now();
-        if let Some(lease) = servable(&*session.grant().await, required, started, CacheStatus::Hit)
         {
-            return Ok(lease);
+            let grant = session.grant().await;
+            if let Some(lease) = servable(&grant, required, started, CacheStatus::Hit) {
+                return Ok(lease);
+            }
+            // A refresh gives tokens of the lifetime the last refresh gave: when that is too
+            // short, another would spend an IdP request for nothing.
+            let lifetime = grant.access.lifetime();
+            if grant.generation > 1 && lifetime < required {
+                return Err(self.too_short(lifetime, required));
+            }
         }
         let this = self.clone();
         let session = Arc::clone(session);
@@ -344,7 +352,6 @@ impl UserTokens {
         environment: &EnvironmentSettings,
         required: Duration,
     ) -> Result<Lease, UserError> {
-        let min_remaining = self.inner.min_remaining;
         let Some(refresh_token) = &grant.refresh_token else {
             return Err(self.reauthorize(session, environment).await);
         };
@@ -384,20 +391,26 @@ impl UserTokens {
         );
         let lifetime = access.lifetime();
         if lifetime < required {
-            return Err(UserError::Token(if lifetime < min_remaining {
-                BrokerError::LifetimeBelowMinimum {
-                    lifetime,
-                    min_remaining,
-                }
-            } else {
-                BrokerError::MinTtlTooLong { required, lifetime }
-            }));
+            return Err(self.too_short(lifetime, required));
         }
         access.record_hit();
         Ok(Lease {
             token: access,
             status: CacheStatus::Miss,
             at: SystemTime::now(),
+        })
+    }
+
+    /// Why tokens of `lifetime` cannot serve a request for `required`.
+    fn too_short(&self, lifetime: Duration, required: Duration) -> UserError {
+        let min_remaining = self.inner.min_remaining;
+        UserError::Token(if lifetime < min_remaining {
+            BrokerError::LifetimeBelowMinimum {
+                lifetime,
+                min_remaining,
+            }
+        } else {
+            BrokerError::MinTtlTooLong { required, lifetime }
         })
     }
 

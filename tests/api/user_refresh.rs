@@ -90,6 +90,32 @@ async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 600, Some("rt-1"))).await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(user_token_body("user-2", 600, Some("rt-2")))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    for _ in 0..5 {
+        let answer = app
+            .user_token(&format!("{handle}?min_ttl=3600"), BILLING_KEY)
+            .await;
+        assert_eq!(
+            (answer.status, answer.body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{}",
+            answer.body
+        );
+    }
+    let usable = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!((usable.status, usable.token()), (200, "user-2"));
+    app.idp.verify().await;
+}
+
+#[tokio::test]
 async fn a_401_on_refresh_asks_for_reauthorization() {
     let app = spawn_user_app().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
