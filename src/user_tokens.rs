@@ -25,7 +25,7 @@ pub mod shared;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::broker::{BrokerError, CacheStatus, Lease, TokenKey};
 use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
@@ -93,6 +93,15 @@ pub enum UserError {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The last refresh of this session failed, and the next waits (so that callers asking
+    /// meanwhile do not each make an IdP request).
+    #[error(
+        "the IdP failed this user token's last refresh; the broker tries again after the seconds in Retry-After"
+    )]
+    RefreshPaused {
+        /// When the next refresh may be tried.
+        retry_after: Duration,
+    },
     /// Another replica is refreshing this session and did not finish in time.
     #[error(
         "another replica is refreshing this user token and did not finish within shared_cache.wait_for_peer; retry after the seconds in Retry-After"
@@ -110,9 +119,9 @@ impl UserError {
     /// How long the caller should wait before retrying, for the errors that are worth a retry.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::SharedUnavailable { retry_after } | Self::PeerRefreshing { retry_after } => {
-                Some(*retry_after)
-            }
+            Self::SharedUnavailable { retry_after }
+            | Self::PeerRefreshing { retry_after }
+            | Self::RefreshPaused { retry_after } => Some(*retry_after),
             Self::Token(error) => error.retry_after(),
             _ => None,
         }
@@ -355,8 +364,14 @@ impl UserTokens {
         let Some(refresh_token) = &grant.refresh_token else {
             return Err(self.reauthorize(session, environment).await);
         };
+        if let Some(retry_after) = session.refresh_paused(Instant::now()) {
+            return Err(UserError::RefreshPaused { retry_after });
+        }
         let fresh = match self.inner.idp.refresh(environment, refresh_token).await {
-            Ok(fresh) => fresh,
+            Ok(fresh) => {
+                session.refresh_succeeded();
+                fresh
+            }
             Err(IdpError::Rejected { status, code })
                 if code == "invalid_grant" || (status == 401 && code != "invalid_client") =>
             {
@@ -371,7 +386,15 @@ impl UserTokens {
                 grant.refresh_token = None;
                 return Err(self.reauthorize(session, environment).await);
             }
-            Err(error) => return Err(UserError::Token(error.into())),
+            Err(error) => {
+                let error = BrokerError::from(error);
+                let wait = session.refresh_failed(Instant::now(), error.retry_after());
+                tracing::debug!(
+                    wait_ms = wait.as_millis(),
+                    "user token refreshes paused after a failure"
+                );
+                return Err(UserError::Token(error));
+            }
         };
         let rotated = fresh.refresh_token.is_some();
         let refresh_token = fresh.refresh_token.or_else(|| grant.refresh_token.take());

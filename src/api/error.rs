@@ -222,7 +222,9 @@ impl ApiError {
                 UserError::ReauthorizationRequired(_) => {
                     (StatusCode::UNAUTHORIZED, "reauthorization_required")
                 }
-                UserError::SharedUnavailable { .. } | UserError::PeerRefreshing { .. } => {
+                UserError::SharedUnavailable { .. }
+                | UserError::PeerRefreshing { .. }
+                | UserError::RefreshPaused { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
                 }
                 UserError::Token(error) => broker_status_and_code(error),

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -28,6 +29,11 @@ use super::UserSettings;
 use super::shared::SessionRecord;
 use crate::broker::{CachedToken, SharedToken, TokenKey};
 use crate::idp::{AccessToken, IssuedToken};
+
+/// First pause after a failed refresh.
+const REFRESH_PAUSE_BASE: Duration = Duration::from_secs(1);
+/// Longest pause between two refreshes that fail.
+const REFRESH_PAUSE_CAP: Duration = Duration::from_secs(60);
 
 /// Prefix of handles, so a leaked one is recognisable in a secret scanner.
 const HANDLE_PREFIX: &str = "uth_";
@@ -85,7 +91,7 @@ impl Grant {
                 issued,
                 std::time::SystemTime::now(),
                 0.0,
-                std::time::Duration::ZERO,
+                Duration::ZERO,
                 0.0,
             )),
             refresh_token,
@@ -113,6 +119,9 @@ pub struct Session {
     writing: AtomicBool,
     /// Forgotten on request or refused by the IdP: no write may bring it back.
     forgotten: AtomicBool,
+    /// Failed refreshes in a row, and when the next may be tried: a caller that keeps asking
+    /// while the IdP fails does not make it one request per ask.
+    refresh_pause: std::sync::Mutex<(u32, Option<Instant>)>,
 }
 
 impl Session {
@@ -129,6 +138,7 @@ impl Session {
             unwritten: std::sync::Mutex::new(None),
             writing: AtomicBool::new(false),
             forgotten: AtomicBool::new(false),
+            refresh_pause: std::sync::Mutex::new((0, None)),
         }
     }
 
@@ -231,6 +241,39 @@ impl Session {
         self.writing.store(false, Ordering::Release);
     }
 
+    /// How long refreshes are paused after failures, if they are now.
+    pub fn refresh_paused(&self, now: Instant) -> Option<Duration> {
+        let pause = self.pause_slot();
+        pause
+            .1
+            .and_then(|until| until.checked_duration_since(now))
+            .filter(|wait| !wait.is_zero())
+    }
+
+    /// Records a failed refresh: the next waits 1 s, doubled per failure in a row up to a
+    /// minute, or as long as the IdP asked (`at_least`); returns the wait.
+    pub fn refresh_failed(&self, now: Instant, at_least: Option<Duration>) -> Duration {
+        let mut pause = self.pause_slot();
+        pause.0 = pause.0.saturating_add(1);
+        let doubled = REFRESH_PAUSE_BASE.saturating_mul(1 << pause.0.saturating_sub(1).min(6));
+        let wait = doubled
+            .min(REFRESH_PAUSE_CAP)
+            .max(at_least.unwrap_or_default().min(REFRESH_PAUSE_CAP));
+        pause.1 = now.checked_add(wait);
+        wait
+    }
+
+    /// Records a refresh that worked.
+    pub fn refresh_succeeded(&self) {
+        *self.pause_slot() = (0, None);
+    }
+
+    fn pause_slot(&self) -> std::sync::MutexGuard<'_, (u32, Option<Instant>)> {
+        self.refresh_pause
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Marks the session forgotten, so that no later write stores it again.
     pub fn mark_forgotten(&self) {
         self.forgotten.store(true, Ordering::Relaxed);
@@ -287,7 +330,7 @@ pub fn grant_of(
             access.issued,
             access.fetched_at,
             0.0,
-            std::time::Duration::ZERO,
+            Duration::ZERO,
             0.0,
         )),
         refresh_token,

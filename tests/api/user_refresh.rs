@@ -170,8 +170,24 @@ async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
         .expect(1)
         .mount(&app.idp)
         .await;
+    // Asking again at once does not make another IdP request: refreshes pause after a failure.
+    for _ in 0..5 {
+        let again = app.user_token(&handle, BILLING_KEY).await;
+        assert_eq!(again.status, 503, "{}", again.body);
+        assert_eq!(again.body["error"], "upstream_unavailable");
+        assert_eq!(again.header("retry-after"), Some("1"));
+    }
+    let refreshes = |requests: Vec<wiremock::Request>| {
+        requests
+            .iter()
+            .filter(|r| String::from_utf8_lossy(&r.body).contains("grant_type=refresh_token"))
+            .count()
+    };
+    assert_eq!(refreshes(app.idp.received_requests().await.unwrap()), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let answer = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((answer.status, answer.token()), (200, "user-2"));
+    assert_eq!(refreshes(app.idp.received_requests().await.unwrap()), 2);
 }
 
 #[tokio::test]
