@@ -147,7 +147,13 @@ impl AppState {
             }
             None => (Broker::new(cache, idp.clone(), metrics.clone()), None),
         };
-        let user_tokens = UserTokens::new(&settings.users, min_remaining, idp, sessions);
+        let user_tokens = UserTokens::new(
+            &settings.users,
+            min_remaining,
+            idp,
+            metrics.clone(),
+            sessions,
+        );
         let audit = AuditTrail::new(settings.telemetry.audit_max_counters);
         let snapshot = Arc::new(Snapshot::new(settings, &metrics, None));
         Ok(Self(Arc::new(App {

@@ -52,6 +52,7 @@ use flight::Flights;
 
 pub use cache::Forgot;
 pub use error::BrokerError;
+pub use failure::idp_outcome;
 pub use key::{ScopeSet, TokenKey};
 pub use settings::CacheSettings;
 pub use shared::{

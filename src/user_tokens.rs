@@ -27,8 +27,9 @@ pub mod store;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::broker::{BrokerError, CacheStatus, Lease, TokenKey};
+use crate::broker::{BrokerError, CacheStatus, Lease, TokenKey, idp_outcome};
 use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
+use crate::telemetry::metrics::Metrics;
 
 pub use pending::{Authorization, PendingAuthorization};
 pub use settings::UserSettings;
@@ -136,6 +137,7 @@ pub struct UserTokens {
 
 struct Inner {
     idp: IdpClient,
+    metrics: Metrics,
     pending: PendingAuthorizations,
     sessions: SessionStore,
     shared: Option<Arc<dyn SharedSessions>>,
@@ -153,11 +155,13 @@ impl UserTokens {
         settings: &UserSettings,
         min_remaining: Duration,
         idp: IdpClient,
+        metrics: Metrics,
         shared: Option<Arc<dyn SharedSessions>>,
     ) -> Self {
         let with_shared = shared.is_some();
         let inner = Arc::new(Inner {
             idp,
+            metrics,
             pending: PendingAuthorizations::new(settings),
             sessions: SessionStore::new(settings),
             shared,
@@ -264,7 +268,7 @@ impl UserTokens {
         environment: &EnvironmentSettings,
         code: &str,
     ) -> Result<String, UserError> {
-        let grant = self
+        let answer = self
             .inner
             .idp
             .exchange_code(
@@ -273,14 +277,15 @@ impl UserTokens {
                 &pending.redirect_uri,
                 pending.expose_code_verifier(),
             )
-            .await
-            .map_err(|error| match error {
-                IdpError::Rejected { ref code, .. } => UserError::CodeRejected {
-                    code: code.clone(),
-                    source: error,
-                },
-                other => UserError::Token(other.into()),
-            })?;
+            .await;
+        self.count_idp_request(environment, "authorization_code", &answer);
+        let grant = answer.map_err(|error| match error {
+            IdpError::Rejected { ref code, .. } => UserError::CodeRejected {
+                code: code.clone(),
+                source: error,
+            },
+            other => UserError::Token(other.into()),
+        })?;
         let refreshable = grant.refresh_token.is_some();
         let (handle, id) = store::new_handle();
         let session = Arc::new(Session::new(
@@ -367,7 +372,9 @@ impl UserTokens {
         if let Some(retry_after) = session.refresh_paused(Instant::now()) {
             return Err(UserError::RefreshPaused { retry_after });
         }
-        let fresh = match self.inner.idp.refresh(environment, refresh_token).await {
+        let answer = self.inner.idp.refresh(environment, refresh_token).await;
+        self.count_idp_request(environment, "refresh_token", &answer);
+        let fresh = match answer {
             Ok(fresh) => {
                 session.refresh_succeeded();
                 fresh
@@ -422,6 +429,20 @@ impl UserTokens {
             status: CacheStatus::Miss,
             at: SystemTime::now(),
         })
+    }
+
+    fn count_idp_request<T>(
+        &self,
+        environment: &EnvironmentSettings,
+        grant: &'static str,
+        answer: &Result<T, IdpError>,
+    ) {
+        self.inner.metrics.user_idp_request(
+            &environment.tenant,
+            &environment.environment,
+            grant,
+            idp_outcome(answer),
+        );
     }
 
     /// Why tokens of `lifetime` cannot serve a request for `required`.

@@ -47,7 +47,7 @@ pub(super) enum Remembered {
 }
 
 /// The `outcome` label of one IdP answer.
-fn outcome<T>(answer: &Result<T, IdpError>) -> IdpOutcome {
+pub fn idp_outcome<T>(answer: &Result<T, IdpError>) -> IdpOutcome {
     match answer {
         Ok(_) => IdpOutcome::Ok,
         Err(IdpError::Rejected { .. }) => IdpOutcome::Rejected,
@@ -141,7 +141,7 @@ impl Broker {
                         key.organization.as_deref(),
                     )
                     .await;
-                self.record_idp(environment, outcome(&answer), Some(sent.elapsed()));
+                self.record_idp(environment, idp_outcome(&answer), Some(sent.elapsed()));
                 answer.map_err(BrokerError::from)
             })
             .await

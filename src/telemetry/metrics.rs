@@ -65,6 +65,8 @@ pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_
 pub const WORKLOAD_REJECTIONS: &str = "token_broker_workload_rejections_total";
 /// Fetches of a workload issuer's keys, by `issuer` and `outcome` (`ok`, `failed`).
 pub const WORKLOAD_KEY_FETCHES: &str = "token_broker_workload_key_fetches_total";
+/// Requests to IdPs for user tokens, by `tenant`, `environment`, `grant` and `outcome`.
+pub const USER_IDP_REQUESTS: &str = "token_broker_user_idp_requests_total";
 
 /// What `/metrics` shows of the shared cache.
 #[derive(Debug, Clone, Copy)]
@@ -251,6 +253,10 @@ impl Metrics {
                 "Fetches of a workload issuer's JWKS, by issuer and outcome (ok, failed).",
             ),
             (
+                USER_IDP_REQUESTS,
+                "Requests to the IdP for user tokens, by grant (authorization_code, refresh_token) and outcome.",
+            ),
+            (
                 SHARED_CACHE_MASTER_CHANGES,
                 "Redis masters the broker moved to, as the sentinels named them (the first included).",
             ),
@@ -380,6 +386,29 @@ impl Metrics {
             ],
         );
         self.inner.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// Counts one request to `tenant`/`environment`'s IdP for a user token with `grant`.
+    pub fn user_idp_request(
+        &self,
+        tenant: &str,
+        environment: &str,
+        grant: &'static str,
+        outcome: IdpOutcome,
+    ) {
+        let key = Key::from_parts(
+            USER_IDP_REQUESTS,
+            vec![
+                Label::new("tenant", tenant.to_owned()),
+                Label::new("environment", environment.to_owned()),
+                Label::from_static_parts("grant", grant),
+                Label::from_static_parts("outcome", outcome.as_str()),
+            ],
+        );
+        self.inner
+            .recorder
+            .register_counter(&key, &METADATA)
+            .increment(1);
     }
 
     /// Counts a token request served from the cache: through `handles` when

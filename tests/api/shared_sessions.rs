@@ -149,6 +149,21 @@ async fn two_replicas_refreshing_one_session_at_once_make_one_refresh_and_the_gr
     let again = b.user_token(&aged(&handle), BILLING_KEY).await;
     assert_eq!(again.status, 200, "the grant survives: {}", again.body);
     assert_eq!(idp.token_requests(), 4, "1 exchange and 3 refreshes");
+    // The replicas' metrics count the same requests.
+    let mut counted = [0.0, 0.0];
+    for app in [&a, &b] {
+        let text = app.scrape().await;
+        for (grant, total) in ["authorization_code", "refresh_token"]
+            .iter()
+            .zip(&mut counted)
+        {
+            let name = format!(
+                r#"token_broker_user_idp_requests_total{{tenant="acme",environment="production",grant="{grant}",outcome="ok"}}"#
+            );
+            *total += metric(&text, &name).unwrap_or(0.0);
+        }
+    }
+    assert_eq!(counted, [1.0, 3.0]);
 }
 
 #[tokio::test]
