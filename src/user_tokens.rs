@@ -340,9 +340,11 @@ impl UserTokens {
                 return Ok(lease);
             }
             // A refresh gives tokens of the lifetime the last refresh gave: when that is too
-            // short, another would spend an IdP request for nothing.
+            // short, another would spend an IdP request for nothing, until that token expires
+            // (the IdP may issue longer ones by then).
             let lifetime = grant.access.lifetime();
-            if grant.generation > 1 && lifetime < required {
+            let last_live = grant.access.remaining(started) > Duration::ZERO;
+            if grant.generation > 1 && last_live && lifetime < required {
                 return Err(self.too_short(lifetime, required));
             }
         }
@@ -369,8 +371,14 @@ impl UserTokens {
         let Some(refresh_token) = &grant.refresh_token else {
             return Err(self.reauthorize(session, environment).await);
         };
-        if let Some(retry_after) = session.refresh_paused(Instant::now()) {
-            return Err(UserError::RefreshPaused { retry_after });
+        if let Some((retry_after, rejected)) = session.refresh_paused(Instant::now()) {
+            return Err(match rejected {
+                // The same refusal, as the IdP gave it: the caller has something to fix.
+                Some((status, code)) => {
+                    UserError::Token(IdpError::Rejected { status, code }.into())
+                }
+                None => UserError::RefreshPaused { retry_after },
+            });
         }
         let answer = self.inner.idp.refresh(environment, refresh_token).await;
         self.count_idp_request(environment, "refresh_token", &answer);
@@ -394,8 +402,12 @@ impl UserTokens {
                 return Err(self.reauthorize(session, environment).await);
             }
             Err(error) => {
+                let rejected = match &error {
+                    IdpError::Rejected { status, code } => Some((*status, code.clone())),
+                    _ => None,
+                };
                 let error = BrokerError::from(error);
-                let wait = session.refresh_failed(Instant::now(), error.retry_after());
+                let wait = session.refresh_failed(Instant::now(), error.retry_after(), rejected);
                 tracing::debug!(
                     wait_ms = wait.as_millis(),
                     "user token refreshes paused after a failure"

@@ -68,6 +68,8 @@ impl UserTokens {
                     let generation = record.generation;
                     *grant = grant_of(record.access, record.refresh_token, generation);
                     session.mark_saved(generation);
+                    // Another replica refreshed: the IdP answers again.
+                    session.refresh_succeeded();
                 } else if record.generation < grant.generation {
                     // This replica refreshed while its write failed: write it now, before any
                     // other replica refreshes with the older refresh token.
@@ -157,6 +159,8 @@ impl UserTokens {
                     let generation = record.generation;
                     *grant = grant_of(record.access, record.refresh_token, generation);
                     session.mark_saved(generation);
+                    // Another replica refreshed: the IdP answers again.
+                    session.refresh_succeeded();
                 }
                 Ok(SessionLookup::Deleted) => {
                     self.release(&shared, &id, lock).await;

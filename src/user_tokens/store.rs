@@ -35,6 +35,18 @@ const REFRESH_PAUSE_BASE: Duration = Duration::from_secs(1);
 /// Longest pause between two refreshes that fail.
 const REFRESH_PAUSE_CAP: Duration = Duration::from_secs(60);
 
+/// Longest `Retry-After` of the IdP that pauses refreshes.
+const MAX_IDP_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Failed refreshes in a row and the pause they set.
+#[derive(Default)]
+struct RefreshPause {
+    failures: u32,
+    until: Option<Instant>,
+    /// Status and OAuth2 error code of the IdP's refusal, when it refused.
+    rejected: Option<(u16, String)>,
+}
+
 /// Prefix of handles, so a leaked one is recognisable in a secret scanner.
 const HANDLE_PREFIX: &str = "uth_";
 
@@ -121,7 +133,7 @@ pub struct Session {
     forgotten: AtomicBool,
     /// Failed refreshes in a row, and when the next may be tried: a caller that keeps asking
     /// while the IdP fails does not make it one request per ask.
-    refresh_pause: std::sync::Mutex<(u32, Option<Instant>)>,
+    refresh_pause: std::sync::Mutex<RefreshPause>,
 }
 
 impl Session {
@@ -138,7 +150,7 @@ impl Session {
             unwritten: std::sync::Mutex::new(None),
             writing: AtomicBool::new(false),
             forgotten: AtomicBool::new(false),
-            refresh_pause: std::sync::Mutex::new((0, None)),
+            refresh_pause: std::sync::Mutex::new(RefreshPause::default()),
         }
     }
 
@@ -241,34 +253,39 @@ impl Session {
         self.writing.store(false, Ordering::Release);
     }
 
-    /// How long refreshes are paused after failures, if they are now.
-    pub fn refresh_paused(&self, now: Instant) -> Option<Duration> {
+    /// How long refreshes are paused after failures, if they are now, and the IdP's refusal
+    /// when that was the failure (so callers meanwhile get the same answer).
+    pub fn refresh_paused(&self, now: Instant) -> Option<(Duration, Option<(u16, String)>)> {
         let pause = self.pause_slot();
-        pause
-            .1
-            .and_then(|until| until.checked_duration_since(now))
-            .filter(|wait| !wait.is_zero())
+        let wait = pause.until?.checked_duration_since(now)?;
+        (!wait.is_zero()).then(|| (wait, pause.rejected.clone()))
     }
 
     /// Records a failed refresh: the next waits 1 s, doubled per failure in a row up to a
-    /// minute, or as long as the IdP asked (`at_least`); returns the wait.
-    pub fn refresh_failed(&self, now: Instant, at_least: Option<Duration>) -> Duration {
+    /// minute, or as long as the IdP asked (`at_least`, up to an hour); returns the wait.
+    pub fn refresh_failed(
+        &self,
+        now: Instant,
+        at_least: Option<Duration>,
+        rejected: Option<(u16, String)>,
+    ) -> Duration {
         let mut pause = self.pause_slot();
-        pause.0 = pause.0.saturating_add(1);
-        let doubled = REFRESH_PAUSE_BASE.saturating_mul(1 << pause.0.saturating_sub(1).min(6));
-        let wait = doubled
-            .min(REFRESH_PAUSE_CAP)
-            .max(at_least.unwrap_or_default().min(REFRESH_PAUSE_CAP));
-        pause.1 = now.checked_add(wait);
+        pause.failures = pause.failures.saturating_add(1);
+        let doubled =
+            REFRESH_PAUSE_BASE.saturating_mul(1 << pause.failures.saturating_sub(1).min(6));
+        let asked = at_least.unwrap_or_default().min(MAX_IDP_RETRY_AFTER);
+        let wait = doubled.min(REFRESH_PAUSE_CAP).max(asked);
+        pause.until = now.checked_add(wait);
+        pause.rejected = rejected;
         wait
     }
 
-    /// Records a refresh that worked.
+    /// Records a refresh that worked, here or on another replica.
     pub fn refresh_succeeded(&self) {
-        *self.pause_slot() = (0, None);
+        *self.pause_slot() = RefreshPause::default();
     }
 
-    fn pause_slot(&self) -> std::sync::MutexGuard<'_, (u32, Option<Instant>)> {
+    fn pause_slot(&self) -> std::sync::MutexGuard<'_, RefreshPause> {
         self.refresh_pause
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

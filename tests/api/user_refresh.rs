@@ -116,6 +116,62 @@ async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most(
 }
 
 #[tokio::test]
+async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_again() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    // The first refresh gives a token shorter than cache.min_remaining (60 s), later ones an
+    // hour: the IdP changed its settings.
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(user_token_body("user-2", 2, Some("rt-2")))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("refresh_token=rt-2"))
+        .respond_with(user_token_body("user-3", 3600, Some("rt-3")))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    for _ in 0..3 {
+        let answer = app.user_token(&handle, BILLING_KEY).await;
+        assert_eq!(answer.status, 502, "{}", answer.body);
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let answer = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(
+        (answer.status, answer.token()),
+        (200, "user-3"),
+        "{}",
+        answer.body
+    );
+    app.idp.verify().await;
+}
+
+#[tokio::test]
+async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=refresh_token"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_scope"})))
+        .expect(1)
+        .mount(&app.idp)
+        .await;
+    for _ in 0..3 {
+        let answer = app.user_token(&handle, BILLING_KEY).await;
+        assert_eq!(
+            (answer.status, answer.body["upstream_error"].as_str()),
+            (502, Some("invalid_scope")),
+            "{}",
+            answer.body
+        );
+    }
+    app.idp.verify().await;
+}
+
+#[tokio::test]
 async fn a_401_on_refresh_asks_for_reauthorization() {
     let app = spawn_user_app().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
