@@ -151,6 +151,7 @@ impl AppState {
             &settings.users,
             min_remaining,
             idp,
+            broker.clone(),
             metrics.clone(),
             sessions,
         );

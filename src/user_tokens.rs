@@ -27,7 +27,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::broker::{BrokerError, CacheStatus, Lease, TokenKey, idp_outcome};
+use crate::broker::{Broker, BrokerError, CacheStatus, Lease, TokenKey, idp_outcome};
 use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
 use crate::telemetry::metrics::Metrics;
 
@@ -137,6 +137,8 @@ pub struct UserTokens {
 
 struct Inner {
     idp: IdpClient,
+    /// For the guards of each IdP client (the pause after a 429, concurrent requests).
+    broker: Broker,
     metrics: Metrics,
     pending: PendingAuthorizations,
     sessions: SessionStore,
@@ -155,12 +157,14 @@ impl UserTokens {
         settings: &UserSettings,
         min_remaining: Duration,
         idp: IdpClient,
+        broker: Broker,
         metrics: Metrics,
         shared: Option<Arc<dyn SharedSessions>>,
     ) -> Self {
         let with_shared = shared.is_some();
         let inner = Arc::new(Inner {
             idp,
+            broker,
             metrics,
             pending: PendingAuthorizations::new(settings),
             sessions: SessionStore::new(settings),
@@ -268,16 +272,17 @@ impl UserTokens {
         environment: &EnvironmentSettings,
         code: &str,
     ) -> Result<String, UserError> {
+        let exchange = self.inner.idp.exchange_code(
+            environment,
+            code,
+            &pending.redirect_uri,
+            pending.expose_code_verifier(),
+        );
         let answer = self
             .inner
-            .idp
-            .exchange_code(
-                environment,
-                code,
-                &pending.redirect_uri,
-                pending.expose_code_verifier(),
-            )
-            .await;
+            .broker
+            .guard_user_request(environment, exchange)
+            .await?;
         self.count_idp_request(environment, "authorization_code", &answer);
         let grant = answer.map_err(|error| match error {
             IdpError::Rejected { ref code, .. } => UserError::CodeRejected {
@@ -380,7 +385,12 @@ impl UserTokens {
                 None => UserError::RefreshPaused { retry_after },
             });
         }
-        let answer = self.inner.idp.refresh(environment, refresh_token).await;
+        let refresh = self.inner.idp.refresh(environment, refresh_token);
+        let answer = self
+            .inner
+            .broker
+            .guard_user_request(environment, refresh)
+            .await?;
         self.count_idp_request(environment, "refresh_token", &answer);
         let fresh = match answer {
             Ok(fresh) => {

@@ -9,7 +9,7 @@ const RETRY_AFTER_TRANSIENT: Duration = Duration::from_secs(1);
 /// How long a caller with `max_keys` keys is asked to wait (until some of them expire).
 const RETRY_AFTER_TOO_MANY_KEYS: Duration = Duration::from_secs(60);
 /// How long an IdP client is left alone after a 429 that did not say.
-const RETRY_AFTER_RATE_LIMITED: Duration = Duration::from_secs(10);
+pub(super) const RETRY_AFTER_RATE_LIMITED: Duration = Duration::from_secs(10);
 
 /// Why no token could be handed out.
 #[derive(Debug, thiserror::Error)]

@@ -82,6 +82,38 @@ impl Broker {
         self.upstream(environment).unblock();
     }
 
+    /// Sends `request`, one request of a user token (a code exchange or a refresh), through the
+    /// guards of `environment`'s IdP client: not while a 429 pauses the client (the outer
+    /// `Err`), at most `max_concurrent_fetches` at once, and a 429 answer pauses the client for
+    /// every key, machine tokens included. `max_fetches_per_hour` is not charged: it guards
+    /// machine-token quotas, which user grants do not draw on.
+    pub async fn guard_user_request<T>(
+        &self,
+        environment: &EnvironmentSettings,
+        request: impl Future<Output = Result<T, IdpError>>,
+    ) -> Result<Result<T, IdpError>, BrokerError> {
+        let upstream = self.upstream(environment);
+        if let Some(retry_after) = upstream.blocked_for(Instant::now()) {
+            return Err(BrokerError::RateLimited { retry_after });
+        }
+        let answer = {
+            let _permit = upstream.permits.acquire().await.expect("never closed");
+            request.await
+        };
+        if let Err(IdpError::RateLimited { retry_after }) = &answer {
+            tracing::warn!(
+                tenant = %environment.tenant,
+                environment = %environment.environment,
+                "the IdP is rate limiting this client (on a user token request); pausing requests to it"
+            );
+            upstream.block(
+                Instant::now(),
+                retry_after.unwrap_or(super::error::RETRY_AFTER_RATE_LIMITED),
+            );
+        }
+        Ok(answer)
+    }
+
     /// The rate-limit headers last seen from `environment`'s IdP client.
     pub fn rate_limit(&self, environment: &EnvironmentSettings) -> RateLimitHeaders {
         self.upstream(environment).rate_limit()

@@ -171,6 +171,55 @@ async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
     app.idp.verify().await;
 }
 
+/// How many requests the IdP received whose body contains `grant`.
+async fn received(app: &TestApp, grant: &str) -> usize {
+    let requests = app.idp.received_requests().await.unwrap();
+    requests
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains(grant))
+        .count()
+}
+
+#[tokio::test]
+async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
+    Mock::given(method("POST"))
+        .and(body_string_contains("refresh_token"))
+        .respond_with(rate_limited.clone())
+        .mount(&app.idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("client_credentials"))
+        .respond_with(rate_limited)
+        .mount(&app.idp)
+        .await;
+    // A user token's refresh gets the 429: the client is paused for machine tokens too.
+    let user = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(user.status, 503, "{}", user.body);
+    assert_eq!(user.header("retry-after"), Some("30"));
+    let machine = app.billing("acme/production").await;
+    assert_eq!(machine.status, 503, "{}", machine.body);
+    assert!(machine.header("retry-after").is_some());
+    assert_eq!(received(&app, "client_credentials").await, 0);
+    assert_eq!(received(&app, "refresh_token").await, 1);
+
+    // And the other way round, on a client whose machine token got the 429 first.
+    let app = spawn_user_app().await;
+    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
+    Mock::given(method("POST"))
+        .respond_with(rate_limited)
+        .mount(&app.idp)
+        .await;
+    assert_eq!(app.billing("acme/production").await.status, 503);
+    let user = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(user.status, 503, "{}", user.body);
+    assert!(user.header("retry-after").is_some());
+    assert_eq!(received(&app, "refresh_token").await, 0);
+}
+
 #[tokio::test]
 async fn a_401_on_refresh_asks_for_reauthorization() {
     let app = spawn_user_app().await;
