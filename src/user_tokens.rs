@@ -467,6 +467,12 @@ impl UserTokens {
         );
     }
 
+    /// Sessions held in memory, and those whose tokens are still to be written to the shared
+    /// level (for `/metrics`).
+    pub fn session_counts(&self) -> (u64, usize) {
+        self.inner.sessions.counts()
+    }
+
     /// Why tokens of `lifetime` cannot serve a request for `required`.
     fn too_short(&self, lifetime: Duration, required: Duration) -> UserError {
         let min_remaining = self.inner.min_remaining;

@@ -32,6 +32,8 @@ static PROMETHEUS_TEXT: HeaderValue =
 pub async fn metrics(State(state): State<AppState>, _: MetricsReader) -> Response {
     let metrics = &state.metrics;
     metrics.set_cache_entries(state.broker.entries().len());
+    let (held, unwritten) = state.user_tokens.session_counts();
+    metrics.set_user_sessions(held, unwritten);
     metrics.set_ready(state.is_ready());
     if let Some(shared) = state.broker.shared_cache_status() {
         metrics.set_shared_cache(SharedCacheFigures {

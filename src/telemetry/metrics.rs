@@ -16,8 +16,10 @@ use arc_swap::ArcSwap;
 use foldhash::HashMap;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 mod http;
+mod outcome;
 
 pub use http::{HttpMetrics, RouteMemo};
+pub use outcome::IdpOutcome;
 
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -67,6 +69,10 @@ pub const WORKLOAD_REJECTIONS: &str = "token_broker_workload_rejections_total";
 pub const WORKLOAD_KEY_FETCHES: &str = "token_broker_workload_key_fetches_total";
 /// Requests to IdPs for user tokens, by `tenant`, `environment`, `grant` and `outcome`.
 pub const USER_IDP_REQUESTS: &str = "token_broker_user_idp_requests_total";
+/// Gauge: user sessions held in this replica's memory.
+pub const USER_SESSIONS: &str = "token_broker_user_sessions";
+/// Gauge: user sessions whose latest tokens are not in the shared cache yet.
+pub const USER_SESSIONS_UNWRITTEN: &str = "token_broker_user_sessions_unwritten";
 
 /// What `/metrics` shows of the shared cache.
 #[derive(Debug, Clone, Copy)]
@@ -94,70 +100,6 @@ const IDP_DURATION_BUCKETS: [f64; 12] = [
 /// The `metrics` metadata of every handle registered here (the Prometheus recorder ignores it).
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
-
-/// What became of one token request to an IdP, the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdpOutcome {
-    /// A token.
-    Ok,
-    /// A 4xx other than 429.
-    Rejected,
-    /// A 429.
-    RateLimited,
-    /// No answer in time.
-    Timeout,
-    /// No connection, or a broken one.
-    Connect,
-    /// A 5xx.
-    ServerError,
-    /// A 2xx that is not a usable token.
-    InvalidResponse,
-    /// An answer longer than `max_response_bytes`.
-    ResponseTooLarge,
-    /// Not sent: the environment's `max_fetches_per_hour` was spent.
-    QuotaExhausted,
-    /// Not sent: the `private_key_jwt` assertion could not be signed.
-    SigningFailed,
-}
-
-impl IdpOutcome {
-    /// Every outcome, in label order.
-    pub const ALL: [Self; 10] = [
-        Self::Ok,
-        Self::Rejected,
-        Self::RateLimited,
-        Self::Timeout,
-        Self::Connect,
-        Self::ServerError,
-        Self::InvalidResponse,
-        Self::ResponseTooLarge,
-        Self::QuotaExhausted,
-        Self::SigningFailed,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Rejected => "rejected",
-            Self::RateLimited => "rate_limited",
-            Self::Timeout => "timeout",
-            Self::Connect => "connect",
-            Self::ServerError => "server_error",
-            Self::InvalidResponse => "invalid_response",
-            Self::ResponseTooLarge => "response_too_large",
-            Self::QuotaExhausted => "quota_exhausted",
-            Self::SigningFailed => "signing_failed",
-        }
-    }
-
-    fn index(self) -> usize {
-        Self::ALL
-            .iter()
-            .position(|outcome| *outcome == self)
-            .expect("ALL lists every outcome")
-    }
-}
 
 /// Where the settings of an environment keep the handles of its metrics, filled when the
 /// application registers the environment, so that counting a cache hit needs no lookup by name.
@@ -265,6 +207,14 @@ impl Metrics {
         }
         for (name, help) in [
             (CACHE_ENTRIES, "Tokens held in the cache."),
+            (
+                USER_SESSIONS,
+                "User sessions held in this replica's memory.",
+            ),
+            (
+                USER_SESSIONS_UNWRITTEN,
+                "User sessions whose latest tokens could not be written to the shared cache yet.",
+            ),
             (
                 READY,
                 "1 while /readyz answers 200, 0 while draining on shutdown.",
@@ -493,6 +443,20 @@ impl Metrics {
     /// Sets the number of cached tokens.
     pub fn set_cache_entries(&self, entries: usize) {
         self.inner.cache_entries.set(entries as f64);
+    }
+
+    /// Sets the user sessions held in memory, and those whose tokens are still to be written.
+    pub fn set_user_sessions(&self, held: u64, unwritten: usize) {
+        for (name, value) in [
+            (USER_SESSIONS, held as f64),
+            (USER_SESSIONS_UNWRITTEN, unwritten as f64),
+        ] {
+            let key = Key::from_name(name);
+            self.inner
+                .recorder
+                .register_gauge(&key, &METADATA)
+                .set(value);
+        }
     }
 
     /// Sets the IdP's rate-limit remaining for an environment (at scrape time, not on a hot path).

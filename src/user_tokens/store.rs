@@ -432,6 +432,12 @@ impl SessionStore {
         }
     }
 
+    /// Sessions kept (moka's count, which settles shortly after changes), and those held for
+    /// tokens still to be written.
+    pub fn counts(&self) -> (u64, usize) {
+        (self.sessions.entry_count(), self.unwritten_map().len())
+    }
+
     /// Every session kept, for writing them back to a shared level that lost them.
     pub fn all(&self) -> Vec<Arc<Session>> {
         let held: Vec<Arc<Session>> = self.unwritten_map().values().cloned().collect();

@@ -26,13 +26,14 @@ const SERVICE_MONITOR: &str = "deploy/kubernetes/servicemonitor.yaml";
 const DEPLOYMENT: &str = "deploy/kubernetes/deployment.yaml";
 
 /// The alerts the rules must define.
-const ALERTS: [&str; 8] = [
+const ALERTS: [&str; 9] = [
     "TokenBrokerIdpErrors",
     "TokenBrokerIdpRateLimited",
     "TokenBrokerAuth0QuotaLow",
     "TokenBrokerQuotaGuardRefusing",
     "TokenBrokerRefreshesFailing",
     "TokenBrokerSharedCacheDown",
+    "TokenBrokerUserSessionsUnwritten",
     "TokenBrokerCallerOverIdpBudget",
     "TokenBrokerNotReady",
 ];

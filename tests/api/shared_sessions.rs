@@ -305,6 +305,8 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
         refreshed.body
     );
     assert_eq!(idp.token_requests(), 3);
+    let unwritten = |text: String| metric(&text, "token_broker_user_sessions_unwritten");
+    assert_eq!(unwritten(a.scrape().await), Some(1.0), "the refreshed one");
     let elsewhere = b.user_token(&handle, BILLING_KEY).await;
     assert_eq!(elsewhere.status, 503, "never a 404: {}", elsewhere.body);
     assert_eq!(elsewhere.body["error"], "upstream_unavailable");
@@ -328,6 +330,10 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
             .await
             .unwrap();
         keys.len() == 2
+    })
+    .await;
+    eventually("nothing left to write", async || {
+        unwritten(a.scrape().await) == Some(0.0)
     })
     .await;
     b.wait_for_shared_cache(true).await;
