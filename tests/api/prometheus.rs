@@ -578,7 +578,10 @@ async fn promtool_accepts_the_metrics_and_the_rules_and_dashboard_name_only_expo
     // A replica with a shared cache, and an IdP that sends Auth0's rate-limit and quota headers,
     // so that every metric the broker has shows.
     let redis = RedisServer::start().await;
-    let fleet = spawn_fleet(1, &redis, "").await;
+    let users = format!(
+        "[tenants.acme.environments.production]\nauthorize_url = \"{AUTHORIZE_URL}\"\nredirect_uri = \"{REDIRECT_URI}\"\n"
+    );
+    let fleet = spawn_fleet(1, &redis, &users).await;
     let app = &fleet[0];
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))
@@ -606,6 +609,15 @@ async fn promtool_accepts_the_metrics_and_the_rules_and_dashboard_name_only_expo
         app.billing("acme/production").await.header("x-cache"),
         Some("hit")
     );
+    // A user's login, for the user-token metrics.
+    let started = app
+        .authorize("acme/production", BILLING_KEY, json!({}))
+        .await;
+    let state = started.body["state"].as_str().unwrap();
+    let created = app
+        .create_session("acme/production", BILLING_KEY, "a-code", state)
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
     let text = app.scrape().await;
 
     let checked = promtool(&["check", "metrics"], Some(&text));
@@ -623,6 +635,8 @@ async fn promtool_accepts_the_metrics_and_the_rules_and_dashboard_name_only_expo
         "token_broker_idp_quota_remaining",
         "token_broker_idp_rate_limit_remaining",
         "token_broker_shared_cache_up",
+        "token_broker_user_idp_requests_total",
+        "token_broker_user_sessions_unwritten",
     ] {
         assert!(exported.contains(name), "{name} not in the scrape:\n{text}");
     }
