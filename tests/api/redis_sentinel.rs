@@ -252,3 +252,34 @@ async fn sentinels_going_away_leave_the_known_master_in_use() {
         "the brokers still share through the master"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_that_does_not_answer_is_passed_over_for_the_next() {
+    let ha = Ha::start().await;
+    let idp = std::sync::Arc::new(wiremock::MockServer::start().await);
+    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    // Nothing listens on the first sentinel's port.
+    let config = ha.config().replace(
+        "sentinels = [",
+        &format!("sentinels = [\"127.0.0.1:{}\", ", free_port()),
+    );
+    assert!(config.contains("\", \"127.0.0.1:"), "{config}");
+    let mut fleet = Vec::new();
+    for _ in 0..2 {
+        let base = base_config(&idp.uri());
+        let app = spawn_sharing(&idp, &[&base, &config]).await;
+        app.wait_for_shared_cache(true).await;
+        fleet.push(app);
+    }
+    let token = fleet[0].billing("acme/production").await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    assert_eq!(
+        fleet[1].billing("acme/production").await.token(),
+        token.token()
+    );
+    assert_eq!(
+        issuer.issued(),
+        1,
+        "both found the master through the second sentinel"
+    );
+}
