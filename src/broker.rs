@@ -59,7 +59,7 @@ pub use shared::{
     Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus, SharedEntry,
     SharedFuture, SharedKey, SharedToken, TokenDigest,
 };
-pub use token::CachedToken;
+pub use token::{CachedToken, refresh_backoff};
 pub use upstream::Upstream;
 
 /// (tenant, environment), as in a [`TokenKey`].

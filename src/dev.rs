@@ -27,10 +27,10 @@ use crate::startup::{Application, StartupError, shutdown_signal};
 pub const DEMO_AUDIENCE: &str = "https://api.demo.example";
 
 /// The `auth.workload.audience` of dev mode, which the printed workload token carries.
-pub const WORKLOAD_AUDIENCE: &str = "token-broker";
+const WORKLOAD_AUDIENCE: &str = "token-broker";
 
 /// The subject of the printed workload token: the demo caller as a Kubernetes service account.
-pub const WORKLOAD_SUBJECT: &str = "system:serviceaccount:demo:app";
+const WORKLOAD_SUBJECT: &str = "system:serviceaccount:demo:app";
 
 /// How long the printed workload token is valid.
 const WORKLOAD_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);

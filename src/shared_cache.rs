@@ -119,6 +119,13 @@ enum Attempt {
     EvenIfDown,
 }
 
+/// Whole milliseconds, at least 1, as Redis' `PX` and the scripts take them.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 fn random_hex() -> String {
     format!("{:032x}", rand::rng().random::<u128>())
 }
@@ -304,7 +311,7 @@ impl Inner {
             key.to_hex(),
             token.digest().to_hex()
         );
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ttl_ms = millis(ttl);
         let mut connection = self.connection()?;
         let mut invocation = self.store.key(&redis_key);
         invocation
@@ -330,7 +337,7 @@ impl Inner {
         attempt: Attempt,
     ) -> Result<Option<LockToken>, SharedCacheError> {
         let holder = random_hex();
-        let ttl_ms = u64::try_from(self.lock_ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = millis(self.lock_ttl);
         let mut set = redis::cmd("SET");
         set.arg(lock_key)
             .arg(&holder)
@@ -372,7 +379,7 @@ impl Inner {
             .arg(digest)
             .arg(&self.channel)
             .arg(message.trim_end())
-            .arg(TOMBSTONE_TTL.as_millis().to_string());
+            .arg(millis(TOMBSTONE_TTL));
         self.call(invocation.invoke_async::<i64>(&mut connection))
             .await
             .map(drop)

@@ -341,7 +341,7 @@ impl UserTokens {
         let started = SystemTime::now();
         {
             let grant = session.grant().await;
-            if let Some(lease) = servable(&grant, required, started, CacheStatus::Hit) {
+            if let Some(lease) = servable(&grant, required, started) {
                 return Ok(lease);
             }
             // A refresh gives tokens of the lifetime the last refresh gave: when that is too
@@ -512,8 +512,7 @@ impl UserTokens {
     async fn reauthorize(&self, session: &Session, environment: &EnvironmentSettings) -> UserError {
         if self.forget_session(session).await.is_err() {
             // Its refresh token is dead anyway: forgotten here, and refused everywhere else.
-            session.mark_forgotten();
-            self.inner.sessions.remove(&session.id()).await;
+            self.inner.sessions.forget(session).await;
         }
         let owner = Arc::from(session.owner());
         match self.start(owner, session.key().clone(), environment).await {
@@ -524,23 +523,16 @@ impl UserTokens {
 }
 
 /// A lease on the access token of `grant` when it serves a request for `required` validity
-/// that started at `started`: it has that much left, or it was fetched since the request
-/// started with that much lifetime (a refresh the request waited for is as good as its own).
-fn servable(
-    grant: &Grant,
-    required: Duration,
-    started: SystemTime,
-    status: CacheStatus,
-) -> Option<Lease> {
+/// that started at `started` ([`CachedToken::serves`](crate::broker::CachedToken::serves)); a hit, since this request did not ask
+/// the IdP (a refresh it waited for counts as another's).
+fn servable(grant: &Grant, required: Duration, started: SystemTime) -> Option<Lease> {
     let access = &grant.access;
     let now = SystemTime::now();
-    let fresh = access.remaining(now) >= required
-        || (access.fetched_at >= started && access.lifetime() >= required);
-    fresh.then(|| {
+    access.serves(now, required, started).then(|| {
         access.record_hit();
         Lease {
             token: Arc::clone(access),
-            status,
+            status: CacheStatus::Hit,
             at: now,
         }
     })

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use crate::api::error::ErrorBody;
 use crate::app::AppState;
 use crate::auth::MetricsReader;
-use crate::telemetry::metrics::SharedCacheFigures;
 
 /// The content type of the Prometheus text exposition format.
 static PROMETHEUS_TEXT: HeaderValue =
@@ -36,13 +35,7 @@ pub async fn metrics(State(state): State<AppState>, _: MetricsReader) -> Respons
     metrics.set_user_sessions(held, unwritten);
     metrics.set_ready(state.is_ready());
     if let Some(shared) = state.broker.shared_cache_status() {
-        metrics.set_shared_cache(SharedCacheFigures {
-            up: shared.up,
-            subscribed: shared.subscribed,
-            errors: shared.errors,
-            invalidations: shared.invalidations,
-            master_changes: shared.master_changes,
-        });
+        metrics.set_shared_cache(shared);
     }
     for (tenant, name, environment) in state.current().settings.environments() {
         let seen = state.broker.rate_limit(environment);

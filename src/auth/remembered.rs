@@ -5,22 +5,16 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
 use super::Caller;
+use super::workload::unix_now;
 
 /// How often a full set of remembered tokens is swept for expired ones, at most.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Seconds since the Unix epoch, now.
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
-}
 
 /// A token that verified and what it proved.
 struct RememberedToken {

@@ -35,7 +35,7 @@ const NO_KEYS_RETRY: Duration = Duration::from_secs(1);
 /// How often keys from a URL are fetched in the background, so a key that leaves the JWKS
 /// stops verifying even when no unknown `kid` arrives (the last good keys stay in use while
 /// fetches fail). Files are looked at every `jwks_refresh_interval`.
-pub const JWKS_BACKGROUND_REFRESH: Duration = Duration::from_secs(300);
+const JWKS_BACKGROUND_REFRESH: Duration = Duration::from_secs(300);
 
 /// Which check a workload token failed: the `error_description` of its 401. None of them quotes
 /// the token, the configured issuers, audience or subjects.
@@ -172,7 +172,7 @@ pub(super) fn looks_like_jwt(value: &str) -> bool {
 }
 
 /// Seconds since the Unix epoch, now.
-fn unix_now() -> f64 {
+pub(super) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |elapsed| elapsed.as_secs_f64())

@@ -353,10 +353,9 @@ fn lease(
     // lifetime counts; `expires_in` then shows the fraction of a second already gone. Such a
     // request waited on an IdP request (its own, or another caller's or replica's): a miss.
     // An older one was already there (found in the shared level, say): a hit.
-    let lifetime = token.lifetime();
     let fresh = token.fetched_at >= started;
     let now = SystemTime::now();
-    if token.remaining(now) >= required || (fresh && lifetime >= required) {
+    if token.serves(now, required, started) {
         token.record_hit();
         let status = if fresh {
             CacheStatus::Miss
@@ -370,6 +369,7 @@ fn lease(
         }));
     }
     if fresh {
+        let lifetime = token.lifetime();
         return Err(Arc::new(BrokerError::MinTtlTooLong { required, lifetime }));
     }
     Ok(None)

@@ -9,7 +9,7 @@ const RETRY_AFTER_TRANSIENT: Duration = Duration::from_secs(1);
 /// How long a caller with `max_keys` keys is asked to wait (until some of them expire).
 const RETRY_AFTER_TOO_MANY_KEYS: Duration = Duration::from_secs(60);
 /// How long an IdP client is left alone after a 429 that did not say.
-pub(super) const RETRY_AFTER_RATE_LIMITED: Duration = Duration::from_secs(10);
+const RETRY_AFTER_RATE_LIMITED: Duration = Duration::from_secs(10);
 
 /// Why no token could be handed out.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +127,11 @@ impl BrokerError {
     }
 }
 
+/// How long a 429 pauses the IdP client: what the IdP said, else 10 s.
+pub(super) fn rate_limit_pause(asked: Option<Duration>) -> Duration {
+    asked.unwrap_or(RETRY_AFTER_RATE_LIMITED)
+}
+
 impl From<IdpError> for BrokerError {
     fn from(error: IdpError) -> Self {
         match error {
@@ -135,7 +140,7 @@ impl From<IdpError> for BrokerError {
                 source: error,
             },
             IdpError::RateLimited { retry_after } => Self::Unavailable {
-                retry_after: retry_after.unwrap_or(RETRY_AFTER_RATE_LIMITED),
+                retry_after: rate_limit_pause(retry_after),
                 source: error,
             },
             _ => Self::Unavailable {

@@ -106,10 +106,7 @@ impl Broker {
                 environment = %environment.environment,
                 "the IdP is rate limiting this client (on a user token request); pausing requests to it"
             );
-            upstream.block(
-                Instant::now(),
-                retry_after.unwrap_or(super::error::RETRY_AFTER_RATE_LIMITED),
-            );
+            upstream.block(Instant::now(), super::error::rate_limit_pause(*retry_after));
         }
         Ok(answer)
     }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::broker::{CachedToken, TokenKey};
 use crate::idp::EnvironmentSettings;
 use crate::idp::IssuedToken;
+pub use crate::telemetry::metrics::SharedCacheStatus;
 
 /// Where one token lives in the shared level: SHA-256 of its whole identity.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,28 +179,6 @@ pub enum SharedCacheError {
     /// The server answered with an error or the connection failed.
     #[error("the shared cache failed: {0}")]
     Backend(String),
-}
-
-/// What the shared level is doing, for logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SharedCacheStatus {
-    /// Calls succeed (false: skipped until a health probe succeeds).
-    pub up: bool,
-    /// The invalidation subscription is live.
-    pub subscribed: bool,
-    /// Failed calls since start.
-    pub errors: u64,
-    /// Other replicas' announcements received since start.
-    pub invalidations: u64,
-    /// Masters moved to since start (behind Sentinel: the first one found included).
-    pub master_changes: u64,
-}
-
-impl SharedCacheStatus {
-    /// Both calls and invalidations work.
-    pub fn healthy(&self) -> bool {
-        self.up && self.subscribed
-    }
 }
 
 /// The future of a shared-level call.

@@ -23,6 +23,14 @@ const REFRESH_BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Longest wait between two refresh attempts.
 const REFRESH_BACKOFF_CAP: Duration = Duration::from_secs(60);
 
+/// The wait before the next refresh after `failures_before` earlier failures in a row and one
+/// more: 1 s, doubled per failure, at most a minute.
+pub fn refresh_backoff(failures_before: u32) -> Duration {
+    REFRESH_BACKOFF_BASE
+        .saturating_mul(1 << failures_before.min(16))
+        .min(REFRESH_BACKOFF_CAP)
+}
+
 /// A token in the cache, with its timing and the pieces of its response body.
 pub struct CachedToken {
     access_token: AccessToken,
@@ -127,6 +135,14 @@ impl CachedToken {
         TokenDigest::of(self.access_token.expose())
     }
 
+    /// Whether the token serves a request for `required` validity that started at `started`:
+    /// it has that much left at `now`, or it was fetched since the request started and lives
+    /// that long (a fetch the request waited for is as good as its own).
+    pub fn serves(&self, now: SystemTime, required: Duration, started: SystemTime) -> bool {
+        self.remaining(now) >= required
+            || (self.fetched_at >= started && self.lifetime() >= required)
+    }
+
     /// Validity left at `now` (zero once expired).
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.expires_at
@@ -196,10 +212,7 @@ impl CachedToken {
     /// over its upper half).
     pub fn refresh_failed(&self, now: SystemTime, jitter: f64) {
         let failures = self.refresh_failures.fetch_add(1, Ordering::Relaxed);
-        let wait = REFRESH_BACKOFF_BASE
-            .saturating_mul(1 << failures.min(16))
-            .min(REFRESH_BACKOFF_CAP)
-            .mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+        let wait = refresh_backoff(failures).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
         let not_before = now.checked_add(wait).unwrap_or(now);
         self.refresh_not_before_ms
             .store(unix_ms(not_before).max(1), Ordering::Relaxed);

@@ -5,6 +5,23 @@ use std::path::Path;
 
 use secrecy::{ExposeSecret as _, SecretString};
 
+/// The non-empty value of the environment variable `name` that `setting` names; a problem when
+/// it is unset or empty.
+pub(super) fn secret_from_env(
+    setting: &str,
+    name: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<SecretString> {
+    let value = env(name).filter(|value| !value.is_empty());
+    if value.is_none() {
+        problems.push(format!(
+            "{setting}: environment variable {name} is not set or empty"
+        ));
+    }
+    value.map(SecretString::from)
+}
+
 /// Resolves exactly one of `client_secret`, `client_secret_env` and `client_secret_file`.
 pub(super) fn resolve_secret(
     at: &str,

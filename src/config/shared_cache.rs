@@ -8,6 +8,7 @@ use secrecy::{ExposeSecret as _, SecretBox, SecretString};
 
 use super::pem;
 use super::raw::{RawRedisTls, RawSharedCache};
+use super::secrets::secret_from_env;
 use crate::shared_cache::{
     ClientIdentity, ENCRYPTION_KEY_LEN, EncryptionKey, RedisTarget, RedisTls, SentinelSettings,
     SharedCacheSettings,
@@ -70,15 +71,7 @@ impl RawSharedCache {
                 );
                 None
             }
-            Some(name) => match env(name).filter(|value| !value.is_empty()) {
-                Some(value) => Some(SecretString::from(value)),
-                None => {
-                    problems.push(format!(
-                        "shared_cache.password_env: environment variable {name} is not set or empty"
-                    ));
-                    None
-                }
-            },
+            Some(name) => secret_from_env("shared_cache.password_env", name, env, problems),
             None => None,
         };
         if self.username.as_deref().is_some_and(str::is_empty) {
@@ -203,13 +196,7 @@ impl RawSharedCache {
             );
         }
         let password = self.sentinel_password_env.as_deref().and_then(|name| {
-            let value = env(name).filter(|value| !value.is_empty());
-            if value.is_none() {
-                problems.push(format!(
-                    "shared_cache.sentinel_password_env: environment variable {name} is not set or empty"
-                ));
-            }
-            value.map(SecretString::from)
+            secret_from_env("shared_cache.sentinel_password_env", name, env, problems)
         });
         (problems.len() == before).then(|| {
             RedisTarget::Sentinel(SentinelSettings {

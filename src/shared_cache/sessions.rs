@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 use super::TokenCipher;
 use super::cipher::{self, OpenError, unix_millis};
 use super::scripts::{PENDING_START_SCRIPT, PENDING_TAKE_SCRIPT, SESSION_STORE_SCRIPT};
-use super::{Attempt, Inner, RedisCache};
+use super::{Attempt, Inner, RedisCache, millis};
 use crate::broker::{LockToken, SharedCacheError, SharedFuture, SharedToken, TokenKey};
 use crate::idp::{AccessToken, IssuedToken};
 use crate::user_tokens::store::HandleId;
@@ -113,12 +113,6 @@ impl SealedKey {
         TokenKey::new(&self.tenant, &self.environment, &self.audience, &self.scope)
             .for_organization(self.organization.map(Arc::from))
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
 }
 
 impl Inner {

@@ -74,19 +74,27 @@ pub const USER_SESSIONS: &str = "token_broker_user_sessions";
 /// Gauge: user sessions whose latest tokens are not in the shared cache yet.
 pub const USER_SESSIONS_UNWRITTEN: &str = "token_broker_user_sessions_unwritten";
 
-/// What `/metrics` shows of the shared cache.
-#[derive(Debug, Clone, Copy)]
-pub struct SharedCacheFigures {
-    /// Calls succeed.
+/// What the shared level is doing, for logs and metrics (the broker reports it, `/metrics`
+/// shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedCacheStatus {
+    /// Calls succeed (false: skipped until a health probe succeeds).
     pub up: bool,
     /// The invalidation subscription is live.
     pub subscribed: bool,
     /// Failed calls since start.
     pub errors: u64,
-    /// Announcements received since start.
+    /// Other replicas' announcements received since start.
     pub invalidations: u64,
-    /// Masters moved to since start (behind Sentinel).
+    /// Masters moved to since start (behind Sentinel: the first one found included).
     pub master_changes: u64,
+}
+
+impl SharedCacheStatus {
+    /// Both calls and invalidations work.
+    pub fn healthy(&self) -> bool {
+        self.up && self.subscribed
+    }
 }
 
 /// Always 1, labelled with the running `version`.
@@ -421,8 +429,8 @@ impl Metrics {
 
     /// Sets the shared cache's state (at scrape time): up and subscribed as 1/0, and its error,
     /// invalidation and master-change counts since start.
-    pub fn set_shared_cache(&self, state: SharedCacheFigures) {
-        let SharedCacheFigures {
+    pub fn set_shared_cache(&self, state: SharedCacheStatus) {
+        let SharedCacheStatus {
             up,
             subscribed,
             errors,

@@ -21,9 +21,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::shared::{SessionLookup, SessionRecord, SessionWrite, SharedSessions};
-use super::store::{Grant, HandleId, Session, grant_of};
+use super::store::{Grant, HandleId, Session};
 use super::{Inner, SHARED_RETRY_AFTER, UserError, UserTokens, servable};
-use crate::broker::{CacheStatus, Lease, LockToken};
+use crate::broker::{Lease, LockToken, SharedCacheError};
 use crate::idp::EnvironmentSettings;
 
 /// How often a replica waiting for another one's refresh looks again.
@@ -65,11 +65,7 @@ impl UserTokens {
                 };
                 let mut grant = session.grant().await;
                 if record.generation > grant.generation {
-                    let generation = record.generation;
-                    *grant = grant_of(record.access, record.refresh_token, generation);
-                    session.mark_saved(generation);
-                    // Another replica refreshed: the IdP answers again.
-                    session.refresh_succeeded();
+                    session.adopt(&mut grant, *record);
                 } else if record.generation < grant.generation {
                     // This replica refreshed while its write failed: write it now, before any
                     // other replica refreshes with the older refresh token.
@@ -82,8 +78,7 @@ impl UserTokens {
             }
             Ok(SessionLookup::Deleted) => {
                 if let Some(session) = local {
-                    session.mark_forgotten();
-                    self.inner.sessions.remove(&session.id()).await;
+                    self.inner.sessions.forget(&session).await;
                 }
                 Ok(None)
             }
@@ -130,7 +125,7 @@ impl UserTokens {
         if session.is_forgotten() {
             return Err(UserError::UnknownHandle);
         }
-        if let Some(lease) = servable(&grant, required, started, CacheStatus::Hit) {
+        if let Some(lease) = servable(&grant, required, started) {
             return Ok(lease);
         }
         let Some(shared) = self.shared().cloned() else {
@@ -156,16 +151,11 @@ impl UserTokens {
             peer_refreshing |= lock.is_none();
             match shared.load_session(&id, self.inner.idle_timeout).await {
                 Ok(SessionLookup::Found(record)) if record.generation > grant.generation => {
-                    let generation = record.generation;
-                    *grant = grant_of(record.access, record.refresh_token, generation);
-                    session.mark_saved(generation);
-                    // Another replica refreshed: the IdP answers again.
-                    session.refresh_succeeded();
+                    session.adopt(&mut grant, *record);
                 }
                 Ok(SessionLookup::Deleted) => {
                     self.release(&shared, &id, lock).await;
-                    session.mark_forgotten();
-                    self.inner.sessions.remove(&id).await;
+                    self.inner.sessions.forget(session).await;
                     return Err(UserError::UnknownHandle);
                 }
                 Ok(_) => {}
@@ -180,7 +170,7 @@ impl UserTokens {
                 }
             }
             // Another replica's refresh counts as a hit: this one did not ask the IdP.
-            if let Some(lease) = servable(&grant, required, started, CacheStatus::Hit) {
+            if let Some(lease) = servable(&grant, required, started) {
                 self.release(&shared, &id, lock).await;
                 return Ok(lease);
             }
@@ -240,22 +230,11 @@ impl UserTokens {
         let Some(shared) = self.shared().cloned() else {
             return true;
         };
-        let id = session.id();
         let record = Arc::new(session.record(grant));
-        match shared
-            .store_session(&id, &record, self.inner.idle_timeout)
-            .await
-        {
-            Ok(SessionWrite::Stored | SessionWrite::Superseded) => {
-                session.mark_saved(record.generation);
-                self.release(&shared, &id, lock).await;
-                true
-            }
-            Ok(SessionWrite::Deleted) => {
-                self.release(&shared, &id, lock).await;
-                session.mark_forgotten();
-                self.inner.sessions.remove(&id).await;
-                false
+        match self.write_record(&shared, session, &record).await {
+            Ok(exists) => {
+                self.release(&shared, &session.id(), lock).await;
+                exists
             }
             Err(error) => {
                 tracing::warn!(
@@ -327,7 +306,6 @@ impl UserTokens {
         if !session.produced(grant.generation) && session.unwritten().is_none() {
             return false;
         }
-        session.mark_unsaved();
         session.keep_unwritten(Arc::new(session.record(grant)));
         self.write_later(Arc::clone(session), None, Duration::ZERO);
         true
@@ -344,37 +322,30 @@ impl UserTokens {
             if session.is_forgotten() {
                 return Ok(());
             }
-            match self.write_record(shared, session, &record).await {
-                Some(()) => {}
-                None => return Err(()),
-            }
+            self.write_record(shared, session, &record)
+                .await
+                .map_err(drop)?;
         }
         Ok(())
     }
 
-    /// Stores `record` of `session`; `None` when the level did not answer.
+    /// Stores `record` of `session`; `Ok(false)` when the session was deleted there meanwhile
+    /// (it is forgotten here too).
     async fn write_record(
         &self,
         shared: &Arc<dyn SharedSessions>,
         session: &Session,
         record: &SessionRecord,
-    ) -> Option<()> {
-        let id = session.id();
-        match shared
-            .store_session(&id, record, self.inner.idle_timeout)
-            .await
-        {
-            Ok(SessionWrite::Stored | SessionWrite::Superseded) => {
-                session.mark_saved(record.generation);
-                Some(())
-            }
-            Ok(SessionWrite::Deleted) => {
-                session.mark_forgotten();
-                self.inner.sessions.remove(&id).await;
-                Some(())
-            }
-            Err(_) => None,
+    ) -> Result<bool, SharedCacheError> {
+        let written = shared
+            .store_session(&session.id(), record, self.inner.idle_timeout)
+            .await?;
+        if written == SessionWrite::Deleted {
+            self.inner.sessions.forget(session).await;
+            return Ok(false);
         }
+        session.mark_saved(record.generation);
+        Ok(true)
     }
 
     /// Releases `lock` when there is one; a failure only means it expires by itself.
@@ -405,8 +376,7 @@ impl UserTokens {
                     unavailable()
                 })?;
         }
-        session.mark_forgotten();
-        self.inner.sessions.remove(&session.id()).await;
+        self.inner.sessions.forget(session).await;
         Ok(())
     }
 
@@ -460,11 +430,7 @@ pub(super) async fn write_back_on_recovery(inner: Weak<Inner>) {
                     _ => continue,
                 },
             };
-            if this
-                .write_record(&shared, &session, &record)
-                .await
-                .is_none()
-            {
+            if this.write_record(&shared, &session, &record).await.is_err() {
                 unreachable = true;
                 break;
             }

@@ -27,16 +27,8 @@ use tokio::sync::Mutex;
 
 use super::UserSettings;
 use super::shared::SessionRecord;
-use crate::broker::{CachedToken, SharedToken, TokenKey};
+use crate::broker::{CachedToken, SharedToken, TokenKey, refresh_backoff};
 use crate::idp::{AccessToken, IssuedToken};
-
-/// First pause after a failed refresh.
-const REFRESH_PAUSE_BASE: Duration = Duration::from_secs(1);
-/// Longest pause between two refreshes that fail.
-const REFRESH_PAUSE_CAP: Duration = Duration::from_secs(60);
-
-/// Longest `Retry-After` of the IdP that pauses refreshes.
-const MAX_IDP_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Failed refreshes in a row and the pause they set.
 #[derive(Default)]
@@ -98,17 +90,12 @@ impl Grant {
         refresh_token: Option<SecretString>,
         generation: u64,
     ) -> Self {
-        Self {
-            access: Arc::new(CachedToken::new(
-                issued,
-                std::time::SystemTime::now(),
-                0.0,
-                Duration::ZERO,
-                0.0,
-            )),
+        let fetched_at = std::time::SystemTime::now();
+        grant_of(
+            SharedToken { issued, fetched_at },
             refresh_token,
             generation,
-        }
+        )
     }
 }
 
@@ -118,8 +105,6 @@ pub struct Session {
     owner: Arc<str>,
     key: TokenKey,
     grant: Mutex<Grant>,
-    /// The highest generation known to be in the shared level.
-    saved: AtomicU64,
     /// The generation of the tokens this replica received from the IdP (a code exchange or a
     /// refresh); 0 for tokens read from the shared level. Only those are worth writing back to
     /// a level that lost them: another replica may hold newer ones.
@@ -145,7 +130,6 @@ impl Session {
             owner,
             key,
             grant: Mutex::new(grant),
-            saved: AtomicU64::new(0),
             produced: AtomicU64::new(produced),
             unwritten: std::sync::Mutex::new(None),
             writing: AtomicBool::new(false),
@@ -163,7 +147,6 @@ impl Session {
             record.key,
             grant_of(record.access, record.refresh_token, generation),
         );
-        session.saved.store(generation, Ordering::Relaxed);
         session.produced.store(0, Ordering::Relaxed);
         session
     }
@@ -201,7 +184,6 @@ impl Session {
     /// Records that `generation` is in the shared level; a record still to be written that
     /// is no newer is then moot.
     pub fn mark_saved(&self, generation: u64) {
-        self.saved.fetch_max(generation, Ordering::Relaxed);
         let mut unwritten = self.unwritten_slot();
         if unwritten
             .as_ref()
@@ -211,14 +193,13 @@ impl Session {
         }
     }
 
-    /// Whether generation `generation` is known to be in the shared level.
-    pub fn is_saved(&self, generation: u64) -> bool {
-        self.saved.load(Ordering::Relaxed) >= generation
-    }
-
-    /// Forgets what was written, so that the next write stores the session again.
-    pub fn mark_unsaved(&self) {
-        self.saved.store(0, Ordering::Relaxed);
+    /// Takes the tokens of `record`, newer than `grant`'s, which another replica wrote: they
+    /// are in the shared level, and the IdP answered that replica's refresh.
+    pub fn adopt(&self, grant: &mut Grant, record: SessionRecord) {
+        let generation = record.generation;
+        *grant = grant_of(record.access, record.refresh_token, generation);
+        self.mark_saved(generation);
+        self.refresh_succeeded();
     }
 
     /// Keeps `record` to be written again, unless a newer one is kept already.
@@ -261,8 +242,9 @@ impl Session {
         (!wait.is_zero()).then(|| (wait, pause.rejected.clone()))
     }
 
-    /// Records a failed refresh: the next waits 1 s, doubled per failure in a row up to a
-    /// minute, or as long as the IdP asked (`at_least`, up to an hour); returns the wait.
+    /// Records a failed refresh: the next waits as a failed background refresh does
+    /// ([`refresh_backoff`]), or as long as the IdP asked (`at_least`, which the IdP client caps
+    /// at an hour); returns the wait.
     pub fn refresh_failed(
         &self,
         now: Instant,
@@ -271,10 +253,8 @@ impl Session {
     ) -> Duration {
         let mut pause = self.pause_slot();
         pause.failures = pause.failures.saturating_add(1);
-        let doubled =
-            REFRESH_PAUSE_BASE.saturating_mul(1 << pause.failures.saturating_sub(1).min(6));
-        let asked = at_least.unwrap_or_default().min(MAX_IDP_RETRY_AFTER);
-        let wait = doubled.min(REFRESH_PAUSE_CAP).max(asked);
+        let wait =
+            refresh_backoff(pause.failures.saturating_sub(1)).max(at_least.unwrap_or_default());
         pause.until = now.checked_add(wait);
         pause.rejected = rejected;
         wait
@@ -404,6 +384,12 @@ impl SessionStore {
 
     fn held(&self, id: &HandleId) -> Option<Arc<Session>> {
         self.unwritten_map().get(id).cloned()
+    }
+
+    /// Marks `session` forgotten and forgets it here.
+    pub async fn forget(&self, session: &Session) {
+        session.mark_forgotten();
+        self.remove(&session.id).await;
     }
 
     /// Forgets a session (its refresh token with it).

@@ -103,7 +103,7 @@ impl Ha {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_follow_the_master_through_a_failover_and_still_share_one_token() {
     let ha = Ha::start().await;
-    let fleet = spawn_sentinel_fleet(&ha).await;
+    let fleet = spawn_sentinel_fleet(&ha.config()).await;
     let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
 
     assert_eq!(fleet[0].billing("acme/production").await.token(), "token-1");
@@ -211,14 +211,14 @@ async fn an_unknown_master_name_leaves_the_broker_serving() {
     assert_eq!(issuer.issued(), 1);
 }
 
-/// Two brokers sharing one fake IdP and the sentinel's master.
-async fn spawn_sentinel_fleet(ha: &Ha) -> Vec<TestApp> {
+/// Two brokers sharing one fake IdP and the sentinel's master, with the `[shared_cache]` layer
+/// `config`.
+async fn spawn_sentinel_fleet(config: &str) -> Vec<TestApp> {
     let idp = std::sync::Arc::new(wiremock::MockServer::start().await);
-    let config = ha.config();
     let mut fleet = Vec::new();
     for _ in 0..2 {
         let base = base_config(&idp.uri());
-        let app = spawn_sharing(&idp, &[&base, &config]).await;
+        let app = spawn_sharing(&idp, &[&base, config]).await;
         app.wait_for_shared_cache(true).await;
         fleet.push(app);
     }
@@ -228,7 +228,7 @@ async fn spawn_sentinel_fleet(ha: &Ha) -> Vec<TestApp> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_going_away_leave_the_known_master_in_use() {
     let mut ha = Ha::start().await;
-    let fleet = spawn_sentinel_fleet(&ha).await;
+    let fleet = spawn_sentinel_fleet(&ha.config()).await;
     let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
 
     // A rolling restart of the sentinels: the master is healthy and stays in use, through
@@ -256,21 +256,14 @@ async fn sentinels_going_away_leave_the_known_master_in_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_that_does_not_answer_is_passed_over_for_the_next() {
     let ha = Ha::start().await;
-    let idp = std::sync::Arc::new(wiremock::MockServer::start().await);
-    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     // Nothing listens on the first sentinel's port.
     let config = ha.config().replace(
         "sentinels = [",
         &format!("sentinels = [\"127.0.0.1:{}\", ", free_port()),
     );
     assert!(config.contains("\", \"127.0.0.1:"), "{config}");
-    let mut fleet = Vec::new();
-    for _ in 0..2 {
-        let base = base_config(&idp.uri());
-        let app = spawn_sharing(&idp, &[&base, &config]).await;
-        app.wait_for_shared_cache(true).await;
-        fleet.push(app);
-    }
+    let fleet = spawn_sentinel_fleet(&config).await;
+    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     let token = fleet[0].billing("acme/production").await;
     assert_eq!(token.status, 200, "{}", token.body);
     assert_eq!(

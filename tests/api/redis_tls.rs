@@ -137,13 +137,12 @@ fn tls_cache_config(redis: &RedisServer, password_env: &str, tls: &str) -> Strin
     )
 }
 
+/// [`test_env`], with the Redis passwords.
 fn env(name: &str) -> Option<String> {
-    use base64::Engine as _;
     match name {
-        CACHE_KEY_ENV => Some(base64::engine::general_purpose::STANDARD.encode([42u8; 32])),
         PASSWORD_ENV => Some(REDIS_PASSWORD.to_owned()),
         "WRONG_PASSWORD" => Some("not-the-password".to_owned()),
-        _ => None,
+        _ => test_env(name),
     }
 }
 

@@ -282,17 +282,11 @@ async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
         assert_eq!(again.body["error"], "upstream_unavailable");
         assert_eq!(again.header("retry-after"), Some("1"));
     }
-    let refreshes = |requests: Vec<wiremock::Request>| {
-        requests
-            .iter()
-            .filter(|r| String::from_utf8_lossy(&r.body).contains("grant_type=refresh_token"))
-            .count()
-    };
-    assert_eq!(refreshes(app.idp.received_requests().await.unwrap()), 1);
+    assert_eq!(received(&app, "grant_type=refresh_token").await, 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let answer = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((answer.status, answer.token()), (200, "user-2"));
-    assert_eq!(refreshes(app.idp.received_requests().await.unwrap()), 2);
+    assert_eq!(received(&app, "grant_type=refresh_token").await, 2);
 }
 
 #[tokio::test]

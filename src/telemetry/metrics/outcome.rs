@@ -56,11 +56,20 @@ impl IdpOutcome {
         }
     }
 
-    /// Its slot in [`Self::ALL`].
+    /// Its slot in [`Self::ALL`], which lists the variants in declaration order.
     pub(super) fn index(self) -> usize {
-        Self::ALL
-            .iter()
-            .position(|outcome| *outcome == self)
-            .expect("ALL lists every outcome")
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_outcome_indexes_its_own_slot() {
+        for (slot, outcome) in IdpOutcome::ALL.iter().enumerate() {
+            assert_eq!(outcome.index(), slot, "{outcome:?}");
+        }
     }
 }
