@@ -8,6 +8,11 @@
 //! bench fill --url http://127.0.0.1:8080/v1/tokens/bench/production --key KEY --from 0 --to 10000
 //! ```
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a benchmark times real requests on the real clock"
+)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

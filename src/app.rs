@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 
 use crate::auth::{CallerRegistry, CallerSource};
 use crate::broker::Broker;
+use crate::clock::Clock;
 use crate::config::{ConfigError, Settings};
 use crate::idp::{EnvironmentSettings, IdpClient};
 use crate::shared_cache::{RedisCache, RedisCacheError};
@@ -45,12 +46,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn new(settings: Settings, metrics: &Metrics, previous: Option<&Snapshot>) -> Self {
+    fn new(
+        settings: Settings,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+        clock: &Clock,
+    ) -> Self {
         let callers = Arc::new(CallerRegistry::from_settings(
             &settings.auth,
             &settings.callers,
             metrics,
             previous.map(|snapshot| &*snapshot.callers),
+            clock,
         ));
         Self { settings, callers }
     }
@@ -95,6 +102,8 @@ pub struct App {
     pub user_tokens: UserTokens,
     /// Who was handed which token.
     pub audit: AuditTrail,
+    /// The clock every component reads.
+    pub clock: Clock,
     current: ArcSwap<Snapshot>,
     /// The configuration the process started with: what settings read only at start still hold.
     started: Arc<Snapshot>,
@@ -125,9 +134,13 @@ impl CallerSource for AppState {
 }
 
 impl AppState {
-    /// Builds the shared state from validated settings.
-    pub fn new(settings: Settings, reloader: Option<Reloader>) -> Result<Self, AppError> {
-        let idp = IdpClient::new()?;
+    /// Builds the shared state from validated settings, reading time from `clock`.
+    pub fn new(
+        settings: Settings,
+        reloader: Option<Reloader>,
+        clock: Clock,
+    ) -> Result<Self, AppError> {
+        let idp = IdpClient::new(clock.clone())?;
         let metrics = Metrics::new();
         register_environments(&metrics, &settings);
         let cache = settings.cache.clone();
@@ -142,10 +155,14 @@ impl AppState {
                     metrics.clone(),
                     Arc::new(redis.clone()),
                     shared.wait_for_peer,
+                    clock.clone(),
                 );
                 (broker, Some(Arc::new(redis) as Arc<dyn SharedSessions>))
             }
-            None => (Broker::new(cache, idp.clone(), metrics.clone()), None),
+            None => (
+                Broker::new(cache, idp.clone(), metrics.clone(), clock.clone()),
+                None,
+            ),
         };
         let user_tokens = UserTokens::new(
             &settings.users,
@@ -155,13 +172,14 @@ impl AppState {
             metrics.clone(),
             sessions,
         );
-        let audit = AuditTrail::new(settings.telemetry.audit_max_counters);
-        let snapshot = Arc::new(Snapshot::new(settings, &metrics, None));
+        let audit = AuditTrail::new(settings.telemetry.audit_max_counters, clock.clone());
+        let snapshot = Arc::new(Snapshot::new(settings, &metrics, None, &clock));
         Ok(Self(Arc::new(App {
             broker,
             metrics,
             user_tokens,
             audit,
+            clock,
             current: ArcSwap::new(Arc::clone(&snapshot)),
             started: snapshot,
             reloader,
@@ -223,8 +241,12 @@ impl AppState {
         register_environments(&self.metrics, &settings);
         // The new settings first: a fetch that starts from now on uses them, and the generation
         // bump below stops any that began under the old ones from installing its token.
-        self.current
-            .store(Arc::new(Snapshot::new(settings, &self.metrics, Some(&old))));
+        self.current.store(Arc::new(Snapshot::new(
+            settings,
+            &self.metrics,
+            Some(&old),
+            &self.clock,
+        )));
         self.broker.forget_environments(&dropped, generation);
         self.broker.forget_remembered();
         if !report.restart_required.is_empty() {

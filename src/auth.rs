@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -33,6 +33,7 @@ use rand::RngCore as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::clock::Clock;
 use crate::limits::{BudgetCounters, IdpBudget, RateLimiter};
 use crate::telemetry::metrics::Metrics;
 
@@ -132,6 +133,8 @@ pub struct Caller {
     pub idp_budget: Arc<IdpBudget>,
     /// Requests refused for `rate_limit`.
     refused_rate: metrics::Counter,
+    /// What `rate_limit` measures with.
+    clock: Clock,
 }
 
 impl Caller {
@@ -139,7 +142,7 @@ impl Caller {
     /// the clock only for a caller that has a limit.
     pub fn admit(&self) -> Result<(), Duration> {
         match &self.rate_limit {
-            Some(limiter) => limiter.check(Instant::now()),
+            Some(limiter) => limiter.check(self.clock.instant()),
             None => Ok(()),
         }
     }
@@ -229,6 +232,7 @@ impl CallerRegistry {
         callers: &BTreeMap<String, CallerSettings>,
         metrics: &Metrics,
         previous: Option<&CallerRegistry>,
+        clock: &Clock,
     ) -> Self {
         let budget = |name: &str, per_minute: NonZeroU32, max_keys: usize| {
             let kept = previous
@@ -269,6 +273,7 @@ impl CallerRegistry {
                         .map(RateLimiter::per_second),
                     idp_budget: budget(name, settings.idp_requests_per_minute, settings.max_keys),
                     refused_rate: metrics.caller_refusals(name, "rate_limit"),
+                    clock: clock.clone(),
                 };
                 (settings, Arc::new(caller))
             })
@@ -286,6 +291,7 @@ impl CallerRegistry {
                     DEFAULT_MAX_KEYS,
                 ),
                 refused_rate: metrics::Counter::noop(),
+                clock: clock.clone(),
             })
         });
         let by_name = callers
@@ -315,10 +321,12 @@ impl CallerRegistry {
                         issuer,
                         previous.and_then(|registry| registry.workload.as_deref()),
                         metrics,
+                        clock,
                     )
                 },
                 &rules,
                 metrics,
+                clock,
             ));
             workload::refresh_in_background(&verifier, workload.jwks_refresh_interval);
             verifier
@@ -604,7 +612,13 @@ mod tests {
             ("billing".to_owned(), key_caller("billing-key")),
             ("reports".to_owned(), key_caller("reports-key")),
         ]);
-        let registry = CallerRegistry::from_settings(&keys_only(), &callers, &Metrics::new(), None);
+        let registry = CallerRegistry::from_settings(
+            &keys_only(),
+            &callers,
+            &Metrics::new(),
+            None,
+            &Clock::system(),
+        );
         let caller = registry
             .authenticate_client("billing", "billing-key")
             .unwrap();
@@ -636,7 +650,13 @@ mod tests {
         let callers: BTreeMap<String, CallerSettings> = (0..1000)
             .map(|i| (format!("c{i}"), key_caller(&format!("tbk_key-{i}"))))
             .collect();
-        let registry = CallerRegistry::from_settings(&keys_only(), &callers, &Metrics::new(), None);
+        let registry = CallerRegistry::from_settings(
+            &keys_only(),
+            &callers,
+            &Metrics::new(),
+            None,
+            &Clock::system(),
+        );
         let header = |key: &str| format!("Bearer {key}");
         for _ in 0..2 {
             let caller = registry

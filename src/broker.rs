@@ -29,11 +29,9 @@ mod cache;
 pub mod error;
 mod failure;
 mod flight;
-mod key;
 mod replicas;
 mod settings;
 mod shared;
-mod token;
 mod upstream;
 
 use std::collections::HashMap;
@@ -43,6 +41,7 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
+use crate::clock::Clock;
 use crate::idp::IdpClient;
 use crate::telemetry::metrics::Metrics;
 
@@ -53,14 +52,13 @@ use flight::Flights;
 pub use cache::Forgot;
 pub use error::BrokerError;
 pub use failure::idp_outcome;
-pub use key::{ScopeSet, TokenKey};
 pub use settings::CacheSettings;
-pub use shared::{
-    Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus, SharedEntry,
-    SharedFuture, SharedKey, SharedToken, TokenDigest,
-};
-pub use token::{CachedToken, refresh_backoff};
+pub use shared::SharedCache;
 pub use upstream::Upstream;
+
+use crate::token::{
+    CacheStatus, CachedToken, Lease, SharedCacheStatus, SharedKey, TokenDigest, TokenKey,
+};
 
 /// (tenant, environment), as in a [`TokenKey`].
 type EnvironmentName = (Arc<str>, Arc<str>);
@@ -74,37 +72,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The hasher of cache keys: foldhash, randomly seeded per process, in place of SipHash (keys are
 /// short strings, hashed on every hit).
 type KeyHasher = foldhash::quality::RandomState;
-
-/// Whether a request was answered from cache or waited on the IdP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Served from cache without waiting.
-    Hit,
-    /// Waited on an IdP request (its own or another's).
-    Miss,
-}
-
-impl CacheStatus {
-    /// `hit` or `miss`, as in the `x-cache` header.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Miss => "miss",
-        }
-    }
-}
-
-/// A token handed to a caller, and how it was found.
-#[derive(Debug)]
-pub struct Lease {
-    /// The token.
-    pub token: Arc<CachedToken>,
-    /// Hit or miss.
-    pub status: CacheStatus,
-    /// When the broker found the token good for the caller: the instant its answer's
-    /// `expires_in` counts from (read once per request).
-    pub at: std::time::SystemTime,
-}
 
 /// Fetches, caches and refreshes tokens; cheap to clone.
 #[derive(Clone)]
@@ -134,12 +101,14 @@ struct Inner {
     /// How long to wait for a token another replica is fetching.
     wait_for_peer: Duration,
     metrics: Metrics,
+    /// What every time-dependent decision reads (refresh ahead, pauses, remembered answers).
+    clock: Clock,
 }
 
 impl Broker {
     /// Builds an empty broker with no shared level that counts its work in `metrics`.
-    pub fn new(settings: CacheSettings, idp: IdpClient, metrics: Metrics) -> Self {
-        Self::build(settings, idp, metrics, None, Duration::ZERO)
+    pub fn new(settings: CacheSettings, idp: IdpClient, metrics: Metrics, clock: Clock) -> Self {
+        Self::build(settings, idp, metrics, None, Duration::ZERO, clock)
     }
 
     /// Builds an empty broker with a level shared by every replica, and starts applying the
@@ -150,9 +119,10 @@ impl Broker {
         metrics: Metrics,
         shared: Arc<dyn SharedCache>,
         wait_for_peer: Duration,
+        clock: Clock,
     ) -> Self {
         let events = shared.subscribe();
-        let broker = Self::build(settings, idp, metrics, Some(shared), wait_for_peer);
+        let broker = Self::build(settings, idp, metrics, Some(shared), wait_for_peer, clock);
         broker.spawn_invalidations(events);
         broker
     }
@@ -163,11 +133,13 @@ impl Broker {
         metrics: Metrics,
         shared: Option<Arc<dyn SharedCache>>,
         wait_for_peer: Duration,
+        clock: Clock,
     ) -> Self {
         let tokens = Cache::builder()
             .max_capacity(settings.max_entries)
             .expire_after(TokenExpiry {
                 min_remaining: settings.min_remaining,
+                clock: clock.clone(),
             })
             .support_invalidation_closures()
             .build_with_hasher(KeyHasher::default());
@@ -189,8 +161,14 @@ impl Broker {
                 shared,
                 wait_for_peer,
                 metrics,
+                clock,
             }),
         }
+    }
+
+    /// The clock this broker reads, for the components that share its decisions.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
     }
 
     /// Every cached entry (for the admin API; never token values).

@@ -14,12 +14,14 @@ mod response;
 mod settings;
 
 use std::fmt;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::clock::Clock;
 
 pub use assertion::{
     ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError, pkcs1_from_pkcs8,
@@ -187,15 +189,17 @@ pub async fn read_bounded(
 #[derive(Clone)]
 pub struct IdpClient {
     http: reqwest::Client,
+    /// What token lifetimes, 429 pauses and client assertions are reckoned from.
+    clock: Clock,
 }
 
 impl IdpClient {
-    /// Builds the shared HTTP client.
-    pub fn new() -> Result<Self, reqwest::Error> {
+    /// Builds the shared HTTP client, reading time from `clock`.
+    pub fn new(clock: Clock) -> Result<Self, reqwest::Error> {
         let http = http_client()
             .pool_idle_timeout(Duration::from_secs(60))
             .build()?;
-        Ok(Self { http })
+        Ok(Self { http, clock })
     }
 
     /// Requests one token for `audience` and `scope` (space-separated, may be empty), for
@@ -297,7 +301,7 @@ impl IdpClient {
 
         if status.is_success() {
             let (token, refresh_token) =
-                response::parse_grant(&body, environment.default_lifetime)?;
+                response::parse_grant(&body, environment.default_lifetime, self.clock.now())?;
             return Ok(Answer {
                 token,
                 refresh_token,
@@ -306,7 +310,7 @@ impl IdpClient {
         }
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(IdpError::RateLimited {
-                retry_after: response::retry_after(&headers, std::time::SystemTime::now()),
+                retry_after: response::retry_after(&headers, self.clock.now()),
             });
         }
         if status.is_client_error() {
@@ -349,7 +353,7 @@ impl IdpClient {
                 },
                 _,
             ) => {
-                let now = SystemTime::now();
+                let now = self.clock.now();
                 assertion = key.assertion(&environment.client_id, assertion_audience, now)?;
                 params.push(("client_id", &environment.client_id));
                 params.push(("client_assertion_type", ASSERTION_TYPE));

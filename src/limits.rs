@@ -40,8 +40,14 @@ impl RateLimiter {
     fn per_period(rate: NonZeroU32, period: Duration) -> Self {
         let period = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
         let interval = (period / u64::from(rate.get())).max(1);
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "only an origin: the limiter measures the instants it is given from it, and \
+                      no clock reads earlier than real time"
+        )]
+        let origin = Instant::now();
         Self {
-            origin: Instant::now(),
+            origin,
             full_at: AtomicU64::new(0),
             interval,
             tolerance: interval.saturating_mul(u64::from(rate.get()) - 1),
@@ -284,7 +290,7 @@ mod tests {
             1,
             BudgetCounters::noop(),
         );
-        let now = Instant::now();
+        let now = crate::clock::Clock::system().instant();
         assert!(budget.spend(now).is_ok() && budget.spend(now).is_ok());
         let wait = budget.spend(now).unwrap_err();
         assert!(

@@ -40,9 +40,11 @@ use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 use tokio::sync::mpsc;
 
-use crate::broker::{
-    CachedToken, Invalidation, LockToken, SharedCache, SharedCacheError, SharedCacheStatus,
-    SharedEntry, SharedFuture, SharedKey, SharedToken, TokenDigest,
+use crate::broker::SharedCache;
+use crate::clock::ttl_millis;
+use crate::token::{
+    CachedToken, Invalidation, LockToken, SharedCacheError, SharedCacheStatus, SharedEntry,
+    SharedFuture, SharedKey, SharedToken, TokenDigest,
 };
 
 pub use cipher::{OpenError, TokenCipher};
@@ -102,9 +104,9 @@ struct Inner {
     recoveries: tokio::sync::watch::Sender<u64>,
     up: AtomicBool,
     /// When a failure was last logged, so a level that stays down is reported once a minute.
-    failure_logged: std::sync::Mutex<Option<std::time::Instant>>,
+    failure_logged: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// When the sentinels' failure was last logged.
-    sentinels_logged: std::sync::Mutex<Option<std::time::Instant>>,
+    sentinels_logged: std::sync::Mutex<Option<tokio::time::Instant>>,
     subscribed: AtomicBool,
     errors: AtomicU64,
     invalidations: AtomicU64,
@@ -117,13 +119,6 @@ enum Attempt {
     UnlessDown,
     /// Try anyway: a session's refresh lock, whose absence risks more than a timeout costs.
     EvenIfDown,
-}
-
-/// Whole milliseconds, at least 1, as Redis' `PX` and the scripts take them.
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
 }
 
 fn random_hex() -> String {
@@ -229,7 +224,7 @@ impl Inner {
 
     fn fail(&self, error: &SharedCacheError) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let mut logged = self
             .failure_logged
             .lock()
@@ -253,7 +248,7 @@ impl Inner {
 
     /// Logs that the sentinels cannot say where the master is, at most once a minute.
     fn sentinels_failing(&self, error: &str) {
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         let mut logged = self
             .sentinels_logged
             .lock()
@@ -311,7 +306,7 @@ impl Inner {
             key.to_hex(),
             token.digest().to_hex()
         );
-        let ttl_ms = millis(ttl);
+        let ttl_ms = ttl_millis(ttl);
         let mut connection = self.connection()?;
         let mut invocation = self.store.key(&redis_key);
         invocation
@@ -337,7 +332,7 @@ impl Inner {
         attempt: Attempt,
     ) -> Result<Option<LockToken>, SharedCacheError> {
         let holder = random_hex();
-        let ttl_ms = millis(self.lock_ttl);
+        let ttl_ms = ttl_millis(self.lock_ttl);
         let mut set = redis::cmd("SET");
         set.arg(lock_key)
             .arg(&holder)
@@ -379,7 +374,7 @@ impl Inner {
             .arg(digest)
             .arg(&self.channel)
             .arg(message.trim_end())
-            .arg(millis(TOMBSTONE_TTL));
+            .arg(ttl_millis(TOMBSTONE_TTL));
         self.call(invocation.invoke_async::<i64>(&mut connection))
             .await
             .map(drop)

@@ -28,6 +28,7 @@ use tower::ServiceBuilder;
 
 use crate::api::{self, Surface};
 use crate::app::{AppError, AppState, Reloader};
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::telemetry::metrics::Metrics;
 
@@ -118,6 +119,17 @@ impl Application {
         listener: TcpListener,
         reloader: Option<Reloader>,
     ) -> Result<Self, StartupError> {
+        Self::with_clock(settings, listener, reloader, Clock::system())
+    }
+
+    /// Like [`Application::with_reloader`], reading time from `clock`: tests pass a
+    /// [`Clock::manual`] and move it instead of waiting.
+    pub fn with_clock(
+        settings: Settings,
+        listener: TcpListener,
+        reloader: Option<Reloader>,
+        clock: Clock,
+    ) -> Result<Self, StartupError> {
         let tls = settings
             .server
             .tls
@@ -131,7 +143,7 @@ impl Application {
             .map(bind_now)
             .transpose()?;
         Ok(Self {
-            state: AppState::new(settings, reloader)?,
+            state: AppState::new(settings, reloader, clock)?,
             listener,
             admin_listener,
             tls,

@@ -25,19 +25,21 @@ pub mod shared;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use crate::broker::{Broker, BrokerError, CacheStatus, Lease, TokenKey, idp_outcome};
+use crate::broker::{Broker, BrokerError, idp_outcome};
+use crate::clock::Clock;
 use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
 use crate::telemetry::metrics::Metrics;
+use crate::token::{CacheStatus, HandleId, Lease, PendingId, TokenKey};
 
 pub use pending::{Authorization, PendingAuthorization};
 pub use settings::UserSettings;
-pub use shared::{PendingId, SessionLookup, SessionRecord, SessionWrite, SharedSessions};
+pub use shared::{SessionLookup, SessionRecord, SessionWrite, SharedSessions};
 pub use store::Session;
 
 use pending::PendingAuthorizations;
-use store::{Grant, HandleId, SessionStore};
+use store::{Grant, SessionStore};
 
 /// How long a caller is told to wait when the shared level cannot answer for a session.
 const SHARED_RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -180,6 +182,11 @@ impl UserTokens {
         Self { inner }
     }
 
+    /// The clock every decision of user tokens reads (the broker's).
+    fn clock(&self) -> &Clock {
+        self.inner.broker.clock()
+    }
+
     /// Starts an authorization for `owner` and the user token `key`.
     pub async fn start(
         &self,
@@ -297,7 +304,7 @@ impl UserTokens {
             id,
             Arc::clone(&pending.owner),
             pending.key.clone(),
-            Grant::issued(grant.token, grant.refresh_token, 1),
+            Grant::issued(grant.token, grant.refresh_token, 1, self.clock().now()),
         ));
         tracing::info!(
             caller = %pending.owner,
@@ -338,10 +345,10 @@ impl UserTokens {
     ) -> Result<Lease, UserError> {
         let min_remaining = self.inner.min_remaining;
         let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
-        let started = SystemTime::now();
+        let started = self.clock().now();
         {
             let grant = session.grant().await;
-            if let Some(lease) = servable(&grant, required, started) {
+            if let Some(lease) = servable(&grant, required, started, self.clock().now()) {
                 return Ok(lease);
             }
             // A refresh gives tokens of the lifetime the last refresh gave: when that is too
@@ -376,7 +383,7 @@ impl UserTokens {
         let Some(refresh_token) = &grant.refresh_token else {
             return Err(self.reauthorize(session, environment).await);
         };
-        if let Some((retry_after, rejected)) = session.refresh_paused(Instant::now()) {
+        if let Some((retry_after, rejected)) = session.refresh_paused(self.clock().instant()) {
             return Err(match rejected {
                 // The same refusal, as the IdP gave it: the caller has something to fix.
                 Some((status, code)) => {
@@ -417,7 +424,8 @@ impl UserTokens {
                     _ => None,
                 };
                 let error = BrokerError::from(error);
-                let wait = session.refresh_failed(Instant::now(), error.retry_after(), rejected);
+                let wait =
+                    session.refresh_failed(self.clock().instant(), error.retry_after(), rejected);
                 tracing::debug!(
                     wait_ms = wait.as_millis(),
                     "user token refreshes paused after a failure"
@@ -431,6 +439,7 @@ impl UserTokens {
             fresh.token,
             refresh_token,
             grant.generation.saturating_add(1),
+            self.clock().now(),
         );
         session.mark_produced(grant.generation);
         let access = Arc::clone(&grant.access);
@@ -449,7 +458,7 @@ impl UserTokens {
         Ok(Lease {
             token: access,
             status: CacheStatus::Miss,
-            at: SystemTime::now(),
+            at: self.clock().now(),
         })
     }
 
@@ -523,11 +532,15 @@ impl UserTokens {
 }
 
 /// A lease on the access token of `grant` when it serves a request for `required` validity
-/// that started at `started` ([`CachedToken::serves`](crate::broker::CachedToken::serves)); a hit, since this request did not ask
+/// that started at `started` ([`CachedToken::serves`](crate::token::CachedToken::serves)); a hit, since this request did not ask
 /// the IdP (a refresh it waited for counts as another's).
-fn servable(grant: &Grant, required: Duration, started: SystemTime) -> Option<Lease> {
+fn servable(
+    grant: &Grant,
+    required: Duration,
+    started: SystemTime,
+    now: SystemTime,
+) -> Option<Lease> {
     let access = &grant.access;
-    let now = SystemTime::now();
     access.serves(now, required, started).then(|| {
         access.record_hit();
         Lease {

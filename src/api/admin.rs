@@ -190,7 +190,7 @@ fn environment_report(
     security(("admin_key" = [])),
 )]
 pub async fn cache(State(state): State<AppState>, _: Admin) -> Json<CacheReport> {
-    let now = SystemTime::now();
+    let now = state.clock.now();
     let time = |at: SystemTime| humantime::format_rfc3339_seconds(at).to_string();
     let mut entries: Vec<CacheEntryReport> = state
         .broker

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 
 use crate::auth::Caller;
-use crate::broker::{CacheStatus, Forgot, Lease, TokenKey};
+use crate::broker::Forgot;
 use crate::telemetry::AUDIT;
 use crate::telemetry::audit::{AuditTrail, Served, Subject};
 use crate::telemetry::request;
+use crate::token::{CacheStatus, Lease, TokenKey};
 
 /// Records one token handed to `caller` for `key`: counted when it is a hit on a token the caller
 /// had before, else a line of its own.

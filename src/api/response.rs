@@ -11,7 +11,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::broker::{CacheStatus, Lease};
+use crate::token::{CacheStatus, Lease};
 
 /// `x-cache`: `hit`, or `miss` when the request waited on the IdP.
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::app::AppState;
 use crate::auth::{Caller, is_organization_id};
-use crate::broker::TokenKey;
 use crate::idp::EnvironmentSettings;
+use crate::token::TokenKey;
 
 /// Longest accepted request value (audience, scope, min_ttl, code, state), in characters.
 pub const MAX_VALUE_LEN: usize = 1024;

@@ -21,6 +21,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 
 use super::settings::{IssuerSettings, KeySource};
+use crate::clock::Clock;
 use crate::telemetry::metrics::Metrics;
 
 /// Largest discovery document or JWKS read.
@@ -292,12 +293,14 @@ pub(super) struct IssuerKeys {
     file_stamp: Mutex<Option<(SystemTime, u64)>>,
     /// `token_broker_workload_key_fetches_total` of this issuer: ok, failed.
     fetches: [metrics::Counter; 2],
+    /// What the on-demand refetch interval is measured with.
+    clock: Clock,
 }
 
 impl IssuerKeys {
     /// Prepares the issuer's HTTP client (its `ca_file` as the only root, when set); fetches
     /// nothing yet.
-    pub(super) fn new(settings: IssuerSettings, metrics: &Metrics) -> Self {
+    pub(super) fn new(settings: IssuerSettings, metrics: &Metrics, clock: Clock) -> Self {
         let http = Self::client(&settings)
             .map_err(|error| {
                 // `config` read the CA already, so this is not expected; the fetches then fail
@@ -315,6 +318,7 @@ impl IssuerKeys {
             attempts: Mutex::new(Attempts::default()),
             fetching: Arc::new(tokio::sync::Mutex::new(())),
             file_stamp: Mutex::new(None),
+            clock,
         }
     }
 
@@ -363,7 +367,7 @@ impl IssuerKeys {
     ) -> Result<Arc<KeySet>, Unavailable> {
         let guard = Arc::clone(&self.fetching).lock_owned().await;
         if let Refetch::OnDemand { interval, seen } = why {
-            let now = Instant::now();
+            let now = self.clock.instant();
             let mut attempts = self.lock_attempts();
             let next = attempts.on_demand.and_then(|at| at.checked_add(interval));
             let answered = attempts.generation != seen;

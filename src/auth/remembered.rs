@@ -5,13 +5,12 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
 use super::Caller;
-use super::workload::unix_now;
 
 /// How often a full set of remembered tokens is swept for expired ones, at most.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -30,7 +29,7 @@ struct RememberedToken {
 /// The tokens, and when expired ones were last swept out.
 struct RememberedTokens {
     by_slot: HashMap<u64, RememberedToken, foldhash::quality::RandomState>,
-    swept: Option<Instant>,
+    swept: Option<f64>,
 }
 
 /// Tokens that verified, by keyed hash (as [`super::verified`] keeps keys), each checked by
@@ -93,17 +92,17 @@ impl Remembered {
         until: f64,
         issuer: usize,
         thumbprint: Arc<str>,
+        now: f64,
     ) {
         let slot = self.seed.hash_one(token.as_bytes());
         let mut tokens = self.tokens.write().unwrap_or_else(PoisonError::into_inner);
         if tokens.by_slot.len() >= self.max && !tokens.by_slot.contains_key(&slot) {
             let due = tokens
                 .swept
-                .is_none_or(|swept| swept.elapsed() >= SWEEP_INTERVAL);
+                .is_none_or(|swept| now - swept >= SWEEP_INTERVAL.as_secs_f64());
             if due {
-                let now = unix_now();
                 tokens.by_slot.retain(|_, entry| entry.until >= now);
-                tokens.swept = Some(Instant::now());
+                tokens.swept = Some(now);
             }
             if tokens.by_slot.len() >= self.max {
                 return;

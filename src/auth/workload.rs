@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -24,6 +24,7 @@ use super::jwks::{IssuerKeys, KeySet, Refetch, VerifyingKey};
 use super::remembered::Remembered;
 use super::settings::{IssuerSettings, KeySource, SubjectPattern, WorkloadRule, WorkloadSettings};
 use super::{AuthError, Caller};
+use crate::clock::Clock;
 use crate::telemetry::metrics::Metrics;
 
 /// Longest workload token read.
@@ -171,13 +172,6 @@ pub(super) fn looks_like_jwt(value: &str) -> bool {
     value.starts_with("eyJ") && value.bytes().filter(|&b| b == b'.').count() == 2
 }
 
-/// Seconds since the Unix epoch, now.
-pub(super) fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
-}
-
 /// One trusted issuer: its keys and the callers its subjects name.
 struct Issuer {
     keys: Arc<IssuerKeys>,
@@ -208,6 +202,8 @@ pub(super) struct WorkloadVerifier {
     remembered: Remembered,
     /// For `token_broker_workload_rejections_total`.
     metrics: Metrics,
+    /// What expiry, remembered tokens and the key refreshes read.
+    clock: Clock,
 }
 
 impl WorkloadVerifier {
@@ -218,6 +214,7 @@ impl WorkloadVerifier {
         keys_of: impl Fn(&super::settings::IssuerSettings) -> Arc<IssuerKeys>,
         callers: &[(WorkloadRule, Arc<Caller>)],
         metrics: &Metrics,
+        clock: &Clock,
     ) -> Self {
         let mut issuers: Vec<Issuer> = settings
             .issuers
@@ -263,6 +260,7 @@ impl WorkloadVerifier {
             by_issuer,
             remembered: Remembered::new(settings.max_remembered),
             metrics: metrics.clone(),
+            clock: clock.clone(),
         }
     }
 
@@ -274,7 +272,7 @@ impl WorkloadVerifier {
     /// The caller a remembered token proved, while it is valid and its key is still published.
     pub(super) fn remembered(&self, token: &str) -> Option<Arc<Caller>> {
         self.remembered
-            .get(token, unix_now(), |issuer, thumbprint| {
+            .get(token, self.clock.unix_seconds(), |issuer, thumbprint| {
                 self.issuers
                     .get(issuer)
                     .is_some_and(|issuer| issuer.keys.still_has(thumbprint))
@@ -334,7 +332,9 @@ impl WorkloadVerifier {
             .issuers
             .get(issuer_index)
             .ok_or(reject(WorkloadRejection::UnknownIssuer))?;
-        let expires = self.check_claims(&claims, unix_now()).map_err(reject)?;
+        let expires = self
+            .check_claims(&claims, self.clock.unix_seconds())
+            .map_err(reject)?;
 
         let key = self
             .verified_key(token, &issuer.keys, header.kid.as_deref(), algorithm)
@@ -351,6 +351,7 @@ impl WorkloadVerifier {
             expires,
             issuer_index,
             Arc::clone(&key.thumbprint),
+            self.clock.unix_seconds(),
         );
         Ok(Arc::clone(caller))
     }
@@ -463,6 +464,7 @@ pub(super) fn issuer_keys(
     issuer: &IssuerSettings,
     previous: Option<&WorkloadVerifier>,
     metrics: &Metrics,
+    clock: &Clock,
 ) -> Arc<IssuerKeys> {
     let kept = previous.and_then(|workload| {
         workload
@@ -470,7 +472,7 @@ pub(super) fn issuer_keys(
             .find(|keys| keys.settings() == issuer)
             .cloned()
     });
-    kept.unwrap_or_else(|| Arc::new(IssuerKeys::new(issuer.clone(), metrics)))
+    kept.unwrap_or_else(|| Arc::new(IssuerKeys::new(issuer.clone(), metrics, clock.clone())))
 }
 
 /// Fetches every issuer's keys now (unless kept from before a reload) and then on a period
@@ -488,6 +490,7 @@ pub(super) fn refresh_in_background(verifier: &Arc<WorkloadVerifier>, file_perio
         };
         let owner = Arc::downgrade(verifier);
         let keys = Arc::downgrade(keys);
+        let clock = verifier.clock.clone();
         runtime.spawn(async move {
             let mut first = true;
             loop {
@@ -502,7 +505,7 @@ pub(super) fn refresh_in_background(verifier: &Arc<WorkloadVerifier>, file_perio
                     }
                 }
                 first = false;
-                tokio::time::sleep(period).await;
+                clock.sleep(period).await;
             }
         });
     }

@@ -18,6 +18,7 @@ use super::replicas::Wanted;
 use super::{
     Broker, BrokerError, CacheStatus, CachedToken, Lease, SharedKey, TokenDigest, TokenKey, lock,
 };
+use crate::clock::Clock;
 use crate::idp::EnvironmentSettings;
 use crate::limits::IdpBudget;
 
@@ -50,13 +51,15 @@ impl Forgot {
 /// Per-entry expiry: an entry leaves the cache `min_remaining` before its token expires.
 pub(super) struct TokenExpiry {
     pub(super) min_remaining: Duration,
+    /// The broker's clock (moka's own timer still decides when the entry leaves).
+    pub(super) clock: Clock,
 }
 
 impl TokenExpiry {
     fn time_to_live(&self, token: &CachedToken) -> Option<Duration> {
         Some(
             token
-                .remaining(SystemTime::now())
+                .remaining(self.clock.now())
                 .saturating_sub(self.min_remaining),
         )
     }
@@ -100,7 +103,7 @@ impl Broker {
 
         let cached = self.inner.tokens.get(key).await;
         if let Some(token) = &cached {
-            let now = SystemTime::now();
+            let now = self.inner.clock.now();
             if token.remaining(now) >= required
                 && !token.refetch_due(now, settings.min_refetch_interval)
             {
@@ -165,7 +168,7 @@ impl Broker {
         }
         // A token fetched moments ago that is too short for this caller is not replaced before
         // `min_refetch_interval`: a min_ttl just under the lifetime cannot make a fetch a second.
-        let now = SystemTime::now();
+        let now = self.inner.clock.now();
         if let Some(token) = &cached
             && token.remaining(now) < required
             && token.within_refetch_interval(now, settings.min_refetch_interval)
@@ -181,7 +184,9 @@ impl Broker {
             return Err(Arc::new(self.remembered_error(remembered)));
         }
         let mut wanted = match &cached {
-            Some(token) if token.refetch_due(SystemTime::now(), settings.min_refetch_interval) => {
+            Some(token)
+                if token.refetch_due(self.inner.clock.now(), settings.min_refetch_interval) =>
+            {
                 Wanted::FetchedAfter(token.fetched_at)
             }
             _ => Wanted::Remaining(required),
@@ -190,10 +195,10 @@ impl Broker {
         // At most twice: a flight another caller started for less validity may land a token too
         // short for this one, which then starts its own.
         for _ in 0..2 {
-            let started = SystemTime::now();
+            let started = self.inner.clock.now();
             let starter = Starter { budget, new_key };
             let token = self.fly(environment, key, wanted, starter).await?;
-            if let Some(lease) = lease(token, required, started)? {
+            if let Some(lease) = lease(token, required, started, self.inner.clock.now())? {
                 return Ok(lease);
             }
             wanted = Wanted::Remaining(required);
@@ -216,7 +221,7 @@ impl Broker {
         if let Some(token) = &current
             && matches(token)
             && token.within_refetch_interval(
-                SystemTime::now(),
+                self.inner.clock.now(),
                 self.inner.settings.min_refetch_interval,
             )
         {
@@ -348,13 +353,13 @@ fn lease(
     token: Arc<CachedToken>,
     required: Duration,
     started: SystemTime,
+    now: SystemTime,
 ) -> Result<Option<Lease>, Arc<BrokerError>> {
     // A token fetched after this request began is as fresh as any can be, so its whole
     // lifetime counts; `expires_in` then shows the fraction of a second already gone. Such a
     // request waited on an IdP request (its own, or another caller's or replica's): a miss.
     // An older one was already there (found in the shared level, say): a hit.
     let fresh = token.fetched_at >= started;
-    let now = SystemTime::now();
     if token.serves(now, required, started) {
         token.record_hit();
         let status = if fresh {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use rand::Rng as _;
 
@@ -93,7 +93,7 @@ impl Broker {
         request: impl Future<Output = Result<T, IdpError>>,
     ) -> Result<Result<T, IdpError>, BrokerError> {
         let upstream = self.upstream(environment);
-        if let Some(retry_after) = upstream.blocked_for(Instant::now()) {
+        if let Some(retry_after) = upstream.blocked_for(self.inner.clock.instant()) {
             return Err(BrokerError::RateLimited { retry_after });
         }
         let answer = {
@@ -106,7 +106,10 @@ impl Broker {
                 environment = %environment.environment,
                 "the IdP is rate limiting this client (on a user token request); pausing requests to it"
             );
-            upstream.block(Instant::now(), super::error::rate_limit_pause(*retry_after));
+            upstream.block(
+                self.inner.clock.instant(),
+                super::error::rate_limit_pause(*retry_after),
+            );
         }
         Ok(answer)
     }
@@ -140,17 +143,17 @@ impl Broker {
         }
         let reloads = self.inner.reloads.load(Ordering::Acquire);
         let upstream = self.upstream(environment);
-        let deadline = Instant::now() + environment.timeout;
+        let deadline = self.inner.clock.instant() + environment.timeout;
         let mut attempt = 1;
         loop {
-            let now = Instant::now();
+            let now = self.inner.clock.instant();
             if let Some(retry_after) = upstream.blocked_for(now) {
                 return Err(BrokerError::RateLimited { retry_after });
             }
             let result = tokio::time::timeout_at(deadline.into(), async {
                 let _permit = upstream.permits.acquire().await.expect("never closed");
-                if let Err(retry_after) =
-                    upstream.take_quota(Instant::now(), environment.max_fetches_per_hour)
+                if let Err(retry_after) = upstream
+                    .take_quota(self.inner.clock.instant(), environment.max_fetches_per_hour)
                 {
                     self.record_idp(environment, IdpOutcome::QuotaExhausted, None);
                     return Err(BrokerError::QuotaExhausted {
@@ -159,7 +162,7 @@ impl Broker {
                     });
                 }
                 asked.store(true, Ordering::Relaxed);
-                let sent = Instant::now();
+                let sent = self.inner.clock.instant();
                 let answer = self
                     .inner
                     .idp
@@ -170,7 +173,11 @@ impl Broker {
                         key.organization.as_deref(),
                     )
                     .await;
-                self.record_idp(environment, idp_outcome(&answer), Some(sent.elapsed()));
+                self.record_idp(
+                    environment,
+                    idp_outcome(&answer),
+                    Some(self.inner.clock.instant().saturating_duration_since(sent)),
+                );
                 answer.map_err(BrokerError::from)
             })
             .await
@@ -191,7 +198,7 @@ impl Broker {
                     );
                     return Ok(CachedToken::new(
                         fetched.token,
-                        SystemTime::now(),
+                        self.inner.clock.now(),
                         self.inner.settings.refresh_ahead,
                         self.inner.settings.min_remaining,
                         rand::rng().random(),
@@ -241,12 +248,12 @@ impl Broker {
                     retry_after,
                 } => {
                     log("the IdP is rate limiting this client; pausing requests to it");
-                    upstream.block(Instant::now(), *retry_after);
+                    upstream.block(self.inner.clock.instant(), *retry_after);
                     return Err(error);
                 }
                 BrokerError::Unavailable { source, .. } if source.is_transient() => {
                     let backoff = full_jitter(attempt);
-                    if attempt >= MAX_ATTEMPTS || Instant::now() + backoff >= deadline {
+                    if attempt >= MAX_ATTEMPTS || self.inner.clock.instant() + backoff >= deadline {
                         log("token request failed; giving up");
                         return Err(error);
                     }

@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
 
 use moka::ops::compute::{CompResult, Op};
 use rand::Rng as _;
@@ -167,7 +166,7 @@ impl Broker {
                 max_keys: budget.max_keys(),
             }));
         }
-        if let Err(retry_after) = budget.spend(Instant::now()) {
+        if let Err(retry_after) = budget.spend(self.inner.clock.instant()) {
             drop(key_slot);
             budget.record_refused_budget();
             tracing::warn!(
@@ -257,7 +256,7 @@ impl Broker {
         if outcome.is_err()
             && let Some(current) = self.inner.tokens.get(key).await
         {
-            current.refresh_failed(SystemTime::now(), rand::rng().random());
+            current.refresh_failed(self.inner.clock.now(), rand::rng().random());
         }
         outcome
     }
@@ -272,7 +271,7 @@ impl Broker {
         asked: &AtomicBool,
     ) -> Result<Found, BrokerError> {
         if let Some(current) = self.inner.tokens.get(key).await {
-            let now = SystemTime::now();
+            let now = self.inner.clock.now();
             let settings = &self.inner.settings;
             if wanted.accepts(
                 current.fetched_at,

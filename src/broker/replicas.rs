@@ -4,17 +4,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use moka::ops::compute::Op;
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
-use super::{
-    Broker, BrokerError, CachedToken, Invalidation, LockToken, SharedCache, SharedCacheError,
-    SharedEntry, SharedKey, TokenDigest, TokenKey,
-};
+use super::{Broker, BrokerError, SharedCache};
 use crate::idp::EnvironmentSettings;
+use crate::token::{
+    CachedToken, Invalidation, LockToken, SharedCacheError, SharedEntry, SharedKey, TokenDigest,
+    TokenKey,
+};
 
 /// How long a check after a new subscription waits for the level to take calls.
 const RESYNC_WAIT: Duration = Duration::from_secs(10);
@@ -95,7 +96,7 @@ impl Broker {
                 .map(Arc::new);
         };
         let shared_key = SharedKey::new(environment, key);
-        let deadline = Instant::now() + self.inner.wait_for_peer;
+        let deadline = self.inner.clock.instant() + self.inner.wait_for_peer;
         loop {
             match self.load_shared(&*shared, &shared_key, wanted).await {
                 Ok(Some(token)) => return Ok(token),
@@ -119,7 +120,7 @@ impl Broker {
                 Err(_) => break,
             }
             // The last look and the last try at the lock happen at the deadline itself.
-            let now = Instant::now();
+            let now = self.inner.clock.instant();
             if now >= deadline {
                 tracing::warn!(
                     tenant = %key.tenant,
@@ -173,7 +174,7 @@ impl Broker {
         let Some(stored) = shared.load(shared_key).await? else {
             return Ok(None);
         };
-        let remaining = stored.remaining(SystemTime::now());
+        let remaining = stored.remaining(self.inner.clock.now());
         let min_remaining = self.inner.settings.min_remaining;
         let usable = wanted.accepts(stored.fetched_at, remaining, min_remaining);
         Ok(usable.then(|| {
@@ -198,7 +199,7 @@ impl Broker {
         token: &CachedToken,
     ) {
         let ttl = token
-            .remaining(SystemTime::now())
+            .remaining(self.inner.clock.now())
             .saturating_sub(self.inner.settings.min_remaining);
         if !ttl.is_zero() {
             let _ = shared.store(shared_key, token, ttl).await;
@@ -270,9 +271,9 @@ impl Broker {
         let Some(shared) = self.inner.shared.as_deref() else {
             return;
         };
-        let deadline = Instant::now() + RESYNC_WAIT;
+        let deadline = self.inner.clock.instant() + RESYNC_WAIT;
         while !shared.status().up {
-            if Instant::now() >= deadline {
+            if self.inner.clock.instant() >= deadline {
                 return;
             }
             tokio::time::sleep(PEER_POLL_INTERVAL * 5).await;
@@ -311,7 +312,7 @@ impl Broker {
             if only.is_some_and(|digest| token.digest() != digest) {
                 return false;
             }
-            if token.within_refetch_interval(SystemTime::now(), interval) {
+            if token.within_refetch_interval(self.inner.clock.now(), interval) {
                 token.request_refetch();
                 return false;
             }

@@ -104,7 +104,7 @@ mod tests {
     #[test]
     fn quota_counts_a_sliding_hour() {
         let upstream = Upstream::new(8);
-        let start = Instant::now();
+        let start = crate::clock::Clock::system().instant();
         assert!(upstream.take_quota(start, Some(2)).is_ok());
         assert!(
             upstream
@@ -122,7 +122,7 @@ mod tests {
     #[test]
     fn a_block_lasts_until_its_end_and_never_shrinks() {
         let upstream = Upstream::new(8);
-        let now = Instant::now();
+        let now = crate::clock::Clock::system().instant();
         upstream.block(now, Duration::from_secs(30));
         upstream.block(now, Duration::from_secs(5));
         assert_eq!(upstream.blocked_for(now), Some(Duration::from_secs(30)));

@@ -19,6 +19,7 @@ use sha2::{Digest as _, Sha256};
 use std::sync::Arc;
 
 use super::{DevIdp, OAuthError};
+use crate::clock::Clock;
 
 /// How long an authorization code can be redeemed.
 const CODE_LIFETIME: Duration = Duration::from_secs(300);
@@ -93,7 +94,7 @@ impl Grants {
             .codes
             .remove(code)
             .ok_or_else(|| invalid("unknown or already used authorization code"))?;
-        if pending.expires < Instant::now() {
+        if pending.expires < Clock::system().instant() {
             return Err(invalid("the authorization code expired"));
         }
         if pending.client_id != client_id || redirect_uri != Some(pending.redirect_uri.as_str()) {
@@ -216,7 +217,7 @@ pub(super) async fn authorize(
     let code = random_token();
     {
         let mut grants = idp.grants.state();
-        let now = Instant::now();
+        let now = Clock::system().instant();
         grants.codes.retain(|_, code| code.expires >= now);
         if grants.codes.len() >= MAX_ENTRIES {
             return refuse("too many codes pending");

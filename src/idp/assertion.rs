@@ -239,6 +239,8 @@ mod tests {
     use aws_lc_rs::rsa::KeySize;
     use aws_lc_rs::signature::KeyPair as _;
     use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+    use crate::clock::Clock;
     use serde_json::Value;
 
     use super::*;
@@ -278,7 +280,7 @@ mod tests {
         ] {
             let client_key = ClientKey::from_pem(&text, Some("k1".into())).unwrap();
             assert_eq!(client_key.algorithm(), "RS256");
-            let now = SystemTime::now();
+            let now = Clock::system().now();
             let token = client_key
                 .assertion("client-1", "https://idp.test/oauth/token", now)
                 .unwrap();
@@ -316,7 +318,7 @@ mod tests {
                     .assertion(
                         "client-1",
                         "https://idp.test/oauth/token",
-                        SystemTime::now(),
+                        Clock::system().now(),
                     )
                     .unwrap();
                 assert_eq!(jsonwebtoken::decode_header(&token).unwrap().kid, None);

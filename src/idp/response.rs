@@ -116,10 +116,12 @@ struct TokenBody {
     refresh_token: Option<SecretString>,
 }
 
-/// Parses a 2xx body into a token, resolving its lifetime, and the refresh token if any.
+/// Parses a 2xx body into a token, resolving its lifetime (from `expires_in`, else from a
+/// JWT's `exp` as seen at `now`), and the refresh token if any.
 pub(super) fn parse_grant(
     body: &[u8],
     default_lifetime: Duration,
+    now: SystemTime,
 ) -> Result<(IssuedToken, Option<SecretString>), IdpError> {
     let parsed: TokenBody =
         serde_json::from_slice(body).map_err(|_| IdpError::InvalidResponse("not a JSON object"))?;
@@ -136,7 +138,7 @@ pub(super) fn parse_grant(
         Some(value) => seconds(&value).ok_or(IdpError::InvalidResponse(
             "expires_in is neither a number nor a numeric string",
         ))?,
-        None => jwt_lifetime(&access_token, SystemTime::now()).unwrap_or(default_lifetime),
+        None => jwt_lifetime(&access_token, now).unwrap_or(default_lifetime),
     };
     let token = IssuedToken {
         access_token: AccessToken::new(access_token),
@@ -243,23 +245,29 @@ mod tests {
     use reqwest::header::HeaderValue;
 
     use super::*;
+    use crate::clock::Clock;
 
     const DEFAULT: Duration = Duration::from_secs(300);
 
     fn parse_token(body: &[u8], default_lifetime: Duration) -> Result<IssuedToken, IdpError> {
-        parse_grant(body, default_lifetime).map(|(token, _)| token)
+        parse_grant(body, default_lifetime, Clock::system().now()).map(|(token, _)| token)
     }
 
     #[test]
     fn refresh_tokens_are_read_when_present() {
         let body = br#"{"access_token":"t","expires_in":60,"refresh_token":"r-1"}"#;
-        let (_, refresh) = parse_grant(body, DEFAULT).unwrap();
+        let (_, refresh) = parse_grant(body, DEFAULT, Clock::system().now()).unwrap();
         assert_eq!(
             secrecy::ExposeSecret::expose_secret(&refresh.unwrap()),
             "r-1"
         );
         let body = br#"{"access_token":"t","refresh_token":""}"#;
-        assert!(parse_grant(body, DEFAULT).unwrap().1.is_none());
+        assert!(
+            parse_grant(body, DEFAULT, Clock::system().now())
+                .unwrap()
+                .1
+                .is_none()
+        );
     }
 
     fn jwt_with_exp(exp: u64) -> String {
@@ -279,7 +287,8 @@ mod tests {
 
     #[test]
     fn lifetime_from_jwt_exp_then_default() {
-        let now = SystemTime::now()
+        let now = Clock::system()
+            .now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
@@ -355,7 +364,7 @@ mod tests {
         );
         assert!(parse_token(br#"{"access_token":"t","expires_in":-5}"#, DEFAULT).is_err());
 
-        let now = SystemTime::now();
+        let now = Clock::system().now();
         for (name, value) in [
             ("retry-after", "99999999999999999999999"),
             ("retry-after", "86400"),
@@ -373,7 +382,7 @@ mod tests {
 
     #[test]
     fn retry_after_in_seconds_date_or_reset() {
-        let now = SystemTime::now();
+        let now = Clock::system().now();
         let mut headers = HeaderMap::new();
         headers.insert("retry-after", HeaderValue::from_static("7"));
         assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(7)));
@@ -394,7 +403,7 @@ mod tests {
         /// Any body an IdP sends parses to a token with a capped lifetime, or to an error.
         #[test]
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-            if let Ok((token, _)) = parse_grant(&body, DEFAULT) {
+            if let Ok((token, _)) = parse_grant(&body, DEFAULT, Clock::system().now()) {
                 proptest::prop_assert!(token.lifetime <= MAX_LIFETIME);
             }
             let _ = error_code(&body);
@@ -411,7 +420,7 @@ mod tests {
             ],
         ) {
             let body = serde_json::json!({"access_token": token, "expires_in": expires_in});
-            if let Ok((token, _)) = parse_grant(body.to_string().as_bytes(), DEFAULT) {
+            if let Ok((token, _)) = parse_grant(body.to_string().as_bytes(), DEFAULT, Clock::system().now()) {
                 proptest::prop_assert!(token.lifetime <= MAX_LIFETIME);
             }
         }
@@ -426,7 +435,7 @@ mod tests {
             if let Ok(reset) = HeaderValue::from_str(&reset) {
                 headers.insert("x-ratelimit-reset", reset);
             }
-            if let Some(wait) = retry_after(&headers, SystemTime::now()) {
+            if let Some(wait) = retry_after(&headers, Clock::system().now()) {
                 proptest::prop_assert!(wait <= MAX_PAUSE);
             }
             let _ = RateLimitHeaders::from_headers(&headers);

@@ -29,8 +29,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::EncryptionKey;
-use crate::broker::{CachedToken, SharedToken, TokenDigest};
+use crate::clock::unix_millis;
 use crate::idp::{AccessToken, IssuedToken, MAX_LIFETIME};
+use crate::token::{CachedToken, SharedToken, TokenDigest};
 
 /// Version tag at the start of every value.
 const VERSION: &str = "v1";
@@ -61,11 +62,7 @@ pub enum OpenError {
 
 /// Fixed-width `fetched_at` as it appears in a value.
 pub fn fetched_at_field(fetched_at: SystemTime) -> String {
-    let millis = fetched_at
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis();
-    format!("{millis:016}")
+    format!("{:016}", unix_millis(fetched_at))
 }
 
 /// Encrypts tokens for the shared cache and decrypts them with the current or previous key.
@@ -112,15 +109,6 @@ struct Sealed {
     scope: Option<String>,
     fetched_at_ms: u64,
     expires_at_ms: u64,
-}
-
-/// Milliseconds since the Unix epoch, as sealed values hold times.
-pub fn unix_millis(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis()
-        .try_into()
-        .unwrap_or(u64::MAX)
 }
 
 impl TokenCipher {

@@ -27,14 +27,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::TokenCipher;
-use super::cipher::{self, OpenError, unix_millis};
+use super::cipher::{self, OpenError};
 use super::scripts::{PENDING_START_SCRIPT, PENDING_TAKE_SCRIPT, SESSION_STORE_SCRIPT};
-use super::{Attempt, Inner, RedisCache, millis};
-use crate::broker::{LockToken, SharedCacheError, SharedFuture, SharedToken, TokenKey};
+use super::{Attempt, Inner, RedisCache};
+use crate::clock::{ttl_millis, unix_millis};
 use crate::idp::{AccessToken, IssuedToken};
-use crate::user_tokens::store::HandleId;
+use crate::token::{
+    HandleId, LockToken, PendingId, SharedCacheError, SharedFuture, SharedToken, TokenKey,
+};
 use crate::user_tokens::{
-    PendingAuthorization, PendingId, SessionLookup, SessionRecord, SessionWrite, SharedSessions,
+    PendingAuthorization, SessionLookup, SessionRecord, SessionWrite, SharedSessions,
 };
 
 /// The value of a deleted session's key.
@@ -216,7 +218,7 @@ impl Inner {
         let redis_key = self.session_key(id);
         let mut connection = self.connection()?;
         let mut getex = redis::cmd("GETEX");
-        getex.arg(&redis_key).arg("PX").arg(millis(idle));
+        getex.arg(&redis_key).arg("PX").arg(ttl_millis(idle));
         let value: Option<Vec<u8>> = self.call(getex.query_async(&mut connection)).await?;
         Ok(match value {
             None => SessionLookup::Absent,
@@ -243,7 +245,7 @@ impl Inner {
         invocation
             .arg(value)
             .arg(format!("{:016}", record.generation))
-            .arg(millis(idle));
+            .arg(ttl_millis(idle));
         let mut connection = self.connection()?;
         let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
         Ok(match written {
@@ -263,7 +265,7 @@ impl Inner {
         set.arg(self.session_key(id))
             .arg(TOMBSTONE)
             .arg("PX")
-            .arg(millis(idle));
+            .arg(ttl_millis(idle));
         if if_absent {
             set.arg("NX");
         }
@@ -296,7 +298,7 @@ impl Inner {
         invocation
             .key(self.pending_owner_key(&pending.owner))
             .arg(value)
-            .arg(millis(ttl))
+            .arg(ttl_millis(ttl))
             .arg(max_per_owner)
             .arg(id.to_hex());
         let mut connection = self.connection()?;

@@ -13,7 +13,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
 
 use super::Inner;
-use crate::broker::{Invalidation, SharedCacheError, SharedKey, TokenDigest};
+use crate::token::{Invalidation, SharedCacheError, SharedKey, TokenDigest};
 
 /// How often the subscriber checks its connection.
 const SUBSCRIBER_PING_INTERVAL: Duration = Duration::from_secs(5);

@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
@@ -24,6 +23,7 @@ use axum::http::{HeaderValue, Response};
 use axum::response::IntoResponse as _;
 use pin_project_lite::pin_project;
 use tokio::task::futures::TaskLocalFuture;
+use tokio::time::Instant;
 use tower::{Layer, Service};
 use tracing::Level;
 

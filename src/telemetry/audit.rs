@@ -22,6 +22,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use super::AUDIT;
+use crate::clock::Clock;
 
 /// An audit line about a [`Subject`]: who, which key, which token, then `$fields`.
 macro_rules! subject_line {
@@ -187,15 +188,18 @@ pub struct AuditTrail {
     since: Mutex<SystemTime>,
     /// Hand-outs written one by one because the trail was full, since the last flush.
     unaggregated: AtomicU64,
+    /// What summaries are dated by.
+    clock: Clock,
 }
 
 impl AuditTrail {
-    /// An empty trail keeping at most `capacity` counters.
-    pub fn new(capacity: usize) -> Self {
+    /// An empty trail keeping at most `capacity` counters, its summaries dated by `clock`.
+    pub fn new(capacity: usize, clock: Clock) -> Self {
         Self {
             counters: Mutex::new(Vec::new()),
             capacity,
-            since: Mutex::new(SystemTime::now()),
+            since: Mutex::new(clock.now()),
+            clock,
             unaggregated: AtomicU64::new(0),
         }
     }
@@ -262,7 +266,7 @@ impl AuditTrail {
     /// Writes a summary line for every counter that moved since the last flush, and forgets the
     /// counters of tokens no longer cached. Called every `audit_interval` and at shutdown.
     pub fn flush(&self) {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let since = std::mem::replace(
             &mut *self.since.lock().unwrap_or_else(PoisonError::into_inner),
             now,
@@ -384,7 +388,7 @@ mod tests {
 
     #[test]
     fn concurrent_first_hand_outs_leave_one_counter_and_lose_no_hit() {
-        let trail = AuditTrail::new(100);
+        let trail = AuditTrail::new(100, Clock::system());
         let token = HandOuts::default();
         std::thread::scope(|scope| {
             for _ in 0..8 {
@@ -405,7 +409,7 @@ mod tests {
 
     #[test]
     fn hits_are_counted_after_the_first_and_a_full_trail_counts_nothing() {
-        let trail = AuditTrail::new(1);
+        let trail = AuditTrail::new(1, Clock::system());
         let token = HandOuts::default();
         trail.hand_out(&token, 1, Served::Miss, || "t", subject);
         for _ in 0..5 {

@@ -8,28 +8,17 @@ use std::fmt;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use subtle::ConstantTimeEq as _;
 
-use crate::broker::shared::{SharedKey, TokenDigest};
+use super::id::{SharedKey, TokenDigest};
+use super::refresh_backoff;
+use crate::clock::unix_millis;
 use crate::idp::{AccessToken, IssuedToken};
 use crate::limits::KeySlot;
 use crate::telemetry::audit::HandOuts;
-
-/// First wait before a failed refresh is tried again; doubled per failure, before jitter.
-const REFRESH_BACKOFF_BASE: Duration = Duration::from_secs(1);
-/// Longest wait between two refresh attempts.
-const REFRESH_BACKOFF_CAP: Duration = Duration::from_secs(60);
-
-/// The wait before the next refresh after `failures_before` earlier failures in a row and one
-/// more: 1 s, doubled per failure, at most a minute.
-pub fn refresh_backoff(failures_before: u32) -> Duration {
-    REFRESH_BACKOFF_BASE
-        .saturating_mul(1 << failures_before.min(16))
-        .min(REFRESH_BACKOFF_CAP)
-}
 
 /// A token in the cache, with its timing and the pieces of its response body.
 pub struct CachedToken {
@@ -204,7 +193,7 @@ impl CachedToken {
     /// Whether a refresh may start at `now`: not before the backoff of a failed one has passed.
     pub fn refresh_allowed(&self, now: SystemTime) -> bool {
         let not_before = self.refresh_not_before_ms.load(Ordering::Relaxed);
-        not_before == 0 || unix_ms(now) >= not_before
+        not_before == 0 || unix_millis(now) >= not_before
     }
 
     /// Records a failed refresh: releases the claim, so a later request may try again, but not
@@ -215,7 +204,7 @@ impl CachedToken {
         let wait = refresh_backoff(failures).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
         let not_before = now.checked_add(wait).unwrap_or(now);
         self.refresh_not_before_ms
-            .store(unix_ms(not_before).max(1), Ordering::Relaxed);
+            .store(unix_millis(not_before).max(1), Ordering::Relaxed);
         self.refreshing.store(false, Ordering::Release);
     }
 
@@ -250,7 +239,7 @@ impl CachedToken {
         let _ = self.owner.set(owner);
     }
 
-    /// The caller-facing JSON body (API.md §1) with `expires_in` computed for `now`.
+    /// The caller-facing JSON body (docs/api.md, `GET /v1/tokens/{tenant}/{environment}`) with `expires_in` computed for `now`.
     pub fn body(&self, now: SystemTime) -> Bytes {
         let (head, tail) = self.body.split_at(self.expires_in_at);
         let mut digits = [0u8; 20];
@@ -290,13 +279,6 @@ impl fmt::Debug for CachedToken {
             .field("hits", &self.hits())
             .finish_non_exhaustive()
     }
-}
-
-/// Milliseconds since the Unix epoch (0 before it).
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
-        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-    })
 }
 
 /// Where the token starts in the rendered body: after `{"access_token":"`.
@@ -402,7 +384,7 @@ mod tests {
 
     #[test]
     fn failed_refreshes_back_off_and_refetches_wait_for_the_interval() {
-        let fetched = SystemTime::now();
+        let fetched = crate::clock::Clock::system().now();
         let token = CachedToken::new(
             issued(Duration::from_secs(3600)),
             fetched,

@@ -18,13 +18,13 @@
 //! is a 503 meanwhile, never a 404, since the caller would log its user out.
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use super::shared::{SessionLookup, SessionRecord, SessionWrite, SharedSessions};
-use super::store::{Grant, HandleId, Session};
+use super::store::{Grant, Session};
 use super::{Inner, SHARED_RETRY_AFTER, UserError, UserTokens, servable};
-use crate::broker::{Lease, LockToken, SharedCacheError};
 use crate::idp::EnvironmentSettings;
+use crate::token::{HandleId, Lease, LockToken, SharedCacheError};
 
 /// How often a replica waiting for another one's refresh looks again.
 const PEER_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -125,7 +125,7 @@ impl UserTokens {
         if session.is_forgotten() {
             return Err(UserError::UnknownHandle);
         }
-        if let Some(lease) = servable(&grant, required, started) {
+        if let Some(lease) = servable(&grant, required, started, self.clock().now()) {
             return Ok(lease);
         }
         let Some(shared) = self.shared().cloned() else {
@@ -134,7 +134,7 @@ impl UserTokens {
                 .await;
         };
         let id = session.id();
-        let deadline = Instant::now() + shared.wait_for_peer();
+        let deadline = tokio::time::Instant::now() + shared.wait_for_peer();
         // Once another replica is seen refreshing, this one never refreshes without the lock.
         let mut peer_refreshing = false;
         loop {
@@ -170,7 +170,7 @@ impl UserTokens {
                 }
             }
             // Another replica's refresh counts as a hit: this one did not ask the IdP.
-            if let Some(lease) = servable(&grant, required, started) {
+            if let Some(lease) = servable(&grant, required, started, self.clock().now()) {
                 self.release(&shared, &id, lock).await;
                 return Ok(lease);
             }
@@ -179,7 +179,7 @@ impl UserTokens {
                     .refresh_and_save(session, &mut grant, environment, required, Some(lock))
                     .await;
             }
-            if Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 tracing::warn!(
                     tenant = %session.key().tenant,
                     environment = %session.key().environment,
@@ -264,12 +264,12 @@ impl UserTokens {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let mut give_up = Instant::now() + this.inner.idle_timeout;
+            let mut give_up = this.clock().instant() + this.inner.idle_timeout;
             let mut wait = first_wait;
             let gave_up = loop {
                 tokio::time::sleep(wait).await;
                 if this.write_unwritten(&shared, &session).await.is_err() {
-                    if Instant::now() < give_up && !session.is_forgotten() {
+                    if this.clock().instant() < give_up && !session.is_forgotten() {
                         wait = (wait * 2).clamp(WRITE_BACKOFF.0, WRITE_BACKOFF.1);
                         continue;
                     }
@@ -291,7 +291,7 @@ impl UserTokens {
                     break false;
                 }
                 wait = WRITE_BACKOFF.0;
-                give_up = Instant::now() + this.inner.idle_timeout;
+                give_up = this.clock().instant() + this.inner.idle_timeout;
             };
             this.inner.sessions.written(&session, gave_up);
             this.release(&shared, &session.id(), lock).await;

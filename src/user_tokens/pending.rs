@@ -26,8 +26,8 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::UserSettings;
-use crate::broker::TokenKey;
 use crate::idp::{AudienceParam, EnvironmentSettings, UserLoginSettings};
+use crate::token::TokenKey;
 
 /// An authorization URL for a user to open, and the `state` it carries. `Debug` shows neither
 /// the state nor the URL's query, which carries it.

@@ -13,40 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use sha2::{Digest as _, Sha256};
 
 use super::pending::PendingAuthorization;
-use super::store::HandleId;
-use crate::broker::{LockToken, SharedFuture, SharedToken, TokenKey};
-
-/// Where a pending authorization lives: SHA-256 of its state and of the caller, tenant and
-/// environment it was started for, so a redemption by anyone else looks in the wrong place.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PendingId([u8; 32]);
-
-impl PendingId {
-    /// The id of `state` as `owner` redeems it for `tenant`/`environment`.
-    pub fn new(state: &str, owner: &str, tenant: &str, environment: &str) -> Self {
-        let mut hash = Sha256::new();
-        for field in ["token-broker pending v1", state, owner, tenant, environment] {
-            // Length-prefixed, so no two different tuples hash the same bytes.
-            hash.update((field.len() as u64).to_be_bytes());
-            hash.update(field.as_bytes());
-        }
-        Self(hash.finalize().into())
-    }
-
-    /// Lower-case hex, as it appears in Redis keys.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Debug for PendingId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PendingId(..)")
-    }
-}
+use crate::token::{HandleId, LockToken, PendingId, SharedFuture, SharedToken, TokenKey};
 
 /// A session as the shared level keeps it.
 pub struct SessionRecord {

@@ -15,20 +15,19 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use moka::future::Cache;
 use rand::RngCore as _;
 use secrecy::SecretString;
-use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use super::UserSettings;
 use super::shared::SessionRecord;
-use crate::broker::{CachedToken, SharedToken, TokenKey, refresh_backoff};
 use crate::idp::{AccessToken, IssuedToken};
+use crate::token::{CachedToken, HandleId, SharedToken, TokenKey, refresh_backoff};
 
 /// Failed refreshes in a row and the pause they set.
 #[derive(Default)]
@@ -41,28 +40,6 @@ struct RefreshPause {
 
 /// Prefix of handles, so a leaked one is recognisable in a secret scanner.
 const HANDLE_PREFIX: &str = "uth_";
-
-/// The SHA-256 of a handle: how a session is found.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct HandleId([u8; 32]);
-
-impl HandleId {
-    /// The id of a presented handle.
-    pub fn of(handle: &str) -> Self {
-        Self(Sha256::digest(handle.as_bytes()).into())
-    }
-
-    /// Lower-case hex, as it appears in Redis keys.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Debug for HandleId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("HandleId(..)")
-    }
-}
 
 /// A new random handle and its id.
 pub fn new_handle() -> (String, HandleId) {
@@ -84,13 +61,13 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// The tokens of a code exchange or a refresh, received now.
+    /// The tokens of a code exchange or a refresh, received at `fetched_at`.
     pub fn issued(
         issued: IssuedToken,
         refresh_token: Option<SecretString>,
         generation: u64,
+        fetched_at: SystemTime,
     ) -> Self {
-        let fetched_at = std::time::SystemTime::now();
         grant_of(
             SharedToken { issued, fetched_at },
             refresh_token,

@@ -1,6 +1,14 @@
 //! Integration tests: the real server on port 0, over real HTTP, against a fake IdP (wiremock) or
 //! the built-in development IdP, and with a `redis-server` of their own for the shared cache
 //! (tests fail when it is not installed). Set `TEST_LOG=1` to see the server's logs.
+//!
+//! Tests read the real clock to time real servers and processes; the broker under test reads its
+//! own [`token_broker::clock::Clock`], which a test may move instead of waiting.
+
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests time real servers; the broker's time is its Clock"
+)]
 
 mod helpers;
 
@@ -10,6 +18,7 @@ mod cache_keys;
 mod client_assertion;
 mod delete;
 mod deployment;
+mod docs;
 mod expiry;
 mod hardening;
 mod health;
