@@ -2,7 +2,7 @@
 # Checks that /openapi.json is the contract: schemathesis (from PyPI) sends schema-valid and
 # schema-violating requests to a broker in dev mode, with a caller key, and checks every answer
 # against the document. Two checks are excluded, each for one operation, for the reasons in
-# README.md ("The OpenAPI document"); everything else runs every check.
+# docs/api.md (`GET /openapi.json`); everything else runs every check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
