@@ -11,7 +11,7 @@ use wiremock::{Mock, ResponseTemplate};
 use crate::helpers::*;
 
 async fn expires_in_for(idp_body: Value, extra: &str) -> u64 {
-    let app = spawn_app_with(extra).await;
+    let app = TestApp::init().with_config(extra).start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(200).set_body_json(idp_body))
         .expect(1)

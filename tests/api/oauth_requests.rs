@@ -63,7 +63,7 @@ fn assert_rfc6749_success(answer: &Answer) {
 
 #[tokio::test]
 async fn auth0_style_json_with_credentials_in_the_body() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let issued = json!({ "access_token": "issued", "token_type": "Bearer", "expires_in": 3600 });
     expect_one_idp_request(&app, None, issued).await;
     let body = json!({
@@ -83,7 +83,7 @@ async fn auth0_style_json_with_credentials_in_the_body() {
 
 #[tokio::test]
 async fn rfc6749_form_with_resource_and_scope_in_any_order() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let issued = json!({
         "access_token": "issued", "token_type": "Bearer", "expires_in": 3600, "scope": "a b",
     });
@@ -102,7 +102,7 @@ async fn rfc6749_form_with_resource_and_scope_in_any_order() {
 
 #[tokio::test]
 async fn http_basic_url_encoded_or_raw_with_the_default_audience() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let issued = json!({ "access_token": "issued", "token_type": "Bearer", "expires_in": 3600 });
     expect_one_idp_request(&app, None, issued).await;
     // RFC 6749 §2.3.1 form-encodes id and secret before Base64; many clients do not.
@@ -146,7 +146,7 @@ async fn basic_credentials_with_reserved_characters_are_form_decoded() {
         base_config(&idp.uri()),
         token_broker::auth::KeyHash::of(key).to_hex()
     );
-    let app = spawn_with_toml(idp, &toml).await;
+    let app = TestApp::init().with_idp(idp).with_toml(toml).start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let encoded: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
     let answer = post(

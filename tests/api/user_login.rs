@@ -17,7 +17,7 @@ async fn start(app: &TestApp) -> String {
 
 #[tokio::test]
 async fn a_state_only_works_for_its_caller_tenant_and_environment() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let state = start(&app).await;
     // reports may use acme/production with the default audience, but did not start this one.
     // acme/staging has no authorize_url: 404, as for authorize, before the state is looked at.
@@ -62,7 +62,7 @@ async fn a_state_only_works_for_its_caller_tenant_and_environment() {
         );
         assert_eq!(answer.body["error"], error);
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 
     // None of those burned the state for its owner.
     Mock::given(method("POST"))
@@ -79,7 +79,7 @@ async fn a_state_only_works_for_its_caller_tenant_and_environment() {
 
 #[tokio::test]
 async fn a_code_the_idp_refuses_is_invalid_grant() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let state = start(&app).await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
@@ -97,7 +97,7 @@ async fn a_code_the_idp_refuses_is_invalid_grant() {
 
 #[tokio::test]
 async fn user_tokens_need_configuration_allow_rules_and_a_key() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let not_configured = app.authorize("acme/staging", BILLING_KEY, json!({})).await;
     assert_eq!(not_configured.status, 404, "{}", not_configured.body);
     assert!(

@@ -31,7 +31,7 @@ async fn session(app: &TestApp, answer: ResponseTemplate) -> String {
 
 #[tokio::test]
 async fn concurrent_requests_on_a_handle_make_one_refresh() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
@@ -54,7 +54,7 @@ async fn concurrent_requests_on_a_handle_make_one_refresh() {
 
 #[tokio::test]
 async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(ExactForm::of(&[
@@ -91,7 +91,7 @@ async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
 
 #[tokio::test]
 async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 600, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
@@ -117,7 +117,7 @@ async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most(
 
 #[tokio::test]
 async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_again() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     // The first refresh gives a token shorter than cache.min_remaining (60 s), later ones an
     // hour: the IdP changed its settings.
@@ -151,7 +151,7 @@ async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_
 
 #[tokio::test]
 async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
@@ -171,18 +171,9 @@ async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
     app.idp.verify().await;
 }
 
-/// How many requests the IdP received whose body contains `grant`.
-async fn received(app: &TestApp, grant: &str) -> usize {
-    let requests = app.idp.received_requests().await.unwrap();
-    requests
-        .iter()
-        .filter(|r| String::from_utf8_lossy(&r.body).contains(grant))
-        .count()
-}
-
 #[tokio::test]
 async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
     Mock::given(method("POST"))
@@ -202,11 +193,14 @@ async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
     let machine = app.billing("acme/production").await;
     assert_eq!(machine.status, 503, "{}", machine.body);
     assert!(machine.header("retry-after").is_some());
-    assert_eq!(received(&app, "client_credentials").await, 0);
-    assert_eq!(received(&app, "refresh_token").await, 1);
+    assert_eq!(
+        app.idp_requests().await.grant("client_credentials").len(),
+        0
+    );
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
 
     // And the other way round, on a client whose machine token got the 429 first.
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
     Mock::given(method("POST"))
@@ -217,12 +211,12 @@ async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
     let user = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!(user.status, 503, "{}", user.body);
     assert!(user.header("retry-after").is_some());
-    assert_eq!(received(&app, "refresh_token").await, 0);
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 0);
 }
 
 #[tokio::test]
 async fn a_401_on_refresh_asks_for_reauthorization() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
@@ -243,7 +237,7 @@ async fn a_401_on_refresh_asks_for_reauthorization() {
 
 #[tokio::test]
 async fn without_a_refresh_token_an_old_access_token_needs_reauthorization() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 120, None)).await;
     let fresh = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((fresh.status, fresh.token()), (200, "user-1"));
@@ -253,12 +247,12 @@ async fn without_a_refresh_token_an_old_access_token_needs_reauthorization() {
     assert_eq!(answer.status, 401, "{}", answer.body);
     assert_eq!(answer.body["error"], "reauthorization_required");
     // Only the code exchange reached the IdP.
-    assert_eq!(app.idp.received_requests().await.unwrap().len(), 1);
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
@@ -282,16 +276,16 @@ async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
         assert_eq!(again.body["error"], "upstream_unavailable");
         assert_eq!(again.header("retry-after"), Some("1"));
     }
-    assert_eq!(received(&app, "grant_type=refresh_token").await, 1);
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let answer = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((answer.status, answer.token()), (200, "user-2"));
-    assert_eq!(received(&app, "grant_type=refresh_token").await, 2);
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 2);
 }
 
 #[tokio::test]
 async fn handles_belong_to_their_caller_and_delete_forgets_them() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 3600, Some("rt-1"))).await;
     let other = app.user_token(&handle, REPORTS_KEY).await;
     assert_eq!(

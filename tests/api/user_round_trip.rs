@@ -82,7 +82,7 @@ async fn mount_exchange(
 
 #[tokio::test]
 async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
 
     // 1. The authorization URL.
     let body = serde_json::json!({ "scope": "read:things openid offline_access" });
@@ -131,7 +131,7 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         (forged.status, forged.body["error"].as_str()),
         (400, Some("invalid_request"))
     );
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 
     // 3. The code exchange, checked by the IdP (PKCE included).
     mount_exchange(
