@@ -444,11 +444,28 @@ async fn dev_mode_shows_the_user_token_flow_end_to_end() {
         .replace("&quot;", "\"")
         .replace("&lt;", "<")
         .replace("&gt;", ">")
-        .replace("&amp;", "&")
-        .replace("$CALLER_KEY", &key);
+        .replace("&amp;", "&");
+    assert!(redeem.contains("$CALLER_KEY"), "{redeem}");
     let sessions = redeem.rsplit('\'').nth(1).unwrap().to_owned();
     let base = sessions.split("/v1/").next().unwrap().to_owned();
-    let session = run(redeem).await;
+    // Run as pasted: the line as printed, with CALLER_KEY set as the page says (and PATH, to
+    // find curl), nothing replaced by hand.
+    let pasted = {
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new("bash")
+                .args(["-c", &redeem])
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("CALLER_KEY", key)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(pasted.status.success(), "{pasted:?}");
+    let session: serde_json::Value = serde_json::from_slice(&pasted.stdout).expect("JSON");
     let handle = session["handle"].as_str().expect("a handle");
 
     let token = reqwest::Client::new()
