@@ -82,7 +82,11 @@ async fn on_shutdown_readiness_turns_503_while_the_listener_still_accepts() {
         .start()
         .await;
     app.begin_shutdown();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    eventually("readiness answers 503", async || {
+        let ready = app.http.get(format!("{}/readyz", app.url)).send().await;
+        ready.is_ok_and(|ready| ready.status() == 503)
+    })
+    .await;
     let ready = app
         .http
         .get(format!("{}/readyz", app.url))

@@ -50,12 +50,10 @@ async fn hits_misses_refreshes_and_idp_outcomes_are_counted_by_environment() {
         app.billing("acme/production").await.header("x-cache"),
         Some("hit")
     );
-    for _ in 0..100 {
-        if app.idp_requests().await.to("acme").len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the refresh reaches the IdP", async || {
+        app.idp_requests().await.to("acme").len() >= 2
+    })
+    .await;
     assert_eq!(
         app.idp_requests().await.to("acme").len(),
         2,

@@ -228,7 +228,10 @@ async fn a_hung_idp_for_one_tenant_delays_neither_hits_nor_other_tenants() {
         let url = format!("{}/v1/tokens/acme/staging", app.url);
         tokio::spawn(async move { http.get(url).bearer_auth(BILLING_KEY).send().await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the staging request reaches the hung IdP", async || {
+        !app.idp_requests().await.to("acme-staging").is_empty()
+    })
+    .await;
     for _ in 0..20 {
         assert_eq!(
             app.billing("acme/production").await.header("x-cache"),
