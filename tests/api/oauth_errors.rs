@@ -180,12 +180,12 @@ async fn invalid_scope_when_malformed_or_refused_by_the_idp() {
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
             "error": "invalid_scope", "error_description": "no such scope: admin",
         })))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let refused = Attempt::form(&billing_form("grant_type=client_credentials&scope=admin"));
     let answer = assert_error(&app, &refused, 400, "invalid_scope").await;
     assert!(!answer.body.to_string().contains("no such scope"));
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]

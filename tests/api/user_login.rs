@@ -68,13 +68,16 @@ async fn a_state_only_works_for_its_caller_tenant_and_environment() {
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=authorization_code"))
         .respond_with(user_token_body("user-1", 3600, Some("rt-1")))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let answer = app
         .create_session("acme/production", BILLING_KEY, "code", &state)
         .await;
     assert_eq!(answer.status, 201, "{}", answer.body);
+    assert_eq!(
+        app.idp_requests().await.grant("authorization_code").len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -85,7 +88,6 @@ async fn a_code_the_idp_refuses_is_invalid_grant() {
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
             "error": "invalid_grant", "error_description": "Invalid authorization code",
         })))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let answer = app
@@ -93,6 +95,7 @@ async fn a_code_the_idp_refuses_is_invalid_grant() {
         .await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert_eq!(answer.body["error"], "invalid_grant");
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
