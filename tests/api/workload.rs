@@ -215,12 +215,20 @@ pub fn workload_config(issuer: &str, refresh: &str) -> String {
     )
 }
 
+impl TestAppBuilder {
+    /// Trusts `issuer`'s workload tokens ([`workload_config`]), re-reading its JWKS every
+    /// `refresh`.
+    pub fn with_workload_issuer(self, issuer: &TestIssuer, refresh: &str) -> Self {
+        self.with_config(workload_config(&issuer.uri(), refresh))
+    }
+}
+
 #[tokio::test]
 async fn a_workload_token_proves_its_caller_and_is_verified_once() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "30s"))
+        .with_workload_issuer(&issuer, "30s")
         .start()
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
@@ -269,7 +277,7 @@ async fn every_bad_token_is_a_401_that_names_the_failed_check_and_costs_no_idp_r
     let stranger = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "30s"))
+        .with_workload_issuer(&issuer, "30s")
         .start()
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
@@ -463,7 +471,7 @@ async fn every_accepted_algorithm_verifies() {
     ];
     let issuer = TestIssuer::start(&signers.iter().collect::<Vec<_>>()).await;
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "30s"))
+        .with_workload_issuer(&issuer, "30s")
         .start()
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
@@ -481,7 +489,7 @@ async fn a_new_key_is_picked_up_without_a_restart_and_a_removed_one_stops_verify
     let new = Signer::ec("new", Algorithm::ES256);
     let issuer = TestIssuer::start(&[&old]).await;
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "1s"))
+        .with_workload_issuer(&issuer, "1s")
         .start()
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
@@ -519,7 +527,7 @@ async fn unknown_key_ids_refetch_the_keys_at_most_once_per_interval() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "1h"))
+        .with_workload_issuer(&issuer, "1h")
         .start()
         .await;
     issuer.wait_for_first_fetch().await;
@@ -543,7 +551,7 @@ async fn an_outage_of_the_jwks_keeps_verified_callers_working() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "1s"))
+        .with_workload_issuer(&issuer, "1s")
         .start()
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
@@ -596,7 +604,7 @@ async fn keys_never_fetched_are_a_503_with_retry_after() {
     let issuer = TestIssuer::start(&[]).await;
     issuer.fail();
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "30s"))
+        .with_workload_issuer(&issuer, "30s")
         .start()
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
@@ -631,7 +639,7 @@ async fn the_facade_takes_a_workload_token_as_a_client_assertion() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
     let app = TestApp::init()
-        .with_config(workload_config(&issuer.uri(), "30s"))
+        .with_workload_issuer(&issuer, "30s")
         .start()
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
