@@ -265,8 +265,12 @@ pub(super) async fn callback(
         String::as_str,
     );
     let body = serde_json::json!({ "state": state, "code": code }).to_string();
+    // Double quotes around the header, so the shell expands $CALLER_KEY when the line is
+    // pasted; everything that came from the query is single-quoted.
     let curl = format!(
-        "curl -s -X POST -H 'Authorization: Bearer $CALLER_KEY' -H 'Content-Type: application/json' -d '{body}' '{sessions}'"
+        "curl -s -X POST -H \"Authorization: Bearer $CALLER_KEY\" -H 'Content-Type: application/json' -d {} {}",
+        shell_quote(&body),
+        shell_quote(sessions)
     );
     let page = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>token-broker dev IdP</title></head>\
@@ -296,4 +300,9 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
         .replace('"', "&quot;")
         .replace('\'', "&#39;")
+}
+
+/// `text` as one single-quoted shell word (a `'` inside closes, escapes and reopens the quotes).
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }

@@ -17,7 +17,7 @@ const INITECH: &str = r#"
 
 #[tokio::test]
 async fn admin_routes_need_the_admin_key() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     for path in ["/v1/admin/tenants", "/v1/admin/cache"] {
         for key in [None, Some("tbk_not-a-key"), Some(BILLING_KEY)] {
             let answer = app.get(path, key).await;
@@ -33,7 +33,11 @@ async fn admin_routes_need_the_admin_key() {
 async fn without_an_admin_key_configured_the_admin_api_is_closed() {
     let idp = wiremock::MockServer::start().await;
     let config = base_config(&idp.uri()).replace("admin_key_sha256", "# admin_key_sha256");
-    let app = spawn_with_toml(idp, &config).await;
+    let app = TestApp::init()
+        .with_idp(idp)
+        .with_toml(config)
+        .start()
+        .await;
     let answer = app.get("/v1/admin/tenants", Some(ADMIN_KEY)).await;
     assert_eq!(answer.status, 401);
     assert!(
@@ -48,7 +52,7 @@ async fn without_an_admin_key_configured_the_admin_api_is_closed() {
 
 #[tokio::test]
 async fn tenants_shows_how_each_environment_asks_its_idp_and_no_secret() {
-    let app = spawn_app_with(INITECH).await;
+    let app = TestApp::init().with_config(INITECH).start().await;
     let answer = app.get("/v1/admin/tenants", Some(ADMIN_KEY)).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     let tenants = answer.body["tenants"].as_array().unwrap();
@@ -97,7 +101,7 @@ async fn tenants_shows_how_each_environment_asks_its_idp_and_no_secret() {
 
 #[tokio::test]
 async fn cache_lists_keys_timing_and_hits_but_no_token() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     for _ in 0..3 {
         assert_eq!(app.billing("acme/production?scope=b+a").await.status, 200);
@@ -131,11 +135,13 @@ async fn cache_lists_keys_timing_and_hits_but_no_token() {
 
 #[tokio::test]
 async fn a_missing_admin_or_metrics_key_is_named_as_such() {
-    let app = spawn_app_with(&format!(
-        "[auth]\nmetrics_key_sha256 = \"{}\"\n",
-        token_broker::auth::KeyHash::of("tbk_metrics").to_hex()
-    ))
-    .await;
+    let app = TestApp::init()
+        .with_config(format!(
+            "[auth]\nmetrics_key_sha256 = \"{}\"\n",
+            token_broker::auth::KeyHash::of("tbk_metrics").to_hex()
+        ))
+        .start()
+        .await;
     let admin = app.get("/v1/admin/tenants", None).await;
     assert_eq!(admin.status, 401);
     let description = admin.body["error_description"].as_str().unwrap();

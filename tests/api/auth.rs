@@ -4,7 +4,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn no_key_or_a_wrong_key_is_a_401_with_www_authenticate() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     for key in [None, Some("tbk_wrong"), Some("")] {
         let answer = app.get_token("acme/production", key).await;
         assert_eq!(answer.status, 401, "{key:?}");
@@ -16,12 +16,12 @@ async fn no_key_or_a_wrong_key_is_a_401_with_www_authenticate() {
                 .is_some_and(|id| !id.is_empty())
         );
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 }
 
 #[tokio::test]
 async fn a_tenant_the_caller_may_not_use_is_a_403_whether_or_not_it_exists() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     // reports may use only acme/production with one audience.
     for path in [
         "acme/staging",
@@ -39,12 +39,12 @@ async fn a_tenant_the_caller_may_not_use_is_a_403_whether_or_not_it_exists() {
                 .starts_with("caller 'reports' may not use")
         );
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 }
 
 #[tokio::test]
 async fn an_allowed_but_unconfigured_environment_is_a_404() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let answer = app.billing("acme/qa").await;
     assert_eq!(answer.status, 404, "{}", answer.body);
     assert_eq!(answer.body["error"], "not_found");
@@ -52,7 +52,7 @@ async fn an_allowed_but_unconfigured_environment_is_a_404() {
 
 #[tokio::test]
 async fn no_audience_and_no_default_is_a_400() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let answer = app.billing("globex/production").await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert_eq!(answer.body["error"], "invalid_request");
@@ -66,7 +66,7 @@ async fn no_audience_and_no_default_is_a_400() {
 
 #[tokio::test]
 async fn malformed_queries_are_400s() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let long = "x".repeat(2000);
     for query in [
         "min_ttl=1.5".to_owned(),
@@ -82,7 +82,7 @@ async fn malformed_queries_are_400s() {
 
 #[tokio::test]
 async fn a_restricted_caller_gets_its_allowed_audience() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let answer = app.get_token("acme/production", Some(REPORTS_KEY)).await;
     assert_eq!(answer.status, 200, "{}", answer.body);

@@ -4,10 +4,10 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn audience_scope_environment_and_tenant_each_get_their_own_token() {
-    let app = spawn_app().await;
-    let acme = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
-    let staging = issue_tokens(&app.idp, "acme-staging", TokenIssuer::new(3600)).await;
-    let globex = issue_tokens(&app.idp, "globex", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    issue_tokens(&app.idp, "acme-staging", TokenIssuer::new(3600)).await;
+    issue_tokens(&app.idp, "globex", TokenIssuer::new(3600)).await;
 
     let base = app.billing("acme/production").await.token().to_owned();
     let other_audience = app.billing("acme/production?audience=urn:other").await;
@@ -22,9 +22,9 @@ async fn audience_scope_environment_and_tenant_each_get_their_own_token() {
         other_env.token(),
         other_tenant.token(),
     ];
-    assert_eq!(acme.issued(), 3);
-    assert_eq!(staging.issued(), 1);
-    assert_eq!(globex.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 3);
+    assert_eq!(app.idp_requests().await.to("acme-staging").len(), 1);
+    assert_eq!(app.idp_requests().await.to("globex").len(), 1);
     assert_eq!(tokens[0], "token-1");
     assert_ne!(tokens[1], tokens[0]);
     assert_ne!(tokens[2], tokens[1]);
@@ -36,32 +36,32 @@ async fn audience_scope_environment_and_tenant_each_get_their_own_token() {
             .token(),
         tokens[1]
     );
-    assert_eq!(acme.issued(), 3);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 3);
 }
 
 #[tokio::test]
 async fn scope_order_and_duplicates_do_not_matter() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     let first = app.billing("acme/production?scope=b%20a%20a").await;
     let second = app.billing("acme/production?scope=a+b").await;
     assert_eq!(first.token(), second.token());
     assert_eq!(second.header("x-cache"), Some("hit"));
-    assert_eq!(issuer.issued(), 1);
-    let sent = app.idp.received_requests().await.unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&sent[0].body).unwrap();
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
+    let sent = app.idp_requests().await;
+    let body: serde_json::Value = serde_json::from_slice(&sent.requests()[0].body).unwrap();
     assert_eq!(body["scope"], "a b");
 }
 
 #[tokio::test]
 async fn explicit_default_audience_is_the_same_token_as_none() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let implicit = app.billing("acme/production").await;
     let explicit = app
         .billing("acme/production?audience=https%3A%2F%2Fapi.acme.example")
         .await;
     assert_eq!(implicit.token(), explicit.token());
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }

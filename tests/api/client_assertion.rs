@@ -151,6 +151,7 @@ async fn two_tokens(app: &TestApp, tenant_environment: &str, checker: &Assertion
             answer.body
         );
     }
+    assert_eq!(app.idp_requests().await.to("initech").len(), 2);
 }
 
 fn assert_verified_with_unique_ids(checker: &AssertionChecker) {
@@ -201,11 +202,13 @@ async fn rs256_assertions_from_a_key_file_in_a_form_body() {
     Mock::given(method("POST"))
         .and(path("/initech/oauth/token"))
         .respond_with(checker.clone())
-        .expect(2)
         .mount(&idp)
         .await;
-    let base = base_config(&idp.uri());
-    let app = spawn_with_layers(idp, &[&base, &toml]).await;
+    let app = TestApp::init()
+        .with_idp(idp)
+        .with_config(toml)
+        .start()
+        .await;
 
     two_tokens(&app, "initech/production", &checker).await;
     assert_verified_with_unique_ids(&checker);
@@ -245,12 +248,14 @@ async fn es256_assertions_from_an_environment_variable_with_a_configured_audienc
     Mock::given(method("POST"))
         .and(path("/initech/oauth/token"))
         .respond_with(checker.clone())
-        .expect(2)
         .mount(&idp)
         .await;
-    let base = base_config(&idp.uri());
-    let env = |name: &str| (name == "INITECH_CLIENT_KEY").then(|| key_pem.clone());
-    let app = spawn_with_env(idp, &[&base, &toml], &env).await;
+    let app = TestApp::init()
+        .with_idp(idp)
+        .with_config(toml)
+        .with_env("INITECH_CLIENT_KEY", key_pem)
+        .start()
+        .await;
 
     two_tokens(&app, "initech/production", &checker).await;
     assert_verified_with_unique_ids(&checker);

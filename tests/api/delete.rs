@@ -6,14 +6,14 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn delete_then_get_fetches_a_new_token() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
     let deleted = app.forget("acme/production", None).await;
     assert_eq!(deleted.status, 204);
     assert_eq!(app.billing("acme/production").await.token(), "token-2");
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
 
     // Nothing cached: still 204.
     assert_eq!(
@@ -24,8 +24,8 @@ async fn delete_then_get_fetches_a_new_token() {
 
 #[tokio::test]
 async fn compare_and_delete_with_a_stale_token_leaves_the_new_one() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     let rejected = app.billing("acme/production").await.token().to_owned();
     // A hundred callers saw token-1 rejected at once.
@@ -43,13 +43,13 @@ async fn compare_and_delete_with_a_stale_token_leaves_the_new_one() {
         assert_eq!(late.status, 204);
     }
     assert_eq!(app.billing("acme/production").await.token(), "token-2");
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
 }
 
 #[tokio::test]
 async fn a_malformed_body_is_a_400_and_forgets_nothing() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     app.billing("acme/production").await;
 
     let answer = app
@@ -58,5 +58,5 @@ async fn a_malformed_body_is_a_400_and_forgets_nothing() {
     assert_eq!(answer.status, 400);
     assert_eq!(answer.body["error"], "invalid_request");
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }

@@ -7,8 +7,8 @@ use crate::helpers::*;
 #[tokio::test]
 async fn a_token_is_fetched_again_after_its_window() {
     // 62 s tokens with min_remaining 60 s: each is served for about 2 s.
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(62)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(62)).await;
 
     let first = app.billing("acme/production").await;
     assert_eq!(first.token(), "token-1");
@@ -19,13 +19,13 @@ async fn a_token_is_fetched_again_after_its_window() {
     let after = app.billing("acme/production").await;
     assert_eq!(after.token(), "token-2");
     assert_eq!(after.header("x-cache"), Some("miss"));
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
 }
 
 #[tokio::test]
 async fn min_ttl_above_the_remaining_life_forces_a_fetch() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(600)).await;
 
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -35,15 +35,15 @@ async fn min_ttl_above_the_remaining_life_forces_a_fetch() {
     let fresh = app.billing("acme/production?min_ttl=600").await;
     assert_eq!(fresh.token(), "token-2");
     assert!(fresh.body["expires_in"].as_u64().unwrap() >= 599);
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
     // The fresh token replaced the old one for everybody.
     assert_eq!(app.billing("acme/production").await.token(), "token-2");
 }
 
 #[tokio::test]
 async fn min_ttl_longer_than_a_fresh_token_is_a_400() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(600)).await;
 
     let answer = app.billing("acme/production?min_ttl=601").await;
     assert_eq!(answer.status, 400, "{}", answer.body);
@@ -54,9 +54,9 @@ async fn min_ttl_longer_than_a_fresh_token_is_a_400() {
             .unwrap()
             .contains("min_ttl")
     );
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 
     let bad = app.billing("acme/production?min_ttl=ten").await;
     assert_eq!(bad.status, 400);
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }

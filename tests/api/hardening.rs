@@ -36,7 +36,10 @@ async fn status(http: &reqwest::Client, url: &str, key: Option<&str>) -> u16 {
 
 #[tokio::test]
 async fn with_an_admin_listener_metrics_and_admin_routes_live_there_only() {
-    let app = spawn_app_with("[server]\nadmin_listen = \"127.0.0.1:0\"").await;
+    let app = TestApp::init()
+        .with_config("[server]\nadmin_listen = \"127.0.0.1:0\"")
+        .start()
+        .await;
     let admin = app.admin_url.clone().expect("an admin listener");
     let http = &app.http;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
@@ -80,7 +83,7 @@ async fn with_an_admin_listener_metrics_and_admin_routes_live_there_only() {
 
 #[tokio::test]
 async fn without_an_admin_listener_one_port_serves_everything() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     assert!(app.admin_url.is_none());
     assert_eq!(app.get("/metrics", None).await.status, 200);
     let paths = documented_paths(&app.http, &app.url).await;
@@ -91,7 +94,10 @@ async fn without_an_admin_listener_one_port_serves_everything() {
 
 #[tokio::test]
 async fn connections_over_max_connections_wait_until_one_closes() {
-    let app = spawn_app_with("[server]\nmax_connections = 1").await;
+    let app = TestApp::init()
+        .with_config("[server]\nmax_connections = 1")
+        .start()
+        .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     // One client holds the only connection open (keep-alive).
     let holder = reqwest::Client::new();
@@ -129,16 +135,18 @@ async fn connections_over_max_connections_wait_until_one_closes() {
 
 #[tokio::test]
 async fn one_caller_cannot_hold_more_than_max_pending_per_caller_authorizations() {
-    let app = spawn_app_with(&format!(
-        r#"
+    let app = TestApp::init()
+        .with_config(format!(
+            r#"
         [users]
         max_pending_per_caller = 2
         [tenants.acme.environments.production]
         authorize_url = "{AUTHORIZE_URL}"
         redirect_uri = "{REDIRECT_URI}"
         "#
-    ))
-    .await;
+        ))
+        .start()
+        .await;
     for _ in 0..2 {
         let started = app
             .authorize("acme/production", BILLING_KEY, json!({}))

@@ -4,7 +4,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn livez_and_readyz_answer_200() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     for probe in ["livez", "readyz"] {
         let response = app
             .http
@@ -18,7 +18,7 @@ async fn livez_and_readyz_answer_200() {
 
 #[tokio::test]
 async fn request_ids_are_echoed_or_made() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let echoed = app
         .http
         .get(format!("{}/livez", app.url))
@@ -42,7 +42,7 @@ async fn request_ids_are_echoed_or_made() {
 
 #[tokio::test]
 async fn unknown_paths_are_json_404s() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let answer = answer(
         app.http
             .get(format!("{}/v2/nothing", app.url))
@@ -57,7 +57,7 @@ async fn unknown_paths_are_json_404s() {
 
 #[tokio::test]
 async fn a_token_answer_is_not_cacheable_and_says_hit_or_miss() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let miss = app.billing("acme/production").await;
     assert_eq!(miss.header("cache-control"), Some("no-store"));
@@ -77,9 +77,16 @@ async fn a_token_answer_is_not_cacheable_and_says_hit_or_miss() {
 
 #[tokio::test]
 async fn on_shutdown_readiness_turns_503_while_the_listener_still_accepts() {
-    let mut app = spawn_app_with("[server]\ndrain_delay = \"2s\"").await;
+    let mut app = TestApp::init()
+        .with_config("[server]\ndrain_delay = \"2s\"")
+        .start()
+        .await;
     app.begin_shutdown();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    eventually("readiness answers 503", async || {
+        let ready = app.http.get(format!("{}/readyz", app.url)).send().await;
+        ready.is_ok_and(|ready| ready.status() == 503)
+    })
+    .await;
     let ready = app
         .http
         .get(format!("{}/readyz", app.url))

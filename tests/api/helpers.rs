@@ -1,21 +1,29 @@
-//! Shared test fixtures: `spawn_app`, a token-issuing fake IdP, small request helpers, and a
-//! `redis-server` of a test's own with brokers that share it.
+//! Shared test fixtures: the [`TestApp`] builder that starts the broker under test, small
+//! request helpers, the fake IdP's side ([`idp`]: issuing tokens, counting requests), a
+//! `redis-server` of a test's own ([`redis_server`]) and a guard for the processes tests start
+//! ([`child`]).
 
-use std::process::{Child, Command, Stdio};
+mod child;
+mod idp;
+mod redis_server;
+
+pub use child::*;
+pub use idp::*;
+pub use redis_server::*;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Once};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde_json::{Value, json};
 use token_broker::app::AppState;
 use token_broker::auth::KeyHash;
 use token_broker::config::Settings;
 use token_broker::startup::Application;
 use tokio::net::TcpListener;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+use wiremock::MockServer;
 
 /// The key of the `billing` caller (allowed `acme/*` and `globex/production`).
 pub const BILLING_KEY: &str = "tbk_test-billing-key";
@@ -91,7 +99,7 @@ pub fn base_config(idp: &str) -> String {
     )
 }
 
-/// A broker running on a free port.
+/// A broker running on a free port; start one with [`TestApp::init`].
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
@@ -106,53 +114,147 @@ pub struct TestApp {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-/// Starts the broker with the standard configuration (plus `extra` TOML) against a new wiremock IdP.
-pub async fn spawn_app_with(extra: &str) -> TestApp {
-    init_tracing();
-    let idp = MockServer::start().await;
-    let base = base_config(&idp.uri());
-    spawn_with_layers(idp, &[&base, extra]).await
+/// How a [`TestApp`] is configured: by default the standard configuration ([`base_config`])
+/// against a new wiremock IdP; each `with_*` adds to it.
+#[derive(Clone)]
+pub struct TestAppBuilder {
+    idp: Option<Arc<MockServer>>,
+    base_config: bool,
+    layers: Vec<String>,
+    env: Vec<(String, String)>,
+    file: Option<PathBuf>,
+    wait_for_shared_cache: bool,
 }
 
-/// Starts the broker with the standard configuration.
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with("").await
+impl TestApp {
+    /// The standard configuration against a new wiremock IdP; add to it, then `start()`.
+    pub fn init() -> TestAppBuilder {
+        TestAppBuilder {
+            idp: None,
+            base_config: true,
+            layers: Vec::new(),
+            env: Vec::new(),
+            file: None,
+            wait_for_shared_cache: false,
+        }
+    }
+
+    /// The token requests its IdP has received so far.
+    pub async fn idp_requests(&self) -> IdpRequests {
+        idp_requests(&self.idp).await
+    }
 }
 
-/// Starts the broker with exactly `toml` (over the defaults).
-pub async fn spawn_with_toml(idp: MockServer, toml: &str) -> TestApp {
-    spawn_with_layers(idp, &[toml]).await
+impl TestAppBuilder {
+    /// Uses `idp` (a fleet shares one; a test may mount mocks before the start).
+    pub fn with_idp(mut self, idp: impl Into<Arc<MockServer>>) -> Self {
+        self.idp = Some(idp.into());
+        self
+    }
+
+    /// Adds a TOML `layer` over the configuration so far.
+    pub fn with_config(mut self, layer: impl Into<String>) -> Self {
+        self.layers.push(layer.into());
+        self
+    }
+
+    /// Starts from exactly `toml` (over the defaults), without the standard configuration.
+    pub fn with_toml(mut self, toml: impl Into<String>) -> Self {
+        self.base_config = false;
+        self.with_config(toml)
+    }
+
+    /// User tokens for acme/production ([`AUTHORIZE_URL`], [`REDIRECT_URI`]).
+    pub fn with_users(self) -> Self {
+        self.with_config(format!(
+            r#"
+            [tenants.acme.environments.production]
+            authorize_url = "{AUTHORIZE_URL}"
+            redirect_uri = "{REDIRECT_URI}"
+            "#
+        ))
+    }
+
+    /// Shares `redis` ([`shared_cache_config`]); `start` waits until the shared level is up
+    /// and subscribed.
+    pub fn with_redis(mut self, redis: &RedisServer) -> Self {
+        self.wait_for_shared_cache = true;
+        self.with_config(shared_cache_config(redis))
+    }
+
+    /// Sets `name` in the environment `*_env` settings read (which always holds
+    /// [`CACHE_KEY_ENV`]).
+    pub fn with_env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// Reads the configuration from `file` instead, which `POST /v1/admin/reload` re-reads.
+    pub fn with_file(mut self, file: &Path) -> Self {
+        self.file = Some(file.to_owned());
+        self
+    }
+
+    /// Starts the broker.
+    pub async fn start(mut self) -> TestApp {
+        let idp = match self.idp.take() {
+            Some(idp) => idp,
+            None => Arc::new(MockServer::start().await),
+        };
+        self.start_on(idp).await
+    }
+
+    /// Starts `replicas` brokers that share one IdP (and Redis, with [`Self::with_redis`]).
+    pub async fn start_fleet(mut self, replicas: usize) -> Vec<TestApp> {
+        let idp = match self.idp.take() {
+            Some(idp) => idp,
+            None => Arc::new(MockServer::start().await),
+        };
+        let mut fleet = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
+            fleet.push(self.clone().start_on(Arc::clone(&idp)).await);
+        }
+        fleet
+    }
+
+    async fn start_on(self, idp: Arc<MockServer>) -> TestApp {
+        init_tracing();
+        let (settings, reloader) = match &self.file {
+            Some(file) => {
+                let settings = Settings::load(Some(file)).expect("test configuration is valid");
+                let file = file.clone();
+                let reloader: token_broker::app::Reloader =
+                    Box::new(move || Settings::load(Some(&file)));
+                (settings, Some(reloader))
+            }
+            None => {
+                let base = self.base_config.then(|| base_config(&idp.uri()));
+                let layers: Vec<&str> = base
+                    .iter()
+                    .chain(&self.layers)
+                    .map(String::as_str)
+                    .collect();
+                let env = |name: &str| {
+                    let set = self.env.iter().find(|(set, _)| set == name);
+                    match set {
+                        Some((_, value)) => Some(value.clone()),
+                        None => (name == CACHE_KEY_ENV).then(cache_key),
+                    }
+                };
+                let settings =
+                    Settings::from_toml_layers(&layers, &env).expect("test configuration is valid");
+                (settings, None)
+            }
+        };
+        let app = start(idp, settings, reloader).await;
+        if self.wait_for_shared_cache {
+            app.wait_for_shared_cache(true).await;
+        }
+        app
+    }
 }
 
-/// Starts the broker with TOML `layers`, each over the one before.
-pub async fn spawn_with_layers(idp: MockServer, layers: &[&str]) -> TestApp {
-    spawn_with_env(idp, layers, &|_| None).await
-}
-
-/// Starts the broker with TOML `layers`, reading `*_env` settings through `env`.
-pub async fn spawn_with_env(
-    idp: MockServer,
-    layers: &[&str],
-    env: &dyn Fn(&str) -> Option<String>,
-) -> TestApp {
-    init_tracing();
-    let settings = Settings::from_toml_layers(layers, env).expect("test configuration is valid");
-    start(Arc::new(idp), settings, None).await
-}
-
-/// Starts the broker from a configuration file that `POST /v1/admin/reload` re-reads.
-pub async fn spawn_from_file(idp: MockServer, file: &std::path::Path) -> TestApp {
-    init_tracing();
-    let settings = Settings::load(Some(file)).expect("test configuration is valid");
-    let file = file.to_owned();
-    start(
-        Arc::new(idp),
-        settings,
-        Some(Box::new(move || Settings::load(Some(&file)))),
-    )
-    .await
-}
-
+/// The one place a test builds an [`Application`].
 async fn start(
     idp: Arc<MockServer>,
     settings: Settings,
@@ -175,59 +277,6 @@ async fn start(
         admin_url,
         shutdown: Some(tx),
     }
-}
-
-/// Answers token requests with a new token each time: `token-1`, `token-2`, ...
-#[derive(Clone)]
-pub struct TokenIssuer {
-    issued: Arc<AtomicU64>,
-    expires_in: Value,
-    delay: Duration,
-}
-
-impl TokenIssuer {
-    /// Tokens that live `expires_in` seconds.
-    pub fn new(expires_in: u64) -> Self {
-        Self {
-            issued: Arc::new(AtomicU64::new(0)),
-            expires_in: json!(expires_in),
-            delay: Duration::ZERO,
-        }
-    }
-
-    /// Answers only after `delay`.
-    pub fn with_delay(mut self, delay: Duration) -> Self {
-        self.delay = delay;
-        self
-    }
-
-    /// How many tokens were issued.
-    pub fn issued(&self) -> u64 {
-        self.issued.load(Ordering::SeqCst)
-    }
-}
-
-impl Respond for TokenIssuer {
-    fn respond(&self, _request: &Request) -> ResponseTemplate {
-        let n = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
-        ResponseTemplate::new(200)
-            .set_body_json(json!({
-                "access_token": format!("token-{n}"),
-                "token_type": "Bearer",
-                "expires_in": self.expires_in,
-            }))
-            .set_delay(self.delay)
-    }
-}
-
-/// Mounts a [`TokenIssuer`] on `POST /{tenant_path}/oauth/token` and returns it.
-pub async fn issue_tokens(idp: &MockServer, tenant_path: &str, issuer: TokenIssuer) -> TokenIssuer {
-    Mock::given(method("POST"))
-        .and(path(format!("/{tenant_path}/oauth/token")))
-        .respond_with(issuer.clone())
-        .mount(idp)
-        .await;
-    issuer
 }
 
 /// A parsed broker answer.
@@ -355,18 +404,6 @@ pub const AUTHORIZE_URL: &str = "https://login.acme.example/authorize?connection
 /// The calling service's callback configured for user tokens in acme/production.
 pub const REDIRECT_URI: &str = "https://app.example/callback";
 
-/// Starts the broker with user tokens configured for acme/production.
-pub async fn spawn_user_app() -> TestApp {
-    spawn_app_with(&format!(
-        r#"
-        [tenants.acme.environments.production]
-        authorize_url = "{AUTHORIZE_URL}"
-        redirect_uri = "{REDIRECT_URI}"
-        "#
-    ))
-    .await
-}
-
 impl TestApp {
     /// `POST /v1/users/{tenant_environment}/authorize` with `key` and a JSON body.
     pub async fn authorize(&self, tenant_environment: &str, key: &str, body: Value) -> Answer {
@@ -420,48 +457,6 @@ pub fn query_fields(url: &str) -> Vec<(String, String)> {
     url.query_pairs().into_owned().collect()
 }
 
-/// Matches a form-encoded token request whose fields are exactly `expected`, in order.
-pub struct ExactForm(pub Vec<(String, String)>);
-
-impl ExactForm {
-    /// Builds the matcher from string pairs.
-    pub fn of(fields: &[(&str, &str)]) -> Self {
-        Self(
-            fields
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        )
-    }
-}
-
-impl wiremock::Match for ExactForm {
-    fn matches(&self, request: &Request) -> bool {
-        let form = request
-            .headers
-            .get("content-type")
-            .is_some_and(|v| v == "application/x-www-form-urlencoded");
-        form && form_fields(&request.body) == self.0
-    }
-}
-
-/// A token answer with an optional refresh token.
-pub fn user_token_body(
-    access_token: &str,
-    expires_in: u64,
-    refresh_token: Option<&str>,
-) -> ResponseTemplate {
-    let mut body = json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": expires_in,
-    });
-    if let Some(refresh_token) = refresh_token {
-        body["refresh_token"] = json!(refresh_token);
-    }
-    ResponseTemplate::new(200).set_body_json(body)
-}
-
 /// The value of the metric line `name_and_labels` (as rendered: `name{a="b",...}`) in
 /// Prometheus text, when present.
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
@@ -490,190 +485,8 @@ pub fn listening_url(line: &str) -> String {
 }
 
 /// A URL of a port nothing listens on.
-pub static CLOSED_PORT_URL: LazyLock<String> = LazyLock::new(|| {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
-    format!("http://127.0.0.1:{port}")
-});
-
-/// The environment variable that holds the shared cache key in tests.
-pub const CACHE_KEY_ENV: &str = "TEST_SHARED_CACHE_KEY";
-
-/// A `redis-server` of the test's own on a loopback port, without persistence; killed on drop.
-pub struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    /// Its working directory: replication writes an RDB file there even without `save`, and a
-    /// server started later must not load another's.
-    _dir: tempfile::TempDir,
-    /// How the test reaches it (plain, or TLS with the test's certificates).
-    client: redis::Client,
-}
-
-/// A free loopback port for a server a test starts itself (`redis-server`), never handed out
-/// twice by this process: taken below the kernel's ephemeral range, so no port-0 listener of
-/// another test can take it while its server is down for a restart.
-pub fn free_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let start = 20_000 + std::process::id() % 5_000;
-    loop {
-        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = u16::try_from(20_000 + (start - 20_000 + offset) % 12_000).expect("below 32000");
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-impl RedisServer {
-    /// Starts one on a free port and waits until it answers `PING`.
-    pub async fn start() -> Self {
-        Self::start_on(free_port()).await
-    }
-
-    /// Starts one on `port` (to restart a stopped one where its clients expect it).
-    pub async fn start_on(port: u16) -> Self {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-        Self::start_with(port, &["--port", &port.to_string()], client).await
-    }
-
-    /// Starts one on `port` with `args` (which say where it listens), and waits until `client`
-    /// gets an answer to `PING`.
-    pub async fn start_with(port: u16, args: &[&str], client: redis::Client) -> Self {
-        let dir = tempfile::tempdir().expect("a directory for redis-server");
-        let child = Command::new("redis-server")
-            .args(args)
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!(
-                    "cannot run redis-server ({error}): the shared cache tests need a real Redis; \
-                     install it (`apt-get install redis-server`; .ci/run does)"
-                )
-            });
-        let mut server = Self {
-            child: Some(child),
-            port,
-            _dir: dir,
-            client,
-        };
-        server.wait_until_ready().await;
-        server
-    }
-
-    async fn wait_until_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut connection) = self.try_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut connection)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            let child = self.child.as_mut().expect("started");
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "redis-server on port {} exited at start: {status}",
-                    self.port
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} does not answer PING",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn try_connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        self.client.get_multiplexed_async_connection().await
-    }
-
-    /// `redis://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// The port it listens on.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// A connection for looking at what the brokers wrote.
-    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        self.try_connection()
-            .await
-            .expect("connect to redis-server")
-    }
-
-    /// Kills the server at once (no shutdown handshake), as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The `[shared_cache]` layer that points a broker at `redis`.
-pub fn shared_cache_config(redis: &RedisServer) -> String {
-    format!(
-        r#"
-        [shared_cache]
-        url = "{}"
-        encryption_key_env = "{CACHE_KEY_ENV}"
-        "#,
-        redis.url()
-    )
-}
-
-/// The environment of shared-cache tests: [`CACHE_KEY_ENV`] holds a key.
-pub fn test_env(name: &str) -> Option<String> {
-    (name == CACHE_KEY_ENV).then(|| base64::engine::general_purpose::STANDARD.encode([42u8; 32]))
-}
-
-/// Starts one broker replica on the standard configuration plus `extra`, sharing `idp` and
-/// `redis`, and waits until its shared level is up and subscribed.
-pub async fn spawn_replica(idp: &Arc<MockServer>, redis: &RedisServer, extra: &str) -> TestApp {
-    let base = base_config(&idp.uri());
-    let shared = shared_cache_config(redis);
-    let app = spawn_sharing(idp, &[&base, &shared, extra]).await;
-    app.wait_for_shared_cache(true).await;
-    app
-}
-
-/// Starts one broker replica from TOML `layers` (read with [`test_env`]) that shares `idp` with
-/// the other replicas.
-pub async fn spawn_sharing(idp: &Arc<MockServer>, layers: &[&str]) -> TestApp {
-    init_tracing();
-    let settings =
-        Settings::from_toml_layers(layers, &test_env).expect("test configuration is valid");
-    start(Arc::clone(idp), settings, None).await
-}
-
-/// Starts `replicas` brokers that share one new fake IdP and `redis`.
-pub async fn spawn_fleet(replicas: usize, redis: &RedisServer, extra: &str) -> Vec<TestApp> {
-    let idp = Arc::new(MockServer::start().await);
-    let mut fleet = Vec::with_capacity(replicas);
-    for _ in 0..replicas {
-        fleet.push(spawn_replica(&idp, redis, extra).await);
-    }
-    fleet
-}
+pub static CLOSED_PORT_URL: LazyLock<String> =
+    LazyLock::new(|| format!("http://127.0.0.1:{}", free_port()));
 
 impl TestApp {
     /// Waits (at most 10 s) until the broker reports its shared level healthy, or not.

@@ -11,14 +11,14 @@ use wiremock::{Mock, ResponseTemplate};
 use crate::helpers::*;
 
 async fn expires_in_for(idp_body: Value, extra: &str) -> u64 {
-    let app = spawn_app_with(extra).await;
+    let app = TestApp::init().with_config(extra).start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(200).set_body_json(idp_body))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let answer = app.billing("acme/production").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(app.idp_requests().await.len(), 1);
     let expires_at = answer.body["expires_at"].as_str().expect("expires_at");
     let expires_at = humantime::parse_rfc3339(expires_at).expect("RFC 3339");
     let expires_in = answer.body["expires_in"]

@@ -6,7 +6,10 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn a_request_head_over_max_header_bytes_gets_431() {
-    let app = spawn_app_with("[server]\nmax_header_bytes = 8192\n").await;
+    let app = TestApp::init()
+        .with_config("[server]\nmax_header_bytes = 8192\n")
+        .start()
+        .await;
     let fits = app
         .http
         .get(format!("{}/livez", app.url))
@@ -27,7 +30,10 @@ async fn a_request_head_over_max_header_bytes_gets_431() {
 
 #[tokio::test]
 async fn a_body_over_max_body_bytes_gets_413() {
-    let app = spawn_app_with("[server]\nmax_body_bytes = 64\n").await;
+    let app = TestApp::init()
+        .with_config("[server]\nmax_body_bytes = 64\n")
+        .start()
+        .await;
     let answer = answer(
         app.http
             .delete(format!("{}/v1/tokens/acme/production", app.url))
@@ -45,7 +51,10 @@ async fn a_body_over_max_body_bytes_gets_413() {
 
 #[tokio::test]
 async fn a_request_over_the_timeout_gets_503() {
-    let app = spawn_app_with("[server]\nrequest_timeout = \"300ms\"\n").await;
+    let app = TestApp::init()
+        .with_config("[server]\nrequest_timeout = \"300ms\"\n")
+        .start()
+        .await;
     issue_tokens(
         &app.idp,
         "acme",

@@ -24,8 +24,8 @@ fn labels(tenant: &str, environment: &str) -> String {
 
 #[tokio::test]
 async fn hits_misses_refreshes_and_idp_outcomes_are_counted_by_environment() {
-    let app = spawn_app_with(QUICK_REFRESH).await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(2)).await;
+    let app = TestApp::init().with_config(QUICK_REFRESH).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(2)).await;
     Mock::given(method("POST"))
         .and(path("/acme-staging/oauth/token"))
         .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": "access_denied"})))
@@ -50,14 +50,12 @@ async fn hits_misses_refreshes_and_idp_outcomes_are_counted_by_environment() {
         app.billing("acme/production").await.header("x-cache"),
         Some("hit")
     );
-    for _ in 0..100 {
-        if issuer.issued() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the refresh reaches the IdP", async || {
+        app.idp_requests().await.to("acme").len() >= 2
+    })
+    .await;
     assert_eq!(
-        issuer.issued(),
+        app.idp_requests().await.to("acme").len(),
         2,
         "the hit in the refresh window refreshed"
     );
@@ -140,7 +138,7 @@ async fn hits_misses_refreshes_and_idp_outcomes_are_counted_by_environment() {
 
 #[tokio::test]
 async fn every_configured_environment_and_outcome_shows_from_the_start() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let text = app.scrape().await;
     for (tenant, environment) in [
         ("acme", "production"),
@@ -175,13 +173,15 @@ async fn every_configured_environment_and_outcome_shows_from_the_start() {
 
 #[tokio::test]
 async fn the_idp_rate_limit_and_auth0_quota_remaining_and_the_quota_guard_are_exported() {
-    let app = spawn_app_with(
-        r#"
+    let app = TestApp::init()
+        .with_config(
+            r#"
         [tenants.globex.environments.production]
         max_fetches_per_hour = 1
         "#,
-    )
-    .await;
+        )
+        .start()
+        .await;
     Mock::given(method("POST"))
         .and(path("/globex/oauth/token"))
         .respond_with(
@@ -236,7 +236,7 @@ async fn the_idp_rate_limit_and_auth0_quota_remaining_and_the_quota_guard_are_ex
 
 #[tokio::test]
 async fn labels_never_carry_audiences_scopes_raw_paths_or_odd_methods() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let answer = app
         .billing("acme/production?audience=https://private-audience.example&scope=odd:scope")
@@ -287,8 +287,8 @@ async fn labels_never_carry_audiences_scopes_raw_paths_or_odd_methods() {
 
 #[tokio::test]
 async fn each_application_counts_only_its_own_traffic() {
-    let busy = spawn_app().await;
-    let idle = spawn_app().await;
+    let busy = TestApp::init().start().await;
+    let idle = TestApp::init().start().await;
     issue_tokens(&busy.idp, "acme", TokenIssuer::new(3600)).await;
     for _ in 0..3 {
         assert_eq!(busy.billing("acme/production").await.status, 200);
@@ -302,11 +302,13 @@ async fn each_application_counts_only_its_own_traffic() {
 #[tokio::test]
 async fn a_metrics_key_closes_the_scrape_to_others() {
     const METRICS_KEY: &str = "tbk_test-metrics-key";
-    let app = spawn_app_with(&format!(
-        "[auth]\nmetrics_key_sha256 = \"{}\"\n",
-        KeyHash::of(METRICS_KEY).to_hex()
-    ))
-    .await;
+    let app = TestApp::init()
+        .with_config(format!(
+            "[auth]\nmetrics_key_sha256 = \"{}\"\n",
+            KeyHash::of(METRICS_KEY).to_hex()
+        ))
+        .start()
+        .await;
     let open = app.get("/metrics", None).await;
     assert_eq!(open.status, 401);
     assert_eq!(open.body["error"], "unauthorized");

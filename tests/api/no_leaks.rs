@@ -96,7 +96,7 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config)
-            .env(CACHE_KEY_ENV, test_env(CACHE_KEY_ENV).unwrap())
+            .env(CACHE_KEY_ENV, cache_key())
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", "debug"),
         false,

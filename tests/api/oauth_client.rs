@@ -49,7 +49,7 @@ type OAuthClient = BasicClient<
 
 #[tokio::test]
 async fn client_credentials_with_basic_and_body_authentication_share_one_cached_token() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))
         .and(body_json(json!({
@@ -63,7 +63,6 @@ async fn client_credentials_with_basic_and_body_authentication_share_one_cached_
             "access_token": "issued", "token_type": "Bearer", "expires_in": 3600,
             "scope": "read:a write:b",
         })))
-        .expect(1)
         .mount(&app.idp)
         .await;
 
@@ -90,11 +89,12 @@ async fn client_credentials_with_basic_and_body_authentication_share_one_cached_
     let answer = app.billing("acme/production?scope=read:a+write:b").await;
     assert_eq!(answer.token(), "issued");
     assert_eq!(answer.header("x-cache"), Some("hit"));
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn the_library_sees_rfc6749_errors() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let outcomes = [
         (
             client(&app, "billing", "tbk_wrong", "production"),
@@ -121,5 +121,5 @@ async fn the_library_sees_rfc6749_errors() {
         assert_eq!(response.error(), &expected);
         assert!(response.error_description().is_some());
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 }

@@ -86,7 +86,7 @@ async fn assert_error(app: &TestApp, attempt: &Attempt<'_>, status: u16, error: 
 
 #[tokio::test]
 async fn invalid_request() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let attempts = [
         Attempt::form(&billing_form("audience=x")),
         Attempt::form(&billing_form(
@@ -110,12 +110,12 @@ async fn invalid_request() {
         let answer = assert_error(&app, attempt, 400, "invalid_request").await;
         assert!(!answer.body.to_string().contains("12345"));
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 }
 
 #[tokio::test]
 async fn invalid_client_is_a_401_with_a_basic_challenge() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let attempts = [
         Attempt::form("grant_type=client_credentials"),
         Attempt::form("grant_type=client_credentials&client_id=billing&client_secret=tbk_wrong"),
@@ -136,12 +136,12 @@ async fn invalid_client_is_a_401_with_a_basic_challenge() {
             Some(r#"Basic realm="token-broker""#)
         );
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 }
 
 #[tokio::test]
 async fn unauthorized_client_whether_or_not_the_tenant_exists() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let reports = |rest: &str| format!("client_id=reports&client_secret={REPORTS_KEY}&{rest}");
     let attempts = [
         Attempt::form(&reports("grant_type=client_credentials")).at("acme/staging"),
@@ -156,48 +156,48 @@ async fn unauthorized_client_whether_or_not_the_tenant_exists() {
             "{description}"
         );
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 }
 
 #[tokio::test]
 async fn unsupported_grant_type() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     for grant in ["password", "authorization_code", "refresh_token"] {
         let attempt = Attempt::form(&billing_form(&format!("grant_type={grant}")));
         assert_error(&app, &attempt, 400, "unsupported_grant_type").await;
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 }
 
 #[tokio::test]
 async fn invalid_scope_when_malformed_or_refused_by_the_idp() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let malformed = Attempt::form(&billing_form("grant_type=client_credentials&scope=a%22b"));
     assert_error(&app, &malformed, 400, "invalid_scope").await;
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
             "error": "invalid_scope", "error_description": "no such scope: admin",
         })))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let refused = Attempt::form(&billing_form("grant_type=client_credentials&scope=admin"));
     let answer = assert_error(&app, &refused, 400, "invalid_scope").await;
     assert!(!answer.body.to_string().contains("no such scope"));
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn an_allowed_but_unconfigured_environment_is_a_404() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let attempt = Attempt::form(&billing_form("grant_type=client_credentials")).at("acme/qa");
     assert_error(&app, &attempt, 404, "not_found").await;
 }
 
 #[tokio::test]
 async fn upstream_failures_keep_their_api_statuses() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(401).set_body_json(json!({ "error": "access_denied" })))
         .up_to_n_times(1)

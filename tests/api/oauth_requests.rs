@@ -12,8 +12,9 @@ use crate::helpers::*;
 const JSON: &str = "application/json";
 const FORM: &str = "application/x-www-form-urlencoded";
 
-/// Mounts an IdP that expects exactly one Auth0-style request for acme/production with `scope`.
-async fn expect_one_idp_request(app: &TestApp, scope: Option<&str>, answer: Value) {
+/// Mounts an IdP that answers only the Auth0-style request for acme/production with `scope`
+/// (the tests check that exactly one was sent).
+async fn answer_one_idp_request(app: &TestApp, scope: Option<&str>, answer: Value) {
     let mut request = json!({
         "grant_type": "client_credentials",
         "client_id": "acme-production-id",
@@ -27,7 +28,6 @@ async fn expect_one_idp_request(app: &TestApp, scope: Option<&str>, answer: Valu
         .and(path("/acme/oauth/token"))
         .and(body_json(request))
         .respond_with(ResponseTemplate::new(200).set_body_json(answer))
-        .expect(1)
         .mount(&app.idp)
         .await;
 }
@@ -63,9 +63,9 @@ fn assert_rfc6749_success(answer: &Answer) {
 
 #[tokio::test]
 async fn auth0_style_json_with_credentials_in_the_body() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let issued = json!({ "access_token": "issued", "token_type": "Bearer", "expires_in": 3600 });
-    expect_one_idp_request(&app, None, issued).await;
+    answer_one_idp_request(&app, None, issued).await;
     let body = json!({
         "grant_type": "client_credentials",
         "client_id": "billing",
@@ -79,15 +79,16 @@ async fn auth0_style_json_with_credentials_in_the_body() {
     assert_eq!(fields, ["access_token", "expires_in", "token_type"]);
     assert_eq!(answer.token(), "issued");
     assert_eq!(answer.header("x-cache"), Some("miss"));
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn rfc6749_form_with_resource_and_scope_in_any_order() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let issued = json!({
         "access_token": "issued", "token_type": "Bearer", "expires_in": 3600, "scope": "a b",
     });
-    expect_one_idp_request(&app, Some("a b"), issued).await;
+    answer_one_idp_request(&app, Some("a b"), issued).await;
     let key: String = form_urlencoded::byte_serialize(BILLING_KEY.as_bytes()).collect();
     let resource: String = form_urlencoded::byte_serialize(ACME_AUDIENCE.as_bytes()).collect();
     for scope in ["b+a", "a+b+a"] {
@@ -98,13 +99,14 @@ async fn rfc6749_form_with_resource_and_scope_in_any_order() {
         assert_rfc6749_success(&answer);
         assert_eq!(answer.body["scope"], "a b");
     }
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn http_basic_url_encoded_or_raw_with_the_default_audience() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let issued = json!({ "access_token": "issued", "token_type": "Bearer", "expires_in": 3600 });
-    expect_one_idp_request(&app, None, issued).await;
+    answer_one_idp_request(&app, None, issued).await;
     // RFC 6749 §2.3.1 form-encodes id and secret before Base64; many clients do not.
     let encoded: String = form_urlencoded::byte_serialize(BILLING_KEY.as_bytes()).collect();
     let basic_bodies = [
@@ -131,6 +133,7 @@ async fn http_basic_url_encoded_or_raw_with_the_default_audience() {
     .await;
     assert_rfc6749_success(&answer);
     assert_eq!(answer.header("x-cache"), Some("hit"));
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
@@ -146,7 +149,7 @@ async fn basic_credentials_with_reserved_characters_are_form_decoded() {
         base_config(&idp.uri()),
         token_broker::auth::KeyHash::of(key).to_hex()
     );
-    let app = spawn_with_toml(idp, &toml).await;
+    let app = TestApp::init().with_idp(idp).with_toml(toml).start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let encoded: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
     let answer = post(

@@ -36,7 +36,7 @@ async fn document(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn the_document_is_openapi_3_and_lists_every_route_of_the_contract() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let document = document(&app).await;
     assert!(
         document["openapi"].as_str().unwrap().starts_with("3."),
@@ -92,7 +92,7 @@ async fn the_document_is_openapi_3_and_lists_every_route_of_the_contract() {
 
 #[tokio::test]
 async fn every_documented_operation_is_served() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let document = document(&app).await;
     for (path, item) in document["paths"].as_object().unwrap() {
         let url = format!(
@@ -118,7 +118,7 @@ async fn every_documented_operation_is_served() {
 async fn the_documented_patterns_are_the_ones_the_server_applies() {
     use token_broker::api::token_request::{NAME_PATTERN, NON_BLANK_PATTERN, VALUE_PATTERN};
 
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let document = document(&app).await;
     let parameters = document["paths"]["/v1/tokens/{tenant}/{environment}"]["get"]["parameters"]
         .as_array()

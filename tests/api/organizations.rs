@@ -13,10 +13,9 @@ organizations = ["org_abc", "acme/org_def"]
 
 /// The `organization` field of each token request the IdP received, in order.
 async fn organizations_sent(app: &TestApp) -> Vec<Option<String>> {
-    app.idp
-        .received_requests()
+    app.idp_requests()
         .await
-        .unwrap()
+        .requests()
         .iter()
         .map(|request| {
             let body: Value = serde_json::from_slice(&request.body).unwrap();
@@ -29,8 +28,8 @@ async fn organizations_sent(app: &TestApp) -> Vec<Option<String>> {
 
 #[tokio::test]
 async fn one_organization_shares_a_token_and_two_make_two_idp_requests() {
-    let app = spawn_app_with(ORGANIZATIONS).await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().with_config(ORGANIZATIONS).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     let first = app.billing("acme/production?organization=org_abc").await;
     let again = app.billing("acme/production?organization=org_abc").await;
@@ -44,7 +43,7 @@ async fn one_organization_shares_a_token_and_two_make_two_idp_requests() {
     assert_ne!(tenant_wide.token(), first.token());
     assert_ne!(tenant_wide.token(), other.token());
 
-    assert_eq!(issuer.issued(), 3);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 3);
     assert_eq!(
         organizations_sent(&app).await,
         [Some("org_abc".to_owned()), Some("org_def".to_owned()), None]
@@ -53,8 +52,8 @@ async fn one_organization_shares_a_token_and_two_make_two_idp_requests() {
 
 #[tokio::test]
 async fn an_organization_the_caller_may_not_name_is_403_without_an_idp_request() {
-    let app = spawn_app_with(ORGANIZATIONS).await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().with_config(ORGANIZATIONS).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     issue_tokens(&app.idp, "globex", TokenIssuer::new(3600)).await;
 
     for (path, key) in [
@@ -80,18 +79,20 @@ async fn an_organization_the_caller_may_not_name_is_403_without_an_idp_request()
             answer.body
         );
     }
-    assert_eq!(issuer.issued(), 0);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 0);
     assert!(organizations_sent(&app).await.is_empty());
 }
 
 #[tokio::test]
 async fn only_organization_ids_are_accepted() {
-    let app = spawn_app_with(
-        r#"[callers.billing]
+    let app = TestApp::init()
+        .with_config(
+            r#"[callers.billing]
 organizations = ["*"]"#,
-    )
-    .await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+        )
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let long = format!("org_{}", "a".repeat(61));
     for bad in [
         "ORG_abc",
@@ -112,7 +113,7 @@ organizations = ["*"]"#,
         .billing("acme/production?organization=org_a&organization=org_b")
         .await;
     assert_eq!(twice.status, 400);
-    assert_eq!(issuer.issued(), 0);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 0);
     // Case matters: org_ABC and org_abc are two organizations.
     let upper = app.billing("acme/production?organization=org_ABC").await;
     let lower = app.billing("acme/production?organization=org_abc").await;
@@ -121,8 +122,8 @@ organizations = ["*"]"#,
 
 #[tokio::test]
 async fn delete_forgets_the_organization_token_only() {
-    let app = spawn_app_with(ORGANIZATIONS).await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().with_config(ORGANIZATIONS).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let organization = app.billing("acme/production?organization=org_abc").await;
     let tenant_wide = app.billing("acme/production").await;
     let forgot = app
@@ -135,13 +136,13 @@ async fn delete_forgets_the_organization_token_only() {
     );
     let renewed = app.billing("acme/production?organization=org_abc").await;
     assert_ne!(renewed.token(), organization.token());
-    assert_eq!(issuer.issued(), 3);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 3);
 }
 
 #[tokio::test]
 async fn the_facade_takes_organization_in_the_body() {
-    let app = spawn_app_with(ORGANIZATIONS).await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().with_config(ORGANIZATIONS).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let post = |organization: &str| {
         app.http
             .post(format!("{}/t/acme/production/oauth/token", app.url))
@@ -159,7 +160,7 @@ async fn the_facade_takes_organization_in_the_body() {
     let malformed = answer(post("org-abc").await.unwrap()).await;
     assert_eq!(malformed.status, 400);
     assert_eq!(malformed.body["error"], "invalid_request");
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
     assert_eq!(organizations_sent(&app).await, [Some("org_abc".to_owned())]);
 }
 

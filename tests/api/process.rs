@@ -2,7 +2,7 @@
 //! `hash-key` and `healthcheck`.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -14,9 +14,10 @@ use crate::helpers::*;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
-/// A child process whose stderr (or stdout) lines arrive on a channel.
+/// A child process whose stderr (or stdout) lines arrive on a channel; killed on drop, so a
+/// failing test leaves no broker behind.
 pub(crate) struct Running {
-    pub(crate) child: Child,
+    child: ChildGuard,
     lines: mpsc::Receiver<String>,
 }
 
@@ -33,13 +34,18 @@ impl Running {
         }
     }
 
-    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    /// Sends `signal` (`TERM`, `HUP`) to the process.
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
-        let status = self.child.wait().expect("wait");
+    }
+
+    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        self.signal("TERM");
+        let status = self.child.child().wait().expect("wait");
         (status, self.lines.iter().collect())
     }
 }
@@ -68,13 +74,16 @@ pub(crate) fn spawn(command: &mut Command, read_stdout: bool) -> Running {
         std::thread::spawn(move || std::io::copy(&mut { stdout }, &mut std::io::sink()));
     }
     drop(tx);
-    Running { child, lines }
+    Running {
+        child: ChildGuard::new(child),
+        lines,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_logs_never_show_a_secret_a_key_or_a_token_and_sigterm_exits_0() {
     let idp = MockServer::start().await;
-    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     Mock::given(method("POST"))
         .and(path("/acme-staging/oauth/token"))
         .respond_with(ResponseTemplate::new(401).set_body_json(serde_json::json!({
@@ -138,7 +147,7 @@ async fn debug_logs_never_show_a_secret_a_key_or_a_token_and_sigterm_exits_0() {
         get("acme/production", REPORTS_KEY).await.unwrap().status(),
         200
     );
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(idp_requests(&idp).await.to("acme").len(), 1);
 
     let (status, lines) = server.terminate();
     assert!(status.success(), "exit status {status:?}");
@@ -308,11 +317,7 @@ async fn sighup_reloads_the_configuration() {
         KeyHash::of(new_key).to_hex()
     );
     std::fs::write(&config, added).unwrap();
-    let hup = Command::new("kill")
-        .args(["-HUP", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    server.signal("HUP");
     server.wait_for("configuration reloaded");
     assert_eq!(status(new_key).await, 200);
     assert_eq!(status(BILLING_KEY).await, 200);
@@ -439,11 +444,28 @@ async fn dev_mode_shows_the_user_token_flow_end_to_end() {
         .replace("&quot;", "\"")
         .replace("&lt;", "<")
         .replace("&gt;", ">")
-        .replace("&amp;", "&")
-        .replace("$CALLER_KEY", &key);
+        .replace("&amp;", "&");
+    assert!(redeem.contains("$CALLER_KEY"), "{redeem}");
     let sessions = redeem.rsplit('\'').nth(1).unwrap().to_owned();
     let base = sessions.split("/v1/").next().unwrap().to_owned();
-    let session = run(redeem).await;
+    // Run as pasted: the line as printed, with CALLER_KEY set as the page says (and PATH, to
+    // find curl), nothing replaced by hand.
+    let pasted = {
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new("bash")
+                .args(["-c", &redeem])
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env("CALLER_KEY", key)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(pasted.status.success(), "{pasted:?}");
+    let session: serde_json::Value = serde_json::from_slice(&pasted.stdout).expect("JSON");
     let handle = session["handle"].as_str().expect("a handle");
 
     let token = reqwest::Client::new()

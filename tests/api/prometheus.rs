@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -76,13 +76,6 @@ fn dashboard() -> Value {
     serde_json::from_str(&read(DASHBOARD)).unwrap_or_else(|e| panic!("{DASHBOARD}: {e}"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// What a finished promtool run printed.
 struct Finished {
     status: ExitStatus,
@@ -106,7 +99,7 @@ impl Finished {
 fn promtool(args: &[&str], stdin: Option<&str>) -> Finished {
     let mut stdout = tempfile::tempfile().unwrap();
     let mut stderr = tempfile::tempfile().unwrap();
-    let mut child = Command::new("promtool")
+    let child = Command::new("promtool")
         .args(args)
         .current_dir(root())
         .stdin(if stdin.is_some() {
@@ -118,6 +111,9 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> Finished {
         .stderr(stderr.try_clone().unwrap())
         .spawn()
         .unwrap_or_else(|error| panic!("cannot run promtool ({error}): {INSTALL}"));
+    // Killed on any panic below, the timeout's included.
+    let mut guard = ChildGuard::new(child);
+    let child = guard.child();
     if let Some(text) = stdin {
         // Dropping the pipe closes it: promtool reads to the end.
         let mut pipe = child.stdin.take().unwrap();
@@ -129,8 +125,6 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> Finished {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             panic!("promtool {args:?} did not finish within {PROMTOOL_WAIT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -151,7 +145,7 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> Finished {
 /// A `prometheus` of the test's own on a loopback port, with its data in a temporary directory;
 /// killed on drop.
 struct Prometheus {
-    child: Child,
+    child: ChildGuard,
     url: String,
     http: reqwest::Client,
     log: PathBuf,
@@ -199,7 +193,7 @@ scrape_configs:
             .spawn()
             .unwrap_or_else(|error| panic!("cannot run prometheus ({error}): {INSTALL}"));
         Self {
-            child,
+            child: ChildGuard::new(child),
             url: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
@@ -227,7 +221,7 @@ scrape_configs:
 
     /// Panics, with Prometheus's log, once it has exited or `deadline` has passed.
     fn keep_waiting(&mut self, deadline: Instant, what: &str) {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Ok(Some(status)) = self.child.child().try_wait() {
             panic!(
                 "prometheus exited ({status}) before {what}; its log:\n{}",
                 self.log()
@@ -242,13 +236,6 @@ scrape_configs:
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -471,7 +458,7 @@ fn exported_names(text: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_broker_and_shows_the_target_up_the_idp_request_and_the_rules() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     assert_eq!(app.billing("acme/production").await.status, 200);
 
@@ -581,7 +568,11 @@ async fn promtool_accepts_the_metrics_and_the_rules_and_dashboard_name_only_expo
     let users = format!(
         "[tenants.acme.environments.production]\nauthorize_url = \"{AUTHORIZE_URL}\"\nredirect_uri = \"{REDIRECT_URI}\"\n"
     );
-    let fleet = spawn_fleet(1, &redis, &users).await;
+    let fleet = TestApp::init()
+        .with_redis(&redis)
+        .with_config(users)
+        .start_fleet(1)
+        .await;
     let app = &fleet[0];
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))

@@ -44,9 +44,9 @@ async fn until_ok(app: &TestApp, path: &str) -> Answer {
 
 #[tokio::test]
 async fn callers_that_give_up_and_retry_cancel_nothing_and_make_one_idp_request() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let slow = TokenIssuer::new(3600).with_delay(Duration::from_millis(1500));
-    let issuer = issue_tokens(&app.idp, "acme", slow).await;
+    issue_tokens(&app.idp, "acme", slow).await;
 
     // Callers that wait 200 ms, give up and ask again, for most of the time the IdP takes.
     let patience = Duration::from_millis(200);
@@ -56,7 +56,11 @@ async fn callers_that_give_up_and_retry_cancel_nothing_and_make_one_idp_request(
     }
     let answer = until_ok(&app, "acme/production").await;
     assert_eq!(answer.token(), "token-1");
-    assert_eq!(issuer.issued(), 1, "the abandoned fetch was not repeated");
+    assert_eq!(
+        app.idp_requests().await.to("acme").len(),
+        1,
+        "the abandoned fetch was not repeated"
+    );
     assert_eq!(
         app.billing("acme/production").await.header("x-cache"),
         Some("hit")
@@ -66,9 +70,9 @@ async fn callers_that_give_up_and_retry_cancel_nothing_and_make_one_idp_request(
 #[tokio::test]
 async fn impatient_callers_on_every_replica_make_one_idp_request() {
     let redis = RedisServer::start().await;
-    let fleet = spawn_fleet(3, &redis, "").await;
+    let fleet = TestApp::init().with_redis(&redis).start_fleet(3).await;
     let slow = TokenIssuer::new(3600).with_delay(Duration::from_millis(1500));
-    let issuer = issue_tokens(&fleet[0].idp, "acme", slow).await;
+    issue_tokens(&fleet[0].idp, "acme", slow).await;
 
     for round in 0..6 {
         let app = &fleet[round % fleet.len()];
@@ -77,7 +81,7 @@ async fn impatient_callers_on_every_replica_make_one_idp_request() {
     for app in &fleet {
         assert_eq!(until_ok(app, "acme/production").await.token(), "token-1");
     }
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 1);
     // The fetch lock went with the fetch: nothing waits out shared_cache.lock_ttl.
     let mut connection = redis.connection().await;
     let locks: Vec<String> = redis::cmd("KEYS")
@@ -90,24 +94,28 @@ async fn impatient_callers_on_every_replica_make_one_idp_request() {
 
 #[tokio::test]
 async fn a_min_ttl_longer_than_a_fresh_token_lives_is_refused_without_asking_again() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(600)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(600)).await;
 
     for _ in 0..10 {
         let refused = app.billing("acme/production?min_ttl=900").await;
         assert_eq!(refused.status, 400, "{}", refused.body);
         assert_eq!(refused.body["error"], "invalid_request");
     }
-    assert_eq!(issuer.issued(), 1, "the first fetch taught the lifetime");
+    assert_eq!(
+        app.idp_requests().await.to("acme").len(),
+        1,
+        "the first fetch taught the lifetime"
+    );
     // Within the lifetime, the token is served as before.
     assert_eq!(app.billing("acme/production?min_ttl=300").await.status, 200);
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }
 
 #[tokio::test]
 async fn tokens_shorter_than_min_remaining_are_remembered_like_a_rejection() {
-    let app = spawn_app().await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(30)).await;
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(30)).await;
 
     for _ in 0..10 {
         let refused = app.billing("acme/production").await;
@@ -116,13 +124,13 @@ async fn tokens_shorter_than_min_remaining_are_remembered_like_a_rejection() {
         let description = refused.body["error_description"].as_str().unwrap();
         assert!(description.contains("cache.min_remaining"), "{description}");
     }
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }
 
 #[tokio::test]
 async fn a_caller_looping_delete_and_get_makes_one_idp_request_per_interval() {
-    let app = spawn_app_with(REFETCH_INTERVAL).await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().with_config(REFETCH_INTERVAL).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     for _ in 0..30 {
         let token = app.billing("acme/production").await.token().to_owned();
@@ -134,7 +142,7 @@ async fn a_caller_looping_delete_and_get_makes_one_idp_request_per_interval() {
             204
         );
     }
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 
     // After the interval, the first request fetches the new token the DELETEs asked for.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -144,27 +152,29 @@ async fn a_caller_looping_delete_and_get_makes_one_idp_request_per_interval() {
         ("token-2", Some("miss"))
     );
     assert_eq!(app.billing("acme/production").await.token(), "token-2");
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
 
     // Outside the interval of the last fetch, a DELETE forgets at once, as it always did.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     app.forget("acme/production", None).await;
     assert_eq!(app.billing("acme/production").await.token(), "token-3");
-    assert_eq!(issuer.issued(), 3);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 3);
 }
 
 #[tokio::test]
 async fn a_caller_over_its_idp_budget_gets_429_and_spends_nobody_elses() {
-    let app = spawn_app_with(
-        r#"
+    let app = TestApp::init()
+        .with_config(
+            r#"
         [callers.billing]
         idp_requests_per_minute = 5
         [tenants.acme.environments.production]
         max_fetches_per_hour = 8
         "#,
-    )
-    .await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+        )
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     // A wildcard rule lets billing name any audience: each new one is a new key.
     for n in 0..5 {
@@ -180,7 +190,7 @@ async fn a_caller_over_its_idp_budget_gets_429_and_spends_nobody_elses() {
     assert_eq!(refused.body["error"], "rate_limited");
     let wait: u64 = refused.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
-    assert_eq!(issuer.issued(), 5);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 5);
 
     // What a cached token answers is never refused for budget.
     let cached = app
@@ -193,7 +203,7 @@ async fn a_caller_over_its_idp_budget_gets_429_and_spends_nobody_elses() {
     // Another caller, and the environment's quota, are untouched.
     let other = app.get_token("acme/production", Some(REPORTS_KEY)).await;
     assert_eq!(other.status, 200, "{}", other.body);
-    assert_eq!(issuer.issued(), 6);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 6);
 
     let metrics = app.scrape().await;
     assert!(
@@ -211,9 +221,12 @@ async fn a_caller_over_its_idp_budget_gets_429_and_spends_nobody_elses() {
 
 #[tokio::test]
 async fn joining_a_fetch_under_way_costs_no_budget() {
-    let app = spawn_app_with("[callers.billing]\nidp_requests_per_minute = 1").await;
+    let app = TestApp::init()
+        .with_config("[callers.billing]\nidp_requests_per_minute = 1")
+        .start()
+        .await;
     let slow = TokenIssuer::new(3600).with_delay(Duration::from_millis(300));
-    let issuer = issue_tokens(&app.idp, "acme", slow).await;
+    issue_tokens(&app.idp, "acme", slow).await;
 
     let gets = (0..20).map(|_| app.billing("acme/production"));
     let answers = futures::future::join_all(gets).await;
@@ -221,13 +234,16 @@ async fn joining_a_fetch_under_way_costs_no_budget() {
         answers.iter().all(|a| a.status == 200),
         "one paid, the others joined"
     );
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }
 
 #[tokio::test]
 async fn a_caller_cannot_create_more_than_max_keys_keys() {
-    let app = spawn_app_with("[callers.billing]\nmax_keys = 3").await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init()
+        .with_config("[callers.billing]\nmax_keys = 3")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     for scope in ["a", "b", "c"] {
         let answer = app.billing(&format!("acme/production?scope={scope}")).await;
@@ -242,7 +258,7 @@ async fn a_caller_cannot_create_more_than_max_keys_keys() {
             .contains("max_keys")
     );
     assert_eq!(app.billing("acme/production?scope=a").await.status, 200);
-    assert_eq!(issuer.issued(), 3);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 3);
     let metrics = app.scrape().await;
     assert!(
         metrics.contains(
@@ -254,12 +270,12 @@ async fn a_caller_cannot_create_more_than_max_keys_keys() {
     // A key that leaves the cache frees its slot.
     app.forget("acme/production?scope=a", None).await;
     assert_eq!(app.billing("acme/production?scope=d").await.status, 200);
-    assert_eq!(issuer.issued(), 4);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 4);
 }
 
 #[tokio::test]
 async fn an_endless_idp_body_is_not_read_past_max_response_bytes_nor_retried() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let huge = format!(
         r#"{{"access_token":"t","expires_in":3600,"padding":"{}"}}"#,
         "x".repeat(1 << 20)
@@ -267,7 +283,6 @@ async fn an_endless_idp_body_is_not_read_past_max_response_bytes_nor_retried() {
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))
         .respond_with(ResponseTemplate::new(200).set_body_string(huge))
-        .expect(1)
         .mount(&app.idp)
         .await;
 
@@ -275,12 +290,12 @@ async fn an_endless_idp_body_is_not_read_past_max_response_bytes_nor_retried() {
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(refused.body["error"], "upstream_unavailable");
     assert!(refused.header("retry-after").is_some());
-    app.idp.verify().await;
+    assert_eq!(app.idp_requests().await.len(), 1, "not retried");
 }
 
 #[tokio::test]
 async fn outlandish_lifetimes_and_pauses_are_capped_not_crashes() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))
         .respond_with(
@@ -288,7 +303,6 @@ async fn outlandish_lifetimes_and_pauses_are_capped_not_crashes() {
                 json!({"access_token": "forever", "expires_in": 1_000_000_000_000u64}),
             ),
         )
-        .expect(1)
         .mount(&app.idp)
         .await;
     Mock::given(method("POST"))
@@ -298,7 +312,6 @@ async fn outlandish_lifetimes_and_pauses_are_capped_not_crashes() {
                 .insert_header("retry-after", "99999999999999999999")
                 .insert_header("x-ratelimit-reset", "18446744073709551615"),
         )
-        .expect(1)
         .mount(&app.idp)
         .await;
 
@@ -317,16 +330,19 @@ async fn outlandish_lifetimes_and_pauses_are_capped_not_crashes() {
     assert_eq!(paused.status, 503, "{}", paused.body);
     let wait: u64 = paused.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=3600).contains(&wait), "{wait}");
-    app.idp.verify().await;
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
+    assert_eq!(app.idp_requests().await.to("globex").len(), 1);
 }
 
 #[tokio::test]
 async fn a_remembered_rejection_is_answered_without_charging_the_budget() {
-    let app = spawn_app_with("[callers.billing]\nidp_requests_per_minute = 1").await;
+    let app = TestApp::init()
+        .with_config("[callers.billing]\nidp_requests_per_minute = 1")
+        .start()
+        .await;
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))
         .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error": "access_denied"})))
-        .expect(1)
         .mount(&app.idp)
         .await;
     for _ in 0..5 {
@@ -334,13 +350,16 @@ async fn a_remembered_rejection_is_answered_without_charging_the_budget() {
         assert_eq!(refused.status, 502, "{}", refused.body);
         assert_eq!(refused.body["upstream_error"], "access_denied");
     }
-    app.idp.verify().await;
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn a_min_ttl_just_under_the_lifetime_cannot_refetch_before_the_interval() {
-    let app = spawn_app_with("[cache]\nmin_refetch_interval = \"1h\"").await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init()
+        .with_config("[cache]\nmin_refetch_interval = \"1h\"")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     assert_eq!(app.billing("acme/production").await.status, 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..5 {
@@ -352,14 +371,18 @@ async fn a_min_ttl_just_under_the_lifetime_cannot_refetch_before_the_interval() 
         app.billing("acme/production").await.header("x-cache"),
         Some("hit")
     );
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }
 
 #[tokio::test]
 async fn a_delete_on_another_replica_marks_a_token_fetched_moments_ago() {
     let redis = RedisServer::start().await;
-    let fleet = spawn_fleet(2, &redis, "[cache]\nmin_refetch_interval = \"1h\"").await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    let fleet = TestApp::init()
+        .with_redis(&redis)
+        .with_config("[cache]\nmin_refetch_interval = \"1h\"")
+        .start_fleet(2)
+        .await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     fleet[0].wait_for_shared_cache(true).await;
     fleet[1].wait_for_shared_cache(true).await;
     for _ in 0..10 {
@@ -379,5 +402,5 @@ async fn a_delete_on_another_replica_marks_a_token_fetched_moments_ago() {
         (after.token(), after.header("x-cache")),
         ("token-1", Some("hit"))
     );
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 1);
 }

@@ -103,12 +103,12 @@ impl Ha {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brokers_follow_the_master_through_a_failover_and_still_share_one_token() {
     let ha = Ha::start().await;
-    let fleet = spawn_sentinel_fleet(&ha.config()).await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    let fleet = sentinel_fleet(&ha.config()).await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
 
     assert_eq!(fleet[0].billing("acme/production").await.token(), "token-1");
     assert_eq!(fleet[1].billing("acme/production").await.token(), "token-1");
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 1);
 
     // Replication has the token, then the sentinel fails over to the replica.
     let mut master = ha.master.connection().await;
@@ -176,7 +176,7 @@ async fn brokers_follow_the_master_through_a_failover_and_still_share_one_token(
     let first = fleet[1].billing(scoped).await.token().to_owned();
     assert_eq!(fleet[0].billing(scoped).await.token(), first);
     assert_eq!(
-        issuer.issued(),
+        fleet[0].idp_requests().await.to("acme").len(),
         3,
         "token-1 before the failover, one renewed token and one new key after it"
     );
@@ -186,17 +186,15 @@ async fn brokers_follow_the_master_through_a_failover_and_still_share_one_token(
 async fn an_unknown_master_name_leaves_the_broker_serving() {
     let ha = Ha::start().await;
     let idp = wiremock::MockServer::start().await;
-    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let config = ha
         .config()
         .replace(&format!("\"{MASTER_NAME}\""), "\"no-such-master\"");
-    let base = base_config(&idp.uri());
-    let app = spawn_with_env(
-        wiremock::MockServer::start().await,
-        &[&base, &config],
-        &test_env,
-    )
-    .await;
+    let app = TestApp::init()
+        .with_idp(idp)
+        .with_config(config)
+        .start()
+        .await;
     eventually("the probe asks the sentinel and fails", async || {
         metric(
             &app.scrape().await,
@@ -208,19 +206,15 @@ async fn an_unknown_master_name_leaves_the_broker_serving() {
     for _ in 0..5 {
         assert_eq!(app.billing("acme/production").await.status, 200);
     }
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }
 
 /// Two brokers sharing one fake IdP and the sentinel's master, with the `[shared_cache]` layer
 /// `config`.
-async fn spawn_sentinel_fleet(config: &str) -> Vec<TestApp> {
-    let idp = std::sync::Arc::new(wiremock::MockServer::start().await);
-    let mut fleet = Vec::new();
-    for _ in 0..2 {
-        let base = base_config(&idp.uri());
-        let app = spawn_sharing(&idp, &[&base, config]).await;
+async fn sentinel_fleet(config: &str) -> Vec<TestApp> {
+    let fleet = TestApp::init().with_config(config).start_fleet(2).await;
+    for app in &fleet {
         app.wait_for_shared_cache(true).await;
-        fleet.push(app);
     }
     fleet
 }
@@ -228,8 +222,8 @@ async fn spawn_sentinel_fleet(config: &str) -> Vec<TestApp> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_going_away_leave_the_known_master_in_use() {
     let mut ha = Ha::start().await;
-    let fleet = spawn_sentinel_fleet(&ha.config()).await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    let fleet = sentinel_fleet(&ha.config()).await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
 
     // A rolling restart of the sentinels: the master is healthy and stays in use, through
     // three probes or more.
@@ -247,7 +241,7 @@ async fn sentinels_going_away_leave_the_known_master_in_use() {
         token.token()
     );
     assert_eq!(
-        issuer.issued(),
+        fleet[0].idp_requests().await.to("acme").len(),
         1,
         "the brokers still share through the master"
     );
@@ -262,8 +256,8 @@ async fn a_sentinel_that_does_not_answer_is_passed_over_for_the_next() {
         &format!("sentinels = [\"127.0.0.1:{}\", ", free_port()),
     );
     assert!(config.contains("\", \"127.0.0.1:"), "{config}");
-    let fleet = spawn_sentinel_fleet(&config).await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    let fleet = sentinel_fleet(&config).await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     let token = fleet[0].billing("acme/production").await;
     assert_eq!(token.status, 200, "{}", token.body);
     assert_eq!(
@@ -271,7 +265,7 @@ async fn a_sentinel_that_does_not_answer_is_passed_over_for_the_next() {
         token.token()
     );
     assert_eq!(
-        issuer.issued(),
+        fleet[0].idp_requests().await.to("acme").len(),
         1,
         "both found the master through the second sentinel"
     );

@@ -4,6 +4,7 @@
 //! serving from memory and the IdP.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -137,27 +138,24 @@ fn tls_cache_config(redis: &RedisServer, password_env: &str, tls: &str) -> Strin
     )
 }
 
-/// [`test_env`], with the Redis passwords.
-fn env(name: &str) -> Option<String> {
-    match name {
-        PASSWORD_ENV => Some(REDIS_PASSWORD.to_owned()),
-        "WRONG_PASSWORD" => Some("not-the-password".to_owned()),
-        _ => test_env(name),
-    }
-}
-
-/// A broker of the standard configuration whose IdP is `idp`, plus `cache`.
-async fn replica(idp: &MockServer, cache: &str) -> TestApp {
-    let base = base_config(&idp.uri());
-    spawn_with_env(MockServer::start().await, &[&base, cache], &env).await
+/// A broker of the standard configuration whose IdP is `idp`, plus `cache`, with the Redis
+/// passwords in its environment.
+async fn replica(idp: &Arc<MockServer>, cache: &str) -> TestApp {
+    TestApp::init()
+        .with_idp(Arc::clone(idp))
+        .with_config(cache)
+        .with_env(PASSWORD_ENV, REDIS_PASSWORD)
+        .with_env("WRONG_PASSWORD", "not-the-password")
+        .start()
+        .await
 }
 
 #[tokio::test]
 async fn replicas_sharing_mutual_tls_redis_make_one_idp_request_per_key() {
     let pki = Pki::new();
     let redis = tls_redis(&pki, true).await;
-    let idp = MockServer::start().await;
-    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let idp = Arc::new(MockServer::start().await);
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let tls = format!(
         "ca_file = \"{}\"\ncertificate_file = \"{}\"\nkey_file = \"{}\"",
         pki.ca.display(),
@@ -174,15 +172,19 @@ async fn replicas_sharing_mutual_tls_redis_make_one_idp_request_per_key() {
     assert_eq!(token.status, 200, "{}", token.body);
     let shared = second.billing("acme/production").await;
     assert_eq!(shared.token(), token.token());
-    assert_eq!(issuer.issued(), 1, "one IdP request for the fleet");
+    assert_eq!(
+        idp_requests(&idp).await.to("acme").len(),
+        1,
+        "one IdP request for the fleet"
+    );
 }
 
 #[tokio::test]
 async fn tls_without_client_certificates_needs_only_the_ca() {
     let pki = Pki::new();
     let redis = tls_redis(&pki, false).await;
-    let idp = MockServer::start().await;
-    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let idp = Arc::new(MockServer::start().await);
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let cache = tls_cache_config(
         &redis,
         PASSWORD_ENV,
@@ -197,7 +199,7 @@ async fn tls_without_client_certificates_needs_only_the_ca() {
         second.billing("acme/production").await.token(),
         token.token()
     );
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(idp_requests(&idp).await.to("acme").len(), 1);
 }
 
 #[tokio::test]
@@ -205,8 +207,8 @@ async fn a_wrong_ca_or_password_leaves_the_broker_serving_with_no_failed_request
     let pki = Pki::new();
     let other = Pki::new();
     let redis = tls_redis(&pki, false).await;
-    let idp = MockServer::start().await;
-    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let idp = Arc::new(MockServer::start().await);
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let wrong_ca = tls_cache_config(
         &redis,
         PASSWORD_ENV,
@@ -226,7 +228,7 @@ async fn a_wrong_ca_or_password_leaves_the_broker_serving_with_no_failed_request
         }
     }
     assert_eq!(
-        issuer.issued(),
+        idp_requests(&idp).await.to("acme").len(),
         2,
         "each broker fetched once and served the rest from memory"
     );
@@ -236,8 +238,8 @@ async fn a_wrong_ca_or_password_leaves_the_broker_serving_with_no_failed_request
 async fn a_user_in_the_url_takes_its_password_from_password_env() {
     let pki = Pki::new();
     let redis = tls_redis(&pki, false).await;
-    let idp = MockServer::start().await;
-    let issuer = issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let idp = Arc::new(MockServer::start().await);
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
     let cache = tls_cache_config(
         &redis,
         PASSWORD_ENV,
@@ -258,5 +260,5 @@ async fn a_user_in_the_url_takes_its_password_from_password_env() {
         second.billing("acme/production").await.token(),
         token.token()
     );
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(idp_requests(&idp).await.to("acme").len(), 1);
 }

@@ -15,8 +15,8 @@ const SHORT_TOKENS: &str = r#"
 
 #[tokio::test]
 async fn the_first_request_in_the_refresh_window_is_served_at_once_and_starts_one_refresh() {
-    let app = spawn_app_with(SHORT_TOKENS).await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(6)).await;
+    let app = TestApp::init().with_config(SHORT_TOKENS).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(6)).await;
 
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
     // 6 s tokens refresh from 3-3.3 s on and leave the cache at 5 s.
@@ -39,13 +39,13 @@ async fn the_first_request_in_the_refresh_window_is_served_at_once_and_starts_on
         (after.token(), after.header("x-cache")),
         ("token-2", Some("hit"))
     );
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollover_under_load_has_no_errors_and_no_waiting_after_the_first_fetch() {
-    let app = Arc::new(spawn_app_with(SHORT_TOKENS).await);
-    let issuer = issue_tokens(
+    let app = Arc::new(TestApp::init().with_config(SHORT_TOKENS).start().await);
+    issue_tokens(
         &app.idp,
         "acme",
         TokenIssuer::new(6).with_delay(Duration::from_millis(500)),
@@ -99,27 +99,26 @@ async fn rollover_under_load_has_no_errors_and_no_waiting_after_the_first_fetch(
         "no request waited on the IdP after the first fetch"
     );
     // 14 s of 6 s tokens refreshed at half-life: 4 or 5 fetches in all, each one served.
-    assert!(
-        (4..=6).contains(&issuer.issued()),
-        "{} fetches",
-        issuer.issued()
-    );
-    assert!(tokens.len() as u64 >= issuer.issued() - 1, "{tokens:?}");
+    let fetches = app.idp_requests().await.to("acme").len();
+    assert!((4..=6).contains(&fetches), "{fetches} fetches");
+    assert!(tokens.len() >= fetches - 1, "{tokens:?}");
 }
 
 #[tokio::test]
 async fn tokens_barely_longer_than_min_remaining_still_refresh_ahead() {
     // 4 s tokens with min_remaining 2 s are servable for 2 s; with refresh_ahead 0.5 the refresh
     // starts after 1 s, inside that window, so no request ever waits on the IdP again.
-    let app = spawn_app_with(
-        r#"
+    let app = TestApp::init()
+        .with_config(
+            r#"
         [cache]
         min_remaining = "2s"
         refresh_ahead = 0.5
         "#,
-    )
-    .await;
-    let issuer = issue_tokens(&app.idp, "acme", TokenIssuer::new(4)).await;
+        )
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(4)).await;
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
 
     let mut seen = Vec::new();
@@ -137,12 +136,12 @@ async fn tokens_barely_longer_than_min_remaining_still_refresh_ahead() {
         "{seen:?}"
     );
     assert_eq!(app.billing("acme/production").await.token(), "token-2");
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
 }
 
 #[tokio::test]
 async fn a_failing_refresh_backs_off_instead_of_asking_on_every_request() {
-    let app = spawn_app_with(SHORT_TOKENS).await;
+    let app = TestApp::init().with_config(SHORT_TOKENS).start().await;
     wiremock::Mock::given(wiremock::matchers::method("POST"))
         .and(wiremock::matchers::path("/acme/oauth/token"))
         .respond_with(TokenIssuer::new(10))
@@ -162,7 +161,7 @@ async fn a_failing_refresh_backs_off_instead_of_asking_on_every_request() {
         assert_eq!((answer.status, answer.token()), (200, "token-1"));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let requests = app.idp.received_requests().await.unwrap().len();
+    let requests = app.idp_requests().await.len();
     // The first fetch, one refresh with its retries (4 attempts), and at most one more after
     // the backoff: never one per request.
     assert!((2..=9).contains(&requests), "{requests} IdP requests");

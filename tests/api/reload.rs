@@ -19,9 +19,9 @@ async fn a_rotated_secret_keeps_tokens_and_a_changed_client_drops_them() {
     let file = dir.path().join("broker.toml");
     let config = base_config(&idp.uri());
     std::fs::write(&file, &config).unwrap();
-    let app = spawn_from_file(idp, &file).await;
-    let production = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
-    let staging = issue_tokens(&app.idp, "acme-staging", TokenIssuer::new(3600)).await;
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    issue_tokens(&app.idp, "acme-staging", TokenIssuer::new(3600)).await;
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
     assert_eq!(app.billing("acme/staging").await.token(), "token-1");
 
@@ -39,15 +39,21 @@ async fn a_rotated_secret_keeps_tokens_and_a_changed_client_drops_them() {
         ("token-1", Some("hit"))
     );
     assert_eq!(app.billing("acme/staging").await.token(), "token-2");
-    assert_eq!((production.issued(), staging.issued()), (1, 2));
+    assert_eq!(
+        (
+            app.idp_requests().await.to("acme").len(),
+            app.idp_requests().await.to("acme-staging").len()
+        ),
+        (1, 2)
+    );
 
     // The next production fetch uses the rotated secret.
     app.forget("acme/production", None).await;
     assert_eq!(app.billing("acme/production").await.token(), "token-2");
-    let requests = app.idp.received_requests().await.unwrap();
-    let production_bodies: Vec<serde_json::Value> = requests
+    let production = app.idp_requests().await.to("acme");
+    let production_bodies: Vec<serde_json::Value> = production
+        .requests()
         .iter()
-        .filter(|r| r.url.path() == "/acme/oauth/token")
         .map(|r| serde_json::from_slice(&r.body).unwrap())
         .collect();
     assert_eq!(
@@ -62,7 +68,7 @@ async fn an_invalid_configuration_is_refused_with_its_problems_and_the_old_one_s
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broker.toml");
     std::fs::write(&file, base_config(&idp.uri())).unwrap();
-    let app = spawn_from_file(idp, &file).await;
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     assert_eq!(app.billing("acme/production").await.status, 200);
 
@@ -83,7 +89,7 @@ async fn an_invalid_configuration_is_refused_with_its_problems_and_the_old_one_s
 
 #[tokio::test]
 async fn reload_needs_the_admin_key() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     assert_eq!(reload(&app, None).await.status, 401);
     assert_eq!(reload(&app, Some(BILLING_KEY)).await.status, 401);
     // Started without a file: nothing to re-read.
@@ -98,9 +104,9 @@ async fn a_fetch_under_the_old_settings_is_never_served_after_a_reload_changed_t
     let file = dir.path().join("broker.toml");
     let config = base_config(&idp.uri());
     std::fs::write(&file, &config).unwrap();
-    let app = spawn_from_file(idp, &file).await;
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
     let slow = TokenIssuer::new(3600).with_delay(std::time::Duration::from_millis(800));
-    let issuer = issue_tokens(&app.idp, "acme", slow).await;
+    issue_tokens(&app.idp, "acme", slow).await;
 
     // A fetch under the old client id, whose caller gives up at once.
     let impatient = reqwest::Client::builder()
@@ -129,9 +135,9 @@ async fn a_fetch_under_the_old_settings_is_never_served_after_a_reload_changed_t
     assert_eq!(after.token(), "token-2", "{}", after.body);
     tokio::time::sleep(std::time::Duration::from_millis(900)).await;
     assert_eq!(app.billing("acme/production").await.token(), "token-2");
-    assert_eq!(issuer.issued(), 2);
-    let requests = app.idp.received_requests().await.unwrap();
-    let last: serde_json::Value = serde_json::from_slice(&requests[1].body).unwrap();
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
+    let requests = app.idp_requests().await;
+    let last: serde_json::Value = serde_json::from_slice(&requests.requests()[1].body).unwrap();
     assert_eq!(last["client_id"], "acme-production-new-id");
 }
 
@@ -142,7 +148,7 @@ async fn settings_that_need_a_restart_are_named_in_the_answer() {
     let file = dir.path().join("broker.toml");
     let config = base_config(&idp.uri());
     std::fs::write(&file, &config).unwrap();
-    let app = spawn_from_file(idp, &file).await;
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
 
     let changed = config.replace(
         "shutdown_grace = \"2s\"",
@@ -173,7 +179,7 @@ async fn a_reload_lists_every_problem_even_for_syntax_and_type_errors() {
     let file = dir.path().join("broker.toml");
     let config = base_config(&idp.uri());
     std::fs::write(&file, &config).unwrap();
-    let app = spawn_from_file(idp, &file).await;
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
 
     std::fs::write(&file, format!("{config}\n[oops\n")).unwrap();
     let syntax = reload(&app, Some(ADMIN_KEY)).await;

@@ -15,7 +15,7 @@ fn token_body() -> ResponseTemplate {
 
 #[tokio::test]
 async fn auth0_style_json_body_with_credentials_in_the_body() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))
         .and(header("content-type", "application/json"))
@@ -27,20 +27,25 @@ async fn auth0_style_json_body_with_credentials_in_the_body() {
             "scope": "read:a write:b",
         })))
         .respond_with(token_body())
-        .expect(1)
         .mount(&app.idp)
         .await;
 
     let answer = app.billing("acme/production?scope=write:b%20read:a").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.token(), "issued");
-    let requests = app.idp.received_requests().await.unwrap();
-    assert!(requests[0].headers.get("authorization").is_none());
+    let requests = app.idp_requests().await;
+    assert!(
+        requests.requests()[0]
+            .headers
+            .get("authorization")
+            .is_none()
+    );
+    assert_eq!(requests.len(), 1);
 }
 
 #[tokio::test]
 async fn rfc6749_form_body_with_http_basic_and_nothing_secret_in_the_body() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     let basic = base64::engine::general_purpose::STANDARD
         .encode(format!("acme-staging-id:{ACME_STAGING_SECRET}"));
     Mock::given(method("POST"))
@@ -51,12 +56,12 @@ async fn rfc6749_form_body_with_http_basic_and_nothing_secret_in_the_body() {
             "grant_type=client_credentials&audience=https%3A%2F%2Fapi.acme.example",
         ))
         .respond_with(token_body())
-        .expect(1)
         .mount(&app.idp)
         .await;
 
     let answer = app.billing("acme/staging").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
@@ -83,11 +88,11 @@ async fn form_body_in_post_style_with_resource_and_extra_params() {
             "grant_type=client_credentials&client_id=client+id&client_secret=s%26cret&resource=urn%3Ainitech&tenant=example.com",
         ))
         .respond_with(token_body())
-        .expect(1)
         .mount(&idp)
         .await;
-    let app = spawn_with_toml(idp, &toml).await;
+    let app = TestApp::init().with_idp(idp).with_toml(toml).start().await;
 
     let answer = app.billing("initech/production").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(app.idp_requests().await.len(), 1);
 }

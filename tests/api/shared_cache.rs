@@ -31,8 +31,8 @@ async fn until_serves(app: &TestApp, path: &str, expected: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_and_three_hundred_cold_gets_make_one_idp_request() {
     let redis = RedisServer::start().await;
-    let fleet = spawn_fleet(3, &redis, "").await;
-    let issuer = issue_tokens(
+    let fleet = TestApp::init().with_redis(&redis).start_fleet(3).await;
+    issue_tokens(
         &fleet[0].idp,
         "acme",
         TokenIssuer::new(3600).with_delay(Duration::from_millis(300)),
@@ -45,7 +45,7 @@ async fn three_replicas_and_three_hundred_cold_gets_make_one_idp_request() {
     assert!(answers.iter().all(|a| a.status == 200));
     let tokens: HashSet<&str> = answers.iter().map(Answer::token).collect();
     assert_eq!(tokens.len(), 1, "{tokens:?}");
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 1);
     // Callers that waited on that IdP request, whichever replica made it, see a miss.
     let misses = answers
         .iter()
@@ -54,17 +54,21 @@ async fn three_replicas_and_three_hundred_cold_gets_make_one_idp_request() {
     assert!(misses > 0);
 
     // A replica started later finds the token in Redis.
-    let late = spawn_replica(&fleet[0].idp, &redis, "").await;
+    let late = TestApp::init()
+        .with_idp(Arc::clone(&fleet[0].idp))
+        .with_redis(&redis)
+        .start()
+        .await;
     let answer = late.billing("acme/production?scope=read").await;
     assert_eq!(answer.token(), answers[0].token());
     assert_eq!(answer.header("x-cache"), Some("hit"));
-    assert_eq!(issuer.issued(), 1);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 1);
 }
 
 #[tokio::test]
 async fn nothing_in_redis_shows_a_token_or_an_audience_in_clear() {
     let redis = RedisServer::start().await;
-    let fleet = spawn_fleet(2, &redis, "").await;
+    let fleet = TestApp::init().with_redis(&redis).start_fleet(2).await;
     issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     issue_tokens(&fleet[0].idp, "acme-staging", TokenIssuer::new(3600)).await;
     assert_eq!(
@@ -106,8 +110,8 @@ async fn nothing_in_redis_shows_a_token_or_an_audience_in_clear() {
 #[tokio::test]
 async fn a_delete_on_one_replica_reaches_the_others() {
     let redis = RedisServer::start().await;
-    let fleet = spawn_fleet(3, &redis, "").await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    let fleet = TestApp::init().with_redis(&redis).start_fleet(3).await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     for app in &fleet {
         assert_eq!(app.billing("acme/production").await.token(), "token-1");
     }
@@ -116,7 +120,7 @@ async fn a_delete_on_one_replica_reaches_the_others() {
     assert_eq!(fleet[0].billing("acme/production").await.token(), "token-2");
     until_serves(&fleet[1], "acme/production", "token-2").await;
     until_serves(&fleet[2], "acme/production", "token-2").await;
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 2);
 
     // A late compare-and-delete of token-1, on any replica, leaves token-2 everywhere.
     let late = fleet[2]
@@ -130,7 +134,7 @@ async fn a_delete_on_one_replica_reaches_the_others() {
     for app in &fleet {
         assert_eq!(app.billing("acme/production").await.token(), "token-2");
     }
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 2);
 
     // A compare-and-delete of the current token forgets it fleet-wide: one new fetch.
     fleet[1]
@@ -142,7 +146,7 @@ async fn a_delete_on_one_replica_reaches_the_others() {
     assert_eq!(fleet[1].billing("acme/production").await.token(), "token-3");
     until_serves(&fleet[0], "acme/production", "token-3").await;
     until_serves(&fleet[2], "acme/production", "token-3").await;
-    assert_eq!(issuer.issued(), 3);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,8 +157,12 @@ async fn a_refresh_on_one_replica_replaces_the_token_everywhere() {
         min_remaining = "1s"
         refresh_ahead = 0.5
     "#;
-    let fleet = spawn_fleet(3, &redis, short_tokens).await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(6)).await;
+    let fleet = TestApp::init()
+        .with_redis(&redis)
+        .with_config(short_tokens)
+        .start_fleet(3)
+        .await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(6)).await;
     for app in &fleet {
         assert_eq!(app.billing("acme/production").await.token(), "token-1");
     }
@@ -165,14 +173,14 @@ async fn a_refresh_on_one_replica_replaces_the_token_everywhere() {
     until_serves(&fleet[0], "acme/production", "token-2").await;
     until_serves(&fleet[1], "acme/production", "token-2").await;
     until_serves(&fleet[2], "acme/production", "token-2").await;
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dying_under_load_fails_no_request_and_is_used_again_when_back() {
     let mut redis = RedisServer::start().await;
-    let fleet = Arc::new(spawn_fleet(3, &redis, "").await);
-    let issuer = issue_tokens(
+    let fleet = Arc::new(TestApp::init().with_redis(&redis).start_fleet(3).await);
+    issue_tokens(
         &fleet[0].idp,
         "acme",
         TokenIssuer::new(3600).with_delay(Duration::from_millis(20)),
@@ -239,7 +247,7 @@ async fn redis_dying_under_load_fails_no_request_and_is_used_again_when_back() {
     assert_eq!(not_ready, 0, "readiness left 200");
 
     // The restarted Redis is used again: a new key costs one IdP request for the whole fleet.
-    let before = issuer.issued();
+    let before = fleet[0].idp_requests().await.to("acme").len();
     let first = fleet[0].billing("acme/production?scope=after").await;
     assert_eq!(first.status, 200);
     for app in &fleet[1..] {
@@ -248,7 +256,7 @@ async fn redis_dying_under_load_fails_no_request_and_is_used_again_when_back() {
             first.token()
         );
     }
-    assert_eq!(issuer.issued(), before + 1);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), before + 1);
     let mut connection = redis.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("token-broker:token:*")
@@ -271,14 +279,14 @@ fn metric(scrape: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn the_shared_level_health_errors_and_invalidations_are_exported() {
-    let single = spawn_app().await;
+    let single = TestApp::init().start().await;
     assert_eq!(
         metric(&single.scrape().await, "token_broker_shared_cache_up"),
         None
     );
 
     let mut redis = RedisServer::start().await;
-    let fleet = spawn_fleet(2, &redis, "").await;
+    let fleet = TestApp::init().with_redis(&redis).start_fleet(2).await;
     issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     fleet[0].wait_for_shared_cache(true).await;
     fleet[1].wait_for_shared_cache(true).await;
@@ -326,8 +334,8 @@ async fn the_shared_level_health_errors_and_invalidations_are_exported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_announced_while_a_replica_was_not_subscribed_reaches_it_when_it_resubscribes() {
     let redis = RedisServer::start().await;
-    let fleet = spawn_fleet(2, &redis, "").await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    let fleet = TestApp::init().with_redis(&redis).start_fleet(2).await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     for app in &fleet {
         assert_eq!(app.billing("acme/production").await.token(), "token-1");
     }
@@ -343,7 +351,11 @@ async fn a_delete_announced_while_a_replica_was_not_subscribed_reaches_it_when_i
         fleet[1].billing("acme/production").await.token(),
         "the replicas share the new token"
     );
-    assert_eq!(issuer.issued(), 2, "one new token for the fleet");
+    assert_eq!(
+        fleet[0].idp_requests().await.to("acme").len(),
+        2,
+        "one new token for the fleet"
+    );
 }
 
 /// Cuts every subscription and DELETEs on replica 0 while replica 1 is not subscribed, so that
@@ -376,8 +388,8 @@ async fn delete_while_replica_1_is_not_listening(fleet: &[TestApp], redis: &Redi
 async fn after_redis_restarts_empty_replicas_keep_their_tokens_and_a_missed_delete_still_arrives() {
     let mut redis = RedisServer::start().await;
     let port = redis.port();
-    let fleet = spawn_fleet(2, &redis, "").await;
-    let issuer = issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    let fleet = TestApp::init().with_redis(&redis).start_fleet(2).await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
     for app in &fleet {
         assert_eq!(app.billing("acme/production").await.token(), "token-1");
     }
@@ -397,7 +409,11 @@ async fn after_redis_restarts_empty_replicas_keep_their_tokens_and_a_missed_dele
         .await;
         assert_eq!(app.billing("acme/production").await.token(), "token-1");
     }
-    assert_eq!(issuer.issued(), 1, "no replica fetched again");
+    assert_eq!(
+        fleet[0].idp_requests().await.to("acme").len(),
+        1,
+        "no replica fetched again"
+    );
 
     // A DELETE now finds nothing in Redis; its tombstone still tells replica 1, which missed
     // the announcement, to forget its copy.
@@ -410,5 +426,5 @@ async fn after_redis_restarts_empty_replicas_keep_their_tokens_and_a_missed_dele
         fleet[0].billing("acme/production").await.token(),
         fleet[1].billing("acme/production").await.token()
     );
-    assert_eq!(issuer.issued(), 2);
+    assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 2);
 }

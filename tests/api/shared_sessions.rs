@@ -3,14 +3,12 @@
 //! serving the handles they hold while Redis is down. The IdP is the built-in development IdP,
 //! which rotates refresh tokens and revokes the whole grant when a rotated one is presented again.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
 use serde_json::json;
 use token_broker::dev_idp::{DevClient, DevIdp, DevIdpHandle, DevIdpSettings};
 use tokio::net::TcpListener;
-use wiremock::MockServer;
 
 use crate::helpers::*;
 
@@ -30,20 +28,9 @@ async fn dev_idp() -> DevIdpHandle {
         .expect("dev IdP")
 }
 
-/// A stand-in for the wiremock IdP that [`TestApp`] carries; these tests never call it.
-async fn unused_mock() -> Arc<MockServer> {
-    Arc::new(MockServer::start().await)
-}
-
 /// One replica: the standard configuration with acme/production on the dev IdP, user tokens on,
 /// sharing `redis`, plus `extra`.
-async fn replica(
-    idp: &DevIdpHandle,
-    redis: &RedisServer,
-    mock: &Arc<MockServer>,
-    extra: &str,
-) -> TestApp {
-    let base = base_config(&mock.uri());
+async fn replica(idp: &DevIdpHandle, redis: &RedisServer, extra: &str) -> TestApp {
     let users = format!(
         r#"
         [tenants.acme.environments.production]
@@ -55,10 +42,12 @@ async fn replica(
         idp.authorize_url(),
         idp.callback_url()
     );
-    let shared = shared_cache_config(redis);
-    let app = spawn_sharing(mock, &[&base, &users, &shared, extra]).await;
-    app.wait_for_shared_cache(true).await;
-    app
+    TestApp::init()
+        .with_config(users)
+        .with_redis(redis)
+        .with_config(extra)
+        .start()
+        .await
 }
 
 /// Starts an authorization on `starts`, lets the dev IdP answer it, and redeems the code on
@@ -106,9 +95,8 @@ async fn age_tokens() {
 async fn two_replicas_refreshing_one_session_at_once_make_one_refresh_and_the_grant_survives() {
     let redis = RedisServer::start().await;
     let idp = dev_idp().await;
-    let mock = unused_mock().await;
-    let a = replica(&idp, &redis, &mock, "").await;
-    let b = replica(&idp, &redis, &mock, "").await;
+    let a = replica(&idp, &redis, "").await;
+    let b = replica(&idp, &redis, "").await;
     let (handle, _) = log_in(&a, &b).await;
     assert_eq!(idp.token_requests(), 1, "the code exchange");
 
@@ -170,14 +158,13 @@ async fn two_replicas_refreshing_one_session_at_once_make_one_refresh_and_the_gr
 async fn a_replica_restarted_between_login_and_token_request_serves_the_handle() {
     let redis = RedisServer::start().await;
     let idp = dev_idp().await;
-    let mock = unused_mock().await;
-    let first = replica(&idp, &redis, &mock, "").await;
+    let first = replica(&idp, &redis, "").await;
     let (handle, _) = log_in(&first, &first).await;
     let before = first.user_token(&handle, BILLING_KEY).await;
     assert_eq!(before.status, 200, "{}", before.body);
     drop(first);
 
-    let restarted = replica(&idp, &redis, &mock, "").await;
+    let restarted = replica(&idp, &redis, "").await;
     let after = restarted.user_token(&handle, BILLING_KEY).await;
     assert_eq!(after.status, 200, "{}", after.body);
     assert_eq!(after.token(), before.token());
@@ -195,10 +182,9 @@ async fn a_replica_restarted_between_login_and_token_request_serves_the_handle()
 async fn replicas_share_authorizations_handles_and_deletions_and_redis_holds_no_secret() {
     let redis = RedisServer::start().await;
     let idp = dev_idp().await;
-    let mock = unused_mock().await;
     let extra = "[users]\nmax_pending_per_caller = 2\n";
-    let a = replica(&idp, &redis, &mock, extra).await;
-    let b = replica(&idp, &redis, &mock, extra).await;
+    let a = replica(&idp, &redis, extra).await;
+    let b = replica(&idp, &redis, extra).await;
 
     // Started on one replica, redeemed on the other; the state is good once, anywhere.
     let (handle, state) = log_in(&a, &b).await;
@@ -285,9 +271,8 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
     let mut redis = RedisServer::start().await;
     let port = redis.port();
     let idp = dev_idp().await;
-    let mock = unused_mock().await;
-    let a = replica(&idp, &redis, &mock, "").await;
-    let b = replica(&idp, &redis, &mock, "").await;
+    let a = replica(&idp, &redis, "").await;
+    let b = replica(&idp, &redis, "").await;
     let (handle, _) = log_in(&a, &a).await;
     assert_eq!(a.user_token(&handle, BILLING_KEY).await.status, 200);
     // A second session that nobody asks for during the outage.

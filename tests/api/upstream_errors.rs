@@ -7,7 +7,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::helpers::*;
 
 async fn answer_with(template: ResponseTemplate) -> Answer {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     Mock::given(method("POST"))
         .respond_with(template)
         .mount(&app.idp)
@@ -63,7 +63,7 @@ async fn a_429_is_a_503_with_the_idp_retry_after() {
 async fn an_unreachable_idp_is_a_503() {
     let idp = MockServer::start().await;
     let toml = base_config(&CLOSED_PORT_URL);
-    let app = spawn_with_toml(idp, &toml).await;
+    let app = TestApp::init().with_idp(idp).with_toml(toml).start().await;
     let answer = app.billing("acme/production").await;
     assert_eq!(answer.status, 503, "{}", answer.body);
     assert_eq!(answer.body["error"], "upstream_unavailable");
@@ -72,7 +72,7 @@ async fn an_unreachable_idp_is_a_503() {
 
 #[tokio::test]
 async fn errors_are_not_cached() {
-    let app = spawn_app().await;
+    let app = TestApp::init().start().await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(503))
         .up_to_n_times(4)

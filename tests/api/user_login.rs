@@ -17,7 +17,7 @@ async fn start(app: &TestApp) -> String {
 
 #[tokio::test]
 async fn a_state_only_works_for_its_caller_tenant_and_environment() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let state = start(&app).await;
     // reports may use acme/production with the default audience, but did not start this one.
     // acme/staging has no authorize_url: 404, as for authorize, before the state is looked at.
@@ -62,30 +62,32 @@ async fn a_state_only_works_for_its_caller_tenant_and_environment() {
         );
         assert_eq!(answer.body["error"], error);
     }
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 
     // None of those burned the state for its owner.
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=authorization_code"))
         .respond_with(user_token_body("user-1", 3600, Some("rt-1")))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let answer = app
         .create_session("acme/production", BILLING_KEY, "code", &state)
         .await;
     assert_eq!(answer.status, 201, "{}", answer.body);
+    assert_eq!(
+        app.idp_requests().await.grant("authorization_code").len(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn a_code_the_idp_refuses_is_invalid_grant() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let state = start(&app).await;
     Mock::given(method("POST"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
             "error": "invalid_grant", "error_description": "Invalid authorization code",
         })))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let answer = app
@@ -93,11 +95,12 @@ async fn a_code_the_idp_refuses_is_invalid_grant() {
         .await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert_eq!(answer.body["error"], "invalid_grant");
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn user_tokens_need_configuration_allow_rules_and_a_key() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let not_configured = app.authorize("acme/staging", BILLING_KEY, json!({})).await;
     assert_eq!(not_configured.status, 404, "{}", not_configured.body);
     assert!(

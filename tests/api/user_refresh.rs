@@ -31,14 +31,13 @@ async fn session(app: &TestApp, answer: ResponseTemplate) -> String {
 
 #[tokio::test]
 async fn concurrent_requests_on_a_handle_make_one_refresh() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(
             user_token_body("user-2", 3600, Some("rt-2")).set_delay(Duration::from_millis(200)),
         )
-        .expect(1)
         .mount(&app.idp)
         .await;
     let answers = join_all((0..20).map(|_| app.user_token(&handle, BILLING_KEY))).await;
@@ -50,11 +49,12 @@ async fn concurrent_requests_on_a_handle_make_one_refresh() {
             answer.body
         );
     }
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
 }
 
 #[tokio::test]
 async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(ExactForm::of(&[
@@ -66,7 +66,6 @@ async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
         .respond_with(
             user_token_body("user-2", 3600, Some("rt-2")).set_delay(Duration::from_millis(300)),
         )
-        .expect(1)
         .mount(&app.idp)
         .await;
     // The caller gives up while the IdP is still answering the refresh.
@@ -86,17 +85,16 @@ async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
         answer.status == 200 && answer.token() == "user-2"
     })
     .await;
-    app.idp.verify().await;
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
 }
 
 #[tokio::test]
 async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 600, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(user_token_body("user-2", 600, Some("rt-2")))
-        .expect(1)
         .mount(&app.idp)
         .await;
     for _ in 0..5 {
@@ -112,12 +110,12 @@ async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most(
     }
     let usable = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((usable.status, usable.token()), (200, "user-2"));
-    app.idp.verify().await;
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
 }
 
 #[tokio::test]
 async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_again() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     // The first refresh gives a token shorter than cache.min_remaining (60 s), later ones an
     // hour: the IdP changed its settings.
@@ -125,13 +123,11 @@ async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(user_token_body("user-2", 2, Some("rt-2")))
         .up_to_n_times(1)
-        .expect(1)
         .mount(&app.idp)
         .await;
     Mock::given(method("POST"))
         .and(body_string_contains("refresh_token=rt-2"))
         .respond_with(user_token_body("user-3", 3600, Some("rt-3")))
-        .expect(1)
         .mount(&app.idp)
         .await;
     for _ in 0..3 {
@@ -146,17 +142,17 @@ async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_
         "{}",
         answer.body
     );
-    app.idp.verify().await;
+    // One with rt-1, refused as too short, and one with rt-2.
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 2);
 }
 
 #[tokio::test]
 async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_scope"})))
-        .expect(1)
         .mount(&app.idp)
         .await;
     for _ in 0..3 {
@@ -168,21 +164,12 @@ async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
             answer.body
         );
     }
-    app.idp.verify().await;
-}
-
-/// How many requests the IdP received whose body contains `grant`.
-async fn received(app: &TestApp, grant: &str) -> usize {
-    let requests = app.idp.received_requests().await.unwrap();
-    requests
-        .iter()
-        .filter(|r| String::from_utf8_lossy(&r.body).contains(grant))
-        .count()
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
 }
 
 #[tokio::test]
 async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
     Mock::given(method("POST"))
@@ -202,11 +189,14 @@ async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
     let machine = app.billing("acme/production").await;
     assert_eq!(machine.status, 503, "{}", machine.body);
     assert!(machine.header("retry-after").is_some());
-    assert_eq!(received(&app, "client_credentials").await, 0);
-    assert_eq!(received(&app, "refresh_token").await, 1);
+    assert_eq!(
+        app.idp_requests().await.grant("client_credentials").len(),
+        0
+    );
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
 
     // And the other way round, on a client whose machine token got the 429 first.
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
     Mock::given(method("POST"))
@@ -217,17 +207,16 @@ async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
     let user = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!(user.status, 503, "{}", user.body);
     assert!(user.header("retry-after").is_some());
-    assert_eq!(received(&app, "refresh_token").await, 0);
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 0);
 }
 
 #[tokio::test]
 async fn a_401_on_refresh_asks_for_reauthorization() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(ResponseTemplate::new(401).set_body_json(json!({ "error": "access_denied" })))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let answer = app.user_token(&handle, BILLING_KEY).await;
@@ -239,11 +228,12 @@ async fn a_401_on_refresh_asks_for_reauthorization() {
             .unwrap()
             .starts_with("https://login.acme.example/authorize?")
     );
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
 }
 
 #[tokio::test]
 async fn without_a_refresh_token_an_old_access_token_needs_reauthorization() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 120, None)).await;
     let fresh = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((fresh.status, fresh.token()), (200, "user-1"));
@@ -253,12 +243,12 @@ async fn without_a_refresh_token_an_old_access_token_needs_reauthorization() {
     assert_eq!(answer.status, 401, "{}", answer.body);
     assert_eq!(answer.body["error"], "reauthorization_required");
     // Only the code exchange reached the IdP.
-    assert_eq!(app.idp.received_requests().await.unwrap().len(), 1);
+    assert_eq!(app.idp_requests().await.len(), 1);
 }
 
 #[tokio::test]
 async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
@@ -272,7 +262,6 @@ async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
     Mock::given(method("POST"))
         .and(body_string_contains("refresh_token=rt-1"))
         .respond_with(user_token_body("user-2", 3600, None))
-        .expect(1)
         .mount(&app.idp)
         .await;
     // Asking again at once does not make another IdP request: refreshes pause after a failure.
@@ -282,16 +271,16 @@ async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
         assert_eq!(again.body["error"], "upstream_unavailable");
         assert_eq!(again.header("retry-after"), Some("1"));
     }
-    assert_eq!(received(&app, "grant_type=refresh_token").await, 1);
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let answer = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((answer.status, answer.token()), (200, "user-2"));
-    assert_eq!(received(&app, "grant_type=refresh_token").await, 2);
+    assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 2);
 }
 
 #[tokio::test]
 async fn handles_belong_to_their_caller_and_delete_forgets_them() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
     let handle = session(&app, user_token_body("user-1", 3600, Some("rt-1"))).await;
     let other = app.user_token(&handle, REPORTS_KEY).await;
     assert_eq!(

@@ -75,14 +75,13 @@ async fn mount_exchange(
             challenge: challenge.to_owned(),
         })
         .respond_with(answer)
-        .expect(1)
         .mount(&app.idp)
         .await;
 }
 
 #[tokio::test]
 async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent() {
-    let app = spawn_user_app().await;
+    let app = TestApp::init().with_users().start().await;
 
     // 1. The authorization URL.
     let body = serde_json::json!({ "scope": "read:things openid offline_access" });
@@ -131,7 +130,7 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         (forged.status, forged.body["error"].as_str()),
         (400, Some("invalid_request"))
     );
-    assert!(app.idp.received_requests().await.unwrap().is_empty());
+    assert!(app.idp_requests().await.is_empty());
 
     // 3. The code exchange, checked by the IdP (PKCE included).
     mount_exchange(
@@ -148,6 +147,10 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
     assert_eq!(created.header("cache-control"), Some("no-store"));
     let handle = created.body["handle"].as_str().unwrap().to_owned();
     assert!(handle.starts_with("uth_") && handle.len() > 40, "{handle}");
+    assert_eq!(
+        app.idp_requests().await.grant("authorization_code").len(),
+        1
+    );
     let again = app
         .create_session("acme/production", BILLING_KEY, "code-1", &state)
         .await;
@@ -162,7 +165,6 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
     Mock::given(method("POST"))
         .and(refresh_form("rt-1"))
         .respond_with(user_token_body("user-2", 3600, Some("rt-2")))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let refreshed = app.user_token(&handle, BILLING_KEY).await;
@@ -175,6 +177,11 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         (cached.token(), cached.header("x-cache")),
         ("user-2", Some("hit"))
     );
+    assert_eq!(
+        app.idp_requests().await.grant("refresh_token").len(),
+        1,
+        "one refresh with rt-1"
+    );
 
     // 5. Needing more validity than is left refreshes with the rotated token; an answer without
     //    a refresh token keeps it.
@@ -182,7 +189,6 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         .and(refresh_form("rt-2"))
         .respond_with(user_token_body("user-3", 3600, None))
         .up_to_n_times(1)
-        .expect(1)
         .mount(&app.idp)
         .await;
     let longer = app
@@ -194,6 +200,11 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         "{}",
         longer.body
     );
+    assert_eq!(
+        app.idp_requests().await.grant("refresh_token").len(),
+        2,
+        "one refresh with rt-2"
+    );
 
     // 6. The user revokes consent: the IdP refuses rt-2, the caller gets a new authorization URL
     //    and the handle is gone.
@@ -202,13 +213,17 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         .respond_with(ResponseTemplate::new(403).set_body_json(serde_json::json!({
             "error": "invalid_grant", "error_description": "Unknown or invalid refresh token.",
         })))
-        .expect(1)
         .mount(&app.idp)
         .await;
     let revoked = app
         .user_token(&format!("{handle}?min_ttl=3600"), BILLING_KEY)
         .await;
     assert_eq!(revoked.status, 401, "{}", revoked.body);
+    assert_eq!(
+        app.idp_requests().await.grant("refresh_token").len(),
+        3,
+        "one refused refresh with rt-2"
+    );
     assert_eq!(revoked.body["error"], "reauthorization_required");
     let new_url = revoked.body["authorization_url"].as_str().unwrap();
     let new_state = revoked.body["state"].as_str().unwrap();
@@ -244,6 +259,10 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
     assert_eq!(
         (answer.token(), answer.header("x-cache")),
         ("user-4", Some("hit"))
+    );
+    assert_eq!(
+        app.idp_requests().await.grant("authorization_code").len(),
+        2
     );
 
     // Nothing secret leaked into any answer.

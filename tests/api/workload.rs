@@ -215,13 +215,24 @@ pub fn workload_config(issuer: &str, refresh: &str) -> String {
     )
 }
 
+impl TestAppBuilder {
+    /// Trusts `issuer`'s workload tokens ([`workload_config`]), re-reading its JWKS every
+    /// `refresh`.
+    pub fn with_workload_issuer(self, issuer: &TestIssuer, refresh: &str) -> Self {
+        self.with_config(workload_config(&issuer.uri(), refresh))
+    }
+}
+
 #[tokio::test]
 async fn a_workload_token_proves_its_caller_and_is_verified_once() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "30s")).await;
-    let acme = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
-    let globex = issue_tokens(&app.idp, "globex", TokenIssuer::new(3600)).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "30s")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    issue_tokens(&app.idp, "globex", TokenIssuer::new(3600)).await;
 
     let pod = signer.sign(&issuer.claims(POD));
     let first = app.get_token("acme/production", Some(&pod)).await;
@@ -255,8 +266,8 @@ async fn a_workload_token_proves_its_caller_and_is_verified_once() {
         refused.body
     );
 
-    assert_eq!(acme.issued(), 1);
-    assert_eq!(globex.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
+    assert_eq!(app.idp_requests().await.to("globex").len(), 1);
     assert_eq!(issuer.fetches(), 1, "the JWKS is fetched once");
 }
 
@@ -265,8 +276,11 @@ async fn every_bad_token_is_a_401_that_names_the_failed_check_and_costs_no_idp_r
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let stranger = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "30s")).await;
-    let acme = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "30s")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     issuer.wait_for_first_fetch().await;
 
     let with = |changes: Value| {
@@ -435,7 +449,11 @@ async fn every_bad_token_is_a_401_that_names_the_failed_check_and_costs_no_idp_r
         app.get_token("acme/production", Some(&late)).await.status,
         200
     );
-    assert_eq!(acme.issued(), 1, "only the good token cost an IdP request");
+    assert_eq!(
+        app.idp_requests().await.to("acme").len(),
+        1,
+        "only the good token cost an IdP request"
+    );
 }
 
 #[tokio::test]
@@ -452,7 +470,10 @@ async fn every_accepted_algorithm_verifies() {
         Signer::ed25519("ed25519"),
     ];
     let issuer = TestIssuer::start(&signers.iter().collect::<Vec<_>>()).await;
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "30s")).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "30s")
+        .start()
+        .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     for signer in &signers {
         let answer = app
@@ -467,7 +488,10 @@ async fn a_new_key_is_picked_up_without_a_restart_and_a_removed_one_stops_verify
     let old = Signer::rsa("old", Algorithm::RS256);
     let new = Signer::ec("new", Algorithm::ES256);
     let issuer = TestIssuer::start(&[&old]).await;
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "1s")).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "1s")
+        .start()
+        .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     let by_old = old.sign(&issuer.claims(POD));
@@ -502,7 +526,10 @@ async fn a_new_key_is_picked_up_without_a_restart_and_a_removed_one_stops_verify
 async fn unknown_key_ids_refetch_the_keys_at_most_once_per_interval() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "1h")).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "1h")
+        .start()
+        .await;
     issuer.wait_for_first_fetch().await;
     let requests = (0..20).map(|i| {
         let token = signer.sign_as(&format!("k-{i}"), &issuer.claims(POD));
@@ -523,8 +550,11 @@ async fn unknown_key_ids_refetch_the_keys_at_most_once_per_interval() {
 async fn an_outage_of_the_jwks_keeps_verified_callers_working() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "1s")).await;
-    let acme = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "1s")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
 
     let verified = signer.sign(&issuer.claims(POD));
     assert_eq!(
@@ -565,7 +595,7 @@ async fn an_outage_of_the_jwks_keeps_verified_callers_working() {
             .status,
         200
     );
-    assert_eq!(acme.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }
 
 #[tokio::test]
@@ -573,15 +603,18 @@ async fn keys_never_fetched_are_a_503_with_retry_after() {
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[]).await;
     issuer.fail();
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "30s")).await;
-    let acme = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "30s")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let answer = app
         .get_token("acme/production", Some(&signer.sign(&issuer.claims(POD))))
         .await;
     assert_eq!(answer.status, 503, "{}", answer.body);
     assert_eq!(answer.body["error"], "upstream_unavailable");
     assert!(answer.header("retry-after").is_some());
-    assert_eq!(acme.issued(), 0);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 0);
 }
 
 /// `POST /t/acme/production/oauth/token` with a form body.
@@ -605,8 +638,11 @@ async fn the_facade_takes_a_workload_token_as_a_client_assertion() {
     const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
     let signer = Signer::rsa("k1", Algorithm::RS256);
     let issuer = TestIssuer::start(&[&signer]).await;
-    let app = spawn_app_with(&workload_config(&issuer.uri(), "30s")).await;
-    let acme = issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let app = TestApp::init()
+        .with_workload_issuer(&issuer, "30s")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let pod = signer.sign(&issuer.claims(POD));
     let grant = ("grant_type", "client_credentials");
     let kind = ("client_assertion_type", JWT_BEARER);
@@ -667,7 +703,7 @@ async fn the_facade_takes_a_workload_token_as_a_client_assertion() {
         assert_eq!(answer.status, 401, "{fields:?}: {}", answer.body);
         assert_eq!(answer.body["error"], "invalid_client");
     }
-    assert_eq!(acme.issued(), 1);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 }
 
 #[tokio::test]
@@ -689,7 +725,7 @@ async fn a_jwks_file_is_read_again_when_it_changes() {
         ),
     );
     assert!(config.contains("jwks_file"), "{config}");
-    let app = spawn_app_with(&config).await;
+    let app = TestApp::init().with_config(&config).start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let claims = json!({"iss": issuer, "sub": POD, "aud": AUDIENCE, "exp": now() + 600});
 
@@ -767,19 +803,22 @@ async fn keys_over_https_are_trusted_through_ca_file_and_a_wrong_ca_is_a_503() {
         )
     };
 
-    let trusting = spawn_app_with(&with_keys(&format!("ca_file = \"{}\"", ca.display()))).await;
-    let acme = issue_tokens(&trusting.idp, "acme", TokenIssuer::new(3600)).await;
+    let trusting = TestApp::init()
+        .with_config(with_keys(&format!("ca_file = \"{}\"", ca.display())))
+        .start()
+        .await;
+    issue_tokens(&trusting.idp, "acme", TokenIssuer::new(3600)).await;
     let answer = trusting.get_token("acme/production", Some(&token)).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
-    assert_eq!(acme.issued(), 1);
+    assert_eq!(trusting.idp_requests().await.to("acme").len(), 1);
 
     // Without ca_file the system roots do not know the certificate: the keys cannot be fetched.
-    let doubting = spawn_app_with(&with_keys("")).await;
-    let idp = issue_tokens(&doubting.idp, "acme", TokenIssuer::new(3600)).await;
+    let doubting = TestApp::init().with_config(with_keys("")).start().await;
+    issue_tokens(&doubting.idp, "acme", TokenIssuer::new(3600)).await;
     let answer = doubting.get_token("acme/production", Some(&token)).await;
     assert_eq!(answer.status, 503, "{}", answer.body);
     assert!(answer.header("retry-after").is_some());
     // Callers with keys are served meanwhile.
     assert_eq!(doubting.billing("acme/production").await.status, 200);
-    assert_eq!(idp.issued(), 1);
+    assert_eq!(doubting.idp_requests().await.to("acme").len(), 1);
 }
