@@ -37,7 +37,7 @@ mod upstream;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 
@@ -83,7 +83,7 @@ struct Inner {
     tokens: Cache<TokenKey, Arc<CachedToken>, KeyHasher>,
     /// What the IdP answered recently per key that is not worth asking again: a rejection, or a
     /// token too short to serve. Forgotten after `cache.negative_ttl`.
-    rejections: Cache<TokenKey, Remembered, KeyHasher>,
+    rejections: Cache<TokenKey, (Remembered, Instant), KeyHasher>,
     /// The fetches under way, one per key, each owned by the broker (not by a request).
     flights: Flights,
     /// Per (tenant, environment): bumped when a reload changes how it talks to its IdP, so a

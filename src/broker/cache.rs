@@ -180,7 +180,7 @@ impl Broker {
             }));
         }
         // What the IdP answered recently is answered again, before any budget is charged.
-        if let Some(remembered) = self.inner.rejections.get(key).await {
+        if let Some(remembered) = self.recalled(key).await {
             return Err(Arc::new(self.remembered_error(remembered)));
         }
         let mut wanted = match &cached {

@@ -119,6 +119,25 @@ impl Broker {
         self.upstream(environment).rate_limit()
     }
 
+    /// What the broker remembers about `key`, until `cache.negative_ttl` after it learnt it
+    /// (by the broker's clock; moka drops the entry on its own timer).
+    pub(super) async fn recalled(&self, key: &TokenKey) -> Option<Remembered> {
+        let (remembered, until) = self.inner.rejections.get(key).await?;
+        (self.inner.clock.instant() < until).then_some(remembered)
+    }
+
+    /// Remembers `remembered` about `key` for `cache.negative_ttl`.
+    pub(super) async fn remember(&self, key: &TokenKey, remembered: Remembered) {
+        let now = self.inner.clock.instant();
+        let until = now
+            .checked_add(self.inner.settings.negative_ttl)
+            .unwrap_or(now);
+        self.inner
+            .rejections
+            .insert(key.clone(), (remembered, until))
+            .await;
+    }
+
     /// The error a remembered answer stands for.
     pub(super) fn remembered_error(&self, remembered: Remembered) -> BrokerError {
         match remembered {
@@ -138,7 +157,7 @@ impl Broker {
         key: &TokenKey,
         asked: &AtomicBool,
     ) -> Result<CachedToken, BrokerError> {
-        if let Some(remembered) = self.inner.rejections.get(key).await {
+        if let Some(remembered) = self.recalled(key).await {
             return Err(self.remembered_error(remembered));
         }
         let reloads = self.inner.reloads.load(Ordering::Acquire);
@@ -239,7 +258,7 @@ impl Broker {
                             status: *status,
                             code: code.clone(),
                         };
-                        self.inner.rejections.insert(key.clone(), remembered).await;
+                        self.remember(key, remembered).await;
                     }
                     return Err(error);
                 }

@@ -312,7 +312,7 @@ impl Broker {
             );
             if !settings.negative_ttl.is_zero() {
                 let remembered = Remembered::TooShort { lifetime };
-                self.inner.rejections.insert(key.clone(), remembered).await;
+                self.remember(key, remembered).await;
             }
             return Err(Arc::new(BrokerError::LifetimeBelowMinimum {
                 lifetime,

@@ -15,7 +15,7 @@ async fn a_token_is_fetched_again_after_its_window() {
     assert!(first.body["expires_in"].as_u64().unwrap() >= 60);
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    app.clock.advance(Duration::from_millis(2500));
     let after = app.billing("acme/production").await;
     assert_eq!(after.token(), "token-2");
     assert_eq!(after.header("x-cache"), Some("miss"));
@@ -28,7 +28,7 @@ async fn min_ttl_above_the_remaining_life_forces_a_fetch() {
     issue_tokens(&app.idp, "acme", TokenIssuer::new(600)).await;
 
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(Duration::from_millis(1100));
     // token-1 now has 598-599 s left: min_ttl 300 is a hit, min_ttl 600 is not.
     let ok = app.billing("acme/production?min_ttl=300").await;
     assert_eq!((ok.token(), ok.header("x-cache")), ("token-1", Some("hit")));

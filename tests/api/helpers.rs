@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use token_broker::app::AppState;
 use token_broker::auth::KeyHash;
+use token_broker::clock::Clock;
 use token_broker::config::Settings;
 use token_broker::startup::Application;
 use tokio::net::TcpListener;
@@ -111,6 +112,9 @@ pub struct TestApp {
     pub state: AppState,
     /// `http://127.0.0.1:PORT` of the admin listener, when `server.admin_listen` is set.
     pub admin_url: Option<String>,
+    /// The broker's clock: a test about refresh, expiry, backoff or a pause moves it with
+    /// `advance` instead of sleeping (the replicas of a fleet share one).
+    pub clock: Clock,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -124,6 +128,7 @@ pub struct TestAppBuilder {
     env: Vec<(String, String)>,
     file: Option<PathBuf>,
     wait_for_shared_cache: bool,
+    clock: Option<Clock>,
 }
 
 impl TestApp {
@@ -136,6 +141,7 @@ impl TestApp {
             env: Vec::new(),
             file: None,
             wait_for_shared_cache: false,
+            clock: None,
         }
     }
 
@@ -210,6 +216,7 @@ impl TestAppBuilder {
             Some(idp) => idp,
             None => Arc::new(MockServer::start().await),
         };
+        self.clock.get_or_insert_with(Clock::manual);
         let mut fleet = Vec::with_capacity(replicas);
         for _ in 0..replicas {
             fleet.push(self.clone().start_on(Arc::clone(&idp)).await);
@@ -246,7 +253,8 @@ impl TestAppBuilder {
                 (settings, None)
             }
         };
-        let app = start(idp, settings, reloader).await;
+        let clock = self.clock.clone().unwrap_or_else(Clock::manual);
+        let app = start(idp, settings, reloader, clock).await;
         if self.wait_for_shared_cache {
             app.wait_for_shared_cache(true).await;
         }
@@ -259,9 +267,10 @@ async fn start(
     idp: Arc<MockServer>,
     settings: Settings,
     reloader: Option<token_broker::app::Reloader>,
+    clock: Clock,
 ) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let app = Application::with_reloader(settings, listener, reloader).expect("build");
+    let app = Application::with_clock(settings, listener, reloader, clock.clone()).expect("build");
     let url = format!("http://{}", app.local_addr());
     let admin_url = app.admin_addr().map(|address| format!("http://{address}"));
     let state = app.state().clone();
@@ -275,6 +284,7 @@ async fn start(
         idp,
         state,
         admin_url,
+        clock,
         shutdown: Some(tx),
     }
 }

@@ -145,7 +145,7 @@ async fn a_caller_looping_delete_and_get_makes_one_idp_request_per_interval() {
     assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 
     // After the interval, the first request fetches the new token the DELETEs asked for.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(Duration::from_millis(1100));
     let fresh = app.billing("acme/production").await;
     assert_eq!(
         (fresh.token(), fresh.header("x-cache")),
@@ -155,7 +155,7 @@ async fn a_caller_looping_delete_and_get_makes_one_idp_request_per_interval() {
     assert_eq!(app.idp_requests().await.to("acme").len(), 2);
 
     // Outside the interval of the last fetch, a DELETE forgets at once, as it always did.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(Duration::from_millis(1100));
     app.forget("acme/production", None).await;
     assert_eq!(app.billing("acme/production").await.token(), "token-3");
     assert_eq!(app.idp_requests().await.to("acme").len(), 3);
@@ -361,7 +361,7 @@ async fn a_min_ttl_just_under_the_lifetime_cannot_refetch_before_the_interval() 
         .await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     assert_eq!(app.billing("acme/production").await.status, 200);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(Duration::from_millis(1100));
     for _ in 0..5 {
         let refused = app.billing("acme/production?min_ttl=3599").await;
         assert_eq!(refused.status, 429, "{}", refused.body);

@@ -34,7 +34,7 @@ async fn a_caller_over_its_rate_gets_429_with_retry_after_and_others_are_unaffec
     }
     assert_eq!(app.idp_requests().await.to("acme").len(), 1);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(Duration::from_millis(1100));
     assert_eq!(app.billing("acme/production").await.status, 200);
 }
 

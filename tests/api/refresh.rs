@@ -20,7 +20,7 @@ async fn the_first_request_in_the_refresh_window_is_served_at_once_and_starts_on
 
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
     // 6 s tokens refresh from 3-3.3 s on and leave the cache at 5 s.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    app.clock.advance(Duration::from_millis(3500));
     let during = app.billing("acme/production").await;
     assert_eq!(
         (during.token(), during.header("x-cache")),
@@ -76,7 +76,12 @@ async fn rollover_under_load_has_no_errors_and_no_waiting_after_the_first_fetch(
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_secs(14)).await;
+    // 14 s of token time at twice real speed: each refresh (500 ms at the IdP) still lands well
+    // inside the 2 s between the start of its window and its token leaving the cache.
+    for _ in 0..70 {
+        app.clock.advance(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
 
     let mut answers = Vec::new();
@@ -155,7 +160,7 @@ async fn a_failing_refresh_backs_off_instead_of_asking_on_every_request() {
         .await;
     assert_eq!(app.billing("acme/production").await.token(), "token-1");
     // 10 s tokens, servable for 9 s, refresh from 4.5 s on: a second of requests in the window.
-    tokio::time::sleep(Duration::from_millis(4600)).await;
+    app.clock.advance(Duration::from_millis(4600));
     for _ in 0..50 {
         let answer = app.billing("acme/production").await;
         assert_eq!((answer.status, answer.token()), (200, "token-1"));

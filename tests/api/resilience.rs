@@ -148,7 +148,7 @@ async fn a_rejection_is_remembered_for_negative_ttl() {
         1,
         "one request per negative_ttl window"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(Duration::from_millis(1100));
     assert_eq!(app.billing("acme/production").await.status, 502);
     assert_eq!(app.idp_requests().await.len(), 2);
 }

@@ -168,7 +168,7 @@ async fn a_refresh_on_one_replica_replaces_the_token_everywhere() {
     }
 
     // 6 s tokens refresh from 3-3.3 s on; the first request in the window starts it.
-    tokio::time::sleep(Duration::from_millis(3400)).await;
+    fleet[0].clock.advance(Duration::from_millis(3400));
     assert_eq!(fleet[0].billing("acme/production").await.token(), "token-1");
     until_serves(&fleet[0], "acme/production", "token-2").await;
     until_serves(&fleet[1], "acme/production", "token-2").await;

@@ -134,7 +134,7 @@ async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_
         let answer = app.user_token(&handle, BILLING_KEY).await;
         assert_eq!(answer.status, 502, "{}", answer.body);
     }
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    app.clock.advance(Duration::from_millis(2100));
     let answer = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!(
         (answer.status, answer.token()),
@@ -272,7 +272,7 @@ async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
         assert_eq!(again.header("retry-after"), Some("1"));
     }
     assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 1);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.clock.advance(Duration::from_millis(1100));
     let answer = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((answer.status, answer.token()), (200, "user-2"));
     assert_eq!(app.idp_requests().await.grant("refresh_token").len(), 2);
