@@ -3,8 +3,8 @@
 //! One file per resource: [`tokens`] for callers, [`oauth`] for the OAuth2-compatible facade,
 //! [`user_tokens`] for user tokens, [`admin`] for operators, [`health`] for probes, [`metrics`] for the
 //! Prometheus scrape and [`openapi`] for the OpenAPI document; [`token_request`] holds the authorisation
-//! they share. [`error`] maps every failure to the JSON error body of API.md §2 (the facade maps
-//! its own to RFC 6749 §5.2). [`routes`] is the one list of routes: the router and the OpenAPI
+//! they share. [`error`] maps every failure to the JSON error body of docs/api.md, "Errors" (the facade maps
+//! its own to RFC 6749 §5.2). [`routes()`] is the one list of routes: the router and the OpenAPI
 //! document are both built from it; the middleware stack and the listener are `startup`'s.
 
 pub mod admin;
@@ -92,19 +92,19 @@ fn caller_routes() -> OpenApiRouter<AppState> {
         .merge(user_routes())
 }
 
-/// The metrics scrape and the admin API behind the admin key (API.md §3).
+/// The metrics scrape and the admin API behind the admin key (docs/api.md, "Operations" and "Admin API").
 fn operator_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(metrics::metrics))
         .merge(admin_routes())
 }
 
-/// The caller API of API.md §1.
+/// The caller API of docs/api.md, "Tokens for callers".
 fn token_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(tokens::get_token, tokens::delete_token))
 }
 
-/// The OAuth2-compatible facade of API.md §1, `POST /t/{tenant}/{environment}/oauth/token`, kept
+/// The OAuth2-compatible facade of docs/api.md, `POST /t/{tenant}/{environment}/oauth/token`, kept
 /// apart from the `/v1` API because it speaks RFC 6749 and authenticates callers its own way. Its
 /// handler is registered here, with `.routes(routes!(...))` like the others.
 fn oauth_facade_routes() -> OpenApiRouter<AppState> {
@@ -122,7 +122,7 @@ fn user_routes() -> OpenApiRouter<AppState> {
         ))
 }
 
-/// Probes (API.md §3), on every listener.
+/// Probes (docs/api.md, "Operations"), on every listener.
 fn probe_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health::livez))
@@ -138,7 +138,7 @@ fn openapi_route(surface: Surface) -> OpenApiRouter<AppState> {
         .layer(axum::Extension(surface))
 }
 
-/// The admin API behind the admin key (API.md §3).
+/// The admin API behind the admin key (docs/api.md, "Admin API").
 fn admin_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(admin::tenants))

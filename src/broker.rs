@@ -20,7 +20,7 @@
 //! every replica applies the announcements of the others to its own cache. Any failure of the
 //! shared level makes the broker behave as if it had none.
 //!
-//! The parts follow DESIGN.md's sections: `cache` (lookups, leases, expiry, forgetting),
+//! The parts follow docs/design.md's sections: `cache` (lookups, leases, expiry, forgetting),
 //! `failure` (the failure policy and per-IdP state in `upstream`), `replicas` (the shared level),
 //! [`error`]'s [`BrokerError`]. Each holds an `impl Broker` block over the private state here.
 //! This module knows nothing about HTTP routes; `api` maps [`BrokerError`] to responses.

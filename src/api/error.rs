@@ -1,7 +1,7 @@
 //! Every error the HTTP API returns, and its one mapping to a response.
 //!
 //! Handlers and extractors return [`ApiError`]; [`IntoResponse`] turns it into the JSON body of
-//! API.md §2 (`error`, `error_description`, `request_id`) with the right status and headers, and
+//! docs/api.md, "Errors" (`error`, `error_description`, `request_id`) with the right status and headers, and
 //! logs it once with its cause chain. Descriptions say what to do next and never carry a secret,
 //! a caller key, a token or an upstream body. The OAuth2 facade maps its own RFC 6749 §5.2 errors
 //! in [`super::oauth`] and shares the request id, `Retry-After` and logging helpers here.
@@ -166,7 +166,7 @@ impl From<Arc<BrokerError>> for ApiError {
     }
 }
 
-/// The JSON body of every `/v1` error (API.md §2).
+/// The JSON body of every `/v1` error (docs/api.md, "Errors").
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody<'a> {
     /// The stable error code: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
@@ -191,7 +191,7 @@ pub struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    /// Status and the stable `error` code of API.md §2.
+    /// Status and the stable `error` code of docs/api.md, "Errors".
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -246,7 +246,7 @@ impl ApiError {
     }
 }
 
-/// Status and API.md §2 code of a broker failure.
+/// Status and docs/api.md "Errors" code of a broker failure.
 pub(super) fn broker_status_and_code(error: &BrokerError) -> (StatusCode, &'static str) {
     match error {
         BrokerError::MinTtlTooLong { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),

@@ -1,4 +1,4 @@
-//! `POST /t/{tenant}/{environment}/oauth/token`: the OAuth2-compatible facade (API.md §1).
+//! `POST /t/{tenant}/{environment}/oauth/token`: the OAuth2-compatible facade (docs/api.md, "OAuth2-compatible token endpoint").
 //!
 //! A service that points an OAuth2 or Auth0 client library at an IdP switches to the broker by
 //! changing only the token URL: its broker caller name and key are the client id and secret, in
@@ -133,7 +133,7 @@ impl From<Arc<BrokerError>> for OAuthError {
 }
 
 impl OAuthError {
-    /// Status and RFC 6749 §5.2 `error` code (API.md §2 codes for upstream failures).
+    /// Status and RFC 6749 §5.2 `error` code (docs/api.md "Errors" codes for upstream failures).
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),

@@ -1,6 +1,6 @@
 //! `GET /openapi.json`: the OpenAPI 3 description of every route, generated from the code.
 //!
-//! The handlers carry `#[utoipa::path]` annotations and [`crate::api::routes`] registers each
+//! The handlers carry `#[utoipa::path]` annotations and [`crate::api::routes()`] registers each
 //! with its description, so the router and this document come from one list and cannot drift.
 //! Each listener's document describes its own routes (see [`Surface`]); each is built once, on
 //! first request.
@@ -24,9 +24,9 @@ use crate::api::Surface;
         description = "Fetches, caches and serves OAuth2 machine-to-machine tokens for many tenants."
     ),
     tags(
-        (name = "tokens", description = "Tokens for callers (API.md §1)"),
-        (name = "operations", description = "Probes, metrics and this document (API.md §3)"),
-        (name = "admin", description = "Operator routes behind the admin key (API.md §3)"),
+        (name = "tokens", description = "Tokens for callers (docs/api.md, Tokens for callers)"),
+        (name = "operations", description = "Probes, metrics and this document (docs/api.md, Operations)"),
+        (name = "admin", description = "Operator routes behind the admin key (docs/api.md, Admin API)"),
     ),
     modifiers(&SecuritySchemes),
 )]

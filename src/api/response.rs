@@ -1,5 +1,5 @@
 //! The pieces every token answer shares: `Cache-Control: no-store` (tokens and their errors must
-//! never be cached), the `x-cache` header, and the two token bodies (API.md §1 for `/v1`, RFC
+//! never be cached), the `x-cache` header, and the two token bodies (docs/api.md for `/v1`, RFC
 //! 6749 §5.1 at the facade).
 //!
 //! The `/v1` body is pre-serialised in the cache entry, so a hit copies bytes and writes one
@@ -43,7 +43,7 @@ fn x_cache(status: CacheStatus) -> (HeaderName, HeaderValue) {
     (X_CACHE.clone(), value)
 }
 
-/// A 200 with the token body of API.md §1, `Cache-Control: no-store` and `x-cache`.
+/// A 200 with the token body of docs/api.md (`GET /v1/tokens/…`), `Cache-Control: no-store` and `x-cache`.
 pub fn token(lease: &Lease) -> Response {
     let mut response = Response::new(Body::from(lease.token.body(lease.at)));
     let headers = response.headers_mut();

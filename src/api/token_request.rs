@@ -4,7 +4,7 @@
 //! The order is fixed: the caller is already authenticated (401); then the caller is authorised
 //! for the tenant, environment and audience (403), and only then does configuration answer (404).
 //! A caller never learns whether a tenant it may not use exists. Failures are an [`AccessError`],
-//! which each API maps to its own error shape (API.md §2 or RFC 6749 §5.2).
+//! which each API maps to its own error shape (docs/api.md, "Errors", or RFC 6749 §5.2).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -105,7 +105,7 @@ fn authorise(
     )?)
 }
 
-/// The body of a token answer (API.md §1). The handler writes it pre-serialised from the cache
+/// The body of a token answer (docs/api.md, `GET /v1/tokens/{tenant}/{environment}`). The handler writes it pre-serialised from the cache
 /// entry; this type describes it for the OpenAPI document.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TokenResponse {

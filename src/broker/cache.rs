@@ -1,4 +1,4 @@
-//! The cache and its leases (DESIGN.md, "Cache semantics"): a hit is a moka lookup and a
+//! The cache and its leases (docs/design.md, "Cache"): a hit is a moka lookup and a
 //! pre-built body; anything else is one flight per key ([`super::flight`]). Each entry expires
 //! `min_remaining` before its token does, and refreshes in the background inside its servable
 //! life. What the broker learns is kept: the cached token tells how long the key's tokens live (a

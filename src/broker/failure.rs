@@ -1,4 +1,4 @@
-//! The failure policy (DESIGN.md): transient IdP failures retried with backoff and jitter within
+//! The failure policy (docs/design.md, "Failure policy"): transient IdP failures retried with backoff and jitter within
 //! the environment's `timeout`, a 429 honoured for the whole IdP client, rejections remembered
 //! per key for `negative_ttl`, and the quota guard.
 

@@ -1,4 +1,4 @@
-//! Replicas and the shared level (DESIGN.md, "Shared cache across replicas"): a miss looks in
+//! Replicas and the shared level (docs/design.md, "Shared cache across replicas"): a miss looks in
 //! the shared level before the IdP, one replica per key takes the fetch lock, the others wait for
 //! its token, and every replica applies the others' announcements to its own cache.
 

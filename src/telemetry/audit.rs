@@ -1,6 +1,6 @@
 //! The audit trail: who was handed which token, and when, at the cost of a counter per hit.
 //!
-//! Lines go to the [`AUDIT`](super::AUDIT) target at INFO. A miss, a refusal and the first
+//! Lines go to the [`AUDIT`] target at INFO. A miss, a refusal and the first
 //! hand-out of each token to each caller are each a line of their own. Later hand-outs of that
 //! token to that caller add one to a counter held with the token ([`HandOuts`]), and every
 //! `telemetry.audit_interval` [`AuditTrail::flush`] writes one summary line per counter that
@@ -8,7 +8,7 @@
 //!
 //! A token is named by `token_sha256` (the first 16 hex digits of the SHA-256 of its value) and,
 //! when it is a JWT with one, by its `jti`; never by its value. At most `capacity` counters are
-//! kept (about 200 bytes each, see the README); a hand-out that finds the trail full is written
+//! kept (about 200 bytes each, see docs/guides/operating.md, "The audit trail"); a hand-out that finds the trail full is written
 //! as a line of its own instead of being counted, so the bound costs log volume, never entries.
 
 use std::collections::HashMap;
@@ -308,7 +308,7 @@ impl AuditTrail {
         }
     }
 
-    /// Counters kept now, for tests and the README's figures.
+    /// Counters kept now, for tests and the figures of docs/guides/operating.md.
     pub fn counters(&self) -> usize {
         self.counters
             .lock()

@@ -1,6 +1,6 @@
 //! The two log line formats, text and JSON, each naming the request a line was written in.
 //!
-//! Both read the task-local [`RequestLog`](super::request::RequestLog) only when a line is
+//! Both read the task-local [`RequestLog`] only when a line is
 //! written, so a request that logs nothing pays nothing for its context.
 
 use std::fmt::{self, Write as _};

@@ -1,4 +1,4 @@
-//! Every way a facade request can fail is an RFC 6749 §5.2 error body (or an API.md upstream
+//! Every way a facade request can fail is an RFC 6749 §5.2 error body (or a docs/api.md upstream
 //! status), and none of the local ones reaches the IdP.
 
 use base64::Engine as _;

@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// Every route of API.md, as (method, path). The OAuth2 facade
+/// Every route of docs/api.md, as (method, path). The OAuth2 facade
 /// (`post /t/{tenant}/{environment}/oauth/token`) joins this list when its route is registered.
 const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tokens/{tenant}/{environment}"),
