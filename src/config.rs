@@ -346,10 +346,13 @@ fn with_source(problem: String, file: Option<&Path>) -> String {
 impl RawSettings {
     /// Validates the layers read into `self`; `problems` holds what reading them found already.
     fn validate(
-        self,
+        mut self,
         mut problems: Vec<String>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
+        let read_problems = problems.len();
+        let set_aside = std::mem::take(&mut self.set_aside);
+        let configured_callers = self.callers.len() + self.unreadable_callers;
         server::check(&self.server, &mut problems);
         for (path, value) in [
             ("server.request_timeout", self.server.request_timeout),
@@ -368,12 +371,20 @@ impl RawSettings {
         check_users(&self.users, &mut problems);
         check_telemetry(&self.telemetry, &mut problems);
         let auth = callers::auth(&self.auth, &mut problems);
-        let callers = callers::callers(self.callers, &auth, &mut problems);
+        // Issuers configured, valid or not: a rule naming an invalid one has its cause listed.
+        let configured_issuers: Vec<&str> = self
+            .auth
+            .workload
+            .iter()
+            .flat_map(|workload| workload.issuers.iter().map(|raw| raw.issuer.as_str()))
+            .collect();
+        let callers = callers::callers(self.callers, &auth, &configured_issuers, &mut problems);
         if auth.allow_anonymous {
             check_anonymous(&self.server, !callers.is_empty(), &mut problems);
         }
         // A caller that is only unreadable has its problem listed already.
-        if callers.is_empty() && !auth.allow_anonymous && self.unreadable_callers == 0 {
+        // A caller whose settings are wrong has its problems listed; "none" is only for none.
+        if configured_callers == 0 && !auth.allow_anonymous {
             problems.push(
                 "callers: none configured, so nobody could get a token; add [callers.NAME] with a key from `token-broker hash-key`, or set auth.allow_anonymous = true for a sidecar bound to localhost".to_owned(),
             );
@@ -413,6 +424,18 @@ impl RawSettings {
         }
 
         if !problems.is_empty() {
+            // A setting set aside while reading has its problem listed: what its absence
+            // causes (a default in its place, "missing") is a consequence, not news.
+            let mut index = 0;
+            problems.retain(|problem| {
+                index += 1;
+                index <= read_problems
+                    || !set_aside.iter().any(|path| {
+                        problem
+                            .strip_prefix(path.as_str())
+                            .is_some_and(|rest| rest.starts_with([':', '.', '[', ' ']))
+                    })
+            });
             return Err(ConfigError::Invalid(problems));
         }
         Ok(Settings {
@@ -698,6 +721,77 @@ mod tests {
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn every_problem_of_one_table_is_listed_and_no_consequence() {
+        let toml = r#"
+            [server]
+            bogus = 1
+            listen = "nowhere"
+            [cache]
+            min_remaining = "soon"
+            refresh_ahead = "half"
+            [callers.billing]
+            key_sha256 = "abc"
+            allow = "acme/*"
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = ["not", "a", "string"]
+            client_secret = "s"
+        "#;
+        let Err(ConfigError::Invalid(problems)) = Settings::from_toml(toml, &no_env) else {
+            panic!("expected a validation error");
+        };
+        let all = problems.join("\n");
+        for expected in [
+            "server: unknown field `bogus`",
+            "server.listen: not an address",
+            "cache.min_remaining:",
+            "cache.refresh_ahead:",
+            "callers.billing.allow: invalid type",
+            "callers.billing.key_sha256: not a SHA-256",
+            "tenants.acme.environments.production.client_id: must be a string",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        // Consequences of what is listed already: a caller with a bad key is still configured,
+        // a setting that could not be read is not also "missing" or "empty".
+        for consequence in [
+            "callers: none configured",
+            "callers.billing.allow: empty",
+            "client_id: missing",
+            "cache: min_remaining",
+        ] {
+            assert!(!all.contains(consequence), "{consequence:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn a_rule_naming_an_issuer_with_an_unreadable_ca_reports_only_the_ca() {
+        let toml = r#"
+            [auth.workload]
+            audience = "token-broker"
+            [[auth.workload.issuers]]
+            issuer = "https://kubernetes.default.svc"
+            jwks_uri = "https://kubernetes.default.svc/openid/v1/jwks"
+            ca_file = "/nonexistent/ca.crt"
+            [callers.billing]
+            allow = ["acme/*"]
+            workload = [{ issuer = "https://kubernetes.default.svc", subject = "system:serviceaccount:billing:app" }]
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "x"
+            client_secret = "y"
+        "#;
+        let Err(ConfigError::Invalid(problems)) = Settings::from_toml(toml, &no_env) else {
+            panic!("expected a validation error");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("auth.workload.issuers[0].ca_file: cannot read"),
+            "{problems:?}"
+        );
     }
 
     proptest::proptest! {

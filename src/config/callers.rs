@@ -46,6 +46,7 @@ pub(super) fn auth(raw: &RawAuth, problems: &mut Vec<String>) -> AuthSettings {
 pub(super) fn callers(
     raw: BTreeMap<String, RawCaller>,
     auth: &AuthSettings,
+    configured_issuers: &[&str],
     problems: &mut Vec<String>,
 ) -> BTreeMap<String, CallerSettings> {
     let mut callers = BTreeMap::new();
@@ -56,7 +57,13 @@ pub(super) fn callers(
                 "{at}: caller names are lower-case [a-z0-9_-], 1-64 long"
             ));
         }
-        let workload = super::workload::rules(&raw.workload, auth.workload.as_ref(), &at, problems);
+        let workload = super::workload::rules(
+            &raw.workload,
+            auth.workload.as_ref(),
+            configured_issuers,
+            &at,
+            problems,
+        );
         let key_sha256 = match raw.key_sha256.as_deref().map(KeyHash::from_hex) {
             Some(Ok(hash)) => Some(Some(hash)),
             Some(Err(e)) => {

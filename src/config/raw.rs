@@ -41,6 +41,10 @@ pub(super) struct RawSettings {
     /// Callers that could not be read (their problems are listed already).
     #[serde(skip)]
     pub(super) unreadable_callers: usize,
+    /// Settings (`server.listen`, `callers.billing.allow`) set aside because they could not be
+    /// read: their problem is listed already, so what their absence causes is not.
+    #[serde(skip)]
+    pub(super) set_aside: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -258,25 +262,51 @@ impl RawSettings {
             }
         }
         let section = |name: &str| top.get(name).cloned();
-        read_into(&mut raw.server, section("server"), "server", problems);
-        read_into(&mut raw.cache, section("cache"), "cache", problems);
-        read_into(&mut raw.auth, section("auth"), "auth", problems);
-        read_into(&mut raw.users, section("users"), "users", problems);
+        read_into(
+            &mut raw.server,
+            section("server"),
+            "server",
+            problems,
+            &mut raw.set_aside,
+        );
+        read_into(
+            &mut raw.cache,
+            section("cache"),
+            "cache",
+            problems,
+            &mut raw.set_aside,
+        );
+        read_into(
+            &mut raw.auth,
+            section("auth"),
+            "auth",
+            problems,
+            &mut raw.set_aside,
+        );
+        read_into(
+            &mut raw.users,
+            section("users"),
+            "users",
+            problems,
+            &mut raw.set_aside,
+        );
         read_into(
             &mut raw.shared_cache,
             section("shared_cache"),
             "shared_cache",
             problems,
+            &mut raw.set_aside,
         );
         read_into(
             &mut raw.telemetry,
             section("telemetry"),
             "telemetry",
             problems,
+            &mut raw.set_aside,
         );
         for (name, value) in table(section("callers"), "callers", problems) {
             let at = format!("callers.{name}");
-            match read_one(value, &at, problems) {
+            match read_one(value, &at, problems, &mut raw.set_aside) {
                 Some(caller) => {
                     raw.callers.insert(name, caller);
                 }
@@ -297,7 +327,7 @@ impl RawSettings {
                 let at = format!("{at}.environments");
                 for (name, value) in table(Some(value), &at, problems) {
                     let at = format!("{at}.{name}");
-                    match read_one(value, &at, problems) {
+                    match read_one(value, &at, problems, &mut raw.set_aside) {
                         Some(environment) => {
                             environments.insert(name, environment);
                         }
@@ -318,11 +348,83 @@ impl RawSettings {
 }
 
 /// `value` as `T`, or `None` with the problem (at `at`) in `problems`.
-fn read_one<T: DeserializeOwned>(value: Value, at: &str, problems: &mut Vec<String>) -> Option<T> {
-    value
-        .try_deserialize()
-        .map_err(|error| problems.push(describe_at(&error, at)))
-        .ok()
+///
+/// serde stops at a table's first problem; to list every one, the setting it names is set
+/// aside and the table read again, until it reads or a problem names no setting. A setting
+/// that is then missing because it was set aside is not a problem of its own.
+fn read_one<T: DeserializeOwned>(
+    value: Value,
+    at: &str,
+    problems: &mut Vec<String>,
+    set_aside: &mut Vec<String>,
+) -> Option<T> {
+    let origin = value.origin().map(str::to_owned);
+    let mut entries = match value.clone().into_table() {
+        Ok(entries) => entries,
+        Err(_) => {
+            return value
+                .try_deserialize()
+                .map_err(|error| problems.push(describe_at(&error, at)))
+                .ok();
+        }
+    };
+    let mut keys = Vec::new();
+    let mut read = None;
+    // Each round sets one entry aside, so a table of n entries takes at most n + 1 rounds.
+    for _ in 0..=entries.len() {
+        let attempt = Value::new(origin.as_ref(), entries.clone());
+        let error = match attempt.try_deserialize::<T>() {
+            Ok(value) => {
+                read = Some(value);
+                break;
+            }
+            Err(error) => error,
+        };
+        if missing_key(&error).is_some_and(|missing| keys.contains(&missing)) {
+            break;
+        }
+        problems.push(describe_at(&error, at));
+        let culprit = named_in(&error.to_string(), "unknown field `").or_else(|| error_key(&error));
+        match culprit.filter(|key| entries.remove(key).is_some()) {
+            Some(key) => {
+                set_aside.push(format!("{at}.{key}"));
+                keys.push(key);
+            }
+            None => break,
+        }
+    }
+    // What still reads is returned even after problems: the configuration is refused anyway, and
+    // the checks that follow find the problems of the other settings.
+    read
+}
+
+/// The setting a reading error is about, when it says (its first path segment).
+fn error_key(error: &config::ConfigError) -> Option<String> {
+    use config::ConfigError as E;
+    let key = match error {
+        E::Type { key, .. } | E::At { key, .. } => key.as_deref()?,
+        _ => return None,
+    };
+    key.split(['.', '[']).next().map(str::to_owned)
+}
+
+/// The setting a reading error says is missing.
+fn missing_key(error: &config::ConfigError) -> Option<String> {
+    use config::ConfigError as E;
+    match error {
+        E::NotFound(key) => Some(key.split(['.', '[']).next().unwrap_or(key).to_owned()),
+        E::At { error, .. } => missing_key(error),
+        other => named_in(&other.to_string(), "missing field `"),
+    }
+}
+
+/// The name in backticks right after `prefix` in `text`, as serde writes field names.
+fn named_in(text: &str, prefix: &str) -> Option<String> {
+    let start = text.find(prefix)? + prefix.len();
+    let rest = text.get(start..)?;
+    rest.find('`')
+        .and_then(|end| rest.get(..end))
+        .map(str::to_owned)
 }
 
 /// Replaces `slot` with `value` read as `T`, when present and readable.
@@ -331,8 +433,9 @@ fn read_into<T: DeserializeOwned>(
     value: Option<Value>,
     at: &str,
     problems: &mut Vec<String>,
+    set_aside: &mut Vec<String>,
 ) {
-    if let Some(read) = value.and_then(|value| read_one(value, at, problems)) {
+    if let Some(read) = value.and_then(|value| read_one(value, at, problems, set_aside)) {
         *slot = read;
     }
 }

@@ -144,16 +144,28 @@ fn issuer(raw: &RawIssuer, at: &str, problems: &mut Vec<String>) -> Option<Issue
     })
 }
 
-/// Validates one caller's `workload` rules against the configured issuers.
+/// Validates one caller's `workload` rules against the valid issuers of `workload`;
+/// `configured` names every issuer configured, so that a rule naming one whose settings are
+/// wrong adds nothing to that issuer's own problem.
 pub(super) fn rules(
     raw: &[RawWorkloadRule],
     workload: Option<&WorkloadSettings>,
+    configured: &[&str],
     at: &str,
     problems: &mut Vec<String>,
 ) -> Vec<WorkloadRule> {
     let mut rules = Vec::with_capacity(raw.len());
     for (index, rule) in raw.iter().enumerate() {
         let at = format!("{at}.workload[{index}]");
+        let valid = workload.is_some_and(|workload| {
+            workload
+                .issuers
+                .iter()
+                .any(|issuer| issuer.issuer == rule.issuer)
+        });
+        if !valid && configured.contains(&rule.issuer.as_str()) {
+            continue;
+        }
         let Some(workload) = workload else {
             problems.push(format!(
                 "{at}: no [auth.workload] is configured; add it with the issuer"

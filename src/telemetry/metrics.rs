@@ -167,7 +167,7 @@ impl Metrics {
             (CACHE_HITS, "Token requests answered from the cache."),
             (
                 CACHE_MISSES,
-                "Token requests that waited on an IdP request.",
+                "Token requests the cache did not answer: those that waited on an IdP request, and those refused without one (a 429 pause, a remembered rejection, a min_ttl too long).",
             ),
             (
                 CACHE_REFRESHES,

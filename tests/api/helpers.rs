@@ -195,6 +195,13 @@ impl TestAppBuilder {
         self
     }
 
+    /// Reads time from `clock`, for replicas built one by one that must share it (by default
+    /// each app, or fleet, has a [`Clock::manual`] of its own).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
     /// Reads the configuration from `file` instead, which `POST /v1/admin/reload` re-reads.
     pub fn with_file(mut self, file: &Path) -> Self {
         self.file = Some(file.to_owned());

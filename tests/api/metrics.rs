@@ -45,7 +45,7 @@ async fn hits_misses_refreshes_and_idp_outcomes_are_counted_by_environment() {
         app.billing("acme/production").await.header("x-cache"),
         Some("hit")
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    app.clock.advance(Duration::from_millis(600));
     assert_eq!(
         app.billing("acme/production").await.header("x-cache"),
         Some("hit")

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use serde_json::json;
+use token_broker::clock::Clock;
 use token_broker::dev_idp::{DevClient, DevIdp, DevIdpHandle, DevIdpSettings};
 use tokio::net::TcpListener;
 
@@ -30,7 +31,7 @@ async fn dev_idp() -> DevIdpHandle {
 
 /// One replica: the standard configuration with acme/production on the dev IdP, user tokens on,
 /// sharing `redis`, plus `extra`.
-async fn replica(idp: &DevIdpHandle, redis: &RedisServer, extra: &str) -> TestApp {
+async fn replica(idp: &DevIdpHandle, redis: &RedisServer, extra: &str, clock: &Clock) -> TestApp {
     let users = format!(
         r#"
         [tenants.acme.environments.production]
@@ -46,6 +47,7 @@ async fn replica(idp: &DevIdpHandle, redis: &RedisServer, extra: &str) -> TestAp
         .with_config(users)
         .with_redis(redis)
         .with_config(extra)
+        .with_clock(clock.clone())
         .start()
         .await
 }
@@ -86,22 +88,23 @@ fn aged(handle: &str) -> String {
     format!("{handle}?min_ttl=3598")
 }
 
-/// Lets the tokens of a login or refresh age past [`aged`]'s threshold.
-async fn age_tokens() {
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+/// Lets the tokens of a login or refresh age past [`aged`]'s threshold, on the replicas' clock.
+fn age_tokens(clock: &Clock) {
+    clock.advance(Duration::from_millis(2100));
 }
 
 #[tokio::test]
 async fn two_replicas_refreshing_one_session_at_once_make_one_refresh_and_the_grant_survives() {
+    let clock = Clock::manual();
     let redis = RedisServer::start().await;
     let idp = dev_idp().await;
-    let a = replica(&idp, &redis, "").await;
-    let b = replica(&idp, &redis, "").await;
+    let a = replica(&idp, &redis, "", &clock).await;
+    let b = replica(&idp, &redis, "", &clock).await;
     let (handle, _) = log_in(&a, &b).await;
     assert_eq!(idp.token_requests(), 1, "the code exchange");
 
     for round in 1..=2 {
-        age_tokens().await;
+        age_tokens(&clock);
         let before = idp.token_requests();
         let path = aged(&handle);
         let (a1, b1, a2, b2) = tokio::join!(
@@ -133,7 +136,7 @@ async fn two_replicas_refreshing_one_session_at_once_make_one_refresh_and_the_gr
         );
     }
     // A rotated refresh token presented twice would have revoked the grant: it still works.
-    age_tokens().await;
+    age_tokens(&clock);
     let again = b.user_token(&aged(&handle), BILLING_KEY).await;
     assert_eq!(again.status, 200, "the grant survives: {}", again.body);
     assert_eq!(idp.token_requests(), 4, "1 exchange and 3 refreshes");
@@ -156,22 +159,23 @@ async fn two_replicas_refreshing_one_session_at_once_make_one_refresh_and_the_gr
 
 #[tokio::test]
 async fn a_replica_restarted_between_login_and_token_request_serves_the_handle() {
+    let clock = Clock::manual();
     let redis = RedisServer::start().await;
     let idp = dev_idp().await;
-    let first = replica(&idp, &redis, "").await;
+    let first = replica(&idp, &redis, "", &clock).await;
     let (handle, _) = log_in(&first, &first).await;
     let before = first.user_token(&handle, BILLING_KEY).await;
     assert_eq!(before.status, 200, "{}", before.body);
     drop(first);
 
-    let restarted = replica(&idp, &redis, "").await;
+    let restarted = replica(&idp, &redis, "", &clock).await;
     let after = restarted.user_token(&handle, BILLING_KEY).await;
     assert_eq!(after.status, 200, "{}", after.body);
     assert_eq!(after.token(), before.token());
     assert_eq!(after.header("x-cache"), Some("hit"));
     assert_eq!(idp.token_requests(), 1, "no new login, no refresh");
     // And its refresh token came along.
-    age_tokens().await;
+    age_tokens(&clock);
     let refreshed = restarted.user_token(&aged(&handle), BILLING_KEY).await;
     assert_eq!(refreshed.status, 200, "{}", refreshed.body);
     assert_ne!(refreshed.token(), before.token());
@@ -180,11 +184,12 @@ async fn a_replica_restarted_between_login_and_token_request_serves_the_handle()
 
 #[tokio::test]
 async fn replicas_share_authorizations_handles_and_deletions_and_redis_holds_no_secret() {
+    let clock = Clock::manual();
     let redis = RedisServer::start().await;
     let idp = dev_idp().await;
     let extra = "[users]\nmax_pending_per_caller = 2\n";
-    let a = replica(&idp, &redis, extra).await;
-    let b = replica(&idp, &redis, extra).await;
+    let a = replica(&idp, &redis, extra, &clock).await;
+    let b = replica(&idp, &redis, extra, &clock).await;
 
     // Started on one replica, redeemed on the other; the state is good once, anywhere.
     let (handle, state) = log_in(&a, &b).await;
@@ -268,11 +273,12 @@ async fn replicas_share_authorizations_handles_and_deletions_and_redis_holds_no_
 
 #[tokio::test]
 async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_are_503() {
+    let clock = Clock::manual();
     let mut redis = RedisServer::start().await;
     let port = redis.port();
     let idp = dev_idp().await;
-    let a = replica(&idp, &redis, "").await;
-    let b = replica(&idp, &redis, "").await;
+    let a = replica(&idp, &redis, "", &clock).await;
+    let b = replica(&idp, &redis, "", &clock).await;
     let (handle, _) = log_in(&a, &a).await;
     assert_eq!(a.user_token(&handle, BILLING_KEY).await.status, 200);
     // A second session that nobody asks for during the outage.
@@ -282,7 +288,7 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
     a.wait_for_shared_cache(false).await;
     let held = a.user_token(&handle, BILLING_KEY).await;
     assert_eq!(held.status, 200, "held in memory: {}", held.body);
-    age_tokens().await;
+    age_tokens(&clock);
     let refreshed = a.user_token(&aged(&handle), BILLING_KEY).await;
     assert_eq!(
         refreshed.status, 200,
@@ -325,7 +331,7 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
     let served = b.user_token(&handle, BILLING_KEY).await;
     assert_eq!(served.status, 200, "{}", served.body);
     assert_eq!(served.token(), refreshed.token());
-    age_tokens().await;
+    age_tokens(&clock);
     let again = b.user_token(&aged(&handle), BILLING_KEY).await;
     assert_eq!(
         again.status, 200,
