@@ -21,7 +21,7 @@ KEY=tbk_bench-caller-key
 export BENCH_KEY=$KEY
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK" 2>/dev/null || true; }
 trap cleanup EXIT
 
 wait_for() { # URL: any HTTP answer

@@ -606,19 +606,24 @@ mod tests {
         assert_eq!(format!("{hash:?}"), "KeyHash(..)");
     }
 
+    /// A registry of `callers` with keys only, on the system clock.
+    fn key_registry(callers: &BTreeMap<String, CallerSettings>) -> CallerRegistry {
+        CallerRegistry::from_settings(
+            &keys_only(),
+            callers,
+            &Metrics::new(),
+            None,
+            &Clock::system(),
+        )
+    }
+
     #[test]
     fn clients_authenticate_by_name_and_key_together() {
         let callers = BTreeMap::from([
             ("billing".to_owned(), key_caller("billing-key")),
             ("reports".to_owned(), key_caller("reports-key")),
         ]);
-        let registry = CallerRegistry::from_settings(
-            &keys_only(),
-            &callers,
-            &Metrics::new(),
-            None,
-            &Clock::system(),
-        );
+        let registry = key_registry(&callers);
         let caller = registry
             .authenticate_client("billing", "billing-key")
             .unwrap();
@@ -650,13 +655,7 @@ mod tests {
         let callers: BTreeMap<String, CallerSettings> = (0..1000)
             .map(|i| (format!("c{i}"), key_caller(&format!("tbk_key-{i}"))))
             .collect();
-        let registry = CallerRegistry::from_settings(
-            &keys_only(),
-            &callers,
-            &Metrics::new(),
-            None,
-            &Clock::system(),
-        );
+        let registry = key_registry(&callers);
         let header = |key: &str| format!("Bearer {key}");
         for _ in 0..2 {
             let caller = registry

@@ -218,7 +218,12 @@ impl UserTokens {
             }
         }
         let state = authorization.state.clone();
-        if self.inner.pending.insert(state, pending).await {
+        if self
+            .inner
+            .pending
+            .insert(state, pending, self.clock().now())
+            .await
+        {
             Ok(authorization)
         } else {
             Err(too_many)
@@ -236,7 +241,7 @@ impl UserTokens {
         let local = self
             .inner
             .pending
-            .take(state, owner, tenant, environment)
+            .take(state, owner, tenant, environment, self.clock().now())
             .await;
         if let Some(pending) = local {
             return Ok(pending);
@@ -324,14 +329,16 @@ impl UserTokens {
     /// The session of `handle`, if `owner` created it.
     pub async fn session(&self, owner: &str, handle: &str) -> Result<Arc<Session>, UserError> {
         let id = HandleId::of(handle);
-        let local = self.inner.sessions.get(&id).await;
+        let local = self.inner.sessions.get(&id, self.clock().now()).await;
         let found = match &self.inner.shared {
             None => local,
             Some(shared) => self.look_up(shared.as_ref(), id, owner, local).await?,
         };
-        found
+        let session = found
             .filter(|session| session.owner() == owner && !session.is_forgotten())
-            .ok_or(UserError::UnknownHandle)
+            .ok_or(UserError::UnknownHandle)?;
+        session.touch(self.clock().now());
+        Ok(session)
     }
 
     /// An access token of `session` with at least `max(min_ttl, cache.min_remaining)` left,

@@ -60,7 +60,7 @@ impl UserTokens {
                     return Ok(None);
                 }
                 let Some(session) = local else {
-                    let session = Arc::new(Session::from_record(id, *record));
+                    let session = Arc::new(Session::from_record(id, *record, self.clock().now()));
                     return Ok(Some(self.inner.sessions.insert_or_get(session).await));
                 };
                 let mut grant = session.grant().await;

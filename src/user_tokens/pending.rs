@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -75,7 +75,11 @@ impl fmt::Debug for PendingAuthorization {
 /// Authorizations by `state`, in this replica's memory, each forgotten after
 /// `users.authorization_timeout`.
 pub struct PendingAuthorizations {
-    by_state: Cache<String, Arc<PendingAuthorization>>,
+    /// Each with the time it lapses at, by the broker's clock (moka drops it on its own timer
+    /// too, to bound memory).
+    by_state: Cache<String, (Arc<PendingAuthorization>, SystemTime)>,
+    /// `users.authorization_timeout`.
+    timeout: Duration,
     /// Pending authorizations per caller, so one caller cannot fill the set.
     per_owner: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     max_per_owner: usize,
@@ -90,27 +94,37 @@ impl PendingAuthorizations {
         let by_state = Cache::builder()
             .max_capacity(settings.max_sessions)
             .time_to_live(settings.authorization_timeout)
-            .eviction_listener(move |_state, pending: Arc<PendingAuthorization>, _cause| {
-                // Redeemed, expired or evicted: each state leaves once, and frees its slot.
-                let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(count) = counts.get_mut(&pending.owner) {
-                    *count = count.saturating_sub(1);
-                    if *count == 0 {
-                        counts.remove(&pending.owner);
+            .eviction_listener(
+                move |_state,
+                      (pending, _lapses): (Arc<PendingAuthorization>, SystemTime),
+                      _cause| {
+                    // Redeemed, expired or evicted: each state leaves once, and frees its slot.
+                    let mut counts = counts.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(count) = counts.get_mut(&pending.owner) {
+                        *count = count.saturating_sub(1);
+                        if *count == 0 {
+                            counts.remove(&pending.owner);
+                        }
                     }
-                }
-            })
+                },
+            )
             .build();
         Self {
             by_state,
+            timeout: settings.authorization_timeout,
             per_owner,
             max_per_owner: settings.max_pending_per_caller,
         }
     }
 
-    /// Remembers `pending` under `state`; `false` when its owner has
+    /// Remembers `pending` under `state` from `now` on; `false` when its owner has
     /// `users.max_pending_per_caller` authorizations pending already.
-    pub async fn insert(&self, state: String, pending: PendingAuthorization) -> bool {
+    pub async fn insert(
+        &self,
+        state: String,
+        pending: PendingAuthorization,
+        now: SystemTime,
+    ) -> bool {
         {
             let mut counts = self
                 .per_owner
@@ -122,17 +136,22 @@ impl PendingAuthorizations {
             }
             *count += 1;
         }
-        self.by_state.insert(state, Arc::new(pending)).await;
+        let lapses = now.checked_add(self.timeout).unwrap_or(now);
+        self.by_state
+            .insert(state, (Arc::new(pending), lapses))
+            .await;
         true
     }
 
-    /// Takes the authorization of `state` if `owner` started it for `tenant`/`environment`.
+    /// Takes the authorization of `state` if `owner` started it for `tenant`/`environment` and
+    /// it has not lapsed at `now` (a lapsed one is forgotten).
     pub async fn take(
         &self,
         state: &str,
         owner: &str,
         tenant: &str,
         environment: &str,
+        now: SystemTime,
     ) -> Option<Arc<PendingAuthorization>> {
         let result = self
             .by_state
@@ -140,9 +159,9 @@ impl PendingAuthorizations {
             .and_compute_with(|entry| async move {
                 match entry {
                     Some(entry)
-                        if *entry.value().owner == *owner
-                            && *entry.value().key.tenant == *tenant
-                            && *entry.value().key.environment == *environment =>
+                        if *entry.value().0.owner == *owner
+                            && *entry.value().0.key.tenant == *tenant
+                            && *entry.value().0.key.environment == *environment =>
                     {
                         Op::Remove
                     }
@@ -151,7 +170,10 @@ impl PendingAuthorizations {
             })
             .await;
         match result {
-            CompResult::Removed(entry) => Some(entry.into_value()),
+            CompResult::Removed(entry) => {
+                let (pending, lapses) = entry.into_value();
+                (now < lapses).then_some(pending)
+            }
             _ => None,
         }
     }

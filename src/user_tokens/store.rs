@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 
 use super::UserSettings;
 use super::shared::SessionRecord;
+use crate::clock::unix_millis;
 use crate::idp::{AccessToken, IssuedToken};
 use crate::token::{CachedToken, HandleId, SharedToken, TokenKey, refresh_backoff};
 
@@ -93,6 +94,9 @@ pub struct Session {
     writing: AtomicBool,
     /// Forgotten on request or refused by the IdP: no write may bring it back.
     forgotten: AtomicBool,
+    /// When this replica last found the session for a request (Unix milliseconds by the
+    /// broker's clock), for `users.idle_timeout`.
+    last_used_ms: AtomicU64,
     /// Failed refreshes in a row, and when the next may be tried: a caller that keeps asking
     /// while the IdP fails does not make it one request per ask.
     refresh_pause: std::sync::Mutex<RefreshPause>,
@@ -102,6 +106,7 @@ impl Session {
     /// A session for `owner` with the tokens of a code exchange.
     pub fn new(id: HandleId, owner: Arc<str>, key: TokenKey, grant: Grant) -> Self {
         let produced = grant.generation;
+        let created = unix_millis(grant.access.fetched_at);
         Self {
             id,
             owner,
@@ -111,12 +116,25 @@ impl Session {
             unwritten: std::sync::Mutex::new(None),
             writing: AtomicBool::new(false),
             forgotten: AtomicBool::new(false),
+            last_used_ms: AtomicU64::new(created),
             refresh_pause: std::sync::Mutex::new(RefreshPause::default()),
         }
     }
 
-    /// A session read from the shared level, where it is stored at its generation.
-    pub fn from_record(id: HandleId, record: SessionRecord) -> Self {
+    /// How long since this replica last found the session for a request, at `now`.
+    pub fn idle_for(&self, now: SystemTime) -> Duration {
+        let last = self.last_used_ms.load(Ordering::Relaxed);
+        Duration::from_millis(unix_millis(now).saturating_sub(last))
+    }
+
+    /// Records a request for the session at `now`.
+    pub fn touch(&self, now: SystemTime) {
+        self.last_used_ms
+            .fetch_max(unix_millis(now), Ordering::Relaxed);
+    }
+
+    /// A session read from the shared level at `now`, where it is stored at its generation.
+    pub fn from_record(id: HandleId, record: SessionRecord, now: SystemTime) -> Self {
         let generation = record.generation;
         let session = Self::new(
             id,
@@ -125,6 +143,10 @@ impl Session {
             grant_of(record.access, record.refresh_token, generation),
         );
         session.produced.store(0, Ordering::Relaxed);
+        // Found for a request now: the shared level's idle time started again too.
+        session
+            .last_used_ms
+            .store(unix_millis(now), Ordering::Relaxed);
         session
     }
 
@@ -318,10 +340,13 @@ pub struct SessionStore {
     /// Sessions whose latest tokens are not in the shared level yet, kept even when `sessions`
     /// forgets them, so that this replica never goes back to an older refresh token.
     unwritten: std::sync::Mutex<HashMap<HandleId, Arc<Session>>>,
+    /// `users.idle_timeout`.
+    idle_timeout: Duration,
 }
 
 impl SessionStore {
-    /// An empty store bounded by `users.max_sessions` and `users.idle_timeout`.
+    /// An empty store bounded by `users.max_sessions` and `users.idle_timeout` (by the
+    /// broker's clock; moka also lets idle entries go on its own timer, to bound memory).
     pub fn new(settings: &UserSettings) -> Self {
         let sessions = Cache::builder()
             .max_capacity(settings.max_sessions)
@@ -330,6 +355,7 @@ impl SessionStore {
         Self {
             sessions,
             unwritten: std::sync::Mutex::new(HashMap::new()),
+            idle_timeout: settings.idle_timeout,
         }
     }
 
@@ -350,13 +376,23 @@ impl SessionStore {
             .into_value()
     }
 
-    /// The session of a handle id, if kept. One whose latest tokens are still to be written
-    /// comes first: it is newer than any other copy.
-    pub async fn get(&self, id: &HandleId) -> Option<Arc<Session>> {
-        match self.held(id) {
-            Some(held) => Some(held),
-            None => self.sessions.get(id).await,
-        }
+    /// The session of a handle id at `now`, if kept and not idle for `users.idle_timeout`; its
+    /// idle time starts again. One whose latest tokens are still to be written comes first: it
+    /// is newer than any other copy, and is kept until written whatever its idle time.
+    pub async fn get(&self, id: &HandleId, now: SystemTime) -> Option<Arc<Session>> {
+        let session = match self.held(id) {
+            Some(held) => held,
+            None => {
+                let session = self.sessions.get(id).await?;
+                if session.idle_for(now) >= self.idle_timeout {
+                    self.sessions.invalidate(id).await;
+                    return None;
+                }
+                session
+            }
+        };
+        session.touch(now);
+        Some(session)
     }
 
     fn held(&self, id: &HandleId) -> Option<Arc<Session>> {

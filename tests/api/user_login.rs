@@ -133,3 +133,57 @@ async fn user_tokens_need_configuration_allow_rules_and_a_key() {
         answer.body
     );
 }
+
+#[tokio::test]
+async fn a_state_lapses_after_the_authorization_timeout_without_an_idp_request() {
+    let app = TestApp::init()
+        .with_users()
+        .with_config("[users]\nauthorization_timeout = \"10m\"\n")
+        .start()
+        .await;
+    let state = start(&app).await;
+    app.clock.advance(std::time::Duration::from_secs(601));
+    let answer = app
+        .create_session("acme/production", BILLING_KEY, "code", &state)
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert_eq!(answer.body["error"], "invalid_request");
+    assert!(app.idp_requests().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_session_unused_for_the_idle_timeout_is_forgotten_and_one_in_use_is_kept() {
+    let app = TestApp::init()
+        .with_users()
+        .with_config("[users]\nidle_timeout = \"1h\"\n")
+        .start()
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=authorization_code"))
+        .respond_with(user_token_body("user-1", 86_400, Some("rt-1")))
+        .mount(&app.idp)
+        .await;
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let state = start(&app).await;
+        let answer = app
+            .create_session("acme/production", BILLING_KEY, "code", &state)
+            .await;
+        assert_eq!(answer.status, 201, "{}", answer.body);
+        handles.push(answer.body["handle"].as_str().unwrap().to_owned());
+    }
+    let (used, idle) = (&handles[0], &handles[1]);
+    // `used` is asked for every 40 minutes, `idle` never: after 80 minutes only `used` is left.
+    for _ in 0..2 {
+        app.clock.advance(std::time::Duration::from_secs(40 * 60));
+        let answer = app.user_token(used, BILLING_KEY).await;
+        assert_eq!((answer.status, answer.token()), (200, "user-1"));
+    }
+    let forgotten = app.user_token(idle, BILLING_KEY).await;
+    assert_eq!(forgotten.status, 404, "{}", forgotten.body);
+    assert_eq!(
+        app.idp_requests().await.grant("refresh_token").len(),
+        0,
+        "neither session needed a refresh"
+    );
+}
