@@ -167,6 +167,7 @@ impl AppState {
         let user_tokens = UserTokens::new(
             &settings.users,
             min_remaining,
+            settings.cache.min_refetch_interval,
             idp,
             broker.clone(),
             metrics.clone(),

@@ -38,7 +38,7 @@
 //! | `config` | `auth`, `user_tokens`, `shared_cache`, `broker`, `token`, `idp`, `telemetry`, `clock` |
 //! | `auth` | `limits`, `idp`, `telemetry`, `clock` |
 //! | `shared_cache` | `user_tokens`, `broker`, `token`, `idp`, `telemetry`, `clock` |
-//! | `user_tokens` | `broker`, `token`, `idp`, `telemetry`, `clock` |
+//! | `user_tokens` | `broker`, `token`, `limits`, `idp`, `telemetry`, `clock` |
 //! | `broker` | `token`, `limits`, `idp`, `telemetry`, `clock` |
 //! | `token` | `limits`, `idp`, `telemetry`, `clock` |
 //! | `dev_idp` | `idp`, `clock` |

@@ -20,18 +20,20 @@
 
 mod fleet;
 pub mod pending;
+mod refresh;
 mod settings;
 pub mod shared;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::broker::{Broker, BrokerError, idp_outcome};
 use crate::clock::Clock;
 use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
+use crate::limits::IdpBudget;
 use crate::telemetry::metrics::Metrics;
-use crate::token::{CacheStatus, HandleId, Lease, PendingId, TokenKey};
+use crate::token::{HandleId, PendingId, TokenKey};
 
 pub use pending::{Authorization, PendingAuthorization};
 pub use settings::UserSettings;
@@ -146,18 +148,22 @@ struct Inner {
     sessions: SessionStore,
     shared: Option<Arc<dyn SharedSessions>>,
     min_remaining: Duration,
+    /// `cache.min_refetch_interval`: the least time between two refreshes of one session.
+    min_refetch_interval: Duration,
     max_pending_per_caller: usize,
     authorization_timeout: Duration,
     idle_timeout: Duration,
 }
 
 impl UserTokens {
-    /// An empty service; tokens are handed out with at least `min_remaining` left, as the
-    /// broker's. With `shared`, sessions and authorizations are kept there (and this must run
-    /// inside a Tokio runtime).
+    /// An empty service; tokens are handed out with at least `min_remaining` left, and a
+    /// session is refreshed at most once per `min_refetch_interval`, as the broker's tokens.
+    /// With `shared`, sessions and authorizations are kept there (and this must run inside a
+    /// Tokio runtime).
     pub fn new(
         settings: &UserSettings,
         min_remaining: Duration,
+        min_refetch_interval: Duration,
         idp: IdpClient,
         broker: Broker,
         metrics: Metrics,
@@ -172,6 +178,7 @@ impl UserTokens {
             sessions: SessionStore::new(settings),
             shared,
             min_remaining,
+            min_refetch_interval,
             max_pending_per_caller: settings.max_pending_per_caller,
             authorization_timeout: settings.authorization_timeout,
             idle_timeout: settings.idle_timeout,
@@ -269,11 +276,15 @@ impl UserTokens {
         pending: Arc<PendingAuthorization>,
         environment: Arc<EnvironmentSettings>,
         code: String,
+        budget: &Arc<IdpBudget>,
     ) -> Result<String, UserError> {
         user_login(&environment)?;
         let this = self.clone();
-        let task =
-            tokio::spawn(async move { this.exchange_now(&pending, &environment, &code).await });
+        let budget = Arc::clone(budget);
+        let task = tokio::spawn(async move {
+            this.exchange_now(&pending, &environment, &code, &budget)
+                .await
+        });
         task.await
             .unwrap_or(Err(UserError::Token(BrokerError::Internal)))
     }
@@ -283,6 +294,7 @@ impl UserTokens {
         pending: &PendingAuthorization,
         environment: &EnvironmentSettings,
         code: &str,
+        budget: &IdpBudget,
     ) -> Result<String, UserError> {
         let exchange = self.inner.idp.exchange_code(
             environment,
@@ -290,11 +302,7 @@ impl UserTokens {
             &pending.redirect_uri,
             pending.expose_code_verifier(),
         );
-        let answer = self
-            .inner
-            .broker
-            .guard_user_request(environment, exchange)
-            .await?;
+        let answer = self.ask_idp(environment, budget, exchange).await?;
         self.count_idp_request(environment, "authorization_code", &answer);
         let grant = answer.map_err(|error| match error {
             IdpError::Rejected { ref code, .. } => UserError::CodeRejected {
@@ -341,134 +349,6 @@ impl UserTokens {
         Ok(session)
     }
 
-    /// An access token of `session` with at least `max(min_ttl, cache.min_remaining)` left,
-    /// refreshed when the current one has less. The refresh runs in a task of its own, so a
-    /// caller that goes away does not lose a rotated refresh token.
-    pub async fn token(
-        &self,
-        session: &Arc<Session>,
-        environment: &Arc<EnvironmentSettings>,
-        min_ttl: Option<Duration>,
-    ) -> Result<Lease, UserError> {
-        let min_remaining = self.inner.min_remaining;
-        let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
-        let started = self.clock().now();
-        {
-            let grant = session.grant().await;
-            if let Some(lease) = servable(&grant, required, started, self.clock().now()) {
-                return Ok(lease);
-            }
-            // A refresh gives tokens of the lifetime the last refresh gave: when that is too
-            // short, another would spend an IdP request for nothing, until that token expires
-            // (the IdP may issue longer ones by then).
-            let lifetime = grant.access.lifetime();
-            let last_live = grant.access.remaining(started) > Duration::ZERO;
-            if grant.generation > 1 && last_live && lifetime < required {
-                return Err(self.too_short(lifetime, required));
-            }
-        }
-        let this = self.clone();
-        let session = Arc::clone(session);
-        let environment = Arc::clone(environment);
-        let task =
-            tokio::spawn(
-                async move { this.renew(&session, &environment, required, started).await },
-            );
-        task.await
-            .unwrap_or(Err(UserError::Token(BrokerError::Internal)))
-    }
-
-    /// Refreshes the access token of `grant` (which `session` holds) with the IdP, keeping a
-    /// rotated refresh token; the generation goes up when the IdP answered with tokens.
-    async fn refresh_with_idp(
-        &self,
-        session: &Session,
-        grant: &mut Grant,
-        environment: &EnvironmentSettings,
-        required: Duration,
-    ) -> Result<Lease, UserError> {
-        let Some(refresh_token) = &grant.refresh_token else {
-            return Err(self.reauthorize(session, environment).await);
-        };
-        if let Some((retry_after, rejected)) = session.refresh_paused(self.clock().instant()) {
-            return Err(match rejected {
-                // The same refusal, as the IdP gave it: the caller has something to fix.
-                Some((status, code)) => {
-                    UserError::Token(IdpError::Rejected { status, code }.into())
-                }
-                None => UserError::RefreshPaused { retry_after },
-            });
-        }
-        let refresh = self.inner.idp.refresh(environment, refresh_token);
-        let answer = self
-            .inner
-            .broker
-            .guard_user_request(environment, refresh)
-            .await?;
-        self.count_idp_request(environment, "refresh_token", &answer);
-        let fresh = match answer {
-            Ok(fresh) => {
-                session.refresh_succeeded();
-                fresh
-            }
-            Err(IdpError::Rejected { status, code })
-                if code == "invalid_grant" || (status == 401 && code != "invalid_client") =>
-            {
-                tracing::info!(
-                    caller = %session.owner(),
-                    tenant = %session.key().tenant,
-                    environment = %session.key().environment,
-                    status,
-                    code,
-                    "the IdP refused a refresh token; the user must authorize again"
-                );
-                grant.refresh_token = None;
-                return Err(self.reauthorize(session, environment).await);
-            }
-            Err(error) => {
-                let rejected = match &error {
-                    IdpError::Rejected { status, code } => Some((*status, code.clone())),
-                    _ => None,
-                };
-                let error = BrokerError::from(error);
-                let wait =
-                    session.refresh_failed(self.clock().instant(), error.retry_after(), rejected);
-                tracing::debug!(
-                    wait_ms = wait.as_millis(),
-                    "user token refreshes paused after a failure"
-                );
-                return Err(UserError::Token(error));
-            }
-        };
-        let rotated = fresh.refresh_token.is_some();
-        let refresh_token = fresh.refresh_token.or_else(|| grant.refresh_token.take());
-        *grant = Grant::issued(
-            fresh.token,
-            refresh_token,
-            grant.generation.saturating_add(1),
-            self.clock().now(),
-        );
-        session.mark_produced(grant.generation);
-        let access = Arc::clone(&grant.access);
-        tracing::info!(
-            tenant = %session.key().tenant,
-            environment = %session.key().environment,
-            lifetime_s = access.lifetime().as_secs(),
-            rotated,
-            "refreshed a user token"
-        );
-        let lifetime = access.lifetime();
-        if lifetime < required {
-            return Err(self.too_short(lifetime, required));
-        }
-        access.record_hit();
-        Ok(Lease {
-            token: access,
-            status: CacheStatus::Miss,
-            at: self.clock().now(),
-        })
-    }
-
     fn count_idp_request<T>(
         &self,
         environment: &EnvironmentSettings,
@@ -483,23 +363,48 @@ impl UserTokens {
         );
     }
 
+    /// Sends `request` (a code exchange or a refresh) through the guards of `environment`'s IdP
+    /// client, charged first to the caller's `idp_requests_per_minute` (refunded when the
+    /// guards send nothing), so that one caller's loop spends only its own budget.
+    async fn ask_idp<T>(
+        &self,
+        environment: &EnvironmentSettings,
+        budget: &IdpBudget,
+        request: impl Future<Output = Result<T, IdpError>>,
+    ) -> Result<Result<T, IdpError>, UserError> {
+        if let Err(retry_after) = budget.spend(self.clock().instant()) {
+            budget.record_refused_budget();
+            tracing::warn!(
+                caller = budget.caller(),
+                tenant = %environment.tenant,
+                environment = %environment.environment,
+                "caller over its idp_requests_per_minute; not asking the IdP for a user token"
+            );
+            return Err(UserError::Token(BrokerError::CallerOverBudget {
+                retry_after,
+            }));
+        }
+        match self
+            .inner
+            .broker
+            .guard_user_request(environment, request)
+            .await
+        {
+            Ok(answer) => {
+                budget.record_idp_request();
+                Ok(answer)
+            }
+            Err(refused) => {
+                budget.refund();
+                Err(refused.into())
+            }
+        }
+    }
+
     /// Sessions held in memory, and those whose tokens are still to be written to the shared
     /// level (for `/metrics`).
     pub fn session_counts(&self) -> (u64, usize) {
         self.inner.sessions.counts()
-    }
-
-    /// Why tokens of `lifetime` cannot serve a request for `required`.
-    fn too_short(&self, lifetime: Duration, required: Duration) -> UserError {
-        let min_remaining = self.inner.min_remaining;
-        UserError::Token(if lifetime < min_remaining {
-            BrokerError::LifetimeBelowMinimum {
-                lifetime,
-                min_remaining,
-            }
-        } else {
-            BrokerError::MinTtlTooLong { required, lifetime }
-        })
     }
 
     /// Forgets the session of `handle` if `owner` created it, here and in the shared level;
@@ -536,26 +441,6 @@ impl UserTokens {
             Err(error) => error,
         }
     }
-}
-
-/// A lease on the access token of `grant` when it serves a request for `required` validity
-/// that started at `started` ([`CachedToken::serves`](crate::token::CachedToken::serves)); a hit, since this request did not ask
-/// the IdP (a refresh it waited for counts as another's).
-fn servable(
-    grant: &Grant,
-    required: Duration,
-    started: SystemTime,
-    now: SystemTime,
-) -> Option<Lease> {
-    let access = &grant.access;
-    access.serves(now, required, started).then(|| {
-        access.record_hit();
-        Lease {
-            token: Arc::clone(access),
-            status: CacheStatus::Hit,
-            at: now,
-        }
-    })
 }
 
 fn user_login(environment: &EnvironmentSettings) -> Result<&UserLoginSettings, UserError> {

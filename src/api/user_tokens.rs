@@ -197,7 +197,10 @@ pub async fn create_session(
         .redeem(&caller.name, &tenant, &environment, &oauth_state)
         .await?;
     let settings = token_request::authorise_key(&state, &caller, &pending.key)?;
-    let handle = state.user_tokens.exchange(pending, settings, code).await?;
+    let handle = state
+        .user_tokens
+        .exchange(pending, settings, code, &caller.idp_budget)
+        .await?;
     let body = HandleBody { handle: &handle };
     Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
 }
@@ -239,7 +242,7 @@ pub async fn get_user_token(
     let settings = token_request::authorise_key(&state, &caller, session.key())?;
     let lease = state
         .user_tokens
-        .token(&session, &settings, min_ttl)
+        .token(&session, &settings, min_ttl, &caller.idp_budget)
         .await?;
     Ok(response::token(&lease))
 }

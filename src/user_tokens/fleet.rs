@@ -20,10 +20,12 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
+use super::refresh::servable;
 use super::shared::{SessionLookup, SessionRecord, SessionWrite, SharedSessions};
 use super::store::{Grant, Session};
-use super::{Inner, SHARED_RETRY_AFTER, UserError, UserTokens, servable};
+use super::{Inner, SHARED_RETRY_AFTER, UserError, UserTokens};
 use crate::idp::EnvironmentSettings;
+use crate::limits::IdpBudget;
 use crate::token::{HandleId, Lease, LockToken, SharedCacheError};
 
 /// How often a replica waiting for another one's refresh looks again.
@@ -120,6 +122,7 @@ impl UserTokens {
         environment: &EnvironmentSettings,
         required: Duration,
         started: SystemTime,
+        budget: &IdpBudget,
     ) -> Result<Lease, UserError> {
         let mut grant = session.grant().await;
         if session.is_forgotten() {
@@ -130,7 +133,7 @@ impl UserTokens {
         }
         let Some(shared) = self.shared().cloned() else {
             return self
-                .refresh_with_idp(session, &mut grant, environment, required)
+                .refresh_with_idp(session, &mut grant, environment, required, budget)
                 .await;
         };
         let id = session.id();
@@ -143,7 +146,7 @@ impl UserTokens {
                 Err(error) if !peer_refreshing => {
                     tracing::debug!(%error, "shared cache unreachable; refreshing a user token from memory");
                     return self
-                        .refresh_and_save(session, &mut grant, environment, required, None)
+                        .refresh_and_save(session, &mut grant, environment, required, None, budget)
                         .await;
                 }
                 Err(_) => None,
@@ -176,7 +179,14 @@ impl UserTokens {
             }
             if let Some(lock) = lock {
                 return self
-                    .refresh_and_save(session, &mut grant, environment, required, Some(lock))
+                    .refresh_and_save(
+                        session,
+                        &mut grant,
+                        environment,
+                        required,
+                        Some(lock),
+                        budget,
+                    )
                     .await;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -202,10 +212,11 @@ impl UserTokens {
         environment: &EnvironmentSettings,
         required: Duration,
         lock: Option<LockToken>,
+        budget: &IdpBudget,
     ) -> Result<Lease, UserError> {
         let before = grant.generation;
         let result = self
-            .refresh_with_idp(session, grant, environment, required)
+            .refresh_with_idp(session, grant, environment, required, budget)
             .await;
         if grant.generation > before && !session.is_forgotten() {
             if !self.save(session, grant, lock).await {

@@ -49,6 +49,7 @@ mod shared_sessions;
 mod single_flight;
 mod tls;
 mod upstream_errors;
+mod user_budget;
 mod user_login;
 mod user_refresh;
 mod user_round_trip;

@@ -191,8 +191,9 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         .up_to_n_times(1)
         .mount(&app.idp)
         .await;
+    app.clock.advance(std::time::Duration::from_secs(200));
     let longer = app
-        .user_token(&format!("{handle}?min_ttl=3600"), BILLING_KEY)
+        .user_token(&format!("{handle}?min_ttl=3500"), BILLING_KEY)
         .await;
     assert_eq!(
         (longer.status, longer.token()),
@@ -215,8 +216,9 @@ async fn authorization_code_round_trip_with_refresh_rotation_and_revoked_consent
         })))
         .mount(&app.idp)
         .await;
+    app.clock.advance(std::time::Duration::from_secs(200));
     let revoked = app
-        .user_token(&format!("{handle}?min_ttl=3600"), BILLING_KEY)
+        .user_token(&format!("{handle}?min_ttl=3500"), BILLING_KEY)
         .await;
     assert_eq!(revoked.status, 401, "{}", revoked.body);
     assert_eq!(
