@@ -51,7 +51,7 @@ use flight::Flights;
 
 pub use cache::Forgot;
 pub use error::BrokerError;
-pub use failure::idp_outcome;
+pub use failure::{IdpPermit, idp_outcome};
 pub use settings::CacheSettings;
 pub use shared::SharedCache;
 pub use upstream::Upstream;

@@ -28,7 +28,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::{Broker, BrokerError, idp_outcome};
+use crate::broker::{Broker, BrokerError, IdpPermit, idp_outcome};
 use crate::clock::Clock;
 use crate::idp::{EnvironmentSettings, IdpClient, IdpError, UserLoginSettings};
 use crate::limits::IdpBudget;
@@ -42,6 +42,13 @@ pub use store::Session;
 
 use pending::PendingAuthorizations;
 use store::{Grant, SessionStore};
+
+/// Who an IdP request of a user token goes out for: the asking caller's budget, and the IdP
+/// client's permit when the request took it before a session's lock.
+struct Asking<'a> {
+    budget: &'a IdpBudget,
+    permit: Option<IdpPermit>,
+}
 
 /// How long a caller is told to wait when the shared level cannot answer for a session.
 const SHARED_RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -302,7 +309,11 @@ impl UserTokens {
             &pending.redirect_uri,
             pending.expose_code_verifier(),
         );
-        let answer = self.ask_idp(environment, budget, exchange).await?;
+        let asking = Asking {
+            budget,
+            permit: None,
+        };
+        let answer = self.ask_idp(environment, asking, exchange).await?;
         self.count_idp_request(environment, "authorization_code", &answer);
         let grant = answer.map_err(|error| match error {
             IdpError::Rejected { ref code, .. } => UserError::CodeRejected {
@@ -364,12 +375,13 @@ impl UserTokens {
     }
 
     /// Sends `request` (a code exchange or a refresh) through the guards of `environment`'s IdP
-    /// client, charged first to the caller's `idp_requests_per_minute` (refunded when the
-    /// guards send nothing), so that one caller's loop spends only its own budget.
+    /// client (with the permit `Asking` holds, if any), charged first to the caller's
+    /// `idp_requests_per_minute` (refunded when the guards send nothing), so that one caller's
+    /// loop spends only its own budget.
     async fn ask_idp<T>(
         &self,
         environment: &EnvironmentSettings,
-        budget: &IdpBudget,
+        Asking { budget, permit }: Asking<'_>,
         request: impl Future<Output = Result<T, IdpError>>,
     ) -> Result<Result<T, IdpError>, UserError> {
         if let Err(retry_after) = budget.spend(self.clock().instant()) {
@@ -387,7 +399,7 @@ impl UserTokens {
         match self
             .inner
             .broker
-            .guard_user_request(environment, request)
+            .guard_user_request(environment, permit, request)
             .await
         {
             Ok(answer) => {

@@ -46,6 +46,12 @@ pub(super) enum Remembered {
     },
 }
 
+/// A place among the requests an IdP client may have under way at once
+/// (`max_concurrent_fetches`); given back when dropped.
+pub struct IdpPermit {
+    _held: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// The `outcome` label of one IdP answer.
 pub fn idp_outcome<T>(answer: &Result<T, IdpError>) -> IdpOutcome {
     match answer {
@@ -82,14 +88,26 @@ impl Broker {
         self.upstream(environment).unblock();
     }
 
+    /// One of the `max_concurrent_fetches` requests `environment`'s IdP client may have under
+    /// way, for a user-token refresh to hold before it takes its cross-replica lock: the wait
+    /// for a permit then never eats into the lock's time to live.
+    pub async fn idp_permit(&self, environment: &EnvironmentSettings) -> IdpPermit {
+        let permits = Arc::clone(&self.upstream(environment).permits);
+        IdpPermit {
+            _held: permits.acquire_owned().await.expect("never closed"),
+        }
+    }
+
     /// Sends `request`, one request of a user token (a code exchange or a refresh), through the
     /// guards of `environment`'s IdP client: not while a 429 pauses the client (the outer
-    /// `Err`), at most `max_concurrent_fetches` at once, and a 429 answer pauses the client for
-    /// every key, machine tokens included. `max_fetches_per_hour` is not charged: it guards
-    /// machine-token quotas, which user grants do not draw on.
+    /// `Err`), at most `max_concurrent_fetches` at once (`permit`, when one is held already),
+    /// and a 429 answer pauses the client for every key, machine tokens included.
+    /// `max_fetches_per_hour` is not charged: it guards machine-token quotas, which user grants
+    /// do not draw on.
     pub async fn guard_user_request<T>(
         &self,
         environment: &EnvironmentSettings,
+        permit: Option<IdpPermit>,
         request: impl Future<Output = Result<T, IdpError>>,
     ) -> Result<Result<T, IdpError>, BrokerError> {
         let upstream = self.upstream(environment);
@@ -97,7 +115,10 @@ impl Broker {
             return Err(BrokerError::RateLimited { retry_after });
         }
         let answer = {
-            let _permit = upstream.permits.acquire().await.expect("never closed");
+            let _permit = match permit {
+                Some(permit) => permit,
+                None => self.idp_permit(environment).await,
+            };
             request.await
         };
         if let Err(IdpError::RateLimited { retry_after }) = &answer {

@@ -7,7 +7,7 @@
 //! mutexes held for a few instructions, never across an await.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -21,7 +21,7 @@ const QUOTA_WINDOW: Duration = Duration::from_secs(3600);
 /// State of one (token URL, client id).
 pub struct Upstream {
     /// Bounds concurrent requests.
-    pub permits: Semaphore,
+    pub permits: Arc<Semaphore>,
     blocked_until: Mutex<Option<Instant>>,
     recent_fetches: Mutex<VecDeque<Instant>>,
     rate_limit: Mutex<RateLimitHeaders>,
@@ -31,7 +31,7 @@ impl Upstream {
     /// State for a client that allows `max_concurrent` requests in flight.
     pub fn new(max_concurrent: usize) -> Self {
         Self {
-            permits: Semaphore::new(max_concurrent),
+            permits: Arc::new(Semaphore::new(max_concurrent)),
             blocked_until: Mutex::new(None),
             recent_fetches: Mutex::new(VecDeque::new()),
             rate_limit: Mutex::new(RateLimitHeaders::default()),

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use super::refresh::servable;
 use super::shared::{SessionLookup, SessionRecord, SessionWrite, SharedSessions};
 use super::store::{Grant, Session};
-use super::{Inner, SHARED_RETRY_AFTER, UserError, UserTokens};
+use super::{Asking, Inner, SHARED_RETRY_AFTER, UserError, UserTokens};
 use crate::idp::EnvironmentSettings;
 use crate::limits::IdpBudget;
 use crate::token::{HandleId, Lease, LockToken, SharedCacheError};
@@ -133,20 +133,45 @@ impl UserTokens {
         }
         let Some(shared) = self.shared().cloned() else {
             return self
-                .refresh_with_idp(session, &mut grant, environment, required, budget)
+                .refresh_with_idp(
+                    session,
+                    &mut grant,
+                    environment,
+                    required,
+                    Asking {
+                        budget,
+                        permit: None,
+                    },
+                )
                 .await;
         };
         let id = session.id();
-        let deadline = tokio::time::Instant::now() + shared.wait_for_peer();
+        // How long to wait for another replica's refresh counts from when it is first seen, not
+        // from this request's wait for a permit of the IdP client.
+        let mut deadline = None;
         // Once another replica is seen refreshing, this one never refreshes without the lock.
         let mut peer_refreshing = false;
         loop {
+            // The IdP client's permit first, the lock second: a wait for a permit (machine-token
+            // misses may hold them all) must not eat into the lock's time to live, or another
+            // replica could take the lapsed lock and send the same refresh token.
+            let permit = self.inner.broker.idp_permit(environment).await;
             let lock = match shared.lock_session(&id).await {
                 Ok(lock) => lock,
                 Err(error) if !peer_refreshing => {
                     tracing::debug!(%error, "shared cache unreachable; refreshing a user token from memory");
                     return self
-                        .refresh_and_save(session, &mut grant, environment, required, None, budget)
+                        .refresh_and_save(
+                            session,
+                            &mut grant,
+                            environment,
+                            required,
+                            None,
+                            Asking {
+                                budget,
+                                permit: Some(permit),
+                            },
+                        )
                         .await;
                 }
                 Err(_) => None,
@@ -185,11 +210,15 @@ impl UserTokens {
                         environment,
                         required,
                         Some(lock),
-                        budget,
+                        Asking {
+                            budget,
+                            permit: Some(permit),
+                        },
                     )
                     .await;
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= *deadline.get_or_insert_with(|| now + shared.wait_for_peer()) {
                 tracing::warn!(
                     tenant = %session.key().tenant,
                     environment = %session.key().environment,
@@ -199,6 +228,7 @@ impl UserTokens {
                     retry_after: SHARED_RETRY_AFTER,
                 });
             }
+            drop(permit);
             tokio::time::sleep(PEER_POLL_INTERVAL).await;
         }
     }
@@ -212,11 +242,11 @@ impl UserTokens {
         environment: &EnvironmentSettings,
         required: Duration,
         lock: Option<LockToken>,
-        budget: &IdpBudget,
+        asking: Asking<'_>,
     ) -> Result<Lease, UserError> {
         let before = grant.generation;
         let result = self
-            .refresh_with_idp(session, grant, environment, required, budget)
+            .refresh_with_idp(session, grant, environment, required, asking)
             .await;
         if grant.generation > before && !session.is_forgotten() {
             if !self.save(session, grant, lock).await {

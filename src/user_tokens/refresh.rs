@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::store::{Grant, Session};
-use super::{UserError, UserTokens};
+use super::{Asking, UserError, UserTokens};
 use crate::broker::BrokerError;
 use crate::idp::{EnvironmentSettings, IdpError};
 use crate::limits::IdpBudget;
@@ -62,7 +62,7 @@ impl UserTokens {
         grant: &mut Grant,
         environment: &EnvironmentSettings,
         required: Duration,
-        budget: &IdpBudget,
+        asking: Asking<'_>,
     ) -> Result<Lease, UserError> {
         let Some(refresh_token) = &grant.refresh_token else {
             return Err(self.reauthorize(session, environment).await);
@@ -90,7 +90,7 @@ impl UserTokens {
             }));
         }
         let refresh = self.inner.idp.refresh(environment, refresh_token);
-        let answer = self.ask_idp(environment, budget, refresh).await?;
+        let answer = self.ask_idp(environment, asking, refresh).await?;
         self.count_idp_request(environment, "refresh_token", &answer);
         let fresh = match answer {
             Ok(fresh) => {

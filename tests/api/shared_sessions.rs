@@ -346,3 +346,118 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
     let quiet_on_b = b.user_token(&quiet, BILLING_KEY).await;
     assert_eq!(quiet_on_b.status, 200, "{}", quiet_on_b.body);
 }
+
+/// Replicas whose acme environments answer within 3 s, one IdP request at a time, with locks
+/// that outlive such a fetch by little (3.5 s against 3 s plus two 200 ms Redis calls).
+const ONE_AT_A_TIME: &str = r#"
+    [shared_cache]
+    lock_ttl = "3500ms"
+    wait_for_peer = "4s"
+
+    [tenants.acme.environments.production]
+    timeout = "3s"
+    max_concurrent_fetches = 1
+
+    [tenants.acme.environments.staging]
+    timeout = "3s"
+
+    [tenants.globex.environments.production]
+    timeout = "3s"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_waits_for_the_idp_clients_permit_never_outlives_its_lock() {
+    let redis = RedisServer::start().await;
+    let fleet = TestApp::init()
+        .with_users()
+        .with_redis(&redis)
+        .with_config(ONE_AT_A_TIME)
+        .start_fleet(2)
+        .await;
+    let (a, b) = (&fleet[0], &fleet[1]);
+    let idp = &a.idp;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::body_string_contains(
+            "grant_type=authorization_code",
+        ))
+        .respond_with(user_token_body("user-1", 100, Some("rt-1")))
+        .mount(idp)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::body_string_contains(
+            "grant_type=refresh_token",
+        ))
+        .respond_with(
+            user_token_body("user-2", 3600, Some("rt-2")).set_delay(Duration::from_secs(2)),
+        )
+        .mount(idp)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::body_string_contains(
+            "client_credentials",
+        ))
+        .respond_with(TokenIssuer::new(3600).with_delay(Duration::from_secs(2)))
+        .mount(idp)
+        .await;
+    let started = a.authorize("acme/production", BILLING_KEY, json!({})).await;
+    let state = started.body["state"].as_str().unwrap();
+    let created = a
+        .create_session("acme/production", BILLING_KEY, "code", state)
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let handle = created.body["handle"].as_str().unwrap().to_owned();
+    // user-1 now has 40 s left, under cache.min_remaining: the next request refreshes.
+    a.clock.advance(Duration::from_secs(60));
+
+    // Two machine-token misses on A hold its one permit for about 4 s, one after the other.
+    let misses: Vec<_> = ["scope=one", "scope=two"]
+        .into_iter()
+        .map(|scope| {
+            let (url, http) = (a.url.clone(), a.http.clone());
+            tokio::spawn(async move {
+                http.get(format!("{url}/v1/tokens/acme/production?{scope}"))
+                    .bearer_auth(BILLING_KEY)
+                    .send()
+                    .await
+                    .map(|answer| answer.status().as_u16())
+            })
+        })
+        .collect();
+    eventually("a machine-token fetch reaches the IdP", async || {
+        !idp.received_requests().await.unwrap_or_default().is_empty()
+    })
+    .await;
+    // A's refresh waits for the permit; B asks 3 s later, after a lock A took at once would
+    // have lapsed (3.5 s) and before A could send.
+    let on_a = {
+        let (url, http, handle) = (a.url.clone(), a.http.clone(), handle.clone());
+        tokio::spawn(async move {
+            let response = http
+                .get(format!("{url}/v1/users/handles/{handle}"))
+                .bearer_auth(BILLING_KEY)
+                .send()
+                .await
+                .expect("request");
+            answer(response).await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on_b = b.user_token(&handle, BILLING_KEY).await;
+    let on_a = on_a.await.expect("A's request");
+    for (replica, answer) in [("A", &on_a), ("B", &on_b)] {
+        assert_eq!(
+            (answer.status, answer.token()),
+            (200, "user-2"),
+            "{replica}: {}",
+            answer.body
+        );
+    }
+    for miss in misses {
+        assert_eq!(miss.await.expect("task").expect("request"), 200);
+    }
+    assert_eq!(
+        idp_requests(idp).await.grant("refresh_token").len(),
+        1,
+        "rt-1 was sent once: an IdP that rotates refresh tokens keeps the grant"
+    );
+}
