@@ -314,7 +314,7 @@ impl CallerRegistry {
                         .map(move |rule| (rule.clone(), Arc::clone(caller)))
                 })
                 .collect();
-            let verifier = Arc::new(workload::WorkloadVerifier::new(
+            Arc::new(workload::WorkloadVerifier::new(
                 workload,
                 |issuer| {
                     workload::issuer_keys(
@@ -322,14 +322,13 @@ impl CallerRegistry {
                         previous.and_then(|registry| registry.workload.as_deref()),
                         metrics,
                         clock,
+                        workload.jwks_refresh_interval,
                     )
                 },
                 &rules,
                 metrics,
                 clock,
-            ));
-            workload::refresh_in_background(&verifier, workload.jwks_refresh_interval);
-            verifier
+            ))
         });
         Self {
             by_hash,

@@ -295,12 +295,19 @@ pub(super) struct IssuerKeys {
     fetches: [metrics::Counter; 2],
     /// What the on-demand refetch interval is measured with.
     clock: Clock,
+    /// How often the background refresher fetches the keys (a reload may change it).
+    refresh_period: Mutex<Duration>,
 }
 
 impl IssuerKeys {
     /// Prepares the issuer's HTTP client (its `ca_file` as the only root, when set); fetches
     /// nothing yet.
-    pub(super) fn new(settings: IssuerSettings, metrics: &Metrics, clock: Clock) -> Self {
+    pub(super) fn new(
+        settings: IssuerSettings,
+        metrics: &Metrics,
+        clock: Clock,
+        refresh_period: Duration,
+    ) -> Self {
         let http = Self::client(&settings)
             .map_err(|error| {
                 // `config` read the CA already, so this is not expected; the fetches then fail
@@ -319,6 +326,7 @@ impl IssuerKeys {
             fetching: Arc::new(tokio::sync::Mutex::new(())),
             file_stamp: Mutex::new(None),
             clock,
+            refresh_period: Mutex::new(refresh_period),
         }
     }
 
@@ -357,6 +365,22 @@ impl IssuerKeys {
 
     fn lock_attempts(&self) -> std::sync::MutexGuard<'_, Attempts> {
         self.attempts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How often the background refresher fetches the keys.
+    pub(super) fn refresh_period(&self) -> Duration {
+        *self
+            .refresh_period
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets how often the background refresher fetches the keys (from its next round on).
+    pub(super) fn set_refresh_period(&self, period: Duration) {
+        *self
+            .refresh_period
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = period;
     }
 
     /// Fetches the keys, unless [`Refetch::OnDemand`] finds that another attempt answers it

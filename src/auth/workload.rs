@@ -459,54 +459,60 @@ fn verify_signature(
 }
 
 /// The keys of `issuer`: those of the registry before the reload when its settings are the same
-/// (so a reload neither forgets nor refetches them), else new ones.
+/// (so a reload neither forgets nor refetches them, and their one refresher goes on), else new
+/// ones with a refresher of their own. URLs are fetched every [`JWKS_BACKGROUND_REFRESH`], files
+/// every `file_period` (`jwks_refresh_interval`).
 pub(super) fn issuer_keys(
     issuer: &IssuerSettings,
     previous: Option<&WorkloadVerifier>,
     metrics: &Metrics,
     clock: &Clock,
+    file_period: Duration,
 ) -> Arc<IssuerKeys> {
+    let period = match issuer.keys {
+        KeySource::File(_) => file_period,
+        KeySource::Uri(_) | KeySource::Discovery => JWKS_BACKGROUND_REFRESH,
+    };
     let kept = previous.and_then(|workload| {
         workload
             .keys()
             .find(|keys| keys.settings() == issuer)
             .cloned()
     });
-    kept.unwrap_or_else(|| Arc::new(IssuerKeys::new(issuer.clone(), metrics, clock.clone())))
+    if let Some(keys) = kept {
+        keys.set_refresh_period(period);
+        return keys;
+    }
+    let keys = Arc::new(IssuerKeys::new(
+        issuer.clone(),
+        metrics,
+        clock.clone(),
+        period,
+    ));
+    refresh_in_background(&keys, clock.clone());
+    keys
 }
 
-/// Fetches every issuer's keys now (unless kept from before a reload) and then on a period
-/// ([`JWKS_BACKGROUND_REFRESH`] for URLs,
-/// `jwks_refresh_interval` for files), for as long as the verifier is in use. Without a runtime
-/// (unit tests) nothing is started and keys are fetched on first use.
-pub(super) fn refresh_in_background(verifier: &Arc<WorkloadVerifier>, file_period: Duration) {
+/// Fetches `keys` now and then every refresh period, for as long as a verifier holds them: one
+/// refresher per issuer's keys, which lives across the reloads that keep them (a refresher per
+/// registry, restarted by each reload, never reached its first period under frequent reloads).
+/// Without a runtime (unit tests) nothing is started and keys are fetched on first use.
+fn refresh_in_background(keys: &Arc<IssuerKeys>, clock: Clock) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    for keys in verifier.keys() {
-        let period = match keys.settings().keys {
-            KeySource::File(_) => file_period,
-            KeySource::Uri(_) | KeySource::Discovery => JWKS_BACKGROUND_REFRESH,
-        };
-        let owner = Arc::downgrade(verifier);
-        let keys = Arc::downgrade(keys);
-        let clock = verifier.clock.clone();
-        runtime.spawn(async move {
-            let mut first = true;
-            loop {
-                {
-                    let (Some(_owner), Some(keys)) = (owner.upgrade(), keys.upgrade()) else {
-                        break;
-                    };
-                    // Keys kept over a reload are not fetched again at once. A failure is logged
-                    // there, and the last good keys stay.
-                    if !(first && keys.current().is_some()) {
-                        let _ = keys.refetch(Refetch::Background).await;
-                    }
-                }
-                first = false;
-                clock.sleep(period).await;
-            }
-        });
-    }
+    let keys = Arc::downgrade(keys);
+    runtime.spawn(async move {
+        loop {
+            let period = {
+                let Some(keys) = keys.upgrade() else {
+                    break;
+                };
+                // A failure is logged there, and the last good keys stay.
+                let _ = keys.refetch(Refetch::Background).await;
+                keys.refresh_period()
+            };
+            clock.sleep(period).await;
+        }
+    });
 }

@@ -822,3 +822,79 @@ async fn keys_over_https_are_trusted_through_ca_file_and_a_wrong_ca_is_a_503() {
     assert_eq!(doubting.billing("acme/production").await.status, 200);
     assert_eq!(doubting.idp_requests().await.to("acme").len(), 1);
 }
+
+#[tokio::test]
+async fn frequent_reloads_do_not_stop_the_background_refresh_of_an_issuers_keys() {
+    let signer = Signer::rsa("k1", Algorithm::RS256);
+    let other = Signer::rsa("k2", Algorithm::RS256);
+    let issuer = TestIssuer::start(&[&signer]).await;
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    let config = format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        [auth]
+        admin_key_sha256 = "{admin}"
+        [auth.workload]
+        audience = "{AUDIENCE}"
+        jwks_refresh_interval = "1h"
+        [[auth.workload.issuers]]
+        issuer = "{issuer}"
+        [callers.pods]
+        workload = [{{ issuer = "{issuer}", subject = "system:serviceaccount:billing:*" }}]
+        allow = ["acme/production"]
+        [tenants.acme.environments.production]
+        token_url = "{idp}/acme/oauth/token"
+        client_id = "acme-production-id"
+        client_secret = "{ACME_PRODUCTION_SECRET}"
+        audience = "{ACME_AUDIENCE}"
+        "#,
+        admin = token_broker::auth::KeyHash::of(ADMIN_KEY).to_hex(),
+        issuer = issuer.uri(),
+        idp = idp.uri(),
+    );
+    std::fs::write(&file, &config).unwrap();
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let reload = async || {
+        let reloaded = app
+            .http
+            .post(format!("{}/v1/admin/reload", app.url))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reloaded.status(), 200);
+    };
+    // The issuer's settings change once (its keys by URL rather than by discovery): the keys the
+    // broker started with are no longer the ones in use.
+    let by_url = config.replace(
+        &format!("issuer = \"{}\"\n", issuer.uri()),
+        &format!(
+            "issuer = \"{0}\"\n        jwks_uri = \"{0}/keys\"\n",
+            issuer.uri()
+        ),
+    );
+    assert_ne!(by_url, config);
+    std::fs::write(&file, &by_url).unwrap();
+    reload().await;
+    let by_k1 = signer.sign(&issuer.claims(POD));
+    assert_eq!(
+        app.get_token("acme/production", Some(&by_k1)).await.status,
+        200
+    );
+
+    // The issuer withdraws k1 while the configuration is reloaded every minute: within one
+    // background period (5 min) the broker must have fetched the keys again.
+    issuer.publish(&[&other]);
+    for _ in 0..6 {
+        reload().await;
+        app.clock.advance(std::time::Duration::from_secs(60));
+    }
+    eventually("the token of the withdrawn key is refused", async || {
+        app.get_token("acme/production", Some(&by_k1)).await.status == 401
+    })
+    .await;
+}
