@@ -48,6 +48,7 @@ use crate::telemetry::metrics::Metrics;
 use cache::TokenExpiry;
 use failure::Remembered;
 use flight::Flights;
+use replicas::SharedIndex;
 
 pub use cache::Forgot;
 pub use error::BrokerError;
@@ -81,6 +82,9 @@ pub struct Broker {
 
 struct Inner {
     tokens: Cache<TokenKey, Arc<CachedToken>, KeyHasher>,
+    /// The cached keys by shared key, so that another replica's announcement finds its entry
+    /// without a scan of the cache.
+    by_shared_key: Arc<SharedIndex>,
     /// What the IdP answered recently per key that is not worth asking again: a rejection, or a
     /// token too short to serve. Forgotten after `cache.negative_ttl`.
     rejections: Cache<TokenKey, (Remembered, Instant), KeyHasher>,
@@ -135,11 +139,19 @@ impl Broker {
         wait_for_peer: Duration,
         clock: Clock,
     ) -> Self {
+        let by_shared_key = Arc::new(SharedIndex::default());
+        let index = Arc::clone(&by_shared_key);
         let tokens = Cache::builder()
             .max_capacity(settings.max_entries)
             .expire_after(TokenExpiry {
                 min_remaining: settings.min_remaining,
                 clock: clock.clone(),
+            })
+            .eviction_listener(move |key, token: Arc<CachedToken>, cause| {
+                // A replaced entry keeps its key, and so its shared key.
+                if cause != moka::notification::RemovalCause::Replaced {
+                    index.remove(&token, &key);
+                }
             })
             .support_invalidation_closures()
             .build_with_hasher(KeyHasher::default());
@@ -151,6 +163,7 @@ impl Broker {
         Self {
             inner: Arc::new(Inner {
                 tokens,
+                by_shared_key,
                 rejections,
                 flights: Flights::default(),
                 generations: Mutex::new(HashMap::new()),

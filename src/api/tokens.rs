@@ -6,6 +6,7 @@
 //! handed out is logged once on the `audit` target: caller, tenant, environment, audience, scope,
 //! hit or miss, and never the token.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -248,8 +249,14 @@ pub async fn delete_token(
     let only = forget_body(&body)?.map(|ForgetBody { access_token }| access_token);
     let forgot = state
         .broker
-        .forget(&request.environment, &request.key, only.as_deref())
-        .await;
+        .forget(
+            &request.environment,
+            &request.key,
+            only.as_deref(),
+            &caller.idp_budget,
+        )
+        .await
+        .map_err(|error| ApiError::Broker(Arc::new(error)))?;
     audit::forgotten(&caller, &request.key, only.is_some(), forgot);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -21,6 +21,7 @@ use super::{
 use crate::clock::Clock;
 use crate::idp::EnvironmentSettings;
 use crate::limits::IdpBudget;
+use crate::token::SharedEntry;
 
 /// What a `DELETE` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,13 +210,17 @@ impl Broker {
 
     /// Forgets the cached token of `key` (only if it is still `only`, for a compare-and-delete),
     /// on every replica; within `cache.min_refetch_interval` of the key's last fetch it marks the
-    /// entry instead (see [`Forgot::Marked`]).
+    /// entry instead (see [`Forgot::Marked`]). The shared level is written (a tombstone, and an
+    /// announcement every replica reads) only for a token this replica or the level holds, and
+    /// that write is charged to `budget`: a loop of `DELETE`s of made-up keys writes nothing,
+    /// and one of real keys is bounded by the caller's `idp_requests_per_minute`.
     pub async fn forget(
         &self,
         environment: &EnvironmentSettings,
         key: &TokenKey,
         only: Option<&str>,
-    ) -> Forgot {
+        budget: &IdpBudget,
+    ) -> Result<Forgot, BrokerError> {
         let current = self.inner.tokens.get(key).await;
         let matches = |token: &CachedToken| only.is_none_or(|only| token.is(only));
         if let Some(token) = &current
@@ -226,26 +231,37 @@ impl Broker {
             )
         {
             token.request_refetch();
-            return Forgot::Marked;
+            return Ok(Forgot::Marked);
         }
         if let Some(shared) = &self.inner.shared {
             // The shared level first: a miss here in between must not find the old token there.
             let digest = only.map(TokenDigest::of);
-            let _ = shared
-                .delete(&SharedKey::new(environment, key), digest)
-                .await;
+            let shared_key = SharedKey::new(environment, key);
+            let held_here = current.as_deref().is_some_and(matches);
+            let held_there = !held_here
+                && matches!(
+                    shared.entries(std::slice::from_ref(&shared_key)).await.as_deref(),
+                    Ok([SharedEntry::Stored(stored)]) if digest.is_none_or(|only| only == *stored)
+                );
+            if held_here || held_there {
+                if let Err(retry_after) = budget.spend(self.inner.clock.instant()) {
+                    budget.record_refused_budget();
+                    return Err(BrokerError::CallerOverBudget { retry_after });
+                }
+                let _ = shared.delete(&shared_key, digest).await;
+            }
         }
         let Some(token) = current else {
-            return Forgot::NothingCached;
+            return Ok(Forgot::NothingCached);
         };
         if !matches(&token) {
-            return Forgot::NotMatched;
+            return Ok(Forgot::NotMatched);
         }
-        match self.remove_if(key, matches).await {
+        Ok(match self.remove_if(key, matches).await {
             true => Forgot::Forgotten,
             false if only.is_some() => Forgot::NotMatched,
             false => Forgot::NothingCached,
-        }
+        })
     }
 
     /// Forgets everything learnt about the given environments, as after a reload that changed

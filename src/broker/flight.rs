@@ -344,9 +344,11 @@ impl Broker {
             })
             .await;
         let installed = match installed {
-            CompResult::Inserted(entry)
-            | CompResult::ReplacedWith(entry)
-            | CompResult::Unchanged(entry) => entry.into_value(),
+            CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => {
+                self.inner.by_shared_key.insert(key, entry.value());
+                entry.into_value()
+            }
+            CompResult::Unchanged(entry) => entry.into_value(),
             CompResult::StillNone(_) | CompResult::Removed(_) => Arc::clone(&token),
         };
         // A reload that bumped the generation after the check above invalidates entries after

@@ -2,15 +2,16 @@
 //! the shared level before the IdP, one replica per key takes the fetch lock, the others wait for
 //! its token, and every replica applies the others' announcements to its own cache.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use moka::ops::compute::Op;
+use moka::ops::compute::{CompResult, Op};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, SharedCache};
+use super::{Broker, BrokerError, KeyHasher, SharedCache, lock};
 use crate::idp::EnvironmentSettings;
 use crate::token::{
     CachedToken, Invalidation, LockToken, SharedCacheError, SharedEntry, SharedKey, TokenDigest,
@@ -22,6 +23,36 @@ const RESYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// How often a replica looks for the token another replica is fetching.
 const PEER_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The cached keys by their shared key (only tokens that have one, with a shared level): how an
+/// announcement, which names a token by its shared key alone, finds the entry it is about.
+/// Entries are added when a token is installed and removed when moka drops it.
+#[derive(Default)]
+pub(super) struct SharedIndex(Mutex<HashMap<SharedKey, TokenKey, KeyHasher>>);
+
+impl SharedIndex {
+    /// Indexes `key`, whose cached token is `token`.
+    pub(super) fn insert(&self, key: &TokenKey, token: &CachedToken) {
+        if let Some(shared_key) = token.shared_key() {
+            lock(&self.0).insert(*shared_key, key.clone());
+        }
+    }
+
+    /// Forgets `key`, whose token `token` left the cache (unless another key took its place).
+    pub(super) fn remove(&self, token: &CachedToken, key: &TokenKey) {
+        if let Some(shared_key) = token.shared_key() {
+            let mut index = lock(&self.0);
+            if index.get(shared_key) == Some(key) {
+                index.remove(shared_key);
+            }
+        }
+    }
+
+    /// The key cached under `shared_key`, if any.
+    pub(super) fn get(&self, shared_key: &SharedKey) -> Option<TokenKey> {
+        lock(&self.0).get(shared_key).cloned()
+    }
+}
 
 /// Which token from the shared level can serve a fetch.
 #[derive(Clone, Copy)]
@@ -226,8 +257,9 @@ impl Broker {
     }
 
     /// Applies one change another replica made: drop a forgotten token, or replace an older
-    /// token with the newer one from the shared level. Entries are found by their shared key, a
-    /// scan that only runs for announcements (about one per key per token lifetime).
+    /// token with the newer one from the shared level. The entry is found by its shared key in
+    /// [`SharedIndex`], whatever the size of the cache; an announcement of a key this replica
+    /// does not hold costs one look-up.
     pub(super) async fn apply(&self, event: Invalidation) {
         let (Invalidation::Stored {
             key: shared_key, ..
@@ -238,23 +270,17 @@ impl Broker {
         else {
             return self.resync().await;
         };
-        let keys: Vec<Arc<TokenKey>> = self
-            .inner
-            .tokens
-            .iter()
-            .filter(|(_, token)| token.shared_key() == Some(shared_key))
-            .map(|(key, _)| key)
-            .collect();
-        for key in keys {
-            match &event {
-                Invalidation::Deleted { token: only, .. } => {
-                    self.apply_delete(&key, *only).await;
-                }
-                Invalidation::Stored { token: digest, .. } => {
-                    self.replace_with_shared(&key, shared_key, digest).await;
-                }
-                Invalidation::Resubscribed => {}
+        let Some(key) = self.inner.by_shared_key.get(shared_key) else {
+            return;
+        };
+        match &event {
+            Invalidation::Deleted { token: only, .. } => {
+                self.apply_delete(&key, *only).await;
             }
+            Invalidation::Stored { token: digest, .. } => {
+                self.replace_with_shared(&key, shared_key, digest).await;
+            }
+            Invalidation::Resubscribed => {}
         }
     }
 
@@ -341,7 +367,8 @@ impl Broker {
         let Ok(Some(newer)) = self.load_shared(shared, shared_key, wanted).await else {
             return;
         };
-        self.inner
+        let replaced = self
+            .inner
             .tokens
             .entry_by_ref(key)
             .and_compute_with(|entry| async move {
@@ -356,5 +383,8 @@ impl Broker {
                 }
             })
             .await;
+        if let CompResult::ReplacedWith(entry) = replaced {
+            self.inner.by_shared_key.insert(key, entry.value());
+        }
     }
 }

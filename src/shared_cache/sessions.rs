@@ -255,23 +255,15 @@ impl Inner {
         })
     }
 
-    async fn delete_session(
-        &self,
-        id: &HandleId,
-        idle: Duration,
-        if_absent: bool,
-    ) -> Result<bool, SharedCacheError> {
+    async fn delete_session(&self, id: &HandleId, idle: Duration) -> Result<(), SharedCacheError> {
         let mut set = redis::cmd("SET");
         set.arg(self.session_key(id))
             .arg(TOMBSTONE)
             .arg("PX")
             .arg(ttl_millis(idle));
-        if if_absent {
-            set.arg("NX");
-        }
         let mut connection = self.connection()?;
-        let written: Option<String> = self.call(set.query_async(&mut connection)).await?;
-        Ok(written.is_some())
+        let _: Option<String> = self.call(set.query_async(&mut connection)).await?;
+        Ok(())
     }
 
     fn session_lock_key(&self, id: &HandleId) -> String {
@@ -349,13 +341,8 @@ impl SharedSessions for RedisCache {
         Box::pin(self.inner.store_session(id, record, idle))
     }
 
-    fn delete_session<'a>(
-        &'a self,
-        id: &'a HandleId,
-        idle: Duration,
-        if_absent: bool,
-    ) -> SharedFuture<'a, bool> {
-        Box::pin(self.inner.delete_session(id, idle, if_absent))
+    fn delete_session<'a>(&'a self, id: &'a HandleId, idle: Duration) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.delete_session(id, idle))
     }
 
     fn lock_session<'a>(&'a self, id: &'a HandleId) -> SharedFuture<'a, Option<LockToken>> {

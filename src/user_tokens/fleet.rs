@@ -33,8 +33,6 @@ const PEER_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// First and longest wait between two attempts to write a session that could not be written.
 /// Short: the other replicas read the older refresh token until the write lands.
 const WRITE_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
-/// How long the tombstone of a `DELETE` of a handle the shared level did not hold lives.
-const ABSENT_TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
 fn unavailable() -> UserError {
     UserError::SharedUnavailable {
@@ -410,7 +408,7 @@ impl UserTokens {
         if let Some(shared) = self.shared() {
             let id = session.id();
             shared
-                .delete_session(&id, self.inner.idle_timeout, false)
+                .delete_session(&id, self.inner.idle_timeout)
                 .await
                 .map_err(|error| {
                     tracing::warn!(%error, "a user session could not be deleted from the shared cache");
@@ -419,21 +417,6 @@ impl UserTokens {
         }
         self.inner.sessions.forget(session).await;
         Ok(())
-    }
-
-    /// Leaves a tombstone for a handle the shared level holds nothing for (not for another
-    /// caller's session), so that a replica's first write of it, still to land, cannot create
-    /// it after its owner deleted it. For an hour only: any caller can ask for these. `false`
-    /// when something was stored there meanwhile.
-    pub(super) async fn forget_absent(&self, id: &HandleId) -> Result<bool, UserError> {
-        let Some(shared) = self.shared() else {
-            return Ok(true);
-        };
-        let ttl = ABSENT_TOMBSTONE_TTL.min(self.inner.idle_timeout);
-        shared.delete_session(id, ttl, true).await.map_err(|error| {
-            tracing::warn!(%error, "a user session could not be deleted from the shared cache");
-            unavailable()
-        })
     }
 }
 

@@ -81,15 +81,8 @@ pub trait SharedSessions: Send + Sync {
         idle: Duration,
     ) -> SharedFuture<'a, SessionWrite>;
 
-    /// Deletes the session of `id`, leaving a tombstone for `ttl`; with `if_absent`, only
-    /// when nothing is stored under `id` (so that a write still to land cannot create it).
-    /// `false` when `if_absent` found something there.
-    fn delete_session<'a>(
-        &'a self,
-        id: &'a HandleId,
-        ttl: Duration,
-        if_absent: bool,
-    ) -> SharedFuture<'a, bool>;
+    /// Deletes the session of `id`, leaving a tombstone for `ttl` that no late write replaces.
+    fn delete_session<'a>(&'a self, id: &'a HandleId, ttl: Duration) -> SharedFuture<'a, ()>;
 
     /// Takes the refresh lock of `id` for at most `shared_cache.lock_ttl`; `None` when another
     /// replica holds it. Tried even while the level is marked down after a failure: a refresh

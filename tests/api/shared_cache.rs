@@ -179,7 +179,15 @@ async fn a_refresh_on_one_replica_replaces_the_token_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dying_under_load_fails_no_request_and_is_used_again_when_back() {
     let mut redis = RedisServer::start().await;
-    let fleet = Arc::new(TestApp::init().with_redis(&redis).start_fleet(3).await);
+    // Hundreds of DELETEs a second, each writing a tombstone: a budget to match, as this test
+    // is about Redis going away, not about the caller's limits.
+    let fleet = Arc::new(
+        TestApp::init()
+            .with_redis(&redis)
+            .with_config("[callers.billing]\nidp_requests_per_minute = 1000000\n")
+            .start_fleet(3)
+            .await,
+    );
     issue_tokens(
         &fleet[0].idp,
         "acme",
@@ -427,4 +435,64 @@ async fn after_redis_restarts_empty_replicas_keep_their_tokens_and_a_missed_dele
         fleet[1].billing("acme/production").await.token()
     );
     assert_eq!(fleet[0].idp_requests().await.to("acme").len(), 2);
+}
+
+#[tokio::test]
+async fn deletes_of_keys_and_handles_nobody_holds_write_nothing_to_redis_and_announce_nothing() {
+    let redis = RedisServer::start().await;
+    let fleet = TestApp::init()
+        .with_users()
+        .with_redis(&redis)
+        .start_fleet(2)
+        .await;
+    issue_tokens(&fleet[0].idp, "acme", TokenIssuer::new(3600)).await;
+    assert_eq!(fleet[0].billing("acme/production").await.status, 200);
+    let mut connection = redis.connection().await;
+    let keys_before: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    for round in 0..1000 {
+        let app = &fleet[round % 2];
+        let deleted = app
+            .forget(&format!("acme/production?scope=made-up-{round}"), None)
+            .await;
+        assert_eq!(deleted.status, 204, "{}", deleted.body);
+        if round % 10 == 0 {
+            let forgotten = app
+                .forget_user(&format!("uth_made-up-{round}"), BILLING_KEY)
+                .await;
+            assert_eq!(forgotten.status, 204, "{}", forgotten.body);
+        }
+    }
+
+    let keys_after: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(keys_after, keys_before, "no tombstone for what nobody held");
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        !stats.contains("cmdstat_publish:"),
+        "no announcement woke the replicas:\n{stats}"
+    );
+    // A real key's DELETE still reaches Redis and every replica.
+    assert_eq!(fleet[1].forget("acme/production", None).await.status, 204);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(stats.contains("cmdstat_publish:calls=1,"), "{stats}");
+    assert!(fleet[0].idp_requests().await.to("acme").len() <= 1);
 }
