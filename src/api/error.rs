@@ -55,6 +55,9 @@ pub enum ApiError {
     /// The caller may not name this organization.
     #[error("{0}")]
     ForbiddenOrganization(String),
+    /// No token is handed out for this audience (the broker's own).
+    #[error("{0}")]
+    ForbiddenAudience(String),
     /// An unknown path, or an allowed tenant / environment that is not configured.
     #[error("{0}")]
     NotFound(String),
@@ -106,6 +109,7 @@ impl From<AccessError> for ApiError {
             AccessError::OrganizationForbidden { .. } => {
                 Self::ForbiddenOrganization(error.to_string())
             }
+            AccessError::OwnAudience(_) => Self::ForbiddenAudience(error.to_string()),
             AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
         }
     }
@@ -196,9 +200,9 @@ impl ApiError {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::Forbidden { .. } | Self::ForbiddenOrganization(_) => {
-                (StatusCode::FORBIDDEN, "forbidden")
-            }
+            Self::Forbidden { .. }
+            | Self::ForbiddenOrganization(_)
+            | Self::ForbiddenAudience(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

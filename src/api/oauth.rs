@@ -71,6 +71,9 @@ pub enum OAuthError {
     /// A malformed scope, or one the IdP refused.
     #[error("{0}")]
     InvalidScope(String),
+    /// An audience no token is handed out for (RFC 8707's `invalid_target`).
+    #[error("{0}")]
+    InvalidTarget(String),
     /// Allowed, but no such tenant / environment is configured.
     #[error("{0}")]
     NotFound(String),
@@ -107,6 +110,7 @@ impl From<AccessError> for OAuthError {
             AccessError::OrganizationForbidden { .. } => {
                 Self::UnauthorizedOrganization(error.to_string())
             }
+            AccessError::OwnAudience(_) => Self::InvalidTarget(error.to_string()),
             AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
         }
     }
@@ -145,6 +149,7 @@ impl OAuthError {
             }
             Self::UnsupportedGrantType(_) => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
             Self::InvalidScope(_) => (StatusCode::BAD_REQUEST, "invalid_scope"),
+            Self::InvalidTarget(_) => (StatusCode::BAD_REQUEST, "invalid_target"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
@@ -217,7 +222,7 @@ impl IntoResponse for OAuthError {
     ),
     responses(
         (status = 200, description = "RFC 6749 §5.1: access_token, token_type, expires_in, scope"),
-        (status = 400, description = "RFC 6749 §5.2: invalid_request, unauthorized_client, unsupported_grant_type, invalid_scope"),
+        (status = 400, description = "RFC 6749 §5.2: invalid_request, unauthorized_client, unsupported_grant_type, invalid_scope, invalid_target (RFC 8707: the broker's own workload audience)"),
         (status = 401, description = "invalid_client; with WWW-Authenticate: Basic"),
         (status = 404, description = "not_found: no such environment configured"),
         (status = 413, description = "invalid_request: the body is over server.max_body_bytes"),

@@ -52,6 +52,12 @@ pub enum AccessError {
         /// The organization asked for.
         organization: String,
     },
+    /// The audience is the broker's own `auth.workload.audience`: a token for it, signed by an
+    /// IdP that is also a workload issuer, would authenticate at the broker as a caller.
+    #[error(
+        "the audience '{0}' is this broker's own (auth.workload.audience), which no token is handed out for; ask for the audience of the API you call"
+    )]
+    OwnAudience(String),
     /// Allowed, but no such tenant / environment is configured.
     #[error("no environment {tenant}/{environment} is configured")]
     NotConfigured {
@@ -138,6 +144,7 @@ pub fn authorise(
     let Some(settings) = settings else {
         return Err(not_configured(tenant, environment));
     };
+    refuse_own_audience(state, &audience)?;
     let key = TokenKey::shared(
         Arc::clone(&settings.tenant),
         Arc::clone(&settings.environment),
@@ -181,12 +188,26 @@ pub fn authorise_key(
     if !caller.may_use(&key.tenant, &key.environment, Some(&key.audience)) {
         return Err(forbidden(caller, &key.tenant, &key.environment));
     }
+    refuse_own_audience(state, &key.audience)?;
     state
         .current()
         .settings
         .environment(&key.tenant, &key.environment)
         .cloned()
         .ok_or_else(|| not_configured(&key.tenant, &key.environment))
+}
+
+/// Refuses a token for the broker's own workload audience, whoever asks and whatever the allow
+/// rules say.
+fn refuse_own_audience(state: &AppState, audience: &str) -> Result<(), AccessError> {
+    let current = state.current();
+    let own = current.settings.auth.workload.as_ref();
+    match own {
+        Some(workload) if workload.audience == audience => {
+            Err(AccessError::OwnAudience(audience.to_owned()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Refuses an over-long value or one with control characters.

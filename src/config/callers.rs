@@ -134,7 +134,25 @@ pub(super) fn callers(
             .map(|(name, caller)| (name.as_str(), caller.workload.as_slice())),
         problems,
     );
+    check_shared_keys(&callers, problems);
     callers
+}
+
+/// Refuses two callers with one `key_sha256`: the key would authenticate as whichever the
+/// look-up found, with that caller's allow rules. Names both callers, never the hash.
+fn check_shared_keys(callers: &BTreeMap<String, CallerSettings>, problems: &mut Vec<String>) {
+    let mut first_with: Vec<(KeyHash, &str)> = Vec::new();
+    for (name, caller) in callers {
+        let Some(key) = caller.key_sha256 else {
+            continue;
+        };
+        match first_with.iter().find(|(seen, _)| *seen == key) {
+            Some((_, other)) => problems.push(format!(
+                "callers.{name}.key_sha256: the same as callers.{other}.key_sha256, so the key would prove either caller; give each caller a key of its own (`token-broker hash-key`)"
+            )),
+            None => first_with.push((key, name)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +180,27 @@ mod tests {
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn two_callers_with_one_key_are_refused_by_name_without_the_hash() {
+        let hash = "7b4bd6c5a5e1a6f0c8e2b1f7a3d9c2e4f6a8b0c1d3e5f7a9b2c4d6e8f0a1b3c5";
+        let toml = format!(
+            r#"
+            [callers.billing]
+            key_sha256 = "{hash}"
+            allow = ["acme/*"]
+            [callers.reports]
+            key_sha256 = "{hash}"
+            allow = ["acme/production"]
+            "#
+        );
+        let all = problems(&toml, &no_env);
+        assert!(
+            all.contains("callers.reports.key_sha256: the same as callers.billing.key_sha256"),
+            "{all}"
+        );
+        assert!(!all.contains(hash), "{all}");
     }
 
     #[test]

@@ -898,3 +898,49 @@ async fn frequent_reloads_do_not_stop_the_background_refresh_of_an_issuers_keys(
     })
     .await;
 }
+
+#[tokio::test]
+async fn no_token_is_handed_out_for_the_brokers_own_workload_audience() {
+    let signer = Signer::rsa("k1", Algorithm::RS256);
+    let issuer = TestIssuer::start(&[&signer]).await;
+    let app = TestApp::init()
+        .with_users()
+        .with_workload_issuer(&issuer, "1h")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let own = format!("audience={AUDIENCE}");
+
+    let machine = app.billing(&format!("acme/production?{own}")).await;
+    assert_eq!(machine.status, 403, "{}", machine.body);
+    assert_eq!(machine.body["error"], "forbidden");
+    assert!(
+        machine.body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("auth.workload.audience")
+    );
+    let at_the_facade = facade(
+        &app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", "billing"),
+            ("client_secret", BILLING_KEY),
+            ("audience", AUDIENCE),
+        ],
+    )
+    .await;
+    assert_eq!(at_the_facade.status, 400, "{}", at_the_facade.body);
+    assert_eq!(at_the_facade.body["error"], "invalid_target");
+    let user = app
+        .authorize(
+            "acme/production",
+            BILLING_KEY,
+            json!({ "audience": AUDIENCE }),
+        )
+        .await;
+    assert_eq!(user.status, 403, "{}", user.body);
+    assert!(app.idp_requests().await.is_empty());
+    // Another audience is served as ever.
+    assert_eq!(app.billing("acme/production").await.status, 200);
+}
