@@ -460,13 +460,13 @@ impl IssuerKeys {
     async fn fetch(&self) -> Result<Option<Arc<KeySet>>, JwksError> {
         let body = match &self.settings.keys {
             KeySource::File(path) => return self.read_file(path).await,
-            KeySource::Uri(uri) => self.get(uri, "the JWKS").await?,
+            KeySource::Uri(uri) => self.get(uri, "the JWKS", true).await?,
             KeySource::Discovery => {
                 let discovery = format!(
                     "{}/.well-known/openid-configuration",
                     self.settings.issuer.trim_end_matches('/')
                 );
-                let document = self.get(&discovery, "the discovery document").await?;
+                let document = self.get(&discovery, "the discovery document", true).await?;
                 #[derive(serde::Deserialize)]
                 struct Discovery {
                     issuer: Option<String>,
@@ -474,21 +474,35 @@ impl IssuerKeys {
                 }
                 let document: Discovery = serde_json::from_slice(&document)
                     .map_err(|_| JwksError::Invalid("the discovery document is not JSON"))?;
-                if document
-                    .issuer
-                    .is_some_and(|issuer| issuer != self.settings.issuer)
-                {
-                    return Err(JwksError::Invalid(
-                        "the discovery document names another issuer (OIDC Discovery §4.3)",
-                    ));
+                // OIDC Discovery §4.3: the document must name the issuer it was asked for.
+                match document.issuer {
+                    Some(issuer) if issuer == self.settings.issuer => {}
+                    Some(_) => {
+                        return Err(JwksError::Invalid(
+                            "the discovery document names another issuer (OIDC Discovery §4.3)",
+                        ));
+                    }
+                    None => {
+                        return Err(JwksError::Invalid(
+                            "the discovery document names no issuer (OIDC Discovery §4.3)",
+                        ));
+                    }
                 }
-                // The same rule as configured URLs: keys and the bearer token never travel in
-                // the clear beyond this host.
+                // The same rule as configured URLs: keys never travel in the clear beyond this
+                // host. The bearer token goes only to the issuer's own origin: a document that
+                // names a JWKS elsewhere does not get it sent there.
                 let jwks_uri = document
                     .jwks_uri
                     .filter(|uri| super::settings::is_fetchable_url(uri).is_ok())
                     .ok_or(JwksError::NoJwksUri)?;
-                self.get(&jwks_uri, "the JWKS").await?
+                let same_origin = matches!(
+                    (
+                        reqwest::Url::parse(&jwks_uri),
+                        reqwest::Url::parse(&self.settings.issuer),
+                    ),
+                    (Ok(keys), Ok(issuer)) if keys.origin() == issuer.origin()
+                );
+                self.get(&jwks_uri, "the JWKS", same_origin).await?
             }
         };
         KeySet::parse(&body).map(|set| Some(Arc::new(set)))
@@ -527,9 +541,14 @@ impl IssuerKeys {
         Ok(Some(Arc::new(set)))
     }
 
-    /// GETs a JSON document, with the bearer token when one is configured, reading at most
-    /// [`MAX_BODY_BYTES`].
-    async fn get(&self, url: &str, what: &'static str) -> Result<Vec<u8>, JwksError> {
+    /// GETs a JSON document, with the bearer token when one is configured and `with_bearer`
+    /// (the URL is the issuer's or configured), reading at most [`MAX_BODY_BYTES`].
+    async fn get(
+        &self,
+        url: &str,
+        what: &'static str,
+        with_bearer: bool,
+    ) -> Result<Vec<u8>, JwksError> {
         let failed = |source| JwksError::Request { what, source };
         let http = self.http.as_ref().ok_or(JwksError::Invalid(
             "the HTTP client could not be built; check ca_file",
@@ -537,7 +556,12 @@ impl IssuerKeys {
         let mut request = http
             .get(url)
             .header(ACCEPT, HeaderValue::from_static("application/json"));
-        if let Some(path) = &self.settings.bearer_token_file {
+        if let Some(path) = self
+            .settings
+            .bearer_token_file
+            .as_ref()
+            .filter(|_| with_bearer)
+        {
             let unreadable = |source| JwksError::File {
                 what: "bearer_token_file",
                 source,

@@ -396,12 +396,14 @@ impl WorkloadVerifier {
     ) -> Result<Arc<VerifyingKey>, AuthError> {
         let seen = keys.generation();
         let current = keys.current();
+        // The set a token without a kid failed against: not worth a second pass.
+        let mut tried = None;
         if let Some(set) = &current {
             let found = set.candidates(kid, algorithm);
             if !found.is_empty() {
                 match verify_signature(token, algorithm, &found) {
                     Ok(key) => return Ok(key),
-                    Err(WorkloadRejection::Signature) if kid.is_none() => {}
+                    Err(WorkloadRejection::Signature) if kid.is_none() => tried = Some(set),
                     Err(rejection) => return Err(rejection.into()),
                 }
             }
@@ -416,6 +418,9 @@ impl WorkloadVerifier {
             .map_err(|unavailable| AuthError::WorkloadKeysUnavailable {
                 retry_after: unavailable.retry_after,
             })?;
+        if tried.is_some_and(|tried| Arc::ptr_eq(tried, &set)) {
+            return Err(WorkloadRejection::Signature.into());
+        }
         let found = set.candidates(kid, algorithm);
         if found.is_empty() {
             return Err(AuthError::Workload(match kid {

@@ -944,3 +944,93 @@ async fn no_token_is_handed_out_for_the_brokers_own_workload_audience() {
     // Another audience is served as ever.
     assert_eq!(app.billing("acme/production").await.status, 200);
 }
+
+/// An issuer whose discovery document says `issuer` (when given) and names its JWKS on another
+/// host, trusted with a `bearer_token_file`; answers the app and the two servers.
+async fn issuer_with_keys_elsewhere(
+    signer: &Signer,
+    issuer_in_document: Option<&str>,
+    bearer: &std::path::Path,
+) -> (TestApp, MockServer, MockServer) {
+    let issuer = MockServer::start().await;
+    let keys = MockServer::start().await;
+    let mut document = json!({ "jwks_uri": format!("{}/keys", keys.uri()) });
+    if let Some(name) = issuer_in_document {
+        document["issuer"] = json!(name.replace("{issuer}", &issuer.uri()));
+    }
+    Mock::given(method("GET"))
+        .and(path("/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(document))
+        .mount(&issuer)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/keys"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "keys": [signer.jwk] })))
+        .mount(&keys)
+        .await;
+    let app = TestApp::init()
+        .with_config(format!(
+            r#"
+            [auth.workload]
+            audience = "{AUDIENCE}"
+            [[auth.workload.issuers]]
+            issuer = "{issuer}"
+            bearer_token_file = "{bearer}"
+            [callers.pods]
+            workload = [{{ issuer = "{issuer}", subject = "system:serviceaccount:billing:*" }}]
+            allow = ["acme/production"]
+            "#,
+            issuer = issuer.uri(),
+            bearer = bearer.display(),
+        ))
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    (app, issuer, keys)
+}
+
+#[tokio::test]
+async fn the_bearer_token_goes_only_to_the_issuers_origin_and_discovery_must_name_the_issuer() {
+    let signer = Signer::rsa("k1", Algorithm::RS256);
+    let dir = tempfile::tempdir().unwrap();
+    let bearer = dir.path().join("token");
+    std::fs::write(&bearer, "the-brokers-own-service-account-token").unwrap();
+    let authorizations = async |server: &MockServer| -> Vec<String> {
+        let requests = server.received_requests().await.unwrap_or_default();
+        requests
+            .iter()
+            .filter_map(|request| request.headers.get("authorization"))
+            .map(|value| value.to_str().unwrap().to_owned())
+            .collect()
+    };
+    let claims = |issuer: &MockServer| {
+        json!({
+            "iss": issuer.uri(), "sub": POD, "aud": AUDIENCE, "iat": now(), "exp": now() + 600,
+        })
+    };
+
+    // A document naming its issuer, with the JWKS on another host: keys are used, the bearer
+    // token went to the issuer only.
+    let (app, issuer, keys) = issuer_with_keys_elsewhere(&signer, Some("{issuer}"), &bearer).await;
+    let token = signer.sign(&claims(&issuer));
+    assert_eq!(
+        app.get_token("acme/production", Some(&token)).await.status,
+        200
+    );
+    assert_eq!(
+        authorizations(&issuer).await,
+        ["Bearer the-brokers-own-service-account-token"; 1]
+    );
+    assert!(!keys.received_requests().await.unwrap().is_empty());
+    assert!(
+        authorizations(&keys).await.is_empty(),
+        "no bearer token to another host"
+    );
+
+    // A document that names no issuer is not trusted: its keys are never fetched.
+    let (app, issuer, keys) = issuer_with_keys_elsewhere(&signer, None, &bearer).await;
+    let token = signer.sign(&claims(&issuer));
+    let refused = app.get_token("acme/production", Some(&token)).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(keys.received_requests().await.unwrap().is_empty());
+}
