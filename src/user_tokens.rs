@@ -335,7 +335,7 @@ impl UserTokens {
             tenant = %pending.key.tenant,
             environment = %pending.key.environment,
             refreshable,
-            "user session created"
+            "user session started with the IdP's tokens"
         );
         self.inner.sessions.insert(Arc::clone(&session)).await;
         if self.inner.shared.is_some() {

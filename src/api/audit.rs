@@ -10,11 +10,17 @@ use crate::broker::Forgot;
 use crate::telemetry::AUDIT;
 use crate::telemetry::audit::{AuditTrail, Served, Subject};
 use crate::telemetry::request;
-use crate::token::{CacheStatus, Lease, TokenKey};
+use crate::token::{CacheStatus, HandleId, Lease, TokenKey};
 
-/// Records one token handed to `caller` for `key`: counted when it is a hit on a token the caller
-/// had before, else a line of its own.
-pub fn handed_out(trail: &AuditTrail, caller: &Caller, key: &TokenKey, lease: &Lease) {
+/// Records one token handed to `caller` for `key` (of the user session `session`, for a user
+/// token): counted when it is a hit on a token the caller had before, else a line of its own.
+pub fn handed_out(
+    trail: &AuditTrail,
+    caller: &Caller,
+    key: &TokenKey,
+    lease: &Lease,
+    session: Option<&HandleId>,
+) {
     let served = match lease.status {
         CacheStatus::Hit => Served::Hit,
         CacheStatus::Miss => Served::Miss,
@@ -31,8 +37,41 @@ pub fn handed_out(trail: &AuditTrail, caller: &Caller, key: &TokenKey, lease: &L
             audience: key.audience.clone(),
             scope: key.scope.as_str().into(),
             organization: key.organization.clone(),
+            session: session.map(session_name),
             token,
         },
+    );
+}
+
+/// How the audit trail names a user session: the first 16 hex digits of its handle's SHA-256,
+/// enough to follow one session through the trail, never the handle itself.
+fn session_name(id: &HandleId) -> Box<str> {
+    let hex = id.to_hex();
+    hex.get(..16).unwrap_or(&hex).into()
+}
+
+/// Logs a user session `caller` created for `key` (a code exchanged for a handle).
+pub fn session_created(caller: &Caller, key: &TokenKey, session: &HandleId) {
+    tracing::info!(
+        target: AUDIT,
+        caller = %caller.name,
+        tenant = %key.tenant,
+        environment = %key.environment,
+        audience = %key.audience,
+        scope = key.scope.as_str(),
+        session = &*session_name(session),
+        "user session created"
+    );
+}
+
+/// Logs a `DELETE` of a user session by `caller`, and whether there was one to forget.
+pub fn session_forgotten(caller: &Caller, session: &HandleId, existed: bool) {
+    tracing::info!(
+        target: AUDIT,
+        caller = %caller.name,
+        session = &*session_name(session),
+        outcome = if existed { "forgotten" } else { "nothing_held" },
+        "user session forget requested"
     );
 }
 

@@ -280,7 +280,7 @@ pub async fn token(
             &caller.idp_budget,
         )
         .await?;
-    audit::handed_out(&state.audit, &caller, &authorised.key, &lease);
+    audit::handed_out(&state.audit, &caller, &authorised.key, &lease, None);
     Ok(response::oauth_token(&lease))
 }
 

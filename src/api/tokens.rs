@@ -209,7 +209,7 @@ pub async fn get_token(
             &caller.idp_budget,
         )
         .await?;
-    audit::handed_out(&state.audit, &caller, &request.key, &lease);
+    audit::handed_out(&state.audit, &caller, &request.key, &lease, None);
     Ok(response::token(&lease))
 }
 

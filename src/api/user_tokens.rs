@@ -21,13 +21,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::api::ApiError;
 use crate::api::error::ErrorBody;
 use crate::api::response::{self, no_store};
 use crate::api::token_request::{self, TokenRequest, check_value, printable};
 use crate::api::tokens::parse_min_ttl;
+use crate::api::{ApiError, audit};
 use crate::app::AppState;
 use crate::auth::Authenticated;
+use crate::token::HandleId;
 use crate::user_tokens::UserError;
 
 /// Longest handle looked up; anything longer is not one of ours.
@@ -197,10 +198,12 @@ pub async fn create_session(
         .redeem(&caller.name, &tenant, &environment, &oauth_state)
         .await?;
     let settings = token_request::authorise_key(&state, &caller, &pending.key)?;
+    let key = pending.key.clone();
     let handle = state
         .user_tokens
         .exchange(pending, settings, code, &caller.idp_budget)
         .await?;
+    audit::session_created(&caller, &key, &HandleId::of(&handle));
     let body = HandleBody { handle: &handle };
     Ok((StatusCode::CREATED, no_store(), Json(body)).into_response())
 }
@@ -244,6 +247,8 @@ pub async fn get_user_token(
         .user_tokens
         .token(&session, &settings, min_ttl, &caller.idp_budget)
         .await?;
+    let id = session.id();
+    audit::handed_out(&state.audit, &caller, session.key(), &lease, Some(&id));
     Ok(response::token(&lease))
 }
 
@@ -271,10 +276,9 @@ pub async fn delete_user_token(
     Authenticated(caller): Authenticated,
     Path(handle): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if let Ok(handle) = known_form(&handle)
-        && state.user_tokens.forget(&caller.name, handle).await?
-    {
-        tracing::info!(caller = %caller.name, "user session forgotten on request");
+    if let Ok(handle) = known_form(&handle) {
+        let existed = state.user_tokens.forget(&caller.name, handle).await?;
+        audit::session_forgotten(&caller, &HandleId::of(handle), existed);
     }
     Ok(StatusCode::NO_CONTENT)
 }

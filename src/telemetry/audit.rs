@@ -36,6 +36,7 @@ macro_rules! subject_line {
             audience = &*subject.audience,
             scope = &*subject.scope,
             organization = subject.organization.as_deref(),
+            session = subject.session.as_deref(),
             token_sha256 = subject.token.sha256(),
             jti = subject.token.jti(),
             $($fields)*
@@ -127,6 +128,9 @@ pub struct Subject {
     pub scope: Box<str>,
     /// The organization the token is for, if any.
     pub organization: Option<Arc<str>>,
+    /// For a user token, the session it belongs to, named by the start of its handle's
+    /// SHA-256 (never the handle).
+    pub session: Option<Box<str>>,
     /// The token.
     pub token: Arc<TokenName>,
 }
@@ -363,6 +367,7 @@ mod tests {
             audience: Arc::from("https://api"),
             scope: "".into(),
             organization: None,
+            session: None,
             token: name,
         }
     }

@@ -214,6 +214,23 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         "logs were at debug level"
     );
     assert!(log.contains("user session created"), "{log}");
+    // The audit trail follows the session by a digest of its handle, never the handle.
+    let session = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(handle.as_bytes()))[..16].to_owned()
+    };
+    for message in [
+        "user session created",
+        "token handed out",
+        "user session forget requested",
+    ] {
+        assert!(
+            lines.iter().any(|line| line.contains(r#""target":"audit""#)
+                && line.contains(message)
+                && line.contains(&format!(r#""session":"{session}""#))),
+            "no audit line {message:?} naming session {session}:\n{log}"
+        );
+    }
     assert!(log.contains("refreshed a user token"), "{log}");
     let leaks = [
         ACME_PRODUCTION_SECRET,
