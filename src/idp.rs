@@ -279,6 +279,46 @@ impl IdpClient {
         })
     }
 
+    /// Revokes `refresh_token` at `revocation_url` (RFC 7009), authenticating as the token
+    /// requests of `environment` do. The IdP's body is never read: 200 is done, anything else
+    /// an error.
+    pub async fn revoke(
+        &self,
+        environment: &EnvironmentSettings,
+        revocation_url: &reqwest::Url,
+        refresh_token: &SecretString,
+    ) -> Result<(), IdpError> {
+        let params = [
+            ("token", refresh_token.expose_secret()),
+            ("token_type_hint", "refresh_token"),
+        ];
+        let request = self.build_request(
+            environment,
+            revocation_url,
+            RequestFormat::Form,
+            None,
+            &params,
+        )?;
+        let timeout = environment.timeout;
+        let response = request.send().await.map_err(|e| classify(e, timeout))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(IdpError::RateLimited {
+                retry_after: response::retry_after(response.headers(), self.clock.now()),
+            });
+        }
+        if status.is_client_error() {
+            return Err(IdpError::Rejected {
+                status: status.as_u16(),
+                code: format!("http_{}", status.as_u16()),
+            });
+        }
+        Err(IdpError::ServerError(status.as_u16()))
+    }
+
     /// Sends one token request and classifies the answer.
     async fn send(
         &self,
@@ -287,7 +327,13 @@ impl IdpClient {
         grant_type: &str,
         grant_params: &[(&str, &str)],
     ) -> Result<Answer, IdpError> {
-        let request = self.build_request(environment, format, grant_type, grant_params)?;
+        let request = self.build_request(
+            environment,
+            &environment.token_url,
+            format,
+            Some(grant_type),
+            grant_params,
+        )?;
         let timeout = environment.timeout;
         let mut response = request.send().await.map_err(|e| classify(e, timeout))?;
         let status = response.status();
@@ -323,12 +369,14 @@ impl IdpClient {
         Err(IdpError::ServerError(status.as_u16()))
     }
 
-    /// The body is `grant_type`, the client authentication, `grant_params`, then `extra_params`.
+    /// A POST to `url` whose body is `grant_type` (for a token request), the client
+    /// authentication, `grant_params`, then (for a token request) `extra_params`.
     fn build_request(
         &self,
         environment: &EnvironmentSettings,
+        url: &reqwest::Url,
         format: RequestFormat,
-        grant_type: &str,
+        grant_type: Option<&str>,
         grant_params: &[(&str, &str)],
     ) -> Result<reqwest::RequestBuilder, IdpError> {
         let mut headers = HeaderMap::new();
@@ -336,7 +384,9 @@ impl IdpClient {
         let assertion;
         let mut params: Vec<(&str, &str)> =
             Vec::with_capacity(4 + grant_params.len() + environment.extra_params.len());
-        params.push(("grant_type", grant_type));
+        if let Some(grant_type) = grant_type {
+            params.push(("grant_type", grant_type));
+        }
         match (&environment.credential, environment.client_auth) {
             (ClientCredential::Secret(secret), ClientAuth::Basic) => {
                 let value = basic_authorization(&environment.client_id, secret.expose_secret());
@@ -361,12 +411,14 @@ impl IdpClient {
             }
         }
         params.extend_from_slice(grant_params);
-        params.extend(
-            environment
-                .extra_params
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
+        if grant_type.is_some() {
+            params.extend(
+                environment
+                    .extra_params
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+        }
 
         let body = match format {
             RequestFormat::Json => {
@@ -393,7 +445,7 @@ impl IdpClient {
         };
         Ok(self
             .http
-            .post(environment.token_url.clone())
+            .post(url.clone())
             .headers(headers)
             .timeout(environment.timeout)
             .body(body))

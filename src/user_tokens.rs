@@ -419,19 +419,73 @@ impl UserTokens {
         self.inner.sessions.counts()
     }
 
-    /// Forgets the session of `handle` if `owner` created it, here and in the shared level;
-    /// `false` when there was none.
-    pub async fn forget(&self, owner: &str, handle: &str) -> Result<bool, UserError> {
+    /// Forgets the session of `handle` if `owner` created it, here and in the shared level, and
+    /// returns it (`None` when there was none), for its refresh token to be revoked.
+    pub async fn forget(
+        &self,
+        owner: &str,
+        handle: &str,
+    ) -> Result<Option<Arc<Session>>, UserError> {
         // A handle that neither this replica nor the shared level holds leaves nothing behind:
         // a loop of made-up handles must not fill Redis with tombstones.
         match self.session(owner, handle).await {
             Ok(session) => {
                 self.forget_session(&session).await?;
-                Ok(true)
+                Ok(Some(session))
             }
-            Err(UserError::UnknownHandle) => Ok(false),
+            Err(UserError::UnknownHandle) => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// Revokes the refresh token of a forgotten `session` at `environment`'s
+    /// `revocation_url` (RFC 7009), when it names one: in a task of the broker's own, best
+    /// effort, counted in `token_broker_user_idp_requests_total{grant="revocation"}`. Without
+    /// it, a session copied back into Redis by someone who can write there would still refresh.
+    pub fn revoke_later(&self, session: Arc<Session>, environment: Arc<EnvironmentSettings>) {
+        let Some(revocation_url) = environment
+            .user_login
+            .as_ref()
+            .and_then(|login| login.revocation_url.clone())
+        else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Some(refresh_token) = session.grant().await.refresh_token.clone() else {
+                return;
+            };
+            let revoke = this
+                .inner
+                .idp
+                .revoke(&environment, &revocation_url, &refresh_token);
+            let answer = match this
+                .inner
+                .broker
+                .guard_user_request(&environment, None, revoke)
+                .await
+            {
+                Ok(answer) => answer,
+                Err(paused) => {
+                    tracing::warn!(
+                        tenant = %environment.tenant,
+                        environment = %environment.environment,
+                        error = %paused,
+                        "a deleted user session's refresh token was not revoked (the IdP client is paused)"
+                    );
+                    return;
+                }
+            };
+            this.count_idp_request(&environment, "revocation", &answer);
+            if let Err(error) = answer {
+                tracing::warn!(
+                    tenant = %environment.tenant,
+                    environment = %environment.environment,
+                    %error,
+                    "a deleted user session's refresh token could not be revoked at the IdP"
+                );
+            }
+        });
     }
 
     /// Forgets `session` and starts a new authorization for the same caller and user token.

@@ -277,8 +277,19 @@ pub async fn delete_user_token(
     Path(handle): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     if let Ok(handle) = known_form(&handle) {
-        let existed = state.user_tokens.forget(&caller.name, handle).await?;
-        audit::session_forgotten(&caller, &HandleId::of(handle), existed);
+        let forgotten = state.user_tokens.forget(&caller.name, handle).await?;
+        audit::session_forgotten(&caller, &HandleId::of(handle), forgotten.is_some());
+        if let Some(session) = forgotten {
+            let key = session.key();
+            let environment = state
+                .current()
+                .settings
+                .environment(&key.tenant, &key.environment)
+                .cloned();
+            if let Some(environment) = environment {
+                state.user_tokens.revoke_later(session, environment);
+            }
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }

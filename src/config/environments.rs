@@ -224,7 +224,7 @@ impl RawEnvironment {
     /// `authorize_url` and `redirect_uri`, both or neither.
     fn user_login(&self, at: &str, problems: &mut Vec<String>) -> Option<UserLoginSettings> {
         match (&self.authorize_url, &self.redirect_uri) {
-            (None, None) => None,
+            (None, None) if self.revocation_url.is_none() => None,
             (Some(authorize_url), Some(redirect_uri)) => {
                 let authorize_url = http_url(at, "authorize_url", authorize_url, problems);
                 let redirect_uri = http_url(at, "redirect_uri", redirect_uri, problems);
@@ -237,10 +237,21 @@ impl RawEnvironment {
                     ));
                     return None;
                 }
+                let revocation_url = match &self.revocation_url {
+                    Some(url) => Some(http_url(at, "revocation_url", url, problems)?),
+                    None => None,
+                };
                 Some(UserLoginSettings {
                     authorize_url: authorize_url?,
                     redirect_uri: redirect_uri?,
+                    revocation_url,
                 })
+            }
+            (None, None) if self.revocation_url.is_some() => {
+                problems.push(format!(
+                    "{at}.revocation_url: only for user tokens; set authorize_url and redirect_uri too"
+                ));
+                None
             }
             _ => {
                 problems.push(format!(

@@ -193,6 +193,7 @@ pub(super) struct RawEnvironment {
     pub(super) max_response_bytes: usize,
     pub(super) authorize_url: Option<String>,
     pub(super) redirect_uri: Option<String>,
+    pub(super) revocation_url: Option<String>,
 }
 
 fn default_max_concurrent_fetches() -> usize {

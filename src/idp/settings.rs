@@ -67,6 +67,9 @@ pub struct UserLoginSettings {
     pub authorize_url: reqwest::Url,
     /// The calling service's callback, registered at the IdP.
     pub redirect_uri: reqwest::Url,
+    /// The IdP's token revocation endpoint (RFC 7009; Auth0: `https://{domain}/oauth/revoke`),
+    /// where a deleted session's refresh token is revoked; `None`: the IdP is not told.
+    pub revocation_url: Option<reqwest::Url>,
 }
 
 /// The name under which the audience is sent.

@@ -248,11 +248,35 @@ impl Inner {
             .arg(ttl_millis(idle));
         let mut connection = self.connection()?;
         let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
-        Ok(match written {
-            1 => SessionWrite::Stored,
-            -1 => SessionWrite::Deleted,
-            _ => SessionWrite::Superseded,
-        })
+        match written {
+            1 => Ok(SessionWrite::Stored),
+            -1 => Ok(SessionWrite::Deleted),
+            _ => {
+                // Superseded only by a session this replica can read: a value whose clear
+                // generation is higher but that does not open (altered, or sealed with a key
+                // this replica lacks) must not make it drop the tokens it holds.
+                let newer: Option<Vec<u8>> = self
+                    .call(
+                        redis::cmd("GET")
+                            .arg(&redis_key)
+                            .query_async(&mut connection),
+                    )
+                    .await?;
+                match newer {
+                    Some(value) if value == TOMBSTONE => Ok(SessionWrite::Deleted),
+                    Some(value) if open_session(&self.cipher, &redis_key, &value).is_ok() => {
+                        Ok(SessionWrite::Superseded)
+                    }
+                    // Gone meanwhile (expired, evicted): write again later.
+                    None => Err(SharedCacheError::Backend(
+                        "the newer session value went away before it could be checked".into(),
+                    )),
+                    Some(_) => Err(SharedCacheError::Backend(
+                        "a newer session value that this replica cannot read is in the way".into(),
+                    )),
+                }
+            }
+        }
     }
 
     async fn delete_session(&self, id: &HandleId, idle: Duration) -> Result<(), SharedCacheError> {

@@ -204,7 +204,7 @@ impl Metrics {
             ),
             (
                 USER_IDP_REQUESTS,
-                "Requests to the IdP for user tokens, by grant (authorization_code, refresh_token) and outcome.",
+                "Requests to the IdP for user tokens, by grant (authorization_code, refresh_token, revocation) and outcome.",
             ),
             (
                 SHARED_CACHE_MASTER_CHANGES,

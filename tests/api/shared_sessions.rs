@@ -461,3 +461,69 @@ async fn a_refresh_that_waits_for_the_idp_clients_permit_never_outlives_its_lock
         "rt-1 was sent once: an IdP that rotates refresh tokens keeps the grant"
     );
 }
+
+#[tokio::test]
+async fn a_newer_session_value_that_cannot_be_read_does_not_pass_for_a_write() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::init()
+        .with_users()
+        .with_redis(&redis)
+        .start()
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::body_string_contains(
+            "grant_type=authorization_code",
+        ))
+        .respond_with(user_token_body("user-1", 100, Some("rt-1")))
+        .mount(&app.idp)
+        .await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::body_string_contains(
+            "grant_type=refresh_token",
+        ))
+        .respond_with(user_token_body("user-2", 3600, Some("rt-2")))
+        .mount(&app.idp)
+        .await;
+    let started = app
+        .authorize("acme/production", BILLING_KEY, json!({}))
+        .await;
+    let state = started.body["state"].as_str().unwrap();
+    let created = app
+        .create_session("acme/production", BILLING_KEY, "code", state)
+        .await;
+    let handle = created.body["handle"].as_str().unwrap().to_owned();
+
+    // Someone who can write to Redis puts a value there that claims a far higher generation
+    // but opens with no key of the broker's.
+    let mut connection = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*session:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("SET")
+        .arg(&keys[0])
+        .arg("s1:9999999999999999:forged:not-a-sealed-session")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+
+    // user-1 now has 40 s left, under cache.min_remaining: the next request refreshes, and the
+    // write of the rotated refresh token meets the forged value.
+    app.clock.advance(Duration::from_secs(60));
+    let refreshed = app.user_token(&handle, BILLING_KEY).await;
+    assert_eq!(
+        (refreshed.status, refreshed.token()),
+        (200, "user-2"),
+        "{}",
+        refreshed.body
+    );
+    // Not taken for another replica's newer write: the replica keeps rt-2 to write again.
+    assert_eq!(
+        app.state.user_tokens.session_counts().1,
+        1,
+        "held unwritten"
+    );
+    assert_eq!(app.user_token(&handle, BILLING_KEY).await.token(), "user-2");
+}

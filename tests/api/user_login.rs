@@ -187,3 +187,67 @@ async fn a_session_unused_for_the_idle_timeout_is_forgotten_and_one_in_use_is_ke
         "neither session needed a refresh"
     );
 }
+
+#[tokio::test]
+async fn a_deleted_sessions_refresh_token_is_revoked_at_the_idp() {
+    let idp = wiremock::MockServer::start().await;
+    let app = TestApp::init()
+        .with_users()
+        .with_config(format!(
+            "[tenants.acme.environments.production]\nrevocation_url = \"{}/acme/oauth/revoke\"\n",
+            idp.uri()
+        ))
+        .with_idp(idp)
+        .start()
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("grant_type=authorization_code"))
+        .respond_with(user_token_body("user-1", 3600, Some("rt-1")))
+        .mount(&app.idp)
+        .await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path("/acme/oauth/revoke"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&app.idp)
+        .await;
+    let state = start(&app).await;
+    let created = app
+        .create_session("acme/production", BILLING_KEY, "code", &state)
+        .await;
+    let handle = created.body["handle"].as_str().unwrap().to_owned();
+    assert_eq!(app.forget_user(&handle, BILLING_KEY).await.status, 204);
+    eventually("the refresh token is revoked", async || {
+        app.idp_requests()
+            .await
+            .requests()
+            .iter()
+            .any(|request| request.url.path() == "/acme/oauth/revoke")
+    })
+    .await;
+    let requests = app.idp_requests().await;
+    let revocations: Vec<_> = requests
+        .requests()
+        .iter()
+        .filter(|request| request.url.path() == "/acme/oauth/revoke")
+        .collect();
+    assert_eq!(revocations.len(), 1);
+    let form = form_fields(&revocations[0].body);
+    for (name, value) in [
+        ("token", "rt-1"),
+        ("token_type_hint", "refresh_token"),
+        ("client_id", "acme-production-id"),
+    ] {
+        assert!(
+            form.iter().any(|(n, v)| n == name && v == value),
+            "{name}={value} missing in {form:?}"
+        );
+    }
+    assert!(!form.iter().any(|(name, _)| name == "grant_type"));
+    eventually("the revocation is counted", async || {
+        metric(
+            &app.scrape().await,
+            r#"token_broker_user_idp_requests_total{tenant="acme",environment="production",grant="revocation",outcome="ok"}"#,
+        ) == Some(1.0)
+    })
+    .await;
+}
