@@ -12,6 +12,7 @@
 //! rules (403), and only then does a request reach the broker. An authenticated caller with a
 //! `rate_limit` is then held to it ([`crate::limits`]), before any other work is done for it.
 
+mod discovery;
 mod jwks;
 mod remembered;
 mod settings;

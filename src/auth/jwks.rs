@@ -20,6 +20,7 @@ use jsonwebtoken::jwk::{
 use jsonwebtoken::{Algorithm, DecodingKey};
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 
+use super::discovery::{self, DiscoveryProblem};
 use super::settings::{IssuerSettings, KeySource};
 use crate::clock::Clock;
 use crate::telemetry::metrics::Metrics;
@@ -467,42 +468,24 @@ impl IssuerKeys {
                     self.settings.issuer.trim_end_matches('/')
                 );
                 let document = self.get(&discovery, "the discovery document", true).await?;
-                #[derive(serde::Deserialize)]
-                struct Discovery {
-                    issuer: Option<String>,
-                    jwks_uri: Option<String>,
-                }
-                let document: Discovery = serde_json::from_slice(&document)
-                    .map_err(|_| JwksError::Invalid("the discovery document is not JSON"))?;
-                // OIDC Discovery §4.3: the document must name the issuer it was asked for.
-                match document.issuer {
-                    Some(issuer) if issuer == self.settings.issuer => {}
-                    Some(_) => {
-                        return Err(JwksError::Invalid(
-                            "the discovery document names another issuer (OIDC Discovery §4.3)",
-                        ));
-                    }
-                    None => {
-                        return Err(JwksError::Invalid(
-                            "the discovery document names no issuer (OIDC Discovery §4.3)",
-                        ));
-                    }
-                }
-                // The same rule as configured URLs: keys never travel in the clear beyond this
-                // host. The bearer token goes only to the issuer's own origin: a document that
-                // names a JWKS elsewhere does not get it sent there.
-                let jwks_uri = document
-                    .jwks_uri
-                    .filter(|uri| super::settings::is_fetchable_url(uri).is_ok())
-                    .ok_or(JwksError::NoJwksUri)?;
-                let same_origin = matches!(
-                    (
-                        reqwest::Url::parse(&jwks_uri),
-                        reqwest::Url::parse(&self.settings.issuer),
-                    ),
-                    (Ok(keys), Ok(issuer)) if keys.origin() == issuer.origin()
-                );
-                self.get(&jwks_uri, "the JWKS", same_origin).await?
+                let discovered =
+                    discovery::jwks_of(&document, &self.settings.issuer).map_err(|problem| {
+                        match problem {
+                            DiscoveryProblem::NotJson => {
+                                JwksError::Invalid("the discovery document is not JSON")
+                            }
+                            DiscoveryProblem::OtherIssuer => JwksError::Invalid(
+                                "the discovery document names another issuer (OIDC Discovery §4.3)",
+                            ),
+                            DiscoveryProblem::NoIssuer => JwksError::Invalid(
+                                "the discovery document names no issuer (OIDC Discovery §4.3)",
+                            ),
+                            DiscoveryProblem::NoJwksUri => JwksError::NoJwksUri,
+                        }
+                    })?;
+                // The bearer token goes only to the issuer's own origin.
+                self.get(&discovered.jwks_uri, "the JWKS", discovered.same_origin)
+                    .await?
             }
         };
         KeySet::parse(&body).map(|set| Some(Arc::new(set)))
