@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::app::AppState;
 use crate::auth::{Caller, is_organization_id};
+use crate::config::Settings;
 use crate::idp::EnvironmentSettings;
 use crate::token::TokenKey;
 
@@ -109,11 +110,8 @@ pub fn authorise(
     environment: &str,
     request: TokenRequest,
 ) -> Result<Authorised, AccessError> {
-    let settings = state
-        .current()
-        .settings
-        .environment(tenant, environment)
-        .cloned();
+    let current = state.current();
+    let settings = current.settings.environment(tenant, environment).cloned();
     let default_audience = settings.as_ref().and_then(|s| s.audience.as_deref());
     let audience = request.audience.as_deref().or(default_audience);
     if !caller.may_use(tenant, environment, audience) {
@@ -144,7 +142,7 @@ pub fn authorise(
     let Some(settings) = settings else {
         return Err(not_configured(tenant, environment));
     };
-    refuse_own_audience(state, &audience)?;
+    refuse_own_audience(&current.settings, &audience)?;
     let key = TokenKey::shared(
         Arc::clone(&settings.tenant),
         Arc::clone(&settings.environment),
@@ -188,9 +186,9 @@ pub fn authorise_key(
     if !caller.may_use(&key.tenant, &key.environment, Some(&key.audience)) {
         return Err(forbidden(caller, &key.tenant, &key.environment));
     }
-    refuse_own_audience(state, &key.audience)?;
-    state
-        .current()
+    let current = state.current();
+    refuse_own_audience(&current.settings, &key.audience)?;
+    current
         .settings
         .environment(&key.tenant, &key.environment)
         .cloned()
@@ -199,10 +197,8 @@ pub fn authorise_key(
 
 /// Refuses a token for the broker's own workload audience, whoever asks and whatever the allow
 /// rules say.
-fn refuse_own_audience(state: &AppState, audience: &str) -> Result<(), AccessError> {
-    let current = state.current();
-    let own = current.settings.auth.workload.as_ref();
-    match own {
+fn refuse_own_audience(settings: &Settings, audience: &str) -> Result<(), AccessError> {
+    match settings.auth.workload.as_ref() {
         Some(workload) if workload.audience == audience => {
             Err(AccessError::OwnAudience(audience.to_owned()))
         }
