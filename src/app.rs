@@ -63,6 +63,25 @@ impl Snapshot {
     }
 }
 
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadTrigger {
+    /// `SIGHUP`.
+    Signal,
+    /// `POST /v1/admin/reload`.
+    Admin,
+}
+
+impl ReloadTrigger {
+    /// `signal` or `admin`, as the `trigger` label says.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signal => "signal",
+            Self::Admin => "admin",
+        }
+    }
+}
+
 /// What a reload changed.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
@@ -205,10 +224,19 @@ impl AppState {
         self.ready.store(false, Ordering::Relaxed);
     }
 
+    /// Re-reads the configuration because of `trigger`, counting the attempt in
+    /// `token_broker_config_reloads_total`; see [`AppState::reload_now`].
+    pub fn reload(&self, trigger: ReloadTrigger) -> Result<ReloadReport, ReloadError> {
+        let result = self.reload_now();
+        let outcome = if result.is_ok() { "applied" } else { "refused" };
+        self.metrics.config_reload(trigger.as_str(), outcome);
+        result
+    }
+
     /// Re-reads the configuration; keeps cached tokens of environments whose identity is
     /// unchanged (even with a rotated secret) and drops the others. An invalid configuration is
     /// refused and the old one keeps serving.
-    pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+    fn reload_now(&self) -> Result<ReloadReport, ReloadError> {
         let reloader = self.reloader.as_ref().ok_or(ReloadError::NotReloadable)?;
         let _serialised = self
             .reloading

@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
 use crate::api::{self, Surface};
-use crate::app::{AppError, AppState, Reloader};
+use crate::app::{AppError, AppState, ReloadTrigger, Reloader};
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::telemetry::metrics::Metrics;
@@ -311,7 +311,8 @@ async fn reload_on_hangup(state: AppState) {
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the configuration");
             let reloading = state.clone();
-            match tokio::task::spawn_blocking(move || reloading.reload()).await {
+            match tokio::task::spawn_blocking(move || reloading.reload(ReloadTrigger::Signal)).await
+            {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
                     tracing::error!(%error, "reload refused; the previous configuration keeps serving");

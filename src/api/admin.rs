@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 
 use crate::api::ApiError;
 use crate::api::error::ErrorBody;
-use crate::app::{AppState, ReloadReport};
+use crate::app::{AppState, ReloadReport, ReloadTrigger};
 use crate::auth::Admin;
 use crate::idp::{AudienceParam, ClientAuth, EnvironmentSettings, RateLimitHeaders, RequestFormat};
 
@@ -239,7 +239,7 @@ pub async fn reload(
 ) -> Result<Json<ReloadReport>, ApiError> {
     // Reading files blocks: not on a runtime worker thread.
     let reloading = state.clone();
-    let report = tokio::task::spawn_blocking(move || reloading.reload())
+    let report = tokio::task::spawn_blocking(move || reloading.reload(ReloadTrigger::Admin))
         .await
         .map_err(|_| ApiError::Internal)??;
     Ok(Json(report))

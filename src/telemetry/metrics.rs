@@ -63,6 +63,8 @@ pub const SHARED_CACHE_INVALIDATIONS: &str = "token_broker_shared_cache_invalida
 /// Redis masters the broker moved to as the sentinels named them (the first one found at start
 /// included, so a failover shows as an increase beyond 1).
 pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_changes_total";
+/// Counter: configuration reloads tried, by `trigger` and `outcome`.
+pub const CONFIG_RELOADS: &str = "token_broker_config_reloads_total";
 /// Workload tokens refused, by the `check` they failed.
 pub const WORKLOAD_REJECTIONS: &str = "token_broker_workload_rejections_total";
 /// Fetches of a workload issuer's keys, by `issuer` and `outcome` (`ok`, `failed`).
@@ -207,6 +209,10 @@ impl Metrics {
                 "Requests to the IdP for user tokens, by grant (authorization_code, refresh_token, revocation) and outcome.",
             ),
             (
+                CONFIG_RELOADS,
+                "Configuration reloads tried, by trigger (signal, admin) and outcome (applied, refused).",
+            ),
+            (
                 SHARED_CACHE_MASTER_CHANGES,
                 "Redis masters the broker moved to, as the sentinels named them (the first included).",
             ),
@@ -323,6 +329,21 @@ impl Metrics {
             ],
         );
         self.inner.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// Counts one configuration reload tried by `trigger`, with its `outcome`.
+    pub fn config_reload(&self, trigger: &'static str, outcome: &'static str) {
+        let key = Key::from_parts(
+            CONFIG_RELOADS,
+            vec![
+                Label::from_static_parts("trigger", trigger),
+                Label::from_static_parts("outcome", outcome),
+            ],
+        );
+        self.inner
+            .recorder
+            .register_counter(&key, &METADATA)
+            .increment(1);
     }
 
     /// The counter of workload tokens refused for `check` (one of a closed list).

@@ -85,6 +85,23 @@ async fn an_invalid_configuration_is_refused_with_its_problems_and_the_old_one_s
 
     let still = app.billing("acme/production").await;
     assert_eq!((still.status, still.header("x-cache")), (200, Some("hit")));
+
+    // Every attempt is counted by trigger and outcome.
+    std::fs::write(&file, base_config(&app.idp.uri())).unwrap();
+    assert_eq!(reload(&app, Some(ADMIN_KEY)).await.status, 200);
+    let text = app.scrape().await;
+    for (outcome, count) in [("refused", 1.0), ("applied", 1.0)] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!(
+                    r#"token_broker_config_reloads_total{{trigger="admin",outcome="{outcome}"}}"#
+                )
+            ),
+            Some(count),
+            "{text}"
+        );
+    }
 }
 
 #[tokio::test]
