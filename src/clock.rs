@@ -7,7 +7,8 @@
 //! production, while minutes of token life pass at once. Its [`Clock::sleep`] wakes when the
 //! clock is moved past its deadline. Timers that are about the network itself (connection
 //! retries, probes, accept pauses) use tokio's timers directly. `clippy.toml` bans
-//! `Instant::now` and `SystemTime::now` everywhere else.
+//! `Instant::now` and `SystemTime::now` everywhere else. A manual clock is for real time: under
+//! tokio's paused test clock its sleeps would never see the time they wait for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

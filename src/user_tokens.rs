@@ -48,6 +48,8 @@ use store::{Grant, SessionStore};
 struct Asking<'a> {
     budget: &'a IdpBudget,
     permit: Option<IdpPermit>,
+    /// The request was charged to `budget` already (before a one-time state was spent on it).
+    prepaid: bool,
 }
 
 /// How long a caller is told to wait when the shared level cannot answer for a session.
@@ -276,8 +278,19 @@ impl UserTokens {
         }
     }
 
-    /// Exchanges the code of a redeemed authorization and returns the new session's handle. The
-    /// exchange runs in a task of its own, so a caller that goes away does not lose the session.
+    /// Charges one code exchange to `budget` before the state is redeemed, so that a caller
+    /// over its budget keeps its state for a retry; [`UserTokens::exchange`] then spends that
+    /// charge, and [`IdpBudget::refund`] gives it back when the exchange never starts.
+    pub fn charge_exchange(&self, budget: &IdpBudget) -> Result<(), UserError> {
+        budget.spend(self.clock().instant()).map_err(|retry_after| {
+            budget.record_refused_budget();
+            UserError::Token(BrokerError::CallerOverBudget { retry_after })
+        })
+    }
+
+    /// Exchanges the code of a redeemed authorization, charged already with
+    /// [`UserTokens::charge_exchange`], and returns the new session's handle. The exchange
+    /// runs in a task of its own, so a caller that goes away does not lose the session.
     pub async fn exchange(
         &self,
         pending: Arc<PendingAuthorization>,
@@ -285,7 +298,10 @@ impl UserTokens {
         code: String,
         budget: &Arc<IdpBudget>,
     ) -> Result<String, UserError> {
-        user_login(&environment)?;
+        if let Err(error) = user_login(&environment) {
+            budget.refund();
+            return Err(error);
+        }
         let this = self.clone();
         let budget = Arc::clone(budget);
         let task = tokio::spawn(async move {
@@ -312,6 +328,7 @@ impl UserTokens {
         let asking = Asking {
             budget,
             permit: None,
+            prepaid: true,
         };
         let answer = self.ask_idp(environment, asking, exchange).await?;
         self.count_idp_request(environment, "authorization_code", &answer);
@@ -381,10 +398,14 @@ impl UserTokens {
     async fn ask_idp<T>(
         &self,
         environment: &EnvironmentSettings,
-        Asking { budget, permit }: Asking<'_>,
+        Asking {
+            budget,
+            permit,
+            prepaid,
+        }: Asking<'_>,
         request: impl Future<Output = Result<T, IdpError>>,
     ) -> Result<Result<T, IdpError>, UserError> {
-        if let Err(retry_after) = budget.spend(self.clock().instant()) {
+        if !prepaid && let Err(retry_after) = budget.spend(self.clock().instant()) {
             budget.record_refused_budget();
             tracing::warn!(
                 caller = budget.caller(),

@@ -193,11 +193,19 @@ pub async fn create_session(
         }
         .into());
     }
-    let pending = state
+    // The exchange is charged before the one-time state is spent, and given back when it
+    // never starts, so a caller over its budget can retry with the same state.
+    state.user_tokens.charge_exchange(&caller.idp_budget)?;
+    let redeemed = state
         .user_tokens
         .redeem(&caller.name, &tenant, &environment, &oauth_state)
-        .await?;
-    let settings = token_request::authorise_key(&state, &caller, &pending.key)?;
+        .await
+        .map_err(ApiError::from)
+        .and_then(|pending| {
+            let settings = token_request::authorise_key(&state, &caller, &pending.key)?;
+            Ok((pending, settings))
+        });
+    let (pending, settings) = redeemed.inspect_err(|_| caller.idp_budget.refund())?;
     let key = pending.key.clone();
     let handle = state
         .user_tokens

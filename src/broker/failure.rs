@@ -183,14 +183,15 @@ impl Broker {
         }
         let reloads = self.inner.reloads.load(Ordering::Acquire);
         let upstream = self.upstream(environment);
-        let deadline = self.inner.clock.instant() + environment.timeout;
+        // Real time: the bound of a network exchange, whatever a test does to the clock.
+        let deadline = tokio::time::Instant::now() + environment.timeout;
         let mut attempt = 1;
         loop {
             let now = self.inner.clock.instant();
             if let Some(retry_after) = upstream.blocked_for(now) {
                 return Err(BrokerError::RateLimited { retry_after });
             }
-            let result = tokio::time::timeout_at(deadline.into(), async {
+            let result = tokio::time::timeout_at(deadline, async {
                 let _permit = upstream.permits.acquire().await.expect("never closed");
                 if let Err(retry_after) = upstream
                     .take_quota(self.inner.clock.instant(), environment.max_fetches_per_hour)
@@ -293,7 +294,8 @@ impl Broker {
                 }
                 BrokerError::Unavailable { source, .. } if source.is_transient() => {
                     let backoff = full_jitter(attempt);
-                    if attempt >= MAX_ATTEMPTS || self.inner.clock.instant() + backoff >= deadline {
+                    if attempt >= MAX_ATTEMPTS || tokio::time::Instant::now() + backoff >= deadline
+                    {
                         log("token request failed; giving up");
                         return Err(error);
                     }

@@ -273,6 +273,12 @@ impl Broker {
         let Some(key) = self.inner.by_shared_key.get(shared_key) else {
             return;
         };
+        // The index may still name a key whose token changed identity (a reload changed how it
+        // talks to its IdP): an announcement about the old identity is not about this token.
+        let current = self.inner.tokens.get(&key).await;
+        if current.is_none_or(|token| token.shared_key() != Some(shared_key)) {
+            return;
+        }
         match &event {
             Invalidation::Deleted { token: only, .. } => {
                 self.apply_delete(&key, *only).await;
@@ -360,7 +366,7 @@ impl Broker {
         let Some(current) = self.inner.tokens.get(key).await else {
             return;
         };
-        if current.digest() == *stored {
+        if current.digest() == *stored || current.shared_key() != Some(shared_key) {
             return;
         }
         let wanted = Wanted::FetchedAfter(current.fetched_at);

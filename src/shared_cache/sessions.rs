@@ -247,36 +247,35 @@ impl Inner {
             .arg(format!("{:016}", record.generation))
             .arg(ttl_millis(idle));
         let mut connection = self.connection()?;
-        let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
-        match written {
-            1 => Ok(SessionWrite::Stored),
-            -1 => Ok(SessionWrite::Deleted),
-            _ => {
-                // Superseded only by a session this replica can read: a value whose clear
-                // generation is higher but that does not open (altered, or sealed with a key
-                // this replica lacks) must not make it drop the tokens it holds.
-                let newer: Option<Vec<u8>> = self
-                    .call(
-                        redis::cmd("GET")
-                            .arg(&redis_key)
-                            .query_async(&mut connection),
-                    )
-                    .await?;
-                match newer {
-                    Some(value) if value == TOMBSTONE => Ok(SessionWrite::Deleted),
-                    Some(value) if open_session(&self.cipher, &redis_key, &value).is_ok() => {
-                        Ok(SessionWrite::Superseded)
-                    }
-                    // Gone meanwhile (expired, evicted): write again later.
-                    None => Err(SharedCacheError::Backend(
-                        "the newer session value went away before it could be checked".into(),
-                    )),
-                    Some(_) => Err(SharedCacheError::Backend(
-                        "a newer session value that this replica cannot read is in the way".into(),
-                    )),
+        // Twice at most: a newer value that expires between the script and the check below is
+        // written over at once.
+        for _ in 0..2 {
+            let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+            match written {
+                1 => return Ok(SessionWrite::Stored),
+                -1 => return Ok(SessionWrite::Deleted),
+                _ => {}
+            }
+            // Superseded only by a session this replica can read: a value whose clear
+            // generation is higher but that does not open (altered, or sealed with a key this
+            // replica lacks) must not make it drop the tokens it holds.
+            let newer: Option<Vec<u8>> = self
+                .call(
+                    redis::cmd("GET")
+                        .arg(&redis_key)
+                        .query_async(&mut connection),
+                )
+                .await?;
+            match newer {
+                Some(value) if value == TOMBSTONE => return Ok(SessionWrite::Deleted),
+                Some(value) if open_session(&self.cipher, &redis_key, &value).is_ok() => {
+                    return Ok(SessionWrite::Superseded);
                 }
+                Some(_) => return Err(SharedCacheError::Blocked),
+                None => {}
             }
         }
+        Err(SharedCacheError::Blocked)
     }
 
     async fn delete_session(&self, id: &HandleId, idle: Duration) -> Result<(), SharedCacheError> {

@@ -86,6 +86,10 @@ pub enum SharedCacheError {
     /// The server answered with an error or the connection failed.
     #[error("the shared cache failed: {0}")]
     Backend(String),
+    /// A write met a newer value this replica cannot read (altered, or sealed with a key it
+    /// lacks): not written, and not taken for another replica's newer one. The level works.
+    #[error("a newer value this replica cannot read is in the way")]
+    Blocked,
 }
 
 /// The future of a shared-level call.

@@ -139,6 +139,7 @@ impl UserTokens {
                     Asking {
                         budget,
                         permit: None,
+                        prepaid: false,
                     },
                 )
                 .await;
@@ -153,7 +154,21 @@ impl UserTokens {
             // The IdP client's permit first, the lock second: a wait for a permit (machine-token
             // misses may hold them all) must not eat into the lock's time to live, or another
             // replica could take the lapsed lock and send the same refresh token.
-            let permit = self.inner.broker.idp_permit(environment).await;
+            // Once a peer is seen refreshing, the wait for its refresh bounds this one too.
+            let permit = match deadline {
+                None => self.inner.broker.idp_permit(environment).await,
+                Some(deadline) => {
+                    let permit = self.inner.broker.idp_permit(environment);
+                    match tokio::time::timeout_at(deadline, permit).await {
+                        Ok(permit) => permit,
+                        Err(_) => {
+                            return Err(UserError::PeerRefreshing {
+                                retry_after: SHARED_RETRY_AFTER,
+                            });
+                        }
+                    }
+                }
+            };
             let lock = match shared.lock_session(&id).await {
                 Ok(lock) => lock,
                 Err(error) if !peer_refreshing => {
@@ -168,6 +183,7 @@ impl UserTokens {
                             Asking {
                                 budget,
                                 permit: Some(permit),
+                                prepaid: false,
                             },
                         )
                         .await;
@@ -211,6 +227,7 @@ impl UserTokens {
                         Asking {
                             budget,
                             permit: Some(permit),
+                            prepaid: false,
                         },
                     )
                     .await;
@@ -454,11 +471,20 @@ pub(super) async fn write_back_on_recovery(inner: Weak<Inner>) {
                     _ => continue,
                 },
             };
-            if this.write_record(&shared, &session, &record).await.is_err() {
-                unreachable = true;
-                break;
+            match this.write_record(&shared, &session, &record).await {
+                Ok(_) => written = written.saturating_add(1),
+                // This one session is in the way of nothing else: it stays held and is tried
+                // again by its own writer; the others are still written back.
+                Err(SharedCacheError::Blocked) => {
+                    session.keep_unwritten(record);
+                    this.inner.sessions.hold_unwritten(&session).await;
+                    this.write_later(Arc::clone(&session), None, WRITE_BACKOFF.1);
+                }
+                Err(_) => {
+                    unreachable = true;
+                    break;
+                }
             }
-            written = written.saturating_add(1);
         }
         tracing::info!(
             sessions = written,

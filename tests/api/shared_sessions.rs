@@ -347,22 +347,24 @@ async fn while_redis_is_down_held_handles_are_served_and_refreshed_and_others_ar
     assert_eq!(quiet_on_b.status, 200, "{}", quiet_on_b.body);
 }
 
-/// Replicas whose acme environments answer within 3 s, one IdP request at a time, with locks
-/// that outlive such a fetch by little (3.5 s against 3 s plus two 200 ms Redis calls).
+/// Replicas whose acme environments answer within 4.5 s (two 2 s fetches, one waiting for the
+/// other's permit), one IdP request at a time, with locks that outlive such a fetch by little
+/// (5.2 s against 4.5 s plus two 200 ms Redis calls), and shorter than a refresh that waited for
+/// the permit under its lock would need (2 s + 2 s + 2 s).
 const ONE_AT_A_TIME: &str = r#"
     [shared_cache]
-    lock_ttl = "3500ms"
-    wait_for_peer = "4s"
+    lock_ttl = "5200ms"
+    wait_for_peer = "5s"
 
     [tenants.acme.environments.production]
-    timeout = "3s"
+    timeout = "4500ms"
     max_concurrent_fetches = 1
 
     [tenants.acme.environments.staging]
-    timeout = "3s"
+    timeout = "4500ms"
 
     [tenants.globex.environments.production]
-    timeout = "3s"
+    timeout = "4500ms"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,26 +411,29 @@ async fn a_refresh_that_waits_for_the_idp_clients_permit_never_outlives_its_lock
     // user-1 now has 40 s left, under cache.min_remaining: the next request refreshes.
     a.clock.advance(Duration::from_secs(60));
 
-    // Two machine-token misses on A hold its one permit for about 4 s, one after the other.
-    let misses: Vec<_> = ["scope=one", "scope=two"]
-        .into_iter()
-        .map(|scope| {
-            let (url, http) = (a.url.clone(), a.http.clone());
-            tokio::spawn(async move {
-                http.get(format!("{url}/v1/tokens/acme/production?{scope}"))
-                    .bearer_auth(BILLING_KEY)
-                    .send()
-                    .await
-                    .map(|answer| answer.status().as_u16())
-            })
+    // Two machine-token misses on A hold its one permit for about 4 s, one after the other:
+    // the first is at the IdP before the second is sent, and the second is queued for the
+    // permit before A's refresh (100 ms: a queue position shows nowhere to poll for).
+    let miss = |scope: &'static str| {
+        let (url, http) = (a.url.clone(), a.http.clone());
+        tokio::spawn(async move {
+            http.get(format!("{url}/v1/tokens/acme/production?{scope}"))
+                .bearer_auth(BILLING_KEY)
+                .send()
+                .await
+                .map(|answer| answer.status().as_u16())
         })
-        .collect();
+    };
+    let first = miss("scope=one");
     eventually("a machine-token fetch reaches the IdP", async || {
         !idp.received_requests().await.unwrap_or_default().is_empty()
     })
     .await;
-    // A's refresh waits for the permit; B asks 3 s later, after a lock A took at once would
-    // have lapsed (3.5 s) and before A could send.
+    let second = miss("scope=two");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let misses = [first, second];
+    // A's refresh waits for the permit until about 4 s; B asks 3 s in: a lock A took at once
+    // would lapse at 5.3 s, before A's refresh (sent at 4 s, answered at 6 s) is written.
     let on_a = {
         let (url, http, handle) = (a.url.clone(), a.http.clone(), handle.clone());
         tokio::spawn(async move {

@@ -54,6 +54,7 @@ async fn a_loop_of_made_up_codes_spends_only_the_callers_budget() {
         .mount(&app.idp)
         .await;
     let mut statuses = Vec::new();
+    let mut refused_state = None;
     for _ in 0..6 {
         let started = app
             .authorize("acme/production", BILLING_KEY, json!({}))
@@ -66,6 +67,7 @@ async fn a_loop_of_made_up_codes_spends_only_the_callers_budget() {
         if answer.status == 429 {
             assert_eq!(answer.body["error"], "rate_limited");
             assert!(answer.header("retry-after").is_some());
+            refused_state = Some(state.to_owned());
         }
         statuses.push(answer.status);
     }
@@ -74,6 +76,23 @@ async fn a_loop_of_made_up_codes_spends_only_the_callers_budget() {
         app.idp_requests().await.grant("authorization_code").len(),
         3,
         "one IdP request per unit of billing's budget, none beyond"
+    );
+    // A refusal for budget keeps the state: once the budget refills, the same state is
+    // redeemed (and its made-up code refused by the IdP).
+    app.clock.advance(Duration::from_secs(60));
+    let retried = app
+        .create_session(
+            "acme/production",
+            BILLING_KEY,
+            "made-up",
+            &refused_state.expect("a state refused for budget"),
+        )
+        .await;
+    assert_eq!(retried.status, 400, "{}", retried.body);
+    assert_eq!(retried.body["error"], "invalid_grant");
+    assert_eq!(
+        app.idp_requests().await.grant("authorization_code").len(),
+        4
     );
     // Another caller's budget is untouched: reports may still start and redeem.
     let reports = app
