@@ -28,9 +28,9 @@ pub use assertion::{
 };
 pub use response::{IssuedToken, MAX_LIFETIME, MAX_PAUSE, QuotaRemaining, RateLimitHeaders};
 pub use settings::{
-    AudienceParam, ClientAuth, ClientCredential, DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES,
-    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, EnvironmentSettings, RequestFormat,
-    UserLoginSettings,
+    AudienceParam, ClientAuth, ClientCredential, CredentialFallbacks, CredentialFile,
+    DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT,
+    EnvironmentSettings, RequestFormat, UserLoginSettings,
 };
 
 /// Bound on establishing a TCP + TLS connection to an IdP, below any request timeout.
@@ -207,6 +207,7 @@ impl IdpClient {
     pub async fn fetch(
         &self,
         environment: &EnvironmentSettings,
+        credential: &ClientCredential,
         audience: &str,
         scope: &str,
         organization: Option<&str>,
@@ -225,6 +226,7 @@ impl IdpClient {
         let answer = self
             .send(
                 environment,
+                credential,
                 environment.request_format,
                 "client_credentials",
                 &params,
@@ -252,6 +254,7 @@ impl IdpClient {
         let answer = self
             .send(
                 environment,
+                &environment.credential,
                 RequestFormat::Form,
                 "authorization_code",
                 &params,
@@ -271,7 +274,13 @@ impl IdpClient {
     ) -> Result<UserGrant, IdpError> {
         let params = [("refresh_token", refresh_token.expose_secret())];
         let answer = self
-            .send(environment, RequestFormat::Form, "refresh_token", &params)
+            .send(
+                environment,
+                &environment.credential,
+                RequestFormat::Form,
+                "refresh_token",
+                &params,
+            )
             .await?;
         Ok(UserGrant {
             token: answer.token,
@@ -294,6 +303,7 @@ impl IdpClient {
         ];
         let request = self.build_request(
             environment,
+            &environment.credential,
             revocation_url,
             RequestFormat::Form,
             None,
@@ -323,12 +333,14 @@ impl IdpClient {
     async fn send(
         &self,
         environment: &EnvironmentSettings,
+        credential: &ClientCredential,
         format: RequestFormat,
         grant_type: &str,
         grant_params: &[(&str, &str)],
     ) -> Result<Answer, IdpError> {
         let request = self.build_request(
             environment,
+            credential,
             &environment.token_url,
             format,
             Some(grant_type),
@@ -374,6 +386,7 @@ impl IdpClient {
     fn build_request(
         &self,
         environment: &EnvironmentSettings,
+        credential: &ClientCredential,
         url: &reqwest::Url,
         format: RequestFormat,
         grant_type: Option<&str>,
@@ -387,7 +400,7 @@ impl IdpClient {
         if let Some(grant_type) = grant_type {
             params.push(("grant_type", grant_type));
         }
-        match (&environment.credential, environment.client_auth) {
+        match (credential, environment.client_auth) {
             (ClientCredential::Secret(secret), ClientAuth::Basic) => {
                 let value = basic_authorization(&environment.client_id, secret.expose_secret());
                 headers.insert(header::AUTHORIZATION, value);

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng as _;
+use secrecy::ExposeSecret as _;
 
 use super::upstream::Upstream;
 use super::{Broker, BrokerError, CachedToken, TokenKey, lock};
-use crate::idp::{EnvironmentSettings, IdpError, RateLimitHeaders};
+use crate::idp::{ClientCredential, EnvironmentSettings, IdpError, RateLimitHeaders};
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics::IdpOutcome;
 
@@ -50,6 +51,67 @@ pub(super) enum Remembered {
 /// (`max_concurrent_fetches`); given back when dropped.
 pub struct IdpPermit {
     _held: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Which credential a fetch tries next when the IdP refuses the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The configured credential's file, read again.
+    Reread,
+    /// The second credential.
+    Fallback,
+    /// None left.
+    Done,
+}
+
+/// Whether an IdP refusal is about the client's credential (`invalid_client`, or a 401 such as
+/// Auth0's `access_denied` "Unauthorized"), which another credential may cure.
+fn refuses_client(status: u16, code: &str) -> bool {
+    status == 401 || code == "invalid_client"
+}
+
+/// The next credential to try after `current` was refused, and whether it is the fallback:
+/// the configured file when it now holds another secret (or any key), then the fallback (its
+/// file read again when it has one), once each.
+async fn next_credential(
+    environment: &EnvironmentSettings,
+    next: &mut Next,
+    current: &ClientCredential,
+) -> Option<(ClientCredential, bool)> {
+    loop {
+        match *next {
+            Next::Reread => {
+                *next = Next::Fallback;
+                let Some(file) = &environment.fallbacks.primary_file else {
+                    continue;
+                };
+                let Some(read) = file.read(&environment.credential).await else {
+                    continue;
+                };
+                let unchanged = match (&read, current) {
+                    (ClientCredential::Secret(read), ClientCredential::Secret(current)) => {
+                        read.expose_secret() == current.expose_secret()
+                    }
+                    _ => false,
+                };
+                if !unchanged {
+                    return Some((read, false));
+                }
+            }
+            Next::Fallback => {
+                *next = Next::Done;
+                let fallbacks = &environment.fallbacks;
+                let read = match &fallbacks.fallback_file {
+                    Some(file) => file.read(&environment.credential).await,
+                    None => None,
+                };
+                if let Some(fallback) = read.or_else(|| fallbacks.fallback.clone()) {
+                    return Some((fallback, true));
+                }
+            }
+            Next::Done => return None,
+        }
+    }
 }
 
 /// The `outcome` label of one IdP answer.
@@ -186,6 +248,11 @@ impl Broker {
         // Real time: the bound of a network exchange, whatever a test does to the clock.
         let deadline = tokio::time::Instant::now() + environment.timeout;
         let mut attempt = 1;
+        // When the IdP refuses the client: its credential file read again, then the second
+        // credential, once each, within this fetch (so charged once to the caller).
+        let mut credential = environment.credential.clone();
+        let mut next = Next::Reread;
+        let mut on_fallback = false;
         loop {
             let now = self.inner.clock.instant();
             if let Some(retry_after) = upstream.blocked_for(now) {
@@ -209,6 +276,7 @@ impl Broker {
                     .idp
                     .fetch(
                         environment,
+                        &credential,
                         &key.audience,
                         key.scope.as_str(),
                         key.organization.as_deref(),
@@ -230,6 +298,16 @@ impl Broker {
             let error = match result {
                 Ok(fetched) => {
                     upstream.record_rate_limit(fetched.rate_limit);
+                    if on_fallback {
+                        tracing::warn!(
+                            tenant = %key.tenant,
+                            environment = %key.environment,
+                            "the IdP refused the configured client credential and accepted the fallback one: finish the rotation (make the new credential the configured one)"
+                        );
+                        self.inner
+                            .metrics
+                            .credential_fallback(&key.tenant, &key.environment);
+                    }
                     tracing::info!(
                         tenant = %key.tenant,
                         environment = %key.environment,
@@ -266,6 +344,21 @@ impl Broker {
                         "quota guard: max_fetches_per_hour reached, not asking the IdP"
                     );
                     return Err(error);
+                }
+                BrokerError::Rejected {
+                    source: IdpError::Rejected { status, code },
+                    ..
+                } if refuses_client(*status, code)
+                    && let Some((other, fallback)) =
+                        next_credential(environment, &mut next, &credential).await =>
+                {
+                    log(if fallback {
+                        "the IdP refused the client's credential; trying the fallback credential"
+                    } else {
+                        "the IdP refused the client's credential; trying its file, which changed"
+                    });
+                    credential = other;
+                    on_fallback = fallback;
                 }
                 BrokerError::Rejected {
                     source: IdpError::Rejected { status, code },

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use super::raw::RawEnvironment;
 use super::secrets;
-use crate::idp::{ClientAuth, ClientCredential, ClientKey, EnvironmentSettings, UserLoginSettings};
+use crate::idp::{
+    ClientAuth, ClientCredential, ClientKey, CredentialFallbacks, CredentialFile,
+    EnvironmentSettings, UserLoginSettings,
+};
 use crate::telemetry::metrics::EnvironmentHandles;
 
 /// Least `max_response_bytes`: below it even a short opaque token's answer would not fit.
@@ -48,6 +51,7 @@ impl RawEnvironment {
             }
         };
         let credential = self.credential(at, token_url.as_ref(), env, problems);
+        let fallbacks = self.fallbacks(at, credential.as_ref(), env, problems);
         let user_login = self.user_login(at, problems);
         let client_id = self.client_id.filter(|id| !id.trim().is_empty());
         if client_id.is_none() {
@@ -107,6 +111,7 @@ impl RawEnvironment {
             token_url: token_url?,
             client_id: client_id?,
             credential: credential?,
+            fallbacks,
             audience: self.audience.map(Arc::from),
             request_format: self.request_format,
             client_auth: self.client_auth,
@@ -221,6 +226,91 @@ impl RawEnvironment {
         })
     }
 
+    /// Where the configured credential is read again from, and a second credential (at most
+    /// one source, of the credential's kind), for when the IdP refuses the first.
+    fn fallbacks(
+        &self,
+        at: &str,
+        credential: Option<&ClientCredential>,
+        env: &dyn Fn(&str) -> Option<String>,
+        problems: &mut Vec<String>,
+    ) -> CredentialFallbacks {
+        let with_key = self.client_auth == ClientAuth::PrivateKeyJwt;
+        let key_id = self.key_id.clone().filter(|id| !id.trim().is_empty());
+        let primary_file = if with_key {
+            self.private_key_file
+                .clone()
+                .map(|path| CredentialFile::Key {
+                    path,
+                    key_id: key_id.clone(),
+                })
+        } else {
+            self.client_secret_file.clone().map(CredentialFile::Secret)
+        };
+        let mut fallbacks = CredentialFallbacks {
+            primary_file,
+            ..CredentialFallbacks::default()
+        };
+        let secret_env = self.fallback_client_secret_env.as_deref();
+        let secret_file = self.fallback_client_secret_file.as_ref();
+        let key_file = self.fallback_private_key_file.as_ref();
+        match (with_key, secret_env, secret_file, key_file) {
+            (_, None, None, None) => {}
+            (false, _, _, Some(_)) => problems.push(format!(
+                "{at}.fallback_private_key_file: only with client_auth = \"private_key_jwt\"; use fallback_client_secret_env or fallback_client_secret_file"
+            )),
+            (true, Some(_), _, _) | (true, _, Some(_), _) => problems.push(format!(
+                "{at}: client_auth = \"private_key_jwt\" sends no secret; use fallback_private_key_file"
+            )),
+            (false, Some(_), Some(_), None) => problems.push(format!(
+                "{at}: both fallback_client_secret_env and fallback_client_secret_file; keep one"
+            )),
+            (false, Some(name), None, None) => {
+                let setting = format!("{at}.fallback_client_secret_env");
+                fallbacks.fallback = secrets::secret_from_env(&setting, name, env, problems)
+                    .map(ClientCredential::Secret);
+            }
+            (false, None, Some(path), None) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => {
+                    fallbacks.fallback = Some(ClientCredential::Secret(text.trim().to_owned().into()));
+                    fallbacks.fallback_file = Some(CredentialFile::Secret(path.clone()));
+                }
+                Ok(_) => problems.push(format!("{at}.fallback_client_secret_file: empty")),
+                Err(e) => problems.push(format!(
+                    "{at}.fallback_client_secret_file: cannot read {}: {e}",
+                    path.display()
+                )),
+            },
+            (true, None, None, Some(path)) => {
+                let assertion_audience = match credential {
+                    Some(ClientCredential::PrivateKey {
+                        assertion_audience, ..
+                    }) => assertion_audience.clone(),
+                    _ => return fallbacks,
+                };
+                let key = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    .and_then(|pem| {
+                        ClientKey::from_pem(&pem, key_id.clone()).map_err(|e| e.to_string())
+                    });
+                match key {
+                    Ok(key) => {
+                        fallbacks.fallback = Some(ClientCredential::PrivateKey {
+                            key: Arc::new(key),
+                            assertion_audience,
+                        });
+                        fallbacks.fallback_file = Some(CredentialFile::Key {
+                            path: path.clone(),
+                            key_id,
+                        });
+                    }
+                    Err(e) => problems.push(format!("{at}.fallback_private_key_file: {e}")),
+                }
+            }
+        }
+        fallbacks
+    }
+
     /// `authorize_url` and `redirect_uri`, both or neither.
     fn user_login(&self, at: &str, problems: &mut Vec<String>) -> Option<UserLoginSettings> {
         match (&self.authorize_url, &self.redirect_uri) {
@@ -278,6 +368,7 @@ fn http_url(at: &str, name: &str, url: &str, problems: &mut Vec<String>) -> Opti
 mod tests {
     use super::super::test_support::*;
     use super::*;
+    use secrecy::ExposeSecret as _;
 
     fn ec_key_pem() -> String {
         use aws_lc_rs::encoding::AsDer as _;
@@ -342,6 +433,48 @@ mod tests {
             "client_secret = \"s\"\nkey_id = \"k\"",
         );
         assert!(problems(&key_with_secret, &no_env).contains("apply only with client_auth"));
+    }
+
+    #[test]
+    fn a_fallback_credential_is_one_source_of_the_credentials_kind() {
+        let base = r#"
+            [server]
+            listen = "127.0.0.1:8080"
+            [auth]
+            allow_anonymous = true
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "id"
+            client_secret = "s"
+        "#;
+        let env = |name: &str| (name == "FALLBACK").then(|| "the-fallback".to_owned());
+        let settings = crate::config::Settings::from_toml(
+            &format!("{base}fallback_client_secret_env = \"FALLBACK\"\n"),
+            &env,
+        )
+        .expect("valid");
+        let production = settings.environment("acme", "production").unwrap();
+        assert!(matches!(
+            &production.fallbacks.fallback,
+            Some(ClientCredential::Secret(secret)) if secret.expose_secret() == "the-fallback"
+        ));
+        let both = format!(
+            "{base}fallback_client_secret_env = \"FALLBACK\"\nfallback_client_secret_file = \"/f\"\n"
+        );
+        assert!(
+            problems(&both, &env)
+                .contains("both fallback_client_secret_env and fallback_client_secret_file")
+        );
+        let key_for_secret = format!("{base}fallback_private_key_file = \"/k.pem\"\n");
+        assert!(
+            problems(&key_for_secret, &env)
+                .contains("fallback_private_key_file: only with client_auth")
+        );
+        let unset = format!("{base}fallback_client_secret_env = \"NOPE\"\n");
+        assert!(
+            problems(&unset, &env)
+                .contains("fallback_client_secret_env: environment variable NOPE")
+        );
     }
 
     #[test]

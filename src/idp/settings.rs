@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,7 @@ pub enum ClientAuth {
 }
 
 /// The credential the broker proves its client identity with.
+#[derive(Clone)]
 pub enum ClientCredential {
     /// A client secret, for `client_auth = "post"` or `"basic"`.
     Secret(SecretString),
@@ -58,6 +60,62 @@ pub enum ClientCredential {
         /// The assertion's `aud`: the token URL unless configured.
         assertion_audience: String,
     },
+}
+
+/// A file a client credential is read from, read again when the IdP refuses the credential
+/// in use (a rotated secret written there since).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialFile {
+    /// A client secret (surrounding white space trimmed).
+    Secret(PathBuf),
+    /// A PEM private key, with the key id its assertions name.
+    Key {
+        /// The PEM file.
+        path: PathBuf,
+        /// `key_id`, the assertions' `kid`.
+        key_id: Option<String>,
+    },
+}
+
+impl CredentialFile {
+    /// The credential in the file now, of the kind of `like` (whose assertion audience a key
+    /// keeps); `None` when it cannot be read or holds nothing usable.
+    pub async fn read(&self, like: &ClientCredential) -> Option<ClientCredential> {
+        match self {
+            Self::Secret(path) => {
+                let text = tokio::fs::read_to_string(path).await.ok()?;
+                let secret = text.trim();
+                (!secret.is_empty()).then(|| ClientCredential::Secret(secret.to_owned().into()))
+            }
+            Self::Key { path, key_id } => {
+                let ClientCredential::PrivateKey {
+                    assertion_audience, ..
+                } = like
+                else {
+                    return None;
+                };
+                let pem = tokio::fs::read_to_string(path).await.ok()?;
+                let key = ClientKey::from_pem(&pem, key_id.clone()).ok()?;
+                Some(ClientCredential::PrivateKey {
+                    key: Arc::new(key),
+                    assertion_audience: assertion_audience.clone(),
+                })
+            }
+        }
+    }
+}
+
+/// What the broker tries when the IdP refuses the client (`invalid_client`, a 401): the
+/// configured credential's file read again, then a second credential, once each.
+#[derive(Clone, Default)]
+pub struct CredentialFallbacks {
+    /// Where the configured credential came from, when from a file.
+    pub primary_file: Option<CredentialFile>,
+    /// The second credential, as read at load (`fallback_client_secret_env`,
+    /// `fallback_client_secret_file`, `fallback_private_key_file`).
+    pub fallback: Option<ClientCredential>,
+    /// Where the second credential came from, when from a file: read again at use.
+    pub fallback_file: Option<CredentialFile>,
 }
 
 /// Where users log in and where the IdP sends them back, for user tokens.
@@ -95,6 +153,8 @@ pub struct EnvironmentSettings {
     pub client_id: String,
     /// Client secret or private key; used only where the request is built.
     pub credential: ClientCredential,
+    /// What to try when the IdP refuses `credential`.
+    pub fallbacks: CredentialFallbacks,
     /// Audience used when the caller names none (shared with the keys that use it).
     pub audience: Option<Arc<str>>,
     /// Where its metrics' handles are kept once found, for the hot path.
@@ -142,6 +202,7 @@ impl EnvironmentSettings {
             token_url,
             client_id: client_id.to_owned(),
             credential,
+            fallbacks: CredentialFallbacks::default(),
             audience: None,
             request_format: RequestFormat::Json,
             client_auth: ClientAuth::Post,

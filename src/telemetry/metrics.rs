@@ -63,6 +63,8 @@ pub const SHARED_CACHE_INVALIDATIONS: &str = "token_broker_shared_cache_invalida
 /// Redis masters the broker moved to as the sentinels named them (the first one found at start
 /// included, so a failover shows as an increase beyond 1).
 pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_changes_total";
+/// Counter: tokens fetched with an environment's second credential.
+pub const CREDENTIAL_FALLBACKS: &str = "token_broker_client_credential_fallbacks_total";
 /// Counter: configuration reloads tried, by `trigger` and `outcome`.
 pub const CONFIG_RELOADS: &str = "token_broker_config_reloads_total";
 /// Workload tokens refused, by the `check` they failed.
@@ -209,6 +211,10 @@ impl Metrics {
                 "Requests to the IdP for user tokens, by grant (authorization_code, refresh_token, revocation) and outcome.",
             ),
             (
+                CREDENTIAL_FALLBACKS,
+                "Tokens fetched with an environment's fallback credential after the IdP refused the configured one: finish the rotation.",
+            ),
+            (
                 CONFIG_RELOADS,
                 "Configuration reloads tried, by trigger (signal, admin) and outcome (applied, refused).",
             ),
@@ -329,6 +335,21 @@ impl Metrics {
             ],
         );
         self.inner.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// Counts one token fetched with `tenant`/`environment`'s fallback credential.
+    pub fn credential_fallback(&self, tenant: &str, environment: &str) {
+        let key = Key::from_parts(
+            CREDENTIAL_FALLBACKS,
+            vec![
+                Label::new("tenant", tenant.to_owned()),
+                Label::new("environment", environment.to_owned()),
+            ],
+        );
+        self.inner
+            .recorder
+            .register_counter(&key, &METADATA)
+            .increment(1);
     }
 
     /// Counts one configuration reload tried by `trigger`, with its `outcome`.

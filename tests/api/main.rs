@@ -16,6 +16,7 @@ mod admin;
 mod auth;
 mod cache_keys;
 mod client_assertion;
+mod credentials;
 mod delete;
 mod deployment;
 mod docs;
