@@ -66,6 +66,8 @@ impl Snapshot {
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadTrigger {
+    /// A file the configuration names changed (`server.watch_interval`).
+    File,
     /// `SIGHUP`.
     Signal,
     /// `POST /v1/admin/reload`.
@@ -73,9 +75,10 @@ pub enum ReloadTrigger {
 }
 
 impl ReloadTrigger {
-    /// `signal` or `admin`, as the `trigger` label says.
+    /// `file`, `signal` or `admin`, as the `trigger` label says.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::File => "file",
             Self::Signal => "signal",
             Self::Admin => "admin",
         }
@@ -212,6 +215,11 @@ impl AppState {
     /// The configuration in force now (cheap; hold it only for the request).
     pub fn current(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.current.load()
+    }
+
+    /// Whether the configuration can be read again (it came from files).
+    pub fn is_reloadable(&self) -> bool {
+        self.reloader.is_some()
     }
 
     /// Whether `/readyz` answers 200.

@@ -10,6 +10,7 @@
 //! are kept as `SecretString` and never printed.
 
 mod callers;
+mod describe;
 mod environments;
 mod pem;
 mod raw;
@@ -18,9 +19,10 @@ mod server;
 mod shared_cache;
 mod workload;
 
+use describe::{describe, with_source};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +81,9 @@ pub struct Settings {
     pub shared_cache: Option<SharedCacheSettings>,
     /// The audit trail.
     pub telemetry: TelemetrySettings,
+    /// The configuration file and every file it names (`*_file` settings), which
+    /// `server.watch_interval` checks for a change.
+    pub watched_files: Vec<PathBuf>,
 }
 
 /// `[tenants.NAME]`: one tenant and its environments.
@@ -142,7 +147,8 @@ impl Settings {
             .map_err(|error| ConfigError::Invalid(vec![describe(&error, file)]))?;
         let mut problems = Vec::new();
         let raw = RawSettings::read(&config, file, &mut problems);
-        raw.validate(problems, env).map_err(|error| match error {
+        let watched_files = named_files(&config, file);
+        let mut settings = raw.validate(problems, env).map_err(|error| match error {
             ConfigError::Invalid(problems) if variables || file.is_some() => ConfigError::Invalid(
                 problems
                     .into_iter()
@@ -150,7 +156,9 @@ impl Settings {
                     .collect(),
             ),
             other => other,
-        })
+        })?;
+        settings.watched_files = watched_files;
+        Ok(settings)
     }
 
     /// The listen address, parsed (validation guarantees it parses).
@@ -218,129 +226,6 @@ impl Settings {
             self.server.listen
         )
     }
-}
-
-/// What went wrong reading the layers, without any value or source line: a TOML syntax error
-/// names the file, line and column; a wrong type names the setting, what it must be, and where
-/// it came from.
-fn describe(error: &config::ConfigError, file: Option<&Path>) -> String {
-    use config::ConfigError as E;
-    let origin = |origin: &Option<String>| match origin.as_deref() {
-        Some(origin) => format!(" (in {origin})"),
-        None => String::new(),
-    };
-    match error {
-        E::FileParse { uri, cause } => {
-            // The URI is the file given, made relative to the working directory: name it as given.
-            let place = match (uri, file) {
-                (Some(_), Some(file)) => file.display().to_string(),
-                (Some(uri), None) => uri.clone(),
-                (None, _) => "a configuration layer".to_owned(),
-            };
-            // toml's message starts "TOML parse error at line L, column C", then quotes the line.
-            let text = cause.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            match first.strip_prefix("TOML parse error at ") {
-                Some(at) => format!("{place}: TOML syntax error at {at}"),
-                None => format!("{place}: not valid TOML"),
-            }
-        }
-        E::Type {
-            origin: from,
-            expected,
-            key,
-            ..
-        } => format!(
-            "{}: must be {expected}{}",
-            key.as_deref().unwrap_or("a setting"),
-            origin(from)
-        ),
-        E::At {
-            error,
-            origin: from,
-            key,
-        } => match key {
-            Some(key) => format!("{key}: {}{}", describe(error, file), origin(from)),
-            None => format!("{}{}", describe(error, file), origin(from)),
-        },
-        E::NotFound(key) => format!("{key}: missing"),
-        other => without_quoted_values(&other.to_string()),
-    }
-}
-
-/// [`describe`] for an error in the table at `at` (its keys are relative to the table).
-fn describe_at(error: &config::ConfigError, at: &str) -> String {
-    use config::ConfigError as E;
-    let keyed = matches!(
-        error,
-        E::At { key: Some(_), .. } | E::Type { key: Some(_), .. }
-    );
-    if keyed {
-        format!("{at}.{}", describe(error, None))
-    } else {
-        format!("{at}: {}", describe(error, None))
-    }
-}
-
-/// A reading error's message without the value it could not read. serde and config quote the
-/// value (`invalid value: string "…", expected a duration`, `` integer `5` ``, or, for an enum,
-/// unquoted after "variant constructor"): every quoted part is replaced by `…`, and backticks
-/// are kept only in messages that name fields (`unknown field `x`, expected one of …`). A missing
-/// file's name is kept.
-fn without_quoted_values(text: &str) -> String {
-    if text.starts_with("configuration file ") {
-        return text.to_owned();
-    }
-    if text.contains("does not have variant constructor") || text.contains("unknown variant") {
-        return "not one of the values this setting takes".to_owned();
-    }
-    let names_fields = text.starts_with("unknown field") || text.starts_with("missing field");
-    let mut out = String::with_capacity(text.len());
-    let mut quote = None;
-    let mut escaped = false;
-    for c in text.chars() {
-        match quote {
-            Some(open) => {
-                if escaped {
-                    escaped = false;
-                } else if c == '\\' {
-                    escaped = true;
-                } else if c == open {
-                    out.push(c);
-                    quote = None;
-                }
-            }
-            None if c == '"' || (c == '`' && !names_fields) => {
-                out.push(c);
-                out.push('…');
-                quote = Some(c);
-            }
-            None => out.push(c),
-        }
-    }
-    // An unterminated quote leaves nothing of what followed it.
-    if quote.is_some() {
-        out.push('…');
-    }
-    out
-}
-
-/// A validation problem with where its setting came from: the environment variable that set
-/// it, else the file, else the built-in defaults.
-fn with_source(problem: String, file: Option<&Path>) -> String {
-    let path = problem.split(':').next().unwrap_or_default();
-    let variable = format!(
-        "{ENV_PREFIX}__{}",
-        path.replace('.', "__").to_ascii_uppercase()
-    );
-    let source = if std::env::var_os(&variable).is_some() {
-        format!("environment variable {variable}")
-    } else if let Some(file) = file {
-        file.display().to_string()
-    } else {
-        "the built-in defaults".to_owned()
-    };
-    format!("{problem} (from {source})")
 }
 
 impl RawSettings {
@@ -447,8 +332,44 @@ impl RawSettings {
             tenants,
             shared_cache,
             telemetry: self.telemetry,
+            watched_files: Vec::new(),
         })
     }
+}
+
+/// The files a merged configuration names: the value of every `*_file` setting, in tables and
+/// in arrays of tables alike, after `file` (the configuration file itself) when there is one.
+fn named_files(config: &Config, file: Option<&Path>) -> Vec<PathBuf> {
+    fn walk(value: &config::Value, key: Option<&str>, found: &mut Vec<PathBuf>) {
+        match &value.kind {
+            config::ValueKind::Table(table) => {
+                for (name, value) in table {
+                    walk(value, Some(name), found);
+                }
+            }
+            config::ValueKind::Array(values) => {
+                for value in values {
+                    walk(value, None, found);
+                }
+            }
+            config::ValueKind::String(path) if key.is_some_and(|key| key.ends_with("_file")) => {
+                found.push(PathBuf::from(path));
+            }
+            _ => {}
+        }
+    }
+    let mut found: Vec<PathBuf> = file.map(Path::to_path_buf).into_iter().collect();
+    if let Ok(table) = config
+        .clone()
+        .try_deserialize::<BTreeMap<String, config::Value>>()
+    {
+        for (name, value) in &table {
+            walk(value, Some(name), &mut found);
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// The timings of the shared level against each other: the fetch lock outlives any fetch, a
@@ -975,10 +896,11 @@ mod tests {
             ),
             ("invalid value: string \"unterminated hunter2", "hunter2"),
         ] {
-            let cleaned = super::without_quoted_values(message);
+            let cleaned = super::describe::without_quoted_values(message);
             assert!(!cleaned.contains(secret), "{message} -> {cleaned}");
         }
-        let fields = super::without_quoted_values("unknown field `listenn`, expected `listen`");
+        let fields =
+            super::describe::without_quoted_values("unknown field `listenn`, expected `listen`");
         assert_eq!(fields, "unknown field `listenn`, expected `listen`");
         let all = problems(
             "[auth]\nallow_anonymous = true\n[server]\nlisten = \"127.0.0.1:1\"\n[tenants.acme.environments.production]\ntoken_url = \"https://x\"\nclient_id = \"i\"\nclient_secret = \"s\"\nclient_auth = \"hunter2\"\n",

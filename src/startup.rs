@@ -184,6 +184,7 @@ impl Application {
             )
         };
         let _stop_reloading = AbortOnDrop(tokio::spawn(reload_on_hangup(state.clone())));
+        let _stop_watching = AbortOnDrop(tokio::spawn(reload_on_file_change(state.clone())));
         let _stop_upkeep = AbortOnDrop(tokio::spawn(metrics_upkeep(state.metrics.clone())));
         let audit_interval = state.current().settings.telemetry.audit_interval;
         let _stop_audit = AbortOnDrop(tokio::spawn(audit_summaries(state.clone(), audit_interval)));
@@ -323,6 +324,63 @@ async fn reload_on_hangup(state: AppState) {
     }
     #[cfg(not(unix))]
     drop(state);
+}
+
+/// Reloads as `SIGHUP` does when the content of a file the configuration names changes (the
+/// configuration file, secrets, keys, certificates: a Kubernetes Secret changes through a
+/// symlink, so content is compared, not times), checked every `server.watch_interval` on the
+/// broker's clock. A change that cannot be applied (a file caught half-written, an invalid
+/// value) changes nothing, is logged once and is tried again only when the files change again.
+async fn reload_on_file_change(state: AppState) {
+    if !state.is_reloadable() {
+        return;
+    }
+    let mut applied = fingerprint(&state.current().settings.watched_files).await;
+    let mut refused = None;
+    loop {
+        let interval = state.current().settings.server.watch_interval;
+        if interval.is_zero() {
+            return;
+        }
+        state.clock.sleep(interval).await;
+        let now = fingerprint(&state.current().settings.watched_files).await;
+        if now == applied || Some(now) == refused {
+            continue;
+        }
+        let reloading = state.clone();
+        match tokio::task::spawn_blocking(move || reloading.reload(ReloadTrigger::File)).await {
+            Ok(Ok(_)) => {
+                tracing::info!("a file of the configuration changed: reloaded");
+                applied = fingerprint(&state.current().settings.watched_files).await;
+                refused = None;
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, "a file of the configuration changed, but the reload was refused; the previous configuration keeps serving");
+                refused = Some(now);
+            }
+            Err(error) => tracing::error!(%error, "reload failed unexpectedly"),
+        }
+    }
+}
+
+/// A digest of the content of `files` (a missing or unreadable one counts as such).
+async fn fingerprint(files: &[std::path::PathBuf]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    let mut hash = Sha256::new();
+    for file in files {
+        let path = file.as_os_str().as_encoded_bytes();
+        hash.update((path.len() as u64).to_be_bytes());
+        hash.update(path);
+        match tokio::fs::read(file).await {
+            Ok(content) => {
+                hash.update([1]);
+                hash.update((content.len() as u64).to_be_bytes());
+                hash.update(&content);
+            }
+            Err(_) => hash.update([0]),
+        }
+    }
+    hash.finalize().into()
 }
 
 /// Completes on SIGTERM or Ctrl-C (SIGINT).

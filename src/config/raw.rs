@@ -14,7 +14,8 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::{DEFAULT_TOML, describe, describe_at};
+use super::DEFAULT_TOML;
+use super::describe::{describe, describe_at};
 
 use super::server::ServerSettings;
 use crate::broker::CacheSettings;

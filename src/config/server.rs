@@ -25,6 +25,10 @@ pub struct ServerSettings {
     /// Bound on the time one request may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How often the files the configuration names are checked for a change, which reloads
+    /// as `SIGHUP` does; zero turns the check off.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
     /// Largest accepted request head (request line and headers) in bytes; larger ones get 431.

@@ -216,7 +216,7 @@ impl Metrics {
             ),
             (
                 CONFIG_RELOADS,
-                "Configuration reloads tried, by trigger (signal, admin) and outcome (applied, refused).",
+                "Configuration reloads tried, by trigger (file, signal, admin) and outcome (applied, refused).",
             ),
             (
                 SHARED_CACHE_MASTER_CHANGES,

@@ -241,3 +241,83 @@ async fn a_reload_lists_every_problem_even_for_syntax_and_type_errors() {
     // The old configuration keeps serving.
     assert_eq!(app.get("/livez", None).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_changed_secret_file_is_picked_up_without_a_signal_and_a_bad_file_changes_nothing() {
+    use std::time::Duration;
+    use wiremock::matchers::{body_string_contains, method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (secret_v1, secret_v2, secret) = (
+        dir.path().join("v1"),
+        dir.path().join("v2"),
+        dir.path().join("secret"),
+    );
+    std::fs::write(&secret_v1, "the-first-secret").unwrap();
+    std::fs::write(&secret_v2, "the-second-secret").unwrap();
+    std::os::unix::fs::symlink(&secret_v1, &secret).unwrap();
+    let file = dir.path().join("broker.toml");
+    let config = base_config(&idp.uri()).replace(
+        &format!("client_secret = \"{ACME_PRODUCTION_SECRET}\""),
+        &format!("client_secret_file = \"{}\"", secret.display()),
+    );
+    std::fs::write(&file, &config).unwrap();
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
+    let accept_only = async |secret: &str| {
+        app.idp.reset().await;
+        Mock::given(method("POST"))
+            .and(path("/acme/oauth/token"))
+            .and(body_string_contains(secret))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": "accepted", "token_type": "Bearer", "expires_in": 3600,
+            })))
+            .mount(&app.idp)
+            .await;
+    };
+    accept_only("the-first-secret").await;
+    assert_eq!(app.billing("acme/production").await.status, 200);
+
+    // The Secret is swapped under its mount, as Kubernetes does; no signal, no admin call.
+    let swapped = dir.path().join("swapped");
+    std::os::unix::fs::symlink(&secret_v2, &swapped).unwrap();
+    std::fs::rename(&swapped, &secret).unwrap();
+    app.clock.advance(Duration::from_secs(10));
+    let reloads = |outcome: &'static str| {
+        let app = &app;
+        async move {
+            metric(
+                &app.scrape().await,
+                &format!(
+                    r#"token_broker_config_reloads_total{{trigger="file",outcome="{outcome}"}}"#
+                ),
+            )
+        }
+    };
+    eventually("the changed file is reloaded", async || {
+        reloads("applied").await == Some(1.0)
+    })
+    .await;
+    accept_only("the-second-secret").await;
+    let next = app.billing("acme/production?scope=new-key").await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(
+        app.idp_requests().await.to("acme").len(),
+        1,
+        "no refused request"
+    );
+
+    // A configuration caught half-written changes nothing, and is refused once per change.
+    std::fs::write(&file, &config[..config.len() / 2]).unwrap();
+    app.clock.advance(Duration::from_secs(10));
+    eventually("the half-written file is refused", async || {
+        reloads("refused").await == Some(1.0)
+    })
+    .await;
+    app.clock.advance(Duration::from_secs(10));
+    let still = app.billing("acme/production").await;
+    assert_eq!((still.status, still.header("x-cache")), (200, Some("hit")));
+    assert_eq!(reloads("refused").await, Some(1.0));
+    assert_eq!(reloads("applied").await, Some(1.0));
+}
