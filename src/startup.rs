@@ -337,13 +337,28 @@ async fn reload_on_file_change(state: AppState) {
     }
     let mut applied = fingerprint(&state.current().settings.watched_files).await;
     let mut refused = None;
+    // The snapshot last seen: a reload by signal or admin call (which read the files) is not
+    // taken for a change to reload again.
+    let mut seen = Arc::clone(&state.current());
     loop {
         let interval = state.current().settings.server.watch_interval;
         if interval.is_zero() {
-            return;
+            // Off: look again later, as a reload may turn it on.
+            state.clock.sleep(WATCH_OFF_RECHECK).await;
+            continue;
         }
         state.clock.sleep(interval).await;
-        let now = fingerprint(&state.current().settings.watched_files).await;
+        let current = state.current();
+        let files = current.settings.watched_files.clone();
+        let reloaded_elsewhere = !Arc::ptr_eq(&current, &seen);
+        seen = Arc::clone(&current);
+        drop(current);
+        let now = fingerprint(&files).await;
+        if reloaded_elsewhere {
+            applied = now;
+            refused = None;
+            continue;
+        }
         if now == applied || Some(now) == refused {
             continue;
         }
@@ -351,7 +366,17 @@ async fn reload_on_file_change(state: AppState) {
         match tokio::task::spawn_blocking(move || reloading.reload(ReloadTrigger::File)).await {
             Ok(Ok(_)) => {
                 tracing::info!("a file of the configuration changed: reloaded");
-                applied = fingerprint(&state.current().settings.watched_files).await;
+                let current = state.current();
+                seen = Arc::clone(&current);
+                // What this reload read, unless it names other files now: a write that lands
+                // after it is then still a change.
+                applied = if current.settings.watched_files == files {
+                    now
+                } else {
+                    let files = current.settings.watched_files.clone();
+                    drop(current);
+                    fingerprint(&files).await
+                };
                 refused = None;
             }
             Ok(Err(error)) => {
@@ -362,6 +387,9 @@ async fn reload_on_file_change(state: AppState) {
         }
     }
 }
+
+/// While `server.watch_interval` is 0, how often the watcher looks whether a reload set it.
+const WATCH_OFF_RECHECK: Duration = Duration::from_secs(10);
 
 /// A digest of the content of `files` (a missing or unreadable one counts as such).
 async fn fingerprint(files: &[std::path::PathBuf]) -> [u8; 32] {

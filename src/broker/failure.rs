@@ -85,15 +85,17 @@ async fn next_credential(
                 let Some(file) = &environment.fallbacks.primary_file else {
                     continue;
                 };
-                let Some(read) = file.read(&environment.credential).await else {
+                let Some((read, digest)) = file.read(&environment.credential).await else {
                     continue;
                 };
-                let unchanged = match (&read, current) {
-                    (ClientCredential::Secret(read), ClientCredential::Secret(current)) => {
-                        read.expose_secret() == current.expose_secret()
-                    }
-                    _ => false,
-                };
+                // The file still holds what was refused: not worth a request.
+                let unchanged = environment.fallbacks.primary_digest == Some(digest)
+                    || match (&read, current) {
+                        (ClientCredential::Secret(read), ClientCredential::Secret(current)) => {
+                            read.expose_secret() == current.expose_secret()
+                        }
+                        _ => false,
+                    };
                 if !unchanged {
                     return Some((read, false));
                 }
@@ -102,7 +104,10 @@ async fn next_credential(
                 *next = Next::Done;
                 let fallbacks = &environment.fallbacks;
                 let read = match &fallbacks.fallback_file {
-                    Some(file) => file.read(&environment.credential).await,
+                    Some(file) => file
+                        .read(&environment.credential)
+                        .await
+                        .map(|(credential, _)| credential),
                     None => None,
                 };
                 if let Some(fallback) = read.or_else(|| fallbacks.fallback.clone()) {

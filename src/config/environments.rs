@@ -247,8 +247,10 @@ impl RawEnvironment {
         } else {
             self.client_secret_file.clone().map(CredentialFile::Secret)
         };
+        let primary_digest = primary_file.as_ref().and_then(CredentialFile::digest_now);
         let mut fallbacks = CredentialFallbacks {
             primary_file,
+            primary_digest,
             ..CredentialFallbacks::default()
         };
         let secret_env = self.fallback_client_secret_env.as_deref();
@@ -270,17 +272,21 @@ impl RawEnvironment {
                 fallbacks.fallback = secrets::secret_from_env(&setting, name, env, problems)
                     .map(ClientCredential::Secret);
             }
-            (false, None, Some(path), None) => match std::fs::read_to_string(path) {
-                Ok(text) if !text.trim().is_empty() => {
-                    fallbacks.fallback = Some(ClientCredential::Secret(text.trim().to_owned().into()));
-                    fallbacks.fallback_file = Some(CredentialFile::Secret(path.clone()));
+            (false, None, Some(path), None) => {
+                // Read again at each use; a file gone or empty (a rotation finished and the old
+                // secret removed) leaves the environment without a fallback, not refused.
+                fallbacks.fallback_file = Some(CredentialFile::Secret(path.clone()));
+                match std::fs::read_to_string(path) {
+                    Ok(text) if !text.trim().is_empty() => {
+                        fallbacks.fallback =
+                            Some(ClientCredential::Secret(text.trim().to_owned().into()));
+                    }
+                    _ => tracing::warn!(
+                        setting = %format!("{at}.fallback_client_secret_file"),
+                        "the fallback client secret cannot be read or is empty; running without it"
+                    ),
                 }
-                Ok(_) => problems.push(format!("{at}.fallback_client_secret_file: empty")),
-                Err(e) => problems.push(format!(
-                    "{at}.fallback_client_secret_file: cannot read {}: {e}",
-                    path.display()
-                )),
-            },
+            }
             (true, None, None, Some(path)) => {
                 let assertion_audience = match credential {
                     Some(ClientCredential::PrivateKey {
@@ -304,7 +310,11 @@ impl RawEnvironment {
                             key_id,
                         });
                     }
-                    Err(e) => problems.push(format!("{at}.fallback_private_key_file: {e}")),
+                    Err(e) => tracing::warn!(
+                        setting = %format!("{at}.fallback_private_key_file"),
+                        problem = %e,
+                        "the fallback private key cannot be used; running without it"
+                    ),
                 }
             }
         }

@@ -98,6 +98,12 @@ pub(super) fn check(server: &ServerSettings, problems: &mut Vec<String>) {
     if server.max_connections == 0 {
         problems.push("server.max_connections: must be at least 1".to_owned());
     }
+    if !server.watch_interval.is_zero() && server.watch_interval < Duration::from_secs(1) {
+        problems.push(
+            "server.watch_interval: at least 1s (every file is read at each check), or \"0s\" for none"
+                .to_owned(),
+        );
+    }
     if let Some(admin) = &server.admin_listen {
         match admin.parse::<SocketAddr>() {
             Err(_) => {

@@ -78,14 +78,28 @@ pub enum CredentialFile {
 }
 
 impl CredentialFile {
+    /// The SHA-256 of the file's bytes now, to tell whether it changed since it was read.
+    pub fn digest_now(&self) -> Option<[u8; 32]> {
+        let path = match self {
+            Self::Secret(path) | Self::Key { path, .. } => path,
+        };
+        std::fs::read(path).ok().map(|bytes| digest(&bytes))
+    }
+
     /// The credential in the file now, of the kind of `like` (whose assertion audience a key
-    /// keeps); `None` when it cannot be read or holds nothing usable.
-    pub async fn read(&self, like: &ClientCredential) -> Option<ClientCredential> {
+    /// keeps), with the SHA-256 of the file's bytes; `None` when it cannot be read or holds
+    /// nothing usable.
+    pub async fn read(&self, like: &ClientCredential) -> Option<(ClientCredential, [u8; 32])> {
         match self {
             Self::Secret(path) => {
                 let text = tokio::fs::read_to_string(path).await.ok()?;
                 let secret = text.trim();
-                (!secret.is_empty()).then(|| ClientCredential::Secret(secret.to_owned().into()))
+                (!secret.is_empty()).then(|| {
+                    (
+                        ClientCredential::Secret(secret.to_owned().into()),
+                        digest(text.as_bytes()),
+                    )
+                })
             }
             Self::Key { path, key_id } => {
                 let ClientCredential::PrivateKey {
@@ -96,13 +110,22 @@ impl CredentialFile {
                 };
                 let pem = tokio::fs::read_to_string(path).await.ok()?;
                 let key = ClientKey::from_pem(&pem, key_id.clone()).ok()?;
-                Some(ClientCredential::PrivateKey {
-                    key: Arc::new(key),
-                    assertion_audience: assertion_audience.clone(),
-                })
+                Some((
+                    ClientCredential::PrivateKey {
+                        key: Arc::new(key),
+                        assertion_audience: assertion_audience.clone(),
+                    },
+                    digest(pem.as_bytes()),
+                ))
             }
         }
     }
+}
+
+/// SHA-256 of a credential file's bytes.
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(bytes).into()
 }
 
 /// What the broker tries when the IdP refuses the client (`invalid_client`, a 401): the
@@ -111,6 +134,9 @@ impl CredentialFile {
 pub struct CredentialFallbacks {
     /// Where the configured credential came from, when from a file.
     pub primary_file: Option<CredentialFile>,
+    /// The SHA-256 of that file's bytes when the configured credential was read from it: a
+    /// file that still holds them is not tried again.
+    pub primary_digest: Option<[u8; 32]>,
     /// The second credential, as read at load (`fallback_client_secret_env`,
     /// `fallback_client_secret_file`, `fallback_private_key_file`).
     pub fallback: Option<ClientCredential>,
