@@ -274,14 +274,10 @@ impl Broker {
             return;
         };
         // The index may still name a key whose token changed identity (a reload changed how it
-        // talks to its IdP): an announcement about the old identity is not about this token.
-        let current = self.inner.tokens.get(&key).await;
-        if current.is_none_or(|token| token.shared_key() != Some(shared_key)) {
-            return;
-        }
+        // talks to its IdP): each change below acts only on a token of this shared key.
         match &event {
             Invalidation::Deleted { token: only, .. } => {
-                self.apply_delete(&key, *only).await;
+                self.apply_delete(&key, shared_key, *only).await;
             }
             Invalidation::Stored { token: digest, .. } => {
                 self.replace_with_shared(&key, shared_key, digest).await;
@@ -325,23 +321,30 @@ impl Broker {
                 SharedEntry::Stored(stored) if stored != *digest => {
                     self.replace_with_shared(key, shared_key, &stored).await;
                 }
-                SharedEntry::Deleted(None) => self.apply_delete(key, None).await,
+                SharedEntry::Deleted(None) => self.apply_delete(key, shared_key, None).await,
                 SharedEntry::Deleted(Some(deleted)) if deleted == *digest => {
-                    self.apply_delete(key, Some(deleted)).await;
+                    self.apply_delete(key, shared_key, Some(deleted)).await;
                 }
                 SharedEntry::Stored(_) | SharedEntry::Deleted(Some(_)) | SharedEntry::Absent => {}
             }
         }
     }
 
-    /// Applies another replica's `DELETE` of `key` (only where it holds the token of digest
-    /// `only`, when given) as a local one would: within `cache.min_refetch_interval` of the
+    /// Applies another replica's `DELETE` of `key` (only to a token of `shared_key`, and only
+    /// where it holds the token of digest `only`, when given) as a local one would: within `cache.min_refetch_interval` of the
     /// token's fetch it is marked, else forgotten. So a caller cannot turn `DELETE` on one replica
     /// and `GET` on another into an IdP request per loop.
-    async fn apply_delete(&self, key: &TokenKey, only: Option<TokenDigest>) {
+    async fn apply_delete(
+        &self,
+        key: &TokenKey,
+        shared_key: &SharedKey,
+        only: Option<TokenDigest>,
+    ) {
         let interval = self.inner.settings.min_refetch_interval;
         self.remove_if(key, |token| {
-            if only.is_some_and(|digest| token.digest() != digest) {
+            if token.shared_key() != Some(shared_key)
+                || only.is_some_and(|digest| token.digest() != digest)
+            {
                 return false;
             }
             if token.within_refetch_interval(self.inner.clock.now(), interval) {

@@ -51,7 +51,7 @@ impl RawEnvironment {
             }
         };
         let credential = self.credential(at, token_url.as_ref(), env, problems);
-        let fallbacks = self.fallbacks(at, credential.as_ref(), env, problems);
+        let fallbacks = self.fallbacks(at, env, problems);
         let user_login = self.user_login(at, problems);
         let client_id = self.client_id.filter(|id| !id.trim().is_empty());
         if client_id.is_none() {
@@ -231,7 +231,6 @@ impl RawEnvironment {
     fn fallbacks(
         &self,
         at: &str,
-        credential: Option<&ClientCredential>,
         env: &dyn Fn(&str) -> Option<String>,
         problems: &mut Vec<String>,
     ) -> CredentialFallbacks {
@@ -273,50 +272,25 @@ impl RawEnvironment {
                     .map(ClientCredential::Secret);
             }
             (false, None, Some(path), None) => {
-                // Read again at each use; a file gone or empty (a rotation finished and the old
-                // secret removed) leaves the environment without a fallback, not refused.
                 fallbacks.fallback_file = Some(CredentialFile::Secret(path.clone()));
-                match std::fs::read_to_string(path) {
-                    Ok(text) if !text.trim().is_empty() => {
-                        fallbacks.fallback =
-                            Some(ClientCredential::Secret(text.trim().to_owned().into()));
-                    }
-                    _ => tracing::warn!(
-                        setting = %format!("{at}.fallback_client_secret_file"),
-                        "the fallback client secret cannot be read or is empty; running without it"
-                    ),
-                }
             }
             (true, None, None, Some(path)) => {
-                let assertion_audience = match credential {
-                    Some(ClientCredential::PrivateKey {
-                        assertion_audience, ..
-                    }) => assertion_audience.clone(),
-                    _ => return fallbacks,
-                };
-                let key = std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
-                    .and_then(|pem| {
-                        ClientKey::from_pem(&pem, key_id.clone()).map_err(|e| e.to_string())
-                    });
-                match key {
-                    Ok(key) => {
-                        fallbacks.fallback = Some(ClientCredential::PrivateKey {
-                            key: Arc::new(key),
-                            assertion_audience,
-                        });
-                        fallbacks.fallback_file = Some(CredentialFile::Key {
-                            path: path.clone(),
-                            key_id,
-                        });
-                    }
-                    Err(e) => tracing::warn!(
-                        setting = %format!("{at}.fallback_private_key_file"),
-                        problem = %e,
-                        "the fallback private key cannot be used; running without it"
-                    ),
-                }
+                fallbacks.fallback_file = Some(CredentialFile::Key {
+                    path: path.clone(),
+                    key_id,
+                });
             }
+        }
+        // A fallback file is read (and a key parsed) at each use: one gone or empty (a
+        // rotation finished and the old secret removed) leaves the environment without a
+        // fallback rather than refusing the configuration.
+        if let Some(file) = &fallbacks.fallback_file
+            && file.digest_now().is_none()
+        {
+            tracing::warn!(
+                environment = %at,
+                "the fallback client credential's file cannot be read; running without it"
+            );
         }
         fallbacks
     }

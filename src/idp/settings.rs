@@ -137,10 +137,11 @@ pub struct CredentialFallbacks {
     /// The SHA-256 of that file's bytes when the configured credential was read from it: a
     /// file that still holds them is not tried again.
     pub primary_digest: Option<[u8; 32]>,
-    /// The second credential, as read at load (`fallback_client_secret_env`,
-    /// `fallback_client_secret_file`, `fallback_private_key_file`).
+    /// The second credential, from `fallback_client_secret_env` (read at load: a process's
+    /// environment does not change).
     pub fallback: Option<ClientCredential>,
-    /// Where the second credential came from, when from a file: read again at use.
+    /// The second credential's file (`fallback_client_secret_file`,
+    /// `fallback_private_key_file`), read at each use.
     pub fallback_file: Option<CredentialFile>,
 }
 

@@ -434,6 +434,28 @@ impl TestApp {
         answer(request.send().await.expect("request")).await
     }
 
+    /// A session for billing in acme/production whose code exchange the IdP answers with
+    /// `answer` (once); its handle.
+    pub async fn user_session(&self, answer: wiremock::ResponseTemplate) -> String {
+        let started = self
+            .authorize("acme/production", BILLING_KEY, json!({}))
+            .await;
+        let state = started.body["state"].as_str().unwrap();
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .and(wiremock::matchers::body_string_contains(
+                "grant_type=authorization_code",
+            ))
+            .respond_with(answer)
+            .up_to_n_times(1)
+            .mount(&self.idp)
+            .await;
+        let created = self
+            .create_session("acme/production", BILLING_KEY, "code", state)
+            .await;
+        assert_eq!(created.status, 201, "{}", created.body);
+        created.body["handle"].as_str().unwrap().to_owned()
+    }
+
     /// `POST /v1/users/{tenant_environment}/sessions` with `key`, `code` and `state`.
     pub async fn create_session(
         &self,

@@ -20,25 +20,6 @@ const TIGHT: &str = r#"
     idp_requests_per_minute = 3
 "#;
 
-/// A session for billing whose code exchange the IdP answers with tokens living `lifetime` s.
-async fn session(app: &TestApp, lifetime: u64) -> String {
-    let started = app
-        .authorize("acme/production", BILLING_KEY, json!({}))
-        .await;
-    let state = started.body["state"].as_str().unwrap();
-    Mock::given(method("POST"))
-        .and(body_string_contains("grant_type=authorization_code"))
-        .respond_with(user_token_body("user-1", lifetime, Some("rt-1")))
-        .up_to_n_times(1)
-        .mount(&app.idp)
-        .await;
-    let created = app
-        .create_session("acme/production", BILLING_KEY, "code", state)
-        .await;
-    assert_eq!(created.status, 201, "{}", created.body);
-    created.body["handle"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn a_loop_of_made_up_codes_spends_only_the_callers_budget() {
     let app = TestApp::init()
@@ -108,7 +89,9 @@ async fn a_min_ttl_of_the_whole_lifetime_costs_one_refresh_not_one_per_request()
         .with_config(TIGHT)
         .start()
         .await;
-    let handle = session(&app, 3600).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 3600, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(user_token_body("user-2", 3600, Some("rt-2")))
@@ -135,7 +118,9 @@ async fn a_refresh_asked_again_within_the_refetch_interval_is_a_429_not_a_refres
         .with_config(TIGHT)
         .start()
         .await;
-    let handle = session(&app, 3600).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 3600, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(user_token_body("user-2", 3600, Some("rt-2")))

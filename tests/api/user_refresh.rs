@@ -10,29 +10,12 @@ use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::*;
 
-/// A session for billing in acme/production whose code exchange the IdP answers with `answer`.
-async fn session(app: &TestApp, answer: ResponseTemplate) -> String {
-    let started = app
-        .authorize("acme/production", BILLING_KEY, json!({}))
-        .await;
-    let state = started.body["state"].as_str().unwrap();
-    Mock::given(method("POST"))
-        .and(body_string_contains("grant_type=authorization_code"))
-        .respond_with(answer)
-        .up_to_n_times(1)
-        .mount(&app.idp)
-        .await;
-    let created = app
-        .create_session("acme/production", BILLING_KEY, "code", state)
-        .await;
-    assert_eq!(created.status, 201, "{}", created.body);
-    created.body["handle"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn concurrent_requests_on_a_handle_make_one_refresh() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(
@@ -55,7 +38,9 @@ async fn concurrent_requests_on_a_handle_make_one_refresh() {
 #[tokio::test]
 async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(ExactForm::of(&[
             ("grant_type", "refresh_token"),
@@ -91,7 +76,9 @@ async fn a_caller_that_goes_away_during_a_refresh_loses_nothing() {
 #[tokio::test]
 async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 600, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 600, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(user_token_body("user-2", 600, Some("rt-2")))
@@ -116,7 +103,9 @@ async fn a_min_ttl_longer_than_refreshed_tokens_live_spends_one_refresh_at_most(
 #[tokio::test]
 async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_again() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     // The first refresh gives a token shorter than cache.min_remaining (60 s), later ones an
     // hour: the IdP changed its settings.
     Mock::given(method("POST"))
@@ -149,7 +138,9 @@ async fn a_too_short_refreshed_token_is_refused_until_it_expires_then_refreshed_
 #[tokio::test]
 async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_scope"})))
@@ -170,7 +161,9 @@ async fn a_refused_refresh_is_answered_the_same_without_asking_again() {
 #[tokio::test]
 async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
     Mock::given(method("POST"))
         .and(body_string_contains("refresh_token"))
@@ -197,7 +190,9 @@ async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
 
     // And the other way round, on a client whose machine token got the 429 first.
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     let rate_limited = ResponseTemplate::new(429).insert_header("retry-after", "30");
     Mock::given(method("POST"))
         .respond_with(rate_limited)
@@ -213,7 +208,9 @@ async fn a_429_pauses_the_client_for_user_and_machine_tokens_alike() {
 #[tokio::test]
 async fn a_401_on_refresh_asks_for_reauthorization() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(ResponseTemplate::new(401).set_body_json(json!({ "error": "access_denied" })))
@@ -234,7 +231,7 @@ async fn a_401_on_refresh_asks_for_reauthorization() {
 #[tokio::test]
 async fn without_a_refresh_token_an_old_access_token_needs_reauthorization() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 120, None)).await;
+    let handle = app.user_session(user_token_body("user-1", 120, None)).await;
     let fresh = app.user_token(&handle, BILLING_KEY).await;
     assert_eq!((fresh.status, fresh.token()), (200, "user-1"));
     let answer = app
@@ -249,7 +246,9 @@ async fn without_a_refresh_token_an_old_access_token_needs_reauthorization() {
 #[tokio::test]
 async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 30, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 30, Some("rt-1")))
+        .await;
     Mock::given(method("POST"))
         .and(body_string_contains("grant_type=refresh_token"))
         .respond_with(ResponseTemplate::new(503))
@@ -281,7 +280,9 @@ async fn idp_outages_on_refresh_are_503s_and_keep_the_handle() {
 #[tokio::test]
 async fn handles_belong_to_their_caller_and_delete_forgets_them() {
     let app = TestApp::init().with_users().start().await;
-    let handle = session(&app, user_token_body("user-1", 3600, Some("rt-1"))).await;
+    let handle = app
+        .user_session(user_token_body("user-1", 3600, Some("rt-1")))
+        .await;
     let other = app.user_token(&handle, REPORTS_KEY).await;
     assert_eq!(
         (other.status, other.body["error"].as_str()),
