@@ -144,4 +144,5 @@ fn admin_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::tenants))
         .routes(routes!(admin::cache))
         .routes(routes!(admin::reload))
+        .routes(routes!(admin::rotate_secret))
 }

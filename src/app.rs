@@ -7,6 +7,8 @@
 //! components and never the API that uses it, as crates.io keeps its `App` apart from its
 //! controllers; routes live in `api` and the server in `startup`.
 
+mod rotation;
+
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +24,8 @@ use crate::shared_cache::{RedisCache, RedisCacheError};
 use crate::telemetry::audit::AuditTrail;
 use crate::telemetry::metrics::Metrics;
 use crate::user_tokens::{SharedSessions, UserTokens};
+
+pub use rotation::rotate_when_due;
 
 /// Why the application state could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -22,14 +22,17 @@
 //!
 //! The parts follow docs/design.md's sections: `cache` (lookups, leases, expiry, forgetting),
 //! `failure` (the failure policy and per-IdP state in `upstream`), `replicas` (the shared level),
+//! `rotation` (client secrets the broker rotates),
 //! [`error`]'s [`BrokerError`]. Each holds an `impl Broker` block over the private state here.
 //! This module knows nothing about HTTP routes; `api` maps [`BrokerError`] to responses.
 
 mod cache;
+mod credential;
 pub mod error;
 mod failure;
 mod flight;
 mod replicas;
+mod rotation;
 mod settings;
 mod shared;
 mod upstream;
@@ -49,10 +52,12 @@ use cache::TokenExpiry;
 use failure::Remembered;
 use flight::Flights;
 use replicas::SharedIndex;
+use rotation::Rotations;
 
 pub use cache::Forgot;
 pub use error::BrokerError;
 pub use failure::{IdpPermit, idp_outcome};
+pub use rotation::RotationError;
 pub use settings::CacheSettings;
 pub use shared::SharedCache;
 pub use upstream::Upstream;
@@ -107,6 +112,10 @@ struct Inner {
     metrics: Metrics,
     /// What every time-dependent decision reads (refresh ahead, pauses, remembered answers).
     clock: Clock,
+    /// Rotated client secrets and the rotations under way.
+    rotations: Rotations,
+    /// What the broker's own authorising tokens (for rotations) are charged to.
+    own_budget: Arc<crate::limits::IdpBudget>,
 }
 
 impl Broker {
@@ -175,6 +184,8 @@ impl Broker {
                 wait_for_peer,
                 metrics,
                 clock,
+                rotations: Rotations::default(),
+                own_budget: rotation::own_budget(),
             }),
         }
     }

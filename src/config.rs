@@ -14,6 +14,7 @@ mod describe;
 mod environments;
 mod pem;
 mod raw;
+mod rotation;
 mod secrets;
 mod server;
 mod shared_cache;
@@ -304,6 +305,7 @@ impl RawSettings {
         }
 
         let shared_cache = self.shared_cache.validate(env, &mut problems);
+        rotation::link(&mut tenants, shared_cache.is_some(), &mut problems);
         if let Some(shared) = &shared_cache {
             check_timings(&self.server, &tenants, shared, &mut problems);
         }
@@ -352,7 +354,10 @@ fn named_files(config: &Config, file: Option<&Path>) -> Vec<PathBuf> {
                     walk(value, None, found);
                 }
             }
-            config::ValueKind::String(path) if key.is_some_and(|key| key.ends_with("_file")) => {
+            // `rotation.secret_file` is the broker's to write, not a source to watch.
+            config::ValueKind::String(path)
+                if key.is_some_and(|key| key.ends_with("_file") && key != "secret_file") =>
+            {
                 found.push(PathBuf::from(path));
             }
             _ => {}

@@ -11,6 +11,7 @@
 
 mod assertion;
 mod response;
+mod rotation;
 mod settings;
 
 use std::fmt;
@@ -27,6 +28,7 @@ pub use assertion::{
     ASSERTION_LIFETIME, ASSERTION_TYPE, ClientKey, SigningError, pkcs1_from_pkcs8,
 };
 pub use response::{IssuedToken, MAX_LIFETIME, MAX_PAUSE, QuotaRemaining, RateLimitHeaders};
+pub use rotation::{MAX_SECRET_LEN, RotationSettings};
 pub use settings::{
     AudienceParam, ClientAuth, ClientCredential, CredentialFallbacks, CredentialFile,
     DEFAULT_LIFETIME, DEFAULT_MAX_CONCURRENT_FETCHES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT,
@@ -242,6 +244,7 @@ impl IdpClient {
     pub async fn exchange_code(
         &self,
         environment: &EnvironmentSettings,
+        credential: &ClientCredential,
         code: &str,
         redirect_uri: &str,
         code_verifier: &str,
@@ -254,7 +257,7 @@ impl IdpClient {
         let answer = self
             .send(
                 environment,
-                &environment.credential,
+                credential,
                 RequestFormat::Form,
                 "authorization_code",
                 &params,
@@ -270,13 +273,14 @@ impl IdpClient {
     pub async fn refresh(
         &self,
         environment: &EnvironmentSettings,
+        credential: &ClientCredential,
         refresh_token: &SecretString,
     ) -> Result<UserGrant, IdpError> {
         let params = [("refresh_token", refresh_token.expose_secret())];
         let answer = self
             .send(
                 environment,
-                &environment.credential,
+                credential,
                 RequestFormat::Form,
                 "refresh_token",
                 &params,
@@ -294,6 +298,7 @@ impl IdpClient {
     pub async fn revoke(
         &self,
         environment: &EnvironmentSettings,
+        credential: &ClientCredential,
         revocation_url: &reqwest::Url,
         refresh_token: &SecretString,
     ) -> Result<(), IdpError> {
@@ -303,7 +308,7 @@ impl IdpClient {
         ];
         let request = self.build_request(
             environment,
-            &environment.credential,
+            credential,
             revocation_url,
             RequestFormat::Form,
             None,

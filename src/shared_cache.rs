@@ -11,8 +11,11 @@
 //!   missed;
 //! - `P lock:K`: the cross-replica fetch lock, `SET NX PX shared_cache.lock_ttl` with a random
 //!   value, released only by its holder (compare-and-delete in Lua);
-//! - channel `P invalidate`: one line per change, `stored <origin> K <digest>` or
-//!   `deleted <origin> K [<digest>]`, published in the same script as the change. Every replica
+//! - `P secret:K`: a client secret the broker rotated, sealed, without expiry (K is
+//!   [`SharedKey::for_secret`]; see [`secrets`]);
+//! - channel `P invalidate`: one line per change, `stored <origin> K <digest>`,
+//!   `deleted <origin> K [<digest>]` or `secret <origin> K`, published in the same script as the
+//!   change. Every replica
 //!   subscribes and ignores its own lines (`origin` is a random id per process).
 //!
 //! Failure handling: every call is bounded by `shared_cache.timeout`. The first failure marks the
@@ -27,6 +30,7 @@
 mod cipher;
 mod connection;
 mod scripts;
+mod secrets;
 mod sessions;
 mod settings;
 mod subscriber;
@@ -43,8 +47,8 @@ use tokio::sync::mpsc;
 use crate::broker::SharedCache;
 use crate::clock::ttl_millis;
 use crate::token::{
-    CachedToken, Invalidation, LockToken, SharedCacheError, SharedCacheStatus, SharedEntry,
-    SharedFuture, SharedKey, SharedToken, TokenDigest,
+    CachedToken, Invalidation, LockToken, RotatedSecret, SharedCacheError, SharedCacheStatus,
+    SharedEntry, SharedFuture, SharedKey, SharedToken, TokenDigest,
 };
 
 pub use cipher::{OpenError, TokenCipher};
@@ -97,6 +101,8 @@ struct Inner {
     store: Script,
     delete: Script,
     unlock: Script,
+    secret_store: Script,
+    secret_drop: Script,
     session_scripts: sessions::SessionScripts,
     /// `shared_cache.wait_for_peer`, for user sessions' refreshes.
     wait_for_peer: Duration,
@@ -146,6 +152,8 @@ impl RedisCache {
             store: Script::new(STORE_SCRIPT),
             delete: Script::new(DELETE_SCRIPT),
             unlock: Script::new(UNLOCK_SCRIPT),
+            secret_store: Script::new(secrets::SECRET_STORE_SCRIPT),
+            secret_drop: Script::new(secrets::SECRET_DROP_SCRIPT),
             session_scripts: sessions::SessionScripts::new(),
             wait_for_peer: settings.wait_for_peer,
             recoveries: tokio::sync::watch::Sender::new(0),
@@ -475,6 +483,22 @@ impl SharedCache for RedisCache {
 
     fn delete<'a>(&'a self, key: &'a SharedKey, only: Option<TokenDigest>) -> SharedFuture<'a, ()> {
         Box::pin(self.inner.delete(key, only))
+    }
+
+    fn load_secret<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<RotatedSecret>> {
+        Box::pin(self.inner.load_secret(key))
+    }
+
+    fn store_secret<'a>(
+        &'a self,
+        key: &'a SharedKey,
+        secret: &'a RotatedSecret,
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.store_secret(key, secret))
+    }
+
+    fn drop_secret<'a>(&'a self, key: &'a SharedKey, fingerprint: &'a str) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.drop_secret(key, fingerprint))
     }
 
     fn subscribe(&self) -> mpsc::Receiver<Invalidation> {

@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
 use crate::api::{self, Surface};
-use crate::app::{AppError, AppState, ReloadTrigger, Reloader};
+use crate::app::{AppError, AppState, ReloadTrigger, Reloader, rotate_when_due};
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::telemetry::metrics::Metrics;
@@ -185,6 +185,7 @@ impl Application {
         };
         let _stop_reloading = AbortOnDrop(tokio::spawn(reload_on_hangup(state.clone())));
         let _stop_watching = AbortOnDrop(tokio::spawn(reload_on_file_change(state.clone())));
+        let _stop_rotating = AbortOnDrop(tokio::spawn(rotate_when_due(state.clone())));
         let _stop_upkeep = AbortOnDrop(tokio::spawn(metrics_upkeep(state.metrics.clone())));
         let audit_interval = state.current().settings.telemetry.audit_interval;
         let _stop_audit = AbortOnDrop(tokio::spawn(audit_summaries(state.clone(), audit_interval)));

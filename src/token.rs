@@ -24,8 +24,8 @@ pub use id::{
 };
 pub use key::{ScopeSet, TokenKey};
 pub use shared::{
-    Invalidation, LockToken, SharedCacheError, SharedCacheStatus, SharedEntry, SharedFuture,
-    SharedToken,
+    Invalidation, LockToken, RotatedSecret, SharedCacheError, SharedCacheStatus, SharedEntry,
+    SharedFuture, SharedToken, fingerprint,
 };
 
 /// First wait before a failed refresh is tried again; doubled per failure, before jitter.

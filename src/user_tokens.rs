@@ -319,8 +319,10 @@ impl UserTokens {
         code: &str,
         budget: &IdpBudget,
     ) -> Result<String, UserError> {
+        let (credential, _) = self.inner.broker.client_credential(environment).await;
         let exchange = self.inner.idp.exchange_code(
             environment,
+            &credential,
             code,
             &pending.redirect_uri,
             pending.expose_code_verifier(),
@@ -476,10 +478,11 @@ impl UserTokens {
             let Some(refresh_token) = session.grant().await.refresh_token.clone() else {
                 return;
             };
-            let revoke = this
-                .inner
-                .idp
-                .revoke(&environment, &revocation_url, &refresh_token);
+            let (credential, _) = this.inner.broker.client_credential(&environment).await;
+            let revoke =
+                this.inner
+                    .idp
+                    .revoke(&environment, &credential, &revocation_url, &refresh_token);
             let answer = match this
                 .inner
                 .broker

@@ -6,19 +6,23 @@
 //! client secret or a token value: the reports are built field by field from settings and cache
 //! entries, never by serialising those types whole. `POST /v1/admin/reload` re-reads the
 //! configuration (as `SIGHUP` does): rotated secrets and new tenants and callers take effect
-//! without dropping valid cached tokens.
+//! without dropping valid cached tokens. `POST .../rotate-secret` has the broker rotate an
+//! environment's client secret at its IdP now.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::api::ApiError;
 use crate::api::error::ErrorBody;
 use crate::app::{AppState, ReloadReport, ReloadTrigger};
+use crate::api::token_request::printable;
 use crate::auth::Admin;
+use crate::broker::RotationError;
 use crate::idp::{AudienceParam, ClientAuth, EnvironmentSettings, RateLimitHeaders, RequestFormat};
 
 /// `GET /v1/admin/tenants`: every configured tenant and environment.
@@ -243,4 +247,74 @@ pub async fn reload(
         .await
         .map_err(|_| ApiError::Internal)??;
     Ok(Json(report))
+}
+
+/// `POST /v1/admin/tenants/{tenant}/environments/{environment}/rotate-secret`: the secret in
+/// force after the rotation, by fingerprint (never the secret).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RotationReport {
+    /// When the secret now in force was rotated, RFC 3339 UTC (another replica's rotation, when
+    /// one was under way).
+    pub rotated_at: String,
+    /// 16 hex digits of the SHA-256 of the new secret, to tell secrets apart.
+    pub fingerprint: String,
+}
+
+/// `POST /v1/admin/tenants/{tenant}/environments/{environment}/rotate-secret`: rotates the
+/// environment's client secret now, through its `rotation` table.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/tenants/{tenant}/environments/{environment}/rotate-secret",
+    tag = "admin",
+    params(
+        ("tenant" = String, Path, description = "Configured tenant name", pattern = "^[a-z0-9_-]{1,64}$"),
+        ("environment" = String, Path, description = "Configured environment name", pattern = "^[a-z0-9_-]{1,64}$"),
+    ),
+    responses(
+        (status = 200, description = "Rotated (or another request's rotation, under way at the same time, finished); new tokens are fetched with the new secret", body = RotationReport),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such environment", body = ErrorBody),
+        (status = 409, description = "`rotation_not_configured`: the environment has no `rotation` table", body = ErrorBody),
+        (status = 502, description = "`upstream_rejected`: the rotation endpoint (or the IdP, for the authorising token) refused, or answered no secret; the old secret stays in use", body = ErrorBody),
+        (status = 503, description = "`upstream_unavailable`: the endpoint, the shared cache or the replica rotating could not be reached in time; the old secret stays in use", body = ErrorBody),
+    ),
+    security(("admin_key" = [])),
+)]
+pub async fn rotate_secret(
+    State(state): State<AppState>,
+    _: Admin,
+    Path((tenant, environment)): Path<(String, String)>,
+) -> Result<Json<RotationReport>, ApiError> {
+    let (settings, authority) = {
+        let current = state.current();
+        let settings = current
+            .settings
+            .environment(&tenant, &environment)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no environment {}/{} is configured",
+                    printable(&tenant),
+                    printable(&environment)
+                ))
+            })?;
+        let authority = settings.rotation.as_ref().and_then(|rotation| {
+            let (tenant, environment) = &rotation.authorized_by;
+            current.settings.environment(tenant, environment).cloned()
+        });
+        (settings, authority)
+    };
+    let rotated = match authority {
+        Some(authority) => state.broker.rotate_secret(&settings, &authority).await,
+        // No rotation table (configuration checks that `authorized_by` exists).
+        None => Err(Arc::new(RotationError::NotConfigured {
+            tenant: settings.tenant.to_string(),
+            environment: settings.environment.to_string(),
+        })),
+    }
+    .map_err(ApiError::Rotation)?;
+    Ok(Json(RotationReport {
+        rotated_at: humantime::format_rfc3339_seconds(rotated.rotated_at).to_string(),
+        fingerprint: rotated.fingerprint(),
+    }))
 }

@@ -18,7 +18,8 @@ use utoipa::ToSchema;
 use crate::api::token_request::AccessError;
 use crate::app::ReloadError;
 use crate::auth::AuthError;
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, RotationError};
+use crate::idp::IdpError;
 use crate::config::ConfigError;
 use crate::telemetry::error_chain;
 use crate::telemetry::request::current_id;
@@ -58,6 +59,9 @@ pub enum ApiError {
     /// No token is handed out for this audience (the broker's own).
     #[error("{0}")]
     ForbiddenAudience(String),
+    /// No token of this environment is handed out (it authorises secret rotations).
+    #[error("{0}")]
+    ForbiddenEnvironment(String),
     /// An unknown path, or an allowed tenant / environment that is not configured.
     #[error("{0}")]
     NotFound(String),
@@ -79,6 +83,9 @@ pub enum ApiError {
     /// A user-token request failed.
     #[error(transparent)]
     Users(#[from] UserError),
+    /// A client secret rotation failed or is not configured; the old secret stays in use.
+    #[error(transparent)]
+    Rotation(Arc<RotationError>),
     /// A reload was refused; the old configuration keeps serving.
     #[error("{0}")]
     Reload(#[from] ReloadError),
@@ -110,6 +117,7 @@ impl From<AccessError> for ApiError {
                 Self::ForbiddenOrganization(error.to_string())
             }
             AccessError::OwnAudience(_) => Self::ForbiddenAudience(error.to_string()),
+            AccessError::BrokerOwn { .. } => Self::ForbiddenEnvironment(error.to_string()),
             AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
         }
     }
@@ -202,7 +210,8 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden { .. }
             | Self::ForbiddenOrganization(_)
-            | Self::ForbiddenAudience(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            | Self::ForbiddenAudience(_)
+            | Self::ForbiddenEnvironment(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
@@ -216,6 +225,7 @@ impl ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_configuration")
             }
             Self::Broker(error) => broker_status_and_code(error),
+            Self::Rotation(error) => rotation_status_and_code(error),
             Self::Users(error) => match error {
                 UserError::NotEnabled { .. } | UserError::UnknownHandle => {
                     (StatusCode::NOT_FOUND, "not_found")
@@ -243,6 +253,13 @@ impl ApiError {
             Self::TimedOut(_) => Some(TIMED_OUT_RETRY_AFTER),
             Self::IssuerUnavailable(wait) => Some(*wait),
             Self::Broker(error) => broker_retry_after(error),
+            Self::Rotation(error) => match error.as_ref() {
+                RotationError::Authorization { source, .. } => broker_retry_after(source),
+                RotationError::Endpoint(IdpError::RateLimited {
+                    retry_after: Some(wait),
+                }) => Some(*wait),
+                _ => None,
+            },
             Self::Users(UserError::TooManyPending { .. }) => Some(PENDING_RETRY_AFTER),
             Self::Users(error) => error.retry_after(),
             _ => None,
@@ -265,6 +282,31 @@ pub(super) fn broker_status_and_code(error: &BrokerError) -> (StatusCode, &'stat
         | BrokerError::TooManyKeys { .. }
         | BrokerError::RefetchTooSoon { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         BrokerError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+    }
+}
+
+/// Status and docs/api.md "Errors" code of a failed rotation: 409 when none is configured,
+/// 502 when the IdP answered but not with a secret, 503 when it (or the shared level, or the
+/// replica rotating) could not be reached.
+fn rotation_status_and_code(error: &RotationError) -> (StatusCode, &'static str) {
+    match error {
+        RotationError::NotConfigured { .. } => (StatusCode::CONFLICT, "rotation_not_configured"),
+        RotationError::Authorization { source, .. } => broker_status_and_code(source),
+        RotationError::Endpoint(
+            IdpError::Rejected { .. }
+            | IdpError::InvalidResponse(_)
+            | IdpError::ResponseTooLarge { .. }
+            | IdpError::Signing(_),
+        ) => (StatusCode::BAD_GATEWAY, "upstream_rejected"),
+        RotationError::Endpoint(
+            IdpError::Timeout(_)
+            | IdpError::Connect(_)
+            | IdpError::ServerError(_)
+            | IdpError::RateLimited { .. },
+        )
+        | RotationError::SharedCacheDown
+        | RotationError::PeerBusy => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+        RotationError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
     }
 }
 
@@ -320,6 +362,11 @@ impl IntoResponse for ApiError {
         let upstream_error = match &self {
             Self::Broker(error) => upstream_error(error),
             Self::Users(UserError::Token(error)) => upstream_error(error),
+            Self::Rotation(error) => match error.as_ref() {
+                RotationError::Endpoint(IdpError::Rejected { code, .. }) => Some(code.as_str()),
+                RotationError::Authorization { source, .. } => upstream_error(source),
+                _ => None,
+            },
             _ => None,
         };
         let body = ErrorBody {

@@ -65,6 +65,9 @@ pub enum OAuthError {
     /// The client may not name this organization (the facade's mapping of a 403).
     #[error("{0}")]
     UnauthorizedOrganization(String),
+    /// No token of this environment is handed out (it authorises secret rotations).
+    #[error("{0}")]
+    AccessDenied(String),
     /// A grant type other than `client_credentials`.
     #[error("grant_type '{0}' is not supported here; use client_credentials")]
     UnsupportedGrantType(String),
@@ -111,6 +114,7 @@ impl From<AccessError> for OAuthError {
                 Self::UnauthorizedOrganization(error.to_string())
             }
             AccessError::OwnAudience(_) => Self::InvalidTarget(error.to_string()),
+            AccessError::BrokerOwn { .. } => Self::AccessDenied(error.to_string()),
             AccessError::NotConfigured { .. } => Self::NotFound(error.to_string()),
         }
     }
@@ -147,6 +151,7 @@ impl OAuthError {
             Self::UnauthorizedClient { .. } | Self::UnauthorizedOrganization(_) => {
                 (StatusCode::BAD_REQUEST, "unauthorized_client")
             }
+            Self::AccessDenied(_) => (StatusCode::FORBIDDEN, "access_denied"),
             Self::UnsupportedGrantType(_) => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
             Self::InvalidScope(_) => (StatusCode::BAD_REQUEST, "invalid_scope"),
             Self::InvalidTarget(_) => (StatusCode::BAD_REQUEST, "invalid_target"),

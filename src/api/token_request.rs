@@ -59,6 +59,17 @@ pub enum AccessError {
         "the audience '{0}' is this broker's own (auth.workload.audience), which no token is handed out for; ask for the audience of the API you call"
     )]
     OwnAudience(String),
+    /// The environment's tokens can rotate client secrets (some `rotation.authorized_by` names
+    /// it): they are the broker's own, whatever the allow rules say.
+    #[error(
+        "{tenant}/{environment} is the broker's own (a rotation.authorized_by names it): its tokens can rotate client secrets, so no caller receives them"
+    )]
+    BrokerOwn {
+        /// The tenant asked for.
+        tenant: String,
+        /// The environment asked for.
+        environment: String,
+    },
     /// Allowed, but no such tenant / environment is configured.
     #[error("no environment {tenant}/{environment} is configured")]
     NotConfigured {
@@ -142,6 +153,7 @@ pub fn authorise(
     let Some(settings) = settings else {
         return Err(not_configured(tenant, environment));
     };
+    refuse_broker_own(&settings)?;
     refuse_own_audience(&current.settings, &audience)?;
     let key = TokenKey::shared(
         Arc::clone(&settings.tenant),
@@ -168,12 +180,14 @@ pub fn authorise_environment(
     if !caller.may_use_environment(tenant, environment) {
         return Err(forbidden(caller, tenant, environment));
     }
-    state
+    let settings = state
         .current()
         .settings
         .environment(tenant, environment)
         .cloned()
-        .ok_or_else(|| not_configured(tenant, environment))
+        .ok_or_else(|| not_configured(tenant, environment))?;
+    refuse_broker_own(&settings)?;
+    Ok(settings)
 }
 
 /// Authorises `caller` again for a token it was granted earlier (a user-token handle), so that
@@ -188,11 +202,24 @@ pub fn authorise_key(
     }
     let current = state.current();
     refuse_own_audience(&current.settings, &key.audience)?;
-    current
+    let settings = current
         .settings
         .environment(&key.tenant, &key.environment)
         .cloned()
-        .ok_or_else(|| not_configured(&key.tenant, &key.environment))
+        .ok_or_else(|| not_configured(&key.tenant, &key.environment))?;
+    refuse_broker_own(&settings)?;
+    Ok(settings)
+}
+
+/// Refuses the tokens of an environment that authorises secret rotations, whoever asks.
+fn refuse_broker_own(settings: &EnvironmentSettings) -> Result<(), AccessError> {
+    if settings.rotation_authority {
+        return Err(AccessError::BrokerOwn {
+            tenant: settings.tenant.to_string(),
+            environment: settings.environment.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses a token for the broker's own workload audience, whoever asks and whatever the allow

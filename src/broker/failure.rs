@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng as _;
-use secrecy::ExposeSecret as _;
 
+use super::credential::{Source, refuses_client};
 use super::upstream::Upstream;
 use super::{Broker, BrokerError, CachedToken, TokenKey, lock};
-use crate::idp::{ClientCredential, EnvironmentSettings, IdpError, RateLimitHeaders};
+use crate::idp::{EnvironmentSettings, IdpError, RateLimitHeaders};
 use crate::telemetry::error_chain;
 use crate::telemetry::metrics::IdpOutcome;
+use crate::token::RotatedSecret;
 
 /// Most attempts of one fetch (the first and its retries).
 const MAX_ATTEMPTS: u32 = 4;
@@ -51,72 +52,6 @@ pub(super) enum Remembered {
 /// (`max_concurrent_fetches`); given back when dropped.
 pub struct IdpPermit {
     _held: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// Which credential a fetch tries next when the IdP refuses the client.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Next {
-    /// The configured credential's file, read again.
-    Reread,
-    /// The second credential.
-    Fallback,
-    /// None left.
-    Done,
-}
-
-/// Whether an IdP refusal is about the client's credential (`invalid_client`, or a 401 such as
-/// Auth0's `access_denied` "Unauthorized"), which another credential may cure.
-fn refuses_client(status: u16, code: &str) -> bool {
-    status == 401 || code == "invalid_client"
-}
-
-/// The next credential to try after `current` was refused, and whether it is the fallback:
-/// the configured file when it now holds another secret (or any key), then the fallback (its
-/// file read again when it has one), once each.
-async fn next_credential(
-    environment: &EnvironmentSettings,
-    next: &mut Next,
-    current: &ClientCredential,
-) -> Option<(ClientCredential, bool)> {
-    loop {
-        match *next {
-            Next::Reread => {
-                *next = Next::Fallback;
-                let Some(file) = &environment.fallbacks.primary_file else {
-                    continue;
-                };
-                let Some((read, digest)) = file.read(&environment.credential).await else {
-                    continue;
-                };
-                // The file still holds what was refused: not worth a request.
-                let unchanged = environment.fallbacks.primary_digest == Some(digest)
-                    || match (&read, current) {
-                        (ClientCredential::Secret(read), ClientCredential::Secret(current)) => {
-                            read.expose_secret() == current.expose_secret()
-                        }
-                        _ => false,
-                    };
-                if !unchanged {
-                    return Some((read, false));
-                }
-            }
-            Next::Fallback => {
-                *next = Next::Done;
-                let fallbacks = &environment.fallbacks;
-                let read = match &fallbacks.fallback_file {
-                    Some(file) => file
-                        .read(&environment.credential)
-                        .await
-                        .map(|(credential, _)| credential),
-                    None => None,
-                };
-                if let Some(fallback) = read.or_else(|| fallbacks.fallback.clone()) {
-                    return Some((fallback, true));
-                }
-            }
-            Next::Done => return None,
-        }
-    }
 }
 
 /// The `outcome` label of one IdP answer.
@@ -253,11 +188,15 @@ impl Broker {
         // Real time: the bound of a network exchange, whatever a test does to the clock.
         let deadline = tokio::time::Instant::now() + environment.timeout;
         let mut attempt = 1;
-        // When the IdP refuses the client: its credential file read again, then the second
-        // credential, once each, within this fetch (so charged once to the caller).
-        let mut credential = environment.credential.clone();
-        let mut next = Next::Reread;
-        let mut on_fallback = false;
+        // When the IdP refuses the client: another credential (see `credential`), each once,
+        // within this fetch (so charged once to the caller).
+        let (mut credential, mut source, mut next) = self.first_credential(environment).await;
+        let began_with = match &source {
+            Source::Rotated(rotated) => Some(rotated.fingerprint()),
+            _ => None,
+        };
+        // The rotated secret the IdP refused, dropped if another credential is accepted.
+        let mut refused_rotated: Option<Arc<RotatedSecret>> = None;
         loop {
             let now = self.inner.clock.instant();
             if let Some(retry_after) = upstream.blocked_for(now) {
@@ -303,7 +242,12 @@ impl Broker {
             let error = match result {
                 Ok(fetched) => {
                     upstream.record_rate_limit(fetched.rate_limit);
-                    if on_fallback {
+                    if let Some(refused) = &refused_rotated
+                        && !matches!(source, Source::Rotated(_))
+                    {
+                        self.drop_rotated(environment, refused).await;
+                    }
+                    if matches!(source, Source::Fallback) {
                         tracing::warn!(
                             tenant = %key.tenant,
                             environment = %key.environment,
@@ -354,16 +298,26 @@ impl Broker {
                     source: IdpError::Rejected { status, code },
                     ..
                 } if refuses_client(*status, code)
-                    && let Some((other, fallback)) =
-                        next_credential(environment, &mut next, &credential).await =>
+                    && let Some((other, from)) = self
+                        .next_credential(environment, &mut next, &credential, began_with.as_deref())
+                        .await =>
                 {
-                    log(if fallback {
-                        "the IdP refused the client's credential; trying the fallback credential"
-                    } else {
-                        "the IdP refused the client's credential; trying its file, which changed"
+                    log(match from {
+                        Source::Rotated(_) => {
+                            "the IdP refused the client's credential; trying the secret rotated meanwhile"
+                        }
+                        Source::Configured => {
+                            "the IdP refused the client's credential; trying the configured one"
+                        }
+                        Source::Fallback => {
+                            "the IdP refused the client's credential; trying the fallback credential"
+                        }
                     });
+                    if let Source::Rotated(refused) = &source {
+                        refused_rotated = Some(Arc::clone(refused));
+                    }
                     credential = other;
-                    on_fallback = fallback;
+                    source = from;
                 }
                 BrokerError::Rejected {
                     source: IdpError::Rejected { status, code },

@@ -261,6 +261,9 @@ impl Broker {
     /// [`SharedIndex`], whatever the size of the cache; an announcement of a key this replica
     /// does not hold costs one look-up.
     pub(super) async fn apply(&self, event: Invalidation) {
+        if let Invalidation::SecretChanged { key } = &event {
+            return self.reread_secret(key).await;
+        }
         let (Invalidation::Stored {
             key: shared_key, ..
         }
@@ -282,7 +285,7 @@ impl Broker {
             Invalidation::Stored { token: digest, .. } => {
                 self.replace_with_shared(&key, shared_key, digest).await;
             }
-            Invalidation::Resubscribed => {}
+            Invalidation::SecretChanged { .. } | Invalidation::Resubscribed => {}
         }
     }
 
@@ -305,6 +308,9 @@ impl Broker {
                 return;
             }
             tokio::time::sleep(PEER_POLL_INTERVAL * 5).await;
+        }
+        for key in self.known_secrets() {
+            self.reread_secret(&key).await;
         }
         let cached: Vec<(Arc<TokenKey>, SharedKey, TokenDigest)> = self
             .inner

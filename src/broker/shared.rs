@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::token::{
-    CachedToken, Invalidation, LockToken, SharedCacheStatus, SharedEntry, SharedFuture, SharedKey,
-    SharedToken, TokenDigest,
+    CachedToken, Invalidation, LockToken, RotatedSecret, SharedCacheStatus, SharedEntry,
+    SharedFuture, SharedKey, SharedToken, TokenDigest,
 };
 
 /// The second cache level, shared by every replica. Every call is bounded in time and fails
@@ -47,6 +47,21 @@ pub trait SharedCache: Send + Sync {
     /// Forgets the entry of `key` (only if it holds `only` when given) and tells the other
     /// replicas either way, since they may hold the token in memory.
     fn delete<'a>(&'a self, key: &'a SharedKey, only: Option<TokenDigest>) -> SharedFuture<'a, ()>;
+
+    /// The client secret a rotation stored under `key` ([`SharedKey::for_secret`]), if any (one
+    /// that cannot be opened is none).
+    fn load_secret<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<RotatedSecret>>;
+
+    /// Stores a rotated client secret under `key`, without expiry, and tells the other replicas.
+    fn store_secret<'a>(
+        &'a self,
+        key: &'a SharedKey,
+        secret: &'a RotatedSecret,
+    ) -> SharedFuture<'a, ()>;
+
+    /// Forgets the secret under `key` if it is still the one of `fingerprint`, and tells the
+    /// other replicas either way.
+    fn drop_secret<'a>(&'a self, key: &'a SharedKey, fingerprint: &'a str) -> SharedFuture<'a, ()>;
 
     /// The changes other replicas make, from now on; called once.
     fn subscribe(&self) -> mpsc::Receiver<Invalidation>;

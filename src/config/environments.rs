@@ -35,7 +35,7 @@ impl RawEnvironment {
     /// The settings of `tenant`/`environment` (at `at` in the configuration), or `None` with
     /// every problem in `problems`.
     pub(super) fn validate(
-        self,
+        mut self,
         tenant: &str,
         environment: &str,
         at: &str,
@@ -53,7 +53,10 @@ impl RawEnvironment {
         let credential = self.credential(at, token_url.as_ref(), env, problems);
         let fallbacks = self.fallbacks(at, env, problems);
         let user_login = self.user_login(at, problems);
-        let client_id = self.client_id.filter(|id| !id.trim().is_empty());
+        let client_id = self.client_id.take().filter(|id| !id.trim().is_empty());
+        let rotation = self.rotation.take().and_then(|rotation| {
+            rotation.validate(at, client_id.as_deref(), self.client_auth, problems)
+        });
         if client_id.is_none() {
             problems.push(format!("{at}.client_id: missing"));
         }
@@ -124,6 +127,8 @@ impl RawEnvironment {
             max_response_bytes: self.max_response_bytes,
             generation: 0,
             user_login,
+            rotation,
+            rotation_authority: false,
         })
     }
 
@@ -338,7 +343,7 @@ impl RawEnvironment {
 }
 
 /// An absolute http(s) URL, or a problem naming the setting.
-fn http_url(at: &str, name: &str, url: &str, problems: &mut Vec<String>) -> Option<reqwest::Url> {
+pub(super) fn http_url(at: &str, name: &str, url: &str, problems: &mut Vec<String>) -> Option<reqwest::Url> {
     match reqwest::Url::parse(url) {
         Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
         _ => {

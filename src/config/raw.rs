@@ -198,6 +198,7 @@ pub(super) struct RawEnvironment {
     pub(super) authorize_url: Option<String>,
     pub(super) redirect_uri: Option<String>,
     pub(super) revocation_url: Option<String>,
+    pub(super) rotation: Option<super::rotation::RawRotation>,
 }
 
 fn default_max_concurrent_fetches() -> usize {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::ClientKey;
+use super::{ClientKey, RotationSettings};
 use crate::telemetry::metrics::EnvironmentHandles;
 
 /// Bound on one token request, retries included, when the environment sets none.
@@ -206,6 +206,11 @@ pub struct EnvironmentSettings {
     pub max_response_bytes: usize,
     /// The authorization-code flow, when user tokens are configured.
     pub user_login: Option<UserLoginSettings>,
+    /// How the broker rotates this client's secret, when it does.
+    pub rotation: Option<RotationSettings>,
+    /// Named by some environment's `rotation.authorized_by`: its tokens can rotate secrets, so
+    /// they are the broker's own and no caller receives them, whatever the allow rules say.
+    pub rotation_authority: bool,
     /// The reload that last changed how this environment talks to its IdP (0: none since
     /// start). A fetch under settings older than the broker's latest for the environment is
     /// never installed.
@@ -241,6 +246,8 @@ impl EnvironmentSettings {
             max_concurrent_fetches: DEFAULT_MAX_CONCURRENT_FETCHES,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             user_login: None,
+            rotation: None,
+            rotation_authority: false,
             generation: 0,
         }
     }
@@ -273,6 +280,8 @@ impl fmt::Debug for EnvironmentSettings {
             .field("timeout", &self.timeout)
             .field("max_fetches_per_hour", &self.max_fetches_per_hour)
             .field("user_login", &self.user_login)
+            .field("rotation", &self.rotation)
+            .field("rotation_authority", &self.rotation_authority)
             .finish_non_exhaustive()
     }
 }

@@ -49,6 +49,7 @@ impl Inner {
         match (kind, digest) {
             ("stored", Some(Some(token))) => Some(Invalidation::Stored { key, token }),
             ("deleted", None) => Some(Invalidation::Deleted { key, token: None }),
+            ("secret", None) => Some(Invalidation::SecretChanged { key }),
             ("deleted", Some(Some(token))) => Some(Invalidation::Deleted {
                 key,
                 token: Some(token),

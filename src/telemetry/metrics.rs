@@ -17,6 +17,7 @@ use foldhash::HashMap;
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 mod http;
 mod outcome;
+mod rotation;
 
 pub use http::{HttpMetrics, RouteMemo};
 pub use outcome::IdpOutcome;
@@ -66,6 +67,13 @@ pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_
 /// Counter: tokens fetched with an environment's second credential.
 pub const CREDENTIAL_FALLBACKS: &str = "token_broker_client_credential_fallbacks_total";
 /// Counter: configuration reloads tried, by `trigger` and `outcome`.
+/// Client secret rotations, by tenant, environment and outcome (rotated, failed).
+pub const SECRET_ROTATIONS: &str = "token_broker_client_secret_rotations_total";
+/// When the secret in force was rotated, Unix seconds, by tenant and environment.
+pub const SECRET_ROTATED_AT: &str = "token_broker_client_secret_rotated_timestamp_seconds";
+/// When the next scheduled rotation is due, Unix seconds (environments with `rotation.every`).
+pub const SECRET_ROTATION_DUE: &str = "token_broker_client_secret_rotation_due_timestamp_seconds";
+/// Configuration reloads tried, by trigger and outcome.
 pub const CONFIG_RELOADS: &str = "token_broker_config_reloads_total";
 /// Workload tokens refused, by the `check` they failed.
 pub const WORKLOAD_REJECTIONS: &str = "token_broker_workload_rejections_total";
@@ -215,6 +223,10 @@ impl Metrics {
                 "Tokens fetched with an environment's fallback credential after the IdP refused the configured one: finish the rotation.",
             ),
             (
+                SECRET_ROTATIONS,
+                "Client secret rotations the broker made or tried, by outcome (rotated, failed).",
+            ),
+            (
                 CONFIG_RELOADS,
                 "Configuration reloads tried, by trigger (file, signal, admin) and outcome (applied, refused).",
             ),
@@ -258,6 +270,14 @@ impl Metrics {
             (
                 BUILD_INFO,
                 "Always 1; the version label names the running build.",
+            ),
+            (
+                SECRET_ROTATED_AT,
+                "When the client secret in force was rotated by the broker, Unix seconds.",
+            ),
+            (
+                SECRET_ROTATION_DUE,
+                "When the next scheduled client secret rotation is due, Unix seconds.",
             ),
         ] {
             recorder.describe_gauge(KeyName::from(name), None, SharedString::from(help));
@@ -335,21 +355,6 @@ impl Metrics {
             ],
         );
         self.inner.recorder.register_counter(&key, &METADATA)
-    }
-
-    /// Counts one token fetched with `tenant`/`environment`'s fallback credential.
-    pub fn credential_fallback(&self, tenant: &str, environment: &str) {
-        let key = Key::from_parts(
-            CREDENTIAL_FALLBACKS,
-            vec![
-                Label::new("tenant", tenant.to_owned()),
-                Label::new("environment", environment.to_owned()),
-            ],
-        );
-        self.inner
-            .recorder
-            .register_counter(&key, &METADATA)
-            .increment(1);
     }
 
     /// Counts one configuration reload tried by `trigger`, with its `outcome`.

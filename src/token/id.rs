@@ -159,6 +159,20 @@ impl SharedKey {
     }
 }
 
+impl SharedKey {
+    /// Where the rotated secret of `environment`'s client lives: its token URL, client id,
+    /// tenant and environment, so a changed client never reads another's secret.
+    pub fn for_secret(environment: &EnvironmentSettings) -> Self {
+        Self::of_fields([
+            "token-broker rotated secret v1",
+            environment.token_url.as_str(),
+            &environment.client_id,
+            &environment.tenant,
+            &environment.environment,
+        ])
+    }
+}
+
 impl TokenDigest {
     /// The digest of `access_token`.
     pub fn of(access_token: &str) -> Self {

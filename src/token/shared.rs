@@ -7,6 +7,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
+use secrecy::{ExposeSecret as _, SecretString};
+use sha2::{Digest as _, Sha256};
+
 use super::id::{SharedKey, TokenDigest};
 use crate::idp::IssuedToken;
 pub use crate::telemetry::metrics::SharedCacheStatus;
@@ -54,9 +57,46 @@ pub enum Invalidation {
         /// The token that was rejected, for a compare-and-delete.
         token: Option<TokenDigest>,
     },
+    /// A client secret was rotated, or a rotated one dropped: replicas read it again.
+    SecretChanged {
+        /// Where the secret lives ([`SharedKey::for_secret`]).
+        key: SharedKey,
+    },
     /// The subscription was made (again): announcements sent before it may have been missed, so
     /// every cached entry is checked against the level.
     Resubscribed,
+}
+
+/// A client secret the broker rotated; its `Debug` shows the fingerprint, never the value.
+#[derive(Clone)]
+pub struct RotatedSecret {
+    /// The secret the IdP issued.
+    pub secret: SecretString,
+    /// When the broker rotated it.
+    pub rotated_at: SystemTime,
+}
+
+impl RotatedSecret {
+    /// A short hash of the secret (16 hex digits of its SHA-256), to tell secrets apart in
+    /// answers, logs and the shared level without revealing them.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(self.secret.expose_secret())
+    }
+}
+
+/// 16 hex digits of the SHA-256 of `secret`.
+pub fn fingerprint(secret: &str) -> String {
+    let digest = Sha256::digest(secret.as_bytes());
+    hex::encode(digest.get(..8).unwrap_or_default())
+}
+
+impl std::fmt::Debug for RotatedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotatedSecret")
+            .field("fingerprint", &self.fingerprint())
+            .field("rotated_at", &self.rotated_at)
+            .finish()
+    }
 }
 
 /// What the shared level holds for a key, for a replica that may have missed announcements.

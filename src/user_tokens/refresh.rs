@@ -89,7 +89,8 @@ impl UserTokens {
                 retry_after: self.inner.min_refetch_interval.saturating_sub(since),
             }));
         }
-        let refresh = self.inner.idp.refresh(environment, refresh_token);
+        let (credential, _) = self.inner.broker.client_credential(environment).await;
+        let refresh = self.inner.idp.refresh(environment, &credential, refresh_token);
         let answer = self.ask_idp(environment, asking, refresh).await?;
         self.count_idp_request(environment, "refresh_token", &answer);
         let fresh = match answer {

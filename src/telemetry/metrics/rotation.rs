@@ -1,0 +1,56 @@
+//! The metrics of client credentials: fallbacks used, and the secrets the broker rotates.
+
+use std::time::SystemTime;
+
+use metrics::{Key, Label, Recorder as _};
+
+use super::{
+    CREDENTIAL_FALLBACKS, METADATA, Metrics, SECRET_ROTATED_AT, SECRET_ROTATION_DUE,
+    SECRET_ROTATIONS, environment_labels,
+};
+
+/// Unix seconds of `at` (0 before the epoch).
+fn unix_seconds(at: SystemTime) -> f64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
+impl Metrics {
+    /// Counts one token fetched with `tenant`/`environment`'s fallback credential.
+    pub fn credential_fallback(&self, tenant: &str, environment: &str) {
+        let key = Key::from_parts(CREDENTIAL_FALLBACKS, environment_labels(tenant, environment));
+        self.inner
+            .recorder
+            .register_counter(&key, &METADATA)
+            .increment(1);
+    }
+
+    /// Counts one rotation of `tenant`/`environment`'s client secret, `rotated` or `failed`.
+    pub fn secret_rotation(&self, tenant: &str, environment: &str, outcome: &'static str) {
+        let mut labels = environment_labels(tenant, environment);
+        labels.push(Label::from_static_parts("outcome", outcome));
+        let key = Key::from_parts(SECRET_ROTATIONS, labels);
+        self.inner
+            .recorder
+            .register_counter(&key, &METADATA)
+            .increment(1);
+    }
+
+    /// Sets when the client secret in force for `tenant`/`environment` was rotated.
+    pub fn secret_rotated_at(&self, tenant: &str, environment: &str, at: SystemTime) {
+        let key = Key::from_parts(SECRET_ROTATED_AT, environment_labels(tenant, environment));
+        self.inner
+            .recorder
+            .register_gauge(&key, &METADATA)
+            .set(unix_seconds(at));
+    }
+
+    /// Sets when the next scheduled rotation of `tenant`/`environment` is due.
+    pub fn secret_rotation_due(&self, tenant: &str, environment: &str, at: SystemTime) {
+        let key = Key::from_parts(SECRET_ROTATION_DUE, environment_labels(tenant, environment));
+        self.inner
+            .recorder
+            .register_gauge(&key, &METADATA)
+            .set(unix_seconds(at));
+    }
+}
