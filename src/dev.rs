@@ -4,7 +4,8 @@
 //! is printed too, so a caller without a key can be tried.
 //! The demo tenant `demo` has two environments that talk to the development IdP in its two
 //! request styles: `production` as Auth0 does (JSON body, credentials in the body) and `staging`
-//! as RFC 6749 does (form body, HTTP Basic). A fresh caller key is made at every start and printed
+//! as RFC 6749 does (form body, HTTP Basic). A third, `management`, is the Management API client
+//! that authorises the rotation of `production`'s secret (an admin key is printed for it). A fresh caller key is made at every start and printed
 //! on stdout with a `curl` line that works as printed. The file of `--config` and `TOKEN_BROKER__…`
 //! variables are layered over the demo settings (a reload re-reads them), and `cache.min_remaining`
 //! is fitted to `--token-lifetime` so a background refresh can be watched.
@@ -79,6 +80,7 @@ pub async fn run(
     let clients = [
         ("demo-production", "DEMO_PRODUCTION_CLIENT_SECRET"),
         ("demo-staging", "DEMO_STAGING_CLIENT_SECRET"),
+        ("demo-management", "DEMO_MANAGEMENT_CLIENT_SECRET"),
     ];
     let secrets: HashMap<&str, String> = clients
         .iter()
@@ -99,6 +101,12 @@ pub async fn run(
 
     let reloadable = config.is_some();
     let (caller_key, caller_hash) = auth::generate_key();
+    let (admin_key, admin_hash) = auth::generate_key();
+    // Without a shared cache a rotated secret is kept in a file, so that a reload keeps it.
+    let rotated_secret_file = std::env::temp_dir().join(format!(
+        "token-broker-dev-{}-production.secret",
+        std::process::id()
+    ));
     let toml = format!(
         r#"
         [server]
@@ -106,6 +114,9 @@ pub async fn run(
 
         [cache]
         min_remaining = "{min_remaining}"
+
+        [auth]
+        admin_key_sha256 = "{admin_hash}"
 
         [auth.workload]
         audience = "{WORKLOAD_AUDIENCE}"
@@ -125,6 +136,17 @@ pub async fn run(
         authorize_url = "{authorize_url}"
         redirect_uri = "{callback_url}"
 
+        [tenants.demo.environments.production.rotation]
+        endpoint = "{idp_url}/api/v2/clients/{{client_id}}/rotate-secret"
+        authorized_by = "demo/management"
+        secret_file = "{secret_file}"
+
+        [tenants.demo.environments.management]
+        token_url = "{token_url}"
+        client_id = "demo-management"
+        client_secret_env = "DEMO_MANAGEMENT_CLIENT_SECRET"
+        audience = "{issuer}api/v2/"
+
         [tenants.demo.environments.staging]
         token_url = "{token_url}"
         client_id = "demo-staging"
@@ -134,6 +156,9 @@ pub async fn run(
         client_auth = "basic"
         "#,
         hash = caller_hash.to_hex(),
+        admin_hash = admin_hash.to_hex(),
+        idp_url = idp.base_url(),
+        secret_file = rotated_secret_file.display(),
         issuer = idp.issuer(),
         token_url = idp.token_url(),
         authorize_url = idp.authorize_url(),
@@ -179,6 +204,7 @@ pub async fn run(
         humantime::format_duration(Duration::from_secs(refresh_from.as_secs()))
     );
     println!("  caller key:      {caller_key} (caller 'demo', allowed demo/*)");
+    println!("  admin key:       {admin_key} (for /v1/admin)");
     println!(
         "  workload:        caller 'demo' is also {WORKLOAD_SUBJECT} of issuer {}",
         idp.issuer()
@@ -207,9 +233,19 @@ pub async fn run(
         "  with the same key gives the user's token, refreshed (with rotation) as it expires."
     );
     println!();
+    println!(
+        "Rotate demo/production's client secret at the development IdP (the old one stops working at once; tokens keep being served):"
+    );
+    println!(
+        "  curl -s -X POST -H 'Authorization: Bearer {admin_key}' '{url}/v1/admin/tenants/demo/environments/production/rotate-secret'"
+    );
+    println!();
     println!("Press Ctrl-C to stop.");
 
-    app.run_until_stopped(shutdown_signal()).await?;
+    let stopped = app.run_until_stopped(shutdown_signal()).await;
+    // The development IdP's secrets die with it: a rotated one is of no use after.
+    let _ = std::fs::remove_file(&rotated_secret_file);
+    stopped?;
     Ok(())
 }
 

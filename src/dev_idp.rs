@@ -27,7 +27,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use jsonwebtoken::jwk::{Jwk, JwkSet, PublicKeyUse, ThumbprintHash};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -38,7 +38,10 @@ use tokio::task::JoinHandle;
 use crate::idp::pkcs1_from_pkcs8;
 
 mod authorization;
+mod management;
 mod workload;
+
+pub use management::ROTATE_SCOPE;
 
 /// Token request bodies are a few hundred bytes; anything far larger is a mistake.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -69,9 +72,14 @@ pub struct DevIdp {
     signing_key: EncodingKey,
     header: Header,
     jwks: Bytes,
-    clients: HashMap<String, SecretString>,
+    /// Client secrets by client id; the management API rotates them.
+    clients: std::sync::RwLock<HashMap<String, SecretString>>,
+    /// Verifies the management API's bearer tokens (its own).
+    decoding_key: DecodingKey,
     lifetime: Duration,
     token_requests: AtomicU64,
+    /// Secrets rotated through the management API.
+    rotations: AtomicU64,
     grants: authorization::Grants,
     /// The broker's `POST …/sessions` URL, for the `/callback` page's redeem line.
     sessions_url: std::sync::OnceLock<String>,
@@ -124,6 +132,7 @@ impl DevIdp {
         let signing_key = EncodingKey::from_rsa_der(pkcs1);
 
         let mut jwk = Jwk::from_encoding_key(&signing_key, Algorithm::RS256)?;
+        let decoding_key = DecodingKey::from_jwk(&jwk)?;
         let kid = jwk.thumbprint(ThumbprintHash::SHA256)?;
         jwk.common.key_id = Some(kid.clone());
         jwk.common.public_key_use = Some(PublicKeyUse::Signature);
@@ -137,22 +146,29 @@ impl DevIdp {
             signing_key,
             header,
             jwks,
-            clients,
+            clients: std::sync::RwLock::new(clients),
+            decoding_key,
             lifetime: settings.token_lifetime,
             token_requests: AtomicU64::new(0),
+            rotations: AtomicU64::new(0),
             grants: authorization::Grants::default(),
             sessions_url: std::sync::OnceLock::new(),
         })
     }
 
     /// The routes `POST /oauth/token`, `GET /authorize`, `GET /callback`,
-    /// `GET /.well-known/jwks.json` and `GET /.well-known/openid-configuration`.
+    /// `GET /.well-known/jwks.json`, `GET /.well-known/openid-configuration` and
+    /// `POST /api/v2/clients/{client_id}/rotate-secret`.
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route("/oauth/token", post(token))
             .route("/authorize", get(authorization::authorize))
             .route("/callback", get(authorization::callback))
             .route("/.well-known/jwks.json", get(jwks))
+            .route(
+                "/api/v2/clients/{client_id}/rotate-secret",
+                post(management::rotate_secret),
+            )
             .route(
                 "/.well-known/openid-configuration",
                 get(workload::discovery),
@@ -163,6 +179,11 @@ impl DevIdp {
     /// How many token requests it has answered, whatever the outcome.
     pub fn token_requests(&self) -> u64 {
         self.token_requests.load(Ordering::Relaxed)
+    }
+
+    /// How many client secrets it has rotated.
+    pub fn rotations(&self) -> u64 {
+        self.rotations.load(Ordering::Relaxed)
     }
 
     /// Serves the router on `listener` in a background task.
@@ -205,8 +226,20 @@ impl DevIdp {
         }
     }
 
+    /// Whether `id` is a known client.
+    fn knows(&self, id: &str) -> bool {
+        self.clients
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(id)
+    }
+
     fn authenticate(&self, (id, secret): &(String, SecretString)) -> bool {
-        self.clients.get(id).is_some_and(|known| {
+        let clients = self
+            .clients
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients.get(id).is_some_and(|known| {
             let given = secret.expose_secret().as_bytes();
             known.expose_secret().as_bytes().ct_eq(given).into()
         })
@@ -364,6 +397,11 @@ impl DevIdpHandle {
     /// How many token requests the server has answered, whatever the outcome.
     pub fn token_requests(&self) -> u64 {
         self.idp.token_requests()
+    }
+
+    /// How many client secrets it has rotated.
+    pub fn rotations(&self) -> u64 {
+        self.idp.rotations()
     }
 
     /// The broker URL that `/callback` shows for redeeming a code (known once the broker is up).

@@ -197,7 +197,7 @@ pub(super) async fn authorize(
     if field("response_type") != Some("code") {
         return refuse("response_type must be code");
     }
-    let Some(client_id) = field("client_id").filter(|id| idp.clients.contains_key(*id)) else {
+    let Some(client_id) = field("client_id").filter(|id| idp.knows(id)) else {
         return refuse("unknown client_id");
     };
     let Some(redirect_uri) = field("redirect_uri").and_then(|uri| reqwest::Url::parse(uri).ok())
