@@ -19,8 +19,8 @@ use utoipa::ToSchema;
 
 use crate::api::ApiError;
 use crate::api::error::ErrorBody;
-use crate::app::{AppState, ReloadReport, ReloadTrigger};
 use crate::api::token_request::printable;
+use crate::app::{AppState, ReloadReport, ReloadTrigger};
 use crate::auth::Admin;
 use crate::broker::RotationError;
 use crate::idp::{AudienceParam, ClientAuth, EnvironmentSettings, RateLimitHeaders, RequestFormat};

@@ -259,26 +259,41 @@ impl Broker {
             .get(authority, &token_key, None, budget)
             .await
             .map_err(authorization)?;
-        let held = match self.rotation_lock(environment, &key, before.as_deref()).await? {
+        let held = match self
+            .rotation_lock(environment, &key, before.as_deref())
+            .await?
+        {
             Locked::Held(held) => held,
             Locked::RotatedMeanwhile(secret) => return Ok(secret),
         };
         let idp = &self.inner.idp;
         let limit = environment.max_response_bytes;
         let mut answer = idp
-            .rotate_secret(&rotation.endpoint, lease.token.access_token().expose(), environment.timeout, limit)
+            .rotate_secret(
+                &rotation.endpoint,
+                lease.token.access_token().expose(),
+                environment.timeout,
+                limit,
+            )
             .await;
         if let Err(IdpError::Rejected { status: 401, .. }) = answer {
             // The authorising token was revoked or lost its scope: forgotten, and one more try
             // with a fresh one.
             let stale = lease.token.access_token().expose().to_owned();
-            let _ = self.forget(authority, &token_key, Some(&stale), budget).await;
+            let _ = self
+                .forget(authority, &token_key, Some(&stale), budget)
+                .await;
             lease = self
                 .get(authority, &token_key, None, budget)
                 .await
                 .map_err(authorization)?;
             answer = idp
-                .rotate_secret(&rotation.endpoint, lease.token.access_token().expose(), environment.timeout, limit)
+                .rotate_secret(
+                    &rotation.endpoint,
+                    lease.token.access_token().expose(),
+                    environment.timeout,
+                    limit,
+                )
                 .await;
         }
         let installed = match answer {
@@ -358,7 +373,10 @@ impl Broker {
                 "the rotated client secret could not be stored in the shared cache: other replicas keep the old one, which the IdP refuses; rotate again once the shared cache is back"
             );
         }
-        if let Some(path) = environment.rotation.as_ref().and_then(|r| r.secret_file.as_ref())
+        if let Some(path) = environment
+            .rotation
+            .as_ref()
+            .and_then(|r| r.secret_file.as_ref())
             && let Err(error) = write_secret_file(path, rotated.secret.expose_secret()).await
         {
             tracing::error!(
@@ -400,7 +418,10 @@ impl Broker {
         if let Some(shared) = &self.inner.shared {
             let _ = shared.drop_secret(&key, &fingerprint).await;
         }
-        if let Some(path) = environment.rotation.as_ref().and_then(|r| r.secret_file.as_ref())
+        if let Some(path) = environment
+            .rotation
+            .as_ref()
+            .and_then(|r| r.secret_file.as_ref())
             && read_secret_file(path)
                 .await
                 .is_some_and(|stored| stored.fingerprint() == fingerprint)
@@ -440,7 +461,10 @@ impl Broker {
 
     /// Every secret key this replica looked up, for a check after a resubscription.
     pub(super) fn known_secrets(&self) -> Vec<SharedKey> {
-        lock(&self.inner.rotations.secrets).keys().copied().collect()
+        lock(&self.inner.rotations.secrets)
+            .keys()
+            .copied()
+            .collect()
     }
 
     /// Sets `token_broker_client_secret_rotated_timestamp_seconds` of `environment`.

@@ -343,7 +343,12 @@ impl RawEnvironment {
 }
 
 /// An absolute http(s) URL, or a problem naming the setting.
-pub(super) fn http_url(at: &str, name: &str, url: &str, problems: &mut Vec<String>) -> Option<reqwest::Url> {
+pub(super) fn http_url(
+    at: &str,
+    name: &str,
+    url: &str,
+    problems: &mut Vec<String>,
+) -> Option<reqwest::Url> {
     match reqwest::Url::parse(url) {
         Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
         _ => {

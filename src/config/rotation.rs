@@ -168,3 +168,103 @@ pub(super) fn link(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{HASH, Settings, no_env, problems};
+
+    fn config(production: &str, management: &str) -> String {
+        format!(
+            r#"
+            [callers.billing]
+            key_sha256 = "{HASH}"
+            allow = ["acme/*"]
+            [tenants.acme.environments.production]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "prod id"
+            client_secret = "s"
+            {production}
+            [tenants.acme.environments.management]
+            token_url = "https://acme.example/oauth/token"
+            client_id = "mgmt"
+            client_secret = "m"
+            {management}
+            "#
+        )
+    }
+
+    const ROTATION: &str = r#"
+            [tenants.acme.environments.production.rotation]
+            endpoint = "https://acme.example/api/v2/clients/{client_id}/rotate-secret"
+            authorized_by = "acme/management"
+            secret_file = "/var/lib/token-broker/acme-production.secret"
+            every = "30d"
+    "#;
+
+    #[test]
+    fn a_rotation_names_its_client_and_marks_its_authority_as_the_broker_s_own() {
+        let toml = config(
+            "",
+            &format!("audience = \"https://acme.example/api/v2/\"\n{ROTATION}"),
+        );
+        let settings = Settings::from_toml(&toml, &no_env).unwrap();
+        let production = settings.environment("acme", "production").unwrap();
+        let rotation = production.rotation.as_ref().unwrap();
+        assert_eq!(
+            rotation.endpoint.as_str(),
+            "https://acme.example/api/v2/clients/prod+id/rotate-secret"
+        );
+        assert_eq!(rotation.scope, "update:client_keys");
+        assert_eq!(
+            rotation.every,
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert!(!production.rotation_authority);
+        assert!(
+            settings
+                .environment("acme", "management")
+                .unwrap()
+                .rotation_authority
+        );
+    }
+
+    #[test]
+    fn bad_rotations_are_configuration_errors() {
+        let audience = "audience = \"https://acme.example/api/v2/\"";
+        let cases = [
+            (
+                ROTATION.replace("acme/management", "acme/nowhere"),
+                "authorized_by: no environment acme/nowhere is configured",
+            ),
+            (
+                ROTATION.replace("acme/management", "acme/production"),
+                "authorized_by: names this environment itself",
+            ),
+            (
+                ROTATION.replace("acme/management", "management"),
+                "authorized_by: must be \"tenant/environment\"",
+            ),
+            (
+                ROTATION.replace("secret_file", "# secret_file"),
+                "rotation.secret_file: required without a shared cache",
+            ),
+            (
+                ROTATION.replace("30d", "5m"),
+                "rotation.every: must be between 1h",
+            ),
+            (
+                ROTATION.replace("endpoint = ", "# endpoint = "),
+                "rotation.endpoint: missing",
+            ),
+        ];
+        for (rotation, expected) in cases {
+            let found = problems(&config("", &format!("{audience}\n{rotation}")), &no_env);
+            assert!(found.contains(expected), "{expected}: {found}");
+        }
+        let no_audience = problems(&config("", ROTATION), &no_env);
+        assert!(
+            no_audience.contains("acme/management has no audience"),
+            "{no_audience}"
+        );
+    }
+}

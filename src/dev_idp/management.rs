@@ -56,11 +56,17 @@ pub(super) async fn rotate_secret(
     let mut validation = Validation::new(Algorithm::RS256);
     validation.set_audience(&[audience]);
     validation.set_issuer(&[idp.issuer_for(&headers)]);
-    let Ok(token) = jsonwebtoken::decode::<ManagementClaims>(bearer, &idp.decoding_key, &validation)
+    let Ok(token) =
+        jsonwebtoken::decode::<ManagementClaims>(bearer, &idp.decoding_key, &validation)
     else {
         return error(StatusCode::UNAUTHORIZED, "Invalid token");
     };
-    if !token.claims.scope.split(' ').any(|scope| scope == ROTATE_SCOPE) {
+    if !token
+        .claims
+        .scope
+        .split(' ')
+        .any(|scope| scope == ROTATE_SCOPE)
+    {
         return error(
             StatusCode::FORBIDDEN,
             "Insufficient scope, expected any of: update:client_keys",

@@ -43,8 +43,9 @@ impl IdpClient {
         timeout: Duration,
         limit: usize,
     ) -> Result<SecretString, IdpError> {
-        let authorization = HeaderValue::try_from(format!("Bearer {bearer}"))
-            .map_err(|_| IdpError::InvalidResponse("the authorising token is not a header value"))?;
+        let authorization = HeaderValue::try_from(format!("Bearer {bearer}")).map_err(|_| {
+            IdpError::InvalidResponse("the authorising token is not a header value")
+        })?;
         let mut response = self
             .http
             .post(endpoint.clone())
@@ -88,9 +89,9 @@ fn new_secret(body: &[u8]) -> Result<SecretString, IdpError> {
     }
     let rotated: Rotated = serde_json::from_slice(body)
         .map_err(|_| IdpError::InvalidResponse("the rotation answer is not a JSON object"))?;
-    let secret = rotated
-        .client_secret
-        .ok_or(IdpError::InvalidResponse("the rotation answer has no client_secret"))?;
+    let secret = rotated.client_secret.ok_or(IdpError::InvalidResponse(
+        "the rotation answer has no client_secret",
+    ))?;
     let value = secret.expose_secret();
     if value.trim().is_empty()
         || value.len() > MAX_SECRET_LEN
@@ -123,7 +124,10 @@ mod tests {
             let error = new_secret(body).unwrap_err();
             assert!(matches!(error, IdpError::InvalidResponse(_)), "{body:?}");
         }
-        let long = format!(r#"{{"client_secret":"{}"}}"#, "x".repeat(MAX_SECRET_LEN + 1));
+        let long = format!(
+            r#"{{"client_secret":"{}"}}"#,
+            "x".repeat(MAX_SECRET_LEN + 1)
+        );
         assert!(new_secret(long.as_bytes()).is_err());
     }
 

@@ -90,7 +90,10 @@ impl UserTokens {
             }));
         }
         let (credential, _) = self.inner.broker.client_credential(environment).await;
-        let refresh = self.inner.idp.refresh(environment, &credential, refresh_token);
+        let refresh = self
+            .inner
+            .idp
+            .refresh(environment, &credential, refresh_token);
         let answer = self.ask_idp(environment, asking, refresh).await?;
         self.count_idp_request(environment, "refresh_token", &answer);
         let fresh = match answer {

@@ -45,6 +45,7 @@ mod refresh;
 mod reload;
 mod request_styles;
 mod resilience;
+mod rotation;
 mod shared_cache;
 mod shared_sessions;
 mod single_flight;

@@ -18,7 +18,10 @@ fn unix_seconds(at: SystemTime) -> f64 {
 impl Metrics {
     /// Counts one token fetched with `tenant`/`environment`'s fallback credential.
     pub fn credential_fallback(&self, tenant: &str, environment: &str) {
-        let key = Key::from_parts(CREDENTIAL_FALLBACKS, environment_labels(tenant, environment));
+        let key = Key::from_parts(
+            CREDENTIAL_FALLBACKS,
+            environment_labels(tenant, environment),
+        );
         self.inner
             .recorder
             .register_counter(&key, &METADATA)
