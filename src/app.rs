@@ -41,6 +41,12 @@ pub enum AppError {
 /// Reads the configuration again, for `POST /v1/admin/reload` and `SIGHUP`.
 pub type Reloader = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
 
+/// A step of every reload outside the components (the server certificate): checks what the new
+/// settings need and returns what puts it in force, run only once every step is ready; an error
+/// refuses the reload.
+pub type ReloadHook =
+    Box<dyn Fn(&Settings) -> Result<Box<dyn FnOnce() + Send>, String> + Send + Sync>;
+
 /// The configuration in force: settings and the callers built from them, swapped whole on reload.
 pub struct Snapshot {
     /// The validated settings.
@@ -116,6 +122,10 @@ pub enum ReloadError {
     /// The new configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The new configuration is valid but could not be put in force (a server certificate
+    /// and key that do not match, shared-cache credentials the client refuses).
+    #[error("the configuration cannot be applied: {0}; the old configuration keeps serving")]
+    Apply(String),
 }
 
 /// Everything the handlers share.
@@ -134,6 +144,10 @@ pub struct App {
     /// The configuration the process started with: what settings read only at start still hold.
     started: Arc<Snapshot>,
     reloader: Option<Reloader>,
+    /// The steps every reload runs besides the components'.
+    reload_hooks: std::sync::Mutex<Vec<ReloadHook>>,
+    /// The shared level's client, to which a reload gives new credentials.
+    shared_cache: Option<RedisCache>,
     /// Serialises reloads so two cannot interleave their compare-and-drop.
     reloading: std::sync::Mutex<()>,
     /// Reloads so far: the generation the next changed environments get.
@@ -171,10 +185,12 @@ impl AppState {
         register_environments(&metrics, &settings);
         let cache = settings.cache.clone();
         let min_remaining = cache.min_remaining;
+        let mut shared_cache = None;
         let (broker, sessions) = match &settings.shared_cache {
             Some(shared) => {
                 // One Redis client for tokens and user sessions: one probe, one health.
                 let redis = RedisCache::new(shared)?;
+                shared_cache = Some(redis.clone());
                 let broker = Broker::with_shared_cache(
                     cache,
                     idp.clone(),
@@ -210,6 +226,8 @@ impl AppState {
             current: ArcSwap::new(Arc::clone(&snapshot)),
             started: snapshot,
             reloader,
+            reload_hooks: std::sync::Mutex::new(Vec::new()),
+            shared_cache,
             reloading: std::sync::Mutex::new(()),
             reloads: AtomicU64::new(0),
             ready: AtomicBool::new(true),
@@ -219,6 +237,14 @@ impl AppState {
     /// The configuration in force now (cheap; hold it only for the request).
     pub fn current(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.current.load()
+    }
+
+    /// Adds a step to every reload from now on (see [`ReloadHook`]).
+    pub fn on_reload(&self, hook: ReloadHook) {
+        self.reload_hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(hook);
     }
 
     /// Whether the configuration can be read again (it came from files).
@@ -256,6 +282,20 @@ impl AppState {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut settings = reloader()?;
         let old = self.current.load_full();
+        // Every step ready before any is put in force: a certificate that does not match its
+        // key refuses the reload and changes nothing.
+        let commits = self
+            .reload_hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|hook| hook(&settings))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(ReloadError::Apply)?;
+        self.apply_shared_credentials(&settings, &old.settings)?;
+        for commit in commits {
+            commit();
+        }
         let generation = self.reloads.fetch_add(1, Ordering::Relaxed) + 1;
         stamp_generations(&mut settings, &old.settings, generation);
         let dropped: Vec<Arc<EnvironmentSettings>> = old
@@ -304,6 +344,31 @@ impl AppState {
             "configuration reloaded"
         );
         Ok(report)
+    }
+}
+
+impl AppState {
+    /// Gives the shared level's client the credentials of `settings` when they changed since
+    /// `running` and the level is the one the process started with (another needs a restart).
+    fn apply_shared_credentials(
+        &self,
+        settings: &Settings,
+        running: &Settings,
+    ) -> Result<(), ReloadError> {
+        let (Some(redis), Some(new), Some(old), Some(started)) = (
+            &self.shared_cache,
+            &settings.shared_cache,
+            &running.shared_cache,
+            &self.started.settings.shared_cache,
+        ) else {
+            return Ok(());
+        };
+        if !new.same_place(started) || new.same_as(old) {
+            return Ok(());
+        }
+        redis
+            .apply_credentials(new)
+            .map_err(|error| ReloadError::Apply(error.to_string()))
     }
 }
 

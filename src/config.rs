@@ -203,7 +203,8 @@ impl Settings {
         }
         let same_shared = match (&self.shared_cache, &running.shared_cache) {
             (None, None) => true,
-            (Some(new), Some(old)) => new.same_as(old),
+            // New credentials are applied; another place needs a restart.
+            (Some(new), Some(old)) => new.same_place(old),
             _ => false,
         };
         if !same_shared {

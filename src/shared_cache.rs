@@ -175,6 +175,19 @@ impl RedisCache {
     }
 }
 
+impl RedisCache {
+    /// Reconnects with the credentials of `settings` (password, user, TLS files), which name
+    /// the same level ([`SharedCacheSettings::same_place`]); entries stay where they are.
+    pub fn apply_credentials(&self, settings: &SharedCacheSettings) -> Result<(), RedisCacheError> {
+        self.inner
+            .connections
+            .replace_credentials(settings)
+            .map_err(RedisCacheError::Client)?;
+        tracing::info!(endpoint = %self.inner.endpoint, "shared cache (Redis) credentials replaced; reconnecting with them");
+        Ok(())
+    }
+}
+
 impl Inner {
     /// The connection manager of the server in force; the level counts as down until the
     /// sentinels have named a master.

@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceBuilder;
 
 use crate::api::{self, Surface};
-use crate::app::{AppError, AppState, ReloadTrigger, Reloader, rotate_when_due};
+use crate::app::{AppError, AppState, ReloadHook, ReloadTrigger, Reloader, rotate_when_due};
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::telemetry::metrics::Metrics;
@@ -142,11 +142,15 @@ impl Application {
             .as_deref()
             .map(bind_now)
             .transpose()?;
+        let state = AppState::new(settings, reloader, clock)?;
+        if let Some((_, certificate)) = &tls {
+            state.on_reload(reload_certificate(Arc::clone(certificate)));
+        }
         Ok(Self {
-            state: AppState::new(settings, reloader, clock)?,
+            state,
             listener,
             admin_listener,
-            tls,
+            tls: tls.map(|(acceptor, _)| acceptor),
         })
     }
 
@@ -332,6 +336,22 @@ async fn reload_on_hangup(state: AppState) {
 /// symlink, so content is compared, not times), checked every `server.watch_interval` on the
 /// broker's clock. A change that cannot be applied (a file caught half-written, an invalid
 /// value) changes nothing, is logged once and is tried again only when the files change again.
+/// The reload step that replaces the server certificate with the files the new settings name
+/// (TLS turned on or off needs a restart, which the reload report says).
+fn reload_certificate(certificate: Arc<tls::ServerCertificate>) -> ReloadHook {
+    Box::new(move |settings: &Settings| {
+        let Some(files) = &settings.server.tls else {
+            return Ok(Box::new(|| {}) as Box<dyn FnOnce() + Send>);
+        };
+        let key = certificate.read(files).map_err(|error| error.to_string())?;
+        let certificate = Arc::clone(&certificate);
+        Ok(Box::new(move || {
+            certificate.install(key);
+            tracing::info!("server certificate replaced; new connections get it");
+        }) as Box<dyn FnOnce() + Send>)
+    })
+}
+
 async fn reload_on_file_change(state: AppState) {
     if !state.is_reloadable() {
         return;

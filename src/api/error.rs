@@ -221,7 +221,7 @@ impl ApiError {
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Reload(ReloadError::NotReloadable) => (StatusCode::CONFLICT, "not_reloadable"),
-            Self::Reload(ReloadError::Config(_)) => {
+            Self::Reload(ReloadError::Config(_) | ReloadError::Apply(_)) => {
                 (StatusCode::BAD_REQUEST, "invalid_configuration")
             }
             Self::Broker(error) => broker_status_and_code(error),

@@ -68,6 +68,8 @@ pub(super) struct RawSharedCache {
     #[serde(default)]
     pub(super) password_env: Option<String>,
     #[serde(default)]
+    pub(super) password_file: Option<PathBuf>,
+    #[serde(default)]
     pub(super) sentinels: Vec<String>,
     #[serde(default)]
     pub(super) master_name: Option<String>,

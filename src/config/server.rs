@@ -65,7 +65,8 @@ pub(super) fn needing_restart(new: &ServerSettings, running: &ServerSettings) ->
             "server.max_connections",
             new.max_connections != running.max_connections,
         ),
-        ("server.tls", new.tls != running.tls),
+        // New certificate files are applied; turning TLS on or off needs a restart.
+        ("server.tls", new.tls.is_some() != running.tls.is_some()),
         (
             "server.shutdown_grace",
             new.shutdown_grace != running.shutdown_grace,

@@ -64,15 +64,39 @@ impl RawSharedCache {
                 "shared_cache.username: the URL names a user already; keep one of them".to_owned(),
             );
         }
-        let password = match self.password_env.as_deref() {
-            Some(_) if password_in_url => {
+        let password = match (self.password_env.as_deref(), self.password_file.as_deref()) {
+            (Some(_), Some(_)) => {
+                problems
+                    .push("shared_cache: both password_env and password_file; keep one".to_owned());
+                None
+            }
+            (Some(_), None) | (None, Some(_)) if password_in_url => {
                 problems.push(
-                    "shared_cache.password_env: the URL carries a password already; keep one of them (preferably password_env)".to_owned(),
+                    "shared_cache.password_env: the URL carries a password already; keep one of them (preferably password_env or password_file)".to_owned(),
                 );
                 None
             }
-            Some(name) => secret_from_env("shared_cache.password_env", name, env, problems),
-            None => None,
+            (Some(name), None) => secret_from_env("shared_cache.password_env", name, env, problems),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => {
+                    Some(SecretString::from(text.trim().to_owned()))
+                }
+                Ok(_) => {
+                    problems.push(format!(
+                        "shared_cache.password_file: {} is empty",
+                        path.display()
+                    ));
+                    None
+                }
+                Err(error) => {
+                    problems.push(format!(
+                        "shared_cache.password_file: cannot read {}: {error}",
+                        path.display()
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
         };
         if self.username.as_deref().is_some_and(str::is_empty) {
             problems

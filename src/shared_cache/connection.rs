@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ConnectionInfo, IntoConnectionInfo as _, RedisResult};
 use secrecy::{ExposeSecret as _, SecretSlice, SecretString};
@@ -40,13 +40,29 @@ struct Sentinels {
 pub(super) struct Connections {
     current: ArcSwapOption<Endpoint>,
     sentinels: Option<Sentinels>,
-    /// To build a client for another master: TLS, user and password.
+    /// To build a client for another master: TLS, user and password; replaced by a reload.
+    credentials: ArcSwap<Credentials>,
+    timeout: Duration,
+    /// Counts master changes; the subscriber watches it (a reconnection with new credentials
+    /// notifies it too) to subscribe again through the new connection.
+    switched: watch::Sender<u64>,
+}
+
+/// How the broker authenticates to Redis: TLS material, user and password.
+struct Credentials {
     tls: Option<TlsMaterial>,
     username: Option<String>,
     password: Option<SecretString>,
-    timeout: Duration,
-    /// Counts master changes; the subscriber watches it.
-    switched: watch::Sender<u64>,
+}
+
+impl Credentials {
+    fn of(settings: &SharedCacheSettings) -> Self {
+        Self {
+            tls: settings.tls.as_ref().map(TlsMaterial::of),
+            username: settings.username.clone(),
+            password: settings.password.clone(),
+        }
+    }
 }
 
 /// `[shared_cache.tls]` as the redis crate takes it (the key kept secret until a client is made).
@@ -73,14 +89,11 @@ impl Connections {
     /// Prepares the connection (nothing is connected yet): to the URL, or to no server until
     /// the sentinels name the master.
     pub(super) fn new(settings: &SharedCacheSettings) -> RedisResult<Self> {
-        let tls = settings.tls.as_ref().map(TlsMaterial::of);
         let (switched, _) = watch::channel(0);
         let mut connections = Self {
             current: ArcSwapOption::empty(),
             sentinels: None,
-            tls,
-            username: settings.username.clone(),
-            password: settings.password.clone(),
+            credentials: ArcSwap::from_pointee(Credentials::of(settings)),
             timeout: settings.timeout,
             switched,
         };
@@ -128,9 +141,39 @@ impl Connections {
         *self.switched.borrow()
     }
 
-    /// Changes of master, for the subscriber to subscribe again on each.
+    /// Changes of the connection in force, for the subscriber to subscribe again on each.
     pub(super) fn switches(&self) -> watch::Receiver<u64> {
         self.switched.subscribe()
+    }
+
+    /// Reconnects with the credentials (password, user, TLS files) of `settings`, which reach
+    /// the same server or sentinels: later calls and the subscription use them, and the level
+    /// keeps its entries.
+    pub(super) fn replace_credentials(&self, settings: &SharedCacheSettings) -> RedisResult<()> {
+        let previous = self.credentials.swap(Arc::new(Credentials::of(settings)));
+        let replaced = match (&settings.target, self.current.load_full()) {
+            (RedisTarget::Url(url), _) => url
+                .expose_secret()
+                .into_connection_info()
+                .and_then(|info| self.endpoint(info, settings.endpoint())),
+            (RedisTarget::Sentinel(_), Some(current)) => self
+                .address_info(&current.address)
+                .and_then(|info| self.endpoint(info, current.address.clone())),
+            // No master known yet: the next one is reached with the new credentials.
+            (RedisTarget::Sentinel(_), None) => return Ok(()),
+        };
+        match replaced {
+            Ok(endpoint) => {
+                self.current.store(Some(Arc::new(endpoint)));
+                // Not a master change: the count stays, the subscriber is told.
+                self.switched.send_modify(|_| {});
+                Ok(())
+            }
+            Err(error) => {
+                self.credentials.store(previous);
+                Err(error)
+            }
+        }
     }
 
     /// Asks the sentinels (in order, the first that names a master) where the master is, and
@@ -208,7 +251,7 @@ impl Connections {
 
     /// The connection details of `host:port`: TLS when `[shared_cache.tls]` is set.
     fn address_info(&self, address: &str) -> RedisResult<ConnectionInfo> {
-        let scheme = if self.tls.is_some() {
+        let scheme = if self.credentials.load().tls.is_some() {
             "rediss"
         } else {
             "redis"
@@ -221,7 +264,12 @@ impl Connections {
     fn endpoint(&self, info: ConnectionInfo, address: String) -> RedisResult<Endpoint> {
         // Configuration refuses a user or password both in the URL and in the settings, so
         // those of the settings complete the URL's.
-        let info = with_credentials(info, self.username.as_deref(), self.password.as_ref());
+        let credentials = self.credentials.load();
+        let info = with_credentials(
+            info,
+            credentials.username.as_deref(),
+            credentials.password.as_ref(),
+        );
         let client = self.client_for(info)?;
         let connection =
             ConnectionManager::new_lazy_with_config(client.clone(), manager_config(self.timeout))?;
@@ -235,7 +283,7 @@ impl Connections {
     /// A client for `info`, with `[shared_cache.tls]`'s CA and client certificate when set
     /// (`rediss://` alone uses the system roots).
     fn client_for(&self, info: ConnectionInfo) -> RedisResult<redis::Client> {
-        match &self.tls {
+        match &self.credentials.load().tls {
             None => redis::Client::open(info),
             Some(tls) => redis::Client::build_with_tls(
                 info,

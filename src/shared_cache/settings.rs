@@ -124,6 +124,35 @@ impl SharedCacheSettings {
 }
 
 impl SharedCacheSettings {
+    /// Whether `other` is the same level (server or sentinels, database, TLS or not, prefix,
+    /// keys, timings), whatever the credentials: a reload applies new credentials, while
+    /// another place needs a restart.
+    pub fn same_place(&self, other: &Self) -> bool {
+        let key = |key: &EncryptionKey| *key.expose_secret();
+        let place = match (&self.target, &other.target) {
+            (RedisTarget::Url(a), RedisTarget::Url(b)) => {
+                without_credentials(a.expose_secret()) == without_credentials(b.expose_secret())
+            }
+            (RedisTarget::Sentinel(a), RedisTarget::Sentinel(b)) => {
+                a.sentinels == b.sentinels
+                    && a.master_name == b.master_name
+                    && a.username == b.username
+                    && a.password.as_ref().map(|p| p.expose_secret())
+                        == b.password.as_ref().map(|p| p.expose_secret())
+            }
+            _ => false,
+        };
+        place
+            && self.tls.is_some() == other.tls.is_some()
+            && self.key_prefix == other.key_prefix
+            && key(&self.encryption_key) == key(&other.encryption_key)
+            && self.previous_encryption_key.as_ref().map(key)
+                == other.previous_encryption_key.as_ref().map(key)
+            && self.timeout == other.timeout
+            && self.lock_ttl == other.lock_ttl
+            && self.wait_for_peer == other.wait_for_peer
+    }
+
     /// Whether `other` is the same level reached the same way (URL, prefix, keys, timings).
     pub fn same_as(&self, other: &Self) -> bool {
         let key = |key: &EncryptionKey| *key.expose_secret();
@@ -161,6 +190,14 @@ impl fmt::Debug for SharedCacheSettings {
 }
 
 /// The `host:port` (or socket path) part of a Redis URL, without credentials.
+/// A Redis URL without its user and password, to compare places; `None` when unparsable.
+fn without_credentials(url: &str) -> Option<String> {
+    let mut url = reqwest::Url::parse(url).ok()?;
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Some(url.into())
+}
+
 fn redis_endpoint(url: &str) -> String {
     reqwest::Url::parse(url)
         .ok()

@@ -126,7 +126,7 @@ async fn forward(
     loop {
         tokio::select! {
             () = events.closed() => return "shutting down",
-            _ = switches.changed() => return "the master moved (a failover)",
+            _ = switches.changed() => return "the connection was replaced (a failover, or new credentials)",
             message = stream.next() => {
                 let Some(message) = message else {
                     return "connection closed";

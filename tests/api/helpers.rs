@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use token_broker::app::AppState;
 use token_broker::auth::KeyHash;
 use token_broker::clock::Clock;
-use token_broker::config::Settings;
+use token_broker::config::{Layer, Settings};
 use token_broker::startup::Application;
 use tokio::net::TcpListener;
 use wiremock::MockServer;
@@ -235,10 +235,14 @@ impl TestAppBuilder {
         init_tracing();
         let (settings, reloader) = match &self.file {
             Some(file) => {
-                let settings = Settings::load(Some(file)).expect("test configuration is valid");
-                let file = file.clone();
-                let reloader: token_broker::app::Reloader =
-                    Box::new(move || Settings::load(Some(&file)));
+                // As `Settings::load`, with the test's environment for `*_env` settings.
+                let (file, env) = (file.clone(), self.env.clone());
+                let load = move || {
+                    let env = |name: &str| test_env(&env, name);
+                    Settings::from_layers(&[Layer::File(&file)], false, &env)
+                };
+                let settings = load().expect("test configuration is valid");
+                let reloader: token_broker::app::Reloader = Box::new(load);
                 (settings, Some(reloader))
             }
             None => {
@@ -248,13 +252,7 @@ impl TestAppBuilder {
                     .chain(&self.layers)
                     .map(String::as_str)
                     .collect();
-                let env = |name: &str| {
-                    let set = self.env.iter().find(|(set, _)| set == name);
-                    match set {
-                        Some((_, value)) => Some(value.clone()),
-                        None => (name == CACHE_KEY_ENV).then(cache_key),
-                    }
-                };
+                let env = |name: &str| test_env(&self.env, name);
                 let settings =
                     Settings::from_toml_layers(&layers, &env).expect("test configuration is valid");
                 (settings, None)
@@ -266,6 +264,14 @@ impl TestAppBuilder {
             app.wait_for_shared_cache(true).await;
         }
         app
+    }
+}
+
+/// The value of `name` in a test app's environment: `set`, and [`CACHE_KEY_ENV`].
+fn test_env(set: &[(String, String)], name: &str) -> Option<String> {
+    match set.iter().find(|(set, _)| set == name) {
+        Some((_, value)) => Some(value.clone()),
+        None => (name == CACHE_KEY_ENV).then(cache_key),
     }
 }
 

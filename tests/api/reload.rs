@@ -321,3 +321,94 @@ async fn a_changed_secret_file_is_picked_up_without_a_signal_and_a_bad_file_chan
     assert_eq!(reloads("refused").await, Some(1.0));
     assert_eq!(reloads("applied").await, Some(1.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_redis_password_file_reconnects_with_it_and_replicas_share_again() {
+    const OLD: &str = "the-old-redis-password";
+    const NEW: &str = "the-new-redis-password";
+    let port = free_port();
+    let client = redis::Client::open(format!("redis://:{OLD}@127.0.0.1:{port}")).unwrap();
+    let port_arg = port.to_string();
+    let redis =
+        RedisServer::start_with(port, &["--port", &port_arg, "--requirepass", OLD], client).await;
+    let mut admin = redis.connection().await;
+    let idp = std::sync::Arc::new(MockServer::start().await);
+    issue_tokens(&idp, "acme", TokenIssuer::new(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, password) = (
+        dir.path().join("broker.toml"),
+        dir.path().join("redis-password"),
+    );
+    std::fs::write(&password, format!("{OLD}\n")).unwrap();
+    let config = format!(
+        "{}\n[shared_cache]\nurl = \"{}\"\nencryption_key_env = \"{CACHE_KEY_ENV}\"\npassword_file = \"{}\"\n",
+        base_config(&idp.uri()),
+        redis.url(),
+        password.display()
+    );
+    std::fs::write(&file, config).unwrap();
+    let fleet = TestApp::init()
+        .with_idp(idp)
+        .with_file(&file)
+        .start_fleet(2)
+        .await;
+    for replica in &fleet {
+        replica.wait_for_shared_cache(true).await;
+        assert_eq!(replica.billing("acme/production").await.status, 200);
+    }
+    assert_eq!(
+        fleet[0].idp_requests().await.len(),
+        1,
+        "shared through Redis"
+    );
+
+    // The password changes at Redis and its connections are cut: the level goes down, and
+    // tokens are still served.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(NEW)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for kind in ["normal", "pubsub"] {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg(kind)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    for replica in &fleet {
+        replica.wait_for_shared_cache(false).await;
+        assert_eq!(replica.billing("acme/production").await.status, 200);
+    }
+
+    // The new password in the file: both replicas reload without a signal and reconnect.
+    std::fs::write(&password, format!("{NEW}\n")).unwrap();
+    fleet[0].clock.advance(std::time::Duration::from_secs(11));
+    for replica in &fleet {
+        replica.wait_for_shared_cache(true).await;
+        let scraped = replica.scrape().await;
+        assert_eq!(
+            metric(
+                &scraped,
+                "token_broker_config_reloads_total{trigger=\"file\",outcome=\"applied\"}"
+            ),
+            Some(1.0),
+            "{scraped}"
+        );
+    }
+    for replica in &fleet {
+        let answer = replica.billing("acme/production?scope=after").await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    assert_eq!(
+        fleet[0].idp_requests().await.len(),
+        2,
+        "the new key is fetched once and shared again"
+    );
+    let report = reload(&fleet[0], Some(ADMIN_KEY)).await;
+    assert_eq!(report.body["restart_required"], serde_json::json!([]));
+}

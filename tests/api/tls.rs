@@ -131,3 +131,67 @@ async fn unusable_certificate_files_are_refused_at_start() {
         "{text}"
     );
 }
+
+/// A client that trusts only `certificate`, with a fresh connection pool.
+fn trusting(certificate: &reqwest::Certificate) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_certs_only([certificate.clone()])
+        .build()
+        .unwrap()
+}
+
+async fn livez(client: &reqwest::Client, port: u16) -> bool {
+    client
+        .get(format!("https://localhost:{port}/livez"))
+        .send()
+        .await
+        .is_ok_and(|response| response.status() == 200)
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_on_disk_is_served_to_new_connections_without_a_restart() {
+    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (certificate, key, first) = self_signed(first_dir.path());
+    let (new_certificate, new_key, second) = self_signed(second_dir.path());
+    let idp = MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    std::fs::write(
+        &file,
+        base_config(&idp.uri()) + &tls_layer(&certificate, &key),
+    )
+    .unwrap();
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
+    let port: u16 = app.url.rsplit(':').next().unwrap().parse().unwrap();
+    let open = trusting(&first);
+    assert!(livez(&open, port).await, "the first certificate is served");
+    assert!(!livez(&trusting(&second), port).await);
+
+    // A half-written pair (the new certificate, the old key) changes nothing.
+    std::fs::copy(&new_certificate, &certificate).unwrap();
+    app.clock.advance(Duration::from_secs(11));
+    eventually("the mismatched pair refused", async || {
+        metric(
+            &app.state.metrics.render(),
+            "token_broker_config_reloads_total{trigger=\"file\",outcome=\"refused\"}",
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(livez(&trusting(&first), port).await, "still the first");
+
+    // The key follows: the watcher applies the pair, no signal, no restart.
+    std::fs::copy(&new_key, &key).unwrap();
+    app.clock.advance(Duration::from_secs(11));
+    eventually("the new certificate served", async || {
+        livez(&trusting(&second), port).await
+    })
+    .await;
+    assert!(
+        !livez(&trusting(&first), port).await,
+        "new connections get the new one"
+    );
+    assert!(
+        livez(&open, port).await,
+        "an open connection finishes with its certificate"
+    );
+}
