@@ -393,5 +393,8 @@ fn stamp_generations(settings: &mut Settings, running: &Settings, generation: u6
 fn register_environments(metrics: &Metrics, settings: &Settings) {
     for (tenant, environment, settings) in settings.environments() {
         metrics.register_environment(tenant, environment, &settings.metrics);
+        if settings.rotation.is_some() {
+            metrics.register_rotation(tenant, environment);
+        }
     }
 }

@@ -26,7 +26,7 @@ const SERVICE_MONITOR: &str = "deploy/kubernetes/servicemonitor.yaml";
 const DEPLOYMENT: &str = "deploy/kubernetes/deployment.yaml";
 
 /// The alerts the rules must define.
-const ALERTS: [&str; 9] = [
+const ALERTS: [&str; 11] = [
     "TokenBrokerIdpErrors",
     "TokenBrokerIdpRateLimited",
     "TokenBrokerAuth0QuotaLow",
@@ -35,6 +35,8 @@ const ALERTS: [&str; 9] = [
     "TokenBrokerSharedCacheDown",
     "TokenBrokerUserSessionsUnwritten",
     "TokenBrokerCallerOverIdpBudget",
+    "TokenBrokerClientSecretRotationOverdue",
+    "TokenBrokerClientSecretRotationFailing",
     "TokenBrokerNotReady",
 ];
 
@@ -568,12 +570,32 @@ async fn promtool_accepts_the_metrics_and_the_rules_and_dashboard_name_only_expo
     let users = format!(
         "[tenants.acme.environments.production]\nauthorize_url = \"{AUTHORIZE_URL}\"\nredirect_uri = \"{REDIRECT_URI}\"\n"
     );
+    // A scheduled rotation, for its metrics (its endpoint answers 404: a failed rotation).
+    let rotation = r#"
+        [tenants.acme.environments.management]
+        token_url = "http://127.0.0.1:9/unused"
+        client_id = "acme-mgmt-id"
+        client_secret = "management-secret"
+        audience = "https://acme.example/api/v2/"
+        [tenants.globex.environments.production.rotation]
+        endpoint = "http://127.0.0.1:9/api/v2/clients/{client_id}/rotate-secret"
+        authorized_by = "acme/management"
+        every = "30d"
+    "#;
     let fleet = TestApp::init()
         .with_redis(&redis)
         .with_config(users)
+        .with_config(rotation)
         .start_fleet(1)
         .await;
     let app = &fleet[0];
+    app.clock.advance(std::time::Duration::from_secs(61));
+    eventually("the rotation schedule checked", async || {
+        app.scrape()
+            .await
+            .contains("token_broker_client_secret_rotation_due_timestamp_seconds")
+    })
+    .await;
     Mock::given(method("POST"))
         .and(path("/acme/oauth/token"))
         .respond_with(
@@ -628,6 +650,8 @@ async fn promtool_accepts_the_metrics_and_the_rules_and_dashboard_name_only_expo
         "token_broker_shared_cache_up",
         "token_broker_user_idp_requests_total",
         "token_broker_user_sessions_unwritten",
+        "token_broker_client_secret_rotations_total",
+        "token_broker_client_secret_rotation_due_timestamp_seconds",
     ] {
         assert!(exported.contains(name), "{name} not in the scrape:\n{text}");
     }

@@ -2,7 +2,7 @@
 
 use std::time::SystemTime;
 
-use metrics::{Key, Label, Recorder as _};
+use metrics::{Counter, Key, Label, Recorder as _};
 
 use super::{
     CREDENTIAL_FALLBACKS, METADATA, Metrics, SECRET_ROTATED_AT, SECRET_ROTATION_DUE,
@@ -30,13 +30,23 @@ impl Metrics {
 
     /// Counts one rotation of `tenant`/`environment`'s client secret, `rotated` or `failed`.
     pub fn secret_rotation(&self, tenant: &str, environment: &str, outcome: &'static str) {
+        self.rotation_counter(tenant, environment, outcome)
+            .increment(1);
+    }
+
+    /// Shows `tenant`/`environment`'s rotation counters from the start, at zero, so that an
+    /// alert sees the first failure as an increase.
+    pub fn register_rotation(&self, tenant: &str, environment: &str) {
+        for outcome in ["rotated", "failed"] {
+            let _registered = self.rotation_counter(tenant, environment, outcome);
+        }
+    }
+
+    fn rotation_counter(&self, tenant: &str, environment: &str, outcome: &'static str) -> Counter {
         let mut labels = environment_labels(tenant, environment);
         labels.push(Label::from_static_parts("outcome", outcome));
         let key = Key::from_parts(SECRET_ROTATIONS, labels);
-        self.inner
-            .recorder
-            .register_counter(&key, &METADATA)
-            .increment(1);
+        self.inner.recorder.register_counter(&key, &METADATA)
     }
 
     /// Sets when the client secret in force for `tenant`/`environment` was rotated.
