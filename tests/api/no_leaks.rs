@@ -19,6 +19,8 @@ const ACCESS_TOKEN: &str = "eyJhbGciOiJub25lIn0.very-secret-access-token.sig";
 const KEYS_BEARER_TOKEN: &str = "very-secret-service-account-token";
 /// The refresh token of user sessions.
 const REFRESH_TOKEN: &str = "very-secret-refresh-token";
+/// The client secret a rotation of globex/production receives.
+const ROTATED_SECRET: &str = "very-secret-rotated-client-secret";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
@@ -91,6 +93,29 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
             "{production_secret}authorize_url = \"{AUTHORIZE_URL}\"\nredirect_uri = \"{REDIRECT_URI}\"\n"
         ),
     ) + &shared_cache_config(&redis);
+    // The broker rotates globex/production's secret, authorised by acme/management.
+    let toml = toml
+        + &format!(
+            r#"
+            [tenants.acme.environments.management]
+            token_url = "{idp}/acme/oauth/token"
+            client_id = "acme-mgmt-id"
+            client_secret = "management-secret"
+            audience = "https://acme.example/api/v2/"
+            [tenants.globex.environments.production.rotation]
+            endpoint = "{idp}/api/v2/clients/{{client_id}}/rotate-secret"
+            authorized_by = "acme/management"
+            "#,
+            idp = idp.uri()
+        );
+    Mock::given(method("POST"))
+        .and(path("/api/v2/clients/globex-id/rotate-secret"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"client_id": "globex-id", "client_secret": ROTATED_SECRET})),
+        )
+        .mount(&idp)
+        .await;
     std::fs::write(&config, toml).unwrap();
     let server = spawn(
         Command::new(BIN)
@@ -206,6 +231,44 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         "discovery and JWKS carry the broker's own token"
     );
 
+    // A rotation: its answer, the metrics after it and the shared level never show the secret.
+    let rotated = send(
+        reqwest::Method::POST,
+        "/v1/admin/tenants/globex/environments/production/rotate-secret",
+        ADMIN_KEY,
+    )
+    .await
+    .unwrap();
+    assert_eq!(rotated.status(), 200);
+    answers.push(rotated.text().await.unwrap());
+    let metrics = send(reqwest::Method::GET, "/metrics", METRICS_KEY)
+        .await
+        .unwrap();
+    answers.push(metrics.text().await.unwrap());
+    assert!(
+        answers
+            .last()
+            .unwrap()
+            .contains("token_broker_client_secret_rotations_total"),
+        "the rotation is counted"
+    );
+    let mut connection = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*secret:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "the rotated secret is in the shared level");
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(&keys[0])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&stored).contains(ROTATED_SECRET),
+        "sealed"
+    );
+
     let (status, lines) = server.terminate();
     assert!(status.success());
     let log = lines.join("\n");
@@ -245,6 +308,8 @@ async fn secrets_keys_and_tokens_stay_out_of_logs_metrics_and_admin_answers() {
         "very-secret-access-token",
         KEYS_BEARER_TOKEN,
         REFRESH_TOKEN,
+        ROTATED_SECRET,
+        "management-secret",
         &handle,
         &state,
         // The signatures: what makes a workload token a credential.
