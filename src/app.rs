@@ -239,6 +239,11 @@ impl AppState {
         self.current.load()
     }
 
+    /// The configuration in force now, to hold across an await.
+    pub fn current_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
     /// Adds a step to every reload from now on (see [`ReloadHook`]).
     pub fn on_reload(&self, hook: ReloadHook) {
         self.reload_hooks

@@ -69,6 +69,27 @@ pub struct EnvironmentReport {
     pub max_fetches_per_hour: Option<u32>,
     /// The IdP's `x-ratelimit-*` headers on its latest answer, when it sent any.
     pub idp_rate_limit: Option<IdpRateLimit>,
+    /// How the broker rotates this environment's client secret, when it does.
+    pub rotation: Option<RotationSummary>,
+    /// Some `rotation.authorized_by` names it: its tokens are the broker's own and no caller
+    /// receives them.
+    pub broker_own: bool,
+}
+
+/// An environment's `rotation` table and the secret it put in force; never the secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RotationSummary {
+    /// The rotation endpoint, without any user name or password in it.
+    pub endpoint: String,
+    /// `tenant/environment` whose token authorises the rotation.
+    pub authorized_by: String,
+    /// `rotation.every` in seconds; `None`: only on demand.
+    pub every_s: Option<u64>,
+    /// When the secret in force was rotated by the broker (RFC 3339 UTC); `None`: the
+    /// configured secret is in force.
+    pub rotated_at: Option<String>,
+    /// 16 hex digits of the SHA-256 of the rotated secret in force.
+    pub fingerprint: Option<String>,
 }
 
 /// Auth0-style rate-limit headers of the IdP's latest answer.
@@ -124,22 +145,33 @@ pub struct CacheEntryReport {
     security(("admin_key" = [])),
 )]
 pub async fn tenants(State(state): State<AppState>, _: Admin) -> Json<TenantsReport> {
-    let current = state.current();
-    let tenants = current
-        .settings
-        .tenants
-        .iter()
-        .map(|(name, tenant)| TenantReport {
+    let current = state.current_full();
+    let mut tenants = Vec::with_capacity(current.settings.tenants.len());
+    for (name, tenant) in &current.settings.tenants {
+        let mut environments = Vec::with_capacity(tenant.environments.len());
+        for (name, environment) in &tenant.environments {
+            let mut report =
+                environment_report(name, environment, state.broker.rate_limit(environment));
+            if let Some(rotation) = &environment.rotation {
+                let rotated = state.broker.rotated_secret(environment).await;
+                let (tenant, authority) = &rotation.authorized_by;
+                report.rotation = Some(RotationSummary {
+                    endpoint: without_userinfo(&rotation.endpoint),
+                    authorized_by: format!("{tenant}/{authority}"),
+                    every_s: rotation.every.map(|every| every.as_secs()),
+                    rotated_at: rotated
+                        .as_ref()
+                        .map(|r| humantime::format_rfc3339_seconds(r.rotated_at).to_string()),
+                    fingerprint: rotated.as_ref().map(|r| r.fingerprint()),
+                });
+            }
+            environments.push(report);
+        }
+        tenants.push(TenantReport {
             name: name.clone(),
-            environments: tenant
-                .environments
-                .iter()
-                .map(|(name, environment)| {
-                    environment_report(name, environment, state.broker.rate_limit(environment))
-                })
-                .collect(),
-        })
-        .collect();
+            environments,
+        });
+    }
     Json(TenantsReport { tenants })
 }
 
@@ -148,13 +180,9 @@ fn environment_report(
     environment: &EnvironmentSettings,
     rate_limit: RateLimitHeaders,
 ) -> EnvironmentReport {
-    let mut token_url = environment.token_url.clone();
-    // Both only fail for URLs that cannot carry credentials, which then have none to remove.
-    let _ = token_url.set_username("");
-    let _ = token_url.set_password(None);
     EnvironmentReport {
         name: name.to_owned(),
-        token_url: token_url.into(),
+        token_url: without_userinfo(&environment.token_url),
         client_id: environment.client_id.clone(),
         audience: environment.audience.as_deref().map(str::to_owned),
         request_format: match environment.request_format {
@@ -179,7 +207,18 @@ fn environment_report(
             remaining: rate_limit.remaining,
             reset: rate_limit.reset,
         }),
+        rotation: None,
+        broker_own: environment.rotation_authority,
     }
+}
+
+/// `url` without any user name or password in it.
+fn without_userinfo(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    // Both only fail for URLs that cannot carry credentials, which then have none to remove.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.into()
 }
 
 /// `GET /v1/admin/cache`: cached keys with their timing and hit counts; never token values.

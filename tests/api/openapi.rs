@@ -16,6 +16,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/admin/tenants"),
     ("get", "/v1/admin/cache"),
     ("post", "/v1/admin/reload"),
+    (
+        "post",
+        "/v1/admin/tenants/{tenant}/environments/{environment}/rotate-secret",
+    ),
     ("post", "/t/{tenant}/{environment}/oauth/token"),
     ("post", "/v1/users/{tenant}/{environment}/authorize"),
     ("post", "/v1/users/{tenant}/{environment}/sessions"),

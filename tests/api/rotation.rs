@@ -308,6 +308,27 @@ async fn without_a_shared_cache_the_rotated_secret_is_kept_in_its_file_across_a_
     // Cached tokens keep serving: a rotation revokes nothing.
     let cached = app.billing("acme/production").await;
     assert_eq!(cached.header("x-cache"), Some("hit"));
+    // The operators' view: which secret is in force, by fingerprint, and whose tokens are the
+    // broker's own.
+    let tenants = app.get("/v1/admin/tenants", Some(ADMIN_KEY)).await;
+    let acme = &tenants.body["tenants"][0];
+    let environment = |name: &str| {
+        acme["environments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let production = environment("production");
+    assert_eq!(
+        production["rotation"]["fingerprint"],
+        rotated.body["fingerprint"]
+    );
+    assert_eq!(production["rotation"]["authorized_by"], "acme/management");
+    assert_eq!(environment("management")["broker_own"], true);
+    assert!(!tenants.body.to_string().contains("rotated-secret"));
     drop(app);
 
     let restarted = builder.start().await;
