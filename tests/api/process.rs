@@ -202,7 +202,8 @@ async fn dev_mode_prints_a_curl_line_that_works_as_printed() {
         let body: serde_json::Value = serde_json::from_slice(&printed.stdout).expect("JSON");
         body
     };
-    let body = run(curl_line).await;
+    let rotate_line = dev.wait_for("rotate-secret").trim().to_owned();
+    let body = run(curl_line.clone()).await;
     let token = body["access_token"].as_str().expect("a token");
     assert_eq!(token.split('.').count(), 3, "a JWT");
     assert_eq!(body["token_type"], "Bearer");
@@ -211,6 +212,16 @@ async fn dev_mode_prints_a_curl_line_that_works_as_printed() {
         by_workload["access_token"], body["access_token"],
         "the workload caller is the same caller and gets the cached token: {by_workload}"
     );
+
+    // The printed rotation: the development IdP takes only the new secret from then on, the
+    // cached token is still served, and a new key is fetched with the new secret.
+    let rotated = run(rotate_line).await;
+    assert_eq!(rotated["fingerprint"].as_str().map(str::len), Some(16), "{rotated}");
+    assert_eq!(run(curl_line.clone()).await["access_token"], body["access_token"]);
+    let new_key = curl_line.replace("/demo/production'", "/demo/production?scope=after'");
+    let fresh = run(new_key).await;
+    assert!(fresh["access_token"].is_string(), "{fresh}");
+    assert_ne!(fresh["access_token"], body["access_token"]);
 
     let livez = url.split("/v1/").next().unwrap().to_owned() + "/livez";
     let health = Command::new(BIN)
