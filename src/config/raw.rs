@@ -200,7 +200,25 @@ pub(super) struct RawEnvironment {
     pub(super) authorize_url: Option<String>,
     pub(super) redirect_uri: Option<String>,
     pub(super) revocation_url: Option<String>,
-    pub(super) rotation: Option<super::rotation::RawRotation>,
+    pub(super) rotation: Option<RawRotation>,
+}
+
+/// The raw `rotation` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRotation {
+    pub(super) endpoint: Option<String>,
+    pub(super) authorized_by: Option<String>,
+    #[serde(default = "default_scope")]
+    pub(super) scope: String,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) every: Option<Duration>,
+    pub(super) secret_file: Option<PathBuf>,
+}
+
+/// The scope asked of the authorising token unless configured: Auth0's for rotating secrets.
+fn default_scope() -> String {
+    "update:client_keys".to_owned()
 }
 
 fn default_max_concurrent_fetches() -> usize {

@@ -3,39 +3,18 @@
 //! `authorized_by` checked and the environments it names marked as the broker's own.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use super::TenantSettings;
+use super::raw::RawRotation;
 use crate::auth::is_valid_name;
 use crate::idp::{ClientAuth, RotationSettings};
 
-/// The scope asked of the authorising token unless configured: Auth0's for rotating secrets.
-const DEFAULT_SCOPE: &str = "update:client_keys";
 /// Shortest `every`: a secret rotated more often than hourly only spends the IdP's quota.
 const MIN_EVERY: Duration = Duration::from_secs(3600);
 /// Longest `every`.
 const MAX_EVERY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// The raw `rotation` table.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawRotation {
-    endpoint: Option<String>,
-    authorized_by: Option<String>,
-    #[serde(default = "default_scope")]
-    scope: String,
-    #[serde(default, with = "humantime_serde")]
-    every: Option<Duration>,
-    secret_file: Option<PathBuf>,
-}
-
-fn default_scope() -> String {
-    DEFAULT_SCOPE.to_owned()
-}
 
 impl RawRotation {
     /// The rotation of the environment at `at`, whose client is `client_id`; `None` with its

@@ -19,6 +19,8 @@ mod http;
 mod outcome;
 mod rotation;
 
+pub use rotation::{SECRET_ROTATED_AT, SECRET_ROTATION_DUE, SECRET_ROTATIONS};
+
 pub use http::{HttpMetrics, RouteMemo};
 pub use outcome::IdpOutcome;
 
@@ -67,12 +69,6 @@ pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_
 /// Counter: tokens fetched with an environment's second credential.
 pub const CREDENTIAL_FALLBACKS: &str = "token_broker_client_credential_fallbacks_total";
 /// Counter: configuration reloads tried, by `trigger` and `outcome`.
-/// Client secret rotations, by tenant, environment and outcome (rotated, failed).
-pub const SECRET_ROTATIONS: &str = "token_broker_client_secret_rotations_total";
-/// When the secret in force was rotated, Unix seconds, by tenant and environment.
-pub const SECRET_ROTATED_AT: &str = "token_broker_client_secret_rotated_timestamp_seconds";
-/// When the next scheduled rotation is due, Unix seconds (environments with `rotation.every`).
-pub const SECRET_ROTATION_DUE: &str = "token_broker_client_secret_rotation_due_timestamp_seconds";
 /// Configuration reloads tried, by trigger and outcome.
 pub const CONFIG_RELOADS: &str = "token_broker_config_reloads_total";
 /// Workload tokens refused, by the `check` they failed.

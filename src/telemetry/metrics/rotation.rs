@@ -4,10 +4,14 @@ use std::time::SystemTime;
 
 use metrics::{Counter, Key, Label, Recorder as _};
 
-use super::{
-    CREDENTIAL_FALLBACKS, METADATA, Metrics, SECRET_ROTATED_AT, SECRET_ROTATION_DUE,
-    SECRET_ROTATIONS, environment_labels,
-};
+use super::{CREDENTIAL_FALLBACKS, METADATA, Metrics, environment_labels};
+
+/// Client secret rotations, by tenant, environment and outcome (rotated, failed).
+pub const SECRET_ROTATIONS: &str = "token_broker_client_secret_rotations_total";
+/// When the secret in force was rotated, Unix seconds, by tenant and environment.
+pub const SECRET_ROTATED_AT: &str = "token_broker_client_secret_rotated_timestamp_seconds";
+/// When the next scheduled rotation is due, Unix seconds (environments with `rotation.every`).
+pub const SECRET_ROTATION_DUE: &str = "token_broker_client_secret_rotation_due_timestamp_seconds";
 
 /// Unix seconds of `at` (0 before the epoch).
 fn unix_seconds(at: SystemTime) -> f64 {
