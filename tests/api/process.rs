@@ -216,8 +216,15 @@ async fn dev_mode_prints_a_curl_line_that_works_as_printed() {
     // The printed rotation: the development IdP takes only the new secret from then on, the
     // cached token is still served, and a new key is fetched with the new secret.
     let rotated = run(rotate_line).await;
-    assert_eq!(rotated["fingerprint"].as_str().map(str::len), Some(16), "{rotated}");
-    assert_eq!(run(curl_line.clone()).await["access_token"], body["access_token"]);
+    assert_eq!(
+        rotated["fingerprint"].as_str().map(str::len),
+        Some(16),
+        "{rotated}"
+    );
+    assert_eq!(
+        run(curl_line.clone()).await["access_token"],
+        body["access_token"]
+    );
     let new_key = curl_line.replace("/demo/production'", "/demo/production?scope=after'");
     let fresh = run(new_key).await;
     assert!(fresh["access_token"].is_string(), "{fresh}");
