@@ -22,7 +22,7 @@
 //!
 //! The parts follow docs/design.md's sections: `cache` (lookups, leases, expiry, forgetting),
 //! `failure` (the failure policy and per-IdP state in `upstream`), `replicas` (the shared level),
-//! `rotation` (client secrets the broker rotates),
+//! `rotation` and `rotated` (client secrets the broker rotates, and the one in force),
 //! [`error`]'s [`BrokerError`]. Each holds an `impl Broker` block over the private state here.
 //! This module knows nothing about HTTP routes; `api` maps [`BrokerError`] to responses.
 
@@ -32,6 +32,7 @@ pub mod error;
 mod failure;
 mod flight;
 mod replicas;
+mod rotated;
 mod rotation;
 mod settings;
 mod shared;
@@ -52,6 +53,7 @@ use cache::TokenExpiry;
 use failure::Remembered;
 use flight::Flights;
 use replicas::SharedIndex;
+use rotated::KnownSecrets;
 use rotation::Rotations;
 
 pub use cache::Forgot;
@@ -112,7 +114,9 @@ struct Inner {
     metrics: Metrics,
     /// What every time-dependent decision reads (refresh ahead, pauses, remembered answers).
     clock: Clock,
-    /// Rotated client secrets and the rotations under way.
+    /// The client secrets in force where the broker rotates them.
+    known_secrets: KnownSecrets,
+    /// The rotations under way.
     rotations: Rotations,
     /// What the broker's own authorising tokens (for rotations) are charged to.
     own_budget: Arc<crate::limits::IdpBudget>,
@@ -184,6 +188,7 @@ impl Broker {
                 wait_for_peer,
                 metrics,
                 clock,
+                known_secrets: KnownSecrets::default(),
                 rotations: Rotations::default(),
                 own_budget: rotation::own_budget(),
             }),

@@ -48,7 +48,7 @@ use crate::broker::SharedCache;
 use crate::clock::ttl_millis;
 use crate::token::{
     CachedToken, Invalidation, LockToken, RotatedSecret, SharedCacheError, SharedCacheStatus,
-    SharedEntry, SharedFuture, SharedKey, SharedToken, TokenDigest,
+    SharedEntry, SharedFuture, SharedKey, SharedSecret, SharedToken, TokenDigest,
 };
 
 pub use cipher::{OpenError, TokenCipher};
@@ -498,7 +498,7 @@ impl SharedCache for RedisCache {
         Box::pin(self.inner.delete(key, only))
     }
 
-    fn load_secret<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<RotatedSecret>> {
+    fn load_secret<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, SharedSecret> {
         Box::pin(self.inner.load_secret(key))
     }
 
@@ -510,8 +510,13 @@ impl SharedCache for RedisCache {
         Box::pin(self.inner.store_secret(key, secret))
     }
 
-    fn drop_secret<'a>(&'a self, key: &'a SharedKey, fingerprint: &'a str) -> SharedFuture<'a, ()> {
-        Box::pin(self.inner.drop_secret(key, fingerprint))
+    fn drop_secret<'a>(
+        &'a self,
+        key: &'a SharedKey,
+        fingerprint: &'a str,
+        at: std::time::SystemTime,
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.drop_secret(key, fingerprint, at))
     }
 
     fn subscribe(&self) -> mpsc::Receiver<Invalidation> {

@@ -25,7 +25,7 @@ pub use id::{
 pub use key::{ScopeSet, TokenKey};
 pub use shared::{
     Invalidation, LockToken, RotatedSecret, SharedCacheError, SharedCacheStatus, SharedEntry,
-    SharedFuture, SharedToken, fingerprint,
+    SharedFuture, SharedSecret, SharedToken, fingerprint,
 };
 
 /// First wait before a failed refresh is tried again; doubled per failure, before jitter.

@@ -1,6 +1,6 @@
 //! Scheduled client secret rotations (`rotation.every`): each environment's secret is rotated
-//! `every` after the rotation in force, or soon after start when the broker never rotated it
-//! (its age is unknown). A failed rotation is tried again after a backoff that doubles from a
+//! `every` after the rotation in force (the broker's, or a manual one it noticed), or soon after
+//! start when its age is unknown (the broker never rotated it). A failed rotation is tried again after a backoff that doubles from a
 //! minute up to an hour. In a fleet every replica keeps the schedule and the shared lock makes
 //! one rotation of it.
 
@@ -39,8 +39,9 @@ pub async fn rotate_when_due(state: AppState) {
                 Arc::clone(&environment.environment),
             );
             let now = state.clock.now();
-            let due = match state.broker.rotated_secret(&environment).await {
-                Some(rotated) => rotated.rotated_at.checked_add(every).unwrap_or(now),
+            // From the rotation in force, or the manual one that replaced the broker's.
+            let due = match state.broker.secret_since(&environment).await {
+                Some(since) => since.checked_add(every).unwrap_or(now),
                 None => now,
             };
             state

@@ -11,7 +11,7 @@ use secrecy::ExposeSecret as _;
 
 use super::Broker;
 use crate::idp::{ClientCredential, EnvironmentSettings};
-use crate::token::{RotatedSecret, SharedKey};
+use crate::token::{RotatedSecret, SharedKey, SharedSecret};
 
 /// How often a fetch refused during another replica's rotation looks for the new secret.
 const ROTATION_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -138,7 +138,10 @@ impl Broker {
             return newer(&self.rotated_secret(environment).await);
         };
         loop {
-            let stored = shared.load_secret(&key).await.ok()?.map(Arc::new);
+            let stored = match shared.load_secret(&key).await.ok()? {
+                SharedSecret::Stored(stored) => Some(Arc::new(stored)),
+                SharedSecret::Dropped { .. } | SharedSecret::Absent => None,
+            };
             if let Some(stored) = newer(&stored) {
                 self.adopt_secret(key, &stored);
                 return Some(stored);

@@ -2,26 +2,20 @@
 //! a time per client, across replicas, in a task the broker owns (the IdP invalidates the old
 //! secret as soon as it answers, so a caller that goes away must not lose the new one); the new
 //! secret kept in memory, sealed in the shared level and announced, and written to
-//! `rotation.secret_file`; and the secret each fetch starts with.
-//!
-//! A replica looks the rotated secret up (shared level, then `secret_file`) the first time it
-//! needs the environment's credential, again when another replica announces a change, and after
-//! every resubscription, so a replica that starts later or missed an announcement never uses a
-//! secret the IdP no longer accepts for long.
+//! `rotation.secret_file`. The secret in force and its lookups are in `rotated`.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::watch;
 
 use super::{Broker, BrokerError, lock};
-use crate::idp::{ClientCredential, EnvironmentSettings, IdpError};
+use crate::idp::{EnvironmentSettings, IdpError};
 use crate::limits::{BudgetCounters, IdpBudget};
-use crate::token::{LockToken, RotatedSecret, SharedKey, TokenKey};
+use crate::token::{LockToken, RotatedSecret, SharedKey, SharedSecret, TokenKey};
 
 /// How often a replica that waits for another's rotation looks for its result.
 const PEER_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -33,15 +27,9 @@ const OWN_MAX_KEYS: usize = 64;
 /// What a rotation hands those who asked for it.
 type RotationOutcome = Result<Arc<RotatedSecret>, Arc<RotationError>>;
 
-/// The rotated secrets known to this replica and the rotations under way, by
-/// [`SharedKey::for_secret`].
+/// The rotations under way, one per secret ([`SharedKey::for_secret`]); others asking join it.
 #[derive(Default)]
-pub(super) struct Rotations {
-    /// Looked up or rotated: `None` when none is stored (the configured secret is in force).
-    secrets: Mutex<HashMap<SharedKey, Option<Arc<RotatedSecret>>>>,
-    /// One rotation per secret at a time; others asking join it.
-    under_way: Mutex<HashMap<SharedKey, watch::Receiver<Option<RotationOutcome>>>>,
-}
+pub(super) struct Rotations(Mutex<HashMap<SharedKey, watch::Receiver<Option<RotationOutcome>>>>);
 
 /// The budget the broker's own authorising tokens are charged to: no caller pays for them.
 pub(super) fn own_budget() -> Arc<IdpBudget> {
@@ -96,57 +84,6 @@ pub enum RotationError {
 }
 
 impl Broker {
-    /// The secret `environment`'s requests start with: the one the broker rotated when there
-    /// is one, else the configured credential. The rotated one, when used, is returned too.
-    pub async fn client_credential(
-        &self,
-        environment: &EnvironmentSettings,
-    ) -> (ClientCredential, Option<Arc<RotatedSecret>>) {
-        match self.rotated_secret(environment).await {
-            Some(rotated) => (
-                ClientCredential::Secret(rotated.secret.clone()),
-                Some(rotated),
-            ),
-            None => (environment.credential.clone(), None),
-        }
-    }
-
-    /// The secret the broker rotated for `environment`, looked up the first time (shared
-    /// level, then `rotation.secret_file`); `None` without a rotation or when none is stored.
-    pub async fn rotated_secret(
-        &self,
-        environment: &EnvironmentSettings,
-    ) -> Option<Arc<RotatedSecret>> {
-        let rotation = environment.rotation.as_ref()?;
-        let key = SharedKey::for_secret(environment);
-        if let Some(known) = lock(&self.inner.rotations.secrets).get(&key) {
-            return known.clone();
-        }
-        let mut remember = true;
-        let mut found = None;
-        if let Some(shared) = &self.inner.shared {
-            match shared.load_secret(&key).await {
-                Ok(stored) => found = stored.map(Arc::new),
-                // Looked up again next time, and after the level's next subscription.
-                Err(_) => remember = false,
-            }
-        }
-        if found.is_none()
-            && let Some(path) = &rotation.secret_file
-        {
-            found = read_secret_file(path).await.map(Arc::new);
-        }
-        if let Some(secret) = &found {
-            self.record_rotated_at(environment, secret.rotated_at);
-        }
-        if remember {
-            lock(&self.inner.rotations.secrets)
-                .entry(key)
-                .or_insert_with(|| found.clone());
-        }
-        found
-    }
-
     /// Rotates `environment`'s client secret now, with a token of `authority` (its
     /// `rotation.authorized_by`). Concurrent calls, on this replica or on others sharing the
     /// level, make one rotation and all receive its secret. The work belongs to the broker: a
@@ -164,7 +101,7 @@ impl Broker {
         }
         let key = SharedKey::for_secret(environment);
         let mut receiver = {
-            let mut under_way = lock(&self.inner.rotations.under_way);
+            let mut under_way = lock(&self.inner.rotations.0);
             match under_way.get(&key) {
                 Some(receiver) => receiver.clone(),
                 None => {
@@ -180,7 +117,7 @@ impl Broker {
                         })
                         .await
                         .unwrap_or_else(|_| Err(Arc::new(RotationError::Internal)));
-                        lock(&broker.inner.rotations.under_way).remove(&key);
+                        lock(&broker.inner.rotations.0).remove(&key);
                         let _ = done.send(Some(rotated));
                     });
                     receiver
@@ -204,13 +141,21 @@ impl Broker {
         let outcome = self.rotate_locked(environment, authority).await;
         let (tenant, name) = (&environment.tenant, &environment.environment);
         match &outcome {
-            Ok(secret) => {
+            Ok((secret, By::ThisReplica)) => {
                 self.inner.metrics.secret_rotation(tenant, name, "rotated");
                 tracing::info!(
                     tenant = %tenant,
                     environment = %name,
                     fingerprint = %secret.fingerprint(),
                     "rotated the client secret; new tokens are fetched with the new one"
+                );
+            }
+            Ok((secret, By::AnotherReplica)) => {
+                tracing::info!(
+                    tenant = %tenant,
+                    environment = %name,
+                    fingerprint = %secret.fingerprint(),
+                    "another replica rotated the client secret meanwhile; using its new one"
                 );
             }
             Err(error) => {
@@ -224,7 +169,7 @@ impl Broker {
                 );
             }
         }
-        outcome
+        outcome.map(|(secret, _)| secret)
     }
 
     /// The authorising token, then (under the shared lock, with a shared level) the call and
@@ -233,7 +178,7 @@ impl Broker {
         &self,
         environment: &EnvironmentSettings,
         authority: &Arc<EnvironmentSettings>,
-    ) -> RotationOutcome {
+    ) -> Result<(Arc<RotatedSecret>, By), Arc<RotationError>> {
         let rotation = environment
             .rotation
             .as_ref()
@@ -264,7 +209,7 @@ impl Broker {
             .await?
         {
             Locked::Held(held) => held,
-            Locked::RotatedMeanwhile(secret) => return Ok(secret),
+            Locked::RotatedMeanwhile(secret) => return Ok((secret, By::AnotherReplica)),
         };
         let idp = &self.inner.idp;
         let limit = environment.max_response_bytes;
@@ -297,7 +242,10 @@ impl Broker {
                 .await;
         }
         let installed = match answer {
-            Ok(secret) => Ok(self.install_rotated(environment, &key, secret).await),
+            Ok(secret) => Ok((
+                self.install_rotated(environment, &key, secret).await,
+                By::ThisReplica,
+            )),
             Err(error) => Err(Arc::new(RotationError::Endpoint(error))),
         };
         if let (Some(shared), Some(held)) = (&self.inner.shared, held) {
@@ -328,7 +276,7 @@ impl Broker {
                 .load_secret(key)
                 .await
                 .map_err(|_| RotationError::SharedCacheDown)?;
-            if let Some(stored) = stored
+            if let SharedSecret::Stored(stored) = stored
                 && before != Some(stored.fingerprint().as_str())
             {
                 if let Some(held) = held {
@@ -336,7 +284,7 @@ impl Broker {
                 }
                 let stored = Arc::new(stored);
                 self.record_rotated_at(environment, stored.rotated_at);
-                lock(&self.inner.rotations.secrets).insert(*key, Some(Arc::clone(&stored)));
+                self.adopt_secret(*key, &stored);
                 return Ok(Locked::RotatedMeanwhile(stored));
             }
             if let Some(held) = held {
@@ -377,7 +325,8 @@ impl Broker {
             .rotation
             .as_ref()
             .and_then(|r| r.secret_file.as_ref())
-            && let Err(error) = write_secret_file(path, rotated.secret.expose_secret()).await
+            && let Err(error) =
+                super::rotated::write_secret_file(path, rotated.secret.expose_secret()).await
         {
             tracing::error!(
                 tenant = %tenant,
@@ -388,91 +337,25 @@ impl Broker {
             );
         }
         self.record_rotated_at(environment, rotated.rotated_at);
-        lock(&self.inner.rotations.secrets).insert(*key, Some(Arc::clone(&rotated)));
+        self.adopt_secret(*key, &rotated);
         rotated
-    }
-
-    /// Drops `rotated` for the whole fleet: the IdP refused it and accepted another credential,
-    /// so someone rotated by hand and the configuration holds the secret in force.
-    pub(super) async fn drop_rotated(
-        &self,
-        environment: &EnvironmentSettings,
-        rotated: &RotatedSecret,
-    ) {
-        let key = SharedKey::for_secret(environment);
-        let fingerprint = rotated.fingerprint();
-        tracing::warn!(
-            tenant = %environment.tenant,
-            environment = %environment.environment,
-            fingerprint = %fingerprint,
-            "the IdP refused the secret the broker rotated and accepted the configured one: it was rotated by hand, so the broker's is dropped"
-        );
-        {
-            let mut secrets = lock(&self.inner.rotations.secrets);
-            if let Some(Some(known)) = secrets.get(&key)
-                && known.fingerprint() == fingerprint
-            {
-                secrets.insert(key, None);
-            }
-        }
-        if let Some(shared) = &self.inner.shared {
-            let _ = shared.drop_secret(&key, &fingerprint).await;
-        }
-        if let Some(path) = environment
-            .rotation
-            .as_ref()
-            .and_then(|r| r.secret_file.as_ref())
-            && read_secret_file(path)
-                .await
-                .is_some_and(|stored| stored.fingerprint() == fingerprint)
-            && let Err(error) = tokio::fs::remove_file(path).await
-        {
-            tracing::warn!(file = %path.display(), %error, "cannot remove rotation.secret_file");
-        }
-    }
-
-    /// Reads the secret under `key` again from the shared level, after another replica
-    /// announced a change or after a resubscription; a secret this replica never looked up is
-    /// left for its first use.
-    pub(super) async fn reread_secret(&self, key: &SharedKey) {
-        let Some(shared) = &self.inner.shared else {
-            return;
-        };
-        if !lock(&self.inner.rotations.secrets).contains_key(key) {
-            return;
-        }
-        if let Ok(stored) = shared.load_secret(key).await {
-            lock(&self.inner.rotations.secrets).insert(*key, stored.map(Arc::new));
-        }
     }
 
     /// Waits, until `deadline`, for the rotation of `key` under way on this replica, if any.
     pub(super) async fn await_rotation(&self, key: &SharedKey, deadline: tokio::time::Instant) {
-        let under_way = lock(&self.inner.rotations.under_way).get(key).cloned();
+        let under_way = lock(&self.inner.rotations.0).get(key).cloned();
         if let Some(mut rotation) = under_way {
             let _ = tokio::time::timeout_at(deadline, rotation.wait_for(Option::is_some)).await;
         }
     }
+}
 
-    /// Puts `secret`, read from the shared level, in force for `key` on this replica.
-    pub(super) fn adopt_secret(&self, key: SharedKey, secret: &Arc<RotatedSecret>) {
-        lock(&self.inner.rotations.secrets).insert(key, Some(Arc::clone(secret)));
-    }
-
-    /// Every secret key this replica looked up, for a check after a resubscription.
-    pub(super) fn known_secrets(&self) -> Vec<SharedKey> {
-        lock(&self.inner.rotations.secrets)
-            .keys()
-            .copied()
-            .collect()
-    }
-
-    /// Sets `token_broker_client_secret_rotated_timestamp_seconds` of `environment`.
-    fn record_rotated_at(&self, environment: &EnvironmentSettings, at: SystemTime) {
-        self.inner
-            .metrics
-            .secret_rotated_at(&environment.tenant, &environment.environment, at);
-    }
+/// Which replica made a rotation.
+enum By {
+    /// This one: it called the endpoint.
+    ThisReplica,
+    /// Another, while this one waited for the lock.
+    AnotherReplica,
 }
 
 /// The rotation lock, or another replica's result.
@@ -481,51 +364,4 @@ enum Locked {
     Held(Option<LockToken>),
     /// Another replica rotated since the rotation was asked for.
     RotatedMeanwhile(Arc<RotatedSecret>),
-}
-
-/// The secret in `rotation.secret_file`, rotated when the file was last written; `None` when
-/// it is missing, unreadable or empty.
-async fn read_secret_file(path: &Path) -> Option<RotatedSecret> {
-    let text = tokio::fs::read_to_string(path).await.ok()?;
-    let secret = text.trim();
-    if secret.is_empty() || secret.len() > crate::idp::MAX_SECRET_LEN {
-        return None;
-    }
-    let rotated_at = tokio::fs::metadata(path)
-        .await
-        .and_then(|metadata| metadata.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    Some(RotatedSecret {
-        secret: SecretString::from(secret.to_owned()),
-        rotated_at,
-    })
-}
-
-/// Writes `secret` to `path` atomically (a new file beside it, mode 0600, synced, renamed).
-async fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
-    let path = path.to_path_buf();
-    let contents = format!("{secret}\n");
-    tokio::task::spawn_blocking(move || {
-        use std::io::Write as _;
-        let mut temporary = path.clone().into_os_string();
-        temporary.push(format!(".{}.tmp", std::process::id()));
-        let temporary = std::path::PathBuf::from(temporary);
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let written = options.open(&temporary).and_then(|mut file| {
-            file.write_all(contents.as_bytes())?;
-            file.sync_all()
-        });
-        match written.and_then(|()| std::fs::rename(&temporary, &path)) {
-            Ok(()) => Ok(()),
-            Err(error) => {
-                let _ = std::fs::remove_file(&temporary);
-                Err(error)
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|error| Err(std::io::Error::other(error)))
 }

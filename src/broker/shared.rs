@@ -9,13 +9,13 @@
 //! IdP issues, and tokens are compared by [`TokenDigest`] (SHA-256 of the value), never by the
 //! value; both, and the values exchanged, are the token core's (`crate::token`).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
 use crate::token::{
     CachedToken, Invalidation, LockToken, RotatedSecret, SharedCacheStatus, SharedEntry,
-    SharedFuture, SharedKey, SharedToken, TokenDigest,
+    SharedFuture, SharedKey, SharedSecret, SharedToken, TokenDigest,
 };
 
 /// The second cache level, shared by every replica. Every call is bounded in time and fails
@@ -48,9 +48,9 @@ pub trait SharedCache: Send + Sync {
     /// replicas either way, since they may hold the token in memory.
     fn delete<'a>(&'a self, key: &'a SharedKey, only: Option<TokenDigest>) -> SharedFuture<'a, ()>;
 
-    /// The client secret a rotation stored under `key` ([`SharedKey::for_secret`]), if any (one
-    /// that cannot be opened is none).
-    fn load_secret<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, Option<RotatedSecret>>;
+    /// What a rotation left under `key` ([`SharedKey::for_secret`]): the secret, the tombstone
+    /// of a dropped one, or nothing (a secret that cannot be opened is nothing).
+    fn load_secret<'a>(&'a self, key: &'a SharedKey) -> SharedFuture<'a, SharedSecret>;
 
     /// Stores a rotated client secret under `key`, without expiry, and tells the other replicas.
     fn store_secret<'a>(
@@ -59,9 +59,14 @@ pub trait SharedCache: Send + Sync {
         secret: &'a RotatedSecret,
     ) -> SharedFuture<'a, ()>;
 
-    /// Forgets the secret under `key` if it is still the one of `fingerprint`, and tells the
-    /// other replicas either way.
-    fn drop_secret<'a>(&'a self, key: &'a SharedKey, fingerprint: &'a str) -> SharedFuture<'a, ()>;
+    /// Replaces the secret under `key`, if it is still the one of `fingerprint`, with a
+    /// tombstone dated `at`, and tells the other replicas either way.
+    fn drop_secret<'a>(
+        &'a self,
+        key: &'a SharedKey,
+        fingerprint: &'a str,
+        at: SystemTime,
+    ) -> SharedFuture<'a, ()>;
 
     /// The changes other replicas make, from now on; called once.
     fn subscribe(&self) -> mpsc::Receiver<Invalidation>;

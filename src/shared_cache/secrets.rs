@@ -1,20 +1,24 @@
 //! Rotated client secrets in the shared level: `P secret:K` ([`SharedKey::for_secret`]) holds
 //! the secret sealed with the shared level's key, without expiry, behind its fingerprint in
-//! clear (`r1:<fingerprint>:`), so that a drop can compare without opening it. A store or a drop
-//! and its announcement (`secret <origin> K`) run in one script, so every replica reads the
-//! secret again.
+//! clear (`r1:<fingerprint>:`), so that a drop can compare without opening it; a dropped secret
+//! leaves a tombstone `d1:<fingerprint>:<unix ms>` in its place. A store or a drop and its
+//! announcement (`secret <origin> K`) run in one script, so every replica reads the key again.
+//! A secret sealed with the previous encryption key is sealed again with the current one when
+//! read, so that the previous key can be retired.
 
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Inner;
 use crate::clock::unix_millis;
-use crate::token::{RotatedSecret, SharedCacheError, SharedKey};
+use crate::token::{RotatedSecret, SharedCacheError, SharedKey, SharedSecret};
 
 /// The clear fields before a sealed secret: version and fingerprint.
 const SECRET_FIELDS_LEN: usize = "r1:".len() + 16 + 1;
+/// The key id after them (as [`super::TokenCipher`] writes it).
+const KEY_ID_LEN: usize = 8;
 
 /// Stores a secret without expiry and announces it. KEYS: secret key. ARGV: value, channel,
 /// message.
@@ -24,15 +28,17 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 ";
 
-/// Deletes a secret if it still has the fingerprint `ARGV[1]` (the 16 characters after `r1:`),
-/// and announces it either way. KEYS: secret key. ARGV: fingerprint, channel, message.
+/// Replaces a secret that still has the fingerprint `ARGV[1]` (the 16 characters after `r1:`)
+/// with the tombstone `ARGV[2]`, and announces it either way. KEYS: secret key. ARGV:
+/// fingerprint, tombstone, channel, message.
 pub(super) const SECRET_DROP_SCRIPT: &str = r"
 local old = redis.call('GET', KEYS[1])
 local dropped = 0
-if old and string.sub(old, 4, 19) == ARGV[1] then
-  dropped = redis.call('DEL', KEYS[1])
+if old and string.sub(old, 1, 3) == 'r1:' and string.sub(old, 4, 19) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  dropped = 1
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return dropped
 ";
 
@@ -48,11 +54,12 @@ impl Inner {
         format!("{}secret:{}", self.prefix, key.to_hex())
     }
 
-    /// The rotated secret under `key`; one that cannot be opened is none (and logged).
+    /// What is under `key`: a secret, a tombstone, or nothing (a secret that cannot be opened
+    /// is nothing, and logged). A secret sealed with the previous key is sealed again.
     pub(super) async fn load_secret(
         &self,
         key: &SharedKey,
-    ) -> Result<Option<RotatedSecret>, SharedCacheError> {
+    ) -> Result<SharedSecret, SharedCacheError> {
         let redis_key = self.secret_key(key);
         let mut connection = self.connection()?;
         let value: Option<Vec<u8>> = self
@@ -63,35 +70,46 @@ impl Inner {
             )
             .await?;
         let Some(value) = value else {
-            return Ok(None);
+            return Ok(SharedSecret::Absent);
         };
-        let opened = self
-            .cipher
-            .open_bytes(&redis_key, &value, SECRET_FIELDS_LEN)
-            .map_err(|error| error.to_string())
-            .and_then(|(fields, plaintext)| {
-                let sealed: Sealed = serde_json::from_slice(&plaintext)
-                    .map_err(|_| "the sealed secret is malformed".to_owned())?;
-                let rotated_at = UNIX_EPOCH
-                    .checked_add(Duration::from_millis(sealed.rotated_at_ms))
-                    .ok_or_else(|| "the sealed secret's time is out of range".to_owned())?;
-                let secret = RotatedSecret {
-                    secret: SecretString::from(sealed.secret),
-                    rotated_at,
-                };
-                // The drop script compares the clear fingerprint: it must be the secret's.
-                if fields != format!("r1:{}:", secret.fingerprint()) {
-                    return Err("the sealed secret's fingerprint does not match".to_owned());
+        if let Some(tombstone) = value.strip_prefix(b"d1:") {
+            return Ok(tombstone_of(tombstone).unwrap_or(SharedSecret::Absent));
+        }
+        match self.open_secret(&redis_key, &value) {
+            Ok(secret) => {
+                let sealed_with = value.get(SECRET_FIELDS_LEN..SECRET_FIELDS_LEN + KEY_ID_LEN);
+                if sealed_with != Some(self.cipher.key_id().as_bytes()) {
+                    let _ = self.store_secret(key, &secret).await;
                 }
-                Ok(secret)
-            });
-        match opened {
-            Ok(secret) => Ok(Some(secret)),
+                Ok(SharedSecret::Stored(secret))
+            }
             Err(error) => {
                 tracing::warn!(%error, "ignoring an unreadable rotated secret in the shared cache");
-                Ok(None)
+                Ok(SharedSecret::Absent)
             }
         }
+    }
+
+    /// The secret sealed in `value`, checked against its clear fingerprint.
+    fn open_secret(&self, redis_key: &str, value: &[u8]) -> Result<RotatedSecret, String> {
+        let (fields, plaintext) = self
+            .cipher
+            .open_bytes(redis_key, value, SECRET_FIELDS_LEN)
+            .map_err(|error| error.to_string())?;
+        let sealed: Sealed = serde_json::from_slice(&plaintext)
+            .map_err(|_| "the sealed secret is malformed".to_owned())?;
+        let rotated_at = UNIX_EPOCH
+            .checked_add(Duration::from_millis(sealed.rotated_at_ms))
+            .ok_or_else(|| "the sealed secret's time is out of range".to_owned())?;
+        let secret = RotatedSecret {
+            secret: SecretString::from(sealed.secret),
+            rotated_at,
+        };
+        // The drop script compares the clear fingerprint: it must be the secret's.
+        if fields != format!("r1:{}:", secret.fingerprint()) {
+            return Err("the sealed secret's fingerprint does not match".to_owned());
+        }
+        Ok(secret)
     }
 
     /// Stores `secret` under `key` without expiry and announces it.
@@ -117,20 +135,41 @@ impl Inner {
             .map(drop)
     }
 
-    /// Forgets the secret under `key` if it is still the one of `fingerprint`, and announces it.
+    /// Replaces the secret under `key`, if it is still the one of `fingerprint`, with a
+    /// tombstone dated `at`, and announces it.
     pub(super) async fn drop_secret(
         &self,
         key: &SharedKey,
         fingerprint: &str,
+        at: SystemTime,
     ) -> Result<(), SharedCacheError> {
         let message = format!("secret {} {}", self.origin, key.to_hex());
+        let tombstone = format!("d1:{fingerprint}:{}", unix_millis(at));
         let mut connection = self.connection()?;
         let mut invocation = self.secret_drop.key(self.secret_key(key));
-        invocation.arg(fingerprint).arg(&self.channel).arg(message);
+        invocation
+            .arg(fingerprint)
+            .arg(tombstone)
+            .arg(&self.channel)
+            .arg(message);
         self.call(invocation.invoke_async::<i64>(&mut connection))
             .await
             .map(drop)
     }
+}
+
+/// The tombstone after `d1:`: `<fingerprint>:<unix ms>`; `None` when malformed.
+fn tombstone_of(tombstone: &[u8]) -> Option<SharedSecret> {
+    let text = std::str::from_utf8(tombstone).ok()?;
+    let (fingerprint, at) = text.split_once(':')?;
+    if fingerprint.len() != 16 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let at = UNIX_EPOCH.checked_add(Duration::from_millis(at.parse().ok()?))?;
+    Some(SharedSecret::Dropped {
+        fingerprint: fingerprint.to_owned(),
+        at,
+    })
 }
 
 #[cfg(test)]
@@ -145,5 +184,22 @@ mod tests {
         // Lua's string.sub is 1-based and inclusive: characters 4 to 19 are the fingerprint.
         assert_eq!(field.get(3..19), Some(fingerprint("s").as_str()));
         assert!(SECRET_DROP_SCRIPT.contains("string.sub(old, 4, 19)"));
+    }
+
+    #[test]
+    fn tombstones_read_back_and_malformed_ones_are_nothing() {
+        let dropped = tombstone_of(b"0123456789abcdef:1700000000000");
+        assert!(matches!(
+            dropped,
+            Some(SharedSecret::Dropped { ref fingerprint, .. }) if fingerprint == "0123456789abcdef"
+        ));
+        for bad in [
+            &b"short:1"[..],
+            b"0123456789abcdef:x",
+            b"0123456789abcdeg:1",
+            b"",
+        ] {
+            assert!(tombstone_of(bad).is_none(), "{bad:?}");
+        }
     }
 }

@@ -85,6 +85,7 @@ pub(super) async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidat
         };
         // Taken before subscribing, so a master change during the subscription is not missed.
         let switches = strong.connections.switches();
+        let recoveries = strong.recoveries.subscribe();
         match strong.connect_subscriber().await {
             Ok((sink, stream)) => {
                 strong.set_subscribed(true, "");
@@ -93,7 +94,7 @@ pub(super) async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidat
                 if events.send(Invalidation::Resubscribed).await.is_err() {
                     return;
                 }
-                let lost = forward(&strong, sink, stream, switches, &events).await;
+                let lost = forward(&strong, sink, stream, (switches, recoveries), &events).await;
                 if events.is_closed() {
                     return;
                 }
@@ -118,7 +119,10 @@ async fn forward(
     inner: &Inner,
     mut sink: PubSubSink,
     mut stream: PubSubStream,
-    mut switches: tokio::sync::watch::Receiver<u64>,
+    (mut switches, mut recoveries): (
+        tokio::sync::watch::Receiver<u64>,
+        tokio::sync::watch::Receiver<u64>,
+    ),
     events: &mpsc::Sender<Invalidation>,
 ) -> &'static str {
     let mut pings = tokio::time::interval(SUBSCRIBER_PING_INTERVAL);
@@ -127,6 +131,13 @@ async fn forward(
         tokio::select! {
             () = events.closed() => return "shutting down",
             _ = switches.changed() => return "the connection was replaced (a failover, or new credentials)",
+            // Calls fail while the level is down, so the check after this subscription may
+            // have stopped short: it runs again once calls succeed.
+            _ = recoveries.changed() => {
+                if events.send(Invalidation::Resubscribed).await.is_err() {
+                    return "shutting down";
+                }
+            }
             message = stream.next() => {
                 let Some(message) = message else {
                     return "connection closed";

@@ -62,9 +62,27 @@ pub enum Invalidation {
         /// Where the secret lives ([`SharedKey::for_secret`]).
         key: SharedKey,
     },
-    /// The subscription was made (again): announcements sent before it may have been missed, so
-    /// every cached entry is checked against the level.
+    /// The subscription was made (again), or the level answers again after being down:
+    /// announcements may have been missed, so every cached entry (and rotated secret) is checked
+    /// against the level.
     Resubscribed,
+}
+
+/// What the shared level holds for a client's rotated secret.
+#[derive(Debug)]
+pub enum SharedSecret {
+    /// The secret in force.
+    Stored(RotatedSecret),
+    /// The secret of this fingerprint was dropped at `at`: the IdP took the configured one
+    /// (rotated by hand), so no replica goes back to it.
+    Dropped {
+        /// The dropped secret's [`RotatedSecret::fingerprint`].
+        fingerprint: String,
+        /// When it was dropped.
+        at: SystemTime,
+    },
+    /// Nothing: never rotated, or the level lost its data.
+    Absent,
 }
 
 /// A client secret the broker rotated; its `Debug` shows the fingerprint, never the value.

@@ -438,38 +438,48 @@ async fn a_failed_rotation_keeps_the_old_secret_and_says_why() {
     assert_eq!(answer.body["error"], "rotation_not_configured");
 }
 
-#[tokio::test]
-async fn a_secret_rotated_by_hand_is_not_fought() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_rotated_by_hand_is_not_fought_by_the_fleet_nor_by_the_schedule() {
+    let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("rotated.secret");
     let idp = Arc::new(MockServer::start().await);
     let rotating = RotatingIdp::mount(&idp).await;
     let config_file = dir.path().join("broker.toml");
     let write_config = |secret: &str| {
+        let extra = format!("secret_file = \"{}\"\nevery = \"1h\"", file.display());
         let config = base_config(&idp.uri()).replace(ACME_PRODUCTION_SECRET, secret)
-            + &rotation_config(&idp.uri(), &format!("secret_file = \"{}\"", file.display()));
+            + &rotation_config(&idp.uri(), &extra)
+            + &shared_cache_config(&redis);
         std::fs::write(&config_file, config).unwrap();
     };
     write_config(ACME_PRODUCTION_SECRET);
-    let app = TestApp::init()
+    let fleet = TestApp::init()
         .with_file(&config_file)
         .with_idp(Arc::clone(&idp))
-        .start()
+        .start_fleet(2)
         .await;
-    assert_eq!(rotate(&app).await.status, 200);
-
-    // Someone rotates at the IdP by hand and puts the new secret in the configuration.
+    for replica in &fleet {
+        replica.wait_for_shared_cache(true).await;
+    }
+    assert_eq!(rotate(&fleet[0]).await.status, 200);
+    assert_eq!(rotating.rotations(), 1);
+    // Some time later (past the settling of a rotation at the IdP), someone rotates at the IdP
+    // by hand and puts the new secret in the configuration of every replica.
+    fleet[0].clock.advance(Duration::from_secs(600));
     rotating.set_secret("manual-secret");
     write_config("manual-secret");
-    let reload = app
-        .http
-        .post(format!("{}/v1/admin/reload", app.url))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reload.status(), 200);
-    let answer = app.billing("acme/production?scope=after-manual").await;
+    for replica in &fleet {
+        let reload = replica
+            .http
+            .post(format!("{}/v1/admin/reload", replica.url))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reload.status(), 200);
+    }
+    let answer = fleet[0].billing("acme/production?scope=after-manual").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(
         rotating.refused(),
@@ -477,13 +487,75 @@ async fn a_secret_rotated_by_hand_is_not_fought() {
         "the rotated secret once, then the configured one"
     );
     assert!(!file.exists(), "the broker's rotated secret is dropped");
-    let answer = app.billing("acme/production?scope=next").await;
+
+    // The other replica drops it too, on the announcement: the configured secret first.
+    eventually("the other replica dropped the rotated secret", async || {
+        let tenants = fleet[1].get("/v1/admin/tenants", Some(ADMIN_KEY)).await;
+        let acme = &tenants.body["tenants"][0]["environments"];
+        acme.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "production" && e["rotation"]["fingerprint"].is_null())
+    })
+    .await;
+    let answer = fleet[1].billing("acme/production?scope=next").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(
         rotating.refused(),
         1,
-        "the configured secret first from then on"
+        "no replica goes back to the dropped secret"
     );
+
+    // The schedule counts from the manual rotation: nothing within the hour after it.
+    for _ in 0..5 {
+        fleet[0].clock.advance(Duration::from_secs(60));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        rotating.rotations(),
+        1,
+        "a manual rotation is not rotated over at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_rotated_secret_gets_it_back_from_the_replicas() {
+    let mut redis = RedisServer::start().await;
+    let port = redis.port();
+    let idp = Arc::new(MockServer::start().await);
+    let rotating = RotatingIdp::mount(&idp).await;
+    let app = TestApp::init()
+        .with_config(rotation_config(&idp.uri(), ""))
+        .with_idp(Arc::clone(&idp))
+        .with_redis(&redis)
+        .start()
+        .await;
+    assert_eq!(rotate(&app).await.status, 200);
+    // Redis restarts empty (no persistence); the replica resubscribes and stores its secret
+    // again, so that a replica starting now does not fall back to the configured secret.
+    redis.kill();
+    app.wait_for_shared_cache(false).await;
+    let redis = RedisServer::start_on(port).await;
+    app.wait_for_shared_cache(true).await;
+    let mut connection = redis.connection().await;
+    eventually("the secret stored again", async || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*secret:*")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        keys.len() == 1
+    })
+    .await;
+    let later = TestApp::init()
+        .with_config(rotation_config(&idp.uri(), ""))
+        .with_idp(Arc::clone(&idp))
+        .with_redis(&redis)
+        .start()
+        .await;
+    let answer = later.billing("acme/production?scope=later").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(rotating.refused(), 0, "the rotated secret, first time");
 }
 
 #[tokio::test]
