@@ -331,11 +331,6 @@ async fn reload_on_hangup(state: AppState) {
     drop(state);
 }
 
-/// Reloads as `SIGHUP` does when the content of a file the configuration names changes (the
-/// configuration file, secrets, keys, certificates: a Kubernetes Secret changes through a
-/// symlink, so content is compared, not times), checked every `server.watch_interval` on the
-/// broker's clock. A change that cannot be applied (a file caught half-written, an invalid
-/// value) changes nothing, is logged once and is tried again only when the files change again.
 /// The reload step that replaces the server certificate with the files the new settings name
 /// (TLS turned on or off needs a restart, which the reload report says).
 fn reload_certificate(certificate: Arc<tls::ServerCertificate>) -> ReloadHook {
@@ -352,6 +347,11 @@ fn reload_certificate(certificate: Arc<tls::ServerCertificate>) -> ReloadHook {
     })
 }
 
+/// Reloads as `SIGHUP` does when the content of a file the configuration names changes (the
+/// configuration file, secrets, keys, certificates: a Kubernetes Secret changes through a
+/// symlink, so content is compared, not times), checked every `server.watch_interval` on the
+/// broker's clock. A change that cannot be applied (a file caught half-written, an invalid
+/// value) changes nothing, is logged once and is tried again only when the files change again.
 async fn reload_on_file_change(state: AppState) {
     if !state.is_reloadable() {
         return;

@@ -314,6 +314,8 @@ pub struct RotationReport {
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 404, description = "`not_found`: no such environment", body = ErrorBody),
         (status = 409, description = "`rotation_not_configured`: the environment has no `rotation` table", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: the broker's own budget of IdP requests for authorising tokens is spent; retry after `Retry-After`", body = ErrorBody),
+        (status = 500, description = "`internal_error`: the rotation failed unexpectedly (logged); the old secret stays in use", body = ErrorBody),
         (status = 502, description = "`upstream_rejected`: the rotation endpoint (or the IdP, for the authorising token) refused, or answered no secret; the old secret stays in use", body = ErrorBody),
         (status = 503, description = "`upstream_unavailable`: the endpoint, the shared cache or the replica rotating could not be reached in time; the old secret stays in use", body = ErrorBody),
     ),

@@ -28,6 +28,10 @@ use crate::user_tokens::UserError;
 /// How long a caller whose request timed out is asked to wait.
 pub(super) const TIMED_OUT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How long an operator is asked to wait after a rotation the IdP, the shared cache or another
+/// replica could not complete.
+const ROTATION_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// How long a caller with too many pending authorizations is asked to wait.
 const PENDING_RETRY_AFTER: Duration = Duration::from_secs(60);
 
@@ -258,6 +262,10 @@ impl ApiError {
                 RotationError::Endpoint(IdpError::RateLimited {
                     retry_after: Some(wait),
                 }) => Some(*wait),
+                // Every other 503: worth another try soon.
+                _ if self.status_and_code().0 == StatusCode::SERVICE_UNAVAILABLE => {
+                    Some(ROTATION_RETRY_AFTER)
+                }
                 _ => None,
             },
             Self::Users(UserError::TooManyPending { .. }) => Some(PENDING_RETRY_AFTER),

@@ -66,7 +66,10 @@ pub enum RotationError {
         source: Arc<BrokerError>,
     },
     /// The rotation endpoint failed or answered no usable secret.
-    #[error("the rotation endpoint failed: {0}; the old secret stays in use")]
+    #[error(
+        "the rotation endpoint failed: {}; the old secret stays in use",
+        endpoint_failure(.0)
+    )]
     Endpoint(#[source] IdpError),
     /// The shared level is down: a new secret would reach no other replica.
     #[error(
@@ -347,6 +350,19 @@ impl Broker {
         if let Some(mut rotation) = under_way {
             let _ = tokio::time::timeout_at(deadline, rotation.wait_for(Option::is_some)).await;
         }
+    }
+}
+
+/// What the rotation endpoint did, in words about the endpoint (an [`IdpError`] speaks of token
+/// requests).
+fn endpoint_failure(error: &IdpError) -> String {
+    match error {
+        IdpError::Rejected { status, code } => {
+            format!("it answered HTTP {status} with error code '{code}'")
+        }
+        IdpError::RateLimited { .. } => "it is rate limiting the broker (HTTP 429)".to_owned(),
+        IdpError::ServerError(status) => format!("it answered HTTP {status}"),
+        other => other.to_string(),
     }
 }
 

@@ -70,10 +70,15 @@ impl RawSharedCache {
                     .push("shared_cache: both password_env and password_file; keep one".to_owned());
                 None
             }
-            (Some(_), None) | (None, Some(_)) if password_in_url => {
-                problems.push(
-                    "shared_cache.password_env: the URL carries a password already; keep one of them (preferably password_env or password_file)".to_owned(),
-                );
+            (env_name, file) if password_in_url && (env_name.is_some() || file.is_some()) => {
+                let setting = if env_name.is_some() {
+                    "password_env"
+                } else {
+                    "password_file"
+                };
+                problems.push(format!(
+                    "shared_cache.{setting}: the URL carries a password already; keep one of them (preferably {setting})"
+                ));
                 None
             }
             (Some(name), None) => secret_from_env("shared_cache.password_env", name, env, problems),

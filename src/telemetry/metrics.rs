@@ -69,7 +69,6 @@ pub const SHARED_CACHE_MASTER_CHANGES: &str = "token_broker_shared_cache_master_
 /// Counter: tokens fetched with an environment's second credential.
 pub const CREDENTIAL_FALLBACKS: &str = "token_broker_client_credential_fallbacks_total";
 /// Counter: configuration reloads tried, by `trigger` and `outcome`.
-/// Configuration reloads tried, by trigger and outcome.
 pub const CONFIG_RELOADS: &str = "token_broker_config_reloads_total";
 /// Workload tokens refused, by the `check` they failed.
 pub const WORKLOAD_REJECTIONS: &str = "token_broker_workload_rejections_total";
