@@ -371,19 +371,26 @@ impl IdpClient {
                 rate_limit,
             });
         }
+        Err(self.refusal(status, &headers, &body))
+    }
+
+    /// What a non-2xx answer means: a 429 pauses (for the answer's `Retry-After`), another 4xx
+    /// is a rejection with the body's OAuth2 `error` code (else `http_<status>`), a 5xx a
+    /// server error.
+    fn refusal(&self, status: reqwest::StatusCode, headers: &HeaderMap, body: &[u8]) -> IdpError {
         if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Err(IdpError::RateLimited {
-                retry_after: response::retry_after(&headers, self.clock.now()),
-            });
+            return IdpError::RateLimited {
+                retry_after: response::retry_after(headers, self.clock.now()),
+            };
         }
         if status.is_client_error() {
-            return Err(IdpError::Rejected {
+            return IdpError::Rejected {
                 status: status.as_u16(),
-                code: response::error_code(&body)
+                code: response::error_code(body)
                     .unwrap_or_else(|| format!("http_{}", status.as_u16())),
-            });
+            };
         }
-        Err(IdpError::ServerError(status.as_u16()))
+        IdpError::ServerError(status.as_u16())
     }
 
     /// A POST to `url` whose body is `grant_type` (for a token request), the client

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::{Broker, BrokerError, lock};
 use crate::idp::{EnvironmentSettings, IdpError};
 use crate::limits::{BudgetCounters, IdpBudget};
-use crate::token::{LockToken, RotatedSecret, SharedKey, SharedSecret, TokenKey};
+use crate::token::{Lease, LockToken, RotatedSecret, SharedKey, SharedSecret, TokenKey};
 
 /// How often a replica that waits for another's rotation looks for its result.
 const PEER_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -203,7 +203,7 @@ impl Broker {
             source,
         };
         // The token before the lock, so that the lock is held for the rotation call alone.
-        let mut lease = self
+        let lease = self
             .get(authority, &token_key, None, budget)
             .await
             .map_err(authorization)?;
@@ -214,47 +214,56 @@ impl Broker {
             Locked::Held(held) => held,
             Locked::RotatedMeanwhile(secret) => return Ok((secret, By::AnotherReplica)),
         };
-        let idp = &self.inner.idp;
-        let limit = environment.max_response_bytes;
-        let mut answer = idp
-            .rotate_secret(
-                &rotation.endpoint,
-                lease.token.access_token().expose(),
-                environment.timeout,
-                limit,
-            )
-            .await;
-        if let Err(IdpError::Rejected { status: 401, .. }) = answer {
+        let answer = async {
+            let first = self.call_endpoint(environment, &lease).await;
+            let Err(IdpError::Rejected { status: 401, .. }) = first else {
+                return Ok(first);
+            };
             // The authorising token was revoked or lost its scope: forgotten, and one more try
             // with a fresh one.
             let stale = lease.token.access_token().expose().to_owned();
             let _ = self
                 .forget(authority, &token_key, Some(&stale), budget)
                 .await;
-            lease = self
+            let fresh = self
                 .get(authority, &token_key, None, budget)
                 .await
                 .map_err(authorization)?;
-            answer = idp
-                .rotate_secret(
-                    &rotation.endpoint,
-                    lease.token.access_token().expose(),
-                    environment.timeout,
-                    limit,
-                )
-                .await;
+            Ok(self.call_endpoint(environment, &fresh).await)
         }
+        .await;
         let installed = match answer {
-            Ok(secret) => Ok((
+            Ok(Ok(secret)) => Ok((
                 self.install_rotated(environment, &key, secret).await,
                 By::ThisReplica,
             )),
-            Err(error) => Err(Arc::new(RotationError::Endpoint(error))),
+            Ok(Err(error)) => Err(Arc::new(RotationError::Endpoint(error))),
+            Err(error) => Err(Arc::new(error)),
         };
         if let (Some(shared), Some(held)) = (&self.inner.shared, held) {
             let _ = shared.unlock(&key, held).await;
         }
         installed
+    }
+
+    /// One call of `environment`'s rotation endpoint with the authorising token of `lease`.
+    async fn call_endpoint(
+        &self,
+        environment: &EnvironmentSettings,
+        lease: &Lease,
+    ) -> Result<SecretString, IdpError> {
+        let Some(rotation) = &environment.rotation else {
+            return Err(IdpError::InvalidResponse("no rotation is configured"));
+        };
+        self.inner
+            .idp
+            .rotate_secret(
+                &rotation.endpoint,
+                lease.token.access_token().expose(),
+                environment.timeout,
+                environment.max_response_bytes,
+            )
+            .await
     }
 
     /// The cross-replica rotation lock of `key` (`None` without a shared level), or the secret

@@ -11,7 +11,7 @@ use std::time::Duration;
 use reqwest::header::{self, HeaderValue};
 use secrecy::{ExposeSecret as _, SecretString};
 
-use super::{IdpClient, IdpError, classify, read_bounded, response};
+use super::{IdpClient, IdpError, classify, read_bounded};
 
 /// Longest client secret accepted from a rotation answer, in bytes; Auth0's are 64 characters.
 pub const MAX_SECRET_LEN: usize = 1024;
@@ -64,19 +64,7 @@ impl IdpClient {
         if status.is_success() {
             return new_secret(&body);
         }
-        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Err(IdpError::RateLimited {
-                retry_after: response::retry_after(&headers, self.clock.now()),
-            });
-        }
-        if status.is_client_error() {
-            return Err(IdpError::Rejected {
-                status: status.as_u16(),
-                code: response::error_code(&body)
-                    .unwrap_or_else(|| format!("http_{}", status.as_u16())),
-            });
-        }
-        Err(IdpError::ServerError(status.as_u16()))
+        Err(self.refusal(status, &headers, &body))
     }
 }
 

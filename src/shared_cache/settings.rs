@@ -153,17 +153,11 @@ impl SharedCacheSettings {
             && self.wait_for_peer == other.wait_for_peer
     }
 
-    /// Whether `other` is the same level reached the same way (URL, prefix, keys, timings).
+    /// Whether `other` is the same level reached the same way: [`Self::same_place`], with the
+    /// same credentials.
     pub fn same_as(&self, other: &Self) -> bool {
-        let key = |key: &EncryptionKey| *key.expose_secret();
-        self.target.same_as(&other.target)
-            && self.key_prefix == other.key_prefix
-            && key(&self.encryption_key) == key(&other.encryption_key)
-            && self.previous_encryption_key.as_ref().map(key)
-                == other.previous_encryption_key.as_ref().map(key)
-            && self.timeout == other.timeout
-            && self.lock_ttl == other.lock_ttl
-            && self.wait_for_peer == other.wait_for_peer
+        self.same_place(other)
+            && self.target.same_as(&other.target)
             && self.username == other.username
             && self.password.as_ref().map(|p| p.expose_secret())
                 == other.password.as_ref().map(|p| p.expose_secret())
