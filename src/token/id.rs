@@ -157,9 +157,7 @@ impl SharedKey {
         }
         Self::of_fields(fields)
     }
-}
 
-impl SharedKey {
     /// Where the rotated secret of `environment`'s client lives: its token URL, client id,
     /// tenant and environment, so a changed client never reads another's secret.
     pub fn for_secret(environment: &EnvironmentSettings) -> Self {
