@@ -102,6 +102,8 @@ struct Inner {
     delete: Script,
     unlock: Script,
     secret_store: Script,
+    secret_restore: Script,
+    secret_reseal: Script,
     secret_drop: Script,
     session_scripts: sessions::SessionScripts,
     /// `shared_cache.wait_for_peer`, for user sessions' refreshes.
@@ -153,6 +155,8 @@ impl RedisCache {
             delete: Script::new(DELETE_SCRIPT),
             unlock: Script::new(UNLOCK_SCRIPT),
             secret_store: Script::new(secrets::SECRET_STORE_SCRIPT),
+            secret_restore: Script::new(secrets::SECRET_RESTORE_SCRIPT),
+            secret_reseal: Script::new(secrets::SECRET_RESEAL_SCRIPT),
             secret_drop: Script::new(secrets::SECRET_DROP_SCRIPT),
             session_scripts: sessions::SessionScripts::new(),
             wait_for_peer: settings.wait_for_peer,
@@ -508,6 +512,14 @@ impl SharedCache for RedisCache {
         secret: &'a RotatedSecret,
     ) -> SharedFuture<'a, ()> {
         Box::pin(self.inner.store_secret(key, secret))
+    }
+
+    fn restore_secret<'a>(
+        &'a self,
+        key: &'a SharedKey,
+        secret: &'a RotatedSecret,
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(self.inner.restore_secret(key, secret))
     }
 
     fn drop_secret<'a>(

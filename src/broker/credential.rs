@@ -140,10 +140,12 @@ impl Broker {
         loop {
             let stored = match shared.load_secret(&key).await.ok()? {
                 SharedSecret::Stored(stored) => Some(Arc::new(stored)),
-                SharedSecret::Dropped { .. } | SharedSecret::Absent => None,
+                SharedSecret::Dropped { .. } | SharedSecret::Absent | SharedSecret::Unreadable => {
+                    None
+                }
             };
             if let Some(stored) = newer(&stored) {
-                self.adopt_secret(key, &stored);
+                self.adopt_secret(environment, key, &stored);
                 return Some(stored);
             }
             // Nobody holds the rotation lock: no rotation is under way.

@@ -245,7 +245,11 @@ impl Broker {
                     if let Some(refused) = &refused_rotated
                         && !matches!(source, Source::Rotated(_))
                     {
-                        self.drop_rotated(environment, refused).await;
+                        let accepted = match source {
+                            Source::Fallback => "fallback",
+                            _ => "configured",
+                        };
+                        self.drop_rotated(environment, refused, accepted).await;
                     }
                     if matches!(source, Source::Fallback) {
                         tracing::warn!(

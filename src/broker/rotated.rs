@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
 
-use super::{Broker, lock};
+use super::{Broker, EnvironmentName, lock};
 use crate::idp::{ClientCredential, EnvironmentSettings};
 use crate::token::{RotatedSecret, SharedKey, SharedSecret};
 
@@ -33,16 +33,34 @@ pub(super) struct Known {
     /// Since when the secret in force is: its rotation, or the manual rotation that dropped the
     /// broker's; `None` when unknown (never rotated by the broker).
     pub(super) since: Option<SystemTime>,
+    /// Whose secret it is, for its metrics.
+    names: EnvironmentName,
 }
 
 impl Known {
-    fn of(rotated: Arc<RotatedSecret>) -> Self {
-        let since = Some(rotated.rotated_at);
+    fn of(names: EnvironmentName, rotated: Arc<RotatedSecret>) -> Self {
         Self {
+            since: Some(rotated.rotated_at),
             rotated: Some(rotated),
-            since,
+            names,
         }
     }
+
+    fn without(names: EnvironmentName, since: Option<SystemTime>) -> Self {
+        Self {
+            rotated: None,
+            since,
+            names,
+        }
+    }
+}
+
+/// The (tenant, environment) of `environment`.
+fn names(environment: &EnvironmentSettings) -> EnvironmentName {
+    (
+        Arc::clone(&environment.tenant),
+        Arc::clone(&environment.environment),
+    )
 }
 
 /// The secrets known to this replica, by [`SharedKey::for_secret`].
@@ -93,14 +111,13 @@ impl Broker {
         let mut known = None;
         if let Some(shared) = &self.inner.shared {
             match shared.load_secret(&key).await {
-                Ok(SharedSecret::Stored(stored)) => known = Some(Known::of(Arc::new(stored))),
-                Ok(SharedSecret::Dropped { at, .. }) => {
-                    known = Some(Known {
-                        rotated: None,
-                        since: Some(at),
-                    });
+                Ok(SharedSecret::Stored(stored)) => {
+                    known = Some(Known::of(names(environment), Arc::new(stored)));
                 }
-                Ok(SharedSecret::Absent) => {}
+                Ok(SharedSecret::Dropped { at, .. }) => {
+                    known = Some(Known::without(names(environment), Some(at)));
+                }
+                Ok(SharedSecret::Absent | SharedSecret::Unreadable) => {}
                 // Looked up again next time, and after the level's next subscription.
                 Err(_) => remember = false,
             }
@@ -108,32 +125,58 @@ impl Broker {
         if known.is_none()
             && let Some(path) = &rotation.secret_file
         {
-            known = read_secret_file(path).await.map(|s| Known::of(Arc::new(s)));
+            known = read_secret_file(path)
+                .await
+                .map(|found| Known::of(names(environment), Arc::new(found)));
         }
-        let known = known.unwrap_or_default();
-        if let Some(rotated) = &known.rotated {
-            self.record_rotated_at(environment, rotated.rotated_at);
+        let known = known.unwrap_or_else(|| Known::without(names(environment), None));
+        if !remember {
+            return known;
         }
-        if remember {
-            return lock(&self.inner.known_secrets.0)
-                .entry(key)
-                .or_insert(known)
-                .clone();
+        let mut secrets = lock(&self.inner.known_secrets.0);
+        if let Some(raced) = secrets.get(&key) {
+            return raced.clone();
         }
+        self.record_since(&known);
+        secrets.insert(key, known.clone());
         known
     }
 
-    /// Puts `secret` in force for `key` on this replica.
-    pub(super) fn adopt_secret(&self, key: SharedKey, secret: &Arc<RotatedSecret>) {
-        lock(&self.inner.known_secrets.0).insert(key, Known::of(Arc::clone(secret)));
+    /// Puts `known` in force for `key` on this replica, and its time in the gauge.
+    fn put_known(&self, key: SharedKey, known: Known) {
+        self.record_since(&known);
+        lock(&self.inner.known_secrets.0).insert(key, known);
     }
 
-    /// Drops `rotated` for the whole fleet: the IdP refused it and accepted another credential,
-    /// so someone rotated by hand. A secret rotated less than [`SETTLE`] ago is kept.
+    /// Sets `token_broker_client_secret_rotated_timestamp_seconds` to when `known`'s secret
+    /// was put in force, when known.
+    fn record_since(&self, known: &Known) {
+        if let Some(since) = known.since {
+            let (tenant, environment) = &known.names;
+            self.inner
+                .metrics
+                .secret_rotated_at(tenant, environment, since);
+        }
+    }
+
+    /// Puts `secret` in force for `environment` (whose secret lives at `key`) on this replica.
+    pub(super) fn adopt_secret(
+        &self,
+        environment: &EnvironmentSettings,
+        key: SharedKey,
+        secret: &Arc<RotatedSecret>,
+    ) {
+        self.put_known(key, Known::of(names(environment), Arc::clone(secret)));
+    }
+
+    /// Drops `rotated` for the whole fleet: the IdP refused it and accepted `accepted` (the
+    /// configured or the fallback credential), so someone rotated by hand. A secret rotated
+    /// less than [`SETTLE`] ago is kept.
     pub(super) async fn drop_rotated(
         &self,
         environment: &EnvironmentSettings,
         rotated: &RotatedSecret,
+        accepted: &'static str,
     ) {
         let now = self.inner.clock.now();
         let age = now.duration_since(rotated.rotated_at).unwrap_or_default();
@@ -144,7 +187,8 @@ impl Broker {
                 tenant = %tenant,
                 environment = %name,
                 fingerprint = %fingerprint,
-                "the IdP refused the secret the broker rotated moments ago and took another; keeping it while the rotation settles at the IdP"
+                accepted,
+                "the IdP refused the secret the broker rotated moments ago and took another credential; keeping it while the rotation settles at the IdP"
             );
             return;
         }
@@ -152,22 +196,16 @@ impl Broker {
             tenant = %tenant,
             environment = %name,
             fingerprint = %fingerprint,
-            "the IdP refused the secret the broker rotated and took the configured one: it was rotated by hand, so the broker's is dropped"
+            accepted,
+            "the IdP refused the secret the broker rotated and took another credential: it was rotated by hand, so the broker's is dropped"
         );
         let key = SharedKey::for_secret(environment);
-        {
-            let mut known = lock(&self.inner.known_secrets.0);
-            let entry = known.entry(key).or_default();
-            if entry
-                .rotated
-                .as_ref()
-                .is_none_or(|known| known.fingerprint() == fingerprint)
-            {
-                *entry = Known {
-                    rotated: None,
-                    since: Some(now),
-                };
-            }
+        let still_ours = lock(&self.inner.known_secrets.0)
+            .get(&key)
+            .and_then(|known| known.rotated.as_ref())
+            .is_none_or(|known| known.fingerprint() == fingerprint);
+        if still_ours {
+            self.put_known(key, Known::without(names(environment), Some(now)));
         }
         if let Some(shared) = &self.inner.shared {
             let _ = shared.drop_secret(&key, &fingerprint, now).await;
@@ -198,19 +236,16 @@ impl Broker {
             return;
         };
         match shared.load_secret(key).await {
-            Ok(SharedSecret::Stored(stored)) => self.adopt_secret(*key, &Arc::new(stored)),
+            Ok(SharedSecret::Stored(stored)) => {
+                self.put_known(*key, Known::of(mine.names, Arc::new(stored)));
+            }
             Ok(SharedSecret::Dropped { fingerprint, at }) => {
-                let mut known = lock(&self.inner.known_secrets.0);
-                if let Some(entry) = known.get_mut(key)
-                    && entry
-                        .rotated
-                        .as_ref()
-                        .is_none_or(|rotated| rotated.fingerprint() == fingerprint)
+                if mine
+                    .rotated
+                    .as_ref()
+                    .is_none_or(|rotated| rotated.fingerprint() == fingerprint)
                 {
-                    *entry = Known {
-                        rotated: None,
-                        since: Some(at),
-                    };
+                    self.put_known(*key, Known::without(mine.names, Some(at)));
                 }
             }
             Ok(SharedSecret::Absent) => {
@@ -219,23 +254,17 @@ impl Broker {
                         fingerprint = %rotated.fingerprint(),
                         "the shared cache lost the rotated client secret; storing it again"
                     );
-                    let _ = shared.store_secret(key, rotated).await;
+                    let _ = shared.restore_secret(key, rotated).await;
                 }
             }
-            Err(_) => {}
+            // Sealed with a key this replica lacks (a key change under way): left alone.
+            Ok(SharedSecret::Unreadable) | Err(_) => {}
         }
     }
 
     /// Every secret key this replica looked up, for a check after a resubscription.
     pub(super) fn known_secrets(&self) -> Vec<SharedKey> {
         lock(&self.inner.known_secrets.0).keys().copied().collect()
-    }
-
-    /// Sets `token_broker_client_secret_rotated_timestamp_seconds` of `environment`.
-    pub(super) fn record_rotated_at(&self, environment: &EnvironmentSettings, at: SystemTime) {
-        self.inner
-            .metrics
-            .secret_rotated_at(&environment.tenant, &environment.environment, at);
     }
 }
 

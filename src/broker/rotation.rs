@@ -295,8 +295,7 @@ impl Broker {
                     let _ = shared.unlock(key, held).await;
                 }
                 let stored = Arc::new(stored);
-                self.record_rotated_at(environment, stored.rotated_at);
-                self.adopt_secret(*key, &stored);
+                self.adopt_secret(environment, *key, &stored);
                 return Ok(Locked::RotatedMeanwhile(stored));
             }
             if let Some(held) = held {
@@ -348,8 +347,7 @@ impl Broker {
                 "the rotated client secret could not be written to rotation.secret_file: a restart would lose it"
             );
         }
-        self.record_rotated_at(environment, rotated.rotated_at);
-        self.adopt_secret(*key, &rotated);
+        self.adopt_secret(environment, *key, &rotated);
         rotated
     }
 

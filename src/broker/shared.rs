@@ -59,6 +59,14 @@ pub trait SharedCache: Send + Sync {
         secret: &'a RotatedSecret,
     ) -> SharedFuture<'a, ()>;
 
+    /// Stores `secret` under `key` again if nothing is there (the level lost its data), and
+    /// tells the other replicas.
+    fn restore_secret<'a>(
+        &'a self,
+        key: &'a SharedKey,
+        secret: &'a RotatedSecret,
+    ) -> SharedFuture<'a, ()>;
+
     /// Replaces the secret under `key`, if it is still the one of `fingerprint`, with a
     /// tombstone dated `at`, and tells the other replicas either way.
     fn drop_secret<'a>(

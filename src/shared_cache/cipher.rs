@@ -125,6 +125,11 @@ impl TokenCipher {
         &self.current.id
     }
 
+    /// The id of the previous key, which values are read with but no longer written with.
+    pub fn previous_key_id(&self) -> Option<&str> {
+        self.previous.as_ref().map(|keyed| keyed.id.as_str())
+    }
+
     /// The value that stores `token` under the Redis key `redis_key`.
     pub fn seal(&self, redis_key: &str, token: &CachedToken) -> String {
         let header = format!(

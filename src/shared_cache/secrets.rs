@@ -28,6 +28,28 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 ";
 
+/// Stores a secret again only where nothing is (the level lost its data), and announces it.
+/// KEYS: secret key. ARGV: value, channel, message.
+pub(super) const SECRET_RESTORE_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+";
+
+/// Replaces a value with the same secret sealed with the current key, unless it changed since
+/// it was read (another replica rotated meanwhile). KEYS: secret key. ARGV: value read, new
+/// value.
+pub(super) const SECRET_RESEAL_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
 /// Replaces a secret that still has the fingerprint `ARGV[1]` (the 16 characters after `r1:`)
 /// with the tombstone `ARGV[2]`, and announces it either way. KEYS: secret key. ARGV:
 /// fingerprint, tombstone, channel, message.
@@ -77,17 +99,50 @@ impl Inner {
         }
         match self.open_secret(&redis_key, &value) {
             Ok(secret) => {
-                let sealed_with = value.get(SECRET_FIELDS_LEN..SECRET_FIELDS_LEN + KEY_ID_LEN);
-                if sealed_with != Some(self.cipher.key_id().as_bytes()) {
-                    let _ = self.store_secret(key, &secret).await;
+                let sealed_with = value
+                    .get(SECRET_FIELDS_LEN..SECRET_FIELDS_LEN + KEY_ID_LEN)
+                    .and_then(|id| std::str::from_utf8(id).ok());
+                if sealed_with.is_some() && sealed_with == self.cipher.previous_key_id() {
+                    let _ = self.reseal_secret(&redis_key, &value, &secret).await;
                 }
                 Ok(SharedSecret::Stored(secret))
             }
             Err(error) => {
-                tracing::warn!(%error, "ignoring an unreadable rotated secret in the shared cache");
-                Ok(SharedSecret::Absent)
+                tracing::warn!(%error, "leaving alone a rotated secret in the shared cache that this replica cannot read");
+                Ok(SharedSecret::Unreadable)
             }
         }
+    }
+
+    /// Seals `secret` (read as `value`) again with the current key, unless the value changed.
+    async fn reseal_secret(
+        &self,
+        redis_key: &str,
+        value: &[u8],
+        secret: &RotatedSecret,
+    ) -> Result<(), SharedCacheError> {
+        let resealed = self.seal_secret(redis_key, secret)?;
+        let mut connection = self.connection()?;
+        let mut invocation = self.secret_reseal.key(redis_key);
+        invocation.arg(value).arg(resealed);
+        self.call(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(drop)
+    }
+
+    /// `secret` sealed for `redis_key` behind its clear fingerprint.
+    fn seal_secret(
+        &self,
+        redis_key: &str,
+        secret: &RotatedSecret,
+    ) -> Result<String, SharedCacheError> {
+        let sealed = serde_json::to_vec(&Sealed {
+            secret: secret.secret.expose_secret().to_owned(),
+            rotated_at_ms: unix_millis(secret.rotated_at),
+        })
+        .map_err(|_| SharedCacheError::Backend("cannot serialise a secret".to_owned()))?;
+        let fields = format!("r1:{}:", secret.fingerprint());
+        Ok(self.cipher.seal_bytes(redis_key, &fields, &sealed))
     }
 
     /// The secret sealed in `value`, checked against its clear fingerprint.
@@ -118,17 +173,30 @@ impl Inner {
         key: &SharedKey,
         secret: &RotatedSecret,
     ) -> Result<(), SharedCacheError> {
+        self.write_secret(&self.secret_store, key, secret).await
+    }
+
+    /// Stores `secret` under `key` only where nothing is, and announces it.
+    pub(super) async fn restore_secret(
+        &self,
+        key: &SharedKey,
+        secret: &RotatedSecret,
+    ) -> Result<(), SharedCacheError> {
+        self.write_secret(&self.secret_restore, key, secret).await
+    }
+
+    /// Runs `script` (store or restore) with `secret` sealed and its announcement.
+    async fn write_secret(
+        &self,
+        script: &redis::Script,
+        key: &SharedKey,
+        secret: &RotatedSecret,
+    ) -> Result<(), SharedCacheError> {
         let redis_key = self.secret_key(key);
-        let sealed = serde_json::to_vec(&Sealed {
-            secret: secret.secret.expose_secret().to_owned(),
-            rotated_at_ms: unix_millis(secret.rotated_at),
-        })
-        .map_err(|_| SharedCacheError::Backend("cannot serialise a secret".to_owned()))?;
-        let fields = format!("r1:{}:", secret.fingerprint());
-        let value = self.cipher.seal_bytes(&redis_key, &fields, &sealed);
+        let value = self.seal_secret(&redis_key, secret)?;
         let message = format!("secret {} {}", self.origin, key.to_hex());
         let mut connection = self.connection()?;
-        let mut invocation = self.secret_store.key(&redis_key);
+        let mut invocation = script.key(&redis_key);
         invocation.arg(value).arg(&self.channel).arg(message);
         self.call(invocation.invoke_async::<i64>(&mut connection))
             .await

@@ -83,6 +83,9 @@ pub enum SharedSecret {
     },
     /// Nothing: never rotated, or the level lost its data.
     Absent,
+    /// A secret sealed with a key this replica lacks (a change of encryption key under way),
+    /// or altered: not this replica's to use or to replace.
+    Unreadable,
 }
 
 /// A client secret the broker rotated; its `Debug` shows the fingerprint, never the value.

@@ -640,3 +640,53 @@ async fn a_scheduled_rotation_happens_every_period_by_the_broker_s_clock() {
         "{scraped}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_is_resealed_with_a_new_encryption_key_so_the_old_one_can_go() {
+    let redis = RedisServer::start().await;
+    let idp = Arc::new(MockServer::start().await);
+    let rotating = RotatingIdp::mount(&idp).await;
+    let first = TestApp::init()
+        .with_config(rotation_config(&idp.uri(), ""))
+        .with_idp(Arc::clone(&idp))
+        .with_redis(&redis)
+        .start()
+        .await;
+    assert_eq!(rotate(&first).await.status, 200);
+    drop(first);
+    // The encryption key changes: a replica with the new key reads the secret with the
+    // previous one and seals it again with the new.
+    let new_key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 32]);
+    let keys = |previous: bool| {
+        let previous = if previous {
+            format!("previous_encryption_key_env = \"{CACHE_KEY_ENV}\"")
+        } else {
+            String::new()
+        };
+        format!("[shared_cache]\nencryption_key_env = \"NEW_CACHE_KEY\"\n{previous}\n")
+    };
+    let during = TestApp::init()
+        .with_config(rotation_config(&idp.uri(), ""))
+        .with_idp(Arc::clone(&idp))
+        .with_redis(&redis)
+        .with_config(keys(true))
+        .with_env("NEW_CACHE_KEY", new_key.clone())
+        .start()
+        .await;
+    let answer = during.billing("acme/production?scope=during").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    drop(during);
+    // The previous key retired: the secret still reads.
+    let after = TestApp::init()
+        .with_config(rotation_config(&idp.uri(), ""))
+        .with_idp(Arc::clone(&idp))
+        .with_redis(&redis)
+        .with_config(keys(false))
+        .with_env("NEW_CACHE_KEY", new_key)
+        .start()
+        .await;
+    let answer = after.billing("acme/production?scope=after").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(rotating.refused(), 0, "the rotated secret at every step");
+    assert_eq!(rotating.rotations(), 1);
+}
