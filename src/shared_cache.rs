@@ -28,6 +28,7 @@
 //! cached entries against the level by digest ([`Invalidation::Resubscribed`]).
 
 mod cipher;
+mod cluster;
 mod connection;
 mod scripts;
 mod secrets;
@@ -40,7 +41,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use rand::Rng as _;
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Script};
 use tokio::sync::mpsc;
 
@@ -116,6 +116,10 @@ struct Inner {
     /// When the sentinels' failure was last logged.
     sentinels_logged: std::sync::Mutex<Option<tokio::time::Instant>>,
     subscribed: AtomicBool,
+    /// Which seed of a cluster the subscriber tries next.
+    subscriber_turn: std::sync::atomic::AtomicUsize,
+    /// A Redis Cluster: keys carry hash tags.
+    cluster: bool,
     errors: AtomicU64,
     invalidations: AtomicU64,
 }
@@ -162,10 +166,12 @@ impl RedisCache {
             wait_for_peer: settings.wait_for_peer,
             recoveries: tokio::sync::watch::Sender::new(0),
             // Behind Sentinel the level takes calls once the master is known.
-            up: AtomicBool::new(matches!(settings.target, RedisTarget::Url(_))),
+            up: AtomicBool::new(!matches!(settings.target, RedisTarget::Sentinel(_))),
             failure_logged: std::sync::Mutex::new(None),
             sentinels_logged: std::sync::Mutex::new(None),
             subscribed: AtomicBool::new(false),
+            subscriber_turn: std::sync::atomic::AtomicUsize::new(0),
+            cluster: settings.target.is_cluster(),
             errors: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
         });
@@ -193,25 +199,37 @@ impl RedisCache {
 }
 
 impl Inner {
-    /// The connection manager of the server in force; the level counts as down until the
+    /// The connection of the server (or cluster) in force; the level counts as down until the
     /// sentinels have named a master.
-    fn connection(&self) -> Result<ConnectionManager, SharedCacheError> {
+    fn connection(&self) -> Result<cluster::Connection, SharedCacheError> {
         self.connections
             .current()
             .map(|endpoint| endpoint.connection.clone())
             .ok_or(SharedCacheError::Down)
     }
 
+    /// `P kind:id`, or on a cluster `P kind:{tag}` with `id` after it when it is not the tag
+    /// itself: the keys one script touches share their tag, so a cluster keeps them in one slot
+    /// (one server and Sentinel keep the layout without tags).
+    fn key(&self, kind: &str, tag: &str, id: Option<&str>) -> String {
+        match (self.cluster, id) {
+            (false, None) => format!("{}{kind}:{tag}", self.prefix),
+            (false, Some(id)) => format!("{}{kind}:{id}", self.prefix),
+            (true, None) => format!("{}{kind}:{{{tag}}}", self.prefix),
+            (true, Some(id)) => format!("{}{kind}:{{{tag}}}:{id}", self.prefix),
+        }
+    }
+
     fn token_key(&self, key: &SharedKey) -> String {
-        format!("{}token:{}", self.prefix, key.to_hex())
+        self.key("token", &key.to_hex(), None)
     }
 
     fn tombstone_key(&self, key: &SharedKey) -> String {
-        format!("{}deleted:{}", self.prefix, key.to_hex())
+        self.key("deleted", &key.to_hex(), None)
     }
 
     fn lock_key(&self, key: &SharedKey) -> String {
-        format!("{}lock:{}", self.prefix, key.to_hex())
+        self.key("lock", &key.to_hex(), None)
     }
 
     /// Runs one Redis call within the timeout, unless the level is marked down.

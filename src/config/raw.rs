@@ -71,6 +71,9 @@ pub(super) struct RawSharedCache {
     pub(super) password_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) sentinels: Vec<String>,
+    /// `None` when not set, so that an empty list is reported.
+    #[serde(default)]
+    pub(super) cluster_nodes: Option<Vec<String>>,
     #[serde(default)]
     pub(super) master_name: Option<String>,
     #[serde(default)]

@@ -15,8 +15,8 @@ use crate::shared_cache::{
 };
 
 impl RawSharedCache {
-    /// The validated settings; `None` when neither a URL nor sentinels are set (the shared level
-    /// is off); problems go to `problems`.
+    /// The validated settings; `None` when none of a URL, sentinels and cluster nodes is set
+    /// (the shared level is off); problems go to `problems`.
     pub(super) fn validate(
         mut self,
         env: &dyn Fn(&str) -> Option<String>,
@@ -26,37 +26,48 @@ impl RawSharedCache {
             .url
             .take()
             .filter(|url| !url.expose_secret().trim().is_empty());
-        if url.is_none() && self.sentinels.is_empty() {
+        let cluster_nodes = self.cluster_nodes.take();
+        if url.is_none() && self.sentinels.is_empty() && cluster_nodes.is_none() {
             return None;
         }
         let before = problems.len();
         let tls = self.tls.as_ref().and_then(|tls| read_tls(tls, problems));
-        let (target, in_url) = match url {
-            Some(_) if !self.sentinels.is_empty() => {
-                problems.push(
-                    "shared_cache.sentinels: set together with shared_cache.url; use url for one server, or sentinels and master_name for Sentinel".to_owned(),
-                );
-                (None, None)
-            }
-            Some(url) => {
-                let sentinel_only = [
-                    ("master_name", self.master_name.is_some()),
-                    ("sentinel_username", self.sentinel_username.is_some()),
-                    (
-                        "sentinel_password_env",
-                        self.sentinel_password_env.is_some(),
-                    ),
-                ];
-                for (name, set) in sentinel_only {
-                    if set {
-                        problems.push(format!(
-                            "shared_cache.{name}: only for Sentinel (shared_cache.sentinels), not with shared_cache.url"
-                        ));
-                    }
+        let chosen = [
+            url.is_some(),
+            !self.sentinels.is_empty(),
+            cluster_nodes.is_some(),
+        ];
+        if chosen.iter().filter(|set| **set).count() > 1 {
+            problems.push(
+                "shared_cache: set exactly one of url (one server), sentinels (Sentinel) and cluster_nodes (Redis Cluster)".to_owned(),
+            );
+        }
+        if self.sentinels.is_empty() && (url.is_some() || cluster_nodes.is_some()) {
+            let target = if url.is_some() {
+                "shared_cache.url"
+            } else {
+                "shared_cache.cluster_nodes"
+            };
+            let sentinel_only = [
+                ("master_name", self.master_name.is_some()),
+                ("sentinel_username", self.sentinel_username.is_some()),
+                (
+                    "sentinel_password_env",
+                    self.sentinel_password_env.is_some(),
+                ),
+            ];
+            for (name, set) in sentinel_only {
+                if set {
+                    problems.push(format!(
+                        "shared_cache.{name}: only for Sentinel (shared_cache.sentinels), not with {target}"
+                    ));
                 }
-                url_target(url, self.tls.is_some(), problems)
             }
-            None => (self.sentinel_target(env, problems), None),
+        }
+        let (target, in_url) = match (url, cluster_nodes) {
+            (Some(url), _) => url_target(url, self.tls.is_some(), problems),
+            (None, Some(nodes)) => (cluster_target(nodes, problems), None),
+            (None, None) => (self.sentinel_target(env, problems), None),
         };
         let (user_in_url, password_in_url) = in_url.unwrap_or_default();
         if user_in_url && self.username.is_some() {
@@ -192,6 +203,40 @@ fn url_target(
     (Some(RedisTarget::Url(url)), in_url)
 }
 
+/// Validates `shared_cache.cluster_nodes`: at least one seed, each `host:port`.
+fn cluster_target(nodes: Vec<String>, problems: &mut Vec<String>) -> Option<RedisTarget> {
+    let before = problems.len();
+    if nodes.is_empty() {
+        problems.push(
+            "shared_cache.cluster_nodes: empty; list at least one node of the cluster as host:port (the broker discovers the others)".to_owned(),
+        );
+    }
+    check_addresses(
+        "shared_cache.cluster_nodes",
+        &nodes,
+        "10.0.0.5:6379",
+        problems,
+    );
+    (problems.len() == before).then_some(RedisTarget::Cluster(nodes))
+}
+
+/// Reports each entry of `setting` that is not `host:port` (an IPv6 address in brackets).
+fn check_addresses(setting: &str, addresses: &[String], example: &str, problems: &mut Vec<String>) {
+    for (index, address) in addresses.iter().enumerate() {
+        let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
+            let bracketed = host.starts_with('[') && host.ends_with(']');
+            !host.is_empty()
+                && (bracketed || !host.contains(':'))
+                && port.parse::<u16>().is_ok_and(|port| port > 0)
+        });
+        if !valid {
+            problems.push(format!(
+                "{setting}[{index}]: expected host:port, such as \"{example}\""
+            ));
+        }
+    }
+}
+
 impl RawSharedCache {
     /// Validates `shared_cache.sentinels`, `master_name`, `sentinel_username` and
     /// `sentinel_password_env`.
@@ -201,20 +246,13 @@ impl RawSharedCache {
         problems: &mut Vec<String>,
     ) -> Option<RedisTarget> {
         let before = problems.len();
-        for (index, sentinel) in self.sentinels.iter().enumerate() {
-            // An IPv6 address goes in brackets, as in a URL: [::1]:26379.
-            let valid = sentinel.rsplit_once(':').is_some_and(|(host, port)| {
-                let bracketed = host.starts_with('[') && host.ends_with(']');
-                !host.is_empty()
-                    && (bracketed || !host.contains(':'))
-                    && port.parse::<u16>().is_ok_and(|port| port > 0)
-            });
-            if !valid {
-                problems.push(format!(
-                    "shared_cache.sentinels[{index}]: expected host:port, such as \"10.0.0.5:26379\""
-                ));
-            }
-        }
+        // An IPv6 address goes in brackets, as in a URL: [::1]:26379.
+        check_addresses(
+            "shared_cache.sentinels",
+            &self.sentinels,
+            "10.0.0.5:26379",
+            problems,
+        );
         let master_name = self
             .master_name
             .clone()
@@ -361,7 +399,20 @@ mod tests {
             ),
             (
                 "url = \"redis://redis:6379\"\nsentinels = [\"s1:26379\"]\nmaster_name = \"m\"\n",
-                "shared_cache.sentinels: set together with shared_cache.url",
+                "shared_cache: set exactly one of url (one server), sentinels (Sentinel) and cluster_nodes",
+            ),
+            (
+                "url = \"redis://redis:6379\"\ncluster_nodes = [\"n1:6379\"]\n",
+                "shared_cache: set exactly one of url",
+            ),
+            ("cluster_nodes = []\n", "shared_cache.cluster_nodes: empty"),
+            (
+                "cluster_nodes = [\"n1:6379\", \"n2\"]\n",
+                "shared_cache.cluster_nodes[1]: expected host:port",
+            ),
+            (
+                "cluster_nodes = [\"n1:6379\"]\nmaster_name = \"m\"\n",
+                "shared_cache.master_name: only for Sentinel (shared_cache.sentinels), not with shared_cache.cluster_nodes",
             ),
             (
                 "sentinels = [\"s1:26379\", \"s2\"]\n",
@@ -380,6 +431,18 @@ mod tests {
             assert!(problems.contains(expected), "{shared}: {problems}");
             assert!(!problems.contains("hunter2"), "{problems}");
         }
+        let cluster = format!(
+            "{base}[shared_cache]\nencryption_key_env = \"CACHE_KEY\"\ncluster_nodes = [\"10.0.0.5:6379\", \"10.0.0.6:6379\"]\n"
+        );
+        let shared = Settings::from_toml(&cluster, &cache_key_env)
+            .expect("valid")
+            .shared_cache
+            .expect("on");
+        assert!(matches!(&shared.target, RedisTarget::Cluster(nodes) if nodes.len() == 2));
+        assert_eq!(
+            shared.endpoint(),
+            "cluster of seed nodes 10.0.0.5:6379,10.0.0.6:6379"
+        );
         let sentinel = format!(
             "{base}[shared_cache]\nencryption_key_env = \"CACHE_KEY\"\nsentinels = [\"10.0.0.5:26379\", \"10.0.0.6:26379\"]\nmaster_name = \"tokens\"\n"
         );

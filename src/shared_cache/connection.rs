@@ -17,15 +17,17 @@ use redis::{ConnectionInfo, IntoConnectionInfo as _, RedisResult};
 use secrecy::{ExposeSecret as _, SecretSlice, SecretString};
 use tokio::sync::watch;
 
+use super::cluster::Connection;
 use super::settings::{RedisTarget, RedisTls, SharedCacheSettings};
 
-/// One Redis server and how to reach it.
+/// One Redis server (or cluster) and how to reach it.
 pub(super) struct Endpoint {
-    /// For new connections (the subscriber's).
-    pub(super) client: redis::Client,
+    /// For the subscriber's connection: the server, or each seed node of a cluster (tried in
+    /// turn).
+    pub(super) subscribe_to: Vec<redis::Client>,
     /// For calls.
-    pub(super) connection: ConnectionManager,
-    /// `host:port`, for logs.
+    pub(super) connection: Connection,
+    /// `host:port` (or the cluster's seeds), for logs.
     pub(super) address: String,
 }
 
@@ -49,10 +51,10 @@ pub(super) struct Connections {
 }
 
 /// How the broker authenticates to Redis: TLS material, user and password.
-struct Credentials {
+pub(super) struct Credentials {
     tls: Option<TlsMaterial>,
-    username: Option<String>,
-    password: Option<SecretString>,
+    pub(super) username: Option<String>,
+    pub(super) password: Option<SecretString>,
 }
 
 impl Credentials {
@@ -101,6 +103,10 @@ impl Connections {
             RedisTarget::Url(url) => {
                 let info = url.expose_secret().into_connection_info()?;
                 let endpoint = connections.endpoint(info, settings.endpoint())?;
+                connections.current.store(Some(Arc::new(endpoint)));
+            }
+            RedisTarget::Cluster(nodes) => {
+                let endpoint = connections.cluster_endpoint(nodes, connections.timeout)?;
                 connections.current.store(Some(Arc::new(endpoint)));
             }
             RedisTarget::Sentinel(sentinel) => {
@@ -156,6 +162,7 @@ impl Connections {
                 .expose_secret()
                 .into_connection_info()
                 .and_then(|info| self.endpoint(info, settings.endpoint())),
+            (RedisTarget::Cluster(nodes), _) => self.cluster_endpoint(nodes, self.timeout),
             (RedisTarget::Sentinel(_), Some(current)) => self
                 .address_info(&current.address)
                 .and_then(|info| self.endpoint(info, current.address.clone())),
@@ -249,8 +256,13 @@ impl Connections {
         Ok(())
     }
 
+    /// The credentials in force (TLS material, user and password).
+    pub(super) fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.load_full()
+    }
+
     /// The connection details of `host:port`: TLS when `[shared_cache.tls]` is set.
-    fn address_info(&self, address: &str) -> RedisResult<ConnectionInfo> {
+    pub(super) fn address_info(&self, address: &str) -> RedisResult<ConnectionInfo> {
         let scheme = if self.credentials.load().tls.is_some() {
             "rediss"
         } else {
@@ -262,41 +274,48 @@ impl Connections {
     /// A client and a lazy connection manager for `info`, with the settings' user and password
     /// when the URL named none.
     fn endpoint(&self, info: ConnectionInfo, address: String) -> RedisResult<Endpoint> {
-        // Configuration refuses a user or password both in the URL and in the settings, so
-        // those of the settings complete the URL's.
-        let credentials = self.credentials.load();
-        let info = with_credentials(
-            info,
-            credentials.username.as_deref(),
-            credentials.password.as_ref(),
-        );
-        let client = self.client_for(info)?;
+        let client = self.client_for(self.with_settings_credentials(info))?;
         let connection =
             ConnectionManager::new_lazy_with_config(client.clone(), manager_config(self.timeout))?;
         Ok(Endpoint {
-            client,
-            connection,
+            subscribe_to: vec![client],
+            connection: Connection::Single(connection),
             address,
+        })
+    }
+
+    /// `info` with the settings' user and password: configuration refuses a user or password
+    /// both in the URL and in the settings, so those of the settings complete the URL's.
+    pub(super) fn with_settings_credentials(&self, info: ConnectionInfo) -> ConnectionInfo {
+        let credentials = self.credentials.load();
+        with_credentials(
+            info,
+            credentials.username.as_deref(),
+            credentials.password.as_ref(),
+        )
+    }
+
+    /// `[shared_cache.tls]`'s CA and client certificate, as the redis crate takes them.
+    pub(super) fn tls_certificates(&self) -> Option<redis::TlsCertificates> {
+        let credentials = self.credentials.load();
+        let tls = credentials.tls.as_ref()?;
+        Some(redis::TlsCertificates {
+            client_tls: tls.client.as_ref().map(|(client_cert, client_key)| {
+                redis::ClientTlsConfig {
+                    client_cert: client_cert.clone(),
+                    client_key: client_key.expose_secret().to_vec(),
+                }
+            }),
+            root_cert: tls.ca_pem.clone(),
         })
     }
 
     /// A client for `info`, with `[shared_cache.tls]`'s CA and client certificate when set
     /// (`rediss://` alone uses the system roots).
-    fn client_for(&self, info: ConnectionInfo) -> RedisResult<redis::Client> {
-        match &self.credentials.load().tls {
+    pub(super) fn client_for(&self, info: ConnectionInfo) -> RedisResult<redis::Client> {
+        match self.tls_certificates() {
             None => redis::Client::open(info),
-            Some(tls) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: tls.client.as_ref().map(|(client_cert, client_key)| {
-                        redis::ClientTlsConfig {
-                            client_cert: client_cert.clone(),
-                            client_key: client_key.expose_secret().to_vec(),
-                        }
-                    }),
-                    root_cert: tls.ca_pem.clone(),
-                },
-            ),
+            Some(certificates) => redis::Client::build_with_tls(info, certificates),
         }
     }
 }

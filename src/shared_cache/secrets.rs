@@ -73,7 +73,7 @@ struct Sealed {
 
 impl Inner {
     fn secret_key(&self, key: &SharedKey) -> String {
-        format!("{}secret:{}", self.prefix, key.to_hex())
+        self.key("secret", &key.to_hex(), None)
     }
 
     /// What is under `key`: a secret, a tombstone, or nothing (a secret that cannot be opened

@@ -119,18 +119,25 @@ impl SealedKey {
 
 impl Inner {
     fn session_key(&self, id: &HandleId) -> String {
-        format!("{}session:{}", self.prefix, id.to_hex())
+        self.key("session", &id.to_hex(), None)
     }
 
-    fn pending_key(&self, id: &PendingId) -> String {
-        format!("{}pending:{}", self.prefix, id.to_hex())
+    /// Tagged by its owner, as the owner's set is: the scripts touch both.
+    fn pending_key(&self, id: &PendingId, owner: &str) -> String {
+        self.key("pending", &owner_tag(owner), Some(&id.to_hex()))
     }
 
     fn pending_owner_key(&self, owner: &str) -> String {
-        let owner = hex::encode(Sha256::digest(owner.as_bytes()));
-        format!("{}pending-by:{owner}", self.prefix)
+        self.key("pending-by", &owner_tag(owner), None)
     }
 }
+
+/// The hex SHA-256 of a pending authorization's owner (the caller), which names its set.
+fn owner_tag(owner: &str) -> String {
+    hex::encode(Sha256::digest(owner.as_bytes()))
+}
+
+impl Inner {}
 
 /// The value that stores `record` under the Redis key `redis_key`.
 fn seal_session(cipher: &TokenCipher, redis_key: &str, record: &SessionRecord) -> String {
@@ -290,7 +297,7 @@ impl Inner {
     }
 
     fn session_lock_key(&self, id: &HandleId) -> String {
-        format!("{}session-lock:{}", self.prefix, id.to_hex())
+        self.key("session-lock", &id.to_hex(), None)
     }
 
     async fn start_pending(
@@ -300,7 +307,7 @@ impl Inner {
         ttl: Duration,
         max_per_owner: usize,
     ) -> Result<bool, SharedCacheError> {
-        let redis_key = self.pending_key(id);
+        let redis_key = self.pending_key(id, &pending.owner);
         let sealed = SealedPending {
             owner: pending.owner.to_string(),
             key: SealedKey::of(&pending.key),
@@ -326,7 +333,7 @@ impl Inner {
         id: &PendingId,
         owner: &str,
     ) -> Result<Option<PendingAuthorization>, SharedCacheError> {
-        let redis_key = self.pending_key(id);
+        let redis_key = self.pending_key(id, owner);
         let mut invocation = self.session_scripts.take_pending.key(&redis_key);
         invocation
             .key(self.pending_owner_key(owner))

@@ -44,6 +44,16 @@ pub enum RedisTarget {
     /// `shared_cache.sentinels` and `master_name`: the master is asked of the sentinels, and
     /// followed when they fail over.
     Sentinel(SentinelSettings),
+    /// `shared_cache.cluster_nodes`: seed nodes of a Redis Cluster (or Valkey in cluster mode),
+    /// `host:port`; the client discovers the others and follows slots and failovers.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Whether this is a Redis Cluster, whose keys carry hash tags.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
 }
 
 /// High-availability Redis behind Sentinel.
@@ -72,6 +82,7 @@ impl RedisTarget {
                     && a.username == b.username
                     && secret(&a.password) == secret(&b.password)
             }
+            (Self::Cluster(a), Self::Cluster(b)) => a == b,
             _ => false,
         }
     }
@@ -119,6 +130,7 @@ impl SharedCacheSettings {
                 sentinel.master_name,
                 sentinel.sentinels.join(",")
             ),
+            RedisTarget::Cluster(nodes) => format!("cluster of seed nodes {}", nodes.join(",")),
         }
     }
 }
@@ -140,6 +152,7 @@ impl SharedCacheSettings {
                     && a.password.as_ref().map(|p| p.expose_secret())
                         == b.password.as_ref().map(|p| p.expose_secret())
             }
+            (RedisTarget::Cluster(a), RedisTarget::Cluster(b)) => a == b,
             _ => false,
         };
         place

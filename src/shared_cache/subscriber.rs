@@ -63,7 +63,19 @@ impl Inner {
             let endpoint = self.connections.current().ok_or_else(|| {
                 redis::RedisError::from((redis::ErrorKind::Io, "the master is not known yet"))
             })?;
-            let mut pubsub = endpoint.client.get_async_pubsub().await?;
+            // A cluster's seeds in turn, moving on from one that failed.
+            let turn = self.subscriber_turn.load(Ordering::Relaxed);
+            let client = endpoint
+                .subscribe_to
+                .get(turn % endpoint.subscribe_to.len().max(1))
+                .ok_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::Io, "no node to subscribe on"))
+                })?;
+            let subscribed = client.get_async_pubsub().await;
+            if subscribed.is_err() {
+                self.subscriber_turn.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut pubsub = subscribed?;
             pubsub.subscribe(&self.channel).await?;
             Ok::<_, redis::RedisError>(pubsub.split())
         };

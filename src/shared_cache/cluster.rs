@@ -1,0 +1,98 @@
+//! Redis Cluster (and Valkey in cluster mode): the redis crate's cluster client routes each call
+//! to the node that owns its key's slot, follows `MOVED` and `ASK`, refreshes the topology and
+//! splits a multi-key read (`MGET`) by slot; the broker's part is to keep every key one script
+//! touches in one slot (hash tags, see the module above) and to reach the same calls through one
+//! [`Connection`], whatever the topology.
+//!
+//! Announcements use classic pub/sub: a `PUBLISH` on any node reaches the subscribers of every
+//! node, so the subscriber listens on one node (the seeds in turn, moving on when one fails) and
+//! checks the cached entries after every subscription, as with one server.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use super::connection::{Connections, Endpoint};
+
+/// The connection calls go through: to one server, or to a cluster.
+#[derive(Clone)]
+pub(super) enum Connection {
+    /// One server (a URL, or the master the sentinels name), reconnecting by itself.
+    Single(ConnectionManager),
+    /// A cluster, routed by slot.
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+impl Connections {
+    /// The cluster of seed `nodes` (`host:port`), with the settings' TLS, user and password: a
+    /// cluster connection made in the background (a cluster down at start is used once it
+    /// answers), and a client per seed for the subscriber.
+    pub(super) fn cluster_endpoint(
+        &self,
+        nodes: &[String],
+        timeout: Duration,
+    ) -> RedisResult<Endpoint> {
+        let infos = nodes
+            .iter()
+            .map(|node| self.address_info(node))
+            .collect::<RedisResult<Vec<_>>>()?;
+        let credentials = self.credentials();
+        let mut builder = ClusterClient::builder(infos.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
+        if let Some(username) = &credentials.username {
+            builder = builder.username(username);
+        }
+        if let Some(password) = &credentials.password {
+            builder = builder.password(secrecy::ExposeSecret::expose_secret(password));
+        }
+        if let Some(certificates) = self.tls_certificates() {
+            builder = builder.certs(certificates);
+        }
+        let client = builder.build()?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout);
+        let connection = client.get_pending_async_connection_with_config(config);
+        let subscribe_to = infos
+            .into_iter()
+            .map(|info| self.client_for(self.with_settings_credentials(info)))
+            .collect::<RedisResult<Vec<_>>>()?;
+        Ok(Endpoint {
+            subscribe_to,
+            connection: Connection::Cluster(connection),
+            address: format!("cluster {}", nodes.join(",")),
+        })
+    }
+}
