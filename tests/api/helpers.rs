@@ -5,10 +5,12 @@
 
 mod child;
 mod idp;
+mod redis_cluster;
 mod redis_server;
 
 pub use child::*;
 pub use idp::*;
+pub use redis_cluster::*;
 pub use redis_server::*;
 
 use std::path::{Path, PathBuf};
@@ -181,11 +183,11 @@ impl TestAppBuilder {
         ))
     }
 
-    /// Shares `redis` ([`shared_cache_config`]); `start` waits until the shared level is up
+    /// Shares `redis` (one server, or a cluster); `start` waits until the shared level is up
     /// and subscribed.
-    pub fn with_redis(mut self, redis: &RedisServer) -> Self {
+    pub fn with_redis(mut self, redis: &impl SharedLevel) -> Self {
         self.wait_for_shared_cache = true;
-        self.with_config(shared_cache_config(redis))
+        self.with_config(redis.shared_cache_layer())
     }
 
     /// Sets `name` in the environment `*_env` settings read (which always holds
@@ -272,6 +274,18 @@ fn test_env(set: &[(String, String)], name: &str) -> Option<String> {
     match set.iter().find(|(set, _)| set == name) {
         Some((_, value)) => Some(value.clone()),
         None => (name == CACHE_KEY_ENV).then(cache_key),
+    }
+}
+
+/// A shared level a test app can be pointed at: one `redis-server`, or a cluster.
+pub trait SharedLevel {
+    /// The `[shared_cache]` layer that points a broker at it.
+    fn shared_cache_layer(&self) -> String;
+}
+
+impl SharedLevel for RedisServer {
+    fn shared_cache_layer(&self) -> String {
+        shared_cache_config(self)
     }
 }
 

@@ -39,6 +39,7 @@ mod process;
 mod prometheus;
 mod promise;
 mod rate_limit;
+mod redis_cluster;
 mod redis_sentinel;
 mod redis_tls;
 mod refresh;

@@ -26,7 +26,7 @@ const MANAGEMENT_AUDIENCE: &str = "https://acme.example/api/v2/";
 /// API (`POST /api/v2/clients/acme-production-id/rotate-secret`, with a management token)
 /// replaces with `rotated-secret-N`, the old one refused at once.
 #[derive(Clone)]
-struct RotatingIdp {
+pub(crate) struct RotatingIdp {
     secret: Arc<Mutex<String>>,
     rotations: Arc<AtomicU64>,
     issued: Arc<AtomicU64>,
@@ -36,7 +36,7 @@ struct RotatingIdp {
 }
 
 impl RotatingIdp {
-    async fn mount(idp: &MockServer) -> Self {
+    pub(crate) async fn mount(idp: &MockServer) -> Self {
         let this = Self {
             secret: Arc::new(Mutex::new(ACME_PRODUCTION_SECRET.to_owned())),
             rotations: Arc::new(AtomicU64::new(0)),
@@ -65,11 +65,11 @@ impl RotatingIdp {
         *self.secret.lock().unwrap() = secret.to_owned();
     }
 
-    fn rotations(&self) -> u64 {
+    pub(crate) fn rotations(&self) -> u64 {
         self.rotations.load(Ordering::SeqCst)
     }
 
-    fn refused(&self) -> u64 {
+    pub(crate) fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
     }
 
@@ -131,7 +131,7 @@ impl Respond for RotateEndpoint {
 }
 
 /// The management environment, and the rotation of acme/production it authorises.
-fn rotation_config(idp: &str, extra: &str) -> String {
+pub(crate) fn rotation_config(idp: &str, extra: &str) -> String {
     format!(
         r#"
         [tenants.acme.environments.management]
@@ -148,7 +148,7 @@ fn rotation_config(idp: &str, extra: &str) -> String {
     )
 }
 
-async fn rotate(app: &TestApp) -> Answer {
+pub(crate) async fn rotate(app: &TestApp) -> Answer {
     let url = format!(
         "{}/v1/admin/tenants/acme/environments/production/rotate-secret",
         app.url

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use crate::helpers::*;
 
 /// The development IdP with acme/production's client, issuing hour-long tokens.
-async fn dev_idp() -> DevIdpHandle {
+pub(crate) async fn dev_idp() -> DevIdpHandle {
     let idp = DevIdp::new(DevIdpSettings {
         issuer: String::new(),
         token_lifetime: Duration::from_secs(3600),
@@ -31,7 +31,12 @@ async fn dev_idp() -> DevIdpHandle {
 
 /// One replica: the standard configuration with acme/production on the dev IdP, user tokens on,
 /// sharing `redis`, plus `extra`.
-async fn replica(idp: &DevIdpHandle, redis: &RedisServer, extra: &str, clock: &Clock) -> TestApp {
+pub(crate) async fn replica(
+    idp: &DevIdpHandle,
+    redis: &impl SharedLevel,
+    extra: &str,
+    clock: &Clock,
+) -> TestApp {
     let users = format!(
         r#"
         [tenants.acme.environments.production]
@@ -54,7 +59,7 @@ async fn replica(idp: &DevIdpHandle, redis: &RedisServer, extra: &str, clock: &C
 
 /// Starts an authorization on `starts`, lets the dev IdP answer it, and redeems the code on
 /// `redeems`: the new handle, and the state.
-async fn log_in(starts: &TestApp, redeems: &TestApp) -> (String, String) {
+pub(crate) async fn log_in(starts: &TestApp, redeems: &TestApp) -> (String, String) {
     let body = json!({ "scope": "offline_access" });
     let started = starts.authorize("acme/production", BILLING_KEY, body).await;
     assert_eq!(started.status, 200, "{}", started.body);
@@ -84,12 +89,12 @@ async fn log_in(starts: &TestApp, redeems: &TestApp) -> (String, String) {
 
 /// `GET` on the handle asking for more validity than a two-second-old token has left, so
 /// that it is refreshed, while a token refreshed since is enough.
-fn aged(handle: &str) -> String {
+pub(crate) fn aged(handle: &str) -> String {
     format!("{handle}?min_ttl=3598")
 }
 
 /// Lets the tokens of a login or refresh age past [`aged`]'s threshold, on the replicas' clock.
-fn age_tokens(clock: &Clock) {
+pub(crate) fn age_tokens(clock: &Clock) {
     clock.advance(Duration::from_millis(2100));
 }
 
