@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs what the tests start themselves
-# (redis-server for the shared-cache tests, curl for the dev-mode test, prometheus and promtool
-# for the monitoring tests, both in Debian's prometheus package) when it is missing, then runs
+# (redis-server for the shared-cache tests, redis-cli from redis-tools to join the Redis Cluster
+# tests' nodes, curl for the dev-mode test, prometheus and promtool for the monitoring tests, both
+# in Debian's prometheus package) when it is missing, then runs
 # `cargo test --locked` with any arguments given (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v curl >/dev/null || missing+=(curl)
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
     missing+=(prometheus)

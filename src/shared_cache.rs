@@ -2,7 +2,9 @@
 //! broker's [`SharedCache`], and user tokens'
 //! [`SharedSessions`](crate::user_tokens::SharedSessions) (in [`sessions`]).
 //!
-//! Keys (`P` is `shared_cache.key_prefix`, `K` the hex [`SharedKey`]):
+//! Keys (`P` is `shared_cache.key_prefix`, `K` the hex [`SharedKey`]; on a Redis Cluster each
+//! id is a hash tag, `P token:{K}`, so that the keys one script touches share a slot, see
+//! [`cluster`]):
 //!
 //! - `P token:K`: the encrypted token ([`TokenCipher`]), expiring with `PX` when the broker would
 //!   stop handing it out (`expires_at - cache.min_remaining`);

@@ -13,6 +13,9 @@
 //! - `P pending-by:O`, `O` the hex SHA-256 of the caller: a sorted set of that caller's pending
 //!   authorizations by expiry, which bounds them (`users.max_pending_per_caller`) in the fleet.
 //!
+//! On a Redis Cluster the ids are hash tags (`P session:{H}`), and a pending authorization is
+//! tagged by its owner (`P pending:{O}:S`, `P pending-by:{O}`), which its scripts touch together.
+//!
 //! Values are sealed like tokens ([`TokenCipher::seal_bytes`]), bound to their Redis key:
 //! `s1:<generation, 16 digits>:<key id>:<ciphertext>` for a session (the store script keeps the
 //! highest generation), `p1:<key id>:<ciphertext>` for an authorization. The ciphertext holds
