@@ -79,7 +79,9 @@ const ENTRY_BATCH: usize = 200;
 #[derive(Debug, thiserror::Error)]
 pub enum RedisCacheError {
     /// The URL was accepted by validation but not by the client.
-    #[error("the shared cache cannot be set up (shared_cache.url, sentinels or tls): {0}")]
+    #[error(
+        "the shared cache cannot be set up (shared_cache.url, sentinels, cluster_nodes or tls): {0}"
+    )]
     Client(#[source] redis::RedisError),
 }
 

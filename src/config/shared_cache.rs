@@ -66,7 +66,15 @@ impl RawSharedCache {
         }
         let (target, in_url) = match (url, cluster_nodes) {
             (Some(url), _) => url_target(url, self.tls.is_some(), problems),
-            (None, Some(nodes)) => (cluster_target(nodes, problems), None),
+            (None, Some(nodes)) => {
+                // A brace in the prefix would end or move the hash tag of every key.
+                if self.key_prefix.contains(['{', '}']) {
+                    problems.push(
+                        "shared_cache.key_prefix: no { or } with cluster_nodes: the broker puts a hash tag in braces after it, so that the keys of one token share a slot".to_owned(),
+                    );
+                }
+                (cluster_target(nodes, problems), None)
+            }
             (None, None) => (self.sentinel_target(env, problems), None),
         };
         let (user_in_url, password_in_url) = in_url.unwrap_or_default();
@@ -409,6 +417,10 @@ mod tests {
             (
                 "cluster_nodes = [\"n1:6379\", \"n2\"]\n",
                 "shared_cache.cluster_nodes[1]: expected host:port",
+            ),
+            (
+                "cluster_nodes = [\"n1:6379\"]\nkey_prefix = \"app{1}:\"\n",
+                "shared_cache.key_prefix: no { or } with cluster_nodes",
             ),
             (
                 "cluster_nodes = [\"n1:6379\"]\nmaster_name = \"m\"\n",

@@ -36,6 +36,12 @@ impl Inner {
         }
     }
 
+    /// Moves the subscriber to the next seed of a cluster after a subscription failed or was
+    /// lost, whatever the cause (refused, silent, dropped): the node may be gone.
+    fn next_subscriber_node(&self) {
+        self.subscriber_turn.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Parses an announcement; `None` for this process's own and for unknown lines.
     fn parse(&self, message: &[u8]) -> Option<Invalidation> {
         let text = std::str::from_utf8(message).ok()?;
@@ -71,11 +77,7 @@ impl Inner {
                 .ok_or_else(|| {
                     redis::RedisError::from((redis::ErrorKind::Io, "no node to subscribe on"))
                 })?;
-            let subscribed = client.get_async_pubsub().await;
-            if subscribed.is_err() {
-                self.subscriber_turn.fetch_add(1, Ordering::Relaxed);
-            }
-            let mut pubsub = subscribed?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
             Ok::<_, redis::RedisError>(pubsub.split())
         };
@@ -110,9 +112,13 @@ pub(super) async fn subscribe(inner: Weak<Inner>, events: mpsc::Sender<Invalidat
                 if events.is_closed() {
                     return;
                 }
+                strong.next_subscriber_node();
                 strong.set_subscribed(false, lost);
             }
-            Err(error) => strong.set_subscribed(false, &error.to_string()),
+            Err(error) => {
+                strong.set_subscribed(false, &error.to_string());
+                strong.next_subscriber_node();
+            }
         }
         drop(strong);
         // Full jitter, so replicas do not reconnect in step after a Redis restart.
