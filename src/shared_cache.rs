@@ -205,7 +205,7 @@ impl RedisCache {
 impl Inner {
     /// The connection of the server (or cluster) in force; the level counts as down until the
     /// sentinels have named a master.
-    fn connection(&self) -> Result<cluster::Connection, SharedCacheError> {
+    fn connection(&self) -> Result<connection::Connection, SharedCacheError> {
         self.connections
             .current()
             .map(|endpoint| endpoint.connection.clone())

@@ -13,12 +13,50 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use redis::{ConnectionInfo, IntoConnectionInfo as _, RedisResult};
 use secrecy::{ExposeSecret as _, SecretSlice, SecretString};
 use tokio::sync::watch;
 
-use super::cluster::Connection;
 use super::settings::{RedisTarget, RedisTls, SharedCacheSettings};
+
+/// The connection calls go through: to one server, or to a cluster.
+#[derive(Clone)]
+pub(super) enum Connection {
+    /// One server (a URL, or the master the sentinels name), reconnecting by itself.
+    Single(ConnectionManager),
+    /// A cluster, routed by slot.
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
 
 /// One Redis server (or cluster) and how to reach it.
 pub(super) struct Endpoint {
