@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per cache hit, counted by valgrind's callgrind (repeatable where wall-clock time is
-# not): the bare-axum ceiling of examples/bench.rs, and the broker at RUST_LOG=warn and at the
-# default level, with 1 caller and with 1,000 callers whose keys the requests rotate over.
+# not): the bare handler of examples/bench.rs (the floor), the former SHA-256 ceiling, and the
+# broker at RUST_LOG=warn and at the default level, with 1 caller and with 1,000 callers whose keys
+# the requests rotate over.
 #   bash bench/instructions.sh
 # Environment: SECONDS_PER_RUN (default 10) of load per measurement, after a warm-up.
 set -euo pipefail
@@ -75,9 +76,12 @@ wait_for http://127.0.0.1:9110/count
 echo "| server | answers | instructions | per answer |"
 echo "| --- | --- | --- | --- |"
 
-under_callgrind ceiling 9210 warn -- "$HELPER" ceiling --listen 127.0.0.1:9210 --key-sha256 "$(hash_of "$KEY")"
+under_callgrind bare 9210 warn -- "$HELPER" bare --listen 127.0.0.1:9210 --key "$KEY"
 wait_for http://127.0.0.1:9210/v1/tokens/bench/production
-measure "ceiling (bare axum, one key)" "$(cat "$WORK/ceiling.pid")" http://127.0.0.1:9210/v1/tokens/bench/production 0
+measure "bare handler (the floor)" "$(cat "$WORK/bare.pid")" http://127.0.0.1:9210/v1/tokens/bench/production 0
+under_callgrind sha256 9211 warn -- "$HELPER" sha256-ceiling --listen 127.0.0.1:9211 --key-sha256 "$(hash_of "$KEY")"
+wait_for http://127.0.0.1:9211/v1/tokens/bench/production
+measure "former ceiling (bare handler, SHA-256 of the key)" "$(cat "$WORK/sha256.pid")" http://127.0.0.1:9211/v1/tokens/bench/production 0
 
 for run in "warn 0" "info 0" "info 1000"; do
     set -- $run

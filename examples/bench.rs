@@ -1,10 +1,13 @@
-//! Helpers of the load benchmark (`bench/run.sh`): a fake IdP with a fixed delay, the "ceiling"
-//! server (a bare axum handler returning a fixed token body behind the same bearer check as the
-//! broker), and a cold-fill client. The load itself comes from `wrk`.
+//! Helpers of the load benchmark (`bench/run.sh`, `bench/instructions.sh`): a fake IdP with a
+//! fixed delay, the floor the broker is measured against (a bare axum handler: the same route,
+//! a fixed body of the same size with the same headers, behind a constant-time comparison of the
+//! bearer key with one fixed key), the former ceiling (the same with a SHA-256 of the key, as the
+//! broker checked keys at `dff437e`), and a cold-fill client. The load itself comes from `wrk`.
 //!
 //! ```text
 //! bench idp --listen 127.0.0.1:9100 --delay-ms 50 --lifetime 3600
-//! bench ceiling --listen 127.0.0.1:9200 --key-sha256 HEX
+//! bench bare --listen 127.0.0.1:9200 --key KEY
+//! bench sha256-ceiling --listen 127.0.0.1:9201 --key-sha256 HEX
 //! bench fill --url http://127.0.0.1:8080/v1/tokens/bench/production --key KEY --from 0 --to 10000
 //! ```
 
@@ -49,9 +52,10 @@ fn required(name: &str) -> String {
 async fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("idp") => idp().await,
-        Some("ceiling") => ceiling().await,
+        Some("bare") => bare().await,
+        Some("sha256-ceiling") => ceiling().await,
         Some("fill") => fill().await,
-        _ => eprintln!("usage: bench idp|ceiling|fill [options] (see bench/run.sh)"),
+        _ => eprintln!("usage: bench idp|bare|sha256-ceiling|fill [options] (see bench/run.sh)"),
     }
 }
 
@@ -111,6 +115,64 @@ async fn count(State(idp): State<Arc<Idp>>) -> String {
     idp.requests.load(Ordering::Relaxed).to_string()
 }
 
+/// The body of a hit: a JWT-sized token in the broker's answer (843 bytes, as the broker's).
+fn hit_body() -> axum::body::Bytes {
+    axum::body::Bytes::from(format!(
+        r#"{{"access_token":"{}","token_type":"Bearer","expires_in":3599,"expires_at":"2030-01-01T00:00:00Z"}}"#,
+        jwt_sized_token(3600)
+    ))
+}
+
+/// The floor: what any server that hands out a fixed token behind a bearer key must do. The
+/// route of the broker's, the bearer key compared in constant time with one fixed key, and the
+/// broker's answer to a hit: the same body size and the same headers (`content-type`,
+/// `cache-control`, `x-cache`, an `x-request-id` of the same length).
+async fn bare() {
+    let key = required("--key").into_bytes();
+    let body = hit_body();
+    let app = Router::new().route(
+        "/v1/tokens/{tenant}/{environment}",
+        get(move |headers: HeaderMap| {
+            let (key, body) = (key.clone(), body.clone());
+            async move {
+                let presented = headers
+                    .get(header::AUTHORIZATION)
+                    .map(|value| value.as_bytes())
+                    .and_then(|value| value.strip_prefix(b"Bearer "));
+                if !presented.is_some_and(|presented| bool::from(presented.ct_eq(&key))) {
+                    return StatusCode::UNAUTHORIZED.into_response();
+                }
+                (
+                    StatusCode::OK,
+                    [
+                        (
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json; charset=utf-8"),
+                        ),
+                        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+                        (
+                            header::HeaderName::from_static("x-cache"),
+                            HeaderValue::from_static("hit"),
+                        ),
+                        (
+                            header::HeaderName::from_static("x-request-id"),
+                            HeaderValue::from_static("e2a8e98e6ef84fc70000000000000001"),
+                        ),
+                    ],
+                    body,
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(required("--listen"))
+        .await
+        .unwrap();
+    axum::serve(listener, app).await.unwrap();
+}
+
+/// The former ceiling, measured beside the floor for one last round: a bare handler behind the
+/// broker's key check as it was at `dff437e` (a SHA-256 of the presented key).
 async fn ceiling() {
     // The bearer check of the broker at `dff437e`, kept as it was so that the ceiling stays one
     // reference: the presented key's SHA-256, compared in constant time with the configured one.
@@ -126,10 +188,7 @@ async fn ceiling() {
             bool::from(presented.ct_eq(expected.as_bytes()))
         })
     };
-    let body = axum::body::Bytes::from(format!(
-        r#"{{"access_token":"{}","token_type":"Bearer","expires_in":3599,"expires_at":"2030-01-01T00:00:00Z"}}"#,
-        jwt_sized_token(3600)
-    ));
+    let body = hit_body();
     let app = Router::new().route(
         "/v1/tokens/{tenant}/{environment}",
         get(move |headers: HeaderMap| {
