@@ -570,3 +570,58 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Token requests for acme/production on every replica of a fleet, until [`Load::finish`]: the
+/// cached key, and a new key every `new_key_every`-th request, `pause` apart.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    /// Starts the requests on each of `fleet`.
+    pub fn start(fleet: &[TestApp], new_key_every: u64, pause: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = fleet
+            .iter()
+            .enumerate()
+            .map(|(n, replica)| {
+                let (url, http) = (replica.url.clone(), replica.http.clone());
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let (mut sent, mut failed) = (0, Vec::new());
+                    while !stop.load(Ordering::SeqCst) {
+                        sent += 1;
+                        let scope = if sent % new_key_every == 0 {
+                            format!("?scope=load-{n}-{sent}")
+                        } else {
+                            String::new()
+                        };
+                        let response = http
+                            .get(format!("{url}/v1/tokens/acme/production{scope}"))
+                            .bearer_auth(BILLING_KEY)
+                            .send()
+                            .await
+                            .expect("the replica answers");
+                        if response.status() != 200 {
+                            failed.push(response.text().await.unwrap_or_default());
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    (sent, failed)
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the requests and asserts that more than ten were sent per replica and none failed.
+    pub async fn finish(self, during: &str) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            let (sent, failed) = task.await.expect("the load task ends");
+            assert!(sent > 10, "the load ran ({sent} requests)");
+            assert_eq!(failed, Vec::<String>::new(), "no request failed {during}");
+        }
+    }
+}

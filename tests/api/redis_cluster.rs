@@ -5,7 +5,6 @@
 //! six `redis-server --cluster-enabled yes` on loopback.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
@@ -189,33 +188,7 @@ async fn a_master_failing_over_and_the_whole_cluster_down_fail_no_request() {
     assert_eq!(fleet[0].idp_requests().await.len(), 1);
 
     // Requests on both replicas throughout: the cached key, and a new key now and then.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = Vec::new();
-    for (n, replica) in fleet.iter().enumerate() {
-        let (url, http, stop) = (replica.url.clone(), replica.http.clone(), Arc::clone(&stop));
-        load.push(tokio::spawn(async move {
-            let (mut sent, mut failed) = (0, Vec::new());
-            while !stop.load(Ordering::SeqCst) {
-                sent += 1;
-                let scope = if sent % 10 == 0 {
-                    format!("?scope=load-{n}-{sent}")
-                } else {
-                    String::new()
-                };
-                let response = http
-                    .get(format!("{url}/v1/tokens/acme/production{scope}"))
-                    .bearer_auth(BILLING_KEY)
-                    .send()
-                    .await
-                    .unwrap();
-                if response.status() != 200 {
-                    failed.push(response.text().await.unwrap_or_default());
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (sent, failed)
-        }));
-    }
+    let load = Load::start(&fleet, 10, Duration::from_millis(20));
 
     // The master holding the token is killed; its replica takes over.
     let holder = cluster
@@ -233,16 +206,7 @@ async fn a_master_failing_over_and_the_whole_cluster_down_fail_no_request() {
     for replica in &fleet {
         replica.wait_for_shared_cache(true).await;
     }
-    stop.store(true, Ordering::SeqCst);
-    for task in load {
-        let (sent, failed) = task.await.unwrap();
-        assert!(sent > 10, "the load ran ({sent} requests)");
-        assert_eq!(
-            failed,
-            Vec::<String>::new(),
-            "no request failed during the failover"
-        );
-    }
+    load.finish("during the failover").await;
     // The level works again: a new key is one IdP request for both replicas.
     let before = fleet[0].idp_requests().await.len();
     let answer = fleet[0]

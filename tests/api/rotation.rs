@@ -6,7 +6,7 @@
 //! never handed to a caller.
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -196,34 +196,7 @@ async fn two_replicas_make_one_rotation_and_every_replica_uses_the_new_secret() 
     assert_eq!(fleet[0].billing("acme/production").await.status, 200);
 
     // Load on both replicas throughout: cached keys and new ones.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = Vec::new();
-    for (n, replica) in fleet.iter().enumerate() {
-        let (url, http, stop) = (replica.url.clone(), replica.http.clone(), Arc::clone(&stop));
-        load.push(tokio::spawn(async move {
-            let mut failed = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::SeqCst) {
-                i += 1;
-                let scope = if i % 5 == 0 {
-                    format!("?scope=load-{n}-{i}")
-                } else {
-                    String::new()
-                };
-                let response = http
-                    .get(format!("{url}/v1/tokens/acme/production{scope}"))
-                    .bearer_auth(BILLING_KEY)
-                    .send()
-                    .await
-                    .unwrap();
-                if response.status() != 200 {
-                    failed.push(response.text().await.unwrap_or_default());
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (i, failed)
-        }));
-    }
+    let load = Load::start(&fleet, 5, Duration::from_millis(10));
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let (first, second) = tokio::join!(rotate(&fleet[0]), rotate(&fleet[1]));
@@ -241,12 +214,7 @@ async fn two_replicas_make_one_rotation_and_every_replica_uses_the_new_secret() 
     );
 
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::SeqCst);
-    for task in load {
-        let (requests, failed) = task.await.unwrap();
-        assert!(requests > 10, "the load ran ({requests} requests)");
-        assert_eq!(failed, Vec::<String>::new(), "no token request failed");
-    }
+    load.finish("during and after the rotation").await;
 
     // Both replicas fetch new keys with the new secret, the first time.
     let refused = rotating.refused();
