@@ -240,6 +240,19 @@ mod tests {
             let found = problems(&config("", &format!("{audience}\n{rotation}")), &no_env);
             assert!(found.contains(expected), "{expected}: {found}");
         }
+        let with_key = problems(
+            &config(
+                "client_auth = \"private_key_jwt\"",
+                &format!("{audience}\n{ROTATION}"),
+            ),
+            &no_env,
+        );
+        assert!(
+            with_key.contains(
+                "rotates a client secret, and client_auth = \"private_key_jwt\" has none"
+            ),
+            "{with_key}"
+        );
         let no_audience = problems(&config("", ROTATION), &no_env);
         assert!(
             no_audience.contains("acme/management has no audience"),
