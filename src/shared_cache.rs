@@ -317,16 +317,20 @@ impl Inner {
         }
     }
 
+    /// The value under `redis_key`, if any.
+    async fn get(&self, redis_key: &str) -> Result<Option<Vec<u8>>, SharedCacheError> {
+        let mut connection = self.connection()?;
+        self.call(
+            redis::cmd("GET")
+                .arg(redis_key)
+                .query_async(&mut connection),
+        )
+        .await
+    }
+
     async fn load(&self, key: &SharedKey) -> Result<Option<SharedToken>, SharedCacheError> {
         let redis_key = self.token_key(key);
-        let mut connection = self.connection()?;
-        let value: Option<Vec<u8>> = self
-            .call(
-                redis::cmd("GET")
-                    .arg(&redis_key)
-                    .query_async(&mut connection),
-            )
-            .await?;
+        let value = self.get(&redis_key).await?;
         let Some(value) = value else {
             return Ok(None);
         };

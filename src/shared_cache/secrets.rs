@@ -83,14 +83,7 @@ impl Inner {
         key: &SharedKey,
     ) -> Result<SharedSecret, SharedCacheError> {
         let redis_key = self.secret_key(key);
-        let mut connection = self.connection()?;
-        let value: Option<Vec<u8>> = self
-            .call(
-                redis::cmd("GET")
-                    .arg(&redis_key)
-                    .query_async(&mut connection),
-            )
-            .await?;
+        let value = self.get(&redis_key).await?;
         let Some(value) = value else {
             return Ok(SharedSecret::Absent);
         };

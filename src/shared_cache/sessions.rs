@@ -269,13 +269,7 @@ impl Inner {
             // Superseded only by a session this replica can read: a value whose clear
             // generation is higher but that does not open (altered, or sealed with a key this
             // replica lacks) must not make it drop the tokens it holds.
-            let newer: Option<Vec<u8>> = self
-                .call(
-                    redis::cmd("GET")
-                        .arg(&redis_key)
-                        .query_async(&mut connection),
-                )
-                .await?;
+            let newer = self.get(&redis_key).await?;
             match newer {
                 Some(value) if value == TOMBSTONE => return Ok(SessionWrite::Deleted),
                 Some(value) if open_session(&self.cipher, &redis_key, &value).is_ok() => {

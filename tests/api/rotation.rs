@@ -149,8 +149,13 @@ pub(crate) fn rotation_config(idp: &str, extra: &str) -> String {
 }
 
 pub(crate) async fn rotate(app: &TestApp) -> Answer {
+    rotate_environment(app, "production").await
+}
+
+/// `POST …/rotate-secret` of acme/`environment` with the admin key.
+async fn rotate_environment(app: &TestApp, environment: &str) -> Answer {
     let url = format!(
-        "{}/v1/admin/tenants/acme/environments/production/rotate-secret",
+        "{}/v1/admin/tenants/acme/environments/{environment}/rotate-secret",
         app.url
     );
     let response = app
@@ -390,18 +395,7 @@ async fn a_failed_rotation_keeps_the_old_secret_and_says_why() {
     );
 
     // An environment without a rotation table: 409.
-    let url = format!(
-        "{}/v1/admin/tenants/acme/environments/staging/rotate-secret",
-        app.url
-    );
-    let response = app
-        .http
-        .post(url)
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    let answer = answer(response).await;
+    let answer = rotate_environment(&app, "staging").await;
     assert_eq!(answer.status, 409, "{}", answer.body);
     assert_eq!(answer.body["error"], "rotation_not_configured");
 }

@@ -82,8 +82,9 @@ async fn a_loop_of_made_up_codes_spends_only_the_callers_budget() {
     assert_eq!(reports.status, 200, "{}", reports.body);
 }
 
-#[tokio::test]
-async fn a_min_ttl_of_the_whole_lifetime_costs_one_refresh_not_one_per_request() {
+/// A broker with [`TIGHT`] limits, a user session of `user-1` and an IdP that refreshes it to
+/// `user-2`: the app and the handle.
+async fn session_refreshed_to_user_2() -> (TestApp, String) {
     let app = TestApp::init()
         .with_users()
         .with_config(TIGHT)
@@ -97,6 +98,12 @@ async fn a_min_ttl_of_the_whole_lifetime_costs_one_refresh_not_one_per_request()
         .respond_with(user_token_body("user-2", 3600, Some("rt-2")))
         .mount(&app.idp)
         .await;
+    (app, handle)
+}
+
+#[tokio::test]
+async fn a_min_ttl_of_the_whole_lifetime_costs_one_refresh_not_one_per_request() {
+    let (app, handle) = session_refreshed_to_user_2().await;
     // The floor after the code exchange: a refresh may start 5 s after it.
     app.clock.advance(Duration::from_secs(6));
     let asked = format!("{handle}?min_ttl=3600");
@@ -113,19 +120,7 @@ async fn a_min_ttl_of_the_whole_lifetime_costs_one_refresh_not_one_per_request()
 
 #[tokio::test]
 async fn a_refresh_asked_again_within_the_refetch_interval_is_a_429_not_a_refresh() {
-    let app = TestApp::init()
-        .with_users()
-        .with_config(TIGHT)
-        .start()
-        .await;
-    let handle = app
-        .user_session(user_token_body("user-1", 3600, Some("rt-1")))
-        .await;
-    Mock::given(method("POST"))
-        .and(body_string_contains("grant_type=refresh_token"))
-        .respond_with(user_token_body("user-2", 3600, Some("rt-2")))
-        .mount(&app.idp)
-        .await;
+    let (app, handle) = session_refreshed_to_user_2().await;
     let asked = format!("{handle}?min_ttl=3599");
     app.clock.advance(Duration::from_secs(6));
     assert_eq!(app.user_token(&asked, BILLING_KEY).await.token(), "user-2");
