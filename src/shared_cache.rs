@@ -463,38 +463,6 @@ impl Inner {
     }
 }
 
-impl Inner {
-    /// The token and tombstone values of each of `keys`, in order (two per key). One `MGET` on
-    /// one server; on a cluster one `MGET` per key, whose two keys share a slot, all at once (a
-    /// cluster splits a multi-slot `MGET` itself, but not reliably across a failover).
-    async fn entry_values(
-        &self,
-        keys: &[SharedKey],
-    ) -> Result<Vec<Option<Vec<u8>>>, SharedCacheError> {
-        let mget = |keys: &[SharedKey]| {
-            let mut mget = redis::cmd("MGET");
-            for key in keys {
-                mget.arg(self.token_key(key)).arg(self.tombstone_key(key));
-            }
-            mget
-        };
-        if !self.cluster {
-            let mut connection = self.connection()?;
-            return self.call(mget(keys).query_async(&mut connection)).await;
-        }
-        let connection = self.connection()?;
-        let calls = keys.iter().map(|key| {
-            let (mut connection, mget) = (connection.clone(), mget(std::slice::from_ref(key)));
-            async move {
-                self.call(mget.query_async::<Vec<Option<Vec<u8>>>>(&mut connection))
-                    .await
-            }
-        });
-        let answers = futures_util::future::try_join_all(calls).await?;
-        Ok(answers.into_iter().flatten().collect())
-    }
-}
-
 /// `PING`s Redis every second to mark the level up or down, until the cache is dropped.
 async fn probe(inner: Weak<Inner>) {
     let mut ticks = tokio::time::interval(PROBE_INTERVAL);

@@ -13,7 +13,9 @@ use std::time::Duration;
 use redis::RedisResult;
 use redis::cluster::{ClusterClient, ClusterConfig};
 
+use super::Inner;
 use super::connection::{Connection, Connections, Endpoint};
+use crate::token::{SharedCacheError, SharedKey};
 
 impl Connections {
     /// The cluster of seed `nodes` (`host:port`), with the settings' TLS, user and password: a
@@ -55,5 +57,37 @@ impl Connections {
             connection: Connection::Cluster(connection),
             address: format!("cluster {}", nodes.join(",")),
         })
+    }
+}
+
+impl Inner {
+    /// The token and tombstone values of each of `keys`, in order (two per key). One `MGET` on
+    /// one server; on a cluster one `MGET` per key, whose two keys share a slot, all at once (a
+    /// cluster splits a multi-slot `MGET` itself, but not reliably across a failover).
+    pub(super) async fn entry_values(
+        &self,
+        keys: &[SharedKey],
+    ) -> Result<Vec<Option<Vec<u8>>>, SharedCacheError> {
+        let mget = |keys: &[SharedKey]| {
+            let mut mget = redis::cmd("MGET");
+            for key in keys {
+                mget.arg(self.token_key(key)).arg(self.tombstone_key(key));
+            }
+            mget
+        };
+        if !self.cluster {
+            let mut connection = self.connection()?;
+            return self.call(mget(keys).query_async(&mut connection)).await;
+        }
+        let connection = self.connection()?;
+        let calls = keys.iter().map(|key| {
+            let (mut connection, mget) = (connection.clone(), mget(std::slice::from_ref(key)));
+            async move {
+                self.call(mget.query_async::<Vec<Option<Vec<u8>>>>(&mut connection))
+                    .await
+            }
+        });
+        let answers = futures_util::future::try_join_all(calls).await?;
+        Ok(answers.into_iter().flatten().collect())
     }
 }
