@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use base64::Engine as _;
@@ -489,7 +490,17 @@ where
     type Rejection = AuthError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
+        Self::from_headers(&parts.headers, state).await
+    }
+}
+
+impl Authenticated {
+    /// The extractor's work on a request's headers, for a route served before the router.
+    pub async fn from_headers<S: CallerSource + Sync>(
+        headers: &HeaderMap,
+        state: &S,
+    ) -> Result<Self, AuthError> {
+        let header = headers.get(AUTHORIZATION).map(|v| v.as_bytes());
         let caller = state.caller_registry().authenticate(header).await?;
         admit(caller).map(Authenticated)
     }

@@ -13,6 +13,7 @@
 
 mod request_context;
 mod request_timeout;
+mod routes;
 mod serve;
 mod tls;
 
@@ -20,7 +21,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -34,6 +34,7 @@ use crate::telemetry::metrics::Metrics;
 
 use request_context::RequestContextLayer;
 use request_timeout::RequestTimeoutLayer;
+pub use routes::Routes;
 pub use tls::TlsError;
 
 /// How often recorded histogram samples are moved into their buckets.
@@ -58,9 +59,10 @@ pub enum StartupError {
     App(#[from] AppError),
 }
 
-/// The whole HTTP surface with its middleware stack.
-/// The routes of one listener (see [`Surface`]) with the middleware stack.
-pub fn router(state: AppState, surface: Surface) -> Router {
+/// The routes of one listener (see [`Surface`]) with the middleware stack; on a listener for
+/// callers, `GET /v1/tokens/{tenant}/{environment}` is recognised before the router
+/// ([`routes`]).
+pub fn router(state: AppState, surface: Surface) -> Routes {
     let (timeout, body_limit) = {
         let server = &state.current().settings.server;
         (server.request_timeout, server.max_body_bytes)
@@ -76,14 +78,20 @@ pub fn router(state: AppState, surface: Surface) -> Router {
     // The layers are stacked first and given to the router once: each `Router::layer` call boxes
     // every route again, which costs a clone, a box and a boxed future per request and layer.
     let layers = ServiceBuilder::new()
-        .layer(RequestContextLayer::new(http_metrics))
+        .layer(RequestContextLayer::new(Arc::clone(&http_metrics)))
         .layer(RequestTimeoutLayer::new(timeout))
         .layer(DefaultBodyLimit::max(body_limit));
-    router
+    let serves_tokens = document.paths.paths.contains_key(api::tokens::TOKENS_ROUTE);
+    let router = router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(layers)
-        .with_state(state)
+        .with_state(state.clone());
+    if serves_tokens {
+        Routes::with_tokens(router, state, http_metrics, timeout)
+    } else {
+        Routes::router_only(router)
+    }
 }
 
 /// A built application: state plus a bound listener, ready to serve.

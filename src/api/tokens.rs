@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -199,7 +199,47 @@ pub async fn get_token(
     Path((tenant, environment)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let request = authorise(&state, &caller, &tenant, &environment, query.as_deref())?;
+    hand_out(&state, &caller, &tenant, &environment, query.as_deref()).await
+}
+
+/// The route template of `GET` and `DELETE /v1/tokens/{tenant}/{environment}`.
+pub const TOKENS_ROUTE: &str = "/v1/tokens/{tenant}/{environment}";
+
+/// The tenant and environment of a path of [`TOKENS_ROUTE`], when the router would take both
+/// as they are: each segment non-empty and without `%`, which the router would decode.
+pub fn plain_token_path(path: &str) -> Option<(&str, &str)> {
+    let (tenant, environment) = path.strip_prefix("/v1/tokens/")?.split_once('/')?;
+    let plain = |segment: &str| !segment.is_empty() && !segment.contains(['/', '%']);
+    (plain(tenant) && plain(environment)).then_some((tenant, environment))
+}
+
+/// [`get_token`] for a request recognised before the router (`startup::routes`), whose path
+/// [`plain_token_path`] accepts: the same extractors in the same order, and the same answers.
+pub async fn get_token_unrouted(state: AppState, request: Request) -> Response {
+    // The handler reads no body; the router's extractors drop it before the handler runs too.
+    let (parts, _) = request.into_parts();
+    let caller = match Authenticated::from_headers(&parts.headers, &state).await {
+        Ok(Authenticated(caller)) => caller,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Some((tenant, environment)) = plain_token_path(parts.uri.path()) else {
+        // Not a path of this route after all: what the router answers for no route.
+        return crate::api::not_found().await.into_response();
+    };
+    hand_out(&state, &caller, tenant, environment, parts.uri.query())
+        .await
+        .into_response()
+}
+
+/// Authorises the request, gets the token from the broker, audits and answers it.
+async fn hand_out(
+    state: &AppState,
+    caller: &Arc<Caller>,
+    tenant: &str,
+    environment: &str,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    let request = authorise(state, caller, tenant, environment, query)?;
     let lease = state
         .broker
         .get(
@@ -209,7 +249,7 @@ pub async fn get_token(
             &caller.idp_budget,
         )
         .await?;
-    audit::handed_out(&state.audit, &caller, &request.key, &lease, None);
+    audit::handed_out(&state.audit, caller, &request.key, &lease, None);
     Ok(response::token(&lease))
 }
 

@@ -31,7 +31,7 @@ use crate::api::ApiError;
 use crate::api::error::X_REQUEST_ID;
 use crate::telemetry::ACCESS;
 use crate::telemetry::metrics::{HttpMetrics, RouteMemo};
-use crate::telemetry::request::{self, RequestLog};
+use crate::telemetry::request::{self, RequestLog, Route};
 
 /// Longest caller-supplied `x-request-id` that is kept; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -50,12 +50,26 @@ static ID_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Clone)]
 pub struct RequestContextLayer {
     metrics: Arc<HttpMetrics>,
+    /// The route of every request, for a service recognised before the router.
+    fixed_route: Option<&'static str>,
 }
 
 impl RequestContextLayer {
-    /// Counts requests in `metrics`.
+    /// Counts requests in `metrics`, by the route the router matched.
     pub fn new(metrics: Arc<HttpMetrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            fixed_route: None,
+        }
+    }
+
+    /// Counts requests in `metrics` as requests of `route`, for a service that serves one route
+    /// and sits before the router.
+    pub fn for_route(metrics: Arc<HttpMetrics>, route: &'static str) -> Self {
+        Self {
+            metrics,
+            fixed_route: Some(route),
+        }
     }
 }
 
@@ -66,6 +80,7 @@ impl<S> Layer<S> for RequestContextLayer {
         RequestContext {
             inner,
             metrics: Arc::clone(&self.metrics),
+            fixed_route: self.fixed_route,
             route: Arc::default(),
         }
     }
@@ -77,6 +92,8 @@ impl<S> Layer<S> for RequestContextLayer {
 pub struct RequestContext<S> {
     inner: S,
     metrics: Arc<HttpMetrics>,
+    /// The route of every request, when not the router's.
+    fixed_route: Option<&'static str>,
     /// The route this instance serves, once counted.
     route: Arc<RouteMemo>,
 }
@@ -104,7 +121,14 @@ where
             Some(id) => id.clone(),
             None => new_request_id(),
         };
-        let route = request.extensions().get::<MatchedPath>().cloned();
+        let route = match self.fixed_route {
+            Some(route) => Some(Route::Fixed(route)),
+            None => request
+                .extensions()
+                .get::<MatchedPath>()
+                .cloned()
+                .map(Route::Matched),
+        };
         let method = request.method().clone();
         // Axum's services and the layers below do no work in `call`, only in the future, which
         // runs in the request's context.

@@ -11,13 +11,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
+
+use super::Routes;
 
 /// Longest a client may take to complete a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,7 +43,7 @@ pub struct ConnectionSettings {
 /// the handle that drains the open connections.
 pub async fn accept_until(
     listener: TcpListener,
-    app: Router,
+    app: Routes,
     settings: ConnectionSettings,
     shutdown: impl Future<Output = ()>,
 ) -> GracefulShutdown {
@@ -93,7 +94,7 @@ async fn serve_connection(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     http: Arc<hyper::server::conn::http1::Builder>,
-    app: Router,
+    app: Routes,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     // Token answers are small and latency matters more than packet count.

@@ -18,17 +18,37 @@ tokio::task_local! {
     static CURRENT: RequestLog;
 }
 
+/// The route template a request matched.
+#[derive(Clone)]
+pub enum Route {
+    /// Matched by the router.
+    Matched(MatchedPath),
+    /// Recognised before the router (`GET /v1/tokens/{tenant}/{environment}`, see
+    /// `startup::routes`).
+    Fixed(&'static str),
+}
+
+impl Route {
+    /// The template, such as `/v1/tokens/{tenant}/{environment}`.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Route::Matched(route) => route.as_str(),
+            Route::Fixed(route) => route,
+        }
+    }
+}
+
 /// What a log line says about the request it was written in.
 pub struct RequestLog {
     id: HeaderValue,
     method: Method,
-    route: Option<MatchedPath>,
+    route: Option<Route>,
     caller: OnceLock<Arc<str>>,
 }
 
 impl RequestLog {
     /// A request with this id (a valid header value of visible ASCII), method and matched route.
-    pub fn new(id: HeaderValue, method: Method, route: Option<MatchedPath>) -> Self {
+    pub fn new(id: HeaderValue, method: Method, route: Option<Route>) -> Self {
         Self {
             id,
             method,
@@ -54,7 +74,7 @@ impl RequestLog {
 
     /// The matched route template, never the raw path.
     pub fn route(&self) -> Option<&str> {
-        self.route.as_ref().map(MatchedPath::as_str)
+        self.route.as_ref().map(Route::as_str)
     }
 
     /// The authenticated caller's name, once known.

@@ -23,6 +23,7 @@ mod docs;
 mod expiry;
 mod hardening;
 mod health;
+mod hit_path;
 mod layering;
 mod lifetimes;
 mod limits;

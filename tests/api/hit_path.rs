@@ -1,0 +1,126 @@
+//! `GET /v1/tokens/{tenant}/{environment}` is recognised before the router, and a path the
+//! router would percent-decode goes through the router: both answer alike, to the header.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+/// The status, the headers but the per-request `x-request-id` and `date`, and the body without
+/// its `request_id`.
+fn comparable(answer: &Answer) -> (u16, Vec<(String, String)>, serde_json::Value) {
+    let headers = answer
+        .headers
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "x-request-id" | "date"))
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+        .collect();
+    let mut body = answer.body.clone();
+    if let Some(object) = body.as_object_mut() {
+        object.remove("request_id");
+    }
+    (answer.status, headers, body)
+}
+
+/// `tenant/environment?query` with the tenant's first letter percent-encoded, which only the
+/// router decodes.
+fn encoded(path_and_query: &str) -> String {
+    let first = path_and_query.as_bytes()[0];
+    format!("%{first:02X}{}", &path_and_query[1..])
+}
+
+#[tokio::test]
+async fn token_requests_answer_alike_before_and_through_the_router() {
+    let app = TestApp::init()
+        .with_config("[callers.reports]\nrate_limit = 1\n")
+        .start()
+        .await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    // Misses first, so that both ways then compare hits.
+    for warm in ["acme/production", "acme/production?scope=read"] {
+        assert_eq!(app.billing(warm).await.status, 200);
+    }
+
+    let wrong = "tbk_not-a-caller";
+    let cases: [(&str, Option<&str>, u16); 9] = [
+        ("acme/production", Some(BILLING_KEY), 200),
+        (
+            "acme/production?scope=read&min_ttl=60",
+            Some(BILLING_KEY),
+            200,
+        ),
+        ("acme/production", None, 401),
+        ("acme/production", Some(wrong), 401),
+        ("globex/production", Some(REPORTS_KEY), 403),
+        ("acme/nowhere", Some(BILLING_KEY), 404),
+        ("acme/production?min_ttl=soon", Some(BILLING_KEY), 400),
+        ("acme/production?colour=blue", Some(BILLING_KEY), 400),
+        ("acme/production", Some(REPORTS_KEY), 429),
+    ];
+    for (path, key, status) in cases {
+        // The reports caller may make one request a second: each of its requests gets a second
+        // of its own, and the 429 case spends it first (on a hit).
+        let mut answers = Vec::new();
+        for path in [path.to_owned(), encoded(path)] {
+            if key == Some(REPORTS_KEY) {
+                app.clock.advance(Duration::from_secs(1));
+                if status == 429 {
+                    assert_eq!(app.get_token("acme/production", key).await.status, 200);
+                }
+            }
+            answers.push(app.get_token(&path, key).await);
+        }
+        let [before, through] = <[Answer; 2]>::try_from(answers).ok().unwrap();
+        assert_eq!(before.status, status, "{path}: {}", before.body);
+        assert_eq!(comparable(&before), comparable(&through), "{path}");
+        assert_eq!(
+            before.header("x-request-id").map(str::len),
+            Some(32),
+            "{path}: a made request id"
+        );
+        if status != 200 {
+            assert_eq!(
+                before.body["request_id"].as_str(),
+                before.header("x-request-id"),
+                "{path}"
+            );
+        }
+    }
+
+    // Both ways count under the route's template, and the IdP saw each key once.
+    let metrics = app.scrape().await;
+    let served = |status: &str| {
+        metric(
+            &metrics,
+            &format!(
+                r#"token_broker_http_requests_total{{route="/v1/tokens/{{tenant}}/{{environment}}",method="GET",status="{status}"}}"#
+            ),
+        )
+    };
+    assert_eq!(served("200"), Some(8.0));
+    assert_eq!(served("401"), Some(4.0));
+    assert_eq!(served("429"), Some(2.0));
+    assert_eq!(app.idp_requests().await.to("acme").len(), 2);
+}
+
+#[tokio::test]
+async fn other_shapes_of_the_path_are_the_routers() {
+    let app = TestApp::init().start().await;
+    for path in [
+        "/v1/tokens/acme",
+        "/v1/tokens/acme/production/",
+        "/v1/tokens/acme/production/extra",
+    ] {
+        let answer = app.get(path, Some(BILLING_KEY)).await;
+        assert_eq!(answer.status, 404, "{path}: {}", answer.body);
+        assert_eq!(answer.body["error_description"], "no such route", "{path}");
+    }
+    let head = app
+        .http
+        .head(format!("{}/v1/tokens/acme/nowhere", app.url))
+        .bearer_auth(BILLING_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 404, "HEAD is the router's GET route");
+    assert_eq!(app.idp_requests().await.len(), 0);
+}
