@@ -1,16 +1,25 @@
 -- wrk script of bench/instructions.sh: requests rotate over BENCH_KEYS caller keys
--- (`tbk_bench-caller-1` … `tbk_bench-caller-N`, or BENCH_KEY when BENCH_KEYS is unset), and the
--- summary is the number of answers, to divide the instruction count by.
-local count = tonumber(os.getenv("BENCH_KEYS") or "0")
+-- (`tbk_bench-caller-1` … `tbk_bench-caller-N`, or BENCH_KEY when BENCH_KEYS is unset) and over
+-- BENCH_AUDIENCES cached keys (`?audience=urn:bench:0` … `urn:bench:M-1`, the keys of
+-- `bench fill`; the environment's default audience when unset). Request n comes from caller
+-- n mod BENCH_KEYS for key n mod BENCH_AUDIENCES: each caller keeps to its key, as services do,
+-- so the audit trail's line for each first hand-out is written during the warm-up. The summary
+-- is the number of answers, to divide the instruction count by.
+local callers = tonumber(os.getenv("BENCH_KEYS") or "0")
+local audiences = tonumber(os.getenv("BENCH_AUDIENCES") or "0")
 local n = 0
 
 request = function()
   local key = os.getenv("BENCH_KEY")
-  if count > 0 then
-    n = n % count + 1
-    key = "tbk_bench-caller-" .. n
+  local path = wrk.path
+  if callers > 0 then
+    key = "tbk_bench-caller-" .. (n % callers + 1)
   end
-  return wrk.format(nil, nil, { ["Authorization"] = "Bearer " .. key })
+  if audiences > 0 then
+    path = path .. "?audience=urn:bench:" .. (n % audiences)
+  end
+  n = n + 1
+  return wrk.format(nil, path, { ["Authorization"] = "Bearer " .. key })
 end
 
 done = function(summary, latency, requests)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Instructions per cache hit, counted by valgrind's callgrind (repeatable where wall-clock time is
 # not): the bare handler of examples/bench.rs (the floor), the former SHA-256 ceiling, and the
-# broker at RUST_LOG=warn and at the default level, with 1 caller and with 1,000 callers whose keys
-# the requests rotate over.
+# broker at RUST_LOG=warn and at the default level with 1 caller and 1 cached key, and at the
+# default level with requests rotating over 1,000 callers and 1,000 cached keys. A measurement
+# with a miss in it stops the script.
 #   bash bench/instructions.sh
 # Environment: SECONDS_PER_RUN (default 10) of load per measurement, after a warm-up.
 set -euo pipefail
@@ -38,19 +39,25 @@ config() { # PORT CALLERS
     printf '[server]\nlisten = "127.0.0.1:%s"\n' "$1"
     printf '[tenants.bench.environments.production]\ntoken_url = "http://127.0.0.1:9110/oauth/token"\n'
     printf 'client_id = "bench"\nclient_secret = "bench-secret"\naudience = "urn:bench"\n'
+    # The bench caller fills the cached keys, so its IdP bounds are lifted for that.
     printf '[callers.bench]\nkey_sha256 = "%s"\nallow = ["*/*"]\n' "$(hash_of "$KEY")"
+    printf 'idp_requests_per_minute = 1000000\nmax_keys = 10000\n'
     for i in $(seq "$2"); do
         printf '[callers.c%s]\nkey_sha256 = "%s"\nallow = ["*/*"]\n' "$i" "$(hash_of "tbk_bench-caller-$i")"
     done
 }
 
 # Zeroes the counts after a warm-up, loads for SECONDS_PER_RUN, dumps, and prints Ir per answer.
-measure() { # NAME PID URL KEYS
+measure() { # NAME PID URL CALLERS CACHED_KEYS
     local name=$1 pid=$2 url=$3
-    BENCH_KEYS=$4 wrk -t1 -c4 -d3s -s bench/count.lua "$url" >/dev/null
+    export BENCH_KEYS=$4 BENCH_AUDIENCES=$5
+    wrk -t1 -c4 -d3s -s bench/count.lua "$url" >/dev/null
     callgrind_control -z "$pid" >/dev/null 2>&1
-    local out
-    out=$(BENCH_KEYS=$4 wrk -t1 -c4 -d"${SECONDS_PER_RUN}s" -s bench/count.lua "$url" | grep '^REQUESTS')
+    local idp_before out
+    idp_before=$(curl -fs http://127.0.0.1:9110/count)
+    out=$(wrk -t1 -c4 -d"${SECONDS_PER_RUN}s" -s bench/count.lua "$url" | grep '^REQUESTS')
+    # Every answer measured is a hit: the IdP saw no request meanwhile.
+    [ "$(curl -fs http://127.0.0.1:9110/count)" = "$idp_before" ] || { echo "misses during $name" >&2; exit 1; }
     callgrind_control -d "$pid" >/dev/null 2>&1
     sleep 1
     local requests=${out#REQUESTS }; requests=${requests%% *}
@@ -78,21 +85,24 @@ echo "| --- | --- | --- | --- |"
 
 under_callgrind bare 9210 warn -- "$HELPER" bare --listen 127.0.0.1:9210 --key "$KEY"
 wait_for http://127.0.0.1:9210/v1/tokens/bench/production
-measure "bare handler (the floor)" "$(cat "$WORK/bare.pid")" http://127.0.0.1:9210/v1/tokens/bench/production 0
+measure "bare handler (the floor)" "$(cat "$WORK/bare.pid")" http://127.0.0.1:9210/v1/tokens/bench/production 0 0
 under_callgrind sha256 9211 warn -- "$HELPER" sha256-ceiling --listen 127.0.0.1:9211 --key-sha256 "$(hash_of "$KEY")"
 wait_for http://127.0.0.1:9211/v1/tokens/bench/production
-measure "former ceiling (bare handler, SHA-256 of the key)" "$(cat "$WORK/sha256.pid")" http://127.0.0.1:9211/v1/tokens/bench/production 0
+measure "former ceiling (bare handler, SHA-256 of the key)" "$(cat "$WORK/sha256.pid")" http://127.0.0.1:9211/v1/tokens/bench/production 0 0
 
-for run in "warn 0" "info 0" "info 1000"; do
+for run in "warn 0 0" "info 0 0" "info 1000 1000"; do
     set -- $run
-    level=$1 callers=$2
+    level=$1 callers=$2 cached=$3
     port=$((9310 + callers / 1000 + ${#level}))
     config "$port" "$callers" >"$WORK/broker-$level-$callers.toml"
     under_callgrind "broker-$level-$callers" "$port" "$level" -- "$BROKER" serve --config "$WORK/broker-$level-$callers.toml"
     wait_for "http://127.0.0.1:$port/livez"
     url="http://127.0.0.1:$port/v1/tokens/bench/production"
     curl -fs -o /dev/null -H "Authorization: Bearer $KEY" "$url"
-    keys=$callers
-    measure "broker, RUST_LOG=$level, $((callers > 0 ? callers : 1)) caller(s)" "$(cat "$WORK/broker-$level-$callers.pid")" "$url" "$keys"
+    if [ "$cached" -gt 0 ]; then
+        "$HELPER" fill --url "$url" --key "$KEY" --from 0 --to "$cached" --concurrency 16 | grep -q 'failures=0$'
+    fi
+    measure "broker, RUST_LOG=$level, $((callers > 0 ? callers : 1)) caller(s), $((cached > 0 ? cached : 1)) cached key(s)" \
+        "$(cat "$WORK/broker-$level-$callers.pid")" "$url" "$callers" "$cached"
     kill "$(cat "$WORK/broker-$level-$callers.pid")" 2>/dev/null || true
 done

@@ -2,8 +2,9 @@
 # The load benchmark of docs/performance.md. One command on a fresh machine:
 #   bash bench/run.sh
 # Environment: SECONDS_PER_RUN (default 10) for each throughput run, RUNS (default 5) interleaved
-# runs of ceiling and broker per connection count (the medians are reported), ROLLOVER_SECONDS
-# (default 60). The broker runs at the default log level, `info`, with the audit trail on.
+# runs of the bare handler and the broker per connection count (the medians are reported),
+# ROLLOVER_SECONDS (default 60). The broker runs at the default log level, `info`, with the audit
+# trail on, with one caller and one cached key, then with 1,000 callers and 1,000 cached keys.
 # The server under test runs on CPU 0 and wrk on CPU 1 (taskset), so figures measure the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,11 @@ wait_for() { # URL
     echo "not answering: $1" >&2; exit 1
 }
 
-config() { # PORT IDP_PORT MIN_REMAINING
+config() { # PORT IDP_PORT MIN_REMAINING [CALLERS]
+    for i in $(seq "${4:-0}"); do
+        printf '[callers.c%s]\nkey_sha256 = "%s"\nallow = ["*/*"]\n' "$i" \
+            "$(printf %s "tbk_bench-caller-$i" | sha256sum | cut -d' ' -f1)"
+    done
     cat <<TOML
 [server]
 listen = "127.0.0.1:$1"
@@ -59,8 +64,8 @@ max_concurrent_fetches = 256
 TOML
 }
 
-start_broker() { # NAME PORT IDP_PORT MIN_REMAINING
-    config "$2" "$3" "$4" > "$WORK/$1.toml"
+start_broker() { # NAME PORT IDP_PORT MIN_REMAINING [CALLERS]
+    config "$2" "$3" "$4" "${5:-0}" > "$WORK/$1.toml"
     RUST_LOG=info taskset -c $SERVER_CPU "$BROKER" serve --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
     PIDS+=($!)
     wait_for "http://127.0.0.1:$2/livez"
@@ -73,6 +78,7 @@ load() { # URL CONNECTIONS SECONDS -> RESULT line
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+of() { while read -r line; do field "$2" "$line"; done <"$WORK/$1.$c" | median; } # SERVER FIELD, for $c
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 idp_count() { curl -fs "http://127.0.0.1:$1/count"; }
 
@@ -103,13 +109,34 @@ for c in 16 64 256; do
         echo "$broker" >>"$WORK/broker.$c"
         errors=$(( errors + $(field errors "$broker") + $(field non2xx "$broker") ))
     done
-    of() { while read -r line; do field "$2" "$line"; done <"$WORK/$1.$c" | median; }
     c_rps=$(of ceiling rps); b_rps=$(of broker rps)
     ratio=$(awk -v b="$b_rps" -v c="$c_rps" 'BEGIN { printf "%.2f", b / c }')
     c_p99=$(of ceiling p99_ms); b_p99=$(of broker p99_ms)
     p99_ratio=$(awk -v b="$b_p99" -v c="$c_p99" 'BEGIN { printf "%.2f", b / c }')
     echo "| $c | $c_rps | $b_rps | $ratio | $c_p99 | $(of broker p50_ms) | $b_p99 | $(of broker p999_ms) | $p99_ratio | $errors |"
 done
+echo
+
+echo "## 1,000 callers and 1,000 cached keys (64 connections, median of $RUNS interleaved runs; requests rotate over both)"
+echo
+start_broker many 9302 9100 60s 1000
+MANY=http://127.0.0.1:9302/v1/tokens/bench/production
+"$HELPER" fill --url "$MANY" --key "$KEY" --from 0 --to 1000 --concurrency 64 | grep -q 'failures=0$'
+many_before=$(idp_count 9100)
+: >"$WORK/ceiling.many"; : >"$WORK/broker.many"
+errors=0
+for _ in $(seq "$RUNS"); do
+    load "$CEILING" 64 "$SECONDS_PER_RUN" >>"$WORK/ceiling.many"
+    broker=$(BENCH_KEYS=1000 BENCH_AUDIENCES=1000 load "$MANY" 64 "$SECONDS_PER_RUN")
+    echo "$broker" >>"$WORK/broker.many"
+    errors=$(( errors + $(field errors "$broker") + $(field non2xx "$broker") ))
+done
+c=many
+c_rps=$(of ceiling rps); b_rps=$(of broker rps); c_p99=$(of ceiling p99_ms); b_p99=$(of broker p99_ms)
+echo "| bare req/s | broker req/s | ratio | bare p99 ms | broker p99 ms | p99 ratio | errors | IdP requests during the runs |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| $c_rps | $b_rps | $(awk -v b="$b_rps" -v c="$c_rps" 'BEGIN { printf "%.2f", b / c }') | $c_p99 | $b_p99 | $(awk -v b="$b_p99" -v c="$c_p99" 'BEGIN { printf "%.2f", b / c }') | $errors | $(( $(idp_count 9100) - many_before )) |"
+kill "$(cat "$WORK/many.pid")"
 echo
 
 echo "## Cold fill and memory (fake IdP answering in 50 ms, 256 concurrent callers)"

@@ -209,7 +209,8 @@ pub const TOKENS_ROUTE: &str = "/v1/tokens/{tenant}/{environment}";
 /// as they are: each segment non-empty and without `%`, which the router would decode.
 pub fn plain_token_path(path: &str) -> Option<(&str, &str)> {
     let (tenant, environment) = path.strip_prefix("/v1/tokens/")?.split_once('/')?;
-    let plain = |segment: &str| !segment.is_empty() && !segment.contains(['/', '%']);
+    let plain =
+        |segment: &str| !segment.is_empty() && !segment.bytes().any(|b| b == b'/' || b == b'%');
     (plain(tenant) && plain(environment)).then_some((tenant, environment))
 }
 
