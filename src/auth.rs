@@ -13,6 +13,7 @@
 //! `rate_limit` is then held to it ([`crate::limits`]), before any other work is done for it.
 
 mod discovery;
+mod grants;
 mod jwks;
 mod remembered;
 mod settings;
@@ -39,6 +40,7 @@ use crate::clock::Clock;
 use crate::limits::{BudgetCounters, IdpBudget, RateLimiter};
 use crate::telemetry::metrics::Metrics;
 
+pub use grants::{Grant, Grants};
 pub use settings::{
     AllowRule, AuthSettings, CallerSettings, DEFAULT_JWKS_REFRESH_INTERVAL, DEFAULT_LEEWAY,
     DEFAULT_MAX_KEYS, DEFAULT_MAX_REMEMBERED, IssuerSettings, KeySource, OrganizationRule,
@@ -53,6 +55,11 @@ const ANONYMOUS: &str = "anonymous";
 const KEY_PREFIX: &str = "tbk_";
 
 /// The next [`Caller::id`].
+fn next_registry_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 fn next_caller_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -137,9 +144,19 @@ pub struct Caller {
     refused_rate: metrics::Counter,
     /// What `rate_limit` measures with.
     clock: Clock,
+    /// The token requests granted to this caller under its registry's configuration.
+    pub grants: Grants,
+    /// The [`CallerRegistry::generation`] this caller belongs to.
+    registry: u64,
 }
 
 impl Caller {
+    /// The [`CallerRegistry::generation`] this caller belongs to: a grant is kept only when it
+    /// was decided under that registry's configuration.
+    pub fn registry(&self) -> u64 {
+        self.registry
+    }
+
     /// Counts one request against the caller's `rate_limit`; `Err(wait)` when it is over. Reads
     /// the clock only for a caller that has a limit.
     pub fn admit(&self) -> Result<(), Duration> {
@@ -211,6 +228,8 @@ pub enum AuthError {
 
 /// The configured callers, ready to authenticate requests.
 pub struct CallerRegistry {
+    /// A number no other registry of this process has; its callers carry it.
+    generation: u64,
     /// The callers by the SHA-256 of their key: one lookup, whatever their number.
     by_hash: std::collections::HashMap<[u8; 32], Arc<Caller>, foldhash::quality::RandomState>,
     /// Keys that verified already: a hit looks here first.
@@ -236,6 +255,7 @@ impl CallerRegistry {
         previous: Option<&CallerRegistry>,
         clock: &Clock,
     ) -> Self {
+        let generation = next_registry_generation();
         let budget = |name: &str, per_minute: NonZeroU32, max_keys: usize| {
             let kept = previous
                 .and_then(|registry| registry.by_name.get(name))
@@ -276,6 +296,8 @@ impl CallerRegistry {
                     idp_budget: budget(name, settings.idp_requests_per_minute, settings.max_keys),
                     refused_rate: metrics.caller_refusals(name, "rate_limit"),
                     clock: clock.clone(),
+                    grants: Grants::default(),
+                    registry: generation,
                 };
                 (settings, Arc::new(caller))
             })
@@ -294,6 +316,8 @@ impl CallerRegistry {
                 ),
                 refused_rate: metrics::Counter::noop(),
                 clock: clock.clone(),
+                grants: Grants::default(),
+                registry: generation,
             })
         });
         let by_name = callers
@@ -333,6 +357,7 @@ impl CallerRegistry {
             ))
         });
         Self {
+            generation,
             by_hash,
             verified: verified::VerifiedKeys::default(),
             workload,
@@ -341,6 +366,11 @@ impl CallerRegistry {
             admin: auth.admin_key_sha256,
             metrics: auth.metrics_key_sha256,
         }
+    }
+
+    /// A number no other registry of this process has (see [`Caller::registry`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Authenticates the value of an `Authorization` header: a caller key, or a workload token

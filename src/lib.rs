@@ -36,7 +36,7 @@
 //! | `api` | `app`, `config`, `auth`, `user_tokens`, `broker`, `token`, `limits`, `idp`, `telemetry`, `clock` |
 //! | `app` | `config`, `auth`, `user_tokens`, `shared_cache`, `broker`, `token`, `limits`, `idp`, `telemetry`, `clock` |
 //! | `config` | `auth`, `user_tokens`, `shared_cache`, `broker`, `token`, `idp`, `telemetry`, `clock` |
-//! | `auth` | `limits`, `idp`, `telemetry`, `clock` |
+//! | `auth` | `token`, `limits`, `idp`, `telemetry`, `clock` |
 //! | `shared_cache` | `user_tokens`, `broker`, `token`, `idp`, `telemetry`, `clock` |
 //! | `user_tokens` | `broker`, `token`, `limits`, `idp`, `telemetry`, `clock` |
 //! | `broker` | `token`, `limits`, `idp`, `telemetry`, `clock` |

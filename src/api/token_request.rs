@@ -9,7 +9,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::app::AppState;
+use crate::app::{AppState, Snapshot};
+pub use crate::auth::Grant;
 use crate::auth::{Caller, is_organization_id};
 use crate::config::Settings;
 use crate::idp::EnvironmentSettings;
@@ -103,16 +104,6 @@ pub fn check_organization(value: &str) -> Result<(), AccessError> {
     ))
 }
 
-/// A request that passed authentication, validation and authorisation.
-pub struct Authorised {
-    /// The settings of the environment asked for.
-    pub environment: Arc<EnvironmentSettings>,
-    /// The token the caller may have.
-    pub key: TokenKey,
-    /// Validity the caller needs left on the token.
-    pub min_ttl: Option<Duration>,
-}
-
 /// Authorises `caller` for `request` in `tenant`/`environment`, resolving the default audience.
 pub fn authorise(
     state: &AppState,
@@ -120,8 +111,26 @@ pub fn authorise(
     tenant: &str,
     environment: &str,
     request: TokenRequest,
-) -> Result<Authorised, AccessError> {
-    let current = state.current();
+) -> Result<Grant, AccessError> {
+    authorise_in(&state.current(), caller, tenant, environment, request)
+}
+
+/// Lets `caller` keep `grant` for request target `target` (path and query), when `current`,
+/// under which it was decided, is the caller's own configuration (see [`crate::auth::Grants`]).
+pub fn keep_grant(current: &Snapshot, caller: &Caller, target: &str, grant: &Arc<Grant>) {
+    if caller.registry() == current.callers.generation() {
+        caller.grants.keep(target, grant);
+    }
+}
+
+/// [`authorise`] under the configuration `current`.
+pub fn authorise_in(
+    current: &Snapshot,
+    caller: &Caller,
+    tenant: &str,
+    environment: &str,
+    request: TokenRequest,
+) -> Result<Grant, AccessError> {
     let settings = current.settings.environment(tenant, environment).cloned();
     let default_audience = settings.as_ref().and_then(|s| s.audience.as_deref());
     let audience = request.audience.as_deref().or(default_audience);
@@ -162,7 +171,7 @@ pub fn authorise(
         &request.scope,
     )
     .for_organization(request.organization.as_deref().map(Arc::from));
-    Ok(Authorised {
+    Ok(Grant {
         environment: settings,
         key,
         min_ttl: request.min_ttl,

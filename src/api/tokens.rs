@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::api::error::ErrorBody;
 use crate::api::token_request::{
-    self, Authorised, TokenRequest, check_organization, check_value, printable,
+    self, Grant, TokenRequest, check_organization, check_value, printable,
 };
 use crate::api::{ApiError, audit, response};
 use crate::app::AppState;
@@ -89,21 +89,32 @@ pub(super) fn parse_min_ttl(value: &str) -> Result<Duration, ApiError> {
     Ok(min_ttl)
 }
 
+/// Authorises the request: the caller's grant for `target` (the path and query of a request
+/// recognised before the router) when it has one, else decided from the query and kept.
 fn authorise(
     state: &AppState,
     caller: &Caller,
     tenant: &str,
     environment: &str,
     raw_query: Option<&str>,
-) -> Result<Authorised, ApiError> {
+    target: Option<&str>,
+) -> Result<Arc<Grant>, ApiError> {
+    if let Some(grant) = target.and_then(|target| caller.grants.get(target)) {
+        return Ok(grant);
+    }
     let request = parse_query(raw_query)?;
-    Ok(token_request::authorise(
-        state,
+    let current = state.current();
+    let grant = Arc::new(token_request::authorise_in(
+        &current,
         caller,
         tenant,
         environment,
         request,
-    )?)
+    )?);
+    if let Some(target) = target {
+        token_request::keep_grant(&current, caller, target, &grant);
+    }
+    Ok(grant)
 }
 
 /// The body of a token answer (docs/api.md, `GET /v1/tokens/{tenant}/{environment}`). The handler writes it pre-serialised from the cache
@@ -199,7 +210,15 @@ pub async fn get_token(
     Path((tenant, environment)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    hand_out(&state, &caller, &tenant, &environment, query.as_deref()).await
+    hand_out(
+        &state,
+        &caller,
+        &tenant,
+        &environment,
+        query.as_deref(),
+        None,
+    )
+    .await
 }
 
 /// The route template of `GET` and `DELETE /v1/tokens/{tenant}/{environment}`.
@@ -227,20 +246,31 @@ pub async fn get_token_unrouted(state: AppState, request: Request) -> Response {
         // Not a path of this route after all: what the router answers for no route.
         return crate::api::not_found().await.into_response();
     };
-    hand_out(&state, &caller, tenant, environment, parts.uri.query())
-        .await
-        .into_response()
+    let target = parts.uri.path_and_query().map(|target| target.as_str());
+    hand_out(
+        &state,
+        &caller,
+        tenant,
+        environment,
+        parts.uri.query(),
+        target,
+    )
+    .await
+    .into_response()
 }
 
-/// Authorises the request, gets the token from the broker, audits and answers it.
+/// Authorises the request, gets the token from the broker, audits and answers it. `target` is
+/// the path and query of a request recognised before the router, by which the caller keeps its
+/// grant.
 async fn hand_out(
     state: &AppState,
     caller: &Arc<Caller>,
     tenant: &str,
     environment: &str,
     query: Option<&str>,
+    target: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let request = authorise(state, caller, tenant, environment, query)?;
+    let request = authorise(state, caller, tenant, environment, query, target)?;
     let lease = state
         .broker
         .get(
@@ -285,7 +315,14 @@ pub async fn delete_token(
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let request = authorise(&state, &caller, &tenant, &environment, query.as_deref())?;
+    let request = authorise(
+        &state,
+        &caller,
+        &tenant,
+        &environment,
+        query.as_deref(),
+        None,
+    )?;
     let body = body?;
     let only = forget_body(&body)?.map(|ForgetBody { access_token }| access_token);
     let forgot = state

@@ -124,3 +124,52 @@ async fn other_shapes_of_the_path_are_the_routers() {
     assert_eq!(head.status(), 404, "HEAD is the router's GET route");
     assert_eq!(app.idp_requests().await.len(), 0);
 }
+
+#[tokio::test]
+async fn a_grant_kept_by_a_caller_is_decided_again_after_a_reload() {
+    let idp = wiremock::MockServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    let config = base_config(&idp.uri());
+    std::fs::write(&file, &config).unwrap();
+    let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    issue_tokens(&app.idp, "acme-staging", TokenIssuer::new(3600)).await;
+    for _ in 0..3 {
+        assert_eq!(app.billing("acme/production").await.status, 200);
+        assert_eq!(app.billing("acme/staging").await.status, 200);
+    }
+
+    // billing loses acme/production, and acme/staging gets another default audience.
+    let staging = config.find("[tenants.acme.environments.staging]").unwrap();
+    let (before, after) = config.split_at(staging);
+    let changed = format!(
+        "{}{}",
+        before.replace(
+            r#"allow = ["acme/*", "globex/production", "initech/*"]"#,
+            r#"allow = ["acme/staging", "globex/production", "initech/*"]"#,
+        ),
+        after.replacen(ACME_AUDIENCE, "https://new.acme.example", 1),
+    );
+    std::fs::write(&file, changed).unwrap();
+    let report = app
+        .http
+        .post(format!("{}/v1/admin/reload", app.url))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(report.status(), 200);
+
+    let refused = app.billing("acme/production").await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let staging = app.billing("acme/staging").await;
+    assert_eq!(staging.status, 200, "{}", staging.body);
+    let requests = app.idp_requests().await.to("acme-staging");
+    assert_eq!(requests.len(), 2, "a new key for the new default audience");
+    let fields = form_fields(&requests.requests()[1].body);
+    assert!(
+        fields.contains(&("audience".into(), "https://new.acme.example".into())),
+        "{fields:?}"
+    );
+}
