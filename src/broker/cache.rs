@@ -125,10 +125,9 @@ impl Broker {
             }
         }
 
-        // Nothing cached, too short for this caller, or a refetch a DELETE asked for.
-        let answer = self
-            .get_uncached(environment, key, cached, required, budget)
-            .await;
+        // Nothing cached, too short for this caller, or a refetch a DELETE asked for. Boxed, so
+        // that the future of a hit, which every token request's handler holds, stays small.
+        let answer = Box::pin(self.get_uncached(environment, key, cached, required, budget)).await;
         // A hit when the shared level had the token (nothing waited on the IdP), else a miss.
         match &answer {
             Ok(Lease {
