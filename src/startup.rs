@@ -34,7 +34,7 @@ use crate::telemetry::metrics::Metrics;
 
 use request_context::RequestContextLayer;
 use request_timeout::RequestTimeoutLayer;
-pub use routes::Routes;
+pub use routes::{Routes, TokenHandler};
 pub use tls::TlsError;
 
 /// How often recorded histogram samples are moved into their buckets.
@@ -62,7 +62,7 @@ pub enum StartupError {
 /// The routes of one listener (see [`Surface`]) with the middleware stack; on a listener for
 /// callers, `GET /v1/tokens/{tenant}/{environment}` is recognised before the router
 /// ([`routes`]).
-pub fn router(state: AppState, surface: Surface) -> Routes {
+pub fn router(state: AppState, surface: Surface) -> Routes<impl TokenHandler> {
     let (timeout, body_limit) = {
         let server = &state.current().settings.server;
         (server.request_timeout, server.max_body_bytes)
@@ -87,8 +87,9 @@ pub fn router(state: AppState, surface: Surface) -> Routes {
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(layers)
         .with_state(state.clone());
+    let handler = routes::token_handler();
     if serves_tokens {
-        Routes::with_tokens(router, state, http_metrics, timeout)
+        Routes::with_tokens(router, state, handler, http_metrics, timeout)
     } else {
         Routes::router_only(router)
     }

@@ -13,7 +13,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use axum::Router;
 use axum::body::Body;
@@ -29,15 +29,44 @@ use crate::api::tokens::{self, TOKENS_ROUTE};
 use crate::app::AppState;
 use crate::telemetry::metrics::HttpMetrics;
 
+/// The handler of `GET /v1/tokens/{tenant}/{environment}` ([`tokens::get_token_unrouted`]),
+/// named by a type parameter so that its future is held inline: hyper keeps a connection's
+/// request future in one allocation for the connection's life, where a boxed future would be a
+/// new allocation, and a 1.7 KB copy into cold memory, on every hit.
+pub trait TokenHandler: Clone + Send + Sync + 'static {
+    /// The handler's answer.
+    type Future: Future<Output = Response<Body>> + Send + 'static;
+
+    /// Answers `request`.
+    fn answer(&self, state: AppState, request: Request) -> Self::Future;
+}
+
+impl<H, F> TokenHandler for H
+where
+    H: Fn(AppState, Request) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    type Future = F;
+
+    fn answer(&self, state: AppState, request: Request) -> F {
+        self(state, request)
+    }
+}
+
+/// The token handler of every listener.
+pub fn token_handler() -> impl TokenHandler {
+    tokens::get_token_unrouted
+}
+
 /// The routes of one listener: `GET /v1/tokens/{tenant}/{environment}` first, when the listener
 /// serves callers, then the router.
 #[derive(Clone)]
-pub struct Routes {
+pub struct Routes<H> {
     router: Router,
-    tokens: Option<RequestContext<RequestTimeout<GetToken>>>,
+    tokens: Option<RequestContext<RequestTimeout<GetToken<H>>>>,
 }
 
-impl Routes {
+impl<H: TokenHandler> Routes<H> {
     /// `router` alone, for a listener without the callers' routes.
     pub fn router_only(router: Router) -> Self {
         Self {
@@ -46,16 +75,17 @@ impl Routes {
         }
     }
 
-    /// `router`, with token requests answered before it under the same middleware: counted in
-    /// `metrics` and bounded by `timeout`, as `router`'s routes are.
+    /// `router`, with token requests answered by `handler` before it, under the same
+    /// middleware: counted in `metrics` and bounded by `timeout`, as `router`'s routes are.
     pub fn with_tokens(
         router: Router,
         state: AppState,
+        handler: H,
         metrics: Arc<HttpMetrics>,
         timeout: std::time::Duration,
     ) -> Self {
         let tokens = RequestContextLayer::for_route(metrics, TOKENS_ROUTE)
-            .layer(RequestTimeoutLayer::new(timeout).layer(GetToken { state }));
+            .layer(RequestTimeoutLayer::new(timeout).layer(GetToken { state, handler }));
         Self {
             router,
             tokens: Some(tokens),
@@ -63,14 +93,15 @@ impl Routes {
     }
 }
 
-impl<B> Service<axum::http::Request<B>> for Routes
+impl<H, B> Service<axum::http::Request<B>> for Routes<H>
 where
+    H: TokenHandler,
     B: axum::body::HttpBody<Data = axum::body::Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = RoutesFuture;
+    type Future = RoutesFuture<H::Future>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // The router is always ready, and so is the token stack: neither holds back requests.
@@ -96,17 +127,14 @@ where
     }
 }
 
-/// The answer of `GET /v1/tokens/{tenant}/{environment}`, boxed because it is an `async fn`'s.
-type GetTokenFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
 pin_project! {
     /// The answer of [`Routes`]: the token route's or the router's.
     #[project = RoutesProjection]
-    pub enum RoutesFuture {
+    pub enum RoutesFuture<F> {
         /// `GET /v1/tokens/{tenant}/{environment}`.
         Token {
             #[pin]
-            inner: RequestContextFuture<RequestTimeoutFuture<GetTokenFuture>>,
+            inner: RequestContextFuture<RequestTimeoutFuture<GetTokenFuture<F>>>,
         },
         /// Any other request.
         Router {
@@ -116,7 +144,7 @@ pin_project! {
     }
 }
 
-impl Future for RoutesFuture {
+impl<F: Future<Output = Response<Body>>> Future for RoutesFuture<F> {
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -129,21 +157,39 @@ impl Future for RoutesFuture {
 
 /// The handler of `GET /v1/tokens/{tenant}/{environment}` as a service.
 #[derive(Clone)]
-pub struct GetToken {
+pub struct GetToken<H> {
     state: AppState,
+    handler: H,
 }
 
-impl Service<Request> for GetToken {
+impl<H: TokenHandler> Service<Request> for GetToken<H> {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = GetTokenFuture;
+    type Future = GetTokenFuture<H::Future>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let state = self.state.clone();
-        Box::pin(async move { Ok(tokens::get_token_unrouted(state, request).await) })
+        GetTokenFuture {
+            inner: self.handler.answer(self.state.clone(), request),
+        }
+    }
+}
+
+pin_project! {
+    /// The handler's answer, as a service's.
+    pub struct GetTokenFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future<Output = Response<Body>>> Future for GetTokenFuture<F> {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(ready!(self.project().inner.poll(cx))))
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use super::Routes;
+use super::{Routes, TokenHandler};
 
 /// Longest a client may take to complete a TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,9 +41,9 @@ pub struct ConnectionSettings {
 
 /// Accepts and serves connections until `shutdown` completes, then stops accepting and returns
 /// the handle that drains the open connections.
-pub async fn accept_until(
+pub async fn accept_until<H: TokenHandler>(
     listener: TcpListener,
-    app: Routes,
+    app: Routes<H>,
     settings: ConnectionSettings,
     shutdown: impl Future<Output = ()>,
 ) -> GracefulShutdown {
@@ -90,11 +90,11 @@ pub async fn accept_until(
     graceful
 }
 
-async fn serve_connection(
+async fn serve_connection<H: TokenHandler>(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     http: Arc<hyper::server::conn::http1::Builder>,
-    app: Routes,
+    app: Routes<H>,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     // Token answers are small and latency matters more than packet count.
