@@ -283,7 +283,6 @@ async fn a_changed_secret_file_is_picked_up_without_a_signal_and_a_bad_file_chan
     let swapped = dir.path().join("swapped");
     std::os::unix::fs::symlink(&secret_v2, &swapped).unwrap();
     std::fs::rename(&swapped, &secret).unwrap();
-    app.clock.advance(Duration::from_secs(10));
     let reloads = |outcome: &'static str| {
         let app = &app;
         async move {
@@ -295,7 +294,9 @@ async fn a_changed_secret_file_is_picked_up_without_a_signal_and_a_bad_file_chan
             )
         }
     };
+    // The watcher may not be asleep yet when the clock moves: move it on each look.
     eventually("the changed file is reloaded", async || {
+        app.clock.advance(Duration::from_secs(10));
         reloads("applied").await == Some(1.0)
     })
     .await;
@@ -310,8 +311,8 @@ async fn a_changed_secret_file_is_picked_up_without_a_signal_and_a_bad_file_chan
 
     // A configuration caught half-written changes nothing, and is refused once per change.
     std::fs::write(&file, &config[..config.len() / 2]).unwrap();
-    app.clock.advance(Duration::from_secs(10));
     eventually("the half-written file is refused", async || {
+        app.clock.advance(Duration::from_secs(10));
         reloads("refused").await == Some(1.0)
     })
     .await;

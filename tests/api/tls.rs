@@ -169,8 +169,9 @@ async fn a_certificate_replaced_on_disk_is_served_to_new_connections_without_a_r
 
     // A half-written pair (the new certificate, the old key) changes nothing.
     std::fs::copy(&new_certificate, &certificate).unwrap();
-    app.clock.advance(Duration::from_secs(11));
+    // The watcher may not be asleep yet when the clock moves: move it on each look.
     eventually("the mismatched pair refused", async || {
+        app.clock.advance(Duration::from_secs(11));
         metric(
             &app.state.metrics.render(),
             "token_broker_config_reloads_total{trigger=\"file\",outcome=\"refused\"}",
@@ -181,8 +182,8 @@ async fn a_certificate_replaced_on_disk_is_served_to_new_connections_without_a_r
 
     // The key follows: the watcher applies the pair, no signal, no restart.
     std::fs::copy(&new_key, &key).unwrap();
-    app.clock.advance(Duration::from_secs(11));
     eventually("the new certificate served", async || {
+        app.clock.advance(Duration::from_secs(11));
         livez(&trusting(&second), port).await
     })
     .await;
