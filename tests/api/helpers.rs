@@ -382,6 +382,15 @@ impl TestApp {
         answer(request.send().await.expect("request")).await
     }
 
+    /// `POST /v1/admin/reload` with the admin key.
+    pub async fn reload(&self) -> Answer {
+        let request = self
+            .http
+            .post(format!("{}/v1/admin/reload", self.url))
+            .bearer_auth(ADMIN_KEY);
+        answer(request.send().await.expect("request")).await
+    }
+
     /// `DELETE /v1/tokens/{path}` as billing, with an optional JSON body.
     pub async fn forget(&self, path_and_query: &str, body: Option<Value>) -> Answer {
         let mut request = self

@@ -152,14 +152,8 @@ async fn a_grant_kept_by_a_caller_is_decided_again_after_a_reload() {
         after.replacen(ACME_AUDIENCE, "https://new.acme.example", 1),
     );
     std::fs::write(&file, changed).unwrap();
-    let report = app
-        .http
-        .post(format!("{}/v1/admin/reload", app.url))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(report.status(), 200);
+    let report = app.reload().await;
+    assert_eq!(report.status, 200, "{}", report.body);
 
     let refused = app.billing("acme/production").await;
     assert_eq!(refused.status, 403, "{}", refused.body);

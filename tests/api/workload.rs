@@ -859,14 +859,8 @@ async fn frequent_reloads_do_not_stop_the_background_refresh_of_an_issuers_keys(
     let app = TestApp::init().with_idp(idp).with_file(&file).start().await;
     issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
     let reload = async || {
-        let reloaded = app
-            .http
-            .post(format!("{}/v1/admin/reload", app.url))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reloaded.status(), 200);
+        let reloaded = app.reload().await;
+        assert_eq!(reloaded.status, 200, "{}", reloaded.body);
     };
     // The issuer's settings change once (its keys by URL rather than by discovery): the keys the
     // broker started with are no longer the ones in use.
