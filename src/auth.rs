@@ -11,6 +11,8 @@
 //! Authentication (401) comes first, then authorisation against `tenant/environment[/audience]`
 //! rules (403), and only then does a request reach the broker. An authenticated caller with a
 //! `rate_limit` is then held to it ([`crate::limits`]), before any other work is done for it.
+//! A caller keeps the token requests it was granted ([`grants`]) until a reload builds the
+//! callers anew, so that asking again costs a lookup.
 
 mod discovery;
 mod grants;
