@@ -113,8 +113,8 @@ where
     }
 }
 
-/// Appends `text` as a JSON string.
-fn push_json_str(line: &mut String, text: &str) {
+/// Appends `text` as a JSON string (quoted and escaped).
+pub fn push_json_str(line: &mut String, text: &str) {
     // Serialising a `str` into a `String` cannot fail.
     if let Ok(quoted) = serde_json::to_string(text) {
         line.push_str(&quoted);

@@ -5,7 +5,6 @@
 //! to the next, so a hit costs one small allocation and a copy of two byte strings.
 
 use std::fmt;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -19,6 +18,7 @@ use crate::clock::unix_millis;
 use crate::idp::{AccessToken, IssuedToken};
 use crate::limits::KeySlot;
 use crate::telemetry::audit::HandOuts;
+use crate::telemetry::format::push_json_str;
 
 /// A token in the cache, with its timing and the pieces of its response body.
 pub struct CachedToken {
@@ -286,21 +286,18 @@ const TOKEN_OFFSET: usize = r#"{"access_token":""#.len();
 
 /// The body without the `expires_in` number, and the offset where that number goes.
 fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, usize) {
-    let json = |s: &str| serde_json::to_string(s).expect("strings serialise");
-    let mut body = format!(
-        r#"{{"access_token":{},"token_type":{},"expires_in":"#,
-        json(issued.access_token.expose()),
-        json(&issued.token_type)
-    );
+    let mut body = String::from(r#"{"access_token":"#);
+    push_json_str(&mut body, issued.access_token.expose());
+    body.push_str(r#","token_type":"#);
+    push_json_str(&mut body, &issued.token_type);
+    body.push_str(r#","expires_in":"#);
     let expires_in_at = body.len();
-    write!(
-        body,
-        r#","expires_at":"{}""#,
-        humantime::format_rfc3339_seconds(expires_at)
-    )
-    .expect("writing to memory");
+    body.push_str(r#","expires_at":""#);
+    body.push_str(&humantime::format_rfc3339_seconds(expires_at).to_string());
+    body.push('"');
     if let Some(scope) = &issued.scope {
-        write!(body, r#","scope":{}"#, json(scope)).expect("writing to memory");
+        body.push_str(r#","scope":"#);
+        push_json_str(&mut body, scope);
     }
     body.push('}');
     // Kept for the token's lifetime: do not keep the spare capacity `format!` grew.
