@@ -56,13 +56,9 @@ const ANONYMOUS: &str = "anonymous";
 /// Prefix of generated caller keys, so a leaked key is recognisable in a secret scanner.
 const KEY_PREFIX: &str = "tbk_";
 
-/// The next [`Caller::id`].
-fn next_registry_generation() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-fn next_caller_id() -> u64 {
+/// A number no earlier call in this process returned: a new [`Caller::id`] or
+/// [`CallerRegistry::generation`].
+fn next_unique() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
@@ -257,7 +253,7 @@ impl CallerRegistry {
         previous: Option<&CallerRegistry>,
         clock: &Clock,
     ) -> Self {
-        let generation = next_registry_generation();
+        let generation = next_unique();
         let budget = |name: &str, per_minute: NonZeroU32, max_keys: usize| {
             let kept = previous
                 .and_then(|registry| registry.by_name.get(name))
@@ -281,7 +277,7 @@ impl CallerRegistry {
             previous
                 .and_then(|registry| registry.by_name.get(name))
                 .map(|caller| caller.id)
-                .unwrap_or_else(next_caller_id)
+                .unwrap_or_else(next_unique)
         };
         let callers: Vec<(&CallerSettings, Arc<Caller>)> = callers
             .iter()

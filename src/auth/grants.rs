@@ -60,23 +60,15 @@ impl Grants {
             by_target.insert(target.into(), Arc::clone(grant));
         }
     }
-
-    /// How many grants are kept.
-    pub fn len(&self) -> usize {
-        self.by_target
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    /// Whether no grant is kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl std::fmt::Debug for Grants {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Grants").field("kept", &self.len()).finish()
+        let kept = self
+            .by_target
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("Grants").field("kept", &kept).finish()
     }
 }

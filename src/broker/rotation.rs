@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::watch;
 
 use super::{Broker, BrokerError, lock};
-use crate::idp::{EnvironmentSettings, IdpError};
+use crate::idp::{EnvironmentSettings, IdpError, RotationSettings};
 use crate::limits::{BudgetCounters, IdpBudget};
 use crate::token::{Lease, LockToken, RotatedSecret, SharedKey, SharedSecret, TokenKey};
 
@@ -215,7 +215,7 @@ impl Broker {
             Locked::RotatedMeanwhile(secret) => return Ok((secret, By::AnotherReplica)),
         };
         let answer = async {
-            let first = self.call_endpoint(environment, &lease).await;
+            let first = self.call_endpoint(environment, rotation, &lease).await;
             let Err(IdpError::Rejected { status: 401, .. }) = first else {
                 return Ok(first);
             };
@@ -229,7 +229,7 @@ impl Broker {
                 .get(authority, &token_key, None, budget)
                 .await
                 .map_err(authorization)?;
-            Ok(self.call_endpoint(environment, &fresh).await)
+            Ok(self.call_endpoint(environment, rotation, &fresh).await)
         }
         .await;
         let installed = match answer {
@@ -246,15 +246,14 @@ impl Broker {
         installed
     }
 
-    /// One call of `environment`'s rotation endpoint with the authorising token of `lease`.
+    /// One call of `environment`'s rotation endpoint (`rotation`, its table) with the
+    /// authorising token of `lease`.
     async fn call_endpoint(
         &self,
         environment: &EnvironmentSettings,
+        rotation: &RotationSettings,
         lease: &Lease,
     ) -> Result<SecretString, IdpError> {
-        let Some(rotation) = &environment.rotation else {
-            return Err(IdpError::InvalidResponse("no rotation is configured"));
-        };
         self.inner
             .idp
             .rotate_secret(

@@ -125,9 +125,14 @@ impl TokenCipher {
         &self.current.id
     }
 
-    /// The id of the previous key, which values are read with but no longer written with.
-    pub fn previous_key_id(&self) -> Option<&str> {
-        self.previous.as_ref().map(|keyed| keyed.id.as_str())
+    /// Whether `value`, whose key id follows `fields_len` bytes of fields, was sealed with the
+    /// previous key (which values are read with but no longer written with), so that it is due
+    /// to be sealed again with the current one.
+    pub fn sealed_with_previous(&self, value: &[u8], fields_len: usize) -> bool {
+        let Some(previous) = &self.previous else {
+            return false;
+        };
+        value.get(fields_len..fields_len.saturating_add(KEY_ID_LEN)) == Some(previous.id.as_bytes())
     }
 
     /// The value that stores `token` under the Redis key `redis_key`.

@@ -26,20 +26,14 @@ impl Connections {
         nodes: &[String],
         timeout: Duration,
     ) -> RedisResult<Endpoint> {
+        // The client takes the user and password of the first seed for every node.
         let infos = nodes
             .iter()
-            .map(|node| self.address_info(node))
+            .map(|node| Ok(self.with_settings_credentials(self.address_info(node)?)))
             .collect::<RedisResult<Vec<_>>>()?;
-        let credentials = self.credentials();
         let mut builder = ClusterClient::builder(infos.clone())
             .connection_timeout(timeout)
             .response_timeout(timeout);
-        if let Some(username) = &credentials.username {
-            builder = builder.username(username);
-        }
-        if let Some(password) = &credentials.password {
-            builder = builder.password(secrecy::ExposeSecret::expose_secret(password));
-        }
         if let Some(certificates) = self.tls_certificates() {
             builder = builder.certs(certificates);
         }
@@ -50,7 +44,7 @@ impl Connections {
         let connection = client.get_pending_async_connection_with_config(config);
         let subscribe_to = infos
             .into_iter()
-            .map(|info| self.client_for(self.with_settings_credentials(info)))
+            .map(|info| self.client_for(info))
             .collect::<RedisResult<Vec<_>>>()?;
         Ok(Endpoint {
             subscribe_to,

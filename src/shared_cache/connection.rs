@@ -89,10 +89,10 @@ pub(super) struct Connections {
 }
 
 /// How the broker authenticates to Redis: TLS material, user and password.
-pub(super) struct Credentials {
+struct Credentials {
     tls: Option<TlsMaterial>,
-    pub(super) username: Option<String>,
-    pub(super) password: Option<SecretString>,
+    username: Option<String>,
+    password: Option<SecretString>,
 }
 
 impl Credentials {
@@ -292,11 +292,6 @@ impl Connections {
         );
         self.switched.send_modify(|switches| *switches += 1);
         Ok(())
-    }
-
-    /// The credentials in force (TLS material, user and password).
-    pub(super) fn credentials(&self) -> Arc<Credentials> {
-        self.credentials.load_full()
     }
 
     /// The connection details of `host:port`: TLS when `[shared_cache.tls]` is set.

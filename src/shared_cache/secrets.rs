@@ -17,8 +17,6 @@ use crate::token::{RotatedSecret, SharedCacheError, SharedKey, SharedSecret};
 
 /// The clear fields before a sealed secret: version and fingerprint.
 const SECRET_FIELDS_LEN: usize = "r1:".len() + 16 + 1;
-/// The key id after them (as [`super::TokenCipher`] writes it).
-const KEY_ID_LEN: usize = 8;
 
 /// Stores a secret without expiry and announces it. KEYS: secret key. ARGV: value, channel,
 /// message.
@@ -92,10 +90,7 @@ impl Inner {
         }
         match self.open_secret(&redis_key, &value) {
             Ok(secret) => {
-                let sealed_with = value
-                    .get(SECRET_FIELDS_LEN..SECRET_FIELDS_LEN + KEY_ID_LEN)
-                    .and_then(|id| std::str::from_utf8(id).ok());
-                if sealed_with.is_some() && sealed_with == self.cipher.previous_key_id() {
+                if self.cipher.sealed_with_previous(&value, SECRET_FIELDS_LEN) {
                     let _ = self.reseal_secret(&redis_key, &value, &secret).await;
                 }
                 Ok(SharedSecret::Stored(secret))

@@ -140,8 +140,6 @@ fn owner_tag(owner: &str) -> String {
     hex::encode(Sha256::digest(owner.as_bytes()))
 }
 
-impl Inner {}
-
 /// The value that stores `record` under the Redis key `redis_key`.
 fn seal_session(cipher: &TokenCipher, redis_key: &str, record: &SessionRecord) -> String {
     let access = &record.access;
