@@ -161,6 +161,8 @@ impl Broker {
                 clock: clock.clone(),
             })
             .eviction_listener(move |key, token: Arc<CachedToken>, cause| {
+                // Before a removal or replacement returns: no kept grant hands it out again.
+                token.retire();
                 // A replaced entry keeps its key, and so its shared key.
                 if cause != moka::notification::RemovalCause::Replaced {
                     index.remove(&token, &key);

@@ -2,7 +2,8 @@
 //! level (`shared_cache`) all build on, so that none of them reaches into another's insides.
 //!
 //! - [`TokenKey`] and [`ScopeSet`]: which token a request is for, normalised before keying.
-//! - [`CachedToken`]: a token with its timing and pre-built response body; [`Lease`] hands one out.
+//! - [`CachedToken`]: a token with its timing and pre-built response body; [`Lease`] hands one out;
+//!   [`TokenMemo`] lets a kept grant find its token again without a lookup.
 //! - [`Sha256Id`] and its kinds ([`SharedKey`], [`TokenDigest`], [`HandleId`], [`PendingId`]):
 //!   the one digest type of everything named by hash.
 //! - The shared level's vocabulary ([`SharedToken`], [`Invalidation`], [`SharedEntry`],
@@ -12,6 +13,7 @@
 mod cached;
 mod id;
 mod key;
+mod memo;
 mod shared;
 
 use std::sync::Arc;
@@ -23,6 +25,7 @@ pub use id::{
     TokenDigest, TokenDigestKind,
 };
 pub use key::{ScopeSet, TokenKey};
+pub use memo::{MEMO_WINDOW_MS, TokenMemo};
 pub use shared::{
     Invalidation, LockToken, RotatedSecret, SharedCacheError, SharedCacheStatus, SharedEntry,
     SharedFuture, SharedSecret, SharedToken, fingerprint,

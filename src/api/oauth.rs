@@ -106,6 +106,7 @@ pub async fn token(
             &authorised.key,
             None,
             &caller.idp_budget,
+            None,
         )
         .await?;
     audit::handed_out(&state.audit, &caller, &authorised.key, &lease, None);

@@ -14,7 +14,7 @@ pub use crate::auth::Grant;
 use crate::auth::{Caller, is_organization_id};
 use crate::config::Settings;
 use crate::idp::EnvironmentSettings;
-use crate::token::TokenKey;
+use crate::token::{TokenKey, TokenMemo};
 
 /// Longest accepted request value (audience, scope, min_ttl, code, state), in characters.
 pub const MAX_VALUE_LEN: usize = 1024;
@@ -175,6 +175,7 @@ pub fn authorise_in(
         environment: settings,
         key,
         min_ttl: request.min_ttl,
+        memo: TokenMemo::default(),
     })
 }
 

@@ -278,6 +278,8 @@ async fn hand_out(
             &request.key,
             request.min_ttl,
             &caller.idp_budget,
+            // Only a kept grant is asked again.
+            target.map(|_| &request.memo),
         )
         .await?;
     audit::handed_out(&state.audit, caller, &request.key, &lease, None);

@@ -13,7 +13,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use crate::idp::EnvironmentSettings;
-use crate::token::TokenKey;
+use crate::token::{TokenKey, TokenMemo};
 
 /// Most grants a caller keeps: services ask for a handful of tokens each.
 pub const MAX_GRANTS: usize = 32;
@@ -28,6 +28,8 @@ pub struct Grant {
     pub key: TokenKey,
     /// Validity the caller needs left on the token.
     pub min_ttl: Option<Duration>,
+    /// The token this grant was last handed, while a kept grant is asked again.
+    pub memo: TokenMemo,
 }
 
 /// A caller's grants by request target (`/v1/tokens/acme/production?scope=read`).

@@ -21,7 +21,7 @@ use super::{
 use crate::clock::Clock;
 use crate::idp::EnvironmentSettings;
 use crate::limits::IdpBudget;
-use crate::token::SharedEntry;
+use crate::token::{SharedEntry, TokenMemo};
 
 /// What a `DELETE` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,39 +90,53 @@ impl Expiry<TokenKey, Arc<CachedToken>> for TokenExpiry {
 
 impl Broker {
     /// A token for `key` with at least `max(min_ttl, cache.min_remaining)` of validity left. A
-    /// request that needs an IdP request and starts it is charged to `budget`.
+    /// request that needs an IdP request and starts it is charged to `budget`. With `memo` (a
+    /// kept grant's), the token a lookup found for it within the last second, and not retired
+    /// since, is taken without a lookup; a lookup's hit is remembered there.
     pub async fn get(
         &self,
         environment: &Arc<EnvironmentSettings>,
         key: &TokenKey,
         min_ttl: Option<Duration>,
         budget: &Arc<IdpBudget>,
+        memo: Option<&TokenMemo>,
     ) -> Result<Lease, Arc<BrokerError>> {
         let settings = &self.inner.settings;
         let min_remaining = settings.min_remaining;
         let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
 
-        let cached = self.inner.tokens.get(key).await;
-        if let Some(token) = &cached {
-            let now = self.inner.clock.now();
-            if token.remaining(now) >= required
-                && !token.refetch_due(now, settings.min_refetch_interval)
-            {
-                token.record_hit();
-                self.inner.metrics.cache_hit(
-                    &environment.metrics,
-                    &environment.tenant,
-                    &environment.environment,
-                );
-                if now >= token.refresh_at && token.refresh_allowed(now) && token.claim_refresh() {
-                    self.start_refresh(environment, key, token);
-                }
-                return Ok(Lease {
-                    token: Arc::clone(token),
-                    status: CacheStatus::Hit,
-                    at: now,
-                });
+        let mut now = self.inner.clock.now();
+        let recalled = memo.and_then(|memo| memo.recall(now));
+        let looked_up = recalled.is_none();
+        let cached = match recalled {
+            Some(token) => Some(token),
+            None => {
+                let cached = self.inner.tokens.get(key).await;
+                now = self.inner.clock.now();
+                cached
             }
+        };
+        if let Some(token) = &cached
+            && token.remaining(now) >= required
+            && !token.refetch_due(now, settings.min_refetch_interval)
+        {
+            if looked_up && let Some(memo) = memo {
+                memo.remember(token, now);
+            }
+            token.record_hit();
+            self.inner.metrics.cache_hit(
+                &environment.metrics,
+                &environment.tenant,
+                &environment.environment,
+            );
+            if now >= token.refresh_at && token.refresh_allowed(now) && token.claim_refresh() {
+                self.start_refresh(environment, key, token);
+            }
+            return Ok(Lease {
+                token: Arc::clone(token),
+                status: CacheStatus::Hit,
+                at: now,
+            });
         }
 
         // Nothing cached, too short for this caller, or a refetch a DELETE asked for. Boxed, so

@@ -204,7 +204,7 @@ impl Broker {
         };
         // The token before the lock, so that the lock is held for the rotation call alone.
         let lease = self
-            .get(authority, &token_key, None, budget)
+            .get(authority, &token_key, None, budget, None)
             .await
             .map_err(authorization)?;
         let held = match self
@@ -226,7 +226,7 @@ impl Broker {
                 .forget(authority, &token_key, Some(&stale), budget)
                 .await;
             let fresh = self
-                .get(authority, &token_key, None, budget)
+                .get(authority, &token_key, None, budget, None)
                 .await
                 .map_err(authorization)?;
             Ok(self.call_endpoint(environment, rotation, &fresh).await)

@@ -50,6 +50,8 @@ pub struct CachedToken {
     shared_key: Option<SharedKey>,
     /// Who was handed this token, for the audit trail.
     hand_outs: HandOuts,
+    /// The cache let go of the token: a [`super::TokenMemo`] must look it up again.
+    retired: AtomicBool,
 }
 
 impl CachedToken {
@@ -100,6 +102,7 @@ impl CachedToken {
             owner: OnceLock::new(),
             shared_key: None,
             hand_outs: HandOuts::default(),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -206,6 +209,16 @@ impl CachedToken {
         self.refresh_not_before_ms
             .store(unix_millis(not_before).max(1), Ordering::Relaxed);
         self.refreshing.store(false, Ordering::Release);
+    }
+
+    /// Records that the cache let go of the token (removed, replaced, expired or evicted).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// Whether the cache let go of the token.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Marks the token for a new fetch once `min_refetch_interval` after its own has passed.

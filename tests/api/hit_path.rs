@@ -167,3 +167,42 @@ async fn a_grant_kept_by_a_caller_is_decided_again_after_a_reload() {
         "{fields:?}"
     );
 }
+
+/// A kept grant remembers its token for a second, but never past the cache: a `DELETE`, a
+/// `DELETE` within the refetch interval and a new token each reach the next request at once.
+#[tokio::test]
+async fn a_kept_grant_never_hands_out_a_token_the_cache_let_go_of() {
+    let app = TestApp::init().start().await;
+    issue_tokens(&app.idp, "acme", TokenIssuer::new(3600)).await;
+    let tokens = async |count: usize| {
+        let mut seen = Vec::new();
+        for _ in 0..count {
+            let answer = app.billing("acme/production").await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            seen.push(answer.token().to_owned());
+        }
+        seen
+    };
+    // A miss, a lookup that the grant remembers, then hits from the memory (the clock stands).
+    assert_eq!(tokens(4).await, ["token-1"; 4]);
+
+    // Within min_refetch_interval a DELETE marks the token: the next request fetches anew.
+    assert_eq!(app.forget("acme/production", None).await.status, 204);
+    app.clock.advance(Duration::from_secs(6));
+    assert_eq!(
+        tokens(4).await,
+        ["token-2", "token-2", "token-2", "token-2"]
+    );
+
+    // Past it, a DELETE forgets the token: the next request is a miss, not the memory.
+    app.clock.advance(Duration::from_secs(6));
+    assert_eq!(tokens(3).await, ["token-2"; 3]);
+    assert_eq!(app.forget("acme/production", None).await.status, 204);
+    let after = app.billing("acme/production").await;
+    assert_eq!(
+        (after.token(), after.header("x-cache")),
+        ("token-3", Some("miss"))
+    );
+    assert_eq!(tokens(3).await, ["token-3"; 3]);
+    assert_eq!(app.idp_requests().await.to("acme").len(), 3);
+}
