@@ -105,15 +105,16 @@ impl Broker {
         let min_remaining = settings.min_remaining;
         let required = min_ttl.map_or(min_remaining, |ttl| ttl.max(min_remaining));
 
-        let mut now = self.inner.clock.now();
-        let recalled = memo.and_then(|memo| memo.recall(now));
+        let recalled = memo.and_then(|memo| {
+            let now = self.inner.clock.now();
+            memo.recall(now).map(|token| (token, now))
+        });
         let looked_up = recalled.is_none();
-        let cached = match recalled {
-            Some(token) => Some(token),
+        let (cached, now) = match recalled {
+            Some((token, now)) => (Some(token), now),
             None => {
                 let cached = self.inner.tokens.get(key).await;
-                now = self.inner.clock.now();
-                cached
+                (cached, self.inner.clock.now())
             }
         };
         if let Some(token) = &cached
