@@ -39,9 +39,7 @@ config() { # PORT CALLERS
     printf '[server]\nlisten = "127.0.0.1:%s"\n' "$1"
     printf '[tenants.bench.environments.production]\ntoken_url = "http://127.0.0.1:9110/oauth/token"\n'
     printf 'client_id = "bench"\nclient_secret = "bench-secret"\naudience = "urn:bench"\n'
-    # The bench caller fills the cached keys, so its IdP bounds are lifted for that.
     printf '[callers.bench]\nkey_sha256 = "%s"\nallow = ["*/*"]\n' "$(hash_of "$KEY")"
-    printf 'idp_requests_per_minute = 1000000\nmax_keys = 10000\n'
     for i in $(seq "$2"); do
         printf '[callers.c%s]\nkey_sha256 = "%s"\nallow = ["*/*"]\n' "$i" "$(hash_of "tbk_bench-caller-$i")"
     done
@@ -100,7 +98,10 @@ for run in "warn 0 0" "info 0 0" "info 1000 1000"; do
     url="http://127.0.0.1:$port/v1/tokens/bench/production"
     curl -fs -o /dev/null -H "Authorization: Bearer $KEY" "$url"
     if [ "$cached" -gt 0 ]; then
-        "$HELPER" fill --url "$url" --key "$KEY" --from 0 --to "$cached" --concurrency 16 | grep -q 'failures=0$'
+        # Each caller fetches its own key, as services do: it is the first caller its token
+        # went to.
+        "$HELPER" fill --url "$url" --callers "$callers" --from 0 --to "$cached" --concurrency 16 \
+            | grep -q 'failures=0$'
     fi
     measure "broker, RUST_LOG=$level, $((callers > 0 ? callers : 1)) caller(s), $((cached > 0 ? cached : 1)) cached key(s)" \
         "$(cat "$WORK/broker-$level-$callers.pid")" "$url" "$callers" "$cached"

@@ -9,7 +9,12 @@
 //! bench bare --listen 127.0.0.1:9200 --key KEY
 //! bench sha256-ceiling --listen 127.0.0.1:9201 --key-sha256 HEX
 //! bench fill --url http://127.0.0.1:8080/v1/tokens/bench/production --key KEY --from 0 --to 10000
+//! bench fill --url http://127.0.0.1:8080/v1/tokens/bench/production --callers 1000 --from 0 --to 1000
 //! ```
+//!
+//! With `--callers N`, key `i` is fetched by caller `i % N + 1` (key `tbk_bench-caller-{i % N +
+//! 1}`), the pairing `bench/wrk.lua` and `bench/count.lua` load, so that each caller is the first
+//! its token was handed to, as when services fetch their own tokens.
 
 #![allow(
     clippy::disallowed_methods,
@@ -221,7 +226,11 @@ async fn ceiling() {
 
 async fn fill() {
     let url = required("--url");
-    let key = required("--key");
+    let callers: Option<u64> = arg("--callers").map(|n| n.parse().unwrap());
+    let key = match callers {
+        Some(_) => String::new(),
+        None => required("--key"),
+    };
     let from: u64 = required("--from").parse().unwrap();
     let to: u64 = required("--to").parse().unwrap();
     let concurrency: usize = arg("--concurrency").map_or(256, |c| c.parse().unwrap());
@@ -232,9 +241,13 @@ async fn fill() {
     let started = Instant::now();
     let failures = futures::stream::iter(from..to)
         .map(|i| {
+            let key = match callers {
+                Some(callers) => format!("tbk_bench-caller-{}", i % callers + 1),
+                None => key.clone(),
+            };
             let request = http
                 .get(format!("{url}?audience=urn:bench:{i}"))
-                .bearer_auth(&key);
+                .bearer_auth(key);
             async move {
                 match request.send().await {
                     Ok(response) if response.status().is_success() => {

@@ -144,11 +144,21 @@ struct Counter {
 
 /// The audit state a cached token carries: its name, once needed, and a counter per caller it
 /// was handed to. Caller ids are the broker's own numbers, so a fixed hash is enough.
+///
+/// Most tokens go to one caller: its counter is kept inline, first (`repr(C)`), where a hit on
+/// the token reads it without a lock or a map; other callers' counters are in a map made for
+/// the second caller.
 #[derive(Default)]
+#[repr(C)]
 pub struct HandOuts {
+    first: OnceLock<(u64, Arc<Counter>)>,
     name: OnceLock<Arc<TokenName>>,
-    by_caller: RwLock<HashMap<u64, Arc<Counter>, foldhash::fast::FixedState>>,
+    /// Counters are added under its write lock, `first` included.
+    by_caller: RwLock<Option<Box<CounterMap>>>,
 }
+
+/// The counters of a token's callers after the first.
+type CounterMap = HashMap<u64, Arc<Counter>, foldhash::fast::FixedState>;
 
 impl std::fmt::Debug for HandOuts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,6 +167,13 @@ impl std::fmt::Debug for HandOuts {
 }
 
 impl HandOuts {
+    /// The counter of the first caller, if it is `caller_id`.
+    fn first_of(&self, caller_id: u64) -> Option<&Arc<Counter>> {
+        self.first
+            .get()
+            .and_then(|(id, counter)| (*id == caller_id).then_some(counter))
+    }
+
     /// The token's name, computed from its value the first time.
     fn name<'t>(&self, access_token: impl FnOnce() -> &'t str) -> Arc<TokenName> {
         Arc::clone(
@@ -228,7 +245,11 @@ impl AuditTrail {
             .by_caller
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let aggregated = match by_caller.get(&caller_id) {
+        // Counters are added under the map's write lock, so this sees every counter there is.
+        let existing = hand_outs
+            .first_of(caller_id)
+            .or_else(|| by_caller.as_ref()?.get(&caller_id));
+        let aggregated = match existing {
             // Another request of this caller was first.
             Some(counter) if served == Served::Hit => {
                 counter.count.fetch_add(1, Ordering::Relaxed);
@@ -242,8 +263,11 @@ impl AuditTrail {
                     subject,
                 });
                 let registered = self.register(&counter);
-                if registered {
-                    by_caller.insert(caller_id, Arc::clone(&counter));
+                if registered
+                    && let Err((_, counter)) =
+                        hand_outs.first.set((caller_id, Arc::clone(&counter)))
+                {
+                    by_caller.get_or_insert_default().insert(caller_id, counter);
                 }
                 drop(by_caller);
                 if !registered {
@@ -331,11 +355,15 @@ impl Drop for AuditTrail {
 
 /// Adds one to `caller_id`'s counter of a token; false when it has none yet.
 fn count(hand_outs: &HandOuts, caller_id: u64) -> bool {
+    if let Some(counter) = hand_outs.first_of(caller_id) {
+        counter.count.fetch_add(1, Ordering::Relaxed);
+        return true;
+    }
     let by_caller = hand_outs
         .by_caller
         .read()
         .unwrap_or_else(PoisonError::into_inner);
-    match by_caller.get(&caller_id) {
+    match by_caller.as_ref().and_then(|map| map.get(&caller_id)) {
         Some(counter) => {
             counter.count.fetch_add(1, Ordering::Relaxed);
             true
@@ -391,25 +419,36 @@ mod tests {
         assert_eq!(TokenName::of(&format!("h.{long}.s")).jti(), None);
     }
 
+    /// What `caller`'s counter of `token` holds, if it has one.
+    fn counted(token: &HandOuts, caller: u64) -> Option<u64> {
+        let by_caller = token.by_caller.read().unwrap();
+        let counter = token
+            .first_of(caller)
+            .or_else(|| by_caller.as_ref()?.get(&caller))?;
+        Some(counter.count.load(Ordering::Relaxed))
+    }
+
     #[test]
-    fn concurrent_first_hand_outs_leave_one_counter_and_lose_no_hit() {
+    fn concurrent_first_hand_outs_leave_one_counter_per_caller_and_lose_no_hit() {
         let trail = AuditTrail::new(100, Clock::system());
         let token = HandOuts::default();
         std::thread::scope(|scope| {
-            for _ in 0..8 {
-                scope.spawn(|| {
+            for thread in 0..8 {
+                let (trail, token) = (&trail, &token);
+                // Two callers race for the inline counter; the other one's goes in the map.
+                let caller = 7 + thread % 2;
+                scope.spawn(move || {
                     for _ in 0..1000 {
-                        trail.hand_out(&token, 7, Served::Hit, || "t", subject);
+                        trail.hand_out(token, caller, Served::Hit, || "t", subject);
                     }
                 });
             }
         });
-        let counted = token.by_caller.read().unwrap()[&7]
-            .count
-            .load(Ordering::Relaxed);
-        // The first hand-out is a line, every other one is counted.
-        assert_eq!(counted, 7999);
-        assert_eq!(trail.counters(), 1);
+        // Each caller's first hand-out is a line, every other one is counted.
+        assert_eq!(counted(&token, 7), Some(3999));
+        assert_eq!(counted(&token, 8), Some(3999));
+        assert_eq!(token.by_caller.read().unwrap().as_ref().unwrap().len(), 1);
+        assert_eq!(trail.counters(), 2);
     }
 
     #[test]
@@ -421,17 +460,12 @@ mod tests {
             trail.hand_out(&token, 1, Served::Hit, || "t", subject);
         }
         assert_eq!(trail.counters(), 1);
-        let counted = |token: &HandOuts, caller| {
-            token.by_caller.read().unwrap()[&caller]
-                .count
-                .load(Ordering::Relaxed)
-        };
-        assert_eq!(counted(&token, 1), 5);
+        assert_eq!(counted(&token, 1), Some(5));
         // Full: a second caller's hand-outs are lines, not counters.
         trail.hand_out(&token, 2, Served::Hit, || "t", subject);
-        assert!(!token.by_caller.read().unwrap().contains_key(&2));
+        assert_eq!(counted(&token, 2), None);
         trail.flush();
-        assert_eq!(counted(&token, 1), 0);
+        assert_eq!(counted(&token, 1), Some(0));
         assert_eq!(trail.counters(), 1);
         // The token leaves the cache: its counter goes at the next flush.
         drop(token);

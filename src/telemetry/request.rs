@@ -38,12 +38,20 @@ impl Route {
     }
 }
 
+/// Who made a request, as its log lines name it. The request keeps the caller itself and reads
+/// the name only when a line is written, so that naming the caller costs a hit no more than a
+/// reference count.
+pub trait CallerName: Send + Sync {
+    /// The name log lines give the caller.
+    fn caller_name(&self) -> &str;
+}
+
 /// What a log line says about the request it was written in.
 pub struct RequestLog {
     id: HeaderValue,
     method: Method,
     route: Option<Route>,
-    caller: OnceLock<Arc<str>>,
+    caller: OnceLock<Arc<dyn CallerName>>,
 }
 
 impl RequestLog {
@@ -79,7 +87,7 @@ impl RequestLog {
 
     /// The authenticated caller's name, once known.
     pub fn caller(&self) -> Option<&str> {
-        self.caller.get().map(|name| &**name)
+        self.caller.get().map(|caller| caller.caller_name())
     }
 }
 
@@ -98,9 +106,9 @@ pub fn with_current<R>(f: impl FnOnce(&RequestLog) -> R) -> Option<R> {
     CURRENT.try_with(f).ok()
 }
 
-/// Names the caller of the current request (the first name given sticks).
-pub fn set_caller(name: &Arc<str>) {
-    let _ = CURRENT.try_with(|log| log.caller.set(Arc::clone(name)));
+/// Names the caller of the current request (the first caller given sticks).
+pub fn set_caller(caller: Arc<dyn CallerName>) {
+    let _ = CURRENT.try_with(|log| log.caller.set(caller));
 }
 
 /// The current request's id, or an empty string outside a request.

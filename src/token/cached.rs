@@ -21,37 +21,41 @@ use crate::telemetry::audit::HandOuts;
 use crate::telemetry::format::push_json_str;
 
 /// A token in the cache, with its timing and the pieces of its response body.
+///
+/// Laid out in declaration order (`repr(C)`): what a hit reads and writes comes first, so that
+/// with the reference counts before it, it takes the first two cache lines of the allocation.
+#[repr(C)]
 pub struct CachedToken {
-    access_token: AccessToken,
-    token_type: Box<str>,
-    scope: Option<Box<str>>,
-    /// When the broker received the token.
-    pub fetched_at: SystemTime,
     /// When the token stops being valid.
     pub expires_at: SystemTime,
     /// When a background refresh should start (with jitter).
     pub refresh_at: SystemTime,
-    /// The response body without its `expires_in` number, which goes at `expires_in_at`.
-    body: Bytes,
-    expires_in_at: usize,
     hits: AtomicU64,
+    /// The cache let go of the token: a [`super::TokenMemo`] must look it up again.
+    retired: AtomicBool,
+    /// A `DELETE` asked for a new token within `min_refetch_interval` of this one's fetch.
+    refetch_requested: AtomicBool,
     refreshing: AtomicBool,
     /// Failed refreshes in a row, for the backoff.
     refresh_failures: AtomicU32,
+    /// The response body without its `expires_in` number, which goes at `expires_in_at`.
+    body: Bytes,
+    expires_in_at: usize,
+    /// Who was handed this token, for the audit trail (its first caller's counter first).
+    hand_outs: HandOuts,
     /// Milliseconds since the Unix epoch before which no refresh starts (after a failed one).
     refresh_not_before_ms: AtomicU64,
-    /// A `DELETE` asked for a new token within `min_refetch_interval` of this one's fetch.
-    refetch_requested: AtomicBool,
+    /// When the broker received the token.
+    pub fetched_at: SystemTime,
+    access_token: AccessToken,
+    token_type: Box<str>,
+    scope: Option<Box<str>>,
     /// The `max_keys` slot of the caller whose request created the key, shared by the key's
     /// later tokens.
     owner: OnceLock<Arc<KeySlot>>,
     /// Where the token lives in the shared level, when there is one (so that an invalidation
     /// from another replica finds it).
     shared_key: Option<SharedKey>,
-    /// Who was handed this token, for the audit trail.
-    hand_outs: HandOuts,
-    /// The cache let go of the token: a [`super::TokenMemo`] must look it up again.
-    retired: AtomicBool,
 }
 
 impl CachedToken {
@@ -321,6 +325,17 @@ fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes of reference counts `Arc` puts before its value.
+    const ARC_COUNTS: usize = 2 * std::mem::size_of::<usize>();
+
+    #[test]
+    fn what_a_hit_reads_fits_in_two_cache_lines() {
+        // The audit trail's inline counter is the first field of `hand_outs`.
+        let inline_counter = std::mem::size_of::<OnceLock<(u64, Arc<()>)>>();
+        let end = ARC_COUNTS + std::mem::offset_of!(CachedToken, hand_outs) + inline_counter;
+        assert!(end <= 128, "the hot fields end at byte {end}");
+    }
 
     #[test]
     fn decimals() {
