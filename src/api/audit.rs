@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use crate::auth::Caller;
 use crate::broker::Forgot;
 use crate::telemetry::AUDIT;
-use crate::telemetry::audit::{AuditTrail, Served, Subject};
+use crate::telemetry::audit::{AuditTrail, Served, Subject, TokenName};
 use crate::telemetry::request;
 use crate::token::{CacheStatus, HandleId, Lease, TokenKey};
 
@@ -29,7 +29,7 @@ pub fn handed_out(
         lease.token.hand_outs(),
         caller.id,
         served,
-        || lease.token.access_token().expose(),
+        || TokenName::of(lease.token.access_token().expose()),
         |token| Subject {
             caller: Arc::clone(&caller.name),
             tenant: key.tenant.clone(),

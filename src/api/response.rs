@@ -2,8 +2,8 @@
 //! never be cached), the `x-cache` header, and the two token bodies (docs/api.md for `/v1`, RFC
 //! 6749 §5.1 at the facade).
 //!
-//! The `/v1` body is pre-serialised in the cache entry, so a hit copies bytes and writes one
-//! number; the facade's body is smaller and serialised per request.
+//! The `/v1` body is pre-serialised in the cache entry and shared by the hits of one second (see
+//! [`crate::token::CachedToken::body`]); the facade's body is smaller and serialised per request.
 
 use axum::body::Body;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, PRAGMA};
@@ -80,8 +80,9 @@ struct OAuthTokenBody<'a> {
 /// A 200 with the RFC 6749 §5.1 body, `no-store`, `Pragma: no-cache` and `x-cache`.
 pub fn oauth_token(lease: &Lease) -> Response {
     let token = &lease.token;
+    let access_token = token.access_token();
     let body = OAuthTokenBody {
-        access_token: token.access_token().expose(),
+        access_token: access_token.expose(),
         token_type: token.token_type(),
         expires_in: token.remaining(lease.at).as_secs(),
         scope: token.scope(),

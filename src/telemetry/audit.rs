@@ -138,6 +138,8 @@ pub struct Subject {
 /// Hand-outs of one token to one caller since the last summary.
 #[derive(Debug)]
 struct Counter {
+    /// The caller it counts for.
+    caller_id: u64,
     count: AtomicU64,
     subject: Subject,
 }
@@ -151,7 +153,7 @@ struct Counter {
 #[derive(Default)]
 #[repr(C)]
 pub struct HandOuts {
-    first: OnceLock<(u64, Arc<Counter>)>,
+    first: OnceLock<Arc<Counter>>,
     name: OnceLock<Arc<TokenName>>,
     /// Counters are added under its write lock, `first` included.
     by_caller: RwLock<Option<Box<CounterMap>>>,
@@ -171,15 +173,12 @@ impl HandOuts {
     fn first_of(&self, caller_id: u64) -> Option<&Arc<Counter>> {
         self.first
             .get()
-            .and_then(|(id, counter)| (*id == caller_id).then_some(counter))
+            .filter(|counter| counter.caller_id == caller_id)
     }
 
-    /// The token's name, computed from its value the first time.
-    fn name<'t>(&self, access_token: impl FnOnce() -> &'t str) -> Arc<TokenName> {
-        Arc::clone(
-            self.name
-                .get_or_init(|| Arc::new(TokenName::of(access_token()))),
-        )
+    /// The token's name, computed (by `name`) the first time.
+    fn name(&self, name: impl FnOnce() -> TokenName) -> Arc<TokenName> {
+        Arc::clone(self.name.get_or_init(|| Arc::new(name())))
     }
 }
 
@@ -225,22 +224,22 @@ impl AuditTrail {
         }
     }
 
-    /// Records that the token whose audit state is `hand_outs` and whose value `access_token`
-    /// gives was handed to caller `caller_id`: a counter added to when that caller had it before
-    /// from the cache, else a line of its own. `access_token` and `subject` are called only for
-    /// a line, so a counted hit reads neither.
-    pub fn hand_out<'t>(
+    /// Records that the token whose audit state is `hand_outs` and whose name `name` gives
+    /// ([`TokenName::of`] its value) was handed to caller `caller_id`: a counter added to when
+    /// that caller had it before from the cache, else a line of its own. `name` and `subject`
+    /// are called only for a line, so a counted hit reads neither.
+    pub fn hand_out(
         &self,
         hand_outs: &HandOuts,
         caller_id: u64,
         served: Served,
-        access_token: impl FnOnce() -> &'t str,
+        name: impl FnOnce() -> TokenName,
         subject: impl FnOnce(Arc<TokenName>) -> Subject,
     ) {
         if served == Served::Hit && count(hand_outs, caller_id) {
             return;
         }
-        let subject = subject(hand_outs.name(access_token));
+        let subject = subject(hand_outs.name(name));
         let mut by_caller = hand_outs
             .by_caller
             .write()
@@ -259,14 +258,12 @@ impl AuditTrail {
             Some(_) => true,
             None => {
                 let counter = Arc::new(Counter {
+                    caller_id,
                     count: AtomicU64::new(0),
                     subject,
                 });
                 let registered = self.register(&counter);
-                if registered
-                    && let Err((_, counter)) =
-                        hand_outs.first.set((caller_id, Arc::clone(&counter)))
-                {
+                if registered && let Err(counter) = hand_outs.first.set(Arc::clone(&counter)) {
                     by_caller.get_or_insert_default().insert(caller_id, counter);
                 }
                 drop(by_caller);
@@ -439,7 +436,7 @@ mod tests {
                 let caller = 7 + thread % 2;
                 scope.spawn(move || {
                     for _ in 0..1000 {
-                        trail.hand_out(token, caller, Served::Hit, || "t", subject);
+                        trail.hand_out(token, caller, Served::Hit, || TokenName::of("t"), subject);
                     }
                 });
             }
@@ -455,14 +452,14 @@ mod tests {
     fn hits_are_counted_after_the_first_and_a_full_trail_counts_nothing() {
         let trail = AuditTrail::new(1, Clock::system());
         let token = HandOuts::default();
-        trail.hand_out(&token, 1, Served::Miss, || "t", subject);
+        trail.hand_out(&token, 1, Served::Miss, || TokenName::of("t"), subject);
         for _ in 0..5 {
-            trail.hand_out(&token, 1, Served::Hit, || "t", subject);
+            trail.hand_out(&token, 1, Served::Hit, || TokenName::of("t"), subject);
         }
         assert_eq!(trail.counters(), 1);
         assert_eq!(counted(&token, 1), Some(5));
         // Full: a second caller's hand-outs are lines, not counters.
-        trail.hand_out(&token, 2, Served::Hit, || "t", subject);
+        trail.hand_out(&token, 2, Served::Hit, || TokenName::of("t"), subject);
         assert_eq!(counted(&token, 2), None);
         trail.flush();
         assert_eq!(counted(&token, 1), Some(0));

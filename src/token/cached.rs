@@ -1,12 +1,13 @@
 //! A cached token and its pre-serialised response body.
 //!
-//! The hot path hands out the same token many times a second, so everything about the caller's
-//! JSON body is serialised once, when the token arrives: only `expires_in` changes from one second
-//! to the next, so a hit costs one small allocation and a copy of two byte strings.
+//! The hot path hands out the same token many times a second, so the caller's JSON body is
+//! serialised when the token arrives and kept whole. Only `expires_in` changes, from one second to
+//! the next: the first hit of a new second renders the body again with the new number, and every
+//! other hit clones the body as it is (a reference count, no copy).
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -20,7 +21,7 @@ use crate::limits::KeySlot;
 use crate::telemetry::audit::HandOuts;
 use crate::telemetry::format::push_json_str;
 
-/// A token in the cache, with its timing and the pieces of its response body.
+/// A token in the cache, with its timing and its response body.
 ///
 /// Laid out in declaration order (`repr(C)`): what a hit reads and writes comes first, so that
 /// with the reference counts before it, it takes the first two cache lines of the allocation.
@@ -36,18 +37,22 @@ pub struct CachedToken {
     /// A `DELETE` asked for a new token within `min_refetch_interval` of this one's fetch.
     refetch_requested: AtomicBool,
     refreshing: AtomicBool,
-    /// Failed refreshes in a row, for the backoff.
-    refresh_failures: AtomicU32,
-    /// The response body without its `expires_in` number, which goes at `expires_in_at`.
-    body: Bytes,
-    expires_in_at: usize,
+    /// The response body as a hit last saw it.
+    rendered: Mutex<Rendered>,
     /// Who was handed this token, for the audit trail (its first caller's counter first).
     hand_outs: HandOuts,
+    /// Failed refreshes in a row, for the backoff.
+    refresh_failures: AtomicU32,
+    /// Where the `expires_in` number starts in the body.
+    expires_in_at: usize,
     /// Milliseconds since the Unix epoch before which no refresh starts (after a failed one).
     refresh_not_before_ms: AtomicU64,
     /// When the broker received the token.
     pub fetched_at: SystemTime,
-    access_token: AccessToken,
+    /// The token's value when JSON had to escape it in the body; else the body holds it
+    /// verbatim at [`TOKEN_OFFSET`], `token_len` bytes long, and it is not stored twice.
+    escaped_token: Option<AccessToken>,
+    token_len: usize,
     token_type: Box<str>,
     scope: Option<Box<str>>,
     /// The `max_keys` slot of the caller whose request created the key, shared by the key's
@@ -56,6 +61,13 @@ pub struct CachedToken {
     /// Where the token lives in the shared level, when there is one (so that an invalidation
     /// from another replica finds it).
     shared_key: Option<SharedKey>,
+}
+
+/// The whole response body for one value of `expires_in`.
+struct Rendered {
+    body: Bytes,
+    /// Whole seconds of validity the body says are left.
+    expires_in: u64,
 }
 
 impl CachedToken {
@@ -80,23 +92,22 @@ impl CachedToken {
         let ahead = servable.mul_f64(refresh_ahead.clamp(0.0, 1.0));
         let start = servable.saturating_sub(ahead) + ahead.mul_f64(0.1 * jitter.clamp(0.0, 1.0));
         let refresh_at = fetched_at.checked_add(start).unwrap_or(expires_at);
-        let (body, expires_in_at) = render_body(&issued, expires_at);
-        // The body holds the token verbatim unless JSON had to escape it: share those bytes.
+        let expires_in = issued.lifetime.as_secs();
+        let (body, expires_in_at) = render_body(&issued, expires_at, expires_in);
+        // The body holds the token verbatim unless JSON had to escape it.
         let raw = issued.access_token.expose();
-        let start = TOKEN_OFFSET;
-        let access_token = if body.get(start..start + raw.len()) == Some(raw.as_bytes()) {
-            AccessToken::from_shared(body.slice(start..start + raw.len()))
-        } else {
-            issued.access_token
-        };
+        let token_len = raw.len();
+        let verbatim = body.get(TOKEN_OFFSET..TOKEN_OFFSET + token_len) == Some(raw.as_bytes());
+        let escaped_token = (!verbatim).then_some(issued.access_token);
         Self {
-            access_token,
+            escaped_token,
+            token_len,
             token_type: issued.token_type.into_boxed_str(),
             scope: issued.scope.map(String::into_boxed_str),
             fetched_at,
             expires_at,
             refresh_at,
-            body,
+            rendered: Mutex::new(Rendered { body, expires_in }),
             expires_in_at,
             hits: AtomicU64::new(0),
             refreshing: AtomicBool::new(false),
@@ -128,7 +139,7 @@ impl CachedToken {
 
     /// SHA-256 of the token value, for compare-and-delete across replicas.
     pub fn digest(&self) -> TokenDigest {
-        TokenDigest::of(self.access_token.expose())
+        TokenDigest::of(self.access_token().expose())
     }
 
     /// Whether the token serves a request for `required` validity that started at `started`:
@@ -153,9 +164,15 @@ impl CachedToken {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// The token value.
-    pub fn access_token(&self) -> &AccessToken {
-        &self.access_token
+    /// The token value: shared with the body unless JSON had to escape it.
+    pub fn access_token(&self) -> AccessToken {
+        match &self.escaped_token {
+            Some(token) => token.clone(),
+            None => {
+                let body = self.rendered_body().body.clone();
+                AccessToken::from_shared(body.slice(TOKEN_OFFSET..TOKEN_OFFSET + self.token_len))
+            }
+        }
     }
 
     /// The token type the IdP gave, usually `Bearer`.
@@ -170,7 +187,7 @@ impl CachedToken {
 
     /// Whether `candidate` is this token (constant time, for compare-and-delete).
     pub fn is(&self, candidate: &str) -> bool {
-        self.access_token
+        self.access_token()
             .expose()
             .as_bytes()
             .ct_eq(candidate.as_bytes())
@@ -256,16 +273,34 @@ impl CachedToken {
         let _ = self.owner.set(owner);
     }
 
-    /// The caller-facing JSON body (docs/api.md, `GET /v1/tokens/{tenant}/{environment}`) with `expires_in` computed for `now`.
+    /// The caller-facing JSON body (docs/api.md, `GET /v1/tokens/{tenant}/{environment}`) with
+    /// `expires_in` computed for `now`: the body of the last hit when that is the same number,
+    /// else the body rendered again with it (once per second at most, while the token is used).
     pub fn body(&self, now: SystemTime) -> Bytes {
-        let (head, tail) = self.body.split_at(self.expires_in_at);
-        let mut digits = [0u8; 20];
-        let expires_in = decimal(self.remaining(now).as_secs(), &mut digits);
-        let mut body = BytesMut::with_capacity(self.body.len() + expires_in.len());
-        body.put_slice(head);
-        body.put_slice(expires_in);
-        body.put_slice(tail);
-        body.freeze()
+        let expires_in = self.remaining(now).as_secs();
+        let mut rendered = self.rendered_body();
+        if rendered.expires_in != expires_in {
+            let mut digits = [0u8; 20];
+            let old = decimal(rendered.expires_in, &mut digits).len();
+            let (head, rest) = rendered.body.split_at(self.expires_in_at);
+            let tail = rest.get(old..).unwrap_or_default();
+            let number = decimal(expires_in, &mut digits);
+            let mut body = BytesMut::with_capacity(head.len() + number.len() + tail.len());
+            body.put_slice(head);
+            body.put_slice(number);
+            body.put_slice(tail);
+            *rendered = Rendered {
+                body: body.freeze(),
+                expires_in,
+            };
+        }
+        rendered.body.clone()
+    }
+
+    /// The body as last rendered. Its lock is held for a comparison and a clone, or for the
+    /// rendering of about a kilobyte once a second.
+    fn rendered_body(&self) -> std::sync::MutexGuard<'_, Rendered> {
+        self.rendered.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -288,7 +323,7 @@ fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
 impl fmt::Debug for CachedToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedToken")
-            .field("access_token", &self.access_token)
+            .field("access_token", &self.access_token())
             .field(
                 "expires_at",
                 &humantime::format_rfc3339_seconds(self.expires_at),
@@ -301,14 +336,16 @@ impl fmt::Debug for CachedToken {
 /// Where the token starts in the rendered body: after `{"access_token":"`.
 const TOKEN_OFFSET: usize = r#"{"access_token":""#.len();
 
-/// The body without the `expires_in` number, and the offset where that number goes.
-fn render_body(issued: &IssuedToken, expires_at: SystemTime) -> (Bytes, usize) {
+/// The body saying `expires_in`, and the offset where that number starts.
+fn render_body(issued: &IssuedToken, expires_at: SystemTime, expires_in: u64) -> (Bytes, usize) {
     let mut body = String::from(r#"{"access_token":"#);
     push_json_str(&mut body, issued.access_token.expose());
     body.push_str(r#","token_type":"#);
     push_json_str(&mut body, &issued.token_type);
     body.push_str(r#","expires_in":"#);
     let expires_in_at = body.len();
+    let mut digits = [0u8; 20];
+    body.push_str(std::str::from_utf8(decimal(expires_in, &mut digits)).unwrap_or_default());
     body.push_str(r#","expires_at":""#);
     body.push_str(&humantime::format_rfc3339_seconds(expires_at).to_string());
     body.push('"');
@@ -332,7 +369,7 @@ mod tests {
     #[test]
     fn what_a_hit_reads_fits_in_two_cache_lines() {
         // The audit trail's inline counter is the first field of `hand_outs`.
-        let inline_counter = std::mem::size_of::<OnceLock<(u64, Arc<()>)>>();
+        let inline_counter = std::mem::size_of::<OnceLock<Arc<()>>>();
         let end = ARC_COUNTS + std::mem::offset_of!(CachedToken, hand_outs) + inline_counter;
         assert!(end <= 128, "the hot fields end at byte {end}");
     }
@@ -365,6 +402,36 @@ mod tests {
         assert_eq!(token.refresh_at, fetched + Duration::from_secs(2700));
         assert!(token.is("abc\"def") && !token.is("abc"));
         assert!(!format!("{token:?}").contains("abc"));
+    }
+
+    #[test]
+    fn hits_in_one_second_share_a_body_and_a_new_second_renders_its_number() {
+        let fetched = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for value in ["plain.jwt.value", "needs\"escaping"] {
+            let issued = IssuedToken {
+                access_token: AccessToken::new(value),
+                token_type: "Bearer".to_owned(),
+                lifetime: Duration::from_secs(10),
+                scope: None,
+            };
+            let token = CachedToken::new(issued, fetched, 0.25, Duration::ZERO, 0.0);
+            let expires_in = |body: &Bytes| {
+                let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+                assert_eq!(json["access_token"], value);
+                json["expires_in"].as_u64().unwrap()
+            };
+            let first = token.body(fetched + Duration::from_millis(200));
+            let again = token.body(fetched + Duration::from_millis(900));
+            assert_eq!(expires_in(&first), 9);
+            assert_eq!(first.as_ptr(), again.as_ptr(), "one second, one body");
+            // 9 -> 10 -> 1 -> 0: the number's width changes both ways.
+            for (after_ms, left) in [(0, 10), (9_000, 1), (10_000, 0), (200, 9)] {
+                let body = token.body(fetched + Duration::from_millis(after_ms));
+                assert_eq!(expires_in(&body), left, "{value} at {after_ms} ms");
+                assert_eq!(token.access_token().expose(), value);
+            }
+            assert!(token.is(value));
+        }
     }
 
     fn issued(lifetime: Duration) -> IssuedToken {
