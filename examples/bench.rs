@@ -227,6 +227,7 @@ async fn ceiling() {
 async fn fill() {
     let url = required("--url");
     let callers: Option<u64> = arg("--callers").map(|n| n.parse().unwrap());
+    assert_ne!(callers, Some(0), "--callers must be at least 1");
     let key = match callers {
         Some(_) => String::new(),
         None => required("--key"),

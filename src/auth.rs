@@ -138,9 +138,9 @@ pub fn generate_key() -> (String, KeyHash) {
 
 /// An authenticated calling service.
 ///
-/// Laid out in declaration order (`repr(C)`): what a cache hit reads (the name for the log
-/// context, the id for the audit trail, the budget, the grants, whether there is a rate limit)
-/// comes first, so that it fits in two cache lines after the reference counts.
+/// Laid out in declaration order (`repr(C)`): what a cache hit reads (the id for the audit
+/// trail, the grants, whether there is a rate limit) comes first, with the reference counts in
+/// 128 bytes, two cache lines' worth.
 #[derive(Debug)]
 #[repr(C)]
 pub struct Caller {
@@ -523,7 +523,7 @@ pub trait CallerSource {
 /// Admits an authenticated caller: names it in the request's log context, then holds it to its
 /// `rate_limit` (429). Every way in (the extractor, the OAuth2 facade) ends here.
 pub fn admit(caller: Arc<Caller>) -> Result<Arc<Caller>, AuthError> {
-    crate::telemetry::request::set_caller(caller.clone());
+    crate::telemetry::request::set_caller(Arc::clone(&caller) as Arc<dyn CallerName>);
     if let Err(retry_after) = caller.admit() {
         caller.refused_rate.increment(1);
         return Err(AuthError::RateLimited { retry_after });
@@ -570,7 +570,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes());
         state.caller_registry().authenticate_admin(header)?;
-        crate::telemetry::request::set_caller(ADMIN_CALLER.clone());
+        crate::telemetry::request::set_caller(Arc::clone(&*ADMIN_CALLER) as Arc<dyn CallerName>);
         Ok(Admin)
     }
 }

@@ -162,14 +162,6 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The listen address, parsed (validation guarantees it parses).
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.server
-            .listen
-            .parse()
-            .expect("server.listen is validated on load")
-    }
-
     /// The settings of one environment, when configured.
     pub fn environment(
         &self,

@@ -23,7 +23,8 @@ pub const MAX_TARGET_LEN: usize = 512;
 /// A token request that passed authentication, validation and authorisation.
 ///
 /// Laid out in declaration order (`repr(C)`): what a hit through the memory reads comes first,
-/// in the cache line of the reference counts; the key, read when the cache is looked up, after.
+/// next to the reference counts (72 bytes with them); the key, read only when the cache is
+/// looked up, after.
 #[repr(C)]
 pub struct Grant {
     /// The settings of the environment asked for.

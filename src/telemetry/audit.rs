@@ -135,8 +135,10 @@ pub struct Subject {
     pub token: Arc<TokenName>,
 }
 
-/// Hand-outs of one token to one caller since the last summary.
+/// Hand-outs of one token to one caller since the last summary. What a hit reads comes first
+/// (`repr(C)`), in one cache line.
 #[derive(Debug)]
+#[repr(C)]
 struct Counter {
     /// The caller it counts for.
     caller_id: u64,
@@ -147,9 +149,9 @@ struct Counter {
 /// The audit state a cached token carries: its name, once needed, and a counter per caller it
 /// was handed to. Caller ids are the broker's own numbers, so a fixed hash is enough.
 ///
-/// Most tokens go to one caller: its counter is kept inline, first (`repr(C)`), where a hit on
-/// the token reads it without a lock or a map; other callers' counters are in a map made for
-/// the second caller.
+/// Most tokens go to one caller: the token points to its counter from its first field
+/// (`repr(C)`), which a hit reads without a lock or a map; other callers' counters are in a map
+/// made for the second caller.
 #[derive(Default)]
 #[repr(C)]
 pub struct HandOuts {

@@ -23,8 +23,9 @@ use crate::telemetry::format::push_json_str;
 
 /// A token in the cache, with its timing and its response body.
 ///
-/// Laid out in declaration order (`repr(C)`): what a hit reads and writes comes first, so that
-/// with the reference counts before it, it takes the first two cache lines of the allocation.
+/// Laid out in declaration order (`repr(C)`): what a hit reads and writes comes first, together
+/// with the reference counts before it in 128 bytes, two cache lines' worth (two or three lines,
+/// as the allocation happens to be aligned).
 #[repr(C)]
 pub struct CachedToken {
     /// When the token stops being valid.
@@ -39,7 +40,7 @@ pub struct CachedToken {
     refreshing: AtomicBool,
     /// The response body as a hit last saw it.
     rendered: Mutex<Rendered>,
-    /// Who was handed this token, for the audit trail (its first caller's counter first).
+    /// Who was handed this token, for the audit trail (the first caller's counter first).
     hand_outs: HandOuts,
     /// Failed refreshes in a row, for the backoff.
     refresh_failures: AtomicU32,
@@ -49,9 +50,10 @@ pub struct CachedToken {
     refresh_not_before_ms: AtomicU64,
     /// When the broker received the token.
     pub fetched_at: SystemTime,
-    /// The token's value when JSON had to escape it in the body; else the body holds it
-    /// verbatim at [`TOKEN_OFFSET`], `token_len` bytes long, and it is not stored twice.
-    escaped_token: Option<AccessToken>,
+    /// The token's value, kept apart when JSON had to escape it in the body; else the body
+    /// holds it verbatim at [`TOKEN_OFFSET`], and it is not stored twice.
+    token_apart: Option<AccessToken>,
+    /// The token's length in bytes.
     token_len: usize,
     token_type: Box<str>,
     scope: Option<Box<str>>,
@@ -63,7 +65,8 @@ pub struct CachedToken {
     shared_key: Option<SharedKey>,
 }
 
-/// The whole response body for one value of `expires_in`.
+/// The whole response body for one value of `expires_in`. It holds the token: no `Debug`.
+#[derive(Clone)]
 struct Rendered {
     body: Bytes,
     /// Whole seconds of validity the body says are left.
@@ -98,9 +101,9 @@ impl CachedToken {
         let raw = issued.access_token.expose();
         let token_len = raw.len();
         let verbatim = body.get(TOKEN_OFFSET..TOKEN_OFFSET + token_len) == Some(raw.as_bytes());
-        let escaped_token = (!verbatim).then_some(issued.access_token);
+        let token_apart = (!verbatim).then_some(issued.access_token);
         Self {
-            escaped_token,
+            token_apart,
             token_len,
             token_type: issued.token_type.into_boxed_str(),
             scope: issued.scope.map(String::into_boxed_str),
@@ -166,10 +169,10 @@ impl CachedToken {
 
     /// The token value: shared with the body unless JSON had to escape it.
     pub fn access_token(&self) -> AccessToken {
-        match &self.escaped_token {
+        match &self.token_apart {
             Some(token) => token.clone(),
             None => {
-                let body = self.rendered_body().body.clone();
+                let body = self.lock_rendered().body.clone();
                 AccessToken::from_shared(body.slice(TOKEN_OFFSET..TOKEN_OFFSET + self.token_len))
             }
         }
@@ -274,32 +277,47 @@ impl CachedToken {
     }
 
     /// The caller-facing JSON body (docs/api.md, `GET /v1/tokens/{tenant}/{environment}`) with
-    /// `expires_in` computed for `now`: the body of the last hit when that is the same number,
-    /// else the body rendered again with it (once per second at most, while the token is used).
+    /// `expires_in` computed for `now`: the body kept when it says that number, else the body
+    /// rendered with it, outside the lock, and kept if time has moved on (so a request that read
+    /// the clock just before a second boundary does not undo the next second's body).
     pub fn body(&self, now: SystemTime) -> Bytes {
         let expires_in = self.remaining(now).as_secs();
-        let mut rendered = self.rendered_body();
-        if rendered.expires_in != expires_in {
-            let mut digits = [0u8; 20];
-            let old = decimal(rendered.expires_in, &mut digits).len();
-            let (head, rest) = rendered.body.split_at(self.expires_in_at);
-            let tail = rest.get(old..).unwrap_or_default();
-            let number = decimal(expires_in, &mut digits);
-            let mut body = BytesMut::with_capacity(head.len() + number.len() + tail.len());
-            body.put_slice(head);
-            body.put_slice(number);
-            body.put_slice(tail);
+        let kept = {
+            let rendered = self.lock_rendered();
+            if rendered.expires_in == expires_in {
+                return rendered.body.clone();
+            }
+            Rendered::clone(&rendered)
+        };
+        let body = self.render(&kept, expires_in);
+        let mut rendered = self.lock_rendered();
+        if expires_in < rendered.expires_in {
             *rendered = Rendered {
-                body: body.freeze(),
+                body: body.clone(),
                 expires_in,
             };
         }
-        rendered.body.clone()
+        body
     }
 
-    /// The body as last rendered. Its lock is held for a comparison and a clone, or for the
-    /// rendering of about a kilobyte once a second.
-    fn rendered_body(&self) -> std::sync::MutexGuard<'_, Rendered> {
+    /// `kept`'s body with `expires_in` in place of its number.
+    fn render(&self, kept: &Rendered, expires_in: u64) -> Bytes {
+        let mut digits = [0u8; 20];
+        let old = decimal(kept.expires_in, &mut digits).len();
+        let (head, rest) = kept.body.split_at(self.expires_in_at);
+        debug_assert!(rest.len() >= old, "the number is where it was put");
+        let tail = rest.get(old..).unwrap_or_default();
+        let number = decimal(expires_in, &mut digits);
+        let mut body = BytesMut::with_capacity(head.len() + number.len() + tail.len());
+        body.put_slice(head);
+        body.put_slice(number);
+        body.put_slice(tail);
+        body.freeze()
+    }
+
+    /// The body as last kept. The lock is held for a comparison and a clone (a reference
+    /// count), or to replace the body, never while one is rendered.
+    fn lock_rendered(&self) -> std::sync::MutexGuard<'_, Rendered> {
         self.rendered.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -323,7 +341,7 @@ fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
 impl fmt::Debug for CachedToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedToken")
-            .field("access_token", &self.access_token())
+            .field("access_token", &format_args!("[redacted]"))
             .field(
                 "expires_at",
                 &humantime::format_rfc3339_seconds(self.expires_at),
@@ -368,7 +386,7 @@ mod tests {
 
     #[test]
     fn what_a_hit_reads_fits_in_two_cache_lines() {
-        // The audit trail's inline counter is the first field of `hand_outs`.
+        // The pointer to the first caller's audit counter is the first field of `hand_outs`.
         let inline_counter = std::mem::size_of::<OnceLock<Arc<()>>>();
         let end = ARC_COUNTS + std::mem::offset_of!(CachedToken, hand_outs) + inline_counter;
         assert!(end <= 128, "the hot fields end at byte {end}");
@@ -424,12 +442,20 @@ mod tests {
             let again = token.body(fetched + Duration::from_millis(900));
             assert_eq!(expires_in(&first), 9);
             assert_eq!(first.as_ptr(), again.as_ptr(), "one second, one body");
-            // 9 -> 10 -> 1 -> 0: the number's width changes both ways.
+            // 9 -> 10 -> 1 -> 0: the number's width changes both ways. A request that read the
+            // clock before the kept body's second gets its own number and leaves the body kept.
             for (after_ms, left) in [(0, 10), (9_000, 1), (10_000, 0), (200, 9)] {
                 let body = token.body(fetched + Duration::from_millis(after_ms));
                 assert_eq!(expires_in(&body), left, "{value} at {after_ms} ms");
                 assert_eq!(token.access_token().expose(), value);
             }
+            let last = token.body(fetched + Duration::from_millis(10_500));
+            assert_eq!(expires_in(&last), 0);
+            assert_eq!(
+                last.as_ptr(),
+                token.body(fetched + Duration::from_millis(10_000)).as_ptr(),
+                "the earlier request did not replace the body"
+            );
             assert!(token.is(value));
         }
     }
