@@ -269,13 +269,17 @@ impl Application {
     }
 }
 
-/// Writes the audit trail's summary lines every `interval`.
+/// Writes the audit trail's summary lines every `interval`, on a blocking thread: a summary
+/// is a line per (caller, token) counter that moved, up to `telemetry.audit_max_counters`, and
+/// writing them on a runtime worker would hold up the requests queued behind it.
 async fn audit_summaries(state: AppState, interval: std::time::Duration) {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        state.audit.flush();
+        let state = state.clone();
+        // A summary that panicked lost only its own lines; the next one runs as usual.
+        let _ = tokio::task::spawn_blocking(move || state.audit.flush()).await;
     }
 }
 
