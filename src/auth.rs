@@ -144,19 +144,19 @@ pub fn generate_key() -> (String, KeyHash) {
 #[derive(Debug)]
 #[repr(C)]
 pub struct Caller {
-    /// The caller's configured name (`anonymous` when anonymous access is on).
-    pub name: Arc<str>,
     /// A number no other caller of this process has, for the audit trail's counters (kept by
     /// name across reloads).
     pub id: u64,
-    /// The IdP requests and cache keys this caller's requests may cost.
-    pub idp_budget: Arc<IdpBudget>,
-    /// The [`CallerRegistry::generation`] this caller belongs to.
-    registry: u64,
     /// The token requests granted to this caller under its registry's configuration.
     pub grants: Grants,
     /// Boxed: most callers have none, and a hit reads only whether there is one.
     rate_limit: Option<Box<RateLimiter>>,
+    /// The caller's configured name (`anonymous` when anonymous access is on).
+    pub name: Arc<str>,
+    /// The IdP requests and cache keys this caller's requests may cost.
+    pub idp_budget: Arc<IdpBudget>,
+    /// The [`CallerRegistry::generation`] this caller belongs to.
+    registry: u64,
     /// What `rate_limit` measures with.
     clock: Clock,
     /// Requests refused for `rate_limit`.

@@ -221,9 +221,9 @@ impl Broker {
             };
             // The authorising token was revoked or lost its scope: forgotten, and one more try
             // with a fresh one.
-            let stale = lease.token.access_token().expose().to_owned();
+            let stale = lease.token.access_token();
             let _ = self
-                .forget(authority, &token_key, Some(&stale), budget)
+                .forget(authority, &token_key, Some(stale.expose()), budget)
                 .await;
             let fresh = self
                 .get(authority, &token_key, None, budget, None)

@@ -178,6 +178,16 @@ impl HandOuts {
             .filter(|counter| counter.caller_id == caller_id)
     }
 
+    /// `caller_id`'s counter, the first caller's or in `others` (`by_caller`, locked).
+    fn counter_of<'a>(
+        &'a self,
+        others: &'a Option<Box<CounterMap>>,
+        caller_id: u64,
+    ) -> Option<&'a Arc<Counter>> {
+        self.first_of(caller_id)
+            .or_else(|| others.as_ref()?.get(&caller_id))
+    }
+
     /// The token's name, computed (by `name`) the first time.
     fn name(&self, name: impl FnOnce() -> TokenName) -> Arc<TokenName> {
         Arc::clone(self.name.get_or_init(|| Arc::new(name())))
@@ -247,10 +257,7 @@ impl AuditTrail {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         // Counters are added under the map's write lock, so this sees every counter there is.
-        let existing = hand_outs
-            .first_of(caller_id)
-            .or_else(|| by_caller.as_ref()?.get(&caller_id));
-        let aggregated = match existing {
+        let aggregated = match hand_outs.counter_of(&by_caller, caller_id) {
             // Another request of this caller was first.
             Some(counter) if served == Served::Hit => {
                 counter.count.fetch_add(1, Ordering::Relaxed);
@@ -362,7 +369,7 @@ fn count(hand_outs: &HandOuts, caller_id: u64) -> bool {
         .by_caller
         .read()
         .unwrap_or_else(PoisonError::into_inner);
-    match by_caller.as_ref().and_then(|map| map.get(&caller_id)) {
+    match hand_outs.counter_of(&by_caller, caller_id) {
         Some(counter) => {
             counter.count.fetch_add(1, Ordering::Relaxed);
             true
@@ -421,9 +428,7 @@ mod tests {
     /// What `caller`'s counter of `token` holds, if it has one.
     fn counted(token: &HandOuts, caller: u64) -> Option<u64> {
         let by_caller = token.by_caller.read().unwrap();
-        let counter = token
-            .first_of(caller)
-            .or_else(|| by_caller.as_ref()?.get(&caller))?;
+        let counter = token.counter_of(&by_caller, caller)?;
         Some(counter.count.load(Ordering::Relaxed))
     }
 

@@ -362,8 +362,7 @@ fn render_body(issued: &IssuedToken, expires_at: SystemTime, expires_in: u64) ->
     push_json_str(&mut body, &issued.token_type);
     body.push_str(r#","expires_in":"#);
     let expires_in_at = body.len();
-    let mut digits = [0u8; 20];
-    body.push_str(std::str::from_utf8(decimal(expires_in, &mut digits)).unwrap_or_default());
+    body.push_str(&expires_in.to_string());
     body.push_str(r#","expires_at":""#);
     body.push_str(&humantime::format_rfc3339_seconds(expires_at).to_string());
     body.push('"');
